@@ -1,0 +1,423 @@
+//! Typed configuration: a TOML file overridden by `EASEMOB_GW__…` environment variables, parsed once with the
+//! `config` crate into the types below, then checked as a whole so every problem is reported on its own line.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Uri;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Environment variables with this prefix override file keys: `EASEMOB_GW__UPSTREAM__BASE_URL`.
+pub const ENV_PREFIX: &str = "EASEMOB_GW";
+const ENV_SEPARATOR: &str = "__";
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    #[serde(default)]
+    pub token: TokenConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub apps: Vec<AppConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// The data plane. Loopback by default: callers present no credential.
+    pub listen: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub admin_listen: SocketAddr,
+    /// A client must finish sending request headers within this time (slow-loris guard).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            header_read_timeout: Duration::from_secs(10),
+            // Kubernetes' default terminationGracePeriodSeconds is 30 s; finish before it kills us.
+            shutdown_grace: Duration::from_secs(25),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Easemob's REST host, e.g. `https://a1.easemob.com`; `/{org}/{app}/…` is appended.
+    pub base_url: BaseUrl,
+    #[serde(with = "humantime_serde", default = "defaults::connect_timeout")]
+    pub connect_timeout: Duration,
+    /// The whole exchange with Easemob (connect, send, complete answer), per attempt.
+    #[serde(with = "humantime_serde", default = "defaults::timeout")]
+    pub timeout: Duration,
+    /// Extra PEM root certificates, for private deployments and tests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde", default = "defaults::pool_idle_timeout")]
+    pub pool_idle_timeout: Duration,
+    #[serde(default = "defaults::pool_max_idle_per_host")]
+    pub pool_max_idle_per_host: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenConfig {
+    /// Requested token lifetime, sent as `ttl`; absent means the console's setting. `0s` asks for a token that
+    /// never expires.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<Duration>,
+    /// Refresh once this fraction of the token's lifetime has passed.
+    pub refresh_at: f64,
+    /// How often a token that never expires (`expires_in: 0`) is replaced anyway.
+    #[serde(with = "humantime_serde")]
+    pub permanent_refresh: Duration,
+    /// Never call the token endpoint more often than this per app: Easemob may ban accounts that do.
+    #[serde(with = "humantime_serde")]
+    pub min_interval: Duration,
+    /// First retry delay after a failed fetch; doubles (with jitter) up to `retry_max`.
+    #[serde(with = "humantime_serde")]
+    pub retry_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        TokenConfig {
+            ttl: None,
+            refresh_at: 0.5,
+            permanent_refresh: Duration::from_secs(24 * 3600),
+            min_interval: Duration::from_secs(1),
+            retry_min: Duration::from_millis(500),
+            retry_max: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter such as `info` or `easemob_gateway=debug`; `RUST_LOG` wins when set.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: "info".to_owned(), format: LogFormat::Text }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    pub org_name: String,
+    pub app_name: String,
+    pub client_id: String,
+    /// Inline secret: accepted by `demo` only, never printed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<InlineSecret>,
+    /// Name of the environment variable holding the secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_env: Option<String>,
+    /// File holding the secret (trailing newline ignored), e.g. a mounted Kubernetes Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_file: Option<PathBuf>,
+}
+
+impl AppConfig {
+    /// `org#app`, Easemob's AppKey: the `app` label of metrics and logs.
+    pub fn app_key(&self) -> String {
+        format!("{}#{}", self.org_name, self.app_name)
+    }
+
+    /// Reads the client secret from wherever it is configured.
+    pub fn resolve_secret(&self) -> Result<SecretString, String> {
+        let key = self.app_key();
+        match (&self.client_secret, &self.client_secret_env, &self.client_secret_file) {
+            (Some(inline), None, None) => Ok(inline.0.clone()),
+            (None, Some(var), None) => match std::env::var(var) {
+                Ok(v) if !v.trim().is_empty() => Ok(SecretString::from(v.trim().to_owned())),
+                Ok(_) => Err(format!("apps[{key}]: environment variable {var} (client_secret_env) is empty")),
+                Err(_) => Err(format!("apps[{key}]: environment variable {var} (client_secret_env) is not set")),
+            },
+            (None, None, Some(path)) => match std::fs::read_to_string(path) {
+                Ok(v) if !v.trim().is_empty() => Ok(SecretString::from(v.trim().to_owned())),
+                Ok(_) => Err(format!("apps[{key}]: client_secret_file {} is empty", path.display())),
+                Err(e) => Err(format!("apps[{key}]: client_secret_file {} cannot be read: {e}", path.display())),
+            },
+            (None, None, None) => {
+                Err(format!("apps[{key}]: no client secret: set client_secret_env or client_secret_file"))
+            }
+            _ => Err(format!(
+                "apps[{key}]: set exactly one of client_secret_env, client_secret_file (and client_secret only in demo)"
+            )),
+        }
+    }
+}
+
+/// A secret written in the config file: deserializes from a string, serializes and prints as `<redacted>`.
+#[derive(Clone)]
+pub struct InlineSecret(pub SecretString);
+
+impl fmt::Debug for InlineSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl<'de> Deserialize<'de> for InlineSecret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(|s| InlineSecret(SecretString::from(s)))
+    }
+}
+
+impl Serialize for InlineSecret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+impl InlineSecret {
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
+/// `http://` or `https://` plus a host (and optionally a path prefix), without a trailing slash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaseUrl(String);
+
+impl BaseUrl {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let trimmed = s.trim_end_matches('/');
+        let uri: Uri = trimmed.parse().map_err(|e| format!("upstream.base_url {s:?} is not a URL: {e}"))?;
+        match uri.scheme_str() {
+            Some("http" | "https") => {}
+            _ => return Err(format!("upstream.base_url {s:?} must start with http:// or https://")),
+        }
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(format!("upstream.base_url {s:?} has no host"));
+        }
+        if uri.query().is_some() {
+            return Err(format!("upstream.base_url {s:?} must not have a query"));
+        }
+        Ok(BaseUrl(trimmed.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_https(&self) -> bool {
+        self.0.starts_with("https://")
+    }
+}
+
+impl<'de> Deserialize<'de> for BaseUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        BaseUrl::parse(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for BaseUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+mod defaults {
+    use std::time::Duration;
+
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    /// Below common load-balancer idle timeouts (60 s) minus a margin, so we close before they do.
+    pub fn pool_idle_timeout() -> Duration {
+        Duration::from_secs(50)
+    }
+    pub fn pool_max_idle_per_host() -> usize {
+        64
+    }
+}
+
+/// Where secrets may come from: `demo` builds its config in code with an inline secret; files may not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecretPolicy {
+    InlineAllowed,
+    ExternalOnly,
+}
+
+impl Config {
+    /// Reads `path` (TOML), applies `EASEMOB_GW__…` overrides and deserializes. One line on failure.
+    pub fn load(path: &Path) -> Result<Config, String> {
+        let source = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(config::Environment::with_prefix(ENV_PREFIX).separator(ENV_SEPARATOR))
+            .build()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        source.try_deserialize().map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Every problem with this config, one line each; empty when it can run.
+    pub fn problems(&self, policy: SecretPolicy) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.apps.is_empty() {
+            problems.push("apps: configure at least one [[apps]] entry".to_owned());
+        }
+        for (i, app) in self.apps.iter().enumerate() {
+            for (field, value) in [("org_name", &app.org_name), ("app_name", &app.app_name)] {
+                let ok = !value.is_empty()
+                    && value.len() <= 64
+                    && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                if !ok {
+                    problems.push(format!("apps[{i}].{field} {value:?} must be 1-64 characters of A-Z a-z 0-9 _ -"));
+                }
+            }
+            if app.client_id.trim().is_empty() {
+                problems.push(format!("apps[{}].client_id is empty", app.app_key()));
+            }
+            if app.client_secret.is_some() && policy == SecretPolicy::ExternalOnly {
+                problems.push(format!(
+                    "apps[{}].client_secret: inline secrets are for `demo` only; use client_secret_env or \
+                     client_secret_file",
+                    app.app_key()
+                ));
+            } else if let Err(e) = app.resolve_secret() {
+                problems.push(e);
+            }
+            let duplicate = self.apps[..i].iter().any(|other| {
+                other.org_name.eq_ignore_ascii_case(&app.org_name) && other.app_name.eq_ignore_ascii_case(&app.app_name)
+            });
+            if duplicate {
+                problems.push(format!("apps[{i}]: {} is configured twice", app.app_key()));
+            }
+        }
+        let t = &self.token;
+        if !(t.refresh_at > 0.0 && t.refresh_at < 1.0) {
+            problems.push(format!(
+                "token.refresh_at {} must be between 0 and 1 (a fraction of the lifetime)",
+                t.refresh_at
+            ));
+        }
+        if t.retry_min.is_zero() || t.retry_max < t.retry_min {
+            problems.push("token.retry_min must be above 0 and not above token.retry_max".to_owned());
+        }
+        if t.permanent_refresh < Duration::from_secs(60) {
+            problems.push("token.permanent_refresh must be at least 1m".to_owned());
+        }
+        let u = &self.upstream;
+        for (name, d) in [("upstream.connect_timeout", u.connect_timeout), ("upstream.timeout", u.timeout)] {
+            if d.is_zero() {
+                problems.push(format!("{name} must be above 0"));
+            }
+        }
+        if let Some(ca) = &u.ca_file
+            && let Err(e) = std::fs::metadata(ca)
+        {
+            problems.push(format!("upstream.ca_file {} cannot be read: {e}", ca.display()));
+        }
+        if self.server.header_read_timeout.is_zero() {
+            problems.push("server.header_read_timeout must be above 0".to_owned());
+        }
+        if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
+            problems.push("server.listen and server.admin_listen must differ".to_owned());
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            problems.push(format!("log.level {:?} is not a valid tracing filter", self.log.level));
+        }
+        problems
+    }
+
+    /// The effective config as TOML, with every secret redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serializes to TOML")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(contents: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        f.write_all(contents.as_bytes()).unwrap();
+        f
+    }
+
+    const MINIMAL: &str = r#"
+        [upstream]
+        base_url = "https://a1.easemob.com/"
+        [[apps]]
+        org_name = "1122161011178276"
+        app_name = "demo"
+        client_id = "YXA6id"
+        client_secret_file = "/nonexistent/secret"
+    "#;
+
+    #[test]
+    fn defaults_fill_everything_but_upstream_and_apps() {
+        let c = Config::load(write(MINIMAL).path()).unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.upstream.base_url.as_str(), "https://a1.easemob.com");
+        assert_eq!(c.upstream.timeout, Duration::from_secs(10));
+        assert_eq!(c.apps[0].org_name, "1122161011178276");
+        assert_eq!(c.problems(SecretPolicy::ExternalOnly).len(), 1, "only the unreadable secret file");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_durations_are_one_line_errors() {
+        let e = Config::load(write(&format!("{MINIMAL}\n[server]\nlisten_addr = \"x\"")).path()).unwrap_err();
+        assert!(e.contains("listen_addr"), "{e}");
+        let e = Config::load(write(&MINIMAL.replace("[upstream]", "[upstream]\ntimeout = \"10 parsecs\"")).path())
+            .unwrap_err();
+        assert!(e.contains("timeout") || e.contains("parsecs"), "{e}");
+        assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn inline_secret_is_refused_outside_demo_and_never_printed() {
+        let toml =
+            MINIMAL.replace("client_secret_file = \"/nonexistent/secret\"", "client_secret = \"hunter2-secret\"");
+        let c = Config::load(write(&toml).path()).unwrap();
+        let problems = c.problems(SecretPolicy::ExternalOnly);
+        assert!(problems[0].contains("for `demo` only"), "{problems:?}");
+        assert!(c.problems(SecretPolicy::InlineAllowed).is_empty());
+        assert!(!c.to_redacted_toml().contains("hunter2"));
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn bad_base_url_is_refused() {
+        for url in ["a1.easemob.com", "ftp://x", "https://x/?a=b"] {
+            assert!(BaseUrl::parse(url).is_err(), "{url}");
+        }
+    }
+}

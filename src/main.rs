@@ -1,0 +1,109 @@
+//! The command line: parse, then hand over to the library. Failures print one line per problem and exit 1.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use easemob_gateway::config::{Config, LogConfig, SecretPolicy};
+use easemob_gateway::server::{Server, shutdown_signal};
+use easemob_gateway::sim::{Simulator, state};
+use easemob_gateway::{demo, logging};
+
+#[derive(Parser)]
+#[command(version, about = "An authenticating gateway for Easemob's one-way deletion REST routes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the gateway in front of the built-in Easemob simulator, seeded with demo data.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin_listen: SocketAddr,
+    },
+    /// Run the Easemob simulator alone (for your own integration tests).
+    Sim {
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+    },
+    /// Check a config file: print the effective config (secrets redacted), or one line per problem.
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let result = match cli.command {
+        Command::Serve { config } => runtime.block_on(serve(config)),
+        Command::Demo { listen, admin_listen } => {
+            logging::init(&LogConfig::default());
+            runtime.block_on(demo::run(listen, admin_listen))
+        }
+        Command::Sim { listen } => {
+            logging::init(&LogConfig::default());
+            runtime.block_on(sim(listen))
+        }
+        Command::CheckConfig { config } => check_config(config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(problems) => {
+            for line in problems.lines() {
+                eprintln!("error: {line}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(path: PathBuf) -> Result<(), String> {
+    let config = Config::load(&path)?;
+    logging::init(&config.log);
+    let server = Server::bind(config, SecretPolicy::ExternalOnly).await?;
+    // Scripts and tests read this line to find ports bound as :0.
+    println!("listening data=http://{} admin=http://{}", server.data_addr(), server.admin_addr());
+    server.serve(shutdown_signal()).await;
+    Ok(())
+}
+
+async fn sim(listen: SocketAddr) -> Result<(), String> {
+    let (addr, serve) = Simulator::demo().bind(listen).await.map_err(|e| format!("--listen {listen}: {e}"))?;
+    println!("listening sim=http://{addr}");
+    println!(
+        "apps {org}#{} and {org}#{}: client_id {} client_secret {}",
+        state::DEMO_APP,
+        state::DEMO_APP_2,
+        state::DEMO_CLIENT_ID,
+        state::DEMO_CLIENT_SECRET,
+        org = state::DEMO_ORG,
+    );
+    tokio::select! {
+        _ = serve => {}
+        _ = shutdown_signal() => {}
+    }
+    Ok(())
+}
+
+fn check_config(path: PathBuf) -> Result<(), String> {
+    let config = Config::load(&path)?;
+    let problems = config.problems(SecretPolicy::ExternalOnly);
+    if !problems.is_empty() {
+        return Err(problems.join("\n"));
+    }
+    print!("{}", config.to_redacted_toml());
+    eprintln!("config OK");
+    Ok(())
+}

@@ -1,0 +1,315 @@
+//! The request path: resolve the route, validate, take the app's token, forward to Easemob, replay once on 401,
+//! and pass Easemob's answer back unchanged but for hop-by-hop headers. One log line and one set of metrics per
+//! request, gateway-made answers included.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use tracing::info;
+
+use crate::error::{GatewayError, json_response, unix_millis};
+use crate::metrics::{Metrics, NONE};
+use crate::routes::{self, Call, Endpoint, Route};
+use crate::token::TokenSource;
+use crate::upstream::{Upstream, UpstreamError};
+
+/// Easemob's `delete_conversation` body is three fields; anything this large is not one.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// What the SDK drop-in hands out instead of a token: worthless upstream, and dropped if a caller sends it back.
+pub const PLACEHOLDER_TOKEN: &str = "EASEMOB-GATEWAY-PLACEHOLDER-NOT-A-TOKEN";
+/// SDKs cache the drop-in token for part of this; a week keeps them from asking often.
+const PLACEHOLDER_TTL_SECS: u64 = 7 * 24 * 3600;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// One configured app: its AppKey and its token.
+pub struct App {
+    pub org: String,
+    pub app: String,
+    pub key: String,
+    pub token: Arc<TokenSource>,
+}
+
+pub struct Proxy {
+    apps: Vec<App>,
+    upstream: Upstream,
+    metrics: Metrics,
+}
+
+/// What one request came to, for its log line and metrics.
+struct Outcome<'a> {
+    app: &'a str,
+    route: &'static str,
+    upstream_status: Option<u16>,
+}
+
+impl Proxy {
+    pub fn new(apps: Vec<App>, upstream: Upstream, metrics: Metrics) -> Proxy {
+        Proxy { apps, upstream, metrics }
+    }
+
+    pub fn apps(&self) -> &[App] {
+        &self.apps
+    }
+
+    async fn handle<B>(self: Arc<Self>, request: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        let started = Instant::now();
+        let _in_flight = InFlight::enter(&self.metrics);
+        let request_id = request.headers().get(&X_REQUEST_ID).cloned();
+        let mut outcome = Outcome { app: NONE, route: NONE, upstream_status: None };
+        let (response, reason) = match self.serve(request, request_id.as_ref(), &mut outcome).await {
+            Ok(response) => (response, None),
+            Err(e) => {
+                let reason = e.kind();
+                self.metrics.rejected.with_label_values(&[outcome.app, outcome.route, reason]).inc();
+                (e.into_response(started), Some(reason))
+            }
+        };
+        let elapsed = started.elapsed();
+        let status = response.status();
+        self.metrics.requests.with_label_values(&[outcome.app, outcome.route, status.as_str()]).inc();
+        self.metrics.request_duration.with_label_values(&[outcome.app, outcome.route]).observe(elapsed.as_secs_f64());
+        info!(
+            request_id = request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
+            app = outcome.app,
+            route = outcome.route,
+            status = status.as_u16(),
+            upstream_status = outcome.upstream_status,
+            reason,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            "request"
+        );
+        response
+    }
+
+    async fn serve<'a, B>(
+        &'a self,
+        request: Request<B>,
+        request_id: Option<&HeaderValue>,
+        outcome: &mut Outcome<'a>,
+    ) -> Result<Response<Full<Bytes>>, GatewayError>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        let (parts, body) = request.into_parts();
+        let resolved =
+            routes::resolve(parts.uri.path()).ok_or(GatewayError::UnknownRoute { hint: "no route has this path" })?;
+        let (route, raw_owner) = match resolved.endpoint {
+            Endpoint::Operation { route, owner } => (route, owner),
+            Endpoint::Token => {
+                if parts.method != Method::POST {
+                    return Err(GatewayError::MethodNotAllowed { allow: Method::POST });
+                }
+                let app = self.app(resolved.app)?;
+                outcome.app = &app.key;
+                return Ok(placeholder_token(app));
+            }
+        };
+        outcome.route = route.name();
+        if parts.method != route.method() {
+            return Err(GatewayError::MethodNotAllowed { allow: route.method() });
+        }
+        let app = self.app(resolved.app)?;
+        outcome.app = &app.key;
+        let body = match route {
+            Route::DeleteConversation => read_body(body).await?,
+            // The five roaming routes take no body: whatever was sent is ignored, never forwarded.
+            _ => Bytes::new(),
+        };
+        let call = Call::parse(route, raw_owner, parts.uri.query(), &body, unix_millis() as i64)?;
+        self.forward(app, &call, request_id, outcome).await
+    }
+
+    /// The app named by the path prefix, or the only app when the prefix is left out.
+    fn app(&self, named: Option<(&str, &str)>) -> Result<&App, GatewayError> {
+        match named {
+            Some((org, app)) => self
+                .apps
+                .iter()
+                .find(|a| a.org.eq_ignore_ascii_case(org) && a.app.eq_ignore_ascii_case(app))
+                .ok_or(GatewayError::UnknownApp),
+            None => match self.apps.as_slice() {
+                [only] => Ok(only),
+                _ => Err(GatewayError::UnknownRoute {
+                    hint: "several apps are configured: prefix the path with /{org_name}/{app_name}",
+                }),
+            },
+        }
+    }
+
+    async fn forward<'a>(
+        &'a self,
+        app: &'a App,
+        call: &Call,
+        request_id: Option<&HeaderValue>,
+        outcome: &mut Outcome<'a>,
+    ) -> Result<Response<Full<Bytes>>, GatewayError> {
+        let route = call.route();
+        let url = self.upstream.url(&app.org, &app.app, &call.upstream_path_and_query());
+        let body = call.upstream_body();
+        let mut replayed = false;
+        loop {
+            let token = app.token.get().await.map_err(|e| GatewayError::NoToken { retry_after: e.retry_after })?;
+            let mut request = Request::builder()
+                .method(route.method())
+                .uri(url.as_str())
+                .header(header::AUTHORIZATION, token.authorization())
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(header::ACCEPT, "application/json")
+                .header(header::USER_AGENT, crate::USER_AGENT);
+            if let Some(id) = request_id {
+                request = request.header(&X_REQUEST_ID, id);
+            }
+            let request =
+                request.body(Full::new(body.clone().unwrap_or_default())).map_err(|_| GatewayError::Internal)?;
+            let sent = Instant::now();
+            let result = self.upstream.send(request).await;
+            let code = match &result {
+                Ok(response) => response.status().as_str().to_owned(),
+                Err(UpstreamError::Connect(_)) => "connect_error".to_owned(),
+                Err(UpstreamError::Timeout(_)) => "timeout".to_owned(),
+                Err(UpstreamError::Failed(_)) => "failed".to_owned(),
+            };
+            self.metrics.upstream_requests.with_label_values(&[&app.key, route.name(), &code]).inc();
+            self.metrics
+                .upstream_duration
+                .with_label_values(&[&app.key, route.name()])
+                .observe(sent.elapsed().as_secs_f64());
+            let response = result.map_err(|e| {
+                tracing::warn!(app = %app.key, route = route.name(), error = %e, "easemob call failed");
+                match e {
+                    UpstreamError::Connect(_) => GatewayError::UpstreamUnreachable,
+                    UpstreamError::Timeout(_) => GatewayError::UpstreamTimeout,
+                    UpstreamError::Failed(_) => GatewayError::UpstreamFailed,
+                }
+            })?;
+            outcome.upstream_status = Some(response.status().as_u16());
+            if response.status() == StatusCode::UNAUTHORIZED && !replayed {
+                // The token died early (Easemob warns it can): replace it once and replay; a second 401 passes on.
+                app.token.invalidate(token.generation());
+                self.metrics.token_replays.with_label_values(&[&app.key]).inc();
+                replayed = true;
+                continue;
+            }
+            return Ok(pass_through(response));
+        }
+    }
+}
+
+/// Easemob's answer as the caller's: status, headers (minus hop-by-hop ones) and body unchanged.
+fn pass_through(response: Response<Bytes>) -> Response<Full<Bytes>> {
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, Full::new(body))
+}
+
+/// RFC 9110 §7.6.1: `Connection` and the headers it names, plus the classic hop-by-hop set.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+}
+
+async fn read_body<B>(body: B) -> Result<Bytes, GatewayError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    match Limited::new(body, MAX_BODY_BYTES).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(GatewayError::BodyTooLarge { limit: MAX_BODY_BYTES })
+        }
+        Err(_) => Err(GatewayError::BodyUnreadable),
+    }
+}
+
+/// The SDK drop-in: unmodified Easemob server SDKs ask for a token first; they get a placeholder, never the real one.
+fn placeholder_token(app: &App) -> Response<Full<Bytes>> {
+    let application = app.token.application().unwrap_or_else(|| app.app.clone());
+    let body = serde_json::json!({
+        "access_token": PLACEHOLDER_TOKEN,
+        "expires_in": PLACEHOLDER_TTL_SECS,
+        "application": application,
+    });
+    json_response(StatusCode::OK, body.to_string().into_bytes(), "local")
+}
+
+/// Counts a request in `in_flight_requests` for exactly as long as it lives, even if its future is dropped.
+struct InFlight(prometheus::IntGauge);
+
+impl InFlight {
+    fn enter(metrics: &Metrics) -> InFlight {
+        metrics.in_flight.inc();
+        InFlight(metrics.in_flight.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The proxy as a `tower::Service`: the innermost service of the data-plane stack.
+#[derive(Clone)]
+pub struct ProxyService(Arc<Proxy>);
+
+impl ProxyService {
+    pub fn new(proxy: Arc<Proxy>) -> Self {
+        ProxyService(proxy)
+    }
+}
+
+impl<B> tower::Service<Request<B>> for ProxyService
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let proxy = Arc::clone(&self.0);
+        Box::pin(async move { Ok(proxy.handle(request).await) })
+    }
+}

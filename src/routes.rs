@@ -1,0 +1,166 @@
+//! The route table: the six Easemob operations the gateway serves, their methods and path shapes.
+//! `routes/validate.rs` turns a matched request into a typed [`Call`].
+
+mod validate;
+
+pub use validate::{Call, Conversation, ConversationType, DelTime, GroupId, MsgIds, UserId, ValidationError};
+
+use http::Method;
+
+/// One of the six operations, named as in config keys, metric labels and logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Route {
+    DeleteChatMessages,
+    DeleteGroupMessages,
+    ClearUserMessages,
+    ClearChatMessagesBefore,
+    ClearGroupMessagesBefore,
+    DeleteConversation,
+}
+
+impl Route {
+    pub const ALL: [Route; 6] = [
+        Route::DeleteChatMessages,
+        Route::DeleteGroupMessages,
+        Route::ClearUserMessages,
+        Route::ClearChatMessagesBefore,
+        Route::ClearGroupMessagesBefore,
+        Route::DeleteConversation,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Route::DeleteChatMessages => "delete_chat_messages",
+            Route::DeleteGroupMessages => "delete_group_messages",
+            Route::ClearUserMessages => "clear_user_messages",
+            Route::ClearChatMessagesBefore => "clear_chat_messages_before",
+            Route::ClearGroupMessagesBefore => "clear_group_messages_before",
+            Route::DeleteConversation => "delete_conversation",
+        }
+    }
+
+    pub fn method(self) -> Method {
+        match self {
+            Route::ClearUserMessages => Method::POST,
+            _ => Method::DELETE,
+        }
+    }
+
+    /// The name of the owner's path parameter, as Easemob's docs spell it.
+    pub fn owner_param(self) -> &'static str {
+        match self {
+            Route::DeleteConversation => "username",
+            _ => "userId",
+        }
+    }
+
+    /// Matches the path after `/{org}/{app}` (already split on `/`), returning the route and the raw owner segment.
+    fn match_tail<'a>(segments: &[&'a str]) -> Option<(Route, &'a str)> {
+        let route = match segments {
+            ["rest", "message", "roaming", "chat", "user", owner] => (Route::DeleteChatMessages, *owner),
+            ["rest", "message", "roaming", "group", "user", owner] => (Route::DeleteGroupMessages, *owner),
+            ["rest", "message", "roaming", "user", owner, "delete", "all"] => (Route::ClearUserMessages, *owner),
+            ["rest", "message", "roaming", "chat", "user", owner, "time"] => (Route::ClearChatMessagesBefore, *owner),
+            ["rest", "message", "roaming", "group", "user", owner, "time"] => (Route::ClearGroupMessagesBefore, *owner),
+            ["users", owner, "user_channel"] => (Route::DeleteConversation, *owner),
+            _ => return None,
+        };
+        Some(route)
+    }
+}
+
+/// What a request path names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint<'a> {
+    /// One of the six operations; `owner` is the raw (still percent-encoded) path segment.
+    Operation { route: Route, owner: &'a str },
+    /// `POST /{org}/{app}/token`, answered locally so that unmodified server SDKs work.
+    Token,
+}
+
+/// A path resolved against the route table: `app` is the `/{org}/{app}` prefix when the caller gave one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resolved<'a> {
+    pub app: Option<(&'a str, &'a str)>,
+    pub endpoint: Endpoint<'a>,
+}
+
+/// Resolves a request path, with or without the `/{org}/{app}` prefix. `None` means no such route.
+pub fn resolve(path: &str) -> Option<Resolved<'_>> {
+    let rest = path.strip_prefix('/')?;
+    let segments: Vec<&str> = rest.split('/').collect();
+    if let [org, app, tail @ ..] = segments.as_slice()
+        && let Some(endpoint) = endpoint(tail)
+    {
+        return Some(Resolved { app: Some((org, app)), endpoint });
+    }
+    endpoint(&segments).map(|endpoint| Resolved { app: None, endpoint })
+}
+
+fn endpoint<'a>(segments: &[&'a str]) -> Option<Endpoint<'a>> {
+    if segments == ["token"] {
+        return Some(Endpoint::Token);
+    }
+    Route::match_tail(segments).map(|(route, owner)| Endpoint::Operation { route, owner })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Matched<'a> = (Option<(&'a str, &'a str)>, Route, &'a str);
+
+    fn op(path: &str) -> Option<Matched<'_>> {
+        match resolve(path)? {
+            Resolved { app, endpoint: Endpoint::Operation { route, owner } } => Some((app, route, owner)),
+            Resolved { endpoint: Endpoint::Token, .. } => None,
+        }
+    }
+
+    #[test]
+    fn every_route_resolves_with_and_without_prefix() {
+        let cases = [
+            ("/rest/message/roaming/chat/user/u1", Route::DeleteChatMessages),
+            ("/rest/message/roaming/group/user/u1", Route::DeleteGroupMessages),
+            ("/rest/message/roaming/user/u1/delete/all", Route::ClearUserMessages),
+            ("/rest/message/roaming/chat/user/u1/time", Route::ClearChatMessagesBefore),
+            ("/rest/message/roaming/group/user/u1/time", Route::ClearGroupMessagesBefore),
+            ("/users/u1/user_channel", Route::DeleteConversation),
+        ];
+        for (tail, route) in cases {
+            assert_eq!(op(tail), Some((None, route, "u1")), "{tail}");
+            let full = format!("/org/app{tail}");
+            assert_eq!(op(&full), Some((Some(("org", "app")), route, "u1")), "{full}");
+        }
+        assert_eq!(Route::ALL.len(), 6);
+    }
+
+    #[test]
+    fn other_paths_do_not_resolve() {
+        for path in [
+            "",
+            "/",
+            "/org/app",
+            "/org/app/users/u1",
+            "/org/app/users/u1/user_channel/",
+            "/org/app/rest/message/roaming/chat/user/u1/extra",
+            "/org/app/messages/users/u1",
+            "org/app/users/u1/user_channel",
+            "/org/app/chatgroups",
+        ] {
+            assert!(resolve(path).is_none(), "{path}");
+        }
+    }
+
+    #[test]
+    fn empty_and_encoded_owner_segments_resolve_for_validation_to_reject() {
+        assert_eq!(op("/o/a/users//user_channel"), Some((Some(("o", "a")), Route::DeleteConversation, "")));
+        assert_eq!(op("/o/a/users/..%2Fx/user_channel").map(|r| r.2), Some("..%2Fx"));
+    }
+
+    #[test]
+    fn token_endpoint_resolves() {
+        assert_eq!(resolve("/o/a/token"), Some(Resolved { app: Some(("o", "a")), endpoint: Endpoint::Token }));
+        assert_eq!(resolve("/token"), Some(Resolved { app: None, endpoint: Endpoint::Token }));
+    }
+}

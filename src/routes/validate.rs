@@ -1,0 +1,641 @@
+//! Turns a matched request into a typed [`Call`], enforcing Easemob's rules before any quota or upstream call,
+//! and renders the one canonical upstream request for it.
+//!
+//! Parse, don't re-validate: the newtypes below can only hold values Easemob accepts, so later code cannot forward
+//! anything Easemob would refuse.
+
+use std::fmt::{self, Write as _};
+
+use bytes::Bytes;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::Route;
+
+/// Easemob's published cap on message IDs per deletion call.
+pub const MAX_MSG_IDS: usize = 50;
+/// Easemob's user ID rule: 1 to 64 bytes.
+const MAX_ID_LEN: usize = 64;
+/// 1973-01-01T00:00:00Z in milliseconds: a smaller `delTime` can only be a value in seconds (or a mistake).
+const EARLIEST_DEL_TIME_MS: i64 = 94_694_400_000;
+/// How far in the future a `delTime` may be before it is taken for a unit mistake (clock skew is far smaller).
+const MAX_DEL_TIME_AHEAD_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// Everything outside the unreserved set is encoded; IDs are validated to that set, so this is a safety net.
+const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+
+/// A request Easemob would refuse, in Easemob's error vocabulary.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{error}: {description}")]
+pub struct ValidationError {
+    /// Easemob's `error` type, so existing client code recognises it.
+    pub error: &'static str,
+    pub description: String,
+}
+
+impl ValidationError {
+    fn new(error: &'static str, description: impl Into<String>) -> Self {
+        ValidationError { error, description: description.into() }
+    }
+    fn illegal(description: impl Into<String>) -> Self {
+        Self::new("illegal_argument", description)
+    }
+    fn missing(param: &str) -> Self {
+        Self::new("Bad Request", format!("required query parameter {param} is missing"))
+    }
+    fn invalid_body() -> Self {
+        Self::new("invalid_request_body", "Request body is invalid. Please check body is correct.")
+    }
+}
+
+/// Checks an ID against Easemob's rule (1–64 bytes of `A-Z a-z 0-9 _ - .`); `what` names the parameter.
+fn check_id(what: &str, value: &str) -> Result<(), ValidationError> {
+    const RULE: &str = "IDs are 1 to 64 characters of A-Z a-z 0-9 _ - .";
+    if value.is_empty() {
+        return Err(ValidationError::illegal(format!("{what} is empty; {RULE}")));
+    }
+    if let Some(bad) = value.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))) {
+        return Err(ValidationError::illegal(format!(
+            "{what} contains {:?}, which is not allowed; {RULE}",
+            bad.escape_default().to_string()
+        )));
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(ValidationError::illegal(format!("{what} is {} characters long; {RULE}", value.len())));
+    }
+    if value.chars().all(|c| c == '.') {
+        return Err(ValidationError::illegal(format!("{what} consists only of dots; {RULE}")));
+    }
+    Ok(())
+}
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+        pub struct $name(String);
+
+        impl $name {
+            /// `what` names the parameter in the error, e.g. "query parameter userId (the peer)".
+            pub fn parse(what: &str, value: &str) -> Result<Self, ValidationError> {
+                check_id(what, value)?;
+                Ok(Self(value.to_owned()))
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// A user ID. Easemob compares them case-insensitively; the caller's spelling is forwarded as given.
+    UserId
+);
+id_type!(
+    /// A group or chat-room ID. Numeric in every example, but no format is documented, so the user ID rule applies.
+    GroupId
+);
+
+/// 1 to 50 distinct message IDs, in the caller's order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MsgIds(Vec<String>);
+
+impl MsgIds {
+    /// Parses Easemob's comma-separated `msgIdList`: items are trimmed, duplicates dropped, empty items refused.
+    pub fn parse(list: &str) -> Result<Self, ValidationError> {
+        if list.trim().is_empty() {
+            return Err(ValidationError::new("Bad Request", "required query parameter msgIdList is empty"));
+        }
+        let mut ids: Vec<String> = Vec::new();
+        for (position, item) in list.split(',').enumerate() {
+            let id = item.trim();
+            if id.is_empty() {
+                return Err(ValidationError::illegal(format!(
+                    "msgIdList has an empty message ID at position {}",
+                    position + 1
+                )));
+            }
+            check_id(&format!("message ID {} of msgIdList", position + 1), id)?;
+            if !ids.iter().any(|seen| seen == id) {
+                ids.push(id.to_owned());
+            }
+        }
+        if ids.len() > MAX_MSG_IDS {
+            return Err(ValidationError::new("param exception", "delete msg list limit can not greater than 50"));
+        }
+        Ok(MsgIds(ids))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(String::as_str)
+    }
+}
+
+/// A Unix time in milliseconds that cannot be a unit mistake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DelTime(i64);
+
+impl DelTime {
+    pub fn parse(value: &str, now_ms: i64) -> Result<Self, ValidationError> {
+        let ms: i64 = value.parse().ok().filter(|_| value.bytes().all(|b| b.is_ascii_digit())).ok_or_else(|| {
+            ValidationError::illegal(format!(
+                "delTime must be a Unix time in milliseconds (digits only); got {:?}",
+                preview(value)
+            ))
+        })?;
+        if ms < EARLIEST_DEL_TIME_MS {
+            return Err(ValidationError::illegal(format!(
+                "delTime {ms} is before 1973 when read as milliseconds; it looks like Unix seconds \
+                 (Easemob would clear nothing): send {} instead",
+                ms.saturating_mul(1000)
+            )));
+        }
+        if ms > now_ms + MAX_DEL_TIME_AHEAD_MS {
+            let hint = if ms > 100_000_000_000_000 {
+                "it looks like microseconds or nanoseconds; send milliseconds"
+            } else {
+                "check the clock and the unit (milliseconds)"
+            };
+            return Err(ValidationError::illegal(format!("delTime {ms} is more than a day in the future; {hint}")));
+        }
+        Ok(DelTime(ms))
+    }
+
+    pub fn millis(self) -> i64 {
+        self.0
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConversationType {
+    Chat,
+    Groupchat,
+}
+
+/// The body of `delete_conversation`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Conversation {
+    /// The peer's user ID for `chat`, the group ID for `groupchat`; both follow the same ID rule.
+    pub channel: String,
+    #[serde(rename = "type")]
+    pub kind: ConversationType,
+    pub delete_roam: bool,
+}
+
+impl Conversation {
+    /// Validates in Easemob's order: malformed JSON or a wrongly typed field first, then missing fields.
+    pub fn parse(body: &[u8]) -> Result<Self, ValidationError> {
+        let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
+            return Err(ValidationError::invalid_body());
+        };
+        let field = |name: &str| fields.get(name).filter(|v| !v.is_null());
+        let (channel, kind, delete_roam) = (field("channel"), field("type"), field("delete_roam"));
+        let wrongly_typed = matches!(channel, Some(v) if !v.is_string())
+            || matches!(kind, Some(v) if !v.is_string())
+            || matches!(delete_roam, Some(v) if !v.is_boolean());
+        if wrongly_typed {
+            return Err(ValidationError::invalid_body());
+        }
+        let channel = channel.and_then(Value::as_str).filter(|s| !s.is_empty());
+        let channel = channel.ok_or_else(|| ValidationError::illegal("field channel cannot be null or empty"))?;
+        let kind = kind.and_then(Value::as_str).filter(|s| !s.is_empty());
+        let kind = kind.ok_or_else(|| ValidationError::illegal("field type cannot be null or empty"))?;
+        let delete_roam = delete_roam.and_then(Value::as_bool);
+        let delete_roam = delete_roam.ok_or_else(|| ValidationError::illegal("field delete_roam cannot be null"))?;
+        let kind = match kind {
+            "chat" => ConversationType::Chat,
+            "groupchat" => ConversationType::Groupchat,
+            other => {
+                return Err(ValidationError::illegal(format!(
+                    "field type must be \"chat\" or \"groupchat\"; got {:?}",
+                    preview(other)
+                )));
+            }
+        };
+        let what = match kind {
+            ConversationType::Chat => "field channel (the peer's user ID)",
+            ConversationType::Groupchat => "field channel (the group ID)",
+        };
+        check_id(what, channel)?;
+        Ok(Conversation { channel: channel.to_owned(), kind, delete_roam })
+    }
+}
+
+/// A validated request for one of the six operations: the only thing the gateway forwards.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Call {
+    DeleteChatMessages { owner: UserId, peer: UserId, msg_ids: MsgIds, notify: Option<bool> },
+    DeleteGroupMessages { owner: UserId, group: GroupId, msg_ids: MsgIds, notify: Option<bool> },
+    ClearUserMessages { owner: UserId },
+    ClearChatMessagesBefore { owner: UserId, peer: UserId, del_time: DelTime, notify: Option<bool> },
+    ClearGroupMessagesBefore { owner: UserId, group: GroupId, del_time: DelTime, notify: Option<bool> },
+    DeleteConversation { owner: UserId, conversation: Conversation },
+}
+
+impl Call {
+    /// Builds the call from the route, the raw owner path segment, the raw query string and, for
+    /// `delete_conversation` only, the body. Bodies sent to the five roaming routes are ignored.
+    pub fn parse(
+        route: Route,
+        raw_owner: &str,
+        query: Option<&str>,
+        body: &[u8],
+        now_ms: i64,
+    ) -> Result<Call, ValidationError> {
+        let owner_what = format!("path parameter {} (the owner)", route.owner_param());
+        let owner = percent_decode_str(raw_owner)
+            .decode_utf8()
+            .map_err(|_| ValidationError::illegal(format!("{owner_what} is not valid UTF-8 once percent-decoded")))?;
+        let owner = UserId::parse(&owner_what, &owner)?;
+        let mut q = Query::parse(route, query.unwrap_or(""))?;
+        let peer = |q: &mut Query| -> Result<UserId, ValidationError> {
+            UserId::parse("query parameter userId (the peer)", &q.required("userId")?)
+        };
+        let group = |q: &mut Query| -> Result<GroupId, ValidationError> {
+            GroupId::parse("query parameter groupId", &q.required("groupId")?)
+        };
+        let call = match route {
+            Route::DeleteChatMessages => Call::DeleteChatMessages {
+                peer: peer(&mut q)?,
+                msg_ids: MsgIds::parse(&q.required("msgIdList")?)?,
+                notify: q.notify()?,
+                owner,
+            },
+            Route::DeleteGroupMessages => Call::DeleteGroupMessages {
+                group: group(&mut q)?,
+                msg_ids: MsgIds::parse(&q.required("msgIdList")?)?,
+                notify: q.notify()?,
+                owner,
+            },
+            Route::ClearUserMessages => Call::ClearUserMessages { owner },
+            Route::ClearChatMessagesBefore => Call::ClearChatMessagesBefore {
+                peer: peer(&mut q)?,
+                del_time: DelTime::parse(&q.required("delTime")?, now_ms)?,
+                notify: q.notify()?,
+                owner,
+            },
+            Route::ClearGroupMessagesBefore => Call::ClearGroupMessagesBefore {
+                group: group(&mut q)?,
+                del_time: DelTime::parse(&q.required("delTime")?, now_ms)?,
+                notify: q.notify()?,
+                owner,
+            },
+            Route::DeleteConversation => Call::DeleteConversation { owner, conversation: Conversation::parse(body)? },
+        };
+        Ok(call)
+    }
+
+    pub fn route(&self) -> Route {
+        match self {
+            Call::DeleteChatMessages { .. } => Route::DeleteChatMessages,
+            Call::DeleteGroupMessages { .. } => Route::DeleteGroupMessages,
+            Call::ClearUserMessages { .. } => Route::ClearUserMessages,
+            Call::ClearChatMessagesBefore { .. } => Route::ClearChatMessagesBefore,
+            Call::ClearGroupMessagesBefore { .. } => Route::ClearGroupMessagesBefore,
+            Call::DeleteConversation { .. } => Route::DeleteConversation,
+        }
+    }
+
+    pub fn owner(&self) -> &UserId {
+        match self {
+            Call::DeleteChatMessages { owner, .. }
+            | Call::DeleteGroupMessages { owner, .. }
+            | Call::ClearUserMessages { owner }
+            | Call::ClearChatMessagesBefore { owner, .. }
+            | Call::ClearGroupMessagesBefore { owner, .. }
+            | Call::DeleteConversation { owner, .. } => owner,
+        }
+    }
+
+    /// The canonical path and query under `/{org}/{app}`, rebuilt from the validated values only.
+    pub fn upstream_path_and_query(&self) -> String {
+        let owner = utf8_percent_encode(self.owner().as_str(), COMPONENT);
+        let mut out = match self {
+            Call::DeleteChatMessages { .. } => format!("/rest/message/roaming/chat/user/{owner}"),
+            Call::DeleteGroupMessages { .. } => format!("/rest/message/roaming/group/user/{owner}"),
+            Call::ClearUserMessages { .. } => format!("/rest/message/roaming/user/{owner}/delete/all"),
+            Call::ClearChatMessagesBefore { .. } => format!("/rest/message/roaming/chat/user/{owner}/time"),
+            Call::ClearGroupMessagesBefore { .. } => format!("/rest/message/roaming/group/user/{owner}/time"),
+            Call::DeleteConversation { .. } => format!("/users/{owner}/user_channel"),
+        };
+        let encode = |v: &str| utf8_percent_encode(v, COMPONENT).to_string();
+        let ids = |ids: &MsgIds| ids.iter().map(encode).collect::<Vec<_>>().join(",");
+        let (pairs, notify): (Vec<(&str, String)>, Option<bool>) = match self {
+            Call::DeleteChatMessages { peer, msg_ids, notify, .. } => {
+                (vec![("userId", encode(peer.as_str())), ("msgIdList", ids(msg_ids))], *notify)
+            }
+            Call::DeleteGroupMessages { group, msg_ids, notify, .. } => {
+                (vec![("groupId", encode(group.as_str())), ("msgIdList", ids(msg_ids))], *notify)
+            }
+            Call::ClearChatMessagesBefore { peer, del_time, notify, .. } => {
+                (vec![("userId", encode(peer.as_str())), ("delTime", del_time.millis().to_string())], *notify)
+            }
+            Call::ClearGroupMessagesBefore { group, del_time, notify, .. } => {
+                (vec![("groupId", encode(group.as_str())), ("delTime", del_time.millis().to_string())], *notify)
+            }
+            Call::ClearUserMessages { .. } | Call::DeleteConversation { .. } => (Vec::new(), None),
+        };
+        for (i, (key, value)) in pairs.iter().enumerate() {
+            let _ = write!(out, "{}{key}={value}", if i == 0 { '?' } else { '&' });
+        }
+        if let Some(notify) = notify {
+            let _ = write!(out, "&isNotify={notify}");
+        }
+        out
+    }
+
+    /// The JSON body to send upstream, for `delete_conversation` only.
+    pub fn upstream_body(&self) -> Option<Bytes> {
+        match self {
+            Call::DeleteConversation { conversation, .. } => {
+                Some(Bytes::from(serde_json::to_vec(conversation).expect("conversation serializes")))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The query parameters of one request: each allowed key at most once, unknown keys refused.
+struct Query {
+    values: Vec<(&'static str, String)>,
+}
+
+impl Query {
+    fn parse(route: Route, raw: &str) -> Result<Query, ValidationError> {
+        let allowed: &[&'static str] = match route {
+            Route::DeleteChatMessages => &["userId", "msgIdList", "isNotify"],
+            Route::DeleteGroupMessages => &["groupId", "msgIdList", "isNotify"],
+            Route::ClearChatMessagesBefore => &["userId", "delTime", "isNotify"],
+            Route::ClearGroupMessagesBefore => &["groupId", "delTime", "isNotify"],
+            Route::ClearUserMessages | Route::DeleteConversation => &[],
+        };
+        let mut values: Vec<(&'static str, String)> = Vec::new();
+        for (key, value) in form_urlencoded::parse(raw.as_bytes()) {
+            let Some(&key) = allowed.iter().find(|k| **k == key) else {
+                let accepted = if allowed.is_empty() { "none".to_owned() } else { allowed.join(", ") };
+                return Err(ValidationError::illegal(format!(
+                    "unknown query parameter {:?}; {} accepts: {accepted}",
+                    preview(&key),
+                    route.name()
+                )));
+            };
+            if values.iter().any(|(k, _)| *k == key) {
+                return Err(ValidationError::illegal(format!("query parameter {key} is given more than once")));
+            }
+            values.push((key, value.into_owned()));
+        }
+        let mut query = Query { values };
+        query.repair_glued_is_notify()?;
+        Ok(query)
+    }
+
+    /// Easemob's own curl example reads `msgIdList=XXXXisNotify=false`: an `&` is missing, and callers copy it.
+    /// IDs cannot contain `=`, so a value ending in `isNotify=true|false` is split back into two parameters.
+    fn repair_glued_is_notify(&mut self) -> Result<(), ValidationError> {
+        for suffix in ["isNotify=true", "isNotify=false"] {
+            let glued = self.values.iter_mut().find(|(k, v)| *k != "isNotify" && v.ends_with(suffix));
+            if let Some((_, value)) = glued {
+                value.truncate(value.len() - suffix.len());
+                let notify = &suffix["isNotify=".len()..];
+                match self.values.iter().find(|(k, _)| *k == "isNotify") {
+                    Some((_, given)) if given != notify => {
+                        return Err(ValidationError::illegal("isNotify is given twice with different values"));
+                    }
+                    Some(_) => {}
+                    None => self.values.push(("isNotify", notify.to_owned())),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn required(&mut self, key: &str) -> Result<String, ValidationError> {
+        let at = self.values.iter().position(|(k, _)| *k == key).ok_or_else(|| ValidationError::missing(key))?;
+        Ok(self.values.swap_remove(at).1)
+    }
+
+    fn notify(&mut self) -> Result<Option<bool>, ValidationError> {
+        let Some(at) = self.values.iter().position(|(k, _)| *k == "isNotify") else {
+            return Ok(None);
+        };
+        match self.values.swap_remove(at).1.as_str() {
+            "true" => Ok(Some(true)),
+            "false" => Ok(Some(false)),
+            other => Err(ValidationError::illegal(format!("isNotify must be true or false; got {:?}", preview(other)))),
+        }
+    }
+}
+
+/// At most 32 characters of caller input, for error descriptions.
+fn preview(s: &str) -> String {
+    let mut out: String = s.chars().take(32).collect();
+    if out.len() < s.len() {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_760_000_000_000;
+
+    fn parse(route: Route, owner: &str, query: &str) -> Result<Call, ValidationError> {
+        Call::parse(route, owner, Some(query), b"", NOW)
+    }
+
+    fn err(route: Route, owner: &str, query: &str) -> ValidationError {
+        parse(route, owner, query).expect_err("should be refused")
+    }
+
+    #[test]
+    fn chat_deletion_is_rebuilt_canonically() {
+        let call = parse(Route::DeleteChatMessages, "u1", "msgIdList=%201%20,2,1&userId=u2&isNotify=false").unwrap();
+        assert_eq!(
+            call.upstream_path_and_query(),
+            "/rest/message/roaming/chat/user/u1?userId=u2&msgIdList=1,2&isNotify=false"
+        );
+        assert_eq!(call.upstream_body(), None);
+    }
+
+    #[test]
+    fn is_notify_is_omitted_when_absent() {
+        let call = parse(Route::DeleteGroupMessages, "u1", "groupId=123&msgIdList=9").unwrap();
+        assert_eq!(call.upstream_path_and_query(), "/rest/message/roaming/group/user/u1?groupId=123&msgIdList=9");
+    }
+
+    #[test]
+    fn time_routes_keep_milliseconds() {
+        let call = parse(Route::ClearChatMessagesBefore, "u1", "userId=u2&delTime=1659014868000").unwrap();
+        assert_eq!(
+            call.upstream_path_and_query(),
+            "/rest/message/roaming/chat/user/u1/time?userId=u2&delTime=1659014868000"
+        );
+        let call =
+            parse(Route::ClearGroupMessagesBefore, "u1", "groupId=g1&delTime=1659014868000&isNotify=true").unwrap();
+        assert_eq!(
+            call.upstream_path_and_query(),
+            "/rest/message/roaming/group/user/u1/time?groupId=g1&delTime=1659014868000&isNotify=true"
+        );
+    }
+
+    #[test]
+    fn clear_user_messages_takes_no_query() {
+        let call = parse(Route::ClearUserMessages, "u1", "").unwrap();
+        assert_eq!(call.upstream_path_and_query(), "/rest/message/roaming/user/u1/delete/all");
+        assert_eq!(err(Route::ClearUserMessages, "u1", "isNotify=true").error, "illegal_argument");
+    }
+
+    #[test]
+    fn owner_ids_are_checked_after_percent_decoding() {
+        for owner in ["", "..", "a%2Fb", "a%252Fb", "a%20b", "a%00b", "%C0%AF", "%FF", "a b", "ü"] {
+            let e = err(Route::ClearUserMessages, owner, "");
+            assert_eq!(e.error, "illegal_argument", "{owner}");
+            assert!(e.description.contains("path parameter userId"), "{owner}: {}", e.description);
+        }
+        assert!(err(Route::ClearUserMessages, &"a".repeat(65), "").description.contains("65 characters"));
+        assert!(parse(Route::ClearUserMessages, &"a".repeat(64), "").is_ok());
+        assert!(parse(Route::ClearUserMessages, "User_1-a.b", "").is_ok());
+        assert!(parse(Route::ClearUserMessages, "u%31", "").is_ok());
+    }
+
+    #[test]
+    fn missing_parameters_are_easemobs_bad_request() {
+        let e = err(Route::DeleteChatMessages, "u1", "msgIdList=1");
+        assert_eq!((e.error, e.description.as_str()), ("Bad Request", "required query parameter userId is missing"));
+        assert_eq!(err(Route::DeleteChatMessages, "u1", "userId=u2").error, "Bad Request");
+        assert_eq!(err(Route::DeleteGroupMessages, "u1", "msgIdList=1").error, "Bad Request");
+        assert_eq!(err(Route::ClearChatMessagesBefore, "u1", "userId=u2").error, "Bad Request");
+        assert_eq!(err(Route::DeleteChatMessages, "u1", "userId=u2&msgIdList=").error, "Bad Request");
+    }
+
+    #[test]
+    fn fifty_ids_pass_and_fifty_one_are_easemobs_param_exception() {
+        let ids = |n: usize| (0..n).map(|i| (1_000_000 + i).to_string()).collect::<Vec<_>>().join(",");
+        assert!(parse(Route::DeleteChatMessages, "u1", &format!("userId=u2&msgIdList={}", ids(50))).is_ok());
+        let e = err(Route::DeleteChatMessages, "u1", &format!("userId=u2&msgIdList={}", ids(51)));
+        assert_eq!(e, ValidationError::new("param exception", "delete msg list limit can not greater than 50"));
+        let dup = format!("{},{}", ids(50), ids(10));
+        let call = parse(Route::DeleteChatMessages, "u1", &format!("userId=u2&msgIdList={dup}")).unwrap();
+        let Call::DeleteChatMessages { msg_ids, .. } = call else { unreachable!() };
+        assert_eq!(msg_ids.len(), 50);
+    }
+
+    #[test]
+    fn empty_or_malformed_message_ids_are_refused() {
+        for list in ["1,,2", "1,2,", ",1", "1,a=b", "1,a/b"] {
+            assert_eq!(
+                err(Route::DeleteChatMessages, "u1", &format!("userId=u2&msgIdList={list}")).error,
+                "illegal_argument"
+            );
+        }
+    }
+
+    #[test]
+    fn is_notify_must_be_a_boolean() {
+        for v in ["", "yes", "1", "TRUE", "false "] {
+            let e = err(Route::DeleteChatMessages, "u1", &format!("userId=u2&msgIdList=1&isNotify={v}"));
+            assert!(e.description.starts_with("isNotify must be true or false"), "{v}: {e}");
+        }
+    }
+
+    #[test]
+    fn seed_example_with_a_missing_ampersand_is_repaired() {
+        let call = parse(Route::DeleteGroupMessages, "u1", "groupId=g1&msgIdList=XXXXisNotify=false").unwrap();
+        assert_eq!(
+            call.upstream_path_and_query(),
+            "/rest/message/roaming/group/user/u1?groupId=g1&msgIdList=XXXX&isNotify=false"
+        );
+        let e = err(Route::DeleteGroupMessages, "u1", "groupId=g1&msgIdList=1isNotify=false&isNotify=true");
+        assert!(e.description.contains("different values"));
+    }
+
+    #[test]
+    fn unknown_and_repeated_parameters_are_refused() {
+        let e = err(Route::DeleteChatMessages, "u1", "userId=u2&msgIdList=1&isnotify=false");
+        assert!(e.description.starts_with("unknown query parameter \"isnotify\""), "{e}");
+        let e = err(Route::DeleteChatMessages, "u1", "userId=u2&userId=u3&msgIdList=1");
+        assert_eq!(e.description, "query parameter userId is given more than once");
+    }
+
+    #[test]
+    fn del_time_in_seconds_or_far_future_is_refused_with_the_likely_mistake() {
+        let q = |t: &str| format!("userId=u2&delTime={t}");
+        assert!(
+            err(Route::ClearChatMessagesBefore, "u1", &q("1659014868")).description.contains("looks like Unix seconds")
+        );
+        assert!(err(Route::ClearChatMessagesBefore, "u1", &q("0")).description.contains("before 1973"));
+        let micro = (NOW * 1000).to_string();
+        assert!(err(Route::ClearChatMessagesBefore, "u1", &q(&micro)).description.contains("microseconds"));
+        let tomorrow = (NOW + MAX_DEL_TIME_AHEAD_MS + 1).to_string();
+        assert!(err(Route::ClearChatMessagesBefore, "u1", &q(&tomorrow)).description.contains("more than a day"));
+        for bad in ["-5", "1.5e12", "abc", "+1659014868000", ""] {
+            assert!(err(Route::ClearChatMessagesBefore, "u1", &q(bad)).description.contains("digits only"), "{bad}");
+        }
+        assert!(parse(Route::ClearChatMessagesBefore, "u1", &q(&NOW.to_string())).is_ok());
+    }
+
+    fn conv(body: &str) -> Result<Conversation, ValidationError> {
+        Conversation::parse(body.as_bytes())
+    }
+
+    #[test]
+    fn conversation_body_follows_easemobs_errors() {
+        let invalid = ValidationError::invalid_body();
+        for body in [
+            "",
+            "[]",
+            "null",
+            "{",
+            "\"x\"",
+            r#"{"channel":1,"type":"chat","delete_roam":true}"#,
+            r#"{"channel":"u2","type":"chat","delete_roam":"true"}"#,
+        ] {
+            assert_eq!(conv(body), Err(invalid.clone()), "{body}");
+        }
+        let cases = [
+            (r#"{"type":"chat","delete_roam":true}"#, "field channel cannot be null or empty"),
+            (r#"{"channel":"","type":"chat","delete_roam":true}"#, "field channel cannot be null or empty"),
+            (r#"{"channel":"u2","delete_roam":true}"#, "field type cannot be null or empty"),
+            (r#"{"channel":"u2","type":"","delete_roam":true}"#, "field type cannot be null or empty"),
+            (r#"{"channel":"u2","type":"chat","delete_roam":null}"#, "field delete_roam cannot be null"),
+        ];
+        for (body, text) in cases {
+            assert_eq!(conv(body), Err(ValidationError::illegal(text)), "{body}");
+        }
+        assert!(conv(r#"{"channel":"u2","type":"room","delete_roam":true}"#).unwrap_err().description.contains("chat"));
+        assert!(conv(r#"{"channel":"a/b","type":"chat","delete_roam":true}"#).is_err());
+    }
+
+    #[test]
+    fn conversation_is_forwarded_without_extra_fields() {
+        let call = Call::parse(
+            Route::DeleteConversation,
+            "u1",
+            None,
+            br#"{ "channel": "u2", "type": "chat", "delete_roam": true, "extra": 1 }"#,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(call.upstream_path_and_query(), "/users/u1/user_channel");
+        assert_eq!(call.upstream_body().unwrap(), &br#"{"channel":"u2","type":"chat","delete_roam":true}"#[..]);
+    }
+}

@@ -1,0 +1,230 @@
+//! Listeners, the data-plane middleware stack, the admin endpoints, and graceful shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, SecretPolicy};
+use crate::error::{GatewayError, json_response};
+use crate::metrics::Metrics;
+use crate::proxy::{App, Proxy, ProxyService};
+use crate::token::{Credentials, TokenSource};
+use crate::upstream::Upstream;
+
+/// A gateway whose listeners are bound and whose token fetches have started.
+pub struct Server {
+    config: Config,
+    proxy: Arc<Proxy>,
+    metrics: Metrics,
+    data: TcpListener,
+    admin: TcpListener,
+}
+
+impl Server {
+    /// Checks the config, binds both listeners and starts fetching every app's token.
+    pub async fn bind(config: Config, policy: SecretPolicy) -> Result<Server, String> {
+        let problems = config.problems(policy);
+        if !problems.is_empty() {
+            return Err(problems.join("\n"));
+        }
+        if !config.server.listen.ip().is_loopback() {
+            warn!(listen = %config.server.listen, "the data plane listens beyond loopback: callers present no credential");
+        }
+        let metrics = Metrics::new();
+        let upstream = Upstream::new(&config.upstream)?;
+        let apps = config
+            .apps
+            .iter()
+            .map(|app| {
+                let credentials = Credentials {
+                    org: app.org_name.clone(),
+                    app: app.app_name.clone(),
+                    client_id: app.client_id.clone(),
+                    client_secret: app.resolve_secret()?,
+                };
+                let token = TokenSource::spawn(credentials, config.token.clone(), upstream.clone(), metrics.clone());
+                Ok(App { org: app.org_name.clone(), app: app.app_name.clone(), key: app.app_key(), token })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let data = TcpListener::bind(config.server.listen)
+            .await
+            .map_err(|e| format!("server.listen {}: {e}", config.server.listen))?;
+        let admin = TcpListener::bind(config.server.admin_listen)
+            .await
+            .map_err(|e| format!("server.admin_listen {}: {e}", config.server.admin_listen))?;
+        let proxy = Arc::new(Proxy::new(apps, upstream, metrics.clone()));
+        Ok(Server { config, proxy, metrics, data, admin })
+    }
+
+    pub fn data_addr(&self) -> SocketAddr {
+        self.data.local_addr().expect("bound listener has an address")
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().expect("bound listener has an address")
+    }
+
+    /// Serves until `shutdown` completes, then drains: `/readyz` turns 503, listeners close, in-flight requests
+    /// get up to `server.shutdown_grace` to finish.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let Server { config, proxy, metrics, data, admin } = self;
+        let draining = Arc::new(AtomicBool::new(false));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let graceful = Arc::new(GracefulShutdown::new());
+
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        http.http1().timer(TokioTimer::new()).header_read_timeout(config.server.header_read_timeout);
+
+        // Outermost first. The request id is set before anything can answer, so every answer, rejections included,
+        // carries one and logs can be joined with the caller's; panics become an enveloped 500, not a dropped
+        // connection; the proxy does the rest (route, validation, token, upstream) in one place.
+        let data_service = ServiceBuilder::new()
+            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+            .layer(PropagateRequestIdLayer::x_request_id())
+            .layer(CatchPanicLayer::custom(|_| GatewayError::Internal.into_response(std::time::Instant::now())))
+            .service(ProxyService::new(Arc::clone(&proxy)));
+        let admin_service = AdminService { proxy: Arc::clone(&proxy), metrics, draining: Arc::clone(&draining) };
+
+        let data_loop = tokio::spawn(accept_loop(
+            data,
+            http.clone(),
+            TowerToHyperService::new(data_service),
+            Arc::clone(&graceful),
+            stop_rx.clone(),
+        ));
+        let admin_loop = tokio::spawn(accept_loop(
+            admin,
+            http,
+            hyper::service::service_fn(move |req| {
+                let admin = admin_service.clone();
+                async move { Ok::<_, Infallible>(admin.handle(req)) }
+            }),
+            Arc::clone(&graceful),
+            stop_rx,
+        ));
+
+        shutdown.await;
+        info!(grace = ?config.server.shutdown_grace, "shutting down: refusing new connections, draining in-flight requests");
+        draining.store(true, Ordering::SeqCst);
+        let _ = stop_tx.send(true);
+        let _ = tokio::join!(data_loop, admin_loop);
+        let graceful = Arc::into_inner(graceful).expect("accept loops have ended");
+        match tokio::time::timeout(config.server.shutdown_grace, graceful.shutdown()).await {
+            Ok(()) => info!("all connections closed"),
+            Err(_) => warn!("shutdown grace elapsed with requests still in flight"),
+        }
+    }
+}
+
+async fn accept_loop<S, B>(
+    listener: TcpListener,
+    http: auto::Builder<TokioExecutor>,
+    service: S,
+    graceful: Arc<GracefulShutdown>,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Usually EMFILE: back off briefly instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = http.serve_connection(TokioIo::new(stream), service.clone()).into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// `/healthz`, `/readyz`, `/metrics`: the admin listener, never the data plane.
+#[derive(Clone)]
+struct AdminService {
+    proxy: Arc<Proxy>,
+    metrics: Metrics,
+    draining: Arc<AtomicBool>,
+}
+
+impl AdminService {
+    fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        if request.method() != Method::GET {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
+        }
+        match request.uri().path() {
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" => self.readiness(),
+            "/metrics" => Response::builder()
+                .header(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)
+                .body(Full::new(Bytes::from(self.metrics.render())))
+                .expect("static response parts are valid"),
+            _ => text(StatusCode::NOT_FOUND, "not found: /healthz, /readyz, /metrics\n"),
+        }
+    }
+
+    /// Ready when not draining and every app holds a usable token. Per-app detail, no secrets.
+    fn readiness(&self) -> Response<Full<Bytes>> {
+        let draining = self.draining.load(Ordering::SeqCst);
+        let apps: serde_json::Map<String, serde_json::Value> = self
+            .proxy
+            .apps()
+            .iter()
+            .map(|app| (app.key.clone(), serde_json::to_value(app.token.status()).expect("status serializes")))
+            .collect();
+        let ready = !draining && self.proxy.apps().iter().all(|app| app.token.is_ready());
+        let body = serde_json::json!({ "ready": ready, "draining": draining, "apps": apps });
+        let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        json_response(status, body.to_string().into_bytes(), "local")
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .expect("static response parts are valid")
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,487 @@
+//! The Easemob simulator: an in-memory, stateful stand-in for Easemob's token endpoint and the six deletion
+//! routes, answering with Easemob's own bodies, plus a control API under `/_sim/` to inspect state, count calls
+//! and inject faults. Used by `demo`, the tests and the benchmarks; `easemob-gateway sim` runs it alone.
+//!
+//! It parses requests on its own, not with the gateway's route table, so the two can disagree and tests notice.
+
+pub mod state;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use state::{App, Kind, TokenCheck};
+
+/// How many business requests `GET /_sim/requests` remembers.
+const REQUEST_LOG_LEN: usize = 1000;
+
+/// Faults to inject, replaced as a whole by `PUT /_sim/faults`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// The token endpoint answers this status (e.g. 503) instead of issuing tokens.
+    pub token_status: Option<u16>,
+    /// The token endpoint waits this long before answering.
+    pub token_delay_ms: u64,
+    /// Business routes answer this status with Easemob's matching error body …
+    pub status: Option<u16>,
+    /// … for this many requests (absent: until the faults change).
+    pub status_count: Option<u32>,
+    /// Business routes wait this long before answering.
+    pub delay_ms: u64,
+    /// Business routes answer `service open exception`, as for an app without message roaming.
+    pub roaming_disabled: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Stats {
+    pub token_requests: u64,
+    pub tokens_issued: u64,
+    pub business_requests: u64,
+    pub by_route: BTreeMap<&'static str, u64>,
+    pub by_status: BTreeMap<u16, u64>,
+}
+
+/// A business request as the simulator received it, for tests to check what the gateway sent.
+#[derive(Clone, Debug, Serialize)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+struct World {
+    apps: Vec<App>,
+    faults: Faults,
+    stats: Stats,
+    requests: VecDeque<Recorded>,
+}
+
+impl World {
+    fn app_mut(&mut self, org: &str, app: &str) -> Option<&mut App> {
+        self.apps.iter_mut().find(|a| a.org.eq_ignore_ascii_case(org) && a.name.eq_ignore_ascii_case(app))
+    }
+}
+
+#[derive(Clone)]
+pub struct Simulator {
+    world: Arc<Mutex<World>>,
+}
+
+impl Simulator {
+    /// The demo world: two apps (`demo`, `demo2`) with the demo credentials, each seeded by [`state::seed`].
+    pub fn demo() -> Simulator {
+        let now = now_ms();
+        let apps = [state::DEMO_APP, state::DEMO_APP_2]
+            .into_iter()
+            .map(|name| {
+                let mut app = App::new(state::DEMO_ORG, name, state::DEMO_CLIENT_ID, state::DEMO_CLIENT_SECRET);
+                state::seed(&mut app, now);
+                app
+            })
+            .collect();
+        let world = World { apps, faults: Faults::default(), stats: Stats::default(), requests: VecDeque::new() };
+        Simulator { world: Arc::new(Mutex::new(world)) }
+    }
+
+    fn world(&self) -> std::sync::MutexGuard<'_, World> {
+        // A panic while holding the lock cannot leave the world half-updated in a way that matters for a test double.
+        self.world.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Binds `addr` and returns the bound address and the serving future.
+    pub async fn bind(
+        self,
+        addr: SocketAddr,
+    ) -> std::io::Result<(SocketAddr, impl Future<Output = ()> + Send + 'static)> {
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        let serve = async move {
+            let http = auto::Builder::new(TokioExecutor::new());
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let sim = self.clone();
+                let service = hyper::service::service_fn(move |req| {
+                    let sim = sim.clone();
+                    async move { Ok::<_, Infallible>(sim.handle(req).await) }
+                });
+                let connection = http.serve_connection(TokioIo::new(stream), service).into_owned();
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+            }
+        };
+        Ok((local, serve))
+    }
+
+    async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        let started = Instant::now();
+        let (parts, body) = request.into_parts();
+        let Ok(body) = Limited::new(body, 1024 * 1024).collect().await.map(|c| c.to_bytes()) else {
+            return error(StatusCode::BAD_REQUEST, "invalid_request_body", "Request body is invalid.", started);
+        };
+        let path = parts.uri.path().to_owned();
+        if let Some(control) = path.strip_prefix("/_sim/") {
+            return self.control(&parts.method, control, &body);
+        }
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        match segments.as_slice() {
+            [org, app, "token"] if parts.method == Method::POST => self.token(org, app, &body, started).await,
+            [org, app, rest @ ..] => self.business(&parts, org, app, rest, &body, started).await,
+            _ => error(StatusCode::NOT_FOUND, "service_resource_not_found", "Service resource not found", started),
+        }
+    }
+
+    async fn token(&self, org: &str, app: &str, body: &[u8], started: Instant) -> Response<Full<Bytes>> {
+        let faults = {
+            let mut world = self.world();
+            world.stats.token_requests += 1;
+            world.faults.clone()
+        };
+        if faults.token_delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(faults.token_delay_ms)).await;
+        }
+        if let Some(status) = faults.token_status {
+            return forced(status, started);
+        }
+        let mut world = self.world();
+        let Some(app) = world.app_mut(org, app) else {
+            let text = format!("Could not find application for {org}/{app} from URI: {org}/{app}/token");
+            return error(StatusCode::NOT_FOUND, "organization_application_not_found", &text, started);
+        };
+        let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
+            return error(StatusCode::BAD_REQUEST, "invalid_request_body", "Request body is invalid.", started);
+        };
+        let field = |name: &str| fields.get(name).and_then(Value::as_str).filter(|s| !s.is_empty());
+        for name in ["grant_type", "client_id", "client_secret"] {
+            if field(name).is_none() {
+                let text = format!("{name} cannot be null or empty");
+                return error(StatusCode::BAD_REQUEST, "illegal_argument", &text, started);
+            }
+        }
+        if field("grant_type") != Some("client_credentials") {
+            return error(StatusCode::BAD_REQUEST, "unsupported_grant_type", "unsupported grant type", started);
+        }
+        if field("client_id") != Some(app.client_id.as_str()) {
+            return error(StatusCode::BAD_REQUEST, "invalid_grant", "client_id does not match", started);
+        }
+        if field("client_secret") != Some(app.client_secret.as_str()) {
+            return error(StatusCode::BAD_REQUEST, "invalid_grant", "client_secret does not match", started);
+        }
+        let ttl = fields.get("ttl").and_then(Value::as_u64).unwrap_or(state::DEFAULT_TOKEN_TTL_SECS);
+        let token = app.issue_token(ttl);
+        let answer = json!({ "access_token": token, "expires_in": ttl, "application": app.uuid });
+        world.stats.tokens_issued += 1;
+        ok(answer)
+    }
+
+    async fn business(
+        &self,
+        parts: &http::request::Parts,
+        org: &str,
+        app_name: &str,
+        rest: &[&str],
+        body: &[u8],
+        started: Instant,
+    ) -> Response<Full<Bytes>> {
+        let route = route_name(&parts.method, rest);
+        let faults = {
+            let mut world = self.world();
+            world.stats.business_requests += 1;
+            *world.stats.by_route.entry(route.unwrap_or("unknown")).or_default() += 1;
+            if world.requests.len() == REQUEST_LOG_LEN {
+                world.requests.pop_front();
+            }
+            world.requests.push_back(Recorded {
+                method: parts.method.to_string(),
+                path: parts.uri.path().to_owned(),
+                query: parts.uri.query().map(str::to_owned),
+                headers: parts
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                    .collect(),
+                body: String::from_utf8_lossy(body).into_owned(),
+            });
+            let faults = world.faults.clone();
+            if faults.status.is_some() {
+                match &mut world.faults.status_count {
+                    Some(0) => {}
+                    Some(n) => *n -= 1,
+                    None => {}
+                }
+            }
+            faults
+        };
+        if faults.delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(faults.delay_ms)).await;
+        }
+        let response = match (faults.status, faults.status_count) {
+            (Some(status), None) => forced(status, started),
+            (Some(status), Some(n)) if n > 0 => forced(status, started),
+            _ => self.apply(parts, org, app_name, route, rest, body, faults.roaming_disabled, started),
+        };
+        *self.world().stats.by_status.entry(response.status().as_u16()).or_default() += 1;
+        response
+    }
+
+    /// Authenticates and applies one of the six operations, with Easemob's checks and answers.
+    #[allow(clippy::too_many_arguments)]
+    fn apply(
+        &self,
+        parts: &http::request::Parts,
+        org: &str,
+        app_name: &str,
+        route: Option<&'static str>,
+        rest: &[&str],
+        body: &[u8],
+        roaming_disabled: bool,
+        started: Instant,
+    ) -> Response<Full<Bytes>> {
+        let bad_request = || error(StatusCode::BAD_REQUEST, "Bad Request", "Bad Request", started);
+        let mut world = self.world();
+        let Some(app) = world.app_mut(org, app_name) else {
+            let text = format!("Could not find application for {org}/{app_name}");
+            return error(StatusCode::NOT_FOUND, "organization_application_not_found", &text, started);
+        };
+        let bearer = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        match bearer.and_then(|v| v.strip_prefix("Bearer ")).map(|t| app.check_token(t)) {
+            Some(TokenCheck::Valid) => {}
+            None | Some(TokenCheck::Expired) => {
+                let text = "Unable to authenticate due to expired access token";
+                return error(StatusCode::UNAUTHORIZED, "unauthorized", text, started);
+            }
+            Some(TokenCheck::Unknown) => {
+                let text = "Unable to authenticate due to corrupt access token";
+                return error(StatusCode::UNAUTHORIZED, "auth_bad_access_token", text, started);
+            }
+        }
+        let Some(route) = route else {
+            return error(StatusCode::NOT_FOUND, "service_resource_not_found", "Service resource not found", started);
+        };
+        let owner = match rest {
+            ["users", owner, "user_channel"] => *owner,
+            ["rest", "message", "roaming", "user", owner, ..] => *owner,
+            ["rest", "message", "roaming", _, "user", owner, ..] => *owner,
+            _ => unreachable!("route_name matched"),
+        };
+        let owner = percent_encoding::percent_decode_str(owner).decode_utf8_lossy().into_owned();
+        if !app.has_user(&owner) {
+            return error(StatusCode::NOT_FOUND, "service_resource_not_found", "Service resource not found", started);
+        }
+        if route == "delete_conversation" {
+            let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
+                let text = "Request body is invalid. Please check body is correct.";
+                return error(StatusCode::BAD_REQUEST, "invalid_request_body", text, started);
+            };
+            let channel = fields.get("channel").and_then(Value::as_str).filter(|s| !s.is_empty());
+            let kind = fields.get("type").and_then(Value::as_str).filter(|s| !s.is_empty());
+            let delete_roam = fields.get("delete_roam").and_then(Value::as_bool);
+            let (Some(channel), Some(kind), Some(delete_roam)) = (channel, kind, delete_roam) else {
+                let text = match (channel, kind) {
+                    (None, _) => "field channel cannot be null or empty",
+                    (_, None) => "field type cannot be null or empty",
+                    _ => "field delete_roam cannot be null",
+                };
+                return error(StatusCode::BAD_REQUEST, "illegal_argument", text, started);
+            };
+            let kind = match kind {
+                "chat" => Kind::Chat,
+                "groupchat" => Kind::Groupchat,
+                _ => return error(StatusCode::BAD_REQUEST, "illegal_argument", "type is invalid", started),
+            };
+            app.delete_conversation(&owner, (kind, channel.to_owned()), delete_roam);
+            let uri = format!("http://{}{}", header_host(parts), parts.uri.path());
+            return ok(json!({
+                "path": "/users/user_channel", "uri": uri, "timestamp": now_ms(), "organization": app.org,
+                "application": app.uuid, "entities": [], "action": "delete", "data": { "result": "ok" },
+                "duration": started.elapsed().as_millis() as u64, "applicationName": app.name,
+            }));
+        }
+        if roaming_disabled || !app.roaming_enabled {
+            let text = "this appKey not open message roaming";
+            return error(StatusCode::BAD_REQUEST, "service open exception", text, started);
+        }
+        let query: HashMap<String, String> =
+            form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes()).into_owned().collect();
+        if query.get("isNotify").is_some_and(|v| v != "true" && v != "false") {
+            return bad_request();
+        }
+        let peer = query.get("userId").filter(|v| !v.is_empty()).map(|p| (Kind::Chat, p.clone()));
+        let group = query.get("groupId").filter(|v| !v.is_empty()).map(|g| (Kind::Groupchat, g.clone()));
+        let ids: Option<Vec<&str>> = query.get("msgIdList").filter(|v| !v.is_empty()).map(|v| v.split(',').collect());
+        let del_time: Option<i64> = query.get("delTime").and_then(|v| v.parse().ok());
+        match route {
+            "delete_chat_messages" | "delete_group_messages" => {
+                let conversation = if route == "delete_chat_messages" { peer } else { group };
+                let (Some(conversation), Some(ids)) = (conversation, ids) else { return bad_request() };
+                if ids.len() > 50 {
+                    let text = "delete msg list limit can not greater than 50";
+                    return error(StatusCode::BAD_REQUEST, "param exception", text, started);
+                }
+                app.delete_messages(&owner, conversation, &ids);
+            }
+            "clear_chat_messages_before" | "clear_group_messages_before" => {
+                let conversation = if route == "clear_chat_messages_before" { peer } else { group };
+                let (Some(conversation), Some(del_time)) = (conversation, del_time) else { return bad_request() };
+                app.delete_before(&owner, conversation, del_time);
+            }
+            _ => app.clear_user(&owner),
+        }
+        ok(json!({ "requestStatusCode": "ok", "timestamp": now_ms() }))
+    }
+
+    fn control(&self, method: &Method, path: &str, body: &[u8]) -> Response<Full<Bytes>> {
+        let segments: Vec<&str> = path.split('/').collect();
+        let mut world = self.world();
+        match (method, segments.as_slice()) {
+            (&Method::GET, ["stats"]) => ok(serde_json::to_value(&world.stats).expect("stats serialize")),
+            (&Method::GET, ["requests"]) => ok(serde_json::to_value(&world.requests).expect("requests serialize")),
+            (&Method::GET, ["faults"]) => ok(serde_json::to_value(&world.faults).expect("faults serialize")),
+            (&Method::PUT, ["faults"]) => match serde_json::from_slice::<Faults>(body) {
+                Ok(faults) => {
+                    world.faults = faults;
+                    ok(serde_json::to_value(&world.faults).expect("faults serialize"))
+                }
+                Err(e) => control_error(StatusCode::BAD_REQUEST, &e.to_string()),
+            },
+            (&Method::POST, ["expire-tokens"]) => {
+                world.apps.iter_mut().for_each(App::expire_tokens);
+                ok(json!({ "expired": true }))
+            }
+            (&Method::GET, ["apps", org, app, "users", user]) => match world.app_mut(org, app) {
+                Some(app) => {
+                    let conversations: Vec<Value> = app
+                        .view(user)
+                        .into_iter()
+                        .map(|((kind, id), c)| json!({ "type": kind, "id": id, "listed": c.listed, "messages": c.messages }))
+                        .collect();
+                    ok(json!({ "user": user, "conversations": conversations }))
+                }
+                None => control_error(StatusCode::NOT_FOUND, "no such app"),
+            },
+            (&Method::POST, ["apps", org, app, "messages"]) => {
+                #[derive(Deserialize)]
+                struct Send {
+                    #[serde(rename = "type")]
+                    kind: Kind,
+                    from: String,
+                    to: String,
+                    id: String,
+                    timestamp: Option<i64>,
+                }
+                let Some(app) = world.app_mut(org, app) else {
+                    return control_error(StatusCode::NOT_FOUND, "no such app");
+                };
+                match serde_json::from_slice::<Send>(body) {
+                    Ok(m) => {
+                        app.add_user(&m.from);
+                        if m.kind == Kind::Chat {
+                            app.add_user(&m.to);
+                        }
+                        app.send(m.kind, &m.from, &m.to, &m.id, m.timestamp.unwrap_or_else(now_ms));
+                        ok(json!({ "sent": m.id }))
+                    }
+                    Err(e) => control_error(StatusCode::BAD_REQUEST, &e.to_string()),
+                }
+            }
+            _ => control_error(StatusCode::NOT_FOUND, "unknown control endpoint"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Kind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "chat" => Ok(Kind::Chat),
+            "groupchat" => Ok(Kind::Groupchat),
+            other => Err(serde::de::Error::custom(format!("unknown type {other:?}"))),
+        }
+    }
+}
+
+/// The route a business request names, by Easemob's method and path shape (`None`: no such route).
+fn route_name(method: &Method, rest: &[&str]) -> Option<&'static str> {
+    let name = match rest {
+        ["rest", "message", "roaming", "chat", "user", _] => "delete_chat_messages",
+        ["rest", "message", "roaming", "group", "user", _] => "delete_group_messages",
+        ["rest", "message", "roaming", "user", _, "delete", "all"] => "clear_user_messages",
+        ["rest", "message", "roaming", "chat", "user", _, "time"] => "clear_chat_messages_before",
+        ["rest", "message", "roaming", "group", "user", _, "time"] => "clear_group_messages_before",
+        ["users", _, "user_channel"] => "delete_conversation",
+        _ => return None,
+    };
+    let expected = if name == "clear_user_messages" { Method::POST } else { Method::DELETE };
+    (*method == expected).then_some(name)
+}
+
+fn header_host(parts: &http::request::Parts) -> String {
+    parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost").to_owned()
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn ok(body: Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json;charset=UTF-8")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("static response parts are valid")
+}
+
+/// Easemob's error envelope.
+fn error(status: StatusCode, error: &str, description: &str, started: Instant) -> Response<Full<Bytes>> {
+    let exception = match status {
+        StatusCode::UNAUTHORIZED => "EasemobSecurityException",
+        StatusCode::NOT_FOUND => "EasemobResourceNotFoundException",
+        StatusCode::TOO_MANY_REQUESTS => "EasemobRequestLimitException",
+        s if s.is_server_error() => "EasemobServiceUnavailableException",
+        _ => "IllegalArgumentException",
+    };
+    let body = json!({
+        "error": error, "exception": exception, "timestamp": now_ms(),
+        "duration": started.elapsed().as_millis() as u64, "error_description": description,
+    });
+    let mut response = ok(body);
+    *response.status_mut() = status;
+    response
+}
+
+/// An injected answer: Easemob's body for that status where it has one.
+fn forced(status: u16, started: Instant) -> Response<Full<Bytes>> {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let (error_type, description) = match status.as_u16() {
+        401 => ("unauthorized", "Unable to authenticate due to expired access token"),
+        429 => ("reach_limit", "This request has reached api limit"),
+        503 => ("service_unavailable", "Service unavailable"),
+        s if s >= 500 => ("internal_server_error", "Internal server error"),
+        _ => ("Bad Request", "Bad Request"),
+    };
+    error(status, error_type, description, started)
+}
+
+fn control_error(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
+    let mut response = ok(json!({ "error": text }));
+    *response.status_mut() = status;
+    response
+}

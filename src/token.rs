@@ -1,0 +1,317 @@
+//! The App Token, one [`TokenSource`] per app: fetched by a background task at start-up and refreshed once a
+//! configured fraction of its lifetime has passed, never by the request path; one fetch in flight per app
+//! whatever the concurrency; invalidated (compare-before-replace) when Easemob answers 401.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, StatusCode, header};
+use http_body_util::Full;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::config::TokenConfig;
+use crate::metrics::Metrics;
+use crate::upstream::{Upstream, UpstreamError};
+
+/// A token is no longer used this long before Easemob says it expires (at most a tenth of its lifetime),
+/// so a request never leaves with a token that dies on the way.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(60);
+
+/// A token Easemob issued. Holds only the ready `Authorization` value, marked sensitive; `Debug` shows no secret.
+pub struct Token {
+    authorization: HeaderValue,
+    generation: u64,
+    /// `None`: the token does not expire (`expires_in: 0`).
+    usable_until: Option<Instant>,
+    refresh_at: Instant,
+    /// Easemob's app UUID, echoed in the SDK drop-in answer.
+    pub application: Option<String>,
+}
+
+impl Token {
+    pub fn authorization(&self) -> &HeaderValue {
+        &self.authorization
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn usable(&self, now: Instant) -> bool {
+        self.usable_until.is_none_or(|until| now < until)
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Token").field("generation", &self.generation).finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("token endpoint unreachable: {0}")]
+    Transport(#[from] UpstreamError),
+    #[error("token endpoint answered {status}: {error}: {description}")]
+    Rejected { status: StatusCode, error: String, description: String },
+    #[error("token endpoint answer unusable: {0}")]
+    Malformed(String),
+}
+
+impl TokenError {
+    fn result_label(&self) -> &'static str {
+        match self {
+            TokenError::Transport(_) => "unreachable",
+            TokenError::Rejected { .. } => "rejected",
+            TokenError::Malformed(_) => "malformed",
+        }
+    }
+}
+
+/// No usable token: the request is answered 503 at once, with this `Retry-After`.
+#[derive(Debug)]
+pub struct NoToken {
+    pub retry_after: Duration,
+}
+
+/// What `/readyz` reports per app.
+#[derive(Debug, serde::Serialize)]
+pub struct TokenStatus {
+    pub state: &'static str,
+    /// Seconds until the current token stops being used; absent when there is none or it never expires.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_in_seconds: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    token: Option<Arc<Token>>,
+    /// A fetch is in flight.
+    fetching: bool,
+    /// Someone needs a fetch now (a 401 invalidated the token, or it ran out).
+    wanted: bool,
+    /// Set when the last fetch failed: when the next attempt is due. Cleared by a success.
+    failed_until: Option<Instant>,
+    generation: u64,
+}
+
+/// The client credentials of one app, and where to send them.
+pub struct Credentials {
+    pub org: String,
+    pub app: String,
+    pub client_id: String,
+    pub client_secret: SecretString,
+}
+
+pub struct TokenSource {
+    app_key: String,
+    credentials: Credentials,
+    config: TokenConfig,
+    upstream: Upstream,
+    metrics: Metrics,
+    state: watch::Sender<State>,
+}
+
+impl TokenSource {
+    /// Creates the source and starts its background task, which fetches the first token at once.
+    pub fn spawn(credentials: Credentials, config: TokenConfig, upstream: Upstream, metrics: Metrics) -> Arc<Self> {
+        let source = Arc::new(TokenSource {
+            app_key: format!("{}#{}", credentials.org, credentials.app),
+            credentials,
+            config,
+            upstream,
+            metrics,
+            state: watch::Sender::new(State { wanted: true, ..State::default() }),
+        });
+        tokio::spawn(Arc::clone(&source).run());
+        source
+    }
+
+    /// A usable token. Waits only while a fetch that has not failed yet is in flight (start-up, after a 401);
+    /// once fetching has failed and no usable token is left, answers at once.
+    pub async fn get(&self) -> Result<Arc<Token>, NoToken> {
+        let mut rx = self.state.subscribe();
+        // A fetch cannot take longer than one upstream exchange; add a little for scheduling.
+        let deadline = Instant::now() + self.upstream.timeout() + Duration::from_millis(500);
+        loop {
+            let ask = {
+                let state = rx.borrow_and_update();
+                let now = Instant::now();
+                if let Some(token) = state.token.as_ref().filter(|t| t.usable(now)) {
+                    return Ok(Arc::clone(token));
+                }
+                if let Some(until) = state.failed_until {
+                    return Err(NoToken { retry_after: until.saturating_duration_since(now) });
+                }
+                !state.fetching && !state.wanted
+            };
+            if ask {
+                // The token ran out between refreshes (a refresh that is not due yet): fetch now.
+                self.state.send_if_modified(|s| !std::mem::replace(&mut s.wanted, true));
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return Err(NoToken { retry_after: Duration::from_secs(1) });
+            }
+        }
+    }
+
+    /// Easemob refused this token (401). Drops it if it is still the current one, and asks for a new one.
+    pub fn invalidate(&self, generation: u64) {
+        self.state.send_if_modified(|s| {
+            if s.token.as_ref().is_none_or(|t| t.generation != generation) {
+                return false;
+            }
+            warn!(app = %self.app_key, "easemob refused the app token; fetching a new one");
+            s.token = None;
+            if !s.fetching {
+                s.wanted = true;
+            }
+            true
+        });
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.state.borrow().token.as_ref().is_some_and(|t| t.usable(Instant::now()))
+    }
+
+    pub fn status(&self) -> TokenStatus {
+        let state = self.state.borrow();
+        let now = Instant::now();
+        match state.token.as_ref().filter(|t| t.usable(now)) {
+            Some(token) => TokenStatus {
+                state: "valid",
+                expires_in_seconds: token.usable_until.map(|u| u.saturating_duration_since(now).as_secs()),
+            },
+            None if state.failed_until.is_some() => TokenStatus { state: "failing", expires_in_seconds: None },
+            None => TokenStatus { state: "fetching", expires_in_seconds: None },
+        }
+    }
+
+    /// Easemob's app UUID from the last token answer, if any.
+    pub fn application(&self) -> Option<String> {
+        self.state.borrow().token.as_ref().and_then(|t| t.application.clone())
+    }
+
+    pub fn app_key(&self) -> &str {
+        &self.app_key
+    }
+
+    async fn run(self: Arc<Self>) {
+        let mut rx = self.state.subscribe();
+        let mut backoff = self.config.retry_min;
+        let mut last_fetch: Option<Instant> = None;
+        loop {
+            if let Some(last) = last_fetch {
+                tokio::time::sleep_until(last + self.config.min_interval).await;
+            }
+            self.state.send_modify(|s| {
+                s.fetching = true;
+                s.wanted = false;
+            });
+            last_fetch = Some(Instant::now());
+            let next_fetch = match self.fetch().await {
+                Ok(token) => {
+                    backoff = self.config.retry_min;
+                    let refresh_at = token.refresh_at;
+                    self.state.send_modify(|s| {
+                        s.token = Some(Arc::new(token));
+                        s.fetching = false;
+                        s.failed_until = None;
+                    });
+                    refresh_at
+                }
+                Err(e) => {
+                    self.metrics.token_fetches.with_label_values(&[&self.app_key, e.result_label()]).inc();
+                    // Equal jitter: half fixed, half random, so replicas that failed together spread out.
+                    let delay = backoff / 2 + backoff.mul_f64(fastrand::f64() / 2.0);
+                    backoff = (backoff * 2).min(self.config.retry_max);
+                    let retry_at = Instant::now() + delay;
+                    let still_serving = self.is_ready();
+                    warn!(app = %self.app_key, error = %e, retry_in = ?delay, still_serving, "app token fetch failed");
+                    self.state.send_modify(|s| {
+                        s.fetching = false;
+                        s.failed_until = Some(retry_at);
+                    });
+                    retry_at
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(next_fetch) => {}
+                _ = rx.wait_for(|s| s.wanted) => {}
+            }
+        }
+    }
+
+    async fn fetch(&self) -> Result<Token, TokenError> {
+        let c = &self.credentials;
+        let mut body = serde_json::json!({
+            "grant_type": "client_credentials",
+            "client_id": c.client_id,
+            "client_secret": c.client_secret.expose_secret(),
+        });
+        if let Some(ttl) = self.config.ttl {
+            body["ttl"] = ttl.as_secs().into();
+        }
+        let request = Request::post(self.upstream.url(&c.org, &c.app, "/token"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json")
+            .header(header::USER_AGENT, crate::USER_AGENT)
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| TokenError::Malformed(format!("building the request: {e}")))?;
+        let sent_at = Instant::now();
+        let response = self.upstream.send(request).await?;
+        if response.status() != StatusCode::OK {
+            #[derive(Deserialize, Default)]
+            struct Envelope {
+                #[serde(default)]
+                error: String,
+                #[serde(default)]
+                error_description: String,
+            }
+            let envelope: Envelope = serde_json::from_slice(response.body()).unwrap_or_default();
+            return Err(TokenError::Rejected {
+                status: response.status(),
+                error: envelope.error,
+                description: envelope.error_description,
+            });
+        }
+        #[derive(Deserialize)]
+        struct Answer {
+            access_token: String,
+            expires_in: u64,
+            application: Option<String>,
+        }
+        let answer: Answer = serde_json::from_slice(response.body())
+            .map_err(|e| TokenError::Malformed(format!("unexpected JSON: {e}")))?;
+        if answer.access_token.is_empty() {
+            return Err(TokenError::Malformed("empty access_token".to_owned()));
+        }
+        let mut authorization = HeaderValue::from_str(&format!("Bearer {}", answer.access_token))
+            .map_err(|_| TokenError::Malformed("access_token is not a valid header value".to_owned()))?;
+        authorization.set_sensitive(true);
+        let (usable_until, refresh_at, expires_at_unix) = if answer.expires_in == 0 {
+            (None, sent_at + self.config.permanent_refresh, 0)
+        } else {
+            let lifetime = Duration::from_secs(answer.expires_in);
+            let margin = EXPIRY_MARGIN.min(lifetime / 10);
+            let unix_now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+            (
+                Some(sent_at + lifetime - margin),
+                sent_at + lifetime.mul_f64(self.config.refresh_at),
+                (unix_now + lifetime).as_secs() as i64,
+            )
+        };
+        let generation = self.state.borrow().generation + 1;
+        self.state.send_modify(|s| s.generation = generation);
+        self.metrics.token_fetches.with_label_values(&[&self.app_key, "ok"]).inc();
+        self.metrics.token_expires_at.with_label_values(&[&self.app_key]).set(expires_at_unix);
+        info!(app = %self.app_key, expires_in = answer.expires_in, generation, "app token fetched");
+        Ok(Token { authorization, generation, usable_until, refresh_at, application: answer.application })
+    }
+}
