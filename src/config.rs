@@ -267,6 +267,11 @@ mod defaults {
     }
 }
 
+/// Parser errors span several lines (a source excerpt with a caret): keep the words, drop the excerpt.
+fn one_line(message: &str) -> String {
+    message.lines().map(str::trim).filter(|l| !l.is_empty() && !l.contains('|')).collect::<Vec<_>>().join(": ")
+}
+
 /// Where secrets may come from: `demo` builds its config in code with an inline secret; files may not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SecretPolicy {
@@ -281,8 +286,8 @@ impl Config {
             .add_source(config::File::from(path).format(config::FileFormat::Toml))
             .add_source(config::Environment::with_prefix(ENV_PREFIX).separator(ENV_SEPARATOR))
             .build()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        source.try_deserialize().map_err(|e| format!("{}: {e}", path.display()))
+            .map_err(|e| format!("{}: {}", path.display(), one_line(&e.to_string())))?;
+        source.try_deserialize().map_err(|e| format!("{}: {}", path.display(), one_line(&e.to_string())))
     }
 
     /// Every problem with this config, one line each; empty when it can run.

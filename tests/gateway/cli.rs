@@ -1,0 +1,85 @@
+//! `check-config`: the effective config with secrets redacted, or one line per problem and a non-zero exit.
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_easemob-gateway");
+
+fn check(config: &str, env: &[(&str, &str)]) -> (bool, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--config", path.to_str().unwrap()])
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+}
+
+const GOOD: &str = r#"
+[upstream]
+base_url = "https://a1.easemob.com"
+
+[[apps]]
+org_name = "1122161011178276"
+app_name = "demo"
+client_id = "YXA6id"
+client_secret_env = "TEST_EASEMOB_SECRET"
+"#;
+
+#[test]
+fn a_valid_config_is_printed_with_env_overrides_and_no_secret() {
+    let (ok, out, err) = check(
+        GOOD,
+        &[
+            ("TEST_EASEMOB_SECRET", "s3cr3t-value-xyz"),
+            ("EASEMOB_GW__UPSTREAM__TIMEOUT", "7s"),
+            ("EASEMOB_GW__SERVER__LISTEN", "127.0.0.1:18080"),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("timeout = \"7s\""), "{out}");
+    assert!(out.contains("listen = \"127.0.0.1:18080\""), "{out}");
+    assert!(out.contains("client_secret_env = \"TEST_EASEMOB_SECRET\""));
+    assert!(!out.contains("s3cr3t") && !err.contains("s3cr3t"));
+}
+
+#[test]
+fn every_problem_is_reported_on_its_own_line() {
+    let config = GOOD.replace("app_name = \"demo\"", "app_name = \"bad name\"").replace("YXA6id", "")
+        + "\n[token]\nrefresh_at = 1.5\n";
+    let (ok, out, err) = check(&config, &[]);
+    assert!(!ok);
+    assert!(out.is_empty());
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(lines.len() >= 4, "{err}");
+    assert!(lines.iter().all(|l| l.starts_with("error: ")), "{err}");
+    for needle in ["app_name", "client_id is empty", "TEST_EASEMOB_SECRET", "refresh_at"] {
+        assert!(err.contains(needle), "{needle} missing from {err}");
+    }
+}
+
+#[test]
+fn an_inline_secret_is_refused_and_not_echoed() {
+    let config = GOOD.replace("client_secret_env = \"TEST_EASEMOB_SECRET\"", "client_secret = \"inline-s3cr3t\"");
+    let (ok, out, err) = check(&config, &[]);
+    assert!(!ok);
+    assert!(err.contains("for `demo` only"), "{err}");
+    assert!(!out.contains("inline-s3cr3t") && !err.contains("inline-s3cr3t"));
+}
+
+#[test]
+fn a_malformed_file_is_one_clear_line() {
+    let (ok, _, err) = check("[upstream\nbase_url = 1", &[]);
+    assert!(!ok);
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn the_shipped_example_config_is_valid() {
+    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/gateway.example.toml")).unwrap();
+    let (ok, out, err) = check(&example, &[("EASEMOB_CLIENT_SECRET", "example-secret")]);
+    assert!(ok, "{err}");
+    assert!(out.contains("base_url = \"https://a1.easemob.com\""));
+    assert!(!out.contains("example-secret"));
+}

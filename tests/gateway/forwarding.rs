@@ -1,0 +1,177 @@
+//! Each route's happy path, with the simulator's state checked afterwards, and the exact request Easemob receives.
+
+use http::Method;
+use serde_json::json;
+
+use crate::support::*;
+
+const BOB_MSGS: [&str; 3] = ["1100000000000000001", "1100000000000000002", "1100000000000000003"];
+const GROUP_MSGS: [&str; 3] = ["1100000000000000006", "1100000000000000007", "1100000000000000008"];
+
+#[tokio::test]
+async fn delete_chat_messages_removes_them_for_the_owner_only() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    let url =
+        gw.url("/rest/message/roaming/chat/user/alice?userId=bob&msgIdList=1100000000000000001,1100000000000000003");
+    let a = delete(&url).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.json()["requestStatusCode"], "ok");
+    assert!(!a.gateway_made());
+    assert_eq!(sim.messages(APP, "alice", "bob").await, ["1100000000000000002"]);
+    assert_eq!(sim.messages(APP, "bob", "alice").await, BOB_MSGS, "the peer keeps every message");
+}
+
+#[tokio::test]
+async fn delete_group_messages_removes_them_for_the_owner_only() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    let url = gw.url(&format!(
+        "/rest/message/roaming/group/user/bob?groupId={GROUP}&msgIdList=1100000000000000007&isNotify=false"
+    ));
+    assert_eq!(delete(&url).await.status, 200);
+    assert_eq!(sim.messages(APP, "bob", GROUP).await, ["1100000000000000006", "1100000000000000008"]);
+    assert_eq!(sim.messages(APP, "alice", GROUP).await, GROUP_MSGS);
+}
+
+#[tokio::test]
+async fn clear_user_messages_empties_every_conversation_of_the_owner() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    let a = send(Method::POST, &gw.url("/rest/message/roaming/user/alice/delete/all"), &[], "").await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert!(sim.conversation(APP, "alice", "bob").await.is_none());
+    assert!(sim.conversation(APP, "alice", GROUP).await.is_none());
+    assert_eq!(sim.messages(APP, "bob", "alice").await, BOB_MSGS);
+}
+
+#[tokio::test]
+async fn clear_before_a_time_keeps_later_messages_and_drops_an_emptied_conversation() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    let conversation = sim.conversation(APP, "alice", "bob").await.unwrap();
+    let second = conversation["messages"][1]["timestamp"].as_i64().unwrap();
+    let url = gw.url(&format!("/rest/message/roaming/chat/user/alice/time?userId=bob&delTime={second}"));
+    assert_eq!(delete(&url).await.status, 200);
+    assert_eq!(sim.messages(APP, "alice", "bob").await, ["1100000000000000003"]);
+    assert_eq!(sim.messages(APP, "bob", "alice").await, BOB_MSGS);
+
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    let url =
+        gw.url(&format!("/rest/message/roaming/group/user/carol/time?groupId={GROUP}&delTime={now}&isNotify=true"));
+    assert_eq!(delete(&url).await.status, 200);
+    assert!(sim.conversation(APP, "carol", GROUP).await.is_none(), "an emptied conversation leaves the list");
+    assert_eq!(sim.messages(APP, "alice", GROUP).await, GROUP_MSGS);
+}
+
+#[tokio::test]
+async fn delete_conversation_with_and_without_roaming_messages() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    let body = json!({"channel": "bob", "type": "chat", "delete_roam": false}).to_string();
+    let a = send(Method::DELETE, &gw.url("/users/alice/user_channel"), &[("content-type", "application/json")], &body)
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    let v = a.json();
+    assert_eq!((v["action"].as_str(), v["data"]["result"].as_str()), (Some("delete"), Some("ok")));
+    let kept = sim.conversation(APP, "alice", "bob").await.unwrap();
+    assert_eq!(kept["listed"], false, "delisted, roaming messages kept");
+    assert_eq!(kept["messages"].as_array().unwrap().len(), 3);
+
+    let body = json!({"channel": GROUP, "type": "groupchat", "delete_roam": true}).to_string();
+    assert_eq!(send(Method::DELETE, &gw.url("/users/alice/user_channel"), &[], &body).await.status, 200);
+    assert!(sim.conversation(APP, "alice", GROUP).await.is_none());
+    assert_eq!(sim.messages(APP, "bob", GROUP).await, GROUP_MSGS);
+}
+
+#[tokio::test]
+async fn easemob_receives_exactly_the_canonical_request() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    let url = gw.url("/rest/message/roaming/chat/user/alice?msgIdList=%201100000000000000001%20,1100000000000000001&userId=bob&isNotify=false");
+    let a = send(
+        Method::DELETE,
+        &url,
+        &[
+            ("authorization", "Bearer caller-token-must-not-pass"),
+            ("cookie", "session=abc"),
+            ("x-request-id", "req-123"),
+            ("x-custom", "dropped"),
+            ("connection", "keep-alive"),
+        ],
+        "ignored body",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.header("x-request-id"), Some("req-123"), "request id returned");
+    let requests = sim.requests().await;
+    assert_eq!(requests.len(), 1);
+    let r = &requests[0];
+    assert_eq!(r["method"], "DELETE");
+    assert_eq!(r["path"], format!("/{ORG}/{APP}/rest/message/roaming/chat/user/alice"));
+    assert_eq!(r["query"], "userId=bob&msgIdList=1100000000000000001&isNotify=false");
+    assert_eq!(r["body"], "", "a body sent to a roaming route is not forwarded");
+    let headers: Vec<(String, String)> = serde_json::from_value(r["headers"].clone()).unwrap();
+    let get = |name: &str| headers.iter().filter(|(k, _)| k == name).map(|(_, v)| v.as_str()).collect::<Vec<_>>();
+    let auth = get("authorization");
+    assert_eq!(auth.len(), 1);
+    assert!(auth[0].starts_with("Bearer YWMt"), "the gateway's own token: {auth:?}");
+    assert_eq!(get("content-type"), ["application/json"]);
+    assert_eq!(get("accept"), ["application/json"]);
+    assert_eq!(get("x-request-id"), ["req-123"]);
+    assert!(get("cookie").is_empty() && get("x-custom").is_empty());
+}
+
+#[tokio::test]
+async fn a_request_id_is_generated_when_the_caller_sends_none() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    let a = send(Method::POST, &gw.url("/rest/message/roaming/user/dave/delete/all"), &[], "").await;
+    let id = a.header("x-request-id").expect("generated id returned").to_owned();
+    assert!(!id.is_empty());
+    let forwarded = &sim.requests().await[0]["headers"];
+    assert!(forwarded.as_array().unwrap().iter().any(|h| h[0] == "x-request-id" && h[1] == id.as_str()));
+}
+
+#[tokio::test]
+async fn upstream_errors_pass_through_unchanged() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    // An unknown owner: Easemob's own 404, not the gateway's.
+    let a = send(Method::POST, &gw.url("/rest/message/roaming/user/nobody/delete/all"), &[], "").await;
+    a.assert_error(404, "service_resource_not_found");
+    assert!(!a.gateway_made());
+    sim.faults(json!({"roaming_disabled": true})).await;
+    let a = delete(&gw.url("/rest/message/roaming/chat/user/alice?userId=bob&msgIdList=1")).await;
+    assert_eq!(a.assert_error(400, "service open exception"), "this appKey not open message roaming");
+    assert!(!a.gateway_made());
+}
+
+#[tokio::test]
+async fn prefix_may_be_left_out_with_one_app() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    let a =
+        delete(&format!("{}/rest/message/roaming/chat/user/alice?userId=bob&msgIdList=1100000000000000001", gw.data))
+            .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(sim.requests().await[0]["path"], format!("/{ORG}/{APP}/rest/message/roaming/chat/user/alice"));
+}
+
+#[tokio::test]
+async fn several_apps_are_each_their_own_appkey() {
+    let sim = Sim::start().await;
+    let gw = Gateway::start(&sim, GatewayOptions { two_apps: true, ..Default::default() }).await;
+    gw.wait_ready().await;
+    let url = format!(
+        "{}/{ORG}/{APP2}/rest/message/roaming/chat/user/alice?userId=bob&msgIdList=1100000000000000001",
+        gw.data
+    );
+    assert_eq!(delete(&url).await.status, 200);
+    assert_eq!(sim.messages(APP2, "alice", "bob").await.len(), 2);
+    assert_eq!(sim.messages(APP, "alice", "bob").await.len(), 3, "the other app is untouched");
+    // Without a prefix the app is ambiguous.
+    let a = delete(&format!("{}/rest/message/roaming/chat/user/alice?userId=bob&msgIdList=1", gw.data)).await;
+    a.assert_error(404, "service_resource_not_found");
+    assert_eq!(sim.token_requests().await, 2, "one token per app");
+}

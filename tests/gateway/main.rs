@@ -1,0 +1,10 @@
+//! End-to-end tests: the real gateway and the real simulator as separate processes, real HTTP over loopback.
+
+mod cli;
+mod forwarding;
+mod routes;
+mod seeds;
+mod support;
+mod token;
+mod upstream;
+mod validation;

@@ -1,0 +1,244 @@
+//! Test harness: the real binary, started as separate processes (the simulator and the gateway) on
+//! 127.0.0.1:0, talked to over real HTTP.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const ORG: &str = "1122161011178276";
+pub const APP: &str = "demo";
+pub const APP2: &str = "demo2";
+pub const CLIENT_ID: &str = "YXA6demo-client-id";
+pub const CLIENT_SECRET: &str = "YXA6demo-client-secret";
+pub const GROUP: &str = "172839405612345";
+
+const BIN: &str = env!("CARGO_BIN_EXE_easemob-gateway");
+
+/// Starts `command` and returns it with its first stdout line (the "listening …" line).
+async fn spawn(command: &mut Command) -> (Child, String) {
+    let mut child =
+        command.env("NO_COLOR", "1").stdout(Stdio::piped()).kill_on_drop(true).spawn().expect("binary starts");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("process prints its listening line in time")
+        .expect("stdout readable")
+        .unwrap_or_else(|| panic!("{command:?} exited before listening"));
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, line)
+}
+
+fn field(line: &str, key: &str) -> String {
+    line.split_whitespace()
+        .find_map(|part| part.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+        .to_owned()
+}
+
+/// The Easemob simulator, as its own process.
+pub struct Sim {
+    _child: Child,
+    pub url: String,
+}
+
+impl Sim {
+    pub async fn start() -> Sim {
+        let (child, line) =
+            spawn(Command::new(BIN).args(["sim", "--listen", "127.0.0.1:0"]).stderr(Stdio::null())).await;
+        Sim { _child: child, url: field(&line, "sim") }
+    }
+
+    pub async fn stats(&self) -> Value {
+        send(Method::GET, &format!("{}/_sim/stats", self.url), &[], "").await.json()
+    }
+
+    pub async fn business_requests(&self) -> u64 {
+        self.stats().await["business_requests"].as_u64().unwrap()
+    }
+
+    pub async fn token_requests(&self) -> u64 {
+        self.stats().await["token_requests"].as_u64().unwrap()
+    }
+
+    pub async fn requests(&self) -> Vec<Value> {
+        send(Method::GET, &format!("{}/_sim/requests", self.url), &[], "").await.json().as_array().unwrap().clone()
+    }
+
+    pub async fn faults(&self, faults: Value) {
+        let a = send(Method::PUT, &format!("{}/_sim/faults", self.url), &[], &faults.to_string()).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+
+    pub async fn expire_tokens(&self) {
+        send(Method::POST, &format!("{}/_sim/expire-tokens", self.url), &[], "").await;
+    }
+
+    /// The message IDs `user` still sees in conversation `id` (empty when the conversation is gone).
+    pub async fn messages(&self, app: &str, user: &str, id: &str) -> Vec<String> {
+        self.conversation(app, user, id)
+            .await
+            .map(|c| c["messages"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_owned()).collect())
+            .unwrap_or_default()
+    }
+
+    pub async fn conversation(&self, app: &str, user: &str, id: &str) -> Option<Value> {
+        let url = format!("{}/_sim/apps/{ORG}/{app}/users/{user}", self.url);
+        let view = send(Method::GET, &url, &[], "").await.json();
+        view["conversations"].as_array().unwrap().iter().find(|c| c["id"] == id).cloned()
+    }
+}
+
+/// A gateway process with a config written for the test.
+pub struct Gateway {
+    _child: Child,
+    pub data: String,
+    pub admin: String,
+    pub dir: tempfile::TempDir,
+}
+
+#[derive(Default)]
+pub struct GatewayOptions {
+    /// TOML appended to the generated config (extra sections such as `[token]`).
+    pub extra: String,
+    /// Configure `demo2` as well as `demo`.
+    pub two_apps: bool,
+}
+
+impl Gateway {
+    /// A gateway in front of `sim`, waited on until `/readyz` says every app has a token.
+    pub async fn ready(sim: &Sim) -> Gateway {
+        let gw = Gateway::start(sim, GatewayOptions::default()).await;
+        gw.wait_ready().await;
+        gw
+    }
+
+    pub async fn start(sim: &Sim, options: GatewayOptions) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, format!("{CLIENT_SECRET}\n")).unwrap();
+        let app = |name: &str| {
+            format!(
+                "[[apps]]\norg_name = \"{ORG}\"\napp_name = \"{name}\"\nclient_id = \"{CLIENT_ID}\"\n\
+                 client_secret_file = \"{}\"\n",
+                secret.display()
+            )
+        };
+        let mut apps = app(APP);
+        if options.two_apps {
+            apps.push_str(&app(APP2));
+        }
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n\n\
+             [upstream]\nbase_url = \"{}\"\nconnect_timeout = \"1s\"\ntimeout = \"3s\"\n\n{}\n{apps}",
+            sim.url, options.extra
+        );
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("gateway.log")).unwrap();
+        let mut command = Command::new(BIN);
+        command
+            .args(["serve", "--config", path.to_str().unwrap()])
+            .env("RUST_LOG", "easemob_gateway=debug")
+            .stderr(Stdio::from(log));
+        let (child, line) = spawn(&mut command).await;
+        Gateway { _child: child, data: field(&line, "data"), admin: field(&line, "admin"), dir }
+    }
+
+    /// Polls `/readyz` (no sleeps on a timer alone): every app holds a token.
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.readyz().await.status == 200 {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "gateway not ready: {}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn readyz(&self) -> Answer {
+        send(Method::GET, &format!("{}/readyz", self.admin), &[], "").await
+    }
+
+    pub async fn metrics(&self) -> String {
+        send(Method::GET, &format!("{}/metrics", self.admin), &[], "").await.text()
+    }
+
+    /// `{data}/{org}/{app}{tail}`
+    pub fn url(&self, tail: &str) -> String {
+        format!("{}/{ORG}/{APP}{tail}", self.data)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+    }
+}
+
+/// An answer, read whole.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Made by the gateway itself (not passed through from Easemob).
+    pub fn gateway_made(&self) -> bool {
+        self.headers.contains_key("x-easemob-gateway")
+    }
+
+    /// Asserts Easemob's error envelope with this status and `error` type; returns the description.
+    #[track_caller]
+    pub fn assert_error(&self, status: u16, error: &str) -> String {
+        assert_eq!(self.status, status, "{}", self.text());
+        let v = self.json();
+        assert_eq!(v["error"], error, "{}", self.text());
+        for key in ["exception", "timestamp", "duration", "error_description"] {
+            assert!(v.get(key).is_some(), "envelope lacks {key}: {}", self.text());
+        }
+        v["error_description"].as_str().unwrap().to_owned()
+    }
+}
+
+pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: &str) -> Answer {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let mut request = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let request = request.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
+        .await
+        .expect("answer within 30 s")
+        .unwrap_or_else(|e| panic!("request to {url} failed: {e:?}"));
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Answer { status: parts.status.as_u16(), headers: parts.headers, body }
+}
+
+pub async fn delete(url: &str) -> Answer {
+    send(Method::DELETE, url, &[], "").await
+}

@@ -1,0 +1,154 @@
+//! The App Token: single flight, background refresh, 401 → refresh → replay, and an endpoint that is down.
+
+use std::time::Duration;
+
+use http::Method;
+use serde_json::json;
+
+use crate::support::*;
+
+fn clear_url(gw: &Gateway) -> String {
+    gw.url("/rest/message/roaming/user/dave/delete/all")
+}
+
+async fn clear(gw: &Gateway) -> Answer {
+    send(Method::POST, &clear_url(gw), &[], "").await
+}
+
+/// Polls `check` every 50 ms until it holds, for at most `limit`.
+async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_hundred_concurrent_first_requests_cause_one_fetch() {
+    let sim = Sim::start().await;
+    // A slow token endpoint, so all hundred requests arrive while the first fetch is in flight.
+    sim.faults(json!({"token_delay_ms": 1500})).await;
+    let gw = Gateway::start(&sim, GatewayOptions::default()).await;
+    let url = clear_url(&gw);
+    let requests = (0..100).map(|_| {
+        let url = url.clone();
+        tokio::spawn(async move { send(Method::POST, &url, &[], "").await })
+    });
+    for answer in futures_join(requests).await {
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    assert_eq!(sim.token_requests().await, 1);
+    assert_eq!(sim.business_requests().await, 100);
+}
+
+async fn futures_join<T: Send + 'static>(handles: impl Iterator<Item = tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    for h in handles.collect::<Vec<_>>() {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn token_is_refreshed_in_the_background_before_it_expires() {
+    let sim = Sim::start().await;
+    let options =
+        GatewayOptions { extra: "[token]\nttl = \"4s\"\nmin_interval = \"100ms\"\n".into(), ..Default::default() };
+    let gw = Gateway::start(&sim, options).await;
+    gw.wait_ready().await;
+    // Keep calling across two refreshes: never a 401 upstream, never a 503.
+    eventually(Duration::from_secs(20), "two background refreshes", || async {
+        let a = clear(&gw).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        sim.token_requests().await >= 3
+    })
+    .await;
+    let stats = sim.stats().await;
+    assert!(stats["by_status"].get("401").is_none(), "a refresh came too late: {stats}");
+}
+
+#[tokio::test]
+async fn expired_token_is_refreshed_once_and_the_request_replayed() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    sim.expire_tokens().await;
+    let a = clear(&gw).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    let stats = sim.stats().await;
+    assert_eq!(stats["by_status"]["401"], 1);
+    assert_eq!(stats["by_status"]["200"], 1);
+    assert_eq!(stats["token_requests"], 2);
+    assert!(gw.metrics().await.contains("easemob_gateway_token_replays_total{app=\"1122161011178276#demo\"} 1"));
+}
+
+#[tokio::test]
+async fn a_second_401_is_passed_to_the_caller() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    sim.faults(json!({"status": 401, "status_count": 2})).await;
+    let a = clear(&gw).await;
+    a.assert_error(401, "unauthorized");
+    assert!(!a.gateway_made(), "Easemob's own 401");
+    assert_eq!(sim.business_requests().await, 2, "replayed exactly once");
+    assert_eq!(sim.token_requests().await, 2, "one new token for the replay");
+}
+
+#[tokio::test]
+async fn token_endpoint_down_at_start_up_then_recovering() {
+    let sim = Sim::start().await;
+    sim.faults(json!({"token_status": 503})).await;
+    let options = GatewayOptions {
+        extra: "[token]\nretry_min = \"100ms\"\nretry_max = \"400ms\"\nmin_interval = \"50ms\"\n".into(),
+        ..Default::default()
+    };
+    let gw = Gateway::start(&sim, options).await;
+    eventually(Duration::from_secs(20), "a failed fetch", || async {
+        gw.readyz().await.json()["apps"].to_string().contains("failing")
+    })
+    .await;
+    assert_eq!(gw.readyz().await.status, 503);
+    let a = clear(&gw).await;
+    a.assert_error(503, "service_unavailable");
+    assert!(a.gateway_made());
+    let retry_after: u64 = a.header("retry-after").expect("Retry-After").parse().unwrap();
+    assert!(retry_after >= 1);
+    assert_eq!(sim.business_requests().await, 0);
+
+    sim.faults(json!({})).await;
+    gw.wait_ready().await;
+    assert_eq!(clear(&gw).await.status, 200);
+}
+
+#[tokio::test]
+async fn cached_token_keeps_serving_while_refresh_fails() {
+    let sim = Sim::start().await;
+    let options = GatewayOptions {
+        extra: "[token]\nttl = \"6s\"\nrefresh_at = 0.2\nmin_interval = \"50ms\"\nretry_min = \"200ms\"\nretry_max = \"200ms\"\n".into(),
+        ..Default::default()
+    };
+    let gw = Gateway::start(&sim, options).await;
+    gw.wait_ready().await;
+    sim.faults(json!({"token_status": 500})).await;
+    eventually(Duration::from_secs(20), "a failed refresh", || async { sim.token_requests().await >= 3 }).await;
+    let a = clear(&gw).await;
+    assert_eq!(a.status, 200, "the cached token is still valid: {}", a.text());
+    assert_eq!(gw.readyz().await.status, 200);
+}
+
+#[tokio::test]
+async fn a_token_that_never_expires_is_handled() {
+    let sim = Sim::start().await;
+    let options = GatewayOptions { extra: "[token]\nttl = \"0s\"\n".into(), ..Default::default() };
+    let gw = Gateway::start(&sim, options).await;
+    gw.wait_ready().await;
+    let ready = gw.readyz().await.json();
+    assert_eq!(ready["apps"]["1122161011178276#demo"]["state"], "valid");
+    assert_eq!(clear(&gw).await.status, 200);
+    assert!(gw.metrics().await.contains("easemob_gateway_token_expires_at_seconds{app=\"1122161011178276#demo\"} 0"));
+}

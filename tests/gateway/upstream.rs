@@ -1,0 +1,44 @@
+//! Upstream failures become definite answers: 502 when Easemob cannot be reached, 504 at the timeout.
+
+use std::time::{Duration, Instant};
+
+use http::Method;
+use serde_json::json;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn unreachable_easemob_is_502() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    drop(sim);
+    let a = send(Method::POST, &gw.url("/rest/message/roaming/user/dave/delete/all"), &[], "").await;
+    assert_eq!(a.status, 502, "{}", a.text());
+    assert_eq!(a.header("x-easemob-gateway"), Some("upstream-error"));
+    let error = a.json()["error"].as_str().unwrap().to_owned();
+    assert!(error == "upstream_unreachable" || error == "upstream_failed", "{error}");
+}
+
+#[tokio::test]
+async fn silent_easemob_is_504_at_the_configured_timeout() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    sim.faults(json!({"delay_ms": 20_000})).await;
+    let started = Instant::now();
+    let a = send(Method::POST, &gw.url("/rest/message/roaming/user/dave/delete/all"), &[], "").await;
+    a.assert_error(504, "upstream_timeout");
+    // The test config sets upstream.timeout = 3s; the bound is loose so a loaded machine passes.
+    assert!(started.elapsed() >= Duration::from_millis(2900) && started.elapsed() < Duration::from_secs(15));
+}
+
+#[tokio::test]
+async fn easemob_5xx_and_429_pass_through_unchanged() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    for (status, error) in [(503, "service_unavailable"), (500, "internal_server_error"), (429, "reach_limit")] {
+        sim.faults(json!({"status": status, "status_count": 1})).await;
+        let a = send(Method::POST, &gw.url("/rest/message/roaming/user/dave/delete/all"), &[], "").await;
+        a.assert_error(status, error);
+        assert!(!a.gateway_made());
+    }
+}
