@@ -9,8 +9,10 @@ use crate::server::{Server, shutdown_signal};
 use crate::sim::{Simulator, state};
 
 pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> Result<(), String> {
-    let (sim_addr, sim) =
-        Simulator::demo().bind(SocketAddr::from(([127, 0, 0, 1], 0))).await.map_err(|e| format!("simulator: {e}"))?;
+    let (sim_addr, sim) = Simulator::demo()
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)), None)
+        .await
+        .map_err(|e| format!("simulator: {e}"))?;
     tokio::spawn(sim);
     let config = Config {
         server: ServerConfig { listen, admin_listen, ..ServerConfig::default() },

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use easemob_gateway::config::{Config, LogConfig, SecretPolicy};
 use easemob_gateway::server::{Server, shutdown_signal};
-use easemob_gateway::sim::{Simulator, state};
+use easemob_gateway::sim::{self, Simulator, state};
 use easemob_gateway::{demo, logging};
 
 #[derive(Parser)]
@@ -35,6 +35,11 @@ enum Command {
     Sim {
         #[arg(long, default_value = "127.0.0.1:8081")]
         listen: SocketAddr,
+        /// Serve HTTPS with this PEM certificate chain (and --tls-key).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Check a config file: print the effective config (secrets redacted), or one line per problem.
     CheckConfig {
@@ -52,9 +57,9 @@ fn main() -> ExitCode {
             logging::init(&LogConfig::default());
             runtime.block_on(demo::run(listen, admin_listen))
         }
-        Command::Sim { listen } => {
+        Command::Sim { listen, tls_cert, tls_key } => {
             logging::init(&LogConfig::default());
-            runtime.block_on(sim(listen))
+            runtime.block_on(sim(listen, tls_cert.zip(tls_key)))
         }
         Command::CheckConfig { config } => check_config(config),
     };
@@ -79,9 +84,12 @@ async fn serve(path: PathBuf) -> Result<(), String> {
     Ok(())
 }
 
-async fn sim(listen: SocketAddr) -> Result<(), String> {
-    let (addr, serve) = Simulator::demo().bind(listen).await.map_err(|e| format!("--listen {listen}: {e}"))?;
-    println!("listening sim=http://{addr}");
+async fn sim(listen: SocketAddr, tls: Option<(PathBuf, PathBuf)>) -> Result<(), String> {
+    let acceptor = tls.as_ref().map(|(cert, key)| sim::tls_acceptor(cert, key)).transpose()?;
+    let scheme = if acceptor.is_some() { "https" } else { "http" };
+    let (addr, serve) =
+        Simulator::demo().bind(listen, acceptor).await.map_err(|e| format!("--listen {listen}: {e}"))?;
+    println!("listening sim={scheme}://{addr}");
     println!(
         "apps {org}#{} and {org}#{}: client_id {} client_secret {}",
         state::DEMO_APP,

@@ -22,8 +22,24 @@ use hyper_util::server::conn::auto;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 use state::{App, Kind, TokenCheck};
+
+/// A TLS acceptor from a PEM certificate chain and key: `sim --tls-cert … --tls-key …`, for testing `ca_file`.
+pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("--tls-key {}: {e}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(rustls::crypto::ring::default_provider().into())
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
+        .map_err(|e| format!("TLS: {e}"))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
 
 /// How many business requests `GET /_sim/requests` remembers.
 const REQUEST_LOG_LEN: usize = 1000;
@@ -104,33 +120,46 @@ impl Simulator {
         self.world.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Binds `addr` and returns the bound address and the serving future.
+    /// Binds `addr` and returns the bound address and the serving future; with `tls`, it serves HTTPS.
     pub async fn bind(
         self,
         addr: SocketAddr,
+        tls: Option<TlsAcceptor>,
     ) -> std::io::Result<(SocketAddr, impl Future<Output = ()> + Send + 'static)> {
         let listener = TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
         let serve = async move {
-            let http = auto::Builder::new(TokioExecutor::new());
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let sim = self.clone();
-                let service = hyper::service::service_fn(move |req| {
-                    let sim = sim.clone();
-                    async move { Ok::<_, Infallible>(sim.handle(req).await) }
-                });
-                let connection = http.serve_connection(TokioIo::new(stream), service).into_owned();
+                let (sim, tls) = (self.clone(), tls.clone());
                 tokio::spawn(async move {
-                    let _ = connection.await;
+                    match tls {
+                        Some(tls) => {
+                            if let Ok(stream) = tls.accept(stream).await {
+                                sim.serve_connection(stream).await;
+                            }
+                        }
+                        None => sim.serve_connection(stream).await,
+                    }
                 });
             }
         };
         Ok((local, serve))
+    }
+
+    async fn serve_connection<S>(self, stream: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let service = hyper::service::service_fn(move |req| {
+            let sim = self.clone();
+            async move { Ok::<_, Infallible>(sim.handle(req).await) }
+        });
+        let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
     }
 
     async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {

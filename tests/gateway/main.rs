@@ -5,6 +5,7 @@ mod forwarding;
 mod routes;
 mod seeds;
 mod support;
+mod tls;
 mod token;
 mod upstream;
 mod validation;

@@ -53,8 +53,14 @@ pub struct Sim {
 
 impl Sim {
     pub async fn start() -> Sim {
-        let (child, line) =
-            spawn(Command::new(BIN).args(["sim", "--listen", "127.0.0.1:0"]).stderr(Stdio::null())).await;
+        Sim::start_with(&[]).await
+    }
+
+    /// With extra `sim` flags, e.g. `--tls-cert`.
+    pub async fn start_with(flags: &[&str]) -> Sim {
+        let mut command = Command::new(BIN);
+        command.args(["sim", "--listen", "127.0.0.1:0"]).args(flags).stderr(Stdio::null());
+        let (child, line) = spawn(&mut command).await;
         Sim { _child: child, url: field(&line, "sim") }
     }
 
@@ -108,7 +114,8 @@ pub struct Gateway {
 
 #[derive(Default)]
 pub struct GatewayOptions {
-    /// TOML appended to the generated config (extra sections such as `[token]`).
+    /// TOML appended to the generated config right after the `[upstream]` keys: bare keys land in `[upstream]`,
+    /// later sections (such as `[token]`) start their own.
     pub extra: String,
     /// Configure `demo2` as well as `demo`.
     pub two_apps: bool,
@@ -156,14 +163,7 @@ impl Gateway {
 
     /// Polls `/readyz` (no sleeps on a timer alone): every app holds a token.
     pub async fn wait_ready(&self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if self.readyz().await.status == 200 {
-                return;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "gateway not ready: {}", self.log());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(Duration::from_secs(30), "a ready gateway", || async { self.readyz().await.status == 200 }).await;
     }
 
     pub async fn readyz(&self) -> Answer {
@@ -181,6 +181,19 @@ impl Gateway {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+    }
+}
+
+/// Polls `check` every 50 ms until it holds, for at most `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -15,19 +15,6 @@ async fn clear(gw: &Gateway) -> Answer {
     send(Method::POST, &clear_url(gw), &[], "").await
 }
 
-/// Polls `check` every 50 ms until it holds, for at most `limit`.
-async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_hundred_concurrent_first_requests_cause_one_fetch() {
     let sim = Sim::start().await;
