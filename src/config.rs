@@ -1,8 +1,10 @@
 //! Typed configuration: a TOML file overridden by `EASEMOB_GW__…` environment variables, parsed once with the
 //! `config` crate into the types below, then checked as a whole so every problem is reported on its own line.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -23,9 +25,98 @@ pub struct Config {
     #[serde(default)]
     pub token: TokenConfig,
     #[serde(default)]
+    pub rate_limit: RateLimitConfig,
+    #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
     pub apps: Vec<AppConfig>,
+}
+
+/// A GCRA quota: `rate` calls per second, up to `burst` at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limit {
+    pub rate: NonZeroU32,
+    #[serde(default = "defaults::burst")]
+    pub burst: NonZeroU32,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// `local`: each replica enforces the whole quota; `redis`: all replicas share one quota.
+    pub backend: RateLimitBackend,
+    /// How long a request over quota may wait for its slot, in arrival order; `0s` refuses at once.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// Per AppKey and route: Easemob's published default.
+    pub route: Limit,
+    /// Overrides by route name (paid packs raise a route's limit).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub routes: BTreeMap<String, Limit>,
+    /// An optional cap per AppKey across all routes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app: Option<Limit>,
+    /// `delete_conversation` calls per user and minute (Easemob's per-user limit); user IDs compare case-insensitively.
+    pub user_conversation_per_minute: NonZeroU32,
+    /// On Easemob's own 429, halve the route's local rate and recover it slowly.
+    pub adaptive: bool,
+    pub redis: RedisConfig,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig {
+            backend: RateLimitBackend::Local,
+            // Long enough to smooth a burst into Easemob's pace, short against a caller's own timeouts.
+            max_wait: Duration::from_millis(250),
+            route: Limit { rate: NonZeroU32::new(100).expect("non-zero"), burst: defaults::burst() },
+            routes: BTreeMap::new(),
+            app: None,
+            user_conversation_per_minute: NonZeroU32::new(5).expect("non-zero"),
+            adaptive: true,
+            redis: RedisConfig::default(),
+        }
+    }
+}
+
+impl RateLimitConfig {
+    /// The limit of `route` (by name), with its override if any.
+    pub fn route_limit(&self, route: &str) -> Limit {
+        self.routes.get(route).copied().unwrap_or(self.route)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimitBackend {
+    #[default]
+    Local,
+    Redis,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    pub url: String,
+    /// Every Redis call must answer within this, or the replica falls back to its local share.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Keys are `{key_prefix}:{org}#{app}:{route}` (and `…:user:{id}`).
+    pub key_prefix: String,
+    /// How many replicas share the AppKey: while Redis is unreachable each enforces quota / this.
+    pub expected_replicas: NonZeroU32,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".to_owned(),
+            timeout: Duration::from_millis(50),
+            key_prefix: "easemob-gateway".to_owned(),
+            expected_replicas: NonZeroU32::new(2).expect("non-zero"),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -250,7 +341,14 @@ impl Serialize for BaseUrl {
 }
 
 mod defaults {
+    use std::num::NonZeroU32;
     use std::time::Duration;
+
+    /// No burst above the rate: GCRA then lets through at most `rate` calls in any one-second window, which is
+    /// what Easemob counts, so its own 429 never reaches a caller.
+    pub fn burst() -> NonZeroU32 {
+        NonZeroU32::MIN
+    }
 
     pub fn connect_timeout() -> Duration {
         Duration::from_secs(2)
@@ -353,6 +451,14 @@ impl Config {
         }
         if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
             problems.push("server.listen and server.admin_listen must differ".to_owned());
+        }
+        for name in self.rate_limit.routes.keys() {
+            if !crate::routes::Route::ALL.iter().any(|r| r.name() == name) {
+                problems.push(format!("rate_limit.routes.{name}: no such route"));
+            }
+        }
+        if self.rate_limit.backend == RateLimitBackend::Redis && !self.rate_limit.redis.url.starts_with("redis://") {
+            problems.push("rate_limit.redis.url must start with redis://".to_owned());
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             problems.push(format!("log.level {:?} is not a valid tracing filter", self.log.level));

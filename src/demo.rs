@@ -4,7 +4,9 @@
 use std::net::SocketAddr;
 
 use crate::config::UpstreamConfig;
-use crate::config::{AppConfig, BaseUrl, Config, InlineSecret, LogConfig, SecretPolicy, ServerConfig, TokenConfig};
+use crate::config::{
+    AppConfig, BaseUrl, Config, InlineSecret, LogConfig, RateLimitConfig, SecretPolicy, ServerConfig, TokenConfig,
+};
 use crate::server::{Server, shutdown_signal};
 use crate::sim::{Simulator, state};
 
@@ -25,6 +27,7 @@ pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> Result<(), Str
             pool_max_idle_per_host: 64,
         },
         token: TokenConfig::default(),
+        rate_limit: RateLimitConfig::default(),
         log: LogConfig::default(),
         apps: vec![AppConfig {
             org_name: state::DEMO_ORG.to_owned(),

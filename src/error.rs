@@ -8,6 +8,7 @@ use http::{HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::Full;
 use serde::Serialize;
 
+use crate::ratelimit::RateLimitHeaders;
 use crate::routes::ValidationError;
 
 /// Marks every response the gateway makes itself, so callers can tell them from Easemob's.
@@ -30,6 +31,8 @@ pub enum GatewayError {
     BodyTooLarge { limit: usize },
     #[error("request body could not be read")]
     BodyUnreadable,
+    #[error("over quota")]
+    RateLimited { retry_after: Duration, headers: RateLimitHeaders },
     #[error("no valid app token")]
     NoToken { retry_after: Duration },
     #[error("upstream unreachable")]
@@ -52,6 +55,7 @@ impl GatewayError {
             GatewayError::Invalid(_) => "invalid",
             GatewayError::BodyTooLarge { .. } => "body_too_large",
             GatewayError::BodyUnreadable => "body_unreadable",
+            GatewayError::RateLimited { .. } => "rate_limited",
             GatewayError::NoToken { .. } => "no_token",
             GatewayError::UpstreamUnreachable => "upstream_unreachable",
             GatewayError::UpstreamTimeout => "upstream_timeout",
@@ -87,6 +91,9 @@ impl GatewayError {
                 "invalid_request_body",
                 "the request body could not be read to its end".to_owned(),
             ),
+            GatewayError::RateLimited { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "reach_limit", "This request has reached api limit".to_owned())
+            }
             GatewayError::NoToken { retry_after } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "service_unavailable",
@@ -125,6 +132,10 @@ impl GatewayError {
             }
             GatewayError::NoToken { retry_after } => {
                 response.headers_mut().insert(header::RETRY_AFTER, retry_after_secs(retry_after).into());
+            }
+            GatewayError::RateLimited { retry_after, headers } => {
+                response.headers_mut().insert(header::RETRY_AFTER, retry_after_secs(retry_after).into());
+                headers.insert_into(response.headers_mut());
             }
             _ => {}
         }

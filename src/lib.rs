@@ -4,6 +4,7 @@
 //! - `config`   typed configuration (TOML + `EASEMOB_GW__…` env), parsed once, checked as a whole
 //! - `routes`   the six routes and their path shapes; `routes/validate.rs` turns a request into a typed `Call`
 //! - `proxy`    the request path: resolve, validate, token, forward, replay once on 401, pass the answer back
+//! - `ratelimit` the quota: governor lanes per AppKey and route, waiting in arrival order, adaptive on 429
 //! - `token`    the App Token: background fetch and refresh, single flight, invalidation on 401
 //! - `upstream` the hyper client towards Easemob: TLS roots, pool, timeouts
 //! - `error`    the gateway's own errors and the one place that turns them into Easemob-shaped answers
@@ -21,6 +22,7 @@ pub mod error;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod ratelimit;
 pub mod routes;
 pub mod server;
 pub mod sim;

@@ -25,6 +25,9 @@ pub struct Metrics {
     pub token_expires_at: IntGaugeVec,
     pub token_replays: IntCounterVec,
     pub in_flight: IntGauge,
+    pub rate_limit_wait: HistogramVec,
+    pub rate_limit_rate: IntGaugeVec,
+    pub upstream_throttled: IntCounterVec,
 }
 
 impl Metrics {
@@ -83,6 +86,28 @@ impl Metrics {
                 registry.register(Box::new(g.clone())).expect("unique metric");
                 g
             },
+            rate_limit_wait: histogram(
+                "rate_limit_wait_seconds",
+                "Time admitted requests waited for their quota slot.",
+                &["app", "route"],
+            ),
+            rate_limit_rate: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "rate_limit_rate",
+                        "Calls per second the gateway currently lets through (lowered after Easemob 429s).",
+                    ),
+                    &["app", "route"],
+                )
+                .expect("valid gauge");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            upstream_throttled: counter(
+                "upstream_throttled_total",
+                "Easemob's own 429 answers: another consumer shares the AppKey.",
+                &["app", "route"],
+            ),
             registry,
         };
         let build = IntGaugeVec::new(Opts::new("build_info", "Always 1; labelled with the version."), &["version"])

@@ -16,6 +16,7 @@ use tracing::info;
 
 use crate::error::{GatewayError, json_response, unix_millis};
 use crate::metrics::{Metrics, NONE};
+use crate::ratelimit::QuotaSet;
 use crate::routes::{self, Call, Endpoint, Route};
 use crate::token::TokenSource;
 use crate::upstream::{Upstream, UpstreamError};
@@ -34,6 +35,8 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// One configured app: its AppKey and its token.
 pub struct App {
+    /// Position in the config, which is also its index in the quota set.
+    pub index: usize,
     pub org: String,
     pub app: String,
     pub key: String,
@@ -43,6 +46,7 @@ pub struct App {
 pub struct Proxy {
     apps: Vec<App>,
     upstream: Upstream,
+    quota: Arc<QuotaSet>,
     metrics: Metrics,
 }
 
@@ -54,8 +58,8 @@ struct Outcome<'a> {
 }
 
 impl Proxy {
-    pub fn new(apps: Vec<App>, upstream: Upstream, metrics: Metrics) -> Proxy {
-        Proxy { apps, upstream, metrics }
+    pub fn new(apps: Vec<App>, upstream: Upstream, quota: Arc<QuotaSet>, metrics: Metrics) -> Proxy {
+        Proxy { apps, upstream, quota, metrics }
     }
 
     pub fn apps(&self) -> &[App] {
@@ -165,6 +169,12 @@ impl Proxy {
         let mut replayed = false;
         loop {
             let token = app.token.get().await.map_err(|e| GatewayError::NoToken { retry_after: e.retry_after })?;
+            // After the token: a request that cannot be sent must not cost quota. Replays pay too: Easemob counts them.
+            let admitted = self
+                .quota
+                .acquire(app.index, call)
+                .await
+                .map_err(|r| GatewayError::RateLimited { retry_after: r.retry_after, headers: r.headers })?;
             let mut request = Request::builder()
                 .method(route.method())
                 .uri(url.as_str())
@@ -206,9 +216,20 @@ impl Proxy {
                 replayed = true;
                 continue;
             }
-            return Ok(pass_through(response));
+            if response.status() == StatusCode::TOO_MANY_REQUESTS {
+                self.quota.upstream_throttled(app.index, route, retry_after(response.headers()));
+            }
+            let mut response = pass_through(response);
+            admitted.headers.insert_into(response.headers_mut());
+            return Ok(response);
         }
     }
+}
+
+/// `Retry-After` in seconds (Easemob does not document one, but honour it if it comes).
+fn retry_after(headers: &HeaderMap) -> Option<std::time::Duration> {
+    let secs: u64 = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    Some(std::time::Duration::from_secs(secs.min(300)))
 }
 
 /// Easemob's answer as the caller's: status, headers (minus hop-by-hop ones) and body unchanged.

@@ -26,6 +26,7 @@ use crate::config::{Config, SecretPolicy};
 use crate::error::{GatewayError, json_response};
 use crate::metrics::Metrics;
 use crate::proxy::{App, Proxy, ProxyService};
+use crate::ratelimit::QuotaSet;
 use crate::token::{Credentials, TokenSource};
 use crate::upstream::Upstream;
 
@@ -53,7 +54,8 @@ impl Server {
         let apps = config
             .apps
             .iter()
-            .map(|app| {
+            .enumerate()
+            .map(|(index, app)| {
                 let credentials = Credentials {
                     org: app.org_name.clone(),
                     app: app.app_name.clone(),
@@ -61,7 +63,7 @@ impl Server {
                     client_secret: app.resolve_secret()?,
                 };
                 let token = TokenSource::spawn(credentials, config.token.clone(), upstream.clone(), metrics.clone());
-                Ok(App { org: app.org_name.clone(), app: app.app_name.clone(), key: app.app_key(), token })
+                Ok(App { index, org: app.org_name.clone(), app: app.app_name.clone(), key: app.app_key(), token })
             })
             .collect::<Result<Vec<_>, String>>()?;
         let data = TcpListener::bind(config.server.listen)
@@ -70,7 +72,9 @@ impl Server {
         let admin = TcpListener::bind(config.server.admin_listen)
             .await
             .map_err(|e| format!("server.admin_listen {}: {e}", config.server.admin_listen))?;
-        let proxy = Arc::new(Proxy::new(apps, upstream, metrics.clone()));
+        let keys: Vec<String> = apps.iter().map(|a| a.key.clone()).collect();
+        let quota = QuotaSet::new(&config.rate_limit, &keys, metrics.clone());
+        let proxy = Arc::new(Proxy::new(apps, upstream, quota, metrics.clone()));
         Ok(Server { config, proxy, metrics, data, admin })
     }
 

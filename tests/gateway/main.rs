@@ -2,6 +2,7 @@
 
 mod cli;
 mod forwarding;
+mod quota;
 mod routes;
 mod seeds;
 mod support;

@@ -1,0 +1,350 @@
+//! The quota: Easemob's published limits enforced before a request costs anything upstream.
+//!
+//! Each (AppKey, route) is a [`Lane`] with its own GCRA limiter (`governor`), an optional AppKey-wide cap, and
+//! for `delete_conversation` a per-user limit. A request over quota waits for its slot up to `max_wait`, in
+//! arrival order (a fair async mutex per lane, so no thread is held and a caller that hangs up leaves the
+//! queue), or is refused at once with `Retry-After` when its slot is further away. When Easemob still answers
+//! 429, the lane pauses for Easemob's `Retry-After` and halves its rate, then recovers slowly.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use http::HeaderValue;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::config::{Limit, RateLimitConfig};
+use crate::metrics::Metrics;
+use crate::routes::{Call, Route};
+
+type Direct = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
+
+/// A lane never slows below this share of its configured rate, however many 429s Easemob sends.
+const MIN_ADAPTIVE_FACTOR: f64 = 0.1;
+/// Several 429s within this window count as one signal: one halving, not a collapse.
+const DECREASE_COOLDOWN: Duration = Duration::from_secs(1);
+/// After this long without a 429, the rate climbs back by a tenth of the configured rate per step.
+const RECOVERY_QUIET: Duration = Duration::from_secs(5);
+const RECOVERY_STEP: Duration = Duration::from_secs(2);
+
+/// A request the quota admitted: the `RateLimit` fields for its answer.
+#[derive(Debug)]
+pub struct Admitted {
+    pub headers: RateLimitHeaders,
+    pub waited: Duration,
+}
+
+/// A request the quota refused: it cost nothing and goes nowhere.
+#[derive(Debug)]
+pub struct Refused {
+    pub retry_after: Duration,
+    pub headers: RateLimitHeaders,
+}
+
+/// The current IETF draft's fields (draft-ietf-httpapi-ratelimit-headers): structured-field lists.
+#[derive(Clone, Debug)]
+pub struct RateLimitHeaders {
+    pub policy: HeaderValue,
+    pub limit: HeaderValue,
+}
+
+impl RateLimitHeaders {
+    pub fn insert_into(self, headers: &mut http::HeaderMap) {
+        headers.insert(http::HeaderName::from_static("ratelimit-policy"), self.policy);
+        headers.insert(http::HeaderName::from_static("ratelimit"), self.limit);
+    }
+}
+
+/// One (AppKey, route) pair.
+struct Lane {
+    app: String,
+    route: Route,
+    configured: Limit,
+    limiter: RwLock<Arc<Current>>,
+    adaptive: Mutex<Adaptive>,
+    /// Waiters line up here, in arrival order.
+    queue: tokio::sync::Mutex<()>,
+    waiting: AtomicUsize,
+    policy: HeaderValue,
+}
+
+/// The lane's limiter and the rate it was built for (the rate changes when Easemob throttles us).
+struct Current {
+    limiter: Direct,
+    rate: u32,
+}
+
+#[derive(Debug)]
+struct Adaptive {
+    factor: f64,
+    last_decrease: Option<Instant>,
+    last_throttle: Option<Instant>,
+    /// Easemob's `Retry-After`: nothing leaves this lane before it.
+    paused_until: Option<Instant>,
+}
+
+pub struct QuotaSet {
+    lanes: Vec<Lane>,
+    apps: Vec<Option<Current>>,
+    users: Vec<DefaultKeyedRateLimiter<String>>,
+    max_wait: Duration,
+    adaptive: bool,
+    metrics: Metrics,
+    clock: DefaultClock,
+}
+
+fn direct(limit: Limit, factor: f64) -> Current {
+    let rate = ((limit.rate.get() as f64 * factor).round() as u32).max(1);
+    let quota = Quota::per_second(NonZeroU32::new(rate).expect("at least 1")).allow_burst(limit.burst);
+    Current { limiter: RateLimiter::direct(quota).with_middleware::<StateInformationMiddleware>(), rate }
+}
+
+fn header(value: String) -> HeaderValue {
+    HeaderValue::from_str(&value).expect("ASCII structured field")
+}
+
+impl QuotaSet {
+    /// One lane per configured app and route; `apps` are AppKeys in config order.
+    pub fn new(config: &RateLimitConfig, apps: &[String], metrics: Metrics) -> Arc<QuotaSet> {
+        let mut lanes = Vec::with_capacity(apps.len() * Route::ALL.len());
+        for app in apps {
+            for route in Route::ALL {
+                let limit = config.route_limit(route.name());
+                let mut policy = format!("\"{}\";q={};w=1", route.name(), limit.rate);
+                if let Some(cap) = config.app {
+                    policy.push_str(&format!(", \"app\";q={};w=1", cap.rate));
+                }
+                if route == Route::DeleteConversation {
+                    policy.push_str(&format!(", \"user\";q={};w=60", config.user_conversation_per_minute));
+                }
+                metrics.rate_limit_rate.with_label_values(&[app, route.name()]).set(limit.rate.get() as i64);
+                lanes.push(Lane {
+                    app: app.clone(),
+                    route,
+                    configured: limit,
+                    limiter: RwLock::new(Arc::new(direct(limit, 1.0))),
+                    adaptive: Mutex::new(Adaptive {
+                        factor: 1.0,
+                        last_decrease: None,
+                        last_throttle: None,
+                        paused_until: None,
+                    }),
+                    queue: tokio::sync::Mutex::new(()),
+                    waiting: AtomicUsize::new(0),
+                    policy: header(policy),
+                });
+            }
+        }
+        let per_user = Quota::per_minute(config.user_conversation_per_minute);
+        let set = Arc::new(QuotaSet {
+            lanes,
+            apps: apps.iter().map(|_| config.app.map(|cap| direct(cap, 1.0))).collect(),
+            users: apps.iter().map(|_| RateLimiter::keyed(per_user)).collect(),
+            max_wait: config.max_wait,
+            adaptive: config.adaptive,
+            metrics,
+            clock: DefaultClock::default(),
+        });
+        tokio::spawn(Arc::clone(&set).housekeeping());
+        set
+    }
+
+    fn lane(&self, app: usize, route: Route) -> &Lane {
+        let index = Route::ALL.iter().position(|r| *r == route).expect("every route is in ALL");
+        &self.lanes[app * Route::ALL.len() + index]
+    }
+
+    /// Admits `call` for app number `app`, waiting up to `max_wait` in arrival order, or refuses it.
+    pub async fn acquire(&self, app: usize, call: &Call) -> Result<Admitted, Refused> {
+        let lane = self.lane(app, call.route());
+        let started = Instant::now();
+        let user = match call {
+            Call::DeleteConversation { owner, .. } => Some(owner.as_str().to_ascii_lowercase()),
+            _ => None,
+        };
+        let result = self.local(app, lane, user.as_deref()).await;
+        let waited = started.elapsed();
+        match result {
+            Ok(remaining) => {
+                self.metrics
+                    .rate_limit_wait
+                    .with_label_values(&[&lane.app, lane.route.name()])
+                    .observe(waited.as_secs_f64());
+                let limit =
+                    header(format!("\"{}\";r={remaining};t={}", lane.route.name(), if remaining > 0 { 0 } else { 1 }));
+                Ok(Admitted { headers: RateLimitHeaders { policy: lane.policy.clone(), limit }, waited })
+            }
+            Err(retry_after) => {
+                let secs = crate::error::retry_after_secs(retry_after);
+                let limit = header(format!("\"{}\";r=0;t={secs}", lane.route.name()));
+                Err(Refused { retry_after, headers: RateLimitHeaders { policy: lane.policy.clone(), limit } })
+            }
+        }
+    }
+
+    /// The in-process decision: `Ok(remaining burst)` or `Err(retry after)`.
+    async fn local(&self, app: usize, lane: &Lane, user: Option<&str>) -> Result<u32, Duration> {
+        let deadline = Instant::now() + self.max_wait;
+        let gates = Gates {
+            lane,
+            app: self.apps[app].as_ref(),
+            users: user.map(|u| (&self.users[app], u)),
+            clock: &self.clock,
+        };
+        let mut passed = Passed::default();
+        // Fast path: nobody is queued ahead, and every gate has room now.
+        let mut first_wait = Duration::ZERO;
+        if lane.waiting.load(Ordering::Acquire) == 0 && lane.pause_left().is_none() {
+            match gates.check(&mut passed) {
+                Ok(remaining) => return Ok(remaining),
+                Err(wait) => first_wait = wait,
+            }
+        }
+        let _waiter = Waiter::enter(&lane.waiting);
+        let ahead = lane.waiting.load(Ordering::Acquire).saturating_sub(1);
+        let emission = Duration::from_secs(1) / lane.current().rate;
+        // Refuse at once when the slot is beyond max_wait, rather than make the caller wait to be refused.
+        let estimate = lane.pause_left().unwrap_or_default() + first_wait + emission * ahead as u32;
+        if Instant::now() + estimate > deadline {
+            return Err(estimate.max(emission));
+        }
+        let Ok(_turn) = tokio::time::timeout_at(deadline, lane.queue.lock()).await else {
+            return Err(emission * (ahead as u32 + 1));
+        };
+        loop {
+            if let Some(pause) = lane.pause_left() {
+                if Instant::now() + pause > deadline {
+                    return Err(pause);
+                }
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+            match gates.check(&mut passed) {
+                Ok(remaining) => return Ok(remaining),
+                Err(wait) if Instant::now() + wait > deadline => return Err(wait),
+                Err(wait) => tokio::time::sleep(wait).await,
+            }
+        }
+    }
+
+    /// Easemob answered 429 on this lane: pause for its `Retry-After`, and (if adaptive) halve the lane's rate.
+    pub fn upstream_throttled(&self, app: usize, route: Route, retry_after: Option<Duration>) {
+        let lane = self.lane(app, route);
+        self.metrics.upstream_throttled.with_label_values(&[&lane.app, route.name()]).inc();
+        let now = Instant::now();
+        let mut adaptive = lane.adaptive.lock().expect("adaptive lock");
+        adaptive.last_throttle = Some(now);
+        if let Some(wait) = retry_after {
+            adaptive.paused_until = Some(adaptive.paused_until.map_or(now + wait, |p| p.max(now + wait)));
+        }
+        let cooling = adaptive.last_decrease.is_some_and(|t| now.duration_since(t) < DECREASE_COOLDOWN);
+        if self.adaptive && !cooling && adaptive.factor > MIN_ADAPTIVE_FACTOR {
+            adaptive.factor = (adaptive.factor / 2.0).max(MIN_ADAPTIVE_FACTOR);
+            adaptive.last_decrease = Some(now);
+            let rate = lane.set_factor(adaptive.factor);
+            self.metrics.rate_limit_rate.with_label_values(&[&lane.app, route.name()]).set(rate as i64);
+            warn!(app = %lane.app, route = route.name(), rate, ?retry_after, "easemob answered 429: lowering this route's rate");
+        }
+    }
+
+    /// Recovers throttled lanes step by step, and forgets idle per-user keys so memory stays bounded.
+    async fn housekeeping(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(RECOVERY_STEP);
+        loop {
+            tick.tick().await;
+            let now = Instant::now();
+            for lane in &self.lanes {
+                let mut adaptive = lane.adaptive.lock().expect("adaptive lock");
+                let quiet = adaptive.last_throttle.is_none_or(|t| now.duration_since(t) >= RECOVERY_QUIET);
+                if adaptive.factor < 1.0 && quiet {
+                    adaptive.factor = (adaptive.factor + 0.1).min(1.0);
+                    let rate = lane.set_factor(adaptive.factor);
+                    self.metrics.rate_limit_rate.with_label_values(&[&lane.app, lane.route.name()]).set(rate as i64);
+                    info!(app = %lane.app, route = lane.route.name(), rate, "route rate recovering");
+                }
+            }
+            for users in &self.users {
+                users.retain_recent();
+                users.shrink_to_fit();
+            }
+        }
+    }
+}
+
+impl Lane {
+    fn current(&self) -> Arc<Current> {
+        Arc::clone(&self.limiter.read().expect("limiter lock"))
+    }
+
+    /// Replaces the limiter at `factor` of the configured rate; returns the new rate.
+    fn set_factor(&self, factor: f64) -> u32 {
+        let current = direct(self.configured, factor);
+        let rate = current.rate;
+        *self.limiter.write().expect("limiter lock") = Arc::new(current);
+        rate
+    }
+
+    fn pause_left(&self) -> Option<Duration> {
+        let paused = self.adaptive.lock().expect("adaptive lock").paused_until?;
+        let left = paused.saturating_duration_since(Instant::now());
+        (!left.is_zero()).then_some(left)
+    }
+}
+
+/// Which gates a waiting request has already passed, so a retry never takes a slot twice.
+#[derive(Default)]
+struct Passed {
+    lane: Option<u32>,
+    app: bool,
+}
+
+/// The limiters one request must pass: its lane, the AppKey cap, the per-user limit.
+struct Gates<'a> {
+    lane: &'a Lane,
+    app: Option<&'a Current>,
+    users: Option<(&'a DefaultKeyedRateLimiter<String>, &'a str)>,
+    clock: &'a DefaultClock,
+}
+
+impl Gates<'_> {
+    /// Takes a slot from each gate not passed yet, in order; the first that has none says how long to wait.
+    fn check(&self, passed: &mut Passed) -> Result<u32, Duration> {
+        let now = self.clock.now();
+        if passed.lane.is_none() {
+            match self.lane.current().limiter.check() {
+                Ok(snapshot) => passed.lane = Some(snapshot.remaining_burst_capacity()),
+                Err(not_until) => return Err(not_until.wait_time_from(now)),
+            }
+        }
+        if let (Some(app), false) = (self.app, passed.app) {
+            app.limiter.check().map_err(|not_until| not_until.wait_time_from(now))?;
+            passed.app = true;
+        }
+        if let Some((users, user)) = self.users {
+            users.check_key(&user.to_owned()).map_err(|not_until| not_until.wait_time_from(now))?;
+        }
+        Ok(passed.lane.unwrap_or(0))
+    }
+}
+
+/// Counts a request in its lane's queue for exactly as long as it waits, even if the caller hangs up.
+struct Waiter<'a>(&'a AtomicUsize);
+
+impl<'a> Waiter<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Waiter(count)
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}

@@ -1,0 +1,174 @@
+//! The in-process quota: counted at the simulator, the only place that sees what Easemob would see.
+
+use std::time::{Duration, Instant};
+
+use http::Method;
+use serde_json::json;
+
+use crate::support::*;
+
+fn with_quota(quota: &str) -> GatewayOptions {
+    GatewayOptions { extra: format!("[rate_limit]\n{quota}\n"), ..Default::default() }
+}
+
+async fn gateway(sim: &Sim, quota: &str) -> Gateway {
+    let gw = Gateway::start(sim, with_quota(quota)).await;
+    gw.wait_ready().await;
+    gw
+}
+
+fn clear_url(gw: &Gateway, user: &str) -> String {
+    gw.url(&format!("/rest/message/roaming/user/{user}/delete/all"))
+}
+
+async fn burst(url: &str, n: usize) -> Vec<Answer> {
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let url = url.to_owned();
+            tokio::spawn(async move { send(Method::POST, &url, &[], "").await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for h in handles {
+        answers.push(h.await.unwrap());
+    }
+    answers
+}
+
+#[tokio::test]
+async fn a_burst_gets_rate_plus_burst_through_and_the_rest_429() {
+    let sim = Sim::start().await;
+    let gw = gateway(&sim, "max_wait = \"0s\"\nroute = { rate = 100, burst = 20 }").await;
+    let started = Instant::now();
+    let answers = burst(&clear_url(&gw, "dave"), 300).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let passed = answers.iter().filter(|a| a.status == 200).count();
+    let arrived = sim.business_requests().await as usize;
+    assert_eq!(passed, arrived, "every admitted request reached the simulator, no other did");
+    // GCRA: at most `burst` at once plus `rate` per second of the burst's duration.
+    let bound = 20 + (100.0 * elapsed).ceil() as usize + 1;
+    assert!(arrived >= 20 && arrived <= bound, "{arrived} arrived in {elapsed:.2}s, bound {bound}");
+    for a in answers.iter().filter(|a| a.status != 200) {
+        assert_eq!(a.assert_error(429, "reach_limit"), "This request has reached api limit");
+        assert_eq!(a.header("x-easemob-gateway"), Some("rejected"));
+        assert!(a.header("retry-after").unwrap().parse::<u64>().unwrap() >= 1);
+        assert!(a.header("ratelimit").unwrap().contains("r=0"));
+    }
+    assert!(gw.metrics().await.contains("reason=\"rate_limited\""));
+}
+
+#[tokio::test]
+async fn routes_and_apps_do_not_share_a_bucket() {
+    let sim = Sim::start().await;
+    let options = GatewayOptions {
+        extra: "[rate_limit]\nmax_wait = \"0s\"\nroute = { rate = 1, burst = 1 }\n".into(),
+        two_apps: true,
+    };
+    let gw = Gateway::start(&sim, options).await;
+    gw.wait_ready().await;
+    let chat = gw.url("/rest/message/roaming/chat/user/alice?userId=bob&msgIdList=1");
+    assert_eq!(send(Method::POST, &clear_url(&gw, "dave"), &[], "").await.status, 200);
+    assert_eq!(send(Method::POST, &clear_url(&gw, "dave"), &[], "").await.status, 429, "same lane: refused");
+    assert_eq!(delete(&chat).await.status, 200, "another route has its own bucket");
+    let other_app = format!("{}/{ORG}/{APP2}/rest/message/roaming/user/dave/delete/all", gw.data);
+    assert_eq!(send(Method::POST, &other_app, &[], "").await.status, 200, "another app has its own bucket");
+    assert_eq!(sim.business_requests().await, 3);
+}
+
+#[tokio::test]
+async fn max_wait_turns_a_burst_into_a_paced_stream() {
+    let sim = Sim::start().await;
+    let gw = gateway(&sim, "max_wait = \"10s\"\nroute = { rate = 20, burst = 1 }").await;
+    let started = Instant::now();
+    let answers = burst(&clear_url(&gw, "dave"), 30).await;
+    assert!(answers.iter().all(|a| a.status == 200), "no 429 while waiting fits in max_wait");
+    // 30 calls at 20/s with no burst cannot finish sooner than 29 emission intervals.
+    assert!(started.elapsed() >= Duration::from_millis(1400), "{:?}", started.elapsed());
+    assert_eq!(sim.business_requests().await, 30);
+    let waited = gw.metrics().await;
+    assert!(waited.contains("easemob_gateway_rate_limit_wait_seconds_count{app=\"1122161011178276#demo\",route=\"clear_user_messages\"} 30"), "{waited}");
+}
+
+#[tokio::test]
+async fn a_caller_that_hangs_up_while_waiting_releases_its_place() {
+    let sim = Sim::start().await;
+    let gw = gateway(&sim, "max_wait = \"5s\"\nroute = { rate = 1, burst = 1 }").await;
+    let url = clear_url(&gw, "dave");
+    assert_eq!(send(Method::POST, &url, &[], "").await.status, 200);
+    // This caller would be next (in ~1 s) but gives up after 200 ms.
+    let quitter = tokio::time::timeout(Duration::from_millis(200), send(Method::POST, &url, &[], "")).await;
+    assert!(quitter.is_err());
+    // The next caller takes the freed slot instead of queueing behind the ghost (which would be ~2 s).
+    let started = Instant::now();
+    assert_eq!(send(Method::POST, &url, &[], "").await.status, 200);
+    assert!(started.elapsed() < Duration::from_millis(1900), "{:?}", started.elapsed());
+    assert_eq!(sim.business_requests().await, 2, "the caller that hung up never reached Easemob");
+}
+
+#[tokio::test]
+async fn delete_conversation_is_limited_per_user_case_insensitively() {
+    let sim = Sim::start().await;
+    let gw = gateway(&sim, "max_wait = \"0s\"\nroute = { rate = 1000, burst = 100 }").await;
+    let body = json!({"channel": "bob", "type": "chat", "delete_roam": false}).to_string();
+    let conv = |user: &str| gw.url(&format!("/users/{user}/user_channel"));
+    for user in ["alice", "ALICE", "Alice", "alice", "aLiCe"] {
+        assert_eq!(send(Method::DELETE, &conv(user), &[], &body).await.status, 200, "{user}");
+    }
+    let sixth = send(Method::DELETE, &conv("alice"), &[], &body).await;
+    sixth.assert_error(429, "reach_limit");
+    assert!(sixth.header("retry-after").unwrap().parse::<u64>().unwrap() >= 10, "a slot every 12 s");
+    let body = json!({"channel": "alice", "type": "chat", "delete_roam": false}).to_string();
+    assert_eq!(send(Method::DELETE, &conv("bob"), &[], &body).await.status, 200, "another user is not limited");
+    assert_eq!(sim.business_requests().await, 6);
+}
+
+#[tokio::test]
+async fn ratelimit_fields_parse_as_structured_field_lists() {
+    let sim = Sim::start().await;
+    let gw = gateway(&sim, "max_wait = \"0s\"\nroute = { rate = 100, burst = 3 }").await;
+    let body = json!({"channel": "bob", "type": "chat", "delete_roam": false}).to_string();
+    let a = send(Method::DELETE, &gw.url("/users/alice/user_channel"), &[], &body).await;
+    assert_eq!(a.status, 200);
+    let policy: sfv::List = sfv::Parser::new(a.header("ratelimit-policy").unwrap()).parse().unwrap();
+    let names: Vec<String> = policy
+        .iter()
+        .map(|entry| match entry {
+            sfv::ListEntry::Item(item) => {
+                let q = item.params.get("q").and_then(|q| q.as_integer()).expect("q");
+                let w = item.params.get("w").and_then(|w| w.as_integer()).expect("w");
+                assert!(i64::from(q) > 0 && i64::from(w) > 0);
+                item.bare_item.as_string().expect("a string item").as_str().to_owned()
+            }
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(names, ["delete_conversation", "user"]);
+    let limit: sfv::List = sfv::Parser::new(a.header("ratelimit").unwrap()).parse().unwrap();
+    let sfv::ListEntry::Item(item) = &limit[0] else { panic!() };
+    assert_eq!(i64::from(item.params.get("r").and_then(|r| r.as_integer()).unwrap()), 2, "burst 3, one used");
+}
+
+#[tokio::test]
+async fn easemob_429s_slow_the_route_down_then_it_recovers() {
+    let sim = Sim::start().await;
+    let gw = gateway(&sim, "max_wait = \"0s\"\nroute = { rate = 100, burst = 1 }").await;
+    let rate = || async {
+        let metrics = gw.metrics().await;
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("easemob_gateway_rate_limit_rate{") && l.contains("clear_user_messages"))
+            .unwrap()
+            .to_owned();
+        line.rsplit(' ').next().unwrap().parse::<u32>().unwrap()
+    };
+    assert_eq!(rate().await, 100);
+    sim.faults(json!({"status": 429, "status_count": 1})).await;
+    let a = send(Method::POST, &clear_url(&gw, "dave"), &[], "").await;
+    a.assert_error(429, "reach_limit");
+    assert!(!a.gateway_made(), "Easemob's own 429 is passed on");
+    assert_eq!(rate().await, 50, "halved");
+    assert!(gw.metrics().await.contains(
+        "easemob_gateway_upstream_throttled_total{app=\"1122161011178276#demo\",route=\"clear_user_messages\"} 1"
+    ));
+    eventually(Duration::from_secs(30), "the rate to recover", || async { rate().await == 100 }).await;
+}
