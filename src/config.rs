@@ -129,6 +129,9 @@ pub struct ServerConfig {
     /// A client must finish sending request headers within this time (slow-loris guard).
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// A client must finish sending a request body (only `delete_conversation` has one) within this.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -140,6 +143,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
             // Kubernetes' default terminationGracePeriodSeconds is 30 s; finish before it kills us.
             shutdown_grace: Duration::from_secs(25),
         }
@@ -432,6 +436,10 @@ impl Config {
         if t.retry_min.is_zero() || t.retry_max < t.retry_min {
             problems.push("token.retry_min must be above 0 and not above token.retry_max".to_owned());
         }
+        if t.ttl.is_some_and(|ttl| !ttl.is_zero() && ttl < Duration::from_secs(1)) {
+            problems
+                .push("token.ttl must be 0s (never expires) or at least 1s: Easemob counts whole seconds".to_owned());
+        }
         if t.permanent_refresh < Duration::from_secs(60) {
             problems.push("token.permanent_refresh must be at least 1m".to_owned());
         }
@@ -446,8 +454,13 @@ impl Config {
         {
             problems.push(format!("upstream.ca_file {} cannot be read: {e}", ca.display()));
         }
-        if self.server.header_read_timeout.is_zero() {
-            problems.push("server.header_read_timeout must be above 0".to_owned());
+        for (name, d) in [
+            ("server.header_read_timeout", self.server.header_read_timeout),
+            ("server.body_read_timeout", self.server.body_read_timeout),
+        ] {
+            if d.is_zero() {
+                problems.push(format!("{name} must be above 0"));
+            }
         }
         if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
             problems.push("server.listen and server.admin_listen must differ".to_owned());

@@ -31,6 +31,8 @@ pub enum GatewayError {
     BodyTooLarge { limit: usize },
     #[error("request body could not be read")]
     BodyUnreadable,
+    #[error("request body not received in time")]
+    BodyTimeout,
     #[error("over quota")]
     RateLimited { retry_after: Duration, headers: RateLimitHeaders },
     #[error("no valid app token")]
@@ -55,6 +57,7 @@ impl GatewayError {
             GatewayError::Invalid(_) => "invalid",
             GatewayError::BodyTooLarge { .. } => "body_too_large",
             GatewayError::BodyUnreadable => "body_unreadable",
+            GatewayError::BodyTimeout => "body_timeout",
             GatewayError::RateLimited { .. } => "rate_limited",
             GatewayError::NoToken { .. } => "no_token",
             GatewayError::UpstreamUnreachable => "upstream_unreachable",
@@ -93,6 +96,9 @@ impl GatewayError {
             ),
             GatewayError::RateLimited { .. } => {
                 (StatusCode::TOO_MANY_REQUESTS, "reach_limit", "This request has reached api limit".to_owned())
+            }
+            GatewayError::BodyTimeout => {
+                (StatusCode::REQUEST_TIMEOUT, "request_timeout", "the request body did not arrive in time".to_owned())
             }
             GatewayError::NoToken { retry_after } => (
                 StatusCode::SERVICE_UNAVAILABLE,

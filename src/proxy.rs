@@ -7,7 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
@@ -48,6 +48,7 @@ pub struct Proxy {
     upstream: Upstream,
     quota: Arc<QuotaSet>,
     metrics: Metrics,
+    body_read_timeout: Duration,
 }
 
 /// What one request came to, for its log line and metrics.
@@ -58,8 +59,14 @@ struct Outcome<'a> {
 }
 
 impl Proxy {
-    pub fn new(apps: Vec<App>, upstream: Upstream, quota: Arc<QuotaSet>, metrics: Metrics) -> Proxy {
-        Proxy { apps, upstream, quota, metrics }
+    pub fn new(
+        apps: Vec<App>,
+        upstream: Upstream,
+        quota: Arc<QuotaSet>,
+        metrics: Metrics,
+        body_read_timeout: Duration,
+    ) -> Proxy {
+        Proxy { apps, upstream, quota, metrics, body_read_timeout }
     }
 
     pub fn apps(&self) -> &[App] {
@@ -131,7 +138,7 @@ impl Proxy {
         let app = self.app(resolved.app)?;
         outcome.app = &app.key;
         let body = match route {
-            Route::DeleteConversation => read_body(body).await?,
+            Route::DeleteConversation => read_body(body, self.body_read_timeout).await?,
             // The five roaming routes take no body: whatever was sent is ignored, never forwarded.
             _ => Bytes::new(),
         };
@@ -209,12 +216,14 @@ impl Proxy {
                 }
             })?;
             outcome.upstream_status = Some(response.status().as_u16());
-            if response.status() == StatusCode::UNAUTHORIZED && !replayed {
-                // The token died early (Easemob warns it can): replace it once and replay; a second 401 passes on.
-                app.token.invalidate(token.generation());
+            // The token died early (Easemob warns it can): replace it once and replay; a second 401 passes on.
+            if response.status() == StatusCode::UNAUTHORIZED && !replayed && app.token.invalidate(token.generation()) {
                 self.metrics.token_replays.with_label_values(&[&app.key]).inc();
                 replayed = true;
                 continue;
+            }
+            if response.status() != StatusCode::UNAUTHORIZED {
+                token.mark_proven();
             }
             if response.status() == StatusCode::TOO_MANY_REQUESTS {
                 self.quota.upstream_throttled(app.index, route, retry_after(response.headers()));
@@ -227,9 +236,9 @@ impl Proxy {
 }
 
 /// `Retry-After` in seconds (Easemob does not document one, but honour it if it comes).
-fn retry_after(headers: &HeaderMap) -> Option<std::time::Duration> {
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let secs: u64 = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
-    Some(std::time::Duration::from_secs(secs.min(300)))
+    Some(Duration::from_secs(secs.min(300)))
 }
 
 /// Easemob's answer as the caller's: status, headers (minus hop-by-hop ones) and body unchanged.
@@ -265,17 +274,23 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-async fn read_body<B>(body: B) -> Result<Bytes, GatewayError>
+/// Reads a `delete_conversation` body: refused early when its declared length is too large, and bounded in time
+/// so a client that stops sending cannot hold the request open.
+async fn read_body<B>(body: B, timeout: Duration) -> Result<Bytes, GatewayError>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    match Limited::new(body, MAX_BODY_BYTES).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+    if body.size_hint().lower() > MAX_BODY_BYTES as u64 {
+        return Err(GatewayError::BodyTooLarge { limit: MAX_BODY_BYTES });
+    }
+    match tokio::time::timeout(timeout, Limited::new(body, MAX_BODY_BYTES).collect()).await {
+        Err(_) => Err(GatewayError::BodyTimeout),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
             Err(GatewayError::BodyTooLarge { limit: MAX_BODY_BYTES })
         }
-        Err(_) => Err(GatewayError::BodyUnreadable),
+        Ok(Err(_)) => Err(GatewayError::BodyUnreadable),
     }
 }
 

@@ -74,7 +74,7 @@ impl Server {
             .map_err(|e| format!("server.admin_listen {}: {e}", config.server.admin_listen))?;
         let keys: Vec<String> = apps.iter().map(|a| a.key.clone()).collect();
         let quota = QuotaSet::new(&config.rate_limit, &keys, metrics.clone());
-        let proxy = Arc::new(Proxy::new(apps, upstream, quota, metrics.clone()));
+        let proxy = Arc::new(Proxy::new(apps, upstream, quota, metrics.clone(), config.server.body_read_timeout));
         Ok(Server { config, proxy, metrics, data, admin })
     }
 
@@ -91,16 +91,19 @@ impl Server {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let Server { config, proxy, metrics, data, admin } = self;
         let draining = Arc::new(AtomicBool::new(false));
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let graceful = Arc::new(GracefulShutdown::new());
+        let (stop_data, data_stopped) = watch::channel(false);
+        let (stop_admin, admin_stopped) = watch::channel(false);
+        let (data_graceful, admin_graceful) = (Arc::new(GracefulShutdown::new()), Arc::new(GracefulShutdown::new()));
 
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1().timer(TokioTimer::new()).header_read_timeout(config.server.header_read_timeout);
 
-        // Outermost first. The request id is set before anything can answer, so every answer, rejections included,
-        // carries one and logs can be joined with the caller's; panics become an enveloped 500, not a dropped
-        // connection; the proxy does the rest (route, validation, token, upstream) in one place.
+        // Outermost first. A caller's request id is kept only if it is short and plain (it is logged and
+        // forwarded); then one is set before anything can answer, so every answer, rejections included, carries
+        // one; panics become an enveloped 500, not a dropped connection; the proxy does the rest (route,
+        // validation, quota, token, upstream) in one place.
         let data_service = ServiceBuilder::new()
+            .map_request(drop_unfit_request_id)
             .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
             .layer(PropagateRequestIdLayer::x_request_id())
             .layer(CatchPanicLayer::custom(|_| GatewayError::Internal.into_response(std::time::Instant::now())))
@@ -111,8 +114,8 @@ impl Server {
             data,
             http.clone(),
             TowerToHyperService::new(data_service),
-            Arc::clone(&graceful),
-            stop_rx.clone(),
+            Arc::clone(&data_graceful),
+            data_stopped,
         ));
         let admin_loop = tokio::spawn(accept_loop(
             admin,
@@ -121,21 +124,40 @@ impl Server {
                 let admin = admin_service.clone();
                 async move { Ok::<_, Infallible>(admin.handle(req)) }
             }),
-            Arc::clone(&graceful),
-            stop_rx,
+            Arc::clone(&admin_graceful),
+            admin_stopped,
         ));
 
         shutdown.await;
         info!(grace = ?config.server.shutdown_grace, "shutting down: refusing new connections, draining in-flight requests");
+        // The admin listener stays up while draining, so probes see /readyz turn 503 rather than a refused port.
         draining.store(true, Ordering::SeqCst);
-        let _ = stop_tx.send(true);
-        let _ = tokio::join!(data_loop, admin_loop);
-        let graceful = Arc::into_inner(graceful).expect("accept loops have ended");
-        match tokio::time::timeout(config.server.shutdown_grace, graceful.shutdown()).await {
-            Ok(()) => info!("all connections closed"),
+        let _ = stop_data.send(true);
+        let _ = data_loop.await;
+        let data_graceful = Arc::into_inner(data_graceful).expect("the data accept loop has ended");
+        match tokio::time::timeout(config.server.shutdown_grace, data_graceful.shutdown()).await {
+            Ok(()) => info!("all in-flight requests finished"),
             Err(_) => warn!("shutdown grace elapsed with requests still in flight"),
         }
+        let _ = stop_admin.send(true);
+        let _ = admin_loop.await;
+        let admin_graceful = Arc::into_inner(admin_graceful).expect("the admin accept loop has ended");
+        let _ = tokio::time::timeout(Duration::from_secs(1), admin_graceful.shutdown()).await;
     }
+}
+
+/// A caller's `X-Request-Id` is logged and forwarded to Easemob: keep it only if it is 1–128 characters of
+/// `A-Z a-z 0-9 - _ . :`, otherwise drop it so a fresh one is generated.
+fn drop_unfit_request_id<B>(mut request: Request<B>) -> Request<B> {
+    let fit = |v: &http::HeaderValue| {
+        let bytes = v.as_bytes();
+        (1..=128).contains(&bytes.len())
+            && bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    };
+    if request.headers().get("x-request-id").is_some_and(|v| !fit(v)) {
+        request.headers_mut().remove("x-request-id");
+    }
+    request
 }
 
 async fn accept_loop<S, B>(

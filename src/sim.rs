@@ -66,6 +66,8 @@ pub struct Faults {
 pub struct Stats {
     pub token_requests: u64,
     pub tokens_issued: u64,
+    /// Tokens issued while the app still held an unexpired one: refreshes done ahead of expiry.
+    pub tokens_issued_before_expiry: u64,
     pub business_requests: u64,
     pub by_route: BTreeMap<&'static str, u64>,
     pub by_status: BTreeMap<u16, u64>,
@@ -217,9 +219,11 @@ impl Simulator {
             return error(StatusCode::BAD_REQUEST, "invalid_grant", "client_secret does not match", started);
         }
         let ttl = fields.get("ttl").and_then(Value::as_u64).unwrap_or(state::DEFAULT_TOKEN_TTL_SECS);
+        let ahead_of_expiry = app.holds_valid_token();
         let token = app.issue_token(ttl);
         let answer = json!({ "access_token": token, "expires_in": ttl, "application": app.uuid });
         world.stats.tokens_issued += 1;
+        world.stats.tokens_issued_before_expiry += u64::from(ahead_of_expiry);
         ok(answer)
     }
 
@@ -322,9 +326,18 @@ impl Simulator {
                 let text = "Request body is invalid. Please check body is correct.";
                 return error(StatusCode::BAD_REQUEST, "invalid_request_body", text, started);
             };
-            let channel = fields.get("channel").and_then(Value::as_str).filter(|s| !s.is_empty());
-            let kind = fields.get("type").and_then(Value::as_str).filter(|s| !s.is_empty());
-            let delete_roam = fields.get("delete_roam").and_then(Value::as_bool);
+            // Easemob's order: a wrongly typed field is an invalid body; then missing or empty fields.
+            let field = |name: &str| fields.get(name).filter(|v| !v.is_null());
+            let wrongly_typed = field("channel").is_some_and(|v| !v.is_string())
+                || field("type").is_some_and(|v| !v.is_string())
+                || field("delete_roam").is_some_and(|v| !v.is_boolean());
+            if wrongly_typed {
+                let text = "Request body is invalid. Please check body is correct.";
+                return error(StatusCode::BAD_REQUEST, "invalid_request_body", text, started);
+            }
+            let channel = field("channel").and_then(Value::as_str).filter(|s| !s.is_empty());
+            let kind = field("type").and_then(Value::as_str).filter(|s| !s.is_empty());
+            let delete_roam = field("delete_roam").and_then(Value::as_bool);
             let (Some(channel), Some(kind), Some(delete_roam)) = (channel, kind, delete_roam) else {
                 let text = match (channel, kind) {
                     (None, _) => "field channel cannot be null or empty",
@@ -336,7 +349,8 @@ impl Simulator {
             let kind = match kind {
                 "chat" => Kind::Chat,
                 "groupchat" => Kind::Groupchat,
-                _ => return error(StatusCode::BAD_REQUEST, "illegal_argument", "type is invalid", started),
+                // Not documented by Easemob; the gateway refuses it before it gets here.
+                _ => return error(StatusCode::BAD_REQUEST, "illegal_argument", "field type is invalid", started),
             };
             app.delete_conversation(&owner, (kind, channel.to_owned()), delete_roam);
             let uri = format!("http://{}{}", header_host(parts), parts.uri.path());

@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -22,6 +23,14 @@ use crate::upstream::{Upstream, UpstreamError};
 /// A token is no longer used this long before Easemob says it expires (at most a tenth of its lifetime),
 /// so a request never leaves with a token that dies on the way.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(60);
+/// Longer lifetimes are treated as this: an absurd `expires_in` must not overflow the clock arithmetic.
+const MAX_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+/// A token fetched because its predecessor got a 401, and refused itself before any success, is not replaced
+/// again for this long: the credentials or the account are at fault, and fetching in a loop can get the account
+/// banned. Meanwhile the 401s go to the callers.
+const REFETCH_GUARD: Duration = Duration::from_secs(30);
+/// A request waits at most this long for a first fetch in flight, then gets 503 like any tokenless request.
+const MAX_FETCH_WAIT: Duration = Duration::from_secs(3);
 
 /// A token Easemob issued. Holds only the ready `Authorization` value, marked sensitive; `Debug` shows no secret.
 pub struct Token {
@@ -30,6 +39,11 @@ pub struct Token {
     /// `None`: the token does not expire (`expires_in: 0`).
     usable_until: Option<Instant>,
     refresh_at: Instant,
+    fetched_at: Instant,
+    /// Fetched to replace a token Easemob refused.
+    after_refusal: bool,
+    /// Easemob accepted it at least once.
+    proven: AtomicBool,
     /// Easemob's app UUID, echoed in the SDK drop-in answer.
     pub application: Option<String>,
 }
@@ -41,6 +55,13 @@ impl Token {
 
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Easemob answered something other than 401 with this token.
+    pub fn mark_proven(&self) {
+        if !self.proven.load(Ordering::Relaxed) {
+            self.proven.store(true, Ordering::Relaxed);
+        }
     }
 
     fn usable(&self, now: Instant) -> bool {
@@ -99,6 +120,8 @@ struct State {
     /// Set when the last fetch failed: when the next attempt is due. Cleared by a success.
     failed_until: Option<Instant>,
     generation: u64,
+    /// The next token replaces one Easemob refused.
+    replacing_refused: bool,
 }
 
 /// The client credentials of one app, and where to send them.
@@ -133,14 +156,13 @@ impl TokenSource {
         source
     }
 
-    /// A usable token. Waits only while a fetch that has not failed yet is in flight (start-up, after a 401);
-    /// once fetching has failed and no usable token is left, answers at once.
+    /// A usable token. Waits (at most [`MAX_FETCH_WAIT`]) only while a fetch that has not failed yet is in flight
+    /// (start-up, after a 401); once fetching has failed and no usable token is left, answers at once.
     pub async fn get(&self) -> Result<Arc<Token>, NoToken> {
         let mut rx = self.state.subscribe();
-        // A fetch cannot take longer than one upstream exchange; add a little for scheduling.
-        let deadline = Instant::now() + self.upstream.timeout() + Duration::from_millis(500);
+        let deadline = Instant::now() + MAX_FETCH_WAIT.min(self.upstream.timeout());
         loop {
-            let ask = {
+            {
                 let state = rx.borrow_and_update();
                 let now = Instant::now();
                 if let Some(token) = state.token.as_ref().filter(|t| t.usable(now)) {
@@ -149,31 +171,46 @@ impl TokenSource {
                 if let Some(until) = state.failed_until {
                     return Err(NoToken { retry_after: until.saturating_duration_since(now) });
                 }
-                !state.fetching && !state.wanted
-            };
-            if ask {
-                // The token ran out between refreshes (a refresh that is not due yet): fetch now.
-                self.state.send_if_modified(|s| !std::mem::replace(&mut s.wanted, true));
             }
+            // The token ran out between refreshes (a refresh that is not due yet): ask for a fetch now.
+            self.state.send_if_modified(|s| {
+                let idle = !s.fetching && !s.wanted && s.token.as_ref().is_none_or(|t| !t.usable(Instant::now()));
+                if idle {
+                    s.wanted = true;
+                }
+                idle
+            });
             if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
                 return Err(NoToken { retry_after: Duration::from_secs(1) });
             }
         }
     }
 
-    /// Easemob refused this token (401). Drops it if it is still the current one, and asks for a new one.
-    pub fn invalidate(&self, generation: u64) {
+    /// Easemob refused this token (401). Drops it if it is still the current one and asks for a new one.
+    /// Returns whether a replay is worth it: false when the refused token is itself brand new.
+    pub fn invalidate(&self, generation: u64) -> bool {
+        let mut replace = true;
         self.state.send_if_modified(|s| {
-            if s.token.as_ref().is_none_or(|t| t.generation != generation) {
+            let Some(current) = s.token.as_ref().filter(|t| t.generation == generation) else {
+                return false; // already replaced, or being replaced: the replay will get the new one
+            };
+            let suspect = current.after_refusal && !current.proven.load(Ordering::Relaxed);
+            if suspect && current.fetched_at.elapsed() < REFETCH_GUARD {
+                replace = false;
                 return false;
             }
             warn!(app = %self.app_key, "easemob refused the app token; fetching a new one");
             s.token = None;
+            s.replacing_refused = true;
             if !s.fetching {
                 s.wanted = true;
             }
             true
         });
+        if !replace {
+            warn!(app = %self.app_key, "easemob refused the replacement token too; passing the 401 on");
+        }
+        replace
     }
 
     pub fn is_ready(&self) -> bool {
@@ -298,7 +335,7 @@ impl TokenSource {
         let (usable_until, refresh_at, expires_at_unix) = if answer.expires_in == 0 {
             (None, sent_at + self.config.permanent_refresh, 0)
         } else {
-            let lifetime = Duration::from_secs(answer.expires_in);
+            let lifetime = Duration::from_secs(answer.expires_in).min(MAX_LIFETIME);
             let margin = EXPIRY_MARGIN.min(lifetime / 10);
             let unix_now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
             (
@@ -307,11 +344,25 @@ impl TokenSource {
                 (unix_now + lifetime).as_secs() as i64,
             )
         };
-        let generation = self.state.borrow().generation + 1;
-        self.state.send_modify(|s| s.generation = generation);
+        let mut after_refusal = false;
+        let mut generation = 0;
+        self.state.send_modify(|s| {
+            s.generation += 1;
+            generation = s.generation;
+            after_refusal = std::mem::take(&mut s.replacing_refused);
+        });
         self.metrics.token_fetches.with_label_values(&[&self.app_key, "ok"]).inc();
         self.metrics.token_expires_at.with_label_values(&[&self.app_key]).set(expires_at_unix);
         info!(app = %self.app_key, expires_in = answer.expires_in, generation, "app token fetched");
-        Ok(Token { authorization, generation, usable_until, refresh_at, application: answer.application })
+        Ok(Token {
+            authorization,
+            generation,
+            usable_until,
+            refresh_at,
+            fetched_at: sent_at,
+            after_refusal,
+            proven: AtomicBool::new(false),
+            application: answer.application,
+        })
     }
 }

@@ -56,10 +56,7 @@ fn check_id(what: &str, value: &str) -> Result<(), ValidationError> {
         return Err(ValidationError::illegal(format!("{what} is empty; {RULE}")));
     }
     if let Some(bad) = value.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))) {
-        return Err(ValidationError::illegal(format!(
-            "{what} contains {:?}, which is not allowed; {RULE}",
-            bad.escape_default().to_string()
-        )));
+        return Err(ValidationError::illegal(format!("{what} contains {bad:?}, which is not allowed; {RULE}")));
     }
     if value.len() > MAX_ID_LEN {
         return Err(ValidationError::illegal(format!("{what} is {} characters long; {RULE}", value.len())));

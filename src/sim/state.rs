@@ -86,6 +86,10 @@ impl App {
         }
     }
 
+    pub fn holds_valid_token(&self) -> bool {
+        self.tokens.values().any(|expiry| expiry.is_some_and(|e| e > Instant::now()))
+    }
+
     /// Every issued token stops working at once: what an early expiry or a credential reset looks like.
     pub fn expire_tokens(&mut self) {
         let now = Instant::now();

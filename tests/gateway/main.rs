@@ -2,6 +2,7 @@
 
 mod cli;
 mod forwarding;
+mod lifecycle;
 mod quota;
 mod routes;
 mod seeds;

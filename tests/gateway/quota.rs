@@ -63,6 +63,7 @@ async fn routes_and_apps_do_not_share_a_bucket() {
     let options = GatewayOptions {
         extra: "[rate_limit]\nmax_wait = \"0s\"\nroute = { rate = 1, burst = 1 }\n".into(),
         two_apps: true,
+        ..Default::default()
     };
     let gw = Gateway::start(&sim, options).await;
     gw.wait_ready().await;

@@ -117,6 +117,8 @@ pub struct GatewayOptions {
     /// TOML appended to the generated config right after the `[upstream]` keys: bare keys land in `[upstream]`,
     /// later sections (such as `[token]`) start their own.
     pub extra: String,
+    /// Lines added to `[server]`.
+    pub server: String,
     /// Configure `demo2` as well as `demo`.
     pub two_apps: bool,
 }
@@ -145,9 +147,9 @@ impl Gateway {
             apps.push_str(&app(APP2));
         }
         let config = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n\n\
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n{}\n\
              [upstream]\nbase_url = \"{}\"\nconnect_timeout = \"1s\"\ntimeout = \"3s\"\n\n{}\n{apps}",
-            sim.url, options.extra
+            options.server, sim.url, options.extra
         );
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, config).unwrap();
@@ -177,6 +179,18 @@ impl Gateway {
     /// `{data}/{org}/{app}{tail}`
     pub fn url(&self, tail: &str) -> String {
         format!("{}/{ORG}/{APP}{tail}", self.data)
+    }
+
+    /// Sends SIGTERM, as Kubernetes does on a rolling restart.
+    pub fn terminate(&self) {
+        let pid = self._child.id().expect("gateway still running");
+        let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub async fn exit_code(&mut self) -> Option<i32> {
+        tokio::time::timeout(Duration::from_secs(30), self._child.wait()).await.expect("exits in time").unwrap().code()
     }
 
     pub fn log(&self) -> String {
@@ -250,6 +264,16 @@ pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: &st
     let (parts, body) = response.into_parts();
     let body = body.collect().await.unwrap().to_bytes();
     Answer { status: parts.status.as_u16(), headers: parts.headers, body }
+}
+
+/// Writes `request` as raw bytes to `addr` (`http://host:port`) and reads until the server closes or `wait` passes.
+pub async fn raw(addr: &str, request: &[u8], wait: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr.trim_start_matches("http://")).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 pub async fn delete(url: &str) -> Answer {

@@ -60,6 +60,8 @@ async fn token_is_refreshed_in_the_background_before_it_expires() {
     .await;
     let stats = sim.stats().await;
     assert!(stats["by_status"].get("401").is_none(), "a refresh came too late: {stats}");
+    // Fetched on demand after expiry, the count would stay 0: these were background refreshes.
+    assert!(stats["tokens_issued_before_expiry"].as_u64().unwrap() >= 2, "{stats}");
 }
 
 #[tokio::test]
@@ -86,6 +88,21 @@ async fn a_second_401_is_passed_to_the_caller() {
     assert!(!a.gateway_made(), "Easemob's own 401");
     assert_eq!(sim.business_requests().await, 2, "replayed exactly once");
     assert_eq!(sim.token_requests().await, 2, "one new token for the replay");
+}
+
+#[tokio::test]
+async fn a_refused_replacement_token_is_not_replaced_in_a_loop() {
+    let sim = Sim::start().await;
+    let extra = "[token]\nmin_interval = \"10ms\"\n".to_owned();
+    let gw = Gateway::start(&sim, GatewayOptions { extra, ..Default::default() }).await;
+    gw.wait_ready().await;
+    // Easemob refuses every call (as for revoked credentials): one replacement token, then 401s pass on.
+    sim.faults(json!({"status": 401})).await;
+    for _ in 0..10 {
+        clear(&gw).await.assert_error(401, "unauthorized");
+    }
+    assert_eq!(sim.token_requests().await, 2, "the start-up token and one replacement, not one per request");
+    assert_eq!(sim.business_requests().await, 11, "one replay, then no more");
 }
 
 #[tokio::test]

@@ -1,5 +1,7 @@
 //! Every validation rule: answered 400/413 in Easemob's envelope before any upstream call.
 
+use std::time::Duration;
+
 use http::Method;
 use serde_json::json;
 
@@ -144,4 +146,36 @@ async fn fifty_ids_pass_and_duplicates_count_once() {
     assert_eq!(a.status, 200, "{}", a.text());
     let query = sim.requests().await[0]["query"].as_str().unwrap().to_owned();
     assert_eq!(query, format!("userId=bob&msgIdList={}", fifty.join(",")));
+}
+
+#[tokio::test]
+async fn an_oversized_declared_body_is_413_at_once_and_a_stalled_body_408() {
+    let sim = Sim::start().await;
+    let options = GatewayOptions { server: "body_read_timeout = \"1s\"".into(), ..Default::default() };
+    let gw = Gateway::start(&sim, options).await;
+    gw.wait_ready().await;
+    let path = format!("/{ORG}/{APP}/users/alice/user_channel");
+    let head = |length: &str| format!("DELETE {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n");
+    let answer = raw(&gw.data, head("99999999999").as_bytes(), Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    // Ten bytes of a promised hundred, then silence: answered when server.body_read_timeout (1 s here) passes.
+    let stalled = format!("{}{{\"channel\"", head("100"));
+    let answer = raw(&gw.data, stalled.as_bytes(), Duration::from_secs(15)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"));
+    assert_eq!(sim.business_requests().await, 0);
+}
+
+#[tokio::test]
+async fn an_unfit_request_id_is_replaced() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    let long = "a".repeat(200);
+    for bad in [long.as_str(), "has space", "quote\"d"] {
+        let a = send(Method::POST, &gw.url("/rest/message/roaming/user/dave/delete/all"), &[("x-request-id", bad)], "")
+            .await;
+        let id = a.header("x-request-id").unwrap();
+        assert_ne!(id, bad);
+        assert_eq!(id.len(), 36, "a generated UUID: {id}");
+    }
 }
