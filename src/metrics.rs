@@ -28,6 +28,7 @@ pub struct Metrics {
     pub rate_limit_wait: HistogramVec,
     pub rate_limit_rate: IntGaugeVec,
     pub upstream_throttled: IntCounterVec,
+    pub rate_limit_backend_fallback: IntGauge,
 }
 
 impl Metrics {
@@ -108,6 +109,15 @@ impl Metrics {
                 "Easemob's own 429 answers: another consumer shares the AppKey.",
                 &["app", "route"],
             ),
+            rate_limit_backend_fallback: {
+                let g = IntGauge::new(
+                    "rate_limit_backend_fallback",
+                    "1 while Redis is unavailable and this replica enforces its local share of the quota.",
+                )
+                .expect("valid gauge");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             registry,
         };
         let build = IntGaugeVec::new(Opts::new("build_info", "Always 1; labelled with the version."), &["version"])

@@ -5,11 +5,14 @@
 //! arrival order (a fair async mutex per lane, so no thread is held and a caller that hangs up leaves the
 //! queue), or is refused at once with `Retry-After` when its slot is further away. When Easemob still answers
 //! 429, the lane pauses for Easemob's `Retry-After` and halves its rate, then recovers slowly.
+//! With `backend = "redis"`, `ratelimit/redis.rs` makes all replicas draw from one quota instead.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+
+mod redis;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
@@ -19,9 +22,11 @@ use http::HeaderValue;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::config::{Limit, RateLimitConfig};
+use crate::config::{Limit, RateLimitBackend, RateLimitConfig};
 use crate::metrics::Metrics;
 use crate::routes::{Call, Route};
+
+use self::redis::{Gate, Reservation, SharedQuota};
 
 type Direct = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
 
@@ -93,10 +98,25 @@ pub struct QuotaSet {
     lanes: Vec<Lane>,
     apps: Vec<Option<Current>>,
     users: Vec<DefaultKeyedRateLimiter<String>>,
+    app_limit: Option<Limit>,
+    user_per_minute: NonZeroU32,
     max_wait: Duration,
     adaptive: bool,
     metrics: Metrics,
     clock: DefaultClock,
+    shared: Option<Shared>,
+}
+
+/// The Redis backend, and the local quota at this replica's share used while Redis is unavailable.
+struct Shared {
+    quota: SharedQuota,
+    fallback: Arc<QuotaSet>,
+}
+
+/// `limit` divided among `replicas`, never below one call.
+fn share(limit: Limit, replicas: u32) -> Limit {
+    let part = |n: NonZeroU32| NonZeroU32::new(n.get() / replicas).unwrap_or(NonZeroU32::MIN);
+    Limit { rate: part(limit.rate), burst: part(limit.burst) }
 }
 
 fn direct(limit: Limit, factor: f64) -> Current {
@@ -111,7 +131,35 @@ fn header(value: String) -> HeaderValue {
 
 impl QuotaSet {
     /// One lane per configured app and route; `apps` are AppKeys in config order.
-    pub fn new(config: &RateLimitConfig, apps: &[String], metrics: Metrics) -> Arc<QuotaSet> {
+    pub fn new(config: &RateLimitConfig, apps: &[String], metrics: Metrics) -> Result<Arc<QuotaSet>, String> {
+        let shared = match config.backend {
+            RateLimitBackend::Local => None,
+            RateLimitBackend::Redis => {
+                let replicas = config.redis.expected_replicas.get();
+                let mut local_share = config.clone();
+                local_share.backend = RateLimitBackend::Local;
+                local_share.route = share(config.route, replicas);
+                local_share.routes.values_mut().for_each(|limit| *limit = share(*limit, replicas));
+                local_share.app = config.app.map(|cap| share(cap, replicas));
+                local_share.user_conversation_per_minute =
+                    NonZeroU32::new(config.user_conversation_per_minute.get() / replicas).unwrap_or(NonZeroU32::MIN);
+                Some(Shared {
+                    quota: SharedQuota::new(&config.redis, metrics.clone())?,
+                    fallback: QuotaSet::build(&local_share, apps, metrics.clone(), None, false),
+                })
+            }
+        };
+        Ok(QuotaSet::build(config, apps, metrics, shared, true))
+    }
+
+    /// `report`: this set's rates are the ones the `rate_limit_rate` gauge shows (not the fallback's).
+    fn build(
+        config: &RateLimitConfig,
+        apps: &[String],
+        metrics: Metrics,
+        shared: Option<Shared>,
+        report: bool,
+    ) -> Arc<QuotaSet> {
         let mut lanes = Vec::with_capacity(apps.len() * Route::ALL.len());
         for app in apps {
             for route in Route::ALL {
@@ -123,7 +171,9 @@ impl QuotaSet {
                 if route == Route::DeleteConversation {
                     policy.push_str(&format!(", \"user\";q={};w=60", config.user_conversation_per_minute));
                 }
-                metrics.rate_limit_rate.with_label_values(&[app, route.name()]).set(limit.rate.get() as i64);
+                if report {
+                    metrics.rate_limit_rate.with_label_values(&[app, route.name()]).set(limit.rate.get() as i64);
+                }
                 lanes.push(Lane {
                     app: app.clone(),
                     route,
@@ -146,10 +196,13 @@ impl QuotaSet {
             lanes,
             apps: apps.iter().map(|_| config.app.map(|cap| direct(cap, 1.0))).collect(),
             users: apps.iter().map(|_| RateLimiter::keyed(per_user)).collect(),
+            app_limit: config.app,
+            user_per_minute: config.user_conversation_per_minute,
             max_wait: config.max_wait,
-            adaptive: config.adaptive,
+            adaptive: config.adaptive && report,
             metrics,
             clock: DefaultClock::default(),
+            shared,
         });
         tokio::spawn(Arc::clone(&set).housekeeping());
         set
@@ -168,7 +221,10 @@ impl QuotaSet {
             Call::DeleteConversation { owner, .. } => Some(owner.as_str().to_ascii_lowercase()),
             _ => None,
         };
-        let result = self.local(app, lane, user.as_deref()).await;
+        let result = match &self.shared {
+            Some(shared) => self.shared(shared, app, lane, user.as_deref()).await,
+            None => self.local(app, lane, user.as_deref()).await,
+        };
         let waited = started.elapsed();
         match result {
             Ok(remaining) => {
@@ -231,6 +287,53 @@ impl QuotaSet {
                 Err(wait) => tokio::time::sleep(wait).await,
             }
         }
+    }
+
+    /// The shared decision: one reservation across every gate in Redis, or this replica's share while Redis is
+    /// unavailable.
+    async fn shared(&self, shared: &Shared, app: usize, lane: &Lane, user: Option<&str>) -> Result<u32, Duration> {
+        let deadline = Instant::now() + self.max_wait;
+        if let Some(pause) = lane.pause_left() {
+            if pause > self.max_wait {
+                return Err(pause);
+            }
+            tokio::time::sleep(pause).await;
+        }
+        if shared.quota.should_try() {
+            let gcra = |rate: u32, per: Duration, burst: u32| {
+                let emission = per / rate;
+                Gate { key: String::new(), emission, tolerance: emission * (burst - 1) }
+            };
+            let current = lane.current().rate;
+            let mut gates = vec![Gate {
+                key: shared.quota.key(&lane.app, lane.route.name()),
+                ..gcra(current, Duration::from_secs(1), lane.configured.burst.get())
+            }];
+            if let Some(cap) = self.app_limit {
+                gates.push(Gate {
+                    key: shared.quota.key(&lane.app, "app"),
+                    ..gcra(cap.rate.get(), Duration::from_secs(1), cap.burst.get())
+                });
+            }
+            if let Some(user) = user {
+                let n = self.user_per_minute.get();
+                gates.push(Gate {
+                    key: shared.quota.key(&lane.app, &format!("user:{user}")),
+                    ..gcra(n, Duration::from_secs(60), n)
+                });
+            }
+            match shared.quota.reserve(&gates, deadline.saturating_duration_since(Instant::now())).await {
+                Ok(Reservation::Admitted { wait, remaining, release }) => {
+                    tokio::time::sleep(wait).await;
+                    release.disarm();
+                    return Ok(remaining);
+                }
+                Ok(Reservation::Refused { retry_after }) => return Err(retry_after),
+                Err(_) => {} // logged once on the transition; this replica's share applies meanwhile
+            }
+        }
+        let fallback = &shared.fallback;
+        fallback.local(app, fallback.lane(app, lane.route), user).await
     }
 
     /// Easemob answered 429 on this lane: pause for its `Retry-After`, and (if adaptive) halve the lane's rate.
@@ -346,5 +449,71 @@ impl<'a> Waiter<'a> {
 impl Drop for Waiter<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routes::Call;
+
+    fn limit(rate: u32, burst: u32) -> Limit {
+        Limit { rate: NonZeroU32::new(rate).unwrap(), burst: NonZeroU32::new(burst).unwrap() }
+    }
+
+    fn clear(user: &str) -> Call {
+        Call::parse(Route::ClearUserMessages, user, None, b"", 0).unwrap()
+    }
+
+    fn conversation(user: &str) -> Call {
+        Call::parse(Route::DeleteConversation, user, None, br#"{"channel":"b","type":"chat","delete_roam":true}"#, 0)
+            .unwrap()
+    }
+
+    fn quota(config: RateLimitConfig) -> Arc<QuotaSet> {
+        QuotaSet::new(&config, &["o#a".to_owned()], Metrics::new()).unwrap()
+    }
+
+    #[test]
+    fn a_replicas_share_is_never_zero() {
+        assert_eq!(share(limit(100, 10), 3), limit(33, 3));
+        assert_eq!(share(limit(2, 1), 3), limit(1, 1));
+    }
+
+    #[tokio::test]
+    async fn burst_then_refusal_with_the_time_to_the_next_slot() {
+        let config = RateLimitConfig { max_wait: Duration::ZERO, route: limit(10, 2), ..RateLimitConfig::default() };
+        let quota = quota(config);
+        let first = quota.acquire(0, &clear("u")).await.unwrap();
+        assert_eq!(first.headers.limit, "\"clear_user_messages\";r=1;t=0");
+        assert_eq!(first.headers.policy, "\"clear_user_messages\";q=10;w=1");
+        quota.acquire(0, &clear("u")).await.unwrap();
+        let refused = quota.acquire(0, &clear("u")).await.unwrap_err();
+        assert!(refused.retry_after <= Duration::from_millis(100), "{:?}", refused.retry_after);
+        assert_eq!(refused.headers.limit, "\"clear_user_messages\";r=0;t=1");
+    }
+
+    #[tokio::test]
+    async fn per_user_limit_folds_case_and_names_itself_in_the_policy() {
+        let config = RateLimitConfig { max_wait: Duration::ZERO, route: limit(100, 100), ..RateLimitConfig::default() };
+        let quota = quota(config);
+        for user in ["Ann", "ann", "ANN", "aNn", "ann"] {
+            let admitted = quota.acquire(0, &conversation(user)).await.unwrap();
+            assert_eq!(admitted.headers.policy, "\"delete_conversation\";q=100;w=1, \"user\";q=5;w=60");
+        }
+        let refused = quota.acquire(0, &conversation("ANN")).await.unwrap_err();
+        assert!(refused.retry_after > Duration::from_secs(10));
+        assert!(quota.acquire(0, &conversation("bob")).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn easemob_429_halves_the_lane_and_pauses_it() {
+        let quota = quota(RateLimitConfig { max_wait: Duration::ZERO, ..RateLimitConfig::default() });
+        quota.upstream_throttled(0, Route::ClearUserMessages, Some(Duration::from_secs(2)));
+        let lane = quota.lane(0, Route::ClearUserMessages);
+        assert_eq!(lane.current().rate, 50);
+        let refused = quota.acquire(0, &clear("u")).await.unwrap_err();
+        assert!(refused.retry_after > Duration::from_secs(1), "paused for Easemob's Retry-After");
+        assert!(quota.acquire(0, &conversation("u")).await.is_ok(), "other routes are not paused");
     }
 }

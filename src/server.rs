@@ -73,7 +73,7 @@ impl Server {
             .await
             .map_err(|e| format!("server.admin_listen {}: {e}", config.server.admin_listen))?;
         let keys: Vec<String> = apps.iter().map(|a| a.key.clone()).collect();
-        let quota = QuotaSet::new(&config.rate_limit, &keys, metrics.clone());
+        let quota = QuotaSet::new(&config.rate_limit, &keys, metrics.clone())?;
         let proxy = Arc::new(Proxy::new(apps, upstream, quota, metrics.clone(), config.server.body_read_timeout));
         Ok(Server { config, proxy, metrics, data, admin })
     }

@@ -70,6 +70,8 @@ pub struct Stats {
     pub tokens_issued_before_expiry: u64,
     pub business_requests: u64,
     pub by_route: BTreeMap<&'static str, u64>,
+    /// Business requests per Unix second of arrival: what a per-second quota is judged on.
+    pub by_second: BTreeMap<u64, u64>,
     pub by_status: BTreeMap<u16, u64>,
 }
 
@@ -240,6 +242,7 @@ impl Simulator {
         let faults = {
             let mut world = self.world();
             world.stats.business_requests += 1;
+            *world.stats.by_second.entry(now_ms() as u64 / 1000).or_default() += 1;
             *world.stats.by_route.entry(route.unwrap_or("unknown")).or_default() += 1;
             if world.requests.len() == REQUEST_LOG_LEN {
                 world.requests.pop_front();

@@ -6,6 +6,7 @@ mod lifecycle;
 mod quota;
 mod routes;
 mod seeds;
+mod shared_quota;
 mod support;
 mod tls;
 mod token;

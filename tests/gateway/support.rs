@@ -104,6 +104,48 @@ impl Sim {
     }
 }
 
+/// A real redis-server on a free loopback port, with nothing persisted.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl Redis {
+    pub async fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut redis = Redis { child: None, port };
+        redis.restart().await;
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts redis-server (again) on the same port and waits until it answers PING.
+    pub async fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server is installed (tests/run installs it)");
+        self.child = Some(child);
+        let addr = format!("127.0.0.1:{}", self.port);
+        eventually(Duration::from_secs(20), "redis-server to answer PING", || async {
+            raw(&addr, b"PING\r\n", Duration::from_millis(200)).await.starts_with("+PONG")
+        })
+        .await;
+    }
+
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.unwrap();
+        }
+    }
+}
+
 /// A gateway process with a config written for the test.
 pub struct Gateway {
     _child: Child,
@@ -267,9 +309,12 @@ pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: &st
 }
 
 /// Writes `request` as raw bytes to `addr` (`http://host:port`) and reads until the server closes or `wait` passes.
+/// An empty answer when nothing listens there.
 pub async fn raw(addr: &str, request: &[u8], wait: Duration) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr.trim_start_matches("http://")).await.unwrap();
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr.trim_start_matches("http://")).await else {
+        return String::new();
+    };
     stream.write_all(request).await.unwrap();
     let mut out = Vec::new();
     let _ = tokio::time::timeout(wait, stream.read_to_end(&mut out)).await;

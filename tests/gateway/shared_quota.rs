@@ -1,0 +1,145 @@
+//! One quota for several replicas through a real redis-server, and each replica's share while Redis is down.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use http::Method;
+
+use crate::support::*;
+
+const RATE: u64 = 40;
+const BURST: u64 = 4;
+const REPLICAS: u64 = 3;
+
+async fn replicas(sim: &Sim, redis: &Redis) -> Vec<Gateway> {
+    let extra = format!(
+        "[rate_limit]\nbackend = \"redis\"\nmax_wait = \"0s\"\nroute = {{ rate = {RATE}, burst = {BURST} }}\n\
+         [rate_limit.redis]\nurl = \"{}\"\ntimeout = \"100ms\"\nexpected_replicas = {REPLICAS}\n",
+        redis.url()
+    );
+    let mut gateways = Vec::new();
+    for _ in 0..REPLICAS {
+        let gw = Gateway::start(sim, GatewayOptions { extra: extra.clone(), ..Default::default() }).await;
+        gw.wait_ready().await;
+        gateways.push(gw);
+    }
+    gateways
+}
+
+/// Callers hammering every replica until `stop`; counts answers by status.
+struct Flood {
+    stop: Arc<AtomicBool>,
+    by_status: Arc<std::sync::Mutex<BTreeMap<u16, u64>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    sent: Arc<AtomicU64>,
+}
+
+impl Flood {
+    fn start(gateways: &[Gateway]) -> Flood {
+        let stop = Arc::new(AtomicBool::new(false));
+        let by_status = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+        let sent = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for gw in gateways {
+            for _ in 0..4 {
+                let (url, stop, by_status, sent) = (
+                    gw.url("/rest/message/roaming/user/dave/delete/all"),
+                    stop.clone(),
+                    by_status.clone(),
+                    sent.clone(),
+                );
+                tasks.push(tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let a = send(Method::POST, &url, &[], "").await;
+                        *by_status.lock().unwrap().entry(a.status).or_default() += 1;
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        // Bounded load: a refused caller backs off a little, as a real one would.
+                        if a.status == 429 {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                    }
+                }));
+            }
+        }
+        Flood { stop, by_status, tasks, sent }
+    }
+
+    async fn stop(self) -> BTreeMap<u16, u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let _ = self.sent;
+        self.by_status.lock().unwrap().clone()
+    }
+}
+
+/// Arrivals per whole second at the simulator, leaving out the partial first and last seconds.
+async fn full_seconds(sim: &Sim) -> Vec<u64> {
+    let stats = sim.stats().await;
+    let seconds: Vec<u64> = stats["by_second"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).collect();
+    if seconds.len() <= 2 { Vec::new() } else { seconds[1..seconds.len() - 1].to_vec() }
+}
+
+#[tokio::test]
+async fn three_replicas_share_one_quota() {
+    let redis = Redis::start().await;
+    let sim = Sim::start().await;
+    let gateways = replicas(&sim, &redis).await;
+    let flood = Flood::start(&gateways);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let answers = flood.stop().await;
+    assert!(answers.keys().all(|s| *s == 200 || *s == 429), "only admitted or refused: {answers:?}");
+    let seconds = full_seconds(&sim).await;
+    eprintln!("arrivals per second: {seconds:?}, answers: {answers:?}");
+    assert!(seconds.len() >= 2, "{seconds:?}");
+    for arrivals in &seconds {
+        // GCRA's bound per second is rate + burst; a couple more may land in a second from network jitter.
+        assert!(*arrivals <= RATE + BURST + 2, "one second saw {arrivals}: {seconds:?}");
+        assert!(*arrivals >= RATE / 2, "the shared quota was used, not starved: {seconds:?}");
+    }
+    for gw in &gateways {
+        assert!(gw.metrics().await.contains("easemob_gateway_rate_limit_backend_fallback 0"));
+    }
+}
+
+#[tokio::test]
+async fn replicas_keep_answering_at_their_share_while_redis_is_down() {
+    let mut redis = Redis::start().await;
+    let sim = Sim::start().await;
+    let gateways = replicas(&sim, &redis).await;
+    let flood = Flood::start(&gateways);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    redis.kill().await;
+    for gw in &gateways {
+        eventually(Duration::from_secs(10), "the fallback", || async {
+            gw.metrics().await.contains("easemob_gateway_rate_limit_backend_fallback 1")
+        })
+        .await;
+    }
+    let before = sim.stats().await["business_requests"].as_u64().unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = sim.stats().await["business_requests"].as_u64().unwrap() - before;
+    // Each replica enforces rate / replicas (and burst / replicas, at least one) on its own.
+    let share = RATE / REPLICAS + (BURST / REPLICAS).max(1);
+    assert!(during > 0, "replicas kept admitting during the outage");
+    assert!(during <= REPLICAS * share * 3 + REPLICAS * 2, "{during} calls in 3 s of outage");
+
+    redis.restart().await;
+    for gw in &gateways {
+        eventually(Duration::from_secs(15), "the return to redis", || async {
+            gw.metrics().await.contains("easemob_gateway_rate_limit_backend_fallback 0")
+        })
+        .await;
+    }
+    let before = sim.stats().await["business_requests"].as_u64().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = sim.stats().await["business_requests"].as_u64().unwrap() - before;
+    let answers = flood.stop().await;
+    eprintln!("outage: {during} in 3 s; after: {after} in 2 s; answers {answers:?}");
+    assert!(answers.keys().all(|s| *s == 200 || *s == 429), "every request answered: {answers:?}");
+    assert!(after <= 2 * RATE + BURST + 4, "the shared quota holds again: {after} in 2 s");
+}
