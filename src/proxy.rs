@@ -16,7 +16,7 @@ use tracing::info;
 
 use crate::error::{GatewayError, json_response, unix_millis};
 use crate::metrics::{Metrics, NONE};
-use crate::ratelimit::QuotaSet;
+use crate::ratelimit::{QuotaSet, RATELIMIT_POLICY};
 use crate::routes::{self, Call, Endpoint, Route};
 use crate::token::TokenSource;
 use crate::upstream::{Upstream, UpstreamError};
@@ -56,6 +56,8 @@ struct Outcome<'a> {
     app: &'a str,
     route: &'static str,
     upstream_status: Option<u16>,
+    /// Set once the request named a configured app and a route: its quota lane.
+    lane: Option<(usize, Route)>,
 }
 
 impl Proxy {
@@ -81,8 +83,8 @@ impl Proxy {
         let started = Instant::now();
         let _in_flight = InFlight::enter(&self.metrics);
         let request_id = request.headers().get(&X_REQUEST_ID).cloned();
-        let mut outcome = Outcome { app: NONE, route: NONE, upstream_status: None };
-        let (response, reason) = match self.serve(request, request_id.as_ref(), &mut outcome).await {
+        let mut outcome = Outcome { app: NONE, route: NONE, upstream_status: None, lane: None };
+        let (mut response, reason) = match self.serve(request, request_id.as_ref(), &mut outcome).await {
             Ok(response) => (response, None),
             Err(e) => {
                 let reason = e.kind();
@@ -90,6 +92,13 @@ impl Proxy {
                 (e.into_response(started), Some(reason))
             }
         };
+        // Every answer of a limited route states its policy, even one the quota never had to decide on.
+        if let Some((app, route)) = outcome.lane {
+            let headers = response.headers_mut();
+            if !headers.contains_key(RATELIMIT_POLICY) {
+                headers.insert(RATELIMIT_POLICY, self.quota.policy(app, route));
+            }
+        }
         let elapsed = started.elapsed();
         let status = response.status();
         self.metrics.requests.with_label_values(&[outcome.app, outcome.route, status.as_str()]).inc();
@@ -137,6 +146,7 @@ impl Proxy {
         }
         let app = self.app(resolved.app)?;
         outcome.app = &app.key;
+        outcome.lane = Some((app.index, route));
         let body = match route {
             Route::DeleteConversation => read_body(body, self.body_read_timeout).await?,
             // The five roaming routes take no body: whatever was sent is ignored, never forwarded.

@@ -59,10 +59,13 @@ pub struct RateLimitHeaders {
     pub limit: HeaderValue,
 }
 
+pub const RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
+
 impl RateLimitHeaders {
     pub fn insert_into(self, headers: &mut http::HeaderMap) {
-        headers.insert(http::HeaderName::from_static("ratelimit-policy"), self.policy);
-        headers.insert(http::HeaderName::from_static("ratelimit"), self.limit);
+        headers.insert(RATELIMIT_POLICY, self.policy);
+        headers.insert(RATELIMIT, self.limit);
     }
 }
 
@@ -206,6 +209,11 @@ impl QuotaSet {
         });
         tokio::spawn(Arc::clone(&set).housekeeping());
         set
+    }
+
+    /// The `RateLimit-Policy` value of a lane.
+    pub fn policy(&self, app: usize, route: Route) -> HeaderValue {
+        self.lane(app, route).policy.clone()
     }
 
     fn lane(&self, app: usize, route: Route) -> &Lane {

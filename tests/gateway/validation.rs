@@ -127,6 +127,7 @@ async fn every_rule_is_enforced_before_any_upstream_call() {
         let description = a.assert_error(status, error);
         assert!(description.contains(text), "{method} {tail}: {description:?} lacks {text:?}");
         assert_eq!(a.header("x-easemob-gateway"), Some("rejected"), "{tail}");
+        assert!(a.header("ratelimit-policy").is_some(), "every answer of a limited route states its policy: {tail}");
     }
     assert_eq!(sim.business_requests().await, 0, "nothing reached Easemob: {:?}", sim.requests().await);
     let metrics = gw.metrics().await;
