@@ -146,7 +146,7 @@ impl App {
     /// Removes the owner's messages in one conversation that match `doomed`; an emptied conversation is dropped.
     fn delete_where(&mut self, owner: &str, key: ConvKey, doomed: impl Fn(&Message) -> bool) {
         let Some(view) = self.views.get_mut(&owner.to_lowercase()) else { return };
-        let key = (key.0, if key.0 == Kind::Chat { key.1.to_lowercase() } else { key.1 });
+        let key = normalize(key);
         if let Some(conversation) = view.get_mut(&key) {
             conversation.messages.retain(|m| !doomed(m));
             if conversation.messages.is_empty() {
@@ -171,11 +171,18 @@ impl App {
         if delete_roam {
             self.delete_where(owner, key, |_| true);
         } else if let Some(view) = self.views.get_mut(&owner.to_lowercase()) {
-            let key = (key.0, if key.0 == Kind::Chat { key.1.to_lowercase() } else { key.1 });
-            if let Some(conversation) = view.get_mut(&key) {
+            if let Some(conversation) = view.get_mut(&normalize(key)) {
                 conversation.listed = false;
             }
         }
+    }
+}
+
+/// User IDs compare case-insensitively (Easemob lowercases them); group IDs as given.
+fn normalize((kind, id): ConvKey) -> ConvKey {
+    match kind {
+        Kind::Chat => (kind, id.to_lowercase()),
+        Kind::Groupchat => (kind, id),
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http::Method;
@@ -33,14 +33,12 @@ struct Flood {
     stop: Arc<AtomicBool>,
     by_status: Arc<std::sync::Mutex<BTreeMap<u16, u64>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    sent: Arc<AtomicU64>,
 }
 
 impl Flood {
     fn start(gateways: &[Gateway]) -> Flood {
         let stop = Arc::new(AtomicBool::new(false));
         let by_status = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
-        let sent = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
         for gw in gateways {
             for _ in 0..4 {
@@ -54,7 +52,6 @@ impl Flood {
                     while !stop.load(Ordering::Relaxed) {
                         let a = send(Method::POST, &url, &[], "").await;
                         *by_status.lock().unwrap().entry(a.status).or_default() += 1;
-                        sent.fetch_add(1, Ordering::Relaxed);
                         // Bounded load: a refused caller backs off a little, as a real one would.
                         if a.status == 429 {
                             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -63,7 +60,7 @@ impl Flood {
                 }));
             }
         }
-        Flood { stop, by_status, tasks, sent }
+        Flood { stop, by_status, tasks }
     }
 
     async fn stop(self) -> BTreeMap<u16, u64> {
@@ -71,7 +68,6 @@ impl Flood {
         for t in self.tasks {
             t.await.unwrap();
         }
-        let _ = self.sent;
         self.by_status.lock().unwrap().clone()
     }
 }
@@ -105,6 +101,14 @@ async fn three_replicas_share_one_quota() {
     }
 }
 
+/// Waits until every replica's `rate_limit_backend_fallback` gauge reads `value`.
+async fn all_in_fallback(gateways: &[Gateway], value: u8) {
+    let line = format!("easemob_gateway_rate_limit_backend_fallback {value}");
+    for gw in gateways {
+        eventually(Duration::from_secs(15), &line, || async { gw.metrics().await.contains(&line) }).await;
+    }
+}
+
 #[tokio::test]
 async fn replicas_keep_answering_at_their_share_while_redis_is_down() {
     let mut redis = Redis::start().await;
@@ -114,12 +118,7 @@ async fn replicas_keep_answering_at_their_share_while_redis_is_down() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     redis.kill().await;
-    for gw in &gateways {
-        eventually(Duration::from_secs(10), "the fallback", || async {
-            gw.metrics().await.contains("easemob_gateway_rate_limit_backend_fallback 1")
-        })
-        .await;
-    }
+    all_in_fallback(&gateways, 1).await;
     let before = sim.stats().await["business_requests"].as_u64().unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let during = sim.stats().await["business_requests"].as_u64().unwrap() - before;
@@ -129,12 +128,7 @@ async fn replicas_keep_answering_at_their_share_while_redis_is_down() {
     assert!(during <= REPLICAS * share * 3 + REPLICAS * 2, "{during} calls in 3 s of outage");
 
     redis.restart().await;
-    for gw in &gateways {
-        eventually(Duration::from_secs(15), "the return to redis", || async {
-            gw.metrics().await.contains("easemob_gateway_rate_limit_backend_fallback 0")
-        })
-        .await;
-    }
+    all_in_fallback(&gateways, 0).await;
     let before = sim.stats().await["business_requests"].as_u64().unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = sim.stats().await["business_requests"].as_u64().unwrap() - before;
