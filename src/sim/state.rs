@@ -170,10 +170,10 @@ impl App {
     pub fn delete_conversation(&mut self, owner: &str, key: ConvKey, delete_roam: bool) {
         if delete_roam {
             self.delete_where(owner, key, |_| true);
-        } else if let Some(view) = self.views.get_mut(&owner.to_lowercase()) {
-            if let Some(conversation) = view.get_mut(&normalize(key)) {
-                conversation.listed = false;
-            }
+        } else if let Some(conversation) =
+            self.views.get_mut(&owner.to_lowercase()).and_then(|view| view.get_mut(&normalize(key)))
+        {
+            conversation.listed = false;
         }
     }
 }
