@@ -42,12 +42,8 @@ impl Flood {
         let mut tasks = Vec::new();
         for gw in gateways {
             for _ in 0..4 {
-                let (url, stop, by_status, sent) = (
-                    gw.url("/rest/message/roaming/user/dave/delete/all"),
-                    stop.clone(),
-                    by_status.clone(),
-                    sent.clone(),
-                );
+                let (url, stop, by_status) =
+                    (gw.url("/rest/message/roaming/user/dave/delete/all"), stop.clone(), by_status.clone());
                 tasks.push(tokio::spawn(async move {
                     while !stop.load(Ordering::Relaxed) {
                         let a = send(Method::POST, &url, &[], "").await;
