@@ -29,7 +29,22 @@ pub struct Config {
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
+    pub audit: AuditConfig,
+    #[serde(default)]
     pub apps: Vec<AppConfig>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Append-only JSON-lines file with one event per deletion sent to Easemob; absent: no audit trail.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    /// Also fsync each event before answering (survives a power loss; costs a disk flush per deletion).
+    pub fsync: bool,
+    /// Recorded as the caller when a request has no usable `X-Caller` header (e.g. the service's name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_caller: Option<String>,
 }
 
 /// A GCRA quota: `rate` calls per second, up to `burst` at once.

@@ -3,10 +3,7 @@
 
 use std::net::SocketAddr;
 
-use crate::config::UpstreamConfig;
-use crate::config::{
-    AppConfig, BaseUrl, Config, InlineSecret, LogConfig, RateLimitConfig, SecretPolicy, ServerConfig, TokenConfig,
-};
+use crate::config::{Config, SecretPolicy};
 use crate::server::{Server, shutdown_signal};
 use crate::sim::{Simulator, state};
 
@@ -16,28 +13,18 @@ pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> Result<(), Str
         .await
         .map_err(|e| format!("simulator: {e}"))?;
     tokio::spawn(sim);
-    let config = Config {
-        server: ServerConfig { listen, admin_listen, ..ServerConfig::default() },
-        upstream: UpstreamConfig {
-            base_url: BaseUrl::parse(&format!("http://{sim_addr}"))?,
-            connect_timeout: std::time::Duration::from_secs(2),
-            timeout: std::time::Duration::from_secs(10),
-            ca_file: None,
-            pool_idle_timeout: std::time::Duration::from_secs(50),
-            pool_max_idle_per_host: 64,
-        },
-        token: TokenConfig::default(),
-        rate_limit: RateLimitConfig::default(),
-        log: LogConfig::default(),
-        apps: vec![AppConfig {
-            org_name: state::DEMO_ORG.to_owned(),
-            app_name: state::DEMO_APP.to_owned(),
-            client_id: state::DEMO_CLIENT_ID.to_owned(),
-            client_secret: Some(InlineSecret(state::DEMO_CLIENT_SECRET.to_owned().into())),
-            client_secret_env: None,
-            client_secret_file: None,
-        }],
-    };
+    // Every default, the simulator as Easemob, and the demo app with its inline secret (allowed in demo only).
+    let mut config: Config = toml::from_str(&format!(
+        "[upstream]\nbase_url = \"http://{sim_addr}\"\n\n[[apps]]\norg_name = \"{}\"\napp_name = \"{}\"\n\
+         client_id = \"{}\"\nclient_secret = \"{}\"\n",
+        state::DEMO_ORG,
+        state::DEMO_APP,
+        state::DEMO_CLIENT_ID,
+        state::DEMO_CLIENT_SECRET
+    ))
+    .map_err(|e| format!("demo config: {e}"))?;
+    config.server.listen = listen;
+    config.server.admin_listen = admin_listen;
     let server = Server::bind(config, SecretPolicy::InlineAllowed).await?;
     let (data, admin) = (server.data_addr(), server.admin_addr());
     let base = format!("http://{data}/{}/{}", state::DEMO_ORG, state::DEMO_APP);

@@ -1,6 +1,7 @@
 //! easemob-gateway: an authenticating reverse proxy in front of Easemob's IM REST API that serves exactly six
 //! one-way deletion routes, holds the App Token itself, and validates every request before it costs anything.
 //!
+//! - `audit`    the audit trail: one JSON line per deletion sent to Easemob, written before the answer
 //! - `config`   typed configuration (TOML + `EASEMOB_GW__…` env), parsed once, checked as a whole
 //! - `routes`   the six routes and their path shapes; `routes/validate.rs` turns a request into a typed `Call`
 //! - `proxy`    the request path: resolve, validate, token, forward, replay once on 401, pass the answer back
@@ -16,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod config;
 pub mod demo;
 pub mod error;

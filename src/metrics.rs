@@ -29,6 +29,7 @@ pub struct Metrics {
     pub rate_limit_rate: IntGaugeVec,
     pub upstream_throttled: IntCounterVec,
     pub rate_limit_backend_fallback: IntGauge,
+    pub audit_write_errors: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -117,6 +118,13 @@ impl Metrics {
                 .expect("valid gauge");
                 registry.register(Box::new(g.clone())).expect("unique metric");
                 g
+            },
+            audit_write_errors: {
+                let c =
+                    prometheus::IntCounter::new("audit_write_errors_total", "Audit events that could not be written.")
+                        .expect("valid counter");
+                registry.register(Box::new(c.clone())).expect("unique metric");
+                c
             },
             registry,
         };

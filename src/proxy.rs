@@ -14,6 +14,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Status
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tracing::info;
 
+use crate::audit::{Audit, Event};
 use crate::error::{GatewayError, json_response, unix_millis};
 use crate::metrics::{Metrics, NONE};
 use crate::ratelimit::{QuotaSet, RATELIMIT_POLICY};
@@ -49,6 +50,7 @@ pub struct Proxy {
     quota: Arc<QuotaSet>,
     metrics: Metrics,
     body_read_timeout: Duration,
+    audit: Option<Arc<Audit>>,
 }
 
 /// What one request came to, for its log line and metrics.
@@ -67,8 +69,9 @@ impl Proxy {
         quota: Arc<QuotaSet>,
         metrics: Metrics,
         body_read_timeout: Duration,
+        audit: Option<Arc<Audit>>,
     ) -> Proxy {
-        Proxy { apps, upstream, quota, metrics, body_read_timeout }
+        Proxy { apps, upstream, quota, metrics, body_read_timeout, audit }
     }
 
     pub fn apps(&self) -> &[App] {
@@ -82,9 +85,12 @@ impl Proxy {
     {
         let started = Instant::now();
         let _in_flight = InFlight::enter(&self.metrics);
-        let request_id = request.headers().get(&X_REQUEST_ID).cloned();
+        let meta = Meta {
+            request_id: request.headers().get(&X_REQUEST_ID).cloned(),
+            caller: request.headers().get("x-caller").and_then(|v| v.to_str().ok()).map(str::to_owned),
+        };
         let mut outcome = Outcome { app: NONE, route: NONE, upstream_status: None, lane: None };
-        let (mut response, reason) = match self.serve(request, request_id.as_ref(), &mut outcome).await {
+        let (mut response, reason) = match self.serve(request, &meta, &mut outcome).await {
             Ok(response) => (response, None),
             Err(e) => {
                 let reason = e.kind();
@@ -104,7 +110,7 @@ impl Proxy {
         self.metrics.requests.with_label_values(&[outcome.app, outcome.route, status.as_str()]).inc();
         self.metrics.request_duration.with_label_values(&[outcome.app, outcome.route]).observe(elapsed.as_secs_f64());
         info!(
-            request_id = request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
+            request_id = meta.request_id(),
             app = outcome.app,
             route = outcome.route,
             status = status.as_u16(),
@@ -119,7 +125,7 @@ impl Proxy {
     async fn serve<'a, B>(
         &'a self,
         request: Request<B>,
-        request_id: Option<&HeaderValue>,
+        meta: &Meta,
         outcome: &mut Outcome<'a>,
     ) -> Result<Response<Full<Bytes>>, GatewayError>
     where
@@ -153,7 +159,7 @@ impl Proxy {
             _ => Bytes::new(),
         };
         let call = Call::parse(route, raw_owner, parts.uri.query(), &body, unix_millis() as i64)?;
-        self.forward(app, &call, request_id, outcome).await
+        self.forward(app, &call, meta, outcome).await
     }
 
     /// The app named by the path prefix, or the only app when the prefix is left out.
@@ -177,7 +183,7 @@ impl Proxy {
         &'a self,
         app: &'a App,
         call: &Call,
-        request_id: Option<&HeaderValue>,
+        meta: &Meta,
         outcome: &mut Outcome<'a>,
     ) -> Result<Response<Full<Bytes>>, GatewayError> {
         let route = call.route();
@@ -199,7 +205,7 @@ impl Proxy {
                 .header(header::CONTENT_TYPE, "application/json")
                 .header(header::ACCEPT, "application/json")
                 .header(header::USER_AGENT, crate::USER_AGENT);
-            if let Some(id) = request_id {
+            if let Some(id) = &meta.request_id {
                 request = request.header(&X_REQUEST_ID, id);
             }
             let request =
@@ -217,14 +223,25 @@ impl Proxy {
                 .upstream_duration
                 .with_label_values(&[&app.key, route.name()])
                 .observe(sent.elapsed().as_secs_f64());
-            let response = result.map_err(|e| {
-                tracing::warn!(app = %app.key, route = route.name(), error = %e, "easemob call failed");
-                match e {
-                    UpstreamError::Connect(_) => GatewayError::UpstreamUnreachable,
-                    UpstreamError::Timeout(_) => GatewayError::UpstreamTimeout,
-                    UpstreamError::Failed(_) => GatewayError::UpstreamFailed,
+            let response = match result {
+                Ok(response) => response,
+                Err(e) => {
+                    tracing::warn!(app = %app.key, route = route.name(), error = %e, "easemob call failed");
+                    return Err(match e {
+                        // Nothing was sent: no deletion to record.
+                        UpstreamError::Connect(_) => GatewayError::UpstreamUnreachable,
+                        // The request may have been carried out: recorded with an unknown outcome.
+                        UpstreamError::Timeout(_) => {
+                            self.audit(app, call, meta, None).await;
+                            GatewayError::UpstreamTimeout
+                        }
+                        UpstreamError::Failed(_) => {
+                            self.audit(app, call, meta, None).await;
+                            GatewayError::UpstreamFailed
+                        }
+                    });
                 }
-            })?;
+            };
             outcome.upstream_status = Some(response.status().as_u16());
             // The token died early (Easemob warns it can): replace it once and replay; a second 401 passes on.
             if response.status() == StatusCode::UNAUTHORIZED && !replayed && app.token.invalidate(token.generation()) {
@@ -238,10 +255,32 @@ impl Proxy {
             if response.status() == StatusCode::TOO_MANY_REQUESTS {
                 self.quota.upstream_throttled(app.index, route, retry_after(response.headers()));
             }
+            self.audit(app, call, meta, Some(response.status().as_u16())).await;
             let mut response = pass_through(response);
             admitted.headers.insert_into(response.headers_mut());
             return Ok(response);
         }
+    }
+
+    /// Writes the audit event of a deletion sent to Easemob, before the caller's answer.
+    async fn audit(&self, app: &App, call: &Call, meta: &Meta, upstream_status: Option<u16>) {
+        if let Some(audit) = &self.audit {
+            let caller = audit.caller(meta.caller.as_deref());
+            audit.record(Event::new(call, &app.key, meta.request_id(), caller, upstream_status)).await;
+        }
+    }
+}
+
+/// What the request says about itself, kept for logs, forwarding and the audit trail.
+struct Meta {
+    request_id: Option<HeaderValue>,
+    /// `X-Caller`: the calling service's name for itself, recorded in the audit trail.
+    caller: Option<String>,
+}
+
+impl Meta {
+    fn request_id(&self) -> &str {
+        self.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("")
     }
 }
 
@@ -249,6 +288,13 @@ impl Proxy {
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let secs: u64 = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
     Some(Duration::from_secs(secs.min(300)))
+}
+
+/// 1 to `max_len` characters of `A-Z a-z 0-9 - _ . :`: safe to log, forward and record as a label taken from a
+/// caller's header (a request id, a caller's name).
+pub fn is_plain_label(value: &str, max_len: usize) -> bool {
+    (1..=max_len).contains(&value.len())
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
 /// Easemob's answer as the caller's: status, headers (minus hop-by-hop ones) and body unchanged.

@@ -22,10 +22,11 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tracing::{debug, info, warn};
 
+use crate::audit::Audit;
 use crate::config::{Config, SecretPolicy};
 use crate::error::{GatewayError, json_response};
 use crate::metrics::Metrics;
-use crate::proxy::{App, Proxy, ProxyService};
+use crate::proxy::{App, Proxy, ProxyService, is_plain_label};
 use crate::ratelimit::QuotaSet;
 use crate::token::{Credentials, TokenSource};
 use crate::upstream::Upstream;
@@ -35,6 +36,7 @@ pub struct Server {
     config: Config,
     proxy: Arc<Proxy>,
     metrics: Metrics,
+    audit: Option<Arc<Audit>>,
     data: TcpListener,
     admin: TcpListener,
 }
@@ -74,8 +76,19 @@ impl Server {
             .map_err(|e| format!("server.admin_listen {}: {e}", config.server.admin_listen))?;
         let keys: Vec<String> = apps.iter().map(|a| a.key.clone()).collect();
         let quota = QuotaSet::new(&config.rate_limit, &keys, metrics.clone())?;
-        let proxy = Arc::new(Proxy::new(apps, upstream, quota, metrics.clone(), config.server.body_read_timeout));
-        Ok(Server { config, proxy, metrics, data, admin })
+        let audit = Audit::open(&config.audit, metrics.clone())?;
+        if audit.is_none() {
+            warn!("audit.file is not set: deletions are not recorded in an audit trail");
+        }
+        let proxy = Arc::new(Proxy::new(
+            apps,
+            upstream,
+            quota,
+            metrics.clone(),
+            config.server.body_read_timeout,
+            audit.clone(),
+        ));
+        Ok(Server { config, proxy, metrics, audit, data, admin })
     }
 
     pub fn data_addr(&self) -> SocketAddr {
@@ -89,7 +102,7 @@ impl Server {
     /// Serves until `shutdown` completes, then drains: `/readyz` turns 503, listeners close, in-flight requests
     /// get up to `server.shutdown_grace` to finish.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
-        let Server { config, proxy, metrics, data, admin } = self;
+        let Server { config, proxy, metrics, audit, data, admin } = self;
         let draining = Arc::new(AtomicBool::new(false));
         let (stop_data, data_stopped) = watch::channel(false);
         let (stop_admin, admin_stopped) = watch::channel(false);
@@ -139,6 +152,9 @@ impl Server {
             Ok(()) => info!("all in-flight requests finished"),
             Err(_) => warn!("shutdown grace elapsed with requests still in flight"),
         }
+        if let Some(audit) = &audit {
+            audit.sync();
+        }
         let _ = stop_admin.send(true);
         let _ = admin_loop.await;
         let admin_graceful = Arc::into_inner(admin_graceful).expect("the admin accept loop has ended");
@@ -149,11 +165,7 @@ impl Server {
 /// A caller's `X-Request-Id` is logged and forwarded to Easemob: keep it only if it is 1–128 characters of
 /// `A-Z a-z 0-9 - _ . :`, otherwise drop it so a fresh one is generated.
 fn drop_unfit_request_id<B>(mut request: Request<B>) -> Request<B> {
-    let fit = |v: &http::HeaderValue| {
-        let bytes = v.as_bytes();
-        (1..=128).contains(&bytes.len())
-            && bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
-    };
+    let fit = |v: &http::HeaderValue| v.to_str().is_ok_and(|v| is_plain_label(v, 128));
     if request.headers().get("x-request-id").is_some_and(|v| !fit(v)) {
         request.headers_mut().remove("x-request-id");
     }

@@ -144,8 +144,14 @@ pub struct TokenSource {
 impl TokenSource {
     /// Creates the source and starts its background task, which fetches the first token at once.
     pub fn spawn(credentials: Credentials, config: TokenConfig, upstream: Upstream, metrics: Metrics) -> Arc<Self> {
+        let app_key = format!("{}#{}", credentials.org, credentials.app);
+        // Series exist from the start at 0, so rate() and alerts work before the first event.
+        metrics.token_replays.with_label_values(&[&app_key]);
+        for result in ["ok", "rejected", "unreachable", "malformed"] {
+            metrics.token_fetches.with_label_values(&[&app_key, result]);
+        }
         let source = Arc::new(TokenSource {
-            app_key: format!("{}#{}", credentials.org, credentials.app),
+            app_key,
             credentials,
             config,
             upstream,

@@ -3,6 +3,7 @@
 mod cli;
 mod forwarding;
 mod lifecycle;
+mod ops;
 mod quota;
 mod routes;
 mod seeds;

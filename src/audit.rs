@@ -1,0 +1,161 @@
+//! The audit trail: one JSON line per deletion sent to Easemob (accepted, refused, or of unknown outcome when
+//! Easemob's answer was lost), appended to a file before the caller gets its answer, so that a user's erasure can
+//! be proven later. Only validated fields are written: never a token, a secret or a raw request.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde::Serialize;
+use tracing::error;
+
+use crate::config::AuditConfig;
+use crate::metrics::Metrics;
+use crate::proxy::is_plain_label;
+use crate::routes::{Call, ConversationType};
+
+pub struct Audit {
+    file: Mutex<File>,
+    fsync: bool,
+    default_caller: String,
+    metrics: Metrics,
+}
+
+/// One deletion, as written to the audit file.
+#[derive(Debug, Serialize)]
+pub struct Event {
+    pub time: String,
+    pub request_id: String,
+    pub caller: String,
+    pub app: String,
+    pub route: &'static str,
+    pub owner: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conversation_type: Option<ConversationType>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delete_roam: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_ids: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub del_time: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub is_notify: Option<bool>,
+    /// Easemob's status; absent when its answer was lost (timeout, reset): the deletion may have happened.
+    pub upstream_status: Option<u16>,
+    /// `accepted` (2xx), `refused` (any other status) or `unknown` (no answer).
+    pub outcome: &'static str,
+}
+
+impl Event {
+    pub fn new(call: &Call, app: &str, request_id: &str, caller: &str, upstream_status: Option<u16>) -> Event {
+        let mut event = Event {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            request_id: request_id.to_owned(),
+            caller: caller.to_owned(),
+            app: app.to_owned(),
+            route: call.route().name(),
+            owner: call.owner().to_string(),
+            peer: None,
+            group: None,
+            channel: None,
+            conversation_type: None,
+            delete_roam: None,
+            message_ids: None,
+            del_time: None,
+            is_notify: None,
+            upstream_status,
+            outcome: match upstream_status {
+                Some(s) if (200..300).contains(&s) => "accepted",
+                Some(_) => "refused",
+                None => "unknown",
+            },
+        };
+        match call {
+            Call::DeleteChatMessages { peer, msg_ids, notify, .. } => {
+                (event.peer, event.message_ids, event.is_notify) =
+                    (Some(peer.to_string()), Some(msg_ids.len()), *notify);
+            }
+            Call::DeleteGroupMessages { group, msg_ids, notify, .. } => {
+                (event.group, event.message_ids, event.is_notify) =
+                    (Some(group.to_string()), Some(msg_ids.len()), *notify);
+            }
+            Call::ClearUserMessages { .. } => {}
+            Call::ClearChatMessagesBefore { peer, del_time, notify, .. } => {
+                (event.peer, event.del_time, event.is_notify) =
+                    (Some(peer.to_string()), Some(del_time.millis()), *notify);
+            }
+            Call::ClearGroupMessagesBefore { group, del_time, notify, .. } => {
+                (event.group, event.del_time, event.is_notify) =
+                    (Some(group.to_string()), Some(del_time.millis()), *notify);
+            }
+            Call::DeleteConversation { conversation, .. } => {
+                event.channel = Some(conversation.channel.clone());
+                event.conversation_type = Some(conversation.kind);
+                event.delete_roam = Some(conversation.delete_roam);
+            }
+        }
+        event
+    }
+}
+
+impl Audit {
+    /// Opens (creating if needed) the audit file for appending; `None` when no file is configured.
+    pub fn open(config: &AuditConfig, metrics: Metrics) -> Result<Option<Arc<Audit>>, String> {
+        let Some(path) = &config.file else { return Ok(None) };
+        let file = open_append(path).map_err(|e| format!("audit.file {}: {e}", path.display()))?;
+        Ok(Some(Arc::new(Audit {
+            file: Mutex::new(file),
+            fsync: config.fsync,
+            default_caller: config.default_caller.clone().unwrap_or_else(|| "unknown".to_owned()),
+            metrics,
+        })))
+    }
+
+    /// The caller to record: `X-Caller` when it is 1–64 plain characters, else the configured default.
+    pub fn caller<'a>(&'a self, header: Option<&'a str>) -> &'a str {
+        header.filter(|v| is_plain_label(v, 64)).unwrap_or(&self.default_caller)
+    }
+
+    /// Appends one event. Runs on the blocking pool, so a slow disk never stalls the request threads; the caller
+    /// gets its answer only after this returns.
+    pub async fn record(self: &Arc<Self>, event: Event) {
+        let audit = Arc::clone(self);
+        let written = tokio::task::spawn_blocking(move || audit.write(&event)).await;
+        if let Err(e) | Ok(Err(e)) = written.map_err(std::io::Error::other) {
+            self.metrics.audit_write_errors.inc();
+            error!(error = %e, "audit event could not be written");
+        }
+    }
+
+    fn write(&self, event: &Event) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(event).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        let mut file = self.file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // One write of the whole line to an O_APPEND file: lines from concurrent requests never interleave.
+        file.write_all(&line)?;
+        if self.fsync {
+            file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Forces everything written so far to disk: at shutdown.
+    pub fn sync(&self) {
+        let file = self.file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Err(e) = file.sync_all() {
+            error!(error = %e, "audit file could not be synced");
+        }
+    }
+}
+
+fn open_append(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}

@@ -1,0 +1,120 @@
+//! Operations: the audit trail, and metrics that Prometheus's own linter accepts.
+
+use std::process::{Command, Stdio};
+
+use http::Method;
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+#[tokio::test]
+async fn every_deletion_sent_to_easemob_is_audited_and_nothing_else() {
+    let sim = Sim::start().await;
+    let audit_dir = tempfile::tempdir().unwrap();
+    let audit_file = audit_dir.path().join("audit.jsonl");
+    let extra = format!("[audit]\nfile = \"{}\"\ndefault_caller = \"orders-service\"\n", audit_file.display());
+    let gw = Gateway::start(&sim, GatewayOptions { extra, ..Default::default() }).await;
+    gw.wait_ready().await;
+
+    let chat = gw.url("/rest/message/roaming/chat/user/alice?userId=bob&msgIdList=1100000000000000001,1100000000000000002&isNotify=false");
+    let a = send(Method::DELETE, &chat, &[("x-caller", "billing"), ("x-request-id", "audit-1")], "").await;
+    assert_eq!(a.status, 200);
+    let body = json!({"channel": "carol", "type": "chat", "delete_roam": true}).to_string();
+    assert_eq!(send(Method::DELETE, &gw.url("/users/alice/user_channel"), &[], &body).await.status, 200);
+    let group = gw.url(&format!("/rest/message/roaming/group/user/bob/time?groupId={GROUP}&delTime=1659014868000"));
+    assert_eq!(delete(&group).await.status, 200);
+    // Refused by Easemob (unknown user): audited as refused. Refused by the gateway: not sent, not audited.
+    assert_eq!(send(Method::POST, &gw.url("/rest/message/roaming/user/nobody/delete/all"), &[], "").await.status, 404);
+    assert_eq!(delete(&gw.url("/rest/message/roaming/chat/user/alice?userId=bob")).await.status, 400);
+
+    let text = std::fs::read_to_string(&audit_file).unwrap();
+    let events: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(events.len(), 4, "{text}");
+    let first = &events[0];
+    assert_eq!(first["request_id"], "audit-1");
+    assert_eq!(first["caller"], "billing");
+    assert_eq!(first["app"], "1122161011178276#demo");
+    assert_eq!(first["route"], "delete_chat_messages");
+    assert_eq!((first["owner"].as_str(), first["peer"].as_str()), (Some("alice"), Some("bob")));
+    assert_eq!((first["message_ids"].as_u64(), first["is_notify"].as_bool()), (Some(2), Some(false)));
+    assert_eq!((first["upstream_status"].as_u64(), first["outcome"].as_str()), (Some(200), Some("accepted")));
+    assert!(first["time"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(events[1]["caller"], "orders-service", "the configured default caller");
+    assert_eq!((events[1]["channel"].as_str(), events[1]["delete_roam"].as_bool()), (Some("carol"), Some(true)));
+    assert_eq!((events[2]["group"].as_str(), events[2]["del_time"].as_i64()), (Some(GROUP), Some(1659014868000)));
+    assert_eq!((events[3]["upstream_status"].as_u64(), events[3]["outcome"].as_str()), (Some(404), Some("refused")));
+    let token = sim.requests().await[0]["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h[0] == "authorization")
+        .map(|h| h[1].as_str().unwrap().trim_start_matches("Bearer ").to_owned())
+        .unwrap();
+    for secret in [token.as_str(), CLIENT_SECRET] {
+        assert!(!text.contains(secret), "a secret in the audit file");
+        assert!(!gw.log().contains(secret), "a secret in the log");
+        assert!(!gw.metrics().await.contains(secret), "a secret in the metrics");
+    }
+}
+
+#[tokio::test]
+async fn metrics_pass_promtool() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    // Touch every family: a success, a rejection, a token fetch.
+    assert_eq!(send(Method::POST, &gw.url("/rest/message/roaming/user/dave/delete/all"), &[], "").await.status, 200);
+    assert_eq!(delete(&gw.url("/nope")).await.status, 404);
+    let metrics = gw.metrics().await;
+    for family in [
+        "requests_total",
+        "request_duration_seconds",
+        "upstream_requests_total",
+        "upstream_duration_seconds",
+        "rejected_total",
+        "rate_limit_wait_seconds",
+        "rate_limit_backend_fallback",
+        "token_fetches_total",
+        "token_expires_at_seconds",
+        "token_replays_total",
+        "in_flight_requests",
+        "build_info",
+    ] {
+        assert!(metrics.contains(&format!("# TYPE easemob_gateway_{family} ")), "{family} missing");
+    }
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (tests/run installs Debian's prometheus package)");
+    use std::io::Write;
+    promtool.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && report.trim().is_empty(), "promtool: {report}");
+}
+
+#[tokio::test]
+async fn json_logs_have_one_structured_line_per_request() {
+    let sim = Sim::start().await;
+    let gw =
+        Gateway::start(&sim, GatewayOptions { extra: "[log]\nformat = \"json\"\n".into(), ..Default::default() }).await;
+    gw.wait_ready().await;
+    let headers = [("x-request-id", "log-1")];
+    send(Method::POST, &gw.url("/rest/message/roaming/user/dave/delete/all"), &headers, "").await;
+    send(Method::DELETE, &gw.url("/rest/message/roaming/chat/user/alice?userId=bob"), &[("x-request-id", "log-2")], "")
+        .await;
+    let lines: Vec<Value> = gw.log().lines().map(|l| serde_json::from_str(l).expect("every line is JSON")).collect();
+    let request =
+        |id: &str| lines.iter().find(|l| l["message"] == "request" && l["request_id"] == id).cloned().unwrap();
+    let ok = request("log-1");
+    assert_eq!((ok["status"].as_u64(), ok["upstream_status"].as_u64()), (Some(200), Some(200)));
+    assert_eq!(
+        (ok["app"].as_str(), ok["route"].as_str()),
+        (Some("1122161011178276#demo"), Some("clear_user_messages"))
+    );
+    assert!(ok["duration_ms"].as_f64().is_some());
+    let refused = request("log-2");
+    assert_eq!((refused["status"].as_u64(), refused["reason"].as_str()), (Some(400), Some("invalid")));
+}
