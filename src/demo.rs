@@ -34,20 +34,20 @@ pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> Result<(), Str
 on http://{sim_addr}, seeded with users alice, bob, carol, dave and group {group}. No credential needed.
 
 # what alice sees before (the simulator's inspection API):
-curl -s {view}/alice
+curl -s -w '\n' {view}/alice
 
 # delete two of alice's messages with bob; bob keeps them:
-curl -s -X DELETE '{base}/rest/message/roaming/chat/user/alice?userId=bob&msgIdList=1100000000000000001,1100000000000000003&isNotify=false'
+curl -s -w '\n' -X DELETE '{base}/rest/message/roaming/chat/user/alice?userId=bob&msgIdList=1100000000000000001,1100000000000000003&isNotify=false'
 
 # alice forgets her conversation with carol, roaming messages included:
-curl -s -X DELETE '{base}/users/alice/user_channel' -H 'Content-Type: application/json' -d '{{"channel":"carol","type":"chat","delete_roam":true}}'
+curl -s -w '\n' -X DELETE '{base}/users/alice/user_channel' -H 'Content-Type: application/json' -d '{{"channel":"carol","type":"chat","delete_roam":true}}'
 
 # a mistake the gateway catches before Easemob sees it (delTime in seconds):
-curl -s -X DELETE '{base}/rest/message/roaming/group/user/bob/time?groupId={group}&delTime=1659014868'
+curl -s -w '\n' -X DELETE '{base}/rest/message/roaming/group/user/bob/time?groupId={group}&delTime=1659014868'
 
 # and after: alice's view, bob's view, readiness and metrics
-curl -s {view}/alice; curl -s {view}/bob
-curl -s http://{admin}/readyz; curl -s http://{admin}/metrics | grep easemob_gateway_requests_total
+curl -s -w '\n' {view}/alice; curl -s -w '\n' {view}/bob
+curl -s -w '\n' http://{admin}/readyz; curl -s -w '\n' http://{admin}/metrics | grep easemob_gateway_requests_total
 
 Ctrl-C stops the demo."#,
         group = state::DEMO_GROUP,

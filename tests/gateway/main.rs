@@ -1,6 +1,7 @@
 //! End-to-end tests: the real gateway and the real simulator as separate processes, real HTTP over loopback.
 
 mod cli;
+mod demo;
 mod forwarding;
 mod lifecycle;
 mod ops;
