@@ -147,6 +147,10 @@ pub struct ServerConfig {
     /// A client must finish sending a request body (only `delete_conversation` has one) within this.
     #[serde(with = "humantime_serde")]
     pub body_read_timeout: Duration,
+    /// Requests handled at once; more are answered 503 at once instead of queueing without bound.
+    pub max_in_flight: usize,
+    /// Client connections open at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -159,6 +163,9 @@ impl Default for ServerConfig {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(10),
+            // Far above what a 100/s quota with a 250 ms wait can keep busy; a bound, not a tuning knob.
+            max_in_flight: 1024,
+            max_connections: 4096,
             // Kubernetes' default terminationGracePeriodSeconds is 30 s; finish before it kills us.
             shutdown_grace: Duration::from_secs(25),
         }
@@ -476,6 +483,9 @@ impl Config {
             if d.is_zero() {
                 problems.push(format!("{name} must be above 0"));
             }
+        }
+        if self.server.max_in_flight == 0 || self.server.max_connections == 0 {
+            problems.push("server.max_in_flight and server.max_connections must be above 0".to_owned());
         }
         if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
             problems.push("server.listen and server.admin_listen must differ".to_owned());

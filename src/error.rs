@@ -35,6 +35,8 @@ pub enum GatewayError {
     BodyTimeout,
     #[error("over quota")]
     RateLimited { retry_after: Duration, headers: RateLimitHeaders },
+    #[error("too many requests in flight")]
+    Overloaded,
     #[error("no valid app token")]
     NoToken { retry_after: Duration },
     #[error("upstream unreachable")]
@@ -59,6 +61,7 @@ impl GatewayError {
             GatewayError::BodyUnreadable => "body_unreadable",
             GatewayError::BodyTimeout => "body_timeout",
             GatewayError::RateLimited { .. } => "rate_limited",
+            GatewayError::Overloaded => "overloaded",
             GatewayError::NoToken { .. } => "no_token",
             GatewayError::UpstreamUnreachable => "upstream_unreachable",
             GatewayError::UpstreamTimeout => "upstream_timeout",
@@ -100,6 +103,11 @@ impl GatewayError {
             GatewayError::BodyTimeout => {
                 (StatusCode::REQUEST_TIMEOUT, "request_timeout", "the request body did not arrive in time".to_owned())
             }
+            GatewayError::Overloaded => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "the gateway is at its limit of requests in flight; retry shortly".to_owned(),
+            ),
             GatewayError::NoToken { retry_after } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "service_unavailable",
@@ -138,6 +146,9 @@ impl GatewayError {
             }
             GatewayError::NoToken { retry_after } => {
                 response.headers_mut().insert(header::RETRY_AFTER, retry_after_secs(retry_after).into());
+            }
+            GatewayError::Overloaded => {
+                response.headers_mut().insert(header::RETRY_AFTER, 1.into());
             }
             GatewayError::RateLimited { retry_after, headers } => {
                 response.headers_mut().insert(header::RETRY_AFTER, retry_after_secs(retry_after).into());

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub upstream_throttled: IntCounterVec,
     pub rate_limit_backend_fallback: IntGauge,
     pub audit_write_errors: prometheus::IntCounter,
+    pub upstream_retries: IntCounterVec,
+    pub open_connections: IntGauge,
 }
 
 impl Metrics {
@@ -125,6 +127,17 @@ impl Metrics {
                         .expect("valid counter");
                 registry.register(Box::new(c.clone())).expect("unique metric");
                 c
+            },
+            upstream_retries: counter(
+                "upstream_retries_total",
+                "Calls retried once after a connect failure or Easemob's 502/503, within the retry budget.",
+                &["app", "route"],
+            ),
+            open_connections: {
+                let g =
+                    IntGauge::new("open_connections", "Data-plane client connections open now.").expect("valid gauge");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
             },
             registry,
         };

@@ -14,13 +14,20 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Status
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tracing::info;
 
+use tokio::sync::Semaphore;
+use tower::retry::budget::{Budget, TpsBudget};
+
 use crate::audit::{Audit, Event};
+use crate::config::ServerConfig;
 use crate::error::{GatewayError, json_response, unix_millis};
 use crate::metrics::{Metrics, NONE};
 use crate::ratelimit::{QuotaSet, RATELIMIT_POLICY};
 use crate::routes::{self, Call, Endpoint, Route};
 use crate::token::TokenSource;
 use crate::upstream::{Upstream, UpstreamError};
+
+/// A retry needs at least this much of the request's deadline left to be worth sending.
+const MIN_RETRY_TIME: Duration = Duration::from_millis(100);
 
 /// Easemob's `delete_conversation` body is three fields; anything this large is not one.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -51,6 +58,10 @@ pub struct Proxy {
     metrics: Metrics,
     body_read_timeout: Duration,
     audit: Option<Arc<Audit>>,
+    /// Retries may add at most a fifth to the calls Easemob sees (plus a trickle), so an outage is not doubled.
+    retry_budget: TpsBudget,
+    /// Requests being handled: past `server.max_in_flight`, new ones are shed at once.
+    in_flight: Arc<Semaphore>,
 }
 
 /// What one request came to, for its log line and metrics.
@@ -68,10 +79,19 @@ impl Proxy {
         upstream: Upstream,
         quota: Arc<QuotaSet>,
         metrics: Metrics,
-        body_read_timeout: Duration,
+        limits: &ServerConfig,
         audit: Option<Arc<Audit>>,
     ) -> Proxy {
-        Proxy { apps, upstream, quota, metrics, body_read_timeout, audit }
+        Proxy {
+            apps,
+            upstream,
+            quota,
+            metrics,
+            body_read_timeout: limits.body_read_timeout,
+            audit,
+            retry_budget: TpsBudget::new(Duration::from_secs(10), 1, 0.2),
+            in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
+        }
     }
 
     pub fn apps(&self) -> &[App] {
@@ -85,6 +105,12 @@ impl Proxy {
     {
         let started = Instant::now();
         let _in_flight = InFlight::enter(&self.metrics);
+        // Shed at once rather than queue without bound: a fast 503 lets callers back off while we recover.
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            self.metrics.rejected.with_label_values(&[NONE, NONE, GatewayError::Overloaded.kind()]).inc();
+            self.metrics.requests.with_label_values(&[NONE, NONE, "503"]).inc();
+            return GatewayError::Overloaded.into_response(started);
+        };
         let meta = Meta {
             request_id: request.headers().get(&X_REQUEST_ID).cloned(),
             caller: request.headers().get("x-caller").and_then(|v| v.to_str().ok()).map(str::to_owned),
@@ -189,7 +215,10 @@ impl Proxy {
         let route = call.route();
         let url = self.upstream.url(&app.org, &app.app, &call.upstream_path_and_query());
         let body = call.upstream_body();
-        let mut replayed = false;
+        // One deadline for the request, retry included: a retry never stretches the caller's wait.
+        let deadline = tokio::time::Instant::now() + self.upstream.timeout();
+        self.retry_budget.deposit();
+        let (mut replayed, mut retried) = (false, false);
         loop {
             let token = app.token.get().await.map_err(|e| GatewayError::NoToken { retry_after: e.retry_after })?;
             // After the token: a request that cannot be sent must not cost quota. Replays pay too: Easemob counts them.
@@ -211,7 +240,7 @@ impl Proxy {
             let request =
                 request.body(Full::new(body.clone().unwrap_or_default())).map_err(|_| GatewayError::Internal)?;
             let sent = Instant::now();
-            let result = self.upstream.send(request).await;
+            let result = self.upstream.send_until(request, deadline).await;
             let code = match &result {
                 Ok(response) => response.status().as_str().to_owned(),
                 Err(UpstreamError::Connect(_)) => "connect_error".to_owned(),
@@ -223,6 +252,19 @@ impl Proxy {
                 .upstream_duration
                 .with_label_values(&[&app.key, route.name()])
                 .observe(sent.elapsed().as_secs_f64());
+            // Retry once where it is safe: nothing was sent (connect failed), or Easemob's front said 502/503
+            // (not processed). Never on a timeout or a cut-off answer (it may have been carried out), never on 4xx.
+            let safe_to_retry = match &result {
+                Err(UpstreamError::Connect(_)) => true,
+                Ok(response) => matches!(response.status(), StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE),
+                Err(_) => false,
+            };
+            let time_left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if safe_to_retry && !retried && time_left >= MIN_RETRY_TIME && self.retry_budget.withdraw() {
+                retried = true;
+                self.metrics.upstream_retries.with_label_values(&[&app.key, route.name()]).inc();
+                continue;
+            }
             let response = match result {
                 Ok(response) => response,
                 Err(e) => {

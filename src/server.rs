@@ -16,7 +16,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -80,14 +80,7 @@ impl Server {
         if audit.is_none() {
             warn!("audit.file is not set: deletions are not recorded in an audit trail");
         }
-        let proxy = Arc::new(Proxy::new(
-            apps,
-            upstream,
-            quota,
-            metrics.clone(),
-            config.server.body_read_timeout,
-            audit.clone(),
-        ));
+        let proxy = Arc::new(Proxy::new(apps, upstream, quota, metrics.clone(), &config.server, audit.clone()));
         Ok(Server { config, proxy, metrics, audit, data, admin })
     }
 
@@ -109,7 +102,11 @@ impl Server {
         let (data_graceful, admin_graceful) = (Arc::new(GracefulShutdown::new()), Arc::new(GracefulShutdown::new()));
 
         let mut http = auto::Builder::new(TokioExecutor::new());
-        http.http1().timer(TokioTimer::new()).header_read_timeout(config.server.header_read_timeout);
+        http.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.server.header_read_timeout)
+            // Request line and headers together; the six routes need a fraction of this.
+            .max_buf_size(MAX_HEADER_BYTES);
 
         // Outermost first. A caller's request id is kept only if it is short and plain (it is logged and
         // forwarded); then one is set before anything can answer, so every answer, rejections included, carries
@@ -121,7 +118,8 @@ impl Server {
             .layer(PropagateRequestIdLayer::x_request_id())
             .layer(CatchPanicLayer::custom(|_| GatewayError::Internal.into_response(std::time::Instant::now())))
             .service(ProxyService::new(Arc::clone(&proxy)));
-        let admin_service = AdminService { proxy: Arc::clone(&proxy), metrics, draining: Arc::clone(&draining) };
+        let admin_service =
+            AdminService { proxy: Arc::clone(&proxy), metrics: metrics.clone(), draining: Arc::clone(&draining) };
 
         let data_loop = tokio::spawn(accept_loop(
             data,
@@ -129,6 +127,10 @@ impl Server {
             TowerToHyperService::new(data_service),
             Arc::clone(&data_graceful),
             data_stopped,
+            Connections {
+                limit: Arc::new(Semaphore::new(config.server.max_connections)),
+                open: Some(metrics.open_connections.clone()),
+            },
         ));
         let admin_loop = tokio::spawn(accept_loop(
             admin,
@@ -139,6 +141,7 @@ impl Server {
             }),
             Arc::clone(&admin_graceful),
             admin_stopped,
+            Connections { limit: Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS)), open: None },
         ));
 
         shutdown.await;
@@ -178,6 +181,7 @@ async fn accept_loop<S, B>(
     service: S,
     graceful: Arc<GracefulShutdown>,
     mut stop: watch::Receiver<bool>,
+    connections: Connections,
 ) where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -187,6 +191,11 @@ async fn accept_loop<S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     loop {
+        // At the connection limit, stop accepting: newcomers wait in the kernel's backlog, not in our memory.
+        let permit = tokio::select! {
+            permit = Arc::clone(&connections.limit).acquire_owned() => permit.expect("never closed"),
+            _ = stop.changed() => return,
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -202,13 +211,32 @@ async fn accept_loop<S, B>(
         let _ = stream.set_nodelay(true);
         let connection = http.serve_connection(TokioIo::new(stream), service.clone()).into_owned();
         let connection = graceful.watch(connection);
+        let open = connections.open.clone();
         tokio::spawn(async move {
+            let _permit = permit;
+            if let Some(open) = &open {
+                open.inc();
+            }
             if let Err(e) = connection.await {
                 debug!(error = %e, "connection ended with an error");
+            }
+            if let Some(open) = &open {
+                open.dec();
             }
         });
     }
 }
+
+/// How many connections a listener keeps open, and the gauge that counts them (data plane only).
+struct Connections {
+    limit: Arc<Semaphore>,
+    open: Option<prometheus::IntGauge>,
+}
+
+/// The request line and headers of one request: far above what the six routes need, far below a memory risk.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Probes and a scraper or two.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// `/healthz`, `/readyz`, `/metrics`: the admin listener, never the data plane.
 #[derive(Clone)]

@@ -86,6 +86,15 @@ impl Upstream {
 
     /// Sends one request and reads the whole answer, all within the configured timeout.
     pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<Bytes>, UpstreamError> {
+        self.send_until(request, tokio::time::Instant::now() + self.timeout).await
+    }
+
+    /// Sends one request and reads the whole answer, all before `deadline`.
+    pub async fn send_until(
+        &self,
+        request: Request<Full<Bytes>>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Response<Bytes>, UpstreamError> {
         let exchange = async {
             let response = self.client.request(request).await.map_err(|e| {
                 if e.is_connect() {
@@ -102,7 +111,7 @@ impl Upstream {
                 .to_bytes();
             Ok(Response::from_parts(parts, body))
         };
-        tokio::time::timeout(self.timeout, exchange).await.unwrap_or(Err(UpstreamError::Timeout(self.timeout)))
+        tokio::time::timeout_at(deadline, exchange).await.unwrap_or(Err(UpstreamError::Timeout(self.timeout)))
     }
 }
 

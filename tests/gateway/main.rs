@@ -6,6 +6,7 @@ mod forwarding;
 mod lifecycle;
 mod ops;
 mod quota;
+mod resilience;
 mod routes;
 mod seeds;
 mod shared_quota;

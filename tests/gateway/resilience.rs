@@ -1,0 +1,85 @@
+//! Upstream faults and overload: bounded retries, load shedding, and recovery.
+
+use std::time::{Duration, Instant};
+
+use http::Method;
+use serde_json::json;
+
+use crate::support::*;
+
+fn clear_url(gw: &Gateway) -> String {
+    gw.url("/rest/message/roaming/user/dave/delete/all")
+}
+
+fn metric(metrics: &str, prefix: &str) -> u64 {
+    metrics.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_503_from_easemob_is_retried_once_and_then_succeeds() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    sim.faults(json!({"status": 503, "status_count": 1})).await;
+    let a = send(Method::POST, &clear_url(&gw), &[], "").await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(sim.business_requests().await, 2);
+    assert_eq!(metric(&gw.metrics().await, "easemob_gateway_upstream_retries_total{"), 1);
+}
+
+#[tokio::test]
+async fn retries_stay_within_the_budget_during_an_outage() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    sim.faults(json!({"status": 503})).await;
+    for _ in 0..30 {
+        let a = send(Method::POST, &clear_url(&gw), &[], "").await;
+        a.assert_error(503, "service_unavailable");
+        assert!(!a.gateway_made(), "Easemob's own 503 is passed on after the retry");
+    }
+    let retries = metric(&gw.metrics().await, "easemob_gateway_upstream_retries_total{");
+    assert_eq!(sim.business_requests().await, 30 + retries, "at most one retry per request");
+    // tower's TpsBudget: 1/s over a 10 s window plus a fifth of the requests: far fewer than one per request.
+    assert!((1..=20).contains(&retries), "{retries} retries for 30 requests");
+}
+
+#[tokio::test]
+async fn no_retry_after_a_4xx() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    sim.faults(json!({"status": 400, "status_count": 1})).await;
+    assert_eq!(send(Method::POST, &clear_url(&gw), &[], "").await.status, 400);
+    assert_eq!(sim.business_requests().await, 1);
+}
+
+#[tokio::test]
+async fn past_max_in_flight_requests_are_shed_at_once_and_the_gateway_recovers() {
+    let sim = Sim::start().await;
+    let options = GatewayOptions {
+        server: "max_in_flight = 2".into(),
+        extra: "[rate_limit]\nroute = { rate = 100, burst = 10 }\n".into(),
+        ..Default::default()
+    };
+    let gw = Gateway::start(&sim, options).await;
+    gw.wait_ready().await;
+    sim.faults(json!({"delay_ms": 2000})).await;
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let url = clear_url(&gw);
+            tokio::spawn(async move { send(Method::POST, &url, &[], "").await })
+        })
+        .collect();
+    eventually(Duration::from_secs(10), "two held requests", || async { sim.business_requests().await == 2 }).await;
+    let started = Instant::now();
+    let shed = send(Method::POST, &clear_url(&gw), &[], "").await;
+    shed.assert_error(503, "service_unavailable");
+    assert_eq!(shed.header("x-easemob-gateway"), Some("rejected"));
+    assert_eq!(shed.header("retry-after"), Some("1"));
+    assert!(started.elapsed() < Duration::from_millis(1500), "shed without waiting for a slot");
+    assert_eq!(sim.business_requests().await, 2, "the shed request never reached Easemob");
+    for h in held {
+        assert_eq!(h.await.unwrap().status, 200);
+    }
+    sim.faults(json!({})).await;
+    assert_eq!(send(Method::POST, &clear_url(&gw), &[], "").await.status, 200, "recovered");
+    assert!(gw.metrics().await.contains("reason=\"overloaded\""));
+}
