@@ -62,7 +62,7 @@ impl Server {
                     org: app.org_name.clone(),
                     app: app.app_name.clone(),
                     client_id: app.client_id.clone(),
-                    client_secret: app.resolve_secret()?,
+                    client_secret: std::sync::RwLock::new(app.resolve_secret()?),
                 };
                 let token = TokenSource::spawn(credentials, config.token.clone(), upstream.clone(), metrics.clone());
                 Ok(App { index, org: app.org_name.clone(), app: app.app_name.clone(), key: app.app_key(), token })
@@ -144,7 +144,9 @@ impl Server {
             Connections { limit: Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS)), open: None },
         ));
 
+        let reload = tokio::spawn(reload_secrets_on_sighup(config.clone(), Arc::clone(&proxy)));
         shutdown.await;
+        reload.abort();
         info!(grace = ?config.server.shutdown_grace, "shutting down: refusing new connections, draining in-flight requests");
         // The admin listener stays up while draining, so probes see /readyz turn 503 rather than a refused port.
         draining.store(true, Ordering::SeqCst);
@@ -162,6 +164,27 @@ impl Server {
         let _ = admin_loop.await;
         let admin_graceful = Arc::into_inner(admin_graceful).expect("the admin accept loop has ended");
         let _ = tokio::time::timeout(Duration::from_secs(1), admin_graceful.shutdown()).await;
+    }
+}
+
+/// On SIGHUP, re-reads every `client_secret_file` (Kubernetes updates mounted secrets in place) and fetches a
+/// fresh token with each secret that changed; a file that cannot be read keeps the old secret.
+async fn reload_secrets_on_sighup(config: Config, proxy: Arc<Proxy>) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        warn!("SIGHUP handler unavailable: client secrets are read at start-up only");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        info!("SIGHUP received: re-reading client secret files");
+        for (app, runtime) in config.apps.iter().zip(proxy.apps()) {
+            if app.client_secret_file.is_none() {
+                continue;
+            }
+            match app.resolve_secret() {
+                Ok(secret) => runtime.token.replace_secret(secret),
+                Err(e) => warn!(app = %runtime.key, error = %e, "client secret not reloaded; keeping the current one"),
+            }
+        }
     }
 }
 

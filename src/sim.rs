@@ -425,6 +425,22 @@ impl Simulator {
                 }
                 None => control_error(StatusCode::NOT_FOUND, "no such app"),
             },
+            (&Method::PUT, ["apps", org, app, "secret"]) => {
+                #[derive(Deserialize)]
+                struct Secret {
+                    client_secret: String,
+                }
+                let Some(app) = world.app_mut(org, app) else {
+                    return control_error(StatusCode::NOT_FOUND, "no such app");
+                };
+                match serde_json::from_slice::<Secret>(body) {
+                    Ok(secret) => {
+                        app.client_secret = secret.client_secret;
+                        ok(json!({ "rotated": true }))
+                    }
+                    Err(e) => control_error(StatusCode::BAD_REQUEST, &e.to_string()),
+                }
+            }
             (&Method::POST, ["apps", org, app, "messages"]) => {
                 #[derive(Deserialize)]
                 struct Send {

@@ -129,7 +129,8 @@ pub struct Credentials {
     pub org: String,
     pub app: String,
     pub client_id: String,
-    pub client_secret: SecretString,
+    /// Replaceable at run time: Kubernetes rotates mounted secrets, and SIGHUP re-reads them.
+    pub client_secret: std::sync::RwLock<SecretString>,
 }
 
 pub struct TokenSource {
@@ -219,6 +220,14 @@ impl TokenSource {
         replace
     }
 
+    /// Takes a new client secret (SIGHUP after a rotation) and fetches a fresh token with it. The current token
+    /// keeps serving meanwhile: a secret rotation does not revoke tokens already issued.
+    pub fn replace_secret(&self, secret: SecretString) {
+        *self.credentials.client_secret.write().expect("secret lock") = secret;
+        info!(app = %self.app_key, "client secret reloaded; fetching a fresh token");
+        self.state.send_if_modified(|s| !std::mem::replace(&mut s.wanted, true));
+    }
+
     pub fn is_ready(&self) -> bool {
         self.state.borrow().token.as_ref().is_some_and(|t| t.usable(Instant::now()))
     }
@@ -296,7 +305,7 @@ impl TokenSource {
         let mut body = serde_json::json!({
             "grant_type": "client_credentials",
             "client_id": c.client_id,
-            "client_secret": c.client_secret.expose_secret(),
+            "client_secret": c.client_secret.read().expect("secret lock").expose_secret(),
         });
         if let Some(ttl) = self.config.ttl {
             body["ttl"] = ttl.as_secs().into();

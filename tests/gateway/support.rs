@@ -1,6 +1,7 @@
 //! Test harness: the real binary, started as separate processes (the simulator and the gateway) on
 //! 127.0.0.1:0, talked to over real HTTP.
 
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -225,9 +226,19 @@ impl Gateway {
 
     /// Sends SIGTERM, as Kubernetes does on a rolling restart.
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends a signal by name (`TERM`, `HUP`).
+    pub fn signal(&self, name: &str) {
         let pid = self._child.id().expect("gateway still running");
-        let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+        let status = std::process::Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).status().unwrap();
         assert!(status.success());
+    }
+
+    /// The file the gateway reads its client secret from.
+    pub fn secret_file(&self) -> PathBuf {
+        self.dir.path().join("secret")
     }
 
     /// Waits for the process to exit and returns its exit code.

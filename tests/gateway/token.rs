@@ -158,3 +158,24 @@ async fn a_token_that_never_expires_is_handled() {
     assert_eq!(clear(&gw).await.status, 200);
     assert!(gw.metrics().await.contains("easemob_gateway_token_expires_at_seconds{app=\"1122161011178276#demo\"} 0"));
 }
+
+#[tokio::test]
+async fn sighup_rereads_a_rotated_secret_and_fetches_a_fresh_token() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    // Kubernetes rotates the Secret: Easemob now wants the new one, and the mounted file holds it.
+    let rotated = "YXA6rotated-secret-0042";
+    let url = format!("{}/_sim/apps/{ORG}/{APP}/secret", sim.url);
+    assert_eq!(send(Method::PUT, &url, &[], &json!({"client_secret": rotated}).to_string()).await.status, 200);
+    std::fs::write(gw.secret_file(), format!("{rotated}\n")).unwrap();
+    gw.signal("HUP");
+    eventually(Duration::from_secs(10), "a token fetched with the new secret", || async {
+        sim.stats().await["tokens_issued"] == 2
+    })
+    .await;
+    // The old tokens are revoked too: the fresh one carries on.
+    sim.expire_tokens().await;
+    let a = clear(&gw).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert!(!gw.log().contains(rotated), "the secret is never logged");
+}
