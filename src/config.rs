@@ -30,8 +30,20 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    /// Callers known by key: when any is configured, every request must present one in `X-Gateway-Key`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub callers: Vec<CallerConfig>,
     #[serde(default)]
     pub apps: Vec<AppConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallerConfig {
+    /// Recorded as the caller in the audit trail.
+    pub name: String,
+    /// SHA-256 of the caller's key, in hex (`easemob-gateway hash-key` prints it): the key itself is never stored.
+    pub key_sha256: String,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -147,6 +159,9 @@ pub struct ServerConfig {
     /// A client must finish sending a request body (only `delete_conversation` has one) within this.
     #[serde(with = "humantime_serde")]
     pub body_read_timeout: Duration,
+    /// Networks that may call the data plane; required when `listen` is not a loopback address.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allow_from: Vec<ipnet::IpNet>,
     /// Requests handled at once; more are answered 503 at once instead of queueing without bound.
     pub max_in_flight: usize,
     /// Client connections open at once; more wait in the kernel's accept queue.
@@ -163,6 +178,7 @@ impl Default for ServerConfig {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(10),
+            allow_from: Vec::new(),
             // Far above what a 100/s quota with a 250 ms wait can keep busy; a bound, not a tuning knob.
             max_in_flight: 1024,
             max_connections: 4096,
@@ -482,6 +498,21 @@ impl Config {
         ] {
             if d.is_zero() {
                 problems.push(format!("{name} must be above 0"));
+            }
+        }
+        if !self.server.listen.ip().is_loopback() && self.server.allow_from.is_empty() {
+            problems.push(format!(
+                "server.listen {} is not a loopback address and callers present no credential: set \
+                 server.allow_from to the networks that may call it",
+                self.server.listen
+            ));
+        }
+        for (i, caller) in self.callers.iter().enumerate() {
+            if !crate::proxy::is_plain_label(&caller.name, 64) {
+                problems.push(format!("callers[{i}].name must be 1-64 characters of A-Z a-z 0-9 - _ . :"));
+            }
+            if caller.key_sha256.len() != 64 || hex::decode(&caller.key_sha256).is_err() {
+                problems.push(format!("callers[{i}].key_sha256 must be 64 hex digits (easemob-gateway hash-key)"));
             }
         }
         if self.server.max_in_flight == 0 || self.server.max_connections == 0 {

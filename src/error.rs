@@ -35,6 +35,10 @@ pub enum GatewayError {
     BodyTimeout,
     #[error("over quota")]
     RateLimited { retry_after: Duration, headers: RateLimitHeaders },
+    #[error("caller not allowed")]
+    Forbidden,
+    #[error("gateway key missing or unknown")]
+    Unauthenticated,
     #[error("too many requests in flight")]
     Overloaded,
     #[error("no valid app token")]
@@ -61,6 +65,8 @@ impl GatewayError {
             GatewayError::BodyUnreadable => "body_unreadable",
             GatewayError::BodyTimeout => "body_timeout",
             GatewayError::RateLimited { .. } => "rate_limited",
+            GatewayError::Forbidden => "forbidden",
+            GatewayError::Unauthenticated => "unauthenticated",
             GatewayError::Overloaded => "overloaded",
             GatewayError::NoToken { .. } => "no_token",
             GatewayError::UpstreamUnreachable => "upstream_unreachable",
@@ -103,6 +109,16 @@ impl GatewayError {
             GatewayError::BodyTimeout => {
                 (StatusCode::REQUEST_TIMEOUT, "request_timeout", "the request body did not arrive in time".to_owned())
             }
+            GatewayError::Forbidden => (
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this address may not call the gateway (server.allow_from)".to_owned(),
+            ),
+            GatewayError::Unauthenticated => (
+                StatusCode::UNAUTHORIZED,
+                "gateway_key_required",
+                "send a known key in the X-Gateway-Key header".to_owned(),
+            ),
             GatewayError::Overloaded => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "service_unavailable",

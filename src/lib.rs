@@ -1,6 +1,7 @@
 //! easemob-gateway: an authenticating reverse proxy in front of Easemob's IM REST API that serves exactly six
 //! one-way deletion routes, holds the App Token itself, and validates every request before it costs anything.
 //!
+//! - `access`   who may call: source networks and optional per-caller keys
 //! - `audit`    the audit trail: one JSON line per deletion sent to Easemob, written before the answer
 //! - `config`   typed configuration (TOML + `EASEMOB_GW__…` env), parsed once, checked as a whole
 //! - `routes`   the six routes and their path shapes; `routes/validate.rs` turns a request into a typed `Call`
@@ -17,6 +18,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod audit;
 pub mod config;
 pub mod demo;

@@ -41,6 +41,8 @@ enum Command {
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
     },
+    /// Print the SHA-256 of a caller key read from standard input, for `[[callers]] key_sha256`.
+    HashKey,
     /// Check a config file: print the effective config (secrets redacted), or one line per problem.
     CheckConfig {
         #[arg(long, short)]
@@ -62,6 +64,16 @@ fn main() -> ExitCode {
             runtime.block_on(sim(listen, tls_cert.zip(tls_key)))
         }
         Command::CheckConfig { config } => check_config(config),
+        Command::HashKey => {
+            let mut key = String::new();
+            match std::io::stdin().read_line(&mut key) {
+                Ok(_) if !key.trim().is_empty() => {
+                    println!("{}", easemob_gateway::access::hash_key(&key));
+                    Ok(())
+                }
+                _ => Err("hash-key reads the key from standard input: echo -n KEY | easemob-gateway hash-key".into()),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

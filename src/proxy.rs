@@ -17,6 +17,7 @@ use tracing::info;
 use tokio::sync::Semaphore;
 use tower::retry::budget::{Budget, TpsBudget};
 
+use crate::access::{Access, Denied, Peer};
 use crate::audit::{Audit, Event};
 use crate::config::ServerConfig;
 use crate::error::{GatewayError, json_response, unix_millis};
@@ -62,6 +63,7 @@ pub struct Proxy {
     retry_budget: TpsBudget,
     /// Requests being handled: past `server.max_in_flight`, new ones are shed at once.
     in_flight: Arc<Semaphore>,
+    access: Access,
 }
 
 /// What one request came to, for its log line and metrics.
@@ -80,6 +82,7 @@ impl Proxy {
         quota: Arc<QuotaSet>,
         metrics: Metrics,
         limits: &ServerConfig,
+        access: Access,
         audit: Option<Arc<Audit>>,
     ) -> Proxy {
         Proxy {
@@ -91,6 +94,7 @@ impl Proxy {
             audit,
             retry_budget: TpsBudget::new(Duration::from_secs(10), 1, 0.2),
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
+            access,
         }
     }
 
@@ -107,13 +111,28 @@ impl Proxy {
         let _in_flight = InFlight::enter(&self.metrics);
         // Shed at once rather than queue without bound: a fast 503 lets callers back off while we recover.
         let Ok(_permit) = self.in_flight.try_acquire() else {
-            self.metrics.rejected.with_label_values(&[NONE, NONE, GatewayError::Overloaded.kind()]).inc();
-            self.metrics.requests.with_label_values(&[NONE, NONE, "503"]).inc();
-            return GatewayError::Overloaded.into_response(started);
+            return self.refuse_at_the_door(GatewayError::Overloaded, started);
+        };
+        let peer = request.extensions().get::<Peer>().map(|p| p.0.ip());
+        let identity = match self.access.check(peer, request.headers().get("x-gateway-key").map(|v| v.as_bytes())) {
+            Ok(identity) => identity,
+            Err(denied) => {
+                info!(peer = ?peer, ?denied, "caller refused");
+                return self.refuse_at_the_door(
+                    match denied {
+                        Denied::Network => GatewayError::Forbidden,
+                        Denied::Key => GatewayError::Unauthenticated,
+                    },
+                    started,
+                );
+            }
         };
         let meta = Meta {
             request_id: request.headers().get(&X_REQUEST_ID).cloned(),
-            caller: request.headers().get("x-caller").and_then(|v| v.to_str().ok()).map(str::to_owned),
+            // A key's name is authoritative; without keys, the caller's own X-Caller is recorded.
+            caller: identity
+                .map(str::to_owned)
+                .or_else(|| request.headers().get("x-caller").and_then(|v| v.to_str().ok()).map(str::to_owned)),
         };
         let mut outcome = Outcome { app: NONE, route: NONE, upstream_status: None, lane: None };
         let (mut response, reason) = match self.serve(request, &meta, &mut outcome).await {
@@ -145,6 +164,14 @@ impl Proxy {
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             "request"
         );
+        response
+    }
+
+    /// An answer given before the request is even read (caller refused, overload): counted, not logged per request.
+    fn refuse_at_the_door(&self, e: GatewayError, started: Instant) -> Response<Full<Bytes>> {
+        self.metrics.rejected.with_label_values(&[NONE, NONE, e.kind()]).inc();
+        let response = e.into_response(started);
+        self.metrics.requests.with_label_values(&[NONE, NONE, response.status().as_str()]).inc();
         response
     }
 

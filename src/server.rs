@@ -17,11 +17,12 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
-use tower::ServiceBuilder;
+use tower::{ServiceBuilder, ServiceExt};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tracing::{debug, info, warn};
 
+use crate::access::{Access, Peer};
 use crate::audit::Audit;
 use crate::config::{Config, SecretPolicy};
 use crate::error::{GatewayError, json_response};
@@ -80,7 +81,15 @@ impl Server {
         if audit.is_none() {
             warn!("audit.file is not set: deletions are not recorded in an audit trail");
         }
-        let proxy = Arc::new(Proxy::new(apps, upstream, quota, metrics.clone(), &config.server, audit.clone()));
+        let proxy = Arc::new(Proxy::new(
+            apps,
+            upstream,
+            quota,
+            metrics.clone(),
+            &config.server,
+            Access::new(&config),
+            audit.clone(),
+        ));
         Ok(Server { config, proxy, metrics, audit, data, admin })
     }
 
@@ -124,7 +133,13 @@ impl Server {
         let data_loop = tokio::spawn(accept_loop(
             data,
             http.clone(),
-            TowerToHyperService::new(data_service),
+            // Each connection's requests carry its peer address, for server.allow_from.
+            move |peer| {
+                TowerToHyperService::new(data_service.clone().map_request(move |mut request: Request<Incoming>| {
+                    request.extensions_mut().insert(Peer(peer));
+                    request
+                }))
+            },
             Arc::clone(&data_graceful),
             data_stopped,
             Connections {
@@ -135,10 +150,13 @@ impl Server {
         let admin_loop = tokio::spawn(accept_loop(
             admin,
             http,
-            hyper::service::service_fn(move |req| {
+            move |_| {
                 let admin = admin_service.clone();
-                async move { Ok::<_, Infallible>(admin.handle(req)) }
-            }),
+                hyper::service::service_fn(move |req| {
+                    let admin = admin.clone();
+                    async move { Ok::<_, Infallible>(admin.handle(req)) }
+                })
+            },
             Arc::clone(&admin_graceful),
             admin_stopped,
             Connections { limit: Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS)), open: None },
@@ -201,12 +219,12 @@ fn drop_unfit_request_id<B>(mut request: Request<B>) -> Request<B> {
 async fn accept_loop<S, B>(
     listener: TcpListener,
     http: auto::Builder<TokioExecutor>,
-    service: S,
+    make_service: impl Fn(SocketAddr) -> S + Send + 'static,
     graceful: Arc<GracefulShutdown>,
     mut stop: watch::Receiver<bool>,
     connections: Connections,
 ) where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     B: http_body::Body + Send + 'static,
@@ -219,9 +237,9 @@ async fn accept_loop<S, B>(
             permit = Arc::clone(&connections.limit).acquire_owned() => permit.expect("never closed"),
             _ = stop.changed() => return,
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Usually EMFILE: back off briefly instead of spinning.
                     warn!(error = %e, "accept failed");
@@ -232,7 +250,7 @@ async fn accept_loop<S, B>(
             _ = stop.changed() => return,
         };
         let _ = stream.set_nodelay(true);
-        let connection = http.serve_connection(TokioIo::new(stream), service.clone()).into_owned();
+        let connection = http.serve_connection(TokioIo::new(stream), make_service(peer)).into_owned();
         let connection = graceful.watch(connection);
         let open = connections.open.clone();
         tokio::spawn(async move {

@@ -83,3 +83,15 @@ fn the_shipped_example_config_is_valid() {
     assert!(out.contains("base_url = \"https://a1.easemob.com\""));
     assert!(!out.contains("example-secret"));
 }
+
+#[test]
+fn listening_beyond_loopback_requires_allow_from() {
+    let config = GOOD.replace("[upstream]", "[server]\nlisten = \"0.0.0.0:8080\"\n\n[upstream]");
+    let (ok, _, err) = check(&config, &[("TEST_EASEMOB_SECRET", "x")]);
+    assert!(!ok);
+    assert!(err.contains("server.allow_from"), "{err}");
+    let config =
+        config.replace("listen = \"0.0.0.0:8080\"", "listen = \"0.0.0.0:8080\"\nallow_from = [\"10.0.0.0/8\"]");
+    let (ok, _, err) = check(&config, &[("TEST_EASEMOB_SECRET", "x")]);
+    assert!(ok, "{err}");
+}

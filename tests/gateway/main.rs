@@ -1,5 +1,6 @@
 //! End-to-end tests: the real gateway and the real simulator as separate processes, real HTTP over loopback.
 
+mod access;
 mod cli;
 mod demo;
 mod forwarding;
