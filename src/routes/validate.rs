@@ -636,3 +636,92 @@ mod tests {
         assert_eq!(call.upstream_body().unwrap(), &br#"{"channel":"u2","type":"chat","delete_roam":true}"#[..]);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const NOW: i64 = 1_760_000_000_000;
+
+    fn id() -> impl Strategy<Value = String> {
+        "[A-Za-z0-9_.-]{1,64}".prop_filter("not only dots", |s| !s.chars().all(|c| c == '.'))
+    }
+
+    fn route() -> impl Strategy<Value = Route> {
+        prop::sample::select(Route::ALL.to_vec())
+    }
+
+    /// A valid request for `route`: (owner, query, body).
+    fn valid(route: Route) -> BoxedStrategy<(String, String, Vec<u8>)> {
+        let notify = prop::option::of(any::<bool>());
+        let ids = prop::collection::vec("[0-9]{1,19}", 1..=50);
+        let del_time = EARLIEST_DEL_TIME_MS..NOW;
+        let with_notify = |q: String, n: Option<bool>| match n {
+            Some(n) => format!("{q}&isNotify={n}"),
+            None => q,
+        };
+        match route {
+            Route::DeleteChatMessages | Route::DeleteGroupMessages => {
+                let key = if route == Route::DeleteChatMessages { "userId" } else { "groupId" };
+                (id(), id(), ids, notify)
+                    .prop_map(move |(o, p, ids, n)| {
+                        (o, with_notify(format!("{key}={p}&msgIdList={}", ids.join(",")), n), vec![])
+                    })
+                    .boxed()
+            }
+            Route::ClearChatMessagesBefore | Route::ClearGroupMessagesBefore => {
+                let key = if route == Route::ClearChatMessagesBefore { "userId" } else { "groupId" };
+                (id(), id(), del_time, notify)
+                    .prop_map(move |(o, p, t, n)| (o, with_notify(format!("{key}={p}&delTime={t}"), n), vec![]))
+                    .boxed()
+            }
+            Route::ClearUserMessages => id().prop_map(|o| (o, String::new(), vec![])).boxed(),
+            Route::DeleteConversation => (id(), id(), any::<bool>(), any::<bool>())
+                .prop_map(|(o, c, group, roam)| {
+                    let kind = if group { "groupchat" } else { "chat" };
+                    let body = format!(r#"{{"channel":"{c}","type":"{kind}","delete_roam":{roam}}}"#);
+                    (o, String::new(), body.into_bytes())
+                })
+                .boxed(),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_on_arbitrary_input(
+            route in route(),
+            owner in ".{0,80}",
+            query in prop::option::of(".{0,200}"),
+            body in prop::collection::vec(any::<u8>(), 0..200),
+        ) {
+            let _ = Call::parse(route, &owner, query.as_deref(), &body, NOW);
+        }
+
+        #[test]
+        fn valid_requests_are_accepted_and_what_is_forwarded_reparses_to_the_same_call(
+            (route, (owner, query, body)) in route().prop_flat_map(|r| (Just(r), valid(r)))
+        ) {
+            let call = Call::parse(route, &owner, Some(&query), &body, NOW).expect("valid by construction");
+            let forwarded = call.upstream_path_and_query();
+            let (path, query) = forwarded.split_once('?').map_or((forwarded.as_str(), None), |(p, q)| (p, Some(q)));
+            let forwarded_owner = path.rsplit('/').find(|s| owner == *s);
+            prop_assert_eq!(forwarded_owner, Some(owner.as_str()));
+            let body = call.upstream_body().unwrap_or_default();
+            let again = Call::parse(route, &owner, query, &body, NOW).expect("the forwarded call is valid");
+            prop_assert_eq!(again, call);
+        }
+
+        #[test]
+        fn an_owner_with_any_character_outside_the_rule_is_refused(
+            route in route(),
+            prefix in "[a-z]{0,5}",
+            bad in "[^A-Za-z0-9_.-]",
+        ) {
+            let owner = percent_encoding::utf8_percent_encode(&format!("{prefix}{bad}"), NON_ALPHANUMERIC).to_string();
+            let error = Call::parse(route, &owner, None, b"", NOW).unwrap_err();
+            prop_assert!(error.description.contains("path parameter"), "{}", error.description);
+        }
+    }
+}
