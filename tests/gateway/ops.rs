@@ -118,3 +118,55 @@ async fn json_logs_have_one_structured_line_per_request() {
     let refused = request("log-2");
     assert_eq!((refused["status"].as_u64(), refused["reason"].as_str()), (Some(400), Some("invalid")));
 }
+
+#[tokio::test]
+async fn no_secret_or_token_appears_anywhere_even_at_trace_level() {
+    let sim = Sim::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit_file = dir.path().join("audit.jsonl");
+    let options = GatewayOptions {
+        extra: format!("[audit]\nfile = \"{}\"\n", audit_file.display()),
+        rust_log: Some("trace".into()),
+        ..Default::default()
+    };
+    let gw = Gateway::start(&sim, options).await;
+    gw.wait_ready().await;
+    let clear = gw.url("/rest/message/roaming/user/dave/delete/all");
+    let mut bodies = Vec::new();
+    // Every flow: success, refusal, the SDK drop-in, 401 → replay, Easemob errors, a failing token endpoint.
+    bodies.push(send(Method::POST, &clear, &[], "").await.text());
+    bodies.push(delete(&gw.url("/rest/message/roaming/chat/user/alice?userId=bob")).await.text());
+    bodies.push(send(Method::POST, &gw.url("/token"), &[], "{}").await.text());
+    sim.expire_tokens().await;
+    bodies.push(send(Method::POST, &clear, &[], "").await.text());
+    sim.faults(json!({"status": 500, "status_count": 1})).await;
+    bodies.push(send(Method::POST, &clear, &[], "").await.text());
+    sim.faults(json!({"token_status": 400})).await;
+    sim.expire_tokens().await;
+    bodies.push(send(Method::POST, &clear, &[], "").await.text());
+    bodies.push(gw.readyz().await.text());
+    let metrics = gw.metrics().await;
+
+    // Every token the simulator ever saw from this gateway, and the client secret.
+    let mut secrets: Vec<String> = sim
+        .requests()
+        .await
+        .iter()
+        .flat_map(|r| r["headers"].as_array().unwrap().clone())
+        .filter(|h| h[0] == "authorization")
+        .map(|h| h[1].as_str().unwrap().trim_start_matches("Bearer ").to_owned())
+        .collect();
+    assert!(secrets.len() >= 2, "at least two different tokens were used");
+    secrets.push(CLIENT_SECRET.to_owned());
+    let log = gw.log();
+    assert!(log.contains("DEBUG") && log.lines().filter(|l| l.contains(" request ")).count() >= 6, "{log}");
+    let audit = std::fs::read_to_string(&audit_file).unwrap();
+    for secret in &secrets {
+        assert!(!log.contains(secret.as_str()), "secret in the trace log");
+        assert!(!metrics.contains(secret.as_str()), "secret in the metrics");
+        assert!(!audit.contains(secret.as_str()), "secret in the audit file");
+        for body in &bodies {
+            assert!(!body.contains(secret.as_str()), "secret in an answer: {body}");
+        }
+    }
+}

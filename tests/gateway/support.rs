@@ -162,6 +162,8 @@ pub struct GatewayOptions {
     pub extra: String,
     /// Lines added to `[server]`.
     pub server: String,
+    /// `RUST_LOG` for the gateway (default `easemob_gateway=debug`).
+    pub rust_log: Option<String>,
     /// Configure `demo2` as well as `demo`.
     pub two_apps: bool,
 }
@@ -200,7 +202,7 @@ impl Gateway {
         let mut command = Command::new(BIN);
         command
             .args(["serve", "--config", path.to_str().unwrap()])
-            .env("RUST_LOG", "easemob_gateway=debug")
+            .env("RUST_LOG", options.rust_log.as_deref().unwrap_or("easemob_gateway=debug"))
             .stderr(Stdio::from(log));
         let (child, line) = spawn(&mut command).await;
         Gateway { _child: child, data: field(&line, "data"), admin: field(&line, "admin"), dir }
