@@ -60,6 +60,9 @@ pub struct Faults {
     pub delay_ms: u64,
     /// Business routes answer `service open exception`, as for an app without message roaming.
     pub roaming_disabled: bool,
+    /// This many business answers are cut off after their first bytes (the connection is reset mid-answer),
+    /// after the operation was applied.
+    pub reset_count: u32,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -161,7 +164,18 @@ impl Simulator {
     {
         let service = hyper::service::service_fn(move |req| {
             let sim = self.clone();
-            async move { Ok::<_, Infallible>(sim.handle(req).await) }
+            async move {
+                let response = sim.handle(req).await;
+                Ok::<_, Infallible>(match response.extensions().get::<CutOff>() {
+                    None => response.map(SimBody::Whole),
+                    Some(CutOff) => {
+                        let (parts, body) = response.into_parts();
+                        let whole = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                        let first = whole.slice(..whole.len() / 2);
+                        Response::from_parts(parts, SimBody::CutOff(Some(first)))
+                    }
+                })
+            }
         });
         let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
     }
@@ -271,11 +285,16 @@ impl Simulator {
         if faults.delay_ms > 0 {
             tokio::time::sleep(Duration::from_millis(faults.delay_ms)).await;
         }
-        let response = match (faults.status, faults.status_count) {
+        let mut response = match (faults.status, faults.status_count) {
             (Some(status), None) => forced(status, started),
             (Some(status), Some(n)) if n > 0 => forced(status, started),
             _ => self.apply(parts, org, app_name, route, rest, body, faults.roaming_disabled, started),
         };
+        if faults.reset_count > 0 {
+            let mut world = self.world();
+            world.faults.reset_count = world.faults.reset_count.saturating_sub(1);
+            response.extensions_mut().insert(CutOff);
+        }
         *self.world().stats.by_status.entry(response.status().as_u16()).or_default() += 1;
         response
     }
@@ -477,6 +496,42 @@ impl<'de> Deserialize<'de> for Kind {
             "chat" => Ok(Kind::Chat),
             "groupchat" => Ok(Kind::Groupchat),
             other => Err(serde::de::Error::custom(format!("unknown type {other:?}"))),
+        }
+    }
+}
+
+/// Marks an answer to be cut off mid-body (the `reset_count` fault).
+#[derive(Clone, Copy)]
+struct CutOff;
+
+/// The simulator's answer body: whole, or its first bytes and then a broken connection.
+enum SimBody {
+    Whole(Full<Bytes>),
+    CutOff(Option<Bytes>),
+}
+
+impl http_body::Body for SimBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        match self.get_mut() {
+            SimBody::Whole(full) => std::pin::Pin::new(full).poll_frame(cx).map_err(|never| match never {}),
+            SimBody::CutOff(first) => std::task::Poll::Ready(Some(match first.take() {
+                Some(bytes) => Ok(http_body::Frame::data(bytes)),
+                None => Err(std::io::Error::other("fault: connection reset mid-answer")),
+            })),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            SimBody::Whole(full) => full.size_hint(),
+            // Announce more than will come, as a peer that dies mid-answer does.
+            SimBody::CutOff(_) => http_body::SizeHint::with_exact(52),
         }
     }
 }

@@ -46,3 +46,15 @@ async fn easemob_5xx_and_429_pass_through_unchanged() {
         assert!(!a.gateway_made());
     }
 }
+
+#[tokio::test]
+async fn an_answer_cut_off_mid_body_is_502_and_not_retried() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    sim.faults(json!({"reset_count": 1})).await;
+    let a = send(Method::POST, &gw.url("/rest/message/roaming/user/dave/delete/all"), &[], "").await;
+    a.assert_error(502, "upstream_failed");
+    assert_eq!(a.header("x-easemob-gateway"), Some("upstream-error"));
+    assert_eq!(sim.business_requests().await, 1, "the deletion may have happened: never retried");
+    assert_eq!(send(Method::POST, &gw.url("/rest/message/roaming/user/dave/delete/all"), &[], "").await.status, 200);
+}
