@@ -276,10 +276,12 @@ struct Connections {
 
 /// The request line and headers of one request: far above what the six routes need, far below a memory risk.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// The data plane's contract, served on the admin listener (and kept true by tests/schemathesis).
+const OPENAPI: &str = include_str!("../docs/openapi.yaml");
 /// Probes and a scraper or two.
 const ADMIN_MAX_CONNECTIONS: usize = 64;
 
-/// `/healthz`, `/readyz`, `/metrics`: the admin listener, never the data plane.
+/// `/healthz`, `/readyz`, `/metrics`, `/openapi.yaml`: the admin listener, never the data plane.
 #[derive(Clone)]
 struct AdminService {
     proxy: Arc<Proxy>,
@@ -295,11 +297,15 @@ impl AdminService {
         match request.uri().path() {
             "/healthz" => text(StatusCode::OK, "ok\n"),
             "/readyz" => self.readiness(),
+            "/openapi.yaml" => Response::builder()
+                .header(header::CONTENT_TYPE, "application/yaml")
+                .body(Full::new(Bytes::from_static(OPENAPI.as_bytes())))
+                .expect("static response parts are valid"),
             "/metrics" => Response::builder()
                 .header(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)
                 .body(Full::new(Bytes::from(self.metrics.render())))
                 .expect("static response parts are valid"),
-            _ => text(StatusCode::NOT_FOUND, "not found: /healthz, /readyz, /metrics\n"),
+            _ => text(StatusCode::NOT_FOUND, "not found: /healthz, /readyz, /metrics, /openapi.yaml\n"),
         }
     }
 
