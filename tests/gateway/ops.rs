@@ -170,3 +170,59 @@ async fn no_secret_or_token_appears_anywhere_even_at_trace_level() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_real_prometheus_scrapes_the_gateway_and_answers_promql_and_loads_the_alerts() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    for _ in 0..3 {
+        assert_eq!(
+            send(Method::POST, &gw.url("/rest/message/roaming/user/dave/delete/all"), &[], "").await.status,
+            200
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus/alerts.yml");
+    let config = format!(
+        "global:\n  scrape_interval: 1s\nrule_files: [\"{rules}\"]\nscrape_configs:\n  - job_name: gateway\n    \
+         static_configs:\n      - targets: [\"{}\"]\n",
+        gw.admin.trim_start_matches("http://")
+    );
+    std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+    let _prometheus = tokio::process::Command::new("prometheus")
+        .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
+        .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("prometheus is installed (tests/run installs Debian's prometheus package)");
+    let api = format!("http://127.0.0.1:{port}/api/v1");
+    let query = |q: &str| format!("{api}/query?query={}", percent_encode(q));
+    eventually(std::time::Duration::from_secs(60), "prometheus to scrape the gateway", || async {
+        let url = query("sum(easemob_gateway_requests_total{route=\"clear_user_messages\",code=\"200\"})");
+        let Ok(a) = try_send(Method::GET, &url, &[], "").await else { return false };
+        a.status == 200 && a.json()["data"]["result"][0]["value"][1] == "3"
+    })
+    .await;
+    let expiry = send(Method::GET, &query("easemob_gateway_token_expires_at_seconds - time() > 86400"), &[], "").await;
+    assert_eq!(expiry.json()["data"]["result"].as_array().unwrap().len(), 1, "{}", expiry.text());
+    let rules = send(Method::GET, &format!("{api}/rules"), &[], "").await.json();
+    let alerts =
+        rules["data"]["groups"].as_array().unwrap().iter().flat_map(|g| g["rules"].as_array().unwrap().clone());
+    assert!(alerts.count() >= 5, "the alerting rules loaded: {rules}");
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}

@@ -306,6 +306,11 @@ impl Answer {
 }
 
 pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: &str) -> Answer {
+    try_send(method, url, headers, body).await.unwrap_or_else(|e| panic!("request to {url} failed: {e}"))
+}
+
+/// Like [`send`], but a failed connection is an error instead of a panic (for servers still starting).
+pub async fn try_send(method: Method, url: &str, headers: &[(&str, &str)], body: &str) -> Result<Answer, String> {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let mut request = Request::builder().method(method).uri(url);
     for (k, v) in headers {
@@ -314,11 +319,11 @@ pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: &st
     let request = request.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
     let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
         .await
-        .expect("answer within 30 s")
-        .unwrap_or_else(|e| panic!("request to {url} failed: {e:?}"));
+        .map_err(|_| "no answer within 30 s".to_owned())?
+        .map_err(|e| format!("{e:?}"))?;
     let (parts, body) = response.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
-    Answer { status: parts.status.as_u16(), headers: parts.headers, body }
+    let body = body.collect().await.map_err(|e| format!("{e:?}"))?.to_bytes();
+    Ok(Answer { status: parts.status.as_u16(), headers: parts.headers, body })
 }
 
 /// Writes `request` as raw bytes to `addr` (`http://host:port`) and reads until the server closes or `wait` passes.
