@@ -2,7 +2,7 @@
 //! rejection reason. Never a user ID, a raw path or a token.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 const PREFIX: &str = "easemob_gateway";
@@ -29,7 +29,7 @@ pub struct Metrics {
     pub rate_limit_rate: IntGaugeVec,
     pub upstream_throttled: IntCounterVec,
     pub rate_limit_backend_fallback: IntGauge,
-    pub audit_write_errors: prometheus::IntCounter,
+    pub audit_write_errors: IntCounter,
     pub upstream_retries: IntCounterVec,
     pub open_connections: IntGauge,
 }
@@ -37,115 +37,91 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new_custom(Some(PREFIX.to_owned()), None).expect("valid prefix");
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+        let register = |metric: Box<dyn prometheus::core::Collector>| registry.register(metric).expect("unique metric");
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid counter");
+            register(Box::new(c.clone()));
             c
         };
-        let histogram = |name: &str, help: &str, labels: &[&str]| {
+        let counters = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter");
+            register(Box::new(c.clone()));
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid gauge");
+            register(Box::new(g.clone()));
+            g
+        };
+        let gauges = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge");
+            register(Box::new(g.clone()));
+            g
+        };
+        let histograms = |name: &str, help: &str, labels: &[&str]| {
             let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
             let h = HistogramVec::new(opts, labels).expect("valid histogram");
-            registry.register(Box::new(h.clone())).expect("unique metric");
+            register(Box::new(h.clone()));
             h
         };
-        let metrics = Metrics {
-            requests: counter(
-                "requests_total",
-                "Answers to callers, gateway-made ones included.",
-                &["app", "route", "code"],
-            ),
-            request_duration: histogram("request_duration_seconds", "Time from request to answer.", &["app", "route"]),
-            upstream_requests: counter(
+        let (app_route, app_route_code) = (&["app", "route"][..], &["app", "route", "code"][..]);
+        gauges("build_info", "Always 1; labelled with the version.", &["version"])
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Metrics {
+            requests: counters("requests_total", "Answers to callers, gateway-made ones included.", app_route_code),
+            request_duration: histograms("request_duration_seconds", "Time from request to answer.", app_route),
+            upstream_requests: counters(
                 "upstream_requests_total",
                 "Calls to Easemob business routes, by answer status (or error kind).",
-                &["app", "route", "code"],
+                app_route_code,
             ),
-            upstream_duration: histogram(
-                "upstream_duration_seconds",
-                "Duration of calls to Easemob.",
-                &["app", "route"],
+            upstream_duration: histograms("upstream_duration_seconds", "Duration of calls to Easemob.", app_route),
+            upstream_retries: counters(
+                "upstream_retries_total",
+                "Calls retried once after a connect failure or Easemob's 502/503, within the retry budget.",
+                app_route,
             ),
-            rejected: counter(
+            upstream_throttled: counters(
+                "upstream_throttled_total",
+                "Easemob's own 429 answers: another consumer shares the AppKey.",
+                app_route,
+            ),
+            rejected: counters(
                 "rejected_total",
                 "Requests answered by the gateway itself, by reason.",
                 &["app", "route", "reason"],
             ),
-            token_fetches: counter("token_fetches_total", "App Token fetches by result.", &["app", "result"]),
-            token_expires_at: {
-                let g = IntGaugeVec::new(
-                    Opts::new("token_expires_at_seconds", "Unix time the current token expires (0: never)."),
-                    &["app"],
-                )
-                .expect("valid gauge");
-                registry.register(Box::new(g.clone())).expect("unique metric");
-                g
-            },
-            token_replays: counter(
+            rate_limit_wait: histograms(
+                "rate_limit_wait_seconds",
+                "Time admitted requests waited for their quota slot.",
+                app_route,
+            ),
+            rate_limit_rate: gauges(
+                "rate_limit_rate",
+                "Calls per second the gateway currently lets through (lowered after Easemob 429s).",
+                app_route,
+            ),
+            rate_limit_backend_fallback: gauge(
+                "rate_limit_backend_fallback",
+                "1 while Redis is unavailable and this replica enforces its local share of the quota.",
+            ),
+            token_fetches: counters("token_fetches_total", "App Token fetches by result.", &["app", "result"]),
+            token_expires_at: gauges(
+                "token_expires_at_seconds",
+                "Unix time the current token expires (0: never).",
+                &["app"],
+            ),
+            token_replays: counters(
                 "token_replays_total",
                 "Requests replayed once with a fresh token after Easemob answered 401.",
                 &["app"],
             ),
-            in_flight: {
-                let g = IntGauge::new("in_flight_requests", "Requests being handled now.").expect("valid gauge");
-                registry.register(Box::new(g.clone())).expect("unique metric");
-                g
-            },
-            rate_limit_wait: histogram(
-                "rate_limit_wait_seconds",
-                "Time admitted requests waited for their quota slot.",
-                &["app", "route"],
-            ),
-            rate_limit_rate: {
-                let g = IntGaugeVec::new(
-                    Opts::new(
-                        "rate_limit_rate",
-                        "Calls per second the gateway currently lets through (lowered after Easemob 429s).",
-                    ),
-                    &["app", "route"],
-                )
-                .expect("valid gauge");
-                registry.register(Box::new(g.clone())).expect("unique metric");
-                g
-            },
-            upstream_throttled: counter(
-                "upstream_throttled_total",
-                "Easemob's own 429 answers: another consumer shares the AppKey.",
-                &["app", "route"],
-            ),
-            rate_limit_backend_fallback: {
-                let g = IntGauge::new(
-                    "rate_limit_backend_fallback",
-                    "1 while Redis is unavailable and this replica enforces its local share of the quota.",
-                )
-                .expect("valid gauge");
-                registry.register(Box::new(g.clone())).expect("unique metric");
-                g
-            },
-            audit_write_errors: {
-                let c =
-                    prometheus::IntCounter::new("audit_write_errors_total", "Audit events that could not be written.")
-                        .expect("valid counter");
-                registry.register(Box::new(c.clone())).expect("unique metric");
-                c
-            },
-            upstream_retries: counter(
-                "upstream_retries_total",
-                "Calls retried once after a connect failure or Easemob's 502/503, within the retry budget.",
-                &["app", "route"],
-            ),
-            open_connections: {
-                let g =
-                    IntGauge::new("open_connections", "Data-plane client connections open now.").expect("valid gauge");
-                registry.register(Box::new(g.clone())).expect("unique metric");
-                g
-            },
+            audit_write_errors: counter("audit_write_errors_total", "Audit events that could not be written."),
+            in_flight: gauge("in_flight_requests", "Requests being handled now."),
+            open_connections: gauge("open_connections", "Data-plane client connections open now."),
             registry,
-        };
-        let build = IntGaugeVec::new(Opts::new("build_info", "Always 1; labelled with the version."), &["version"])
-            .expect("valid gauge");
-        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        metrics.registry.register(Box::new(build)).expect("unique metric");
-        metrics
+        }
     }
 
     /// The text exposition format, for `GET /metrics`.
