@@ -179,3 +179,24 @@ async fn sighup_rereads_a_rotated_secret_and_fetches_a_fresh_token() {
     assert_eq!(a.status, 200, "{}", a.text());
     assert!(!gw.log().contains(rotated), "the secret is never logged");
 }
+
+#[tokio::test]
+async fn a_token_endpoint_that_hangs_at_start_up_gets_a_definite_503_then_recovers() {
+    let sim = Sim::start().await;
+    sim.faults(json!({"token_delay_ms": 60_000})).await;
+    let options = GatewayOptions {
+        extra: "[token]\nretry_min = \"100ms\"\nretry_max = \"200ms\"\n".into(),
+        ..Default::default()
+    };
+    let gw = Gateway::start(&sim, options).await;
+    assert_eq!(gw.readyz().await.status, 503);
+    // The first fetch hangs: a request waits for it at most 3 s, then gets a definite answer.
+    let started = std::time::Instant::now();
+    clear(&gw).await.assert_error(503, "service_unavailable");
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert_eq!(sim.business_requests().await, 0);
+    // The hung fetch times out (upstream.timeout, 3 s here); the next attempt, with the endpoint back, succeeds.
+    sim.faults(json!({})).await;
+    gw.wait_ready().await;
+    assert_eq!(clear(&gw).await.status, 200);
+}
