@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::Uri;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Environment variables with this prefix override file keys: `EASEMOB_GW__UPSTREAM__BASE_URL`.
@@ -129,7 +129,7 @@ pub struct RedisConfig {
     /// Every Redis call must answer within this, or the replica falls back to its local share.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
-    /// Keys are `{key_prefix}:{org}#{app}:{route}` (and `…:user:{id}`).
+    /// Keys are `{key_prefix}:{{org#app}}:{route}` (and `:app`, `:user:{id}`); the braces are a Redis Cluster hash tag.
     pub key_prefix: String,
     /// How many replicas share the AppKey: while Redis is unreachable each enforces quota / this.
     pub expected_replicas: NonZeroU32,
@@ -195,7 +195,7 @@ pub struct UpstreamConfig {
     pub base_url: BaseUrl,
     #[serde(with = "humantime_serde", default = "defaults::connect_timeout")]
     pub connect_timeout: Duration,
-    /// The whole exchange with Easemob (connect, send, complete answer), per attempt.
+    /// The whole exchange with Easemob (connect, send, complete answer), from the first send, retry included.
     #[serde(with = "humantime_serde", default = "defaults::timeout")]
     pub timeout: Duration,
     /// Extra PEM root certificates, for private deployments and tests.
@@ -334,12 +334,6 @@ impl Serialize for InlineSecret {
     }
 }
 
-impl InlineSecret {
-    pub fn expose(&self) -> &str {
-        self.0.expose_secret()
-    }
-}
-
 /// `http://` or `https://` plus a host (and optionally a path prefix), without a trailing slash.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BaseUrl(String);
@@ -363,10 +357,6 @@ impl BaseUrl {
 
     pub fn as_str(&self) -> &str {
         &self.0
-    }
-
-    pub fn is_https(&self) -> bool {
-        self.0.starts_with("https://")
     }
 }
 

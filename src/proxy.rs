@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use tracing::info;
+use tracing::{debug, info};
 
 use tokio::sync::Semaphore;
 use tower::retry::budget::{Budget, TpsBudget};
@@ -22,7 +22,7 @@ use crate::audit::{Audit, Event};
 use crate::config::ServerConfig;
 use crate::error::{GatewayError, json_response, unix_millis};
 use crate::metrics::{Metrics, NONE};
-use crate::ratelimit::{QuotaSet, RATELIMIT_POLICY};
+use crate::ratelimit::{Admitted, QuotaSet, RATELIMIT_POLICY};
 use crate::routes::{self, Call, Endpoint, Route};
 use crate::token::TokenSource;
 use crate::upstream::{Upstream, UpstreamError};
@@ -108,16 +108,16 @@ impl Proxy {
         B::Error: Into<BoxError>,
     {
         let started = Instant::now();
-        let _in_flight = InFlight::enter(&self.metrics);
         // Shed at once rather than queue without bound: a fast 503 lets callers back off while we recover.
         let Ok(_permit) = self.in_flight.try_acquire() else {
             return self.refuse_at_the_door(GatewayError::Overloaded, started);
         };
+        let _in_flight = InFlight::enter(&self.metrics);
         let peer = request.extensions().get::<Peer>().map(|p| p.0.ip());
         let identity = match self.access.check(peer, request.headers().get("x-gateway-key").map(|v| v.as_bytes())) {
             Ok(identity) => identity,
             Err(denied) => {
-                info!(peer = ?peer, ?denied, "caller refused");
+                debug!(peer = ?peer, ?denied, "caller refused");
                 return self.refuse_at_the_door(
                     match denied {
                         Denied::Network => GatewayError::Forbidden,
@@ -167,11 +167,13 @@ impl Proxy {
         response
     }
 
-    /// An answer given before the request is even read (caller refused, overload): counted, not logged per request.
+    /// An answer given before the request is even read (caller refused, overload): counted and logged like any other.
     fn refuse_at_the_door(&self, e: GatewayError, started: Instant) -> Response<Full<Bytes>> {
-        self.metrics.rejected.with_label_values(&[NONE, NONE, e.kind()]).inc();
+        let reason = e.kind();
+        self.metrics.rejected.with_label_values(&[NONE, NONE, reason]).inc();
         let response = e.into_response(started);
         self.metrics.requests.with_label_values(&[NONE, NONE, response.status().as_str()]).inc();
+        info!(app = NONE, route = NONE, status = response.status().as_u16(), reason, "request");
         response
     }
 
@@ -242,18 +244,30 @@ impl Proxy {
         let route = call.route();
         let url = self.upstream.url(&app.org, &app.app, &call.upstream_path_and_query());
         let body = call.upstream_body();
-        // One deadline for the request, retry included: a retry never stretches the caller's wait.
-        let deadline = tokio::time::Instant::now() + self.upstream.timeout();
+        // One deadline for the request's exchanges with Easemob, retry included, from the first send: a retry never
+        // stretches the caller's wait, and waiting for the token or the quota does not eat into Easemob's time.
+        let mut deadline = None;
         self.retry_budget.deposit();
         let (mut replayed, mut retried) = (false, false);
+        // What the last attempt left: a connect failure keeps its quota slot (nothing reached Easemob); an answer
+        // is what the caller gets if a replay or retry cannot be admitted.
+        let mut admitted: Option<Admitted> = None;
+        let mut previous: Option<Response<Bytes>> = None;
         loop {
             let token = app.token.get().await.map_err(|e| GatewayError::NoToken { retry_after: e.retry_after })?;
             // After the token: a request that cannot be sent must not cost quota. Replays pay too: Easemob counts them.
-            let admitted = self
-                .quota
-                .acquire(app.index, call)
-                .await
-                .map_err(|r| GatewayError::RateLimited { retry_after: r.retry_after, headers: r.headers })?;
+            let slot = match admitted.take() {
+                Some(slot) => slot,
+                None => match self.quota.acquire(app.index, call).await {
+                    Ok(slot) => slot,
+                    Err(_) if previous.is_some() => {
+                        let response = previous.take().expect("checked");
+                        self.audit(app, call, meta, Some(response.status().as_u16())).await;
+                        return Ok(pass_through(response));
+                    }
+                    Err(r) => return Err(GatewayError::RateLimited { retry_after: r.retry_after, headers: r.headers }),
+                },
+            };
             let mut request = Request::builder()
                 .method(route.method())
                 .uri(url.as_str())
@@ -267,6 +281,7 @@ impl Proxy {
             let request =
                 request.body(Full::new(body.clone().unwrap_or_default())).map_err(|_| GatewayError::Internal)?;
             let sent = Instant::now();
+            let deadline = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + self.upstream.timeout());
             let result = self.upstream.send_until(request, deadline).await;
             let code = match &result {
                 Ok(response) => response.status().as_str().to_owned(),
@@ -290,6 +305,10 @@ impl Proxy {
             if safe_to_retry && !retried && time_left >= MIN_RETRY_TIME && self.retry_budget.withdraw() {
                 retried = true;
                 self.metrics.upstream_retries.with_label_values(&[&app.key, route.name()]).inc();
+                match result {
+                    Err(_) => admitted = Some(slot),
+                    Ok(response) => previous = Some(response),
+                }
                 continue;
             }
             let response = match result {
@@ -316,6 +335,7 @@ impl Proxy {
             if response.status() == StatusCode::UNAUTHORIZED && !replayed && app.token.invalidate(token.generation()) {
                 self.metrics.token_replays.with_label_values(&[&app.key]).inc();
                 replayed = true;
+                previous = Some(response);
                 continue;
             }
             if response.status() != StatusCode::UNAUTHORIZED {
@@ -326,7 +346,7 @@ impl Proxy {
             }
             self.audit(app, call, meta, Some(response.status().as_u16())).await;
             let mut response = pass_through(response);
-            admitted.headers.insert_into(response.headers_mut());
+            slot.headers.insert_into(response.headers_mut());
             return Ok(response);
         }
     }

@@ -145,7 +145,7 @@ impl QuotaSet {
                 local_share.routes.values_mut().for_each(|limit| *limit = share(*limit, replicas));
                 local_share.app = config.app.map(|cap| share(cap, replicas));
                 local_share.user_conversation_per_minute =
-                    NonZeroU32::new(config.user_conversation_per_minute.get() / replicas).unwrap_or(NonZeroU32::MIN);
+                    share(Limit { rate: config.user_conversation_per_minute, burst: NonZeroU32::MIN }, replicas).rate;
                 Some(Shared {
                     quota: SharedQuota::new(&config.redis, metrics.clone())?,
                     fallback: QuotaSet::build(&local_share, apps, metrics.clone(), None, false),
@@ -176,6 +176,9 @@ impl QuotaSet {
                 }
                 if report {
                     metrics.rate_limit_rate.with_label_values(&[app, route.name()]).set(limit.rate.get() as i64);
+                    // Series exist from the start at 0, so rate() and alerts work before the first event.
+                    metrics.upstream_throttled.with_label_values(&[app, route.name()]);
+                    metrics.upstream_retries.with_label_values(&[app, route.name()]);
                 }
                 lanes.push(Lane {
                     app: app.clone(),
@@ -396,6 +399,9 @@ impl Lane {
     /// Replaces the limiter at `factor` of the configured rate; returns the new rate.
     fn set_factor(&self, factor: f64) -> u32 {
         let current = direct(self.configured, factor);
+        // A new limiter starts with its whole burst available: spend it, so a change of rate never lets a burst
+        // through (least of all right after Easemob said 429).
+        let _ = current.limiter.check_n(self.configured.burst);
         let rate = current.rate;
         *self.limiter.write().expect("limiter lock") = Arc::new(current);
         rate
@@ -408,10 +414,10 @@ impl Lane {
     }
 }
 
-/// Which gates a waiting request has already passed, so a retry never takes a slot twice.
+/// Which gates a waiting request has already passed, so checking again after a wait never takes a slot twice.
 #[derive(Default)]
 struct Passed {
-    lane: Option<u32>,
+    user: bool,
     app: bool,
 }
 
@@ -424,23 +430,25 @@ struct Gates<'a> {
 }
 
 impl Gates<'_> {
-    /// Takes a slot from each gate not passed yet, in order; the first that has none says how long to wait.
+    /// Takes a slot from each gate not passed yet, scarcest first: the per-user limit (a slot every 12 s), then the
+    /// AppKey cap, then the lane. The first gate without room says how long to wait, and since nothing before it
+    /// was taken, the commonest refusal (a user over their limit) costs no quota at all. `governor` cannot give a
+    /// slot back, so a refusal by a later gate keeps the earlier gates' slots: at worst one per-user slot when
+    /// the whole route is saturated past `max_wait`.
     fn check(&self, passed: &mut Passed) -> Result<u32, Duration> {
         let now = self.clock.now();
-        if passed.lane.is_none() {
-            match self.lane.current().limiter.check() {
-                Ok(snapshot) => passed.lane = Some(snapshot.remaining_burst_capacity()),
-                Err(not_until) => return Err(not_until.wait_time_from(now)),
-            }
+        if let (Some((users, user)), false) = (self.users, passed.user) {
+            users.check_key(&user.to_owned()).map_err(|not_until| not_until.wait_time_from(now))?;
+            passed.user = true;
         }
         if let (Some(app), false) = (self.app, passed.app) {
             app.limiter.check().map_err(|not_until| not_until.wait_time_from(now))?;
             passed.app = true;
         }
-        if let Some((users, user)) = self.users {
-            users.check_key(&user.to_owned()).map_err(|not_until| not_until.wait_time_from(now))?;
+        match self.lane.current().limiter.check() {
+            Ok(snapshot) => Ok(snapshot.remaining_burst_capacity()),
+            Err(not_until) => Err(not_until.wait_time_from(now)),
         }
-        Ok(passed.lane.unwrap_or(0))
     }
 }
 

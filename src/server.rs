@@ -110,7 +110,9 @@ impl Server {
         let (stop_admin, admin_stopped) = watch::channel(false);
         let (data_graceful, admin_graceful) = (Arc::new(GracefulShutdown::new()), Arc::new(GracefulShutdown::new()));
 
-        let mut http = auto::Builder::new(TokioExecutor::new());
+        // HTTP/1 only: the header-read timeout and the header-size cap are HTTP/1 settings, and callers of a
+        // loopback sidecar gain nothing from h2c.
+        let mut http = auto::Builder::new(TokioExecutor::new()).http1_only();
         http.http1()
             .timer(TokioTimer::new())
             .header_read_timeout(config.server.header_read_timeout)

@@ -250,10 +250,6 @@ impl TokenSource {
         self.state.borrow().token.as_ref().and_then(|t| t.application.clone())
     }
 
-    pub fn app_key(&self) -> &str {
-        &self.app_key
-    }
-
     async fn run(self: Arc<Self>) {
         let mut rx = self.state.subscribe();
         let mut backoff = self.config.retry_min;

@@ -173,3 +173,39 @@ async fn easemob_429s_slow_the_route_down_then_it_recovers() {
     ));
     eventually(Duration::from_secs(30), "the rate to recover", || async { rate().await == 100 }).await;
 }
+
+#[tokio::test]
+async fn a_per_user_refusal_costs_no_route_quota() {
+    let sim = Sim::start().await;
+    // Six route slots and no refill to speak of: if alice's refused sixth call took one, bob would get 429.
+    let gw = gateway(&sim, "max_wait = \"0s\"\nroute = { rate = 1, burst = 6 }").await;
+    let conv = |user: &str, peer: &str| {
+        (
+            gw.url(&format!("/users/{user}/user_channel")),
+            json!({"channel": peer, "type": "chat", "delete_roam": false}).to_string(),
+        )
+    };
+    for _ in 0..5 {
+        let (url, body) = conv("alice", "bob");
+        assert_eq!(send(Method::DELETE, &url, &[], &body).await.status, 200);
+    }
+    let (url, body) = conv("alice", "bob");
+    send(Method::DELETE, &url, &[], &body).await.assert_error(429, "reach_limit");
+    let (url, body) = conv("bob", "alice");
+    assert_eq!(send(Method::DELETE, &url, &[], &body).await.status, 200, "the route's sixth slot is still there");
+}
+
+#[tokio::test]
+async fn slowing_down_after_an_easemob_429_never_lets_a_burst_through() {
+    let sim = Sim::start().await;
+    let gw = gateway(&sim, "max_wait = \"0s\"\nroute = { rate = 10, burst = 10 }").await;
+    let url = clear_url(&gw, "dave");
+    assert!(burst(&url, 10).await.iter().all(|a| a.status == 200), "the burst is spent");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    sim.faults(json!({"status": 429, "status_count": 1})).await;
+    assert_eq!(send(Method::POST, &url, &[], "").await.status, 429);
+    let before = sim.business_requests().await;
+    let after_429 = burst(&url, 10).await;
+    assert!(after_429.iter().all(|a| a.status == 429 && a.gateway_made()), "the halved lane starts empty");
+    assert_eq!(sim.business_requests().await, before, "nothing more reached Easemob");
+}

@@ -11,8 +11,13 @@ fn clear_url(gw: &Gateway) -> String {
     gw.url("/rest/message/roaming/user/dave/delete/all")
 }
 
+/// The sum of every series of a family whose line starts with `prefix`.
 fn metric(metrics: &str, prefix: &str) -> u64 {
-    metrics.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0)
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 #[tokio::test]
@@ -82,4 +87,26 @@ async fn past_max_in_flight_requests_are_shed_at_once_and_the_gateway_recovers()
     sim.faults(json!({})).await;
     assert_eq!(send(Method::POST, &clear_url(&gw), &[], "").await.status, 200, "recovered");
     assert!(gw.metrics().await.contains("reason=\"overloaded\""));
+}
+
+#[tokio::test]
+async fn slow_or_foreign_clients_cannot_hold_a_connection() {
+    let sim = Sim::start().await;
+    let options = GatewayOptions { server: "header_read_timeout = \"1s\"".into(), ..Default::default() };
+    let gw = Gateway::start(&sim, options).await;
+    gw.wait_ready().await;
+    // Half a request line, then silence: closed at the header timeout, not held.
+    let started = Instant::now();
+    raw(&gw.data, b"DELETE /1122161011178276/demo/users/al", Duration::from_secs(15)).await;
+    assert!(started.elapsed() < Duration::from_secs(8), "held for {:?}", started.elapsed());
+    // An HTTP/2 preface gets no HTTP/2 session (the data plane is HTTP/1 only, where the limits apply).
+    let started = Instant::now();
+    let answer = raw(&gw.data, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", Duration::from_secs(15)).await;
+    assert!(started.elapsed() < Duration::from_secs(8), "held for {:?}", started.elapsed());
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 4") || answer.starts_with("HTTP/1.1 5"), "{answer}");
+    // Headers far over the 64 KiB cap are refused.
+    let huge = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(256 * 1024));
+    let answer = raw(&gw.data, huge.as_bytes(), Duration::from_secs(15)).await;
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert_eq!(sim.business_requests().await, 0);
 }
