@@ -9,12 +9,6 @@ use easemob_gateway::config::{Config, LogConfig, SecretPolicy};
 use easemob_gateway::server::{Server, shutdown_signal};
 use easemob_gateway::sim::{self, Simulator, state};
 use easemob_gateway::{demo, logging};
-use mimalloc::MiMalloc;
-
-/// The profile of the request path is dominated by small allocations (glibc malloc/free were 13% of samples
-/// under load); mimalloc serves them from thread-local pages.
-#[global_allocator]
-static GLOBAL: MiMalloc = MiMalloc;
 
 #[derive(Parser)]
 #[command(version, about = "An authenticating gateway for Easemob's one-way deletion REST routes")]
