@@ -13,11 +13,7 @@ fn clear_url(gw: &Gateway) -> String {
 
 /// The sum of every series of a family whose line starts with `prefix`.
 fn metric(metrics: &str, prefix: &str) -> u64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+    metrics.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
 }
 
 #[tokio::test]
