@@ -102,7 +102,8 @@ async fn a_caller_that_hangs_up_while_waiting_releases_its_place() {
     // The next caller takes the freed slot instead of queueing behind the ghost (which would be ~2 s).
     let started = Instant::now();
     assert_eq!(send(Method::POST, &url, &[], "").await.status, 200);
-    assert!(started.elapsed() < Duration::from_millis(1900), "{:?}", started.elapsed());
+    // Its slot comes about 1 s after the first call (0.8 s from now); behind a ghost it would be 1.8 s from now.
+    assert!(started.elapsed() < Duration::from_millis(1400), "{:?}", started.elapsed());
     assert_eq!(sim.business_requests().await, 2, "the caller that hung up never reached Easemob");
 }
 

@@ -133,3 +133,30 @@ async fn replicas_keep_answering_at_their_share_while_redis_is_down() {
     assert!(answers.keys().all(|s| *s == 200 || *s == 429), "every request answered: {answers:?}");
     assert!(after <= 2 * RATE + BURST + 4, "the shared quota holds again: {after} in 2 s");
 }
+
+#[tokio::test]
+async fn through_redis_callers_wait_in_turn_and_a_caller_that_hangs_up_gives_its_slot_back() {
+    let redis = Redis::start().await;
+    let sim = Sim::start().await;
+    let extra = format!(
+        "[rate_limit]\nbackend = \"redis\"\nmax_wait = \"5s\"\nroute = {{ rate = 1, burst = 1 }}\n\
+         [rate_limit.redis]\nurl = \"{}\"\ntimeout = \"200ms\"\n",
+        redis.url()
+    );
+    let gw = Gateway::start(&sim, GatewayOptions { extra, ..Default::default() }).await;
+    gw.wait_ready().await;
+    let url = gw.url("/rest/message/roaming/user/dave/delete/all");
+    assert_eq!(send(Method::POST, &url, &[], "").await.status, 200);
+    // The next slot is a second away: this caller reserves it in Redis, then hangs up after 200 ms.
+    let quitter = tokio::time::timeout(Duration::from_millis(200), send(Method::POST, &url, &[], "")).await;
+    assert!(quitter.is_err());
+    // The gateway gives the slot back once it notices the hang-up; the next caller then gets that slot (about
+    // 1 s after the first call, so about 0.5 s from now), not the one after it (2 s).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    assert_eq!(send(Method::POST, &url, &[], "").await.status, 200);
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(150), "it did wait for the shared slot: {waited:?}");
+    assert!(waited < Duration::from_millis(1200), "it took the released slot: {waited:?}");
+    assert_eq!(sim.business_requests().await, 2, "the caller that hung up never reached Easemob");
+}
