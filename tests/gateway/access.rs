@@ -24,8 +24,7 @@ fn hash(key: &str) -> String {
 async fn a_source_outside_allow_from_is_refused() {
     let sim = Sim::start().await;
     let options = GatewayOptions { server: "allow_from = [\"10.0.0.0/8\"]".into(), ..Default::default() };
-    let gw = Gateway::start(&sim, options).await;
-    gw.wait_ready().await;
+    let gw = Gateway::ready_with(&sim, options).await;
     let a = send(Method::POST, &gw.url("/rest/message/roaming/user/dave/delete/all"), &[], "").await;
     a.assert_error(403, "forbidden");
     assert_eq!(a.header("x-easemob-gateway"), Some("rejected"));
@@ -42,8 +41,7 @@ async fn configured_keys_are_required_and_name_the_caller_in_the_audit() {
         audit.display(),
         hash("billing-key-123")
     );
-    let gw = Gateway::start(&sim, GatewayOptions { extra, ..Default::default() }).await;
-    gw.wait_ready().await;
+    let gw = Gateway::ready_with(&sim, GatewayOptions { extra, ..Default::default() }).await;
     let url = gw.url("/rest/message/roaming/user/dave/delete/all");
     send(Method::POST, &url, &[], "").await.assert_error(401, "gateway_key_required");
     send(Method::POST, &url, &[("x-gateway-key", "wrong")], "").await.assert_error(401, "gateway_key_required");

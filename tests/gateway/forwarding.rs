@@ -161,8 +161,7 @@ async fn prefix_may_be_left_out_with_one_app() {
 #[tokio::test]
 async fn several_apps_are_each_their_own_appkey() {
     let sim = Sim::start().await;
-    let gw = Gateway::start(&sim, GatewayOptions { two_apps: true, ..Default::default() }).await;
-    gw.wait_ready().await;
+    let gw = Gateway::ready_with(&sim, GatewayOptions { two_apps: true, ..Default::default() }).await;
     let url = format!(
         "{}/{ORG}/{APP2}/rest/message/roaming/chat/user/alice?userId=bob&msgIdList=1100000000000000001",
         gw.data

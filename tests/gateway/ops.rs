@@ -13,8 +13,7 @@ async fn every_deletion_sent_to_easemob_is_audited_and_nothing_else() {
     let audit_dir = tempfile::tempdir().unwrap();
     let audit_file = audit_dir.path().join("audit.jsonl");
     let extra = format!("[audit]\nfile = \"{}\"\ndefault_caller = \"orders-service\"\n", audit_file.display());
-    let gw = Gateway::start(&sim, GatewayOptions { extra, ..Default::default() }).await;
-    gw.wait_ready().await;
+    let gw = Gateway::ready_with(&sim, GatewayOptions { extra, ..Default::default() }).await;
 
     let chat = gw.url("/rest/message/roaming/chat/user/alice?userId=bob&msgIdList=1100000000000000001,1100000000000000002&isNotify=false");
     let a = send(Method::DELETE, &chat, &[("x-caller", "billing"), ("x-request-id", "audit-1")], "").await;
@@ -99,8 +98,8 @@ async fn metrics_pass_promtool() {
 async fn json_logs_have_one_structured_line_per_request() {
     let sim = Sim::start().await;
     let gw =
-        Gateway::start(&sim, GatewayOptions { extra: "[log]\nformat = \"json\"\n".into(), ..Default::default() }).await;
-    gw.wait_ready().await;
+        Gateway::ready_with(&sim, GatewayOptions { extra: "[log]\nformat = \"json\"\n".into(), ..Default::default() })
+            .await;
     let headers = [("x-request-id", "log-1")];
     send(Method::POST, &gw.url("/rest/message/roaming/user/dave/delete/all"), &headers, "").await;
     send(Method::DELETE, &gw.url("/rest/message/roaming/chat/user/alice?userId=bob"), &[("x-request-id", "log-2")], "")
@@ -129,8 +128,7 @@ async fn no_secret_or_token_appears_anywhere_even_at_trace_level() {
         rust_log: Some("trace".into()),
         ..Default::default()
     };
-    let gw = Gateway::start(&sim, options).await;
-    gw.wait_ready().await;
+    let gw = Gateway::ready_with(&sim, options).await;
     let clear = gw.url("/rest/message/roaming/user/dave/delete/all");
     let mut bodies = Vec::new();
     // Every flow: success, refusal, the SDK drop-in, 401 → replay, Easemob errors, a failing token endpoint.

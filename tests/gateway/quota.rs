@@ -12,9 +12,7 @@ fn with_quota(quota: &str) -> GatewayOptions {
 }
 
 async fn gateway(sim: &Sim, quota: &str) -> Gateway {
-    let gw = Gateway::start(sim, with_quota(quota)).await;
-    gw.wait_ready().await;
-    gw
+    Gateway::ready_with(sim, with_quota(quota)).await
 }
 
 fn clear_url(gw: &Gateway, user: &str) -> String {
@@ -65,8 +63,7 @@ async fn routes_and_apps_do_not_share_a_bucket() {
         two_apps: true,
         ..Default::default()
     };
-    let gw = Gateway::start(&sim, options).await;
-    gw.wait_ready().await;
+    let gw = Gateway::ready_with(&sim, options).await;
     let chat = gw.url("/rest/message/roaming/chat/user/alice?userId=bob&msgIdList=1");
     assert_eq!(send(Method::POST, &clear_url(&gw, "dave"), &[], "").await.status, 200);
     assert_eq!(send(Method::POST, &clear_url(&gw, "dave"), &[], "").await.status, 429, "same lane: refused");

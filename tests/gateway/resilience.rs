@@ -60,8 +60,7 @@ async fn past_max_in_flight_requests_are_shed_at_once_and_the_gateway_recovers()
         extra: "[rate_limit]\nroute = { rate = 100, burst = 10 }\n".into(),
         ..Default::default()
     };
-    let gw = Gateway::start(&sim, options).await;
-    gw.wait_ready().await;
+    let gw = Gateway::ready_with(&sim, options).await;
     sim.faults(json!({"delay_ms": 2000})).await;
     let held: Vec<_> = (0..2)
         .map(|_| {
@@ -89,8 +88,7 @@ async fn past_max_in_flight_requests_are_shed_at_once_and_the_gateway_recovers()
 async fn slow_or_foreign_clients_cannot_hold_a_connection() {
     let sim = Sim::start().await;
     let options = GatewayOptions { server: "header_read_timeout = \"1s\"".into(), ..Default::default() };
-    let gw = Gateway::start(&sim, options).await;
-    gw.wait_ready().await;
+    let gw = Gateway::ready_with(&sim, options).await;
     // Half a request line, then silence: closed at the header timeout, not held.
     let started = Instant::now();
     raw(&gw.data, b"DELETE /1122161011178276/demo/users/al", Duration::from_secs(15)).await;

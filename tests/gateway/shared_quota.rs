@@ -21,8 +21,7 @@ async fn replicas(sim: &Sim, redis: &Redis) -> Vec<Gateway> {
     );
     let mut gateways = Vec::new();
     for _ in 0..REPLICAS {
-        let gw = Gateway::start(sim, GatewayOptions { extra: extra.clone(), ..Default::default() }).await;
-        gw.wait_ready().await;
+        let gw = Gateway::ready_with(sim, GatewayOptions { extra: extra.clone(), ..Default::default() }).await;
         gateways.push(gw);
     }
     gateways
@@ -143,8 +142,7 @@ async fn through_redis_callers_wait_in_turn_and_a_caller_that_hangs_up_gives_its
          [rate_limit.redis]\nurl = \"{}\"\ntimeout = \"200ms\"\n",
         redis.url()
     );
-    let gw = Gateway::start(&sim, GatewayOptions { extra, ..Default::default() }).await;
-    gw.wait_ready().await;
+    let gw = Gateway::ready_with(&sim, GatewayOptions { extra, ..Default::default() }).await;
     let url = gw.url("/rest/message/roaming/user/dave/delete/all");
     assert_eq!(send(Method::POST, &url, &[], "").await.status, 200);
     // The next slot is a second away: this caller reserves it in Redis, then hangs up after 200 ms.

@@ -171,7 +171,12 @@ pub struct GatewayOptions {
 impl Gateway {
     /// A gateway in front of `sim`, waited on until `/readyz` says every app has a token.
     pub async fn ready(sim: &Sim) -> Gateway {
-        let gw = Gateway::start(sim, GatewayOptions::default()).await;
+        Gateway::ready_with(sim, GatewayOptions::default()).await
+    }
+
+    /// A gateway with `options`, waited on until `/readyz` says every app has a token.
+    pub async fn ready_with(sim: &Sim, options: GatewayOptions) -> Gateway {
+        let gw = Gateway::start(sim, options).await;
         gw.wait_ready().await;
         gw
     }

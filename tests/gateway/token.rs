@@ -48,8 +48,7 @@ async fn token_is_refreshed_in_the_background_before_it_expires() {
     let sim = Sim::start().await;
     let options =
         GatewayOptions { extra: "[token]\nttl = \"4s\"\nmin_interval = \"100ms\"\n".into(), ..Default::default() };
-    let gw = Gateway::start(&sim, options).await;
-    gw.wait_ready().await;
+    let gw = Gateway::ready_with(&sim, options).await;
     // Keep calling across two refreshes: never a 401 upstream, never a 503.
     eventually(Duration::from_secs(20), "two background refreshes", || async {
         let a = clear(&gw).await;
@@ -94,8 +93,7 @@ async fn a_second_401_is_passed_to_the_caller() {
 async fn a_refused_replacement_token_is_not_replaced_in_a_loop() {
     let sim = Sim::start().await;
     let extra = "[token]\nmin_interval = \"10ms\"\n".to_owned();
-    let gw = Gateway::start(&sim, GatewayOptions { extra, ..Default::default() }).await;
-    gw.wait_ready().await;
+    let gw = Gateway::ready_with(&sim, GatewayOptions { extra, ..Default::default() }).await;
     // Easemob refuses every call (as for revoked credentials): one replacement token, then 401s pass on.
     sim.faults(json!({"status": 401})).await;
     for _ in 0..10 {
@@ -138,8 +136,7 @@ async fn cached_token_keeps_serving_while_refresh_fails() {
         extra: "[token]\nttl = \"6s\"\nrefresh_at = 0.2\nmin_interval = \"50ms\"\nretry_min = \"200ms\"\nretry_max = \"200ms\"\n".into(),
         ..Default::default()
     };
-    let gw = Gateway::start(&sim, options).await;
-    gw.wait_ready().await;
+    let gw = Gateway::ready_with(&sim, options).await;
     sim.faults(json!({"token_status": 500})).await;
     eventually(Duration::from_secs(20), "a failed refresh", || async { sim.token_requests().await >= 3 }).await;
     let a = clear(&gw).await;
@@ -151,8 +148,7 @@ async fn cached_token_keeps_serving_while_refresh_fails() {
 async fn a_token_that_never_expires_is_handled() {
     let sim = Sim::start().await;
     let options = GatewayOptions { extra: "[token]\nttl = \"0s\"\n".into(), ..Default::default() };
-    let gw = Gateway::start(&sim, options).await;
-    gw.wait_ready().await;
+    let gw = Gateway::ready_with(&sim, options).await;
     let ready = gw.readyz().await.json();
     assert_eq!(ready["apps"]["1122161011178276#demo"]["state"], "valid");
     assert_eq!(clear(&gw).await.status, 200);

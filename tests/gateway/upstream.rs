@@ -12,8 +12,7 @@ async fn unreachable_easemob_is_502() {
     let sim = Sim::start().await;
     // No waiting for quota: the retry after a refused connection must reuse the first slot, not ask for another.
     let options = GatewayOptions { extra: "[rate_limit]\nmax_wait = \"0s\"\n".into(), ..Default::default() };
-    let gw = Gateway::start(&sim, options).await;
-    gw.wait_ready().await;
+    let gw = Gateway::ready_with(&sim, options).await;
     drop(sim);
     let a = send(Method::POST, &gw.url("/rest/message/roaming/user/dave/delete/all"), &[], "").await;
     assert_eq!(a.status, 502, "{}", a.text());

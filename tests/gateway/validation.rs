@@ -153,8 +153,7 @@ async fn fifty_ids_pass_and_duplicates_count_once() {
 async fn an_oversized_declared_body_is_413_at_once_and_a_stalled_body_408() {
     let sim = Sim::start().await;
     let options = GatewayOptions { server: "body_read_timeout = \"1s\"".into(), ..Default::default() };
-    let gw = Gateway::start(&sim, options).await;
-    gw.wait_ready().await;
+    let gw = Gateway::ready_with(&sim, options).await;
     let path = format!("/{ORG}/{APP}/users/alice/user_channel");
     let head = |length: &str| format!("DELETE {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n");
     let answer = raw(&gw.data, head("99999999999").as_bytes(), Duration::from_secs(5)).await;
