@@ -8,7 +8,7 @@ use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use http::Uri;
+use http::{HeaderValue, Uri};
 use secrecy::SecretString;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -169,6 +169,18 @@ pub struct ServerConfig {
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Data-plane threads, each serving its own connections start to finish; 0 = one per CPU the process may use.
+    pub workers: usize,
+}
+
+impl ServerConfig {
+    /// `workers`, with 0 resolved to the CPUs this process may use (cgroup quotas included).
+    pub fn worker_threads(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -184,6 +196,7 @@ impl Default for ServerConfig {
             max_connections: 4096,
             // Kubernetes' default terminationGracePeriodSeconds is 30 s; finish before it kills us.
             shutdown_grace: Duration::from_secs(25),
+            workers: 0,
         }
     }
 }
@@ -357,6 +370,18 @@ impl BaseUrl {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The `Host` header for this URL: the host, and the port unless it is the scheme's default.
+    pub fn host_header(&self) -> HeaderValue {
+        let uri: Uri = self.0.parse().expect("checked in parse");
+        let host = uri.host().expect("checked in parse");
+        let default_port = if uri.scheme_str() == Some("https") { 443 } else { 80 };
+        let value = match uri.port_u16() {
+            Some(port) if port != default_port => format!("{host}:{port}"),
+            _ => host.to_owned(),
+        };
+        HeaderValue::from_str(&value).expect("a URI's host is a valid header value")
     }
 }
 

@@ -52,7 +52,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    // The gateway's data plane runs on worker threads of its own (see `Server::serve`); the main runtime only
+    // carries the admin listener, token refreshes, Redis and signals, for which one thread is plenty.
+    let runtime = match cli.command {
+        Command::Sim { .. } => tokio::runtime::Runtime::new(),
+        _ => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+    }
+    .expect("tokio runtime");
     let result = match cli.command {
         Command::Serve { config } => runtime.block_on(serve(config)),
         Command::Demo { listen, admin_listen } => {

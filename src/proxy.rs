@@ -52,18 +52,21 @@ pub struct App {
     pub token: Arc<TokenSource>,
 }
 
+/// The request path. Cheap to clone: everything but the upstream pool is shared, so each data-plane worker holds
+/// its own copy with its own pool (`with_own_pool`) while quota, tokens, metrics and limits stay process-wide.
+#[derive(Clone)]
 pub struct Proxy {
-    apps: Vec<App>,
+    apps: Arc<[App]>,
     upstream: Upstream,
     quota: Arc<QuotaSet>,
     metrics: Metrics,
     body_read_timeout: Duration,
     audit: Option<Arc<Audit>>,
     /// Retries may add at most a fifth to the calls Easemob sees (plus a trickle), so an outage is not doubled.
-    retry_budget: TpsBudget,
+    retry_budget: Arc<TpsBudget>,
     /// Requests being handled: past `server.max_in_flight`, new ones are shed at once.
     in_flight: Arc<Semaphore>,
-    access: Access,
+    access: Arc<Access>,
 }
 
 /// What one request came to, for its log line and metrics.
@@ -86,16 +89,21 @@ impl Proxy {
         audit: Option<Arc<Audit>>,
     ) -> Proxy {
         Proxy {
-            apps,
+            apps: apps.into(),
             upstream,
             quota,
             metrics,
             body_read_timeout: limits.body_read_timeout,
             audit,
-            retry_budget: TpsBudget::new(Duration::from_secs(10), 1, 0.2),
+            retry_budget: Arc::new(TpsBudget::new(Duration::from_secs(10), 1, 0.2)),
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
-            access,
+            access: Arc::new(access),
         }
+    }
+
+    /// This proxy with an upstream connection pool of its own, for one data-plane worker.
+    pub fn with_own_pool(&self) -> Proxy {
+        Proxy { upstream: self.upstream.with_own_pool(), ..self.clone() }
     }
 
     pub fn apps(&self) -> &[App] {
@@ -225,7 +233,7 @@ impl Proxy {
                 .iter()
                 .find(|a| a.org.eq_ignore_ascii_case(org) && a.app.eq_ignore_ascii_case(app))
                 .ok_or(GatewayError::UnknownApp),
-            None => match self.apps.as_slice() {
+            None => match &*self.apps {
                 [only] => Ok(only),
                 _ => Err(GatewayError::UnknownRoute {
                     hint: "several apps are configured: prefix the path with /{org_name}/{app_name}",
@@ -242,7 +250,7 @@ impl Proxy {
         outcome: &mut Outcome<'a>,
     ) -> Result<Response<Full<Bytes>>, GatewayError> {
         let route = call.route();
-        let url = self.upstream.url(&app.org, &app.app, &call.upstream_path_and_query());
+        let uri = self.upstream.call_uri(&app.org, &app.app, call).map_err(|_| GatewayError::Internal)?;
         let body = call.upstream_body();
         // One deadline for the request's exchanges with Easemob, retry included, from the first send: a retry never
         // stretches the caller's wait, and waiting for the token or the quota does not eat into Easemob's time.
@@ -268,18 +276,12 @@ impl Proxy {
                     Err(r) => return Err(GatewayError::RateLimited { retry_after: r.retry_after, headers: r.headers }),
                 },
             };
-            let mut request = Request::builder()
-                .method(route.method())
-                .uri(url.as_str())
-                .header(header::AUTHORIZATION, token.authorization())
-                .header(header::CONTENT_TYPE, "application/json")
-                .header(header::ACCEPT, "application/json")
-                .header(header::USER_AGENT, crate::USER_AGENT);
+            let mut request = self.upstream.request(route.method(), uri.clone(), body.clone().unwrap_or_default());
+            let headers = request.headers_mut();
+            headers.insert(header::AUTHORIZATION, token.authorization().clone());
             if let Some(id) = &meta.request_id {
-                request = request.header(&X_REQUEST_ID, id);
+                headers.insert(&X_REQUEST_ID, id.clone());
             }
-            let request =
-                request.body(Full::new(body.clone().unwrap_or_default())).map_err(|_| GatewayError::Internal)?;
             let sent = Instant::now();
             let deadline = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + self.upstream.timeout());
             let result = self.upstream.send_until(request, deadline).await;

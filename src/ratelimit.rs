@@ -14,6 +14,7 @@ use std::time::Duration;
 
 mod redis;
 
+use bytes::Bytes;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
@@ -129,7 +130,8 @@ fn direct(limit: Limit, factor: f64) -> Current {
 }
 
 fn header(value: String) -> HeaderValue {
-    HeaderValue::from_str(&value).expect("ASCII structured field")
+    // From `Bytes`, the value is checked but not copied again.
+    HeaderValue::from_maybe_shared(Bytes::from(value)).expect("ASCII structured field")
 }
 
 impl QuotaSet {

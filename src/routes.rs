@@ -88,14 +88,23 @@ pub struct Resolved<'a> {
 /// Resolves a request path, with or without the `/{org}/{app}` prefix. `None` means no such route.
 pub fn resolve(path: &str) -> Option<Resolved<'_>> {
     let rest = path.strip_prefix('/')?;
-    let segments: Vec<&str> = rest.split('/').collect();
-    if let [org, app, tail @ ..] = segments.as_slice()
+    // The longest route is `/{org}/{app}` plus seven segments; a longer path matches nothing.
+    let mut split = [""; MAX_SEGMENTS];
+    let mut count = 0;
+    for segment in rest.split('/') {
+        *split.get_mut(count)? = segment;
+        count += 1;
+    }
+    let segments = &split[..count];
+    if let [org, app, tail @ ..] = segments
         && let Some(endpoint) = endpoint(tail)
     {
         return Some(Resolved { app: Some((org, app)), endpoint });
     }
-    endpoint(&segments).map(|endpoint| Resolved { app: None, endpoint })
+    endpoint(segments).map(|endpoint| Resolved { app: None, endpoint })
 }
+
+const MAX_SEGMENTS: usize = 9;
 
 fn endpoint<'a>(segments: &[&'a str]) -> Option<Endpoint<'a>> {
     if segments == ["token"] {

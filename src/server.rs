@@ -38,7 +38,8 @@ pub struct Server {
     proxy: Arc<Proxy>,
     metrics: Metrics,
     audit: Option<Arc<Audit>>,
-    data: TcpListener,
+    /// Shared by the data-plane workers: each accepts from it on its own thread.
+    data: std::net::TcpListener,
     admin: TcpListener,
 }
 
@@ -71,6 +72,7 @@ impl Server {
             .collect::<Result<Vec<_>, String>>()?;
         let data = TcpListener::bind(config.server.listen)
             .await
+            .and_then(TcpListener::into_std)
             .map_err(|e| format!("server.listen {}: {e}", config.server.listen))?;
         let admin = TcpListener::bind(config.server.admin_listen)
             .await
@@ -103,11 +105,17 @@ impl Server {
 
     /// Serves until `shutdown` completes, then drains: `/readyz` turns 503, listeners close, in-flight requests
     /// get up to `server.shutdown_grace` to finish.
+    ///
+    /// The data plane runs on `server.workers` threads, each with a single-threaded runtime, its own upstream
+    /// connection pool and its own share of the accepted connections, so a request is read, forwarded and answered
+    /// without leaving its thread (nginx's worker model). Quota, tokens, metrics and limits are shared. The admin
+    /// listener, token refreshes, Redis and signals run on the calling runtime.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let Server { config, proxy, metrics, audit, data, admin } = self;
         let draining = Arc::new(AtomicBool::new(false));
         let (stop_data, data_stopped) = watch::channel(false);
         let (stop_admin, admin_stopped) = watch::channel(false);
+        let (release_workers, workers_released) = watch::channel(false);
         let (data_graceful, admin_graceful) = (Arc::new(GracefulShutdown::new()), Arc::new(GracefulShutdown::new()));
 
         // HTTP/1 only: the header-read timeout and the header-size cap are HTTP/1 settings, and callers of a
@@ -119,36 +127,41 @@ impl Server {
             // Request line and headers together; the six routes need a fraction of this.
             .max_buf_size(MAX_HEADER_BYTES);
 
-        // Outermost first. A caller's request id is kept only if it is short and plain (it is logged and
-        // forwarded); then one is set before anything can answer, so every answer, rejections included, carries
-        // one; panics become an enveloped 500, not a dropped connection; the proxy does the rest (route,
-        // validation, quota, token, upstream) in one place.
-        let data_service = ServiceBuilder::new()
-            .map_request(drop_unfit_request_id)
-            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-            .layer(PropagateRequestIdLayer::x_request_id())
-            .layer(CatchPanicLayer::custom(|_| GatewayError::Internal.into_response(std::time::Instant::now())))
-            .service(ProxyService::new(Arc::clone(&proxy)));
+        // Each worker holds a sender; the channel closes once every accept loop has ended.
+        let (accepting, mut accept_loops_ended) = tokio::sync::mpsc::channel::<()>(1);
+        let connections = Connections {
+            limit: Arc::new(Semaphore::new(config.server.max_connections)),
+            open: Some(metrics.open_connections.clone()),
+        };
+        let mut workers = Vec::new();
+        for index in 0..config.server.worker_threads() {
+            let worker = DataWorker {
+                listener: data.try_clone().expect("the data listener can be shared"),
+                proxy: proxy.with_own_pool(),
+                http: http.clone(),
+                graceful: Arc::clone(&data_graceful),
+                stop: data_stopped.clone(),
+                connections: connections.clone(),
+                released: workers_released.clone(),
+                accepting: accepting.clone(),
+            };
+            let spawned = std::thread::Builder::new().name(format!("data-worker-{index}")).spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+                match runtime {
+                    Ok(runtime) => runtime.block_on(worker.run()),
+                    Err(e) => warn!(error = %e, "a data-plane worker could not start its runtime"),
+                }
+            });
+            match spawned {
+                Ok(handle) => workers.push(handle),
+                Err(e) => warn!(error = %e, "a data-plane worker thread could not start"),
+            }
+        }
+        drop((data, accepting));
+        info!(workers = workers.len(), "data plane running");
+
         let admin_service =
             AdminService { proxy: Arc::clone(&proxy), metrics: metrics.clone(), draining: Arc::clone(&draining) };
-
-        let data_loop = tokio::spawn(accept_loop(
-            data,
-            http.clone(),
-            // Each connection's requests carry its peer address, for server.allow_from.
-            move |peer| {
-                TowerToHyperService::new(data_service.clone().map_request(move |mut request: Request<Incoming>| {
-                    request.extensions_mut().insert(Peer(peer));
-                    request
-                }))
-            },
-            Arc::clone(&data_graceful),
-            data_stopped,
-            Connections {
-                limit: Arc::new(Semaphore::new(config.server.max_connections)),
-                open: Some(metrics.open_connections.clone()),
-            },
-        ));
         let admin_loop = tokio::spawn(accept_loop(
             admin,
             http,
@@ -171,11 +184,15 @@ impl Server {
         // The admin listener stays up while draining, so probes see /readyz turn 503 rather than a refused port.
         draining.store(true, Ordering::SeqCst);
         let _ = stop_data.send(true);
-        let _ = data_loop.await;
-        let data_graceful = Arc::into_inner(data_graceful).expect("the data accept loop has ended");
+        let _ = accept_loops_ended.recv().await;
+        let data_graceful = Arc::into_inner(data_graceful).expect("every data accept loop has ended");
         match tokio::time::timeout(config.server.shutdown_grace, data_graceful.shutdown()).await {
             Ok(()) => info!("all in-flight requests finished"),
             Err(_) => warn!("shutdown grace elapsed with requests still in flight"),
+        }
+        let _ = release_workers.send(true);
+        for worker in workers {
+            let _ = tokio::task::spawn_blocking(move || worker.join()).await;
         }
         if let Some(audit) = &audit {
             audit.sync();
@@ -184,6 +201,51 @@ impl Server {
         let _ = admin_loop.await;
         let admin_graceful = Arc::into_inner(admin_graceful).expect("the admin accept loop has ended");
         let _ = tokio::time::timeout(Duration::from_secs(1), admin_graceful.shutdown()).await;
+    }
+}
+
+/// One data-plane thread: accepts from the shared listener and serves its connections on its own runtime.
+struct DataWorker {
+    listener: std::net::TcpListener,
+    proxy: Proxy,
+    http: auto::Builder<TokioExecutor>,
+    graceful: Arc<GracefulShutdown>,
+    stop: watch::Receiver<bool>,
+    connections: Connections,
+    /// Set once draining is over: the worker then stops driving whatever connections are left.
+    released: watch::Receiver<bool>,
+    /// Dropped when this worker stops accepting.
+    accepting: tokio::sync::mpsc::Sender<()>,
+}
+
+impl DataWorker {
+    async fn run(self) {
+        let DataWorker { listener, proxy, http, graceful, stop, connections, mut released, accepting } = self;
+        let listener = match TcpListener::from_std(listener) {
+            Ok(listener) => listener,
+            Err(e) => return warn!(error = %e, "a data-plane worker could not register the listener"),
+        };
+        // Outermost first. A caller's request id is kept only if it is short and plain (it is logged and
+        // forwarded); then one is set before anything can answer, so every answer, rejections included, carries
+        // one; panics become an enveloped 500, not a dropped connection; the proxy does the rest (route,
+        // validation, quota, token, upstream) in one place.
+        let service = ServiceBuilder::new()
+            .map_request(drop_unfit_request_id)
+            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+            .layer(PropagateRequestIdLayer::x_request_id())
+            .layer(CatchPanicLayer::custom(|_| GatewayError::Internal.into_response(std::time::Instant::now())))
+            .service(ProxyService::new(Arc::new(proxy)));
+        // Each connection's requests carry its peer address, for server.allow_from.
+        let make_service = move |peer| {
+            TowerToHyperService::new(service.clone().map_request(move |mut request: Request<Incoming>| {
+                request.extensions_mut().insert(Peer(peer));
+                request
+            }))
+        };
+        accept_loop(listener, http, make_service, graceful, stop, connections).await;
+        drop(accepting);
+        // This thread's connections are still draining: keep driving them until the grace is over.
+        let _ = released.wait_for(|released| *released).await;
     }
 }
 
@@ -271,6 +333,7 @@ async fn accept_loop<S, B>(
 }
 
 /// How many connections a listener keeps open, and the gauge that counts them (data plane only).
+#[derive(Clone)]
 struct Connections {
     limit: Arc<Semaphore>,
     open: Option<prometheus::IntGauge>,

@@ -8,8 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, StatusCode, header};
-use http_body_util::Full;
+use http::{HeaderValue, Method, StatusCode, Uri};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -306,12 +305,9 @@ impl TokenSource {
         if let Some(ttl) = self.config.ttl {
             body["ttl"] = ttl.as_secs().into();
         }
-        let request = Request::post(self.upstream.url(&c.org, &c.app, "/token"))
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::ACCEPT, "application/json")
-            .header(header::USER_AGENT, crate::USER_AGENT)
-            .body(Full::new(Bytes::from(body.to_string())))
+        let uri = Uri::try_from(self.upstream.url(&c.org, &c.app, "/token"))
             .map_err(|e| TokenError::Malformed(format!("building the request: {e}")))?;
+        let request = self.upstream.request(Method::POST, uri, Bytes::from(body.to_string()));
         let sent_at = Instant::now();
         let response = self.upstream.send(request).await?;
         if response.status() != StatusCode::OK {

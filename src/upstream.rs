@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{HeaderValue, Method, Request, Response, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
@@ -14,6 +14,10 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
 use crate::config::{BaseUrl, UpstreamConfig};
+use crate::routes::Call;
+
+const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
+const USER_AGENT: HeaderValue = HeaderValue::from_static(crate::USER_AGENT);
 
 /// Easemob's answers on these routes are a few hundred bytes; anything this large is not one of them.
 const MAX_ANSWER_BYTES: usize = 1024 * 1024;
@@ -30,10 +34,17 @@ pub enum UpstreamError {
     Failed(String),
 }
 
+type Connector = HttpsConnector<HttpConnector>;
+
 #[derive(Clone, Debug)]
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: Client<Connector, Full<Bytes>>,
+    connector: Connector,
+    pool_idle_timeout: Duration,
+    pool_max_idle_per_host: usize,
     base_url: BaseUrl,
+    /// `Host` for every call, worked out once (hyper would format it again for each request).
+    host: HeaderValue,
     timeout: Duration,
 }
 
@@ -66,18 +77,57 @@ impl Upstream {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_max_idle_per_host(config.pool_max_idle_per_host)
-            .build(connector);
-        Ok(Upstream { client, base_url: config.base_url.clone(), timeout: config.timeout })
+        let client = pooled_client(&connector, config.pool_idle_timeout, config.pool_max_idle_per_host);
+        Ok(Upstream {
+            client,
+            connector,
+            pool_idle_timeout: config.pool_idle_timeout,
+            pool_max_idle_per_host: config.pool_max_idle_per_host,
+            host: config.base_url.host_header(),
+            base_url: config.base_url.clone(),
+            timeout: config.timeout,
+        })
+    }
+
+    /// The same upstream with a connection pool of its own. Each data-plane worker uses one, so a request and the
+    /// connection that carries it are driven by the same thread (no cross-thread wake-ups per request).
+    pub fn with_own_pool(&self) -> Upstream {
+        Upstream {
+            client: pooled_client(&self.connector, self.pool_idle_timeout, self.pool_max_idle_per_host),
+            ..self.clone()
+        }
     }
 
     /// `base_url` + `/{org}/{app}` + `path_and_query`.
     pub fn url(&self, org: &str, app: &str, path_and_query: &str) -> String {
         format!("{}/{org}/{app}{path_and_query}", self.base_url.as_str())
+    }
+
+    /// The URL of a validated call: built in one buffer and handed to `Uri` without a copy.
+    pub fn call_uri(&self, org: &str, app: &str, call: &Call) -> Result<Uri, http::uri::InvalidUri> {
+        let base = self.base_url.as_str();
+        let mut url = String::with_capacity(base.len() + org.len() + app.len() + 160);
+        url.push_str(base);
+        url.push('/');
+        url.push_str(org);
+        url.push('/');
+        url.push_str(app);
+        call.write_upstream_path_and_query(&mut url);
+        Uri::try_from(url)
+    }
+
+    /// A request to Easemob with the headers every call carries; the caller adds `Authorization`.
+    pub fn request(&self, method: Method, uri: Uri, body: Bytes) -> Request<Full<Bytes>> {
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        let headers = request.headers_mut();
+        headers.reserve(6);
+        headers.insert(header::HOST, self.host.clone());
+        headers.insert(header::CONTENT_TYPE, APPLICATION_JSON);
+        headers.insert(header::ACCEPT, APPLICATION_JSON);
+        headers.insert(header::USER_AGENT, USER_AGENT);
+        request
     }
 
     pub fn timeout(&self) -> Duration {
@@ -113,6 +163,15 @@ impl Upstream {
         };
         tokio::time::timeout_at(deadline, exchange).await.unwrap_or(Err(UpstreamError::Timeout(self.timeout)))
     }
+}
+
+fn pooled_client(connector: &Connector, idle_timeout: Duration, max_idle: usize) -> Client<Connector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(idle_timeout)
+        .pool_max_idle_per_host(max_idle)
+        .build(connector.clone())
 }
 
 /// An error and its sources on one line: hyper's top-level messages alone ("client error (Connect)") say little.

@@ -4,6 +4,7 @@
 //! Parse, don't re-validate: the newtypes below can only hold values Easemob accepts, so later code cannot forward
 //! anything Easemob would refuse.
 
+use std::borrow::Cow;
 use std::fmt::{self, Write as _};
 
 use bytes::Bytes;
@@ -49,8 +50,9 @@ impl ValidationError {
     }
 }
 
-/// Checks an ID against Easemob's rule (1–64 bytes of `A-Z a-z 0-9 _ - .`); `what` names the parameter.
-fn check_id(what: &str, value: &str) -> Result<(), ValidationError> {
+/// Checks an ID against Easemob's rule (1–64 bytes of `A-Z a-z 0-9 _ - .`); `what` names the parameter, and is
+/// only formatted when the ID is refused.
+fn check_id(what: &dyn fmt::Display, value: &str) -> Result<(), ValidationError> {
     const RULE: &str = "IDs are 1 to 64 characters of A-Z a-z 0-9 _ - .";
     if value.is_empty() {
         return Err(ValidationError::illegal(format!("{what} is empty; {RULE}")));
@@ -76,7 +78,7 @@ macro_rules! id_type {
         impl $name {
             /// `what` names the parameter in the error, e.g. "query parameter userId (the peer)".
             pub fn parse(what: &str, value: &str) -> Result<Self, ValidationError> {
-                check_id(what, value)?;
+                check_id(&what, value)?;
                 Ok(Self(value.to_owned()))
             }
             pub fn as_str(&self) -> &str {
@@ -120,7 +122,7 @@ impl MsgIds {
                     position + 1
                 )));
             }
-            check_id(&format!("message ID {} of msgIdList", position + 1), id)?;
+            check_id(&format_args!("message ID {} of msgIdList", position + 1), id)?;
             if !ids.iter().any(|seen| seen == id) {
                 ids.push(id.to_owned());
             }
@@ -141,6 +143,21 @@ impl MsgIds {
 
     pub fn iter(&self) -> impl Iterator<Item = &str> {
         self.0.iter().map(String::as_str)
+    }
+}
+
+/// `msgIdList` as sent upstream: the IDs, percent-encoded, comma-separated.
+struct EncodedIds<'a>(&'a MsgIds);
+
+impl fmt::Display for EncodedIds<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, id) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{}", utf8_percent_encode(id, COMPONENT))?;
+        }
+        Ok(())
     }
 }
 
@@ -230,7 +247,7 @@ impl Conversation {
             ConversationType::Chat => "field channel (the peer's user ID)",
             ConversationType::Groupchat => "field channel (the group ID)",
         };
-        check_id(what, channel)?;
+        check_id(&what, channel)?;
         Ok(Conversation { channel: channel.to_owned(), kind, delete_roam })
     }
 }
@@ -256,11 +273,14 @@ impl Call {
         body: &[u8],
         now_ms: i64,
     ) -> Result<Call, ValidationError> {
-        let owner_what = format!("path parameter {} (the owner)", route.owner_param());
+        let owner_what = match route {
+            Route::DeleteConversation => "path parameter username (the owner)",
+            _ => "path parameter userId (the owner)",
+        };
         let owner = percent_decode_str(raw_owner)
             .decode_utf8()
             .map_err(|_| ValidationError::illegal(format!("{owner_what} is not valid UTF-8 once percent-decoded")))?;
-        let owner = UserId::parse(&owner_what, &owner)?;
+        let owner = UserId::parse(owner_what, &owner)?;
         let mut q = Query::parse(route, query.unwrap_or(""))?;
         let peer = |q: &mut Query| -> Result<UserId, ValidationError> {
             UserId::parse("query parameter userId (the peer)", &q.required("userId")?)
@@ -323,39 +343,59 @@ impl Call {
 
     /// The canonical path and query under `/{org}/{app}`, rebuilt from the validated values only.
     pub fn upstream_path_and_query(&self) -> String {
+        let mut out = String::new();
+        self.write_upstream_path_and_query(&mut out);
+        out
+    }
+
+    /// Appends the canonical path and query to `out` (no intermediate strings: this runs on every request).
+    pub fn write_upstream_path_and_query(&self, out: &mut String) {
         let owner = utf8_percent_encode(self.owner().as_str(), COMPONENT);
-        let mut out = match self {
-            Call::DeleteChatMessages { .. } => format!("/rest/message/roaming/chat/user/{owner}"),
-            Call::DeleteGroupMessages { .. } => format!("/rest/message/roaming/group/user/{owner}"),
-            Call::ClearUserMessages { .. } => format!("/rest/message/roaming/user/{owner}/delete/all"),
-            Call::ClearChatMessagesBefore { .. } => format!("/rest/message/roaming/chat/user/{owner}/time"),
-            Call::ClearGroupMessagesBefore { .. } => format!("/rest/message/roaming/group/user/{owner}/time"),
-            Call::DeleteConversation { .. } => format!("/users/{owner}/user_channel"),
-        };
-        let encode = |v: &str| utf8_percent_encode(v, COMPONENT).to_string();
-        let ids = |ids: &MsgIds| ids.iter().map(encode).collect::<Vec<_>>().join(",");
-        let (pairs, notify): (Vec<(&str, String)>, Option<bool>) = match self {
-            Call::DeleteChatMessages { peer, msg_ids, notify, .. } => {
-                (vec![("userId", encode(peer.as_str())), ("msgIdList", ids(msg_ids))], *notify)
-            }
-            Call::DeleteGroupMessages { group, msg_ids, notify, .. } => {
-                (vec![("groupId", encode(group.as_str())), ("msgIdList", ids(msg_ids))], *notify)
-            }
-            Call::ClearChatMessagesBefore { peer, del_time, notify, .. } => {
-                (vec![("userId", encode(peer.as_str())), ("delTime", del_time.millis().to_string())], *notify)
-            }
-            Call::ClearGroupMessagesBefore { group, del_time, notify, .. } => {
-                (vec![("groupId", encode(group.as_str())), ("delTime", del_time.millis().to_string())], *notify)
-            }
-            Call::ClearUserMessages { .. } | Call::DeleteConversation { .. } => (Vec::new(), None),
-        };
-        for (i, (key, value)) in pairs.iter().enumerate() {
-            let _ = write!(out, "{}{key}={value}", if i == 0 { '?' } else { '&' });
+        fn encode(v: &str) -> impl fmt::Display + '_ {
+            utf8_percent_encode(v, COMPONENT)
         }
-        if let Some(notify) = notify {
+        // `write!` into a String cannot fail.
+        let _ = match self {
+            Call::DeleteChatMessages { peer, msg_ids, .. } => write!(
+                out,
+                "/rest/message/roaming/chat/user/{owner}?userId={}&msgIdList={}",
+                encode(peer.as_str()),
+                EncodedIds(msg_ids)
+            ),
+            Call::DeleteGroupMessages { group, msg_ids, .. } => write!(
+                out,
+                "/rest/message/roaming/group/user/{owner}?groupId={}&msgIdList={}",
+                encode(group.as_str()),
+                EncodedIds(msg_ids)
+            ),
+            Call::ClearUserMessages { .. } => write!(out, "/rest/message/roaming/user/{owner}/delete/all"),
+            Call::ClearChatMessagesBefore { peer, del_time, .. } => write!(
+                out,
+                "/rest/message/roaming/chat/user/{owner}/time?userId={}&delTime={}",
+                encode(peer.as_str()),
+                del_time.millis()
+            ),
+            Call::ClearGroupMessagesBefore { group, del_time, .. } => write!(
+                out,
+                "/rest/message/roaming/group/user/{owner}/time?groupId={}&delTime={}",
+                encode(group.as_str()),
+                del_time.millis()
+            ),
+            Call::DeleteConversation { .. } => write!(out, "/users/{owner}/user_channel"),
+        };
+        if let Some(notify) = self.notify() {
             let _ = write!(out, "&isNotify={notify}");
         }
-        out
+    }
+
+    fn notify(&self) -> Option<bool> {
+        match self {
+            Call::DeleteChatMessages { notify, .. }
+            | Call::DeleteGroupMessages { notify, .. }
+            | Call::ClearChatMessagesBefore { notify, .. }
+            | Call::ClearGroupMessagesBefore { notify, .. } => *notify,
+            Call::ClearUserMessages { .. } | Call::DeleteConversation { .. } => None,
+        }
     }
 
     /// The JSON body to send upstream, for `delete_conversation` only.
@@ -369,13 +409,14 @@ impl Call {
     }
 }
 
-/// The query parameters of one request: each allowed key at most once, unknown keys refused.
-struct Query {
-    values: Vec<(&'static str, String)>,
+/// The query parameters of one request: each allowed key at most once, unknown keys refused. Values borrow from
+/// the query string unless they had to be percent-decoded.
+struct Query<'a> {
+    values: Vec<(&'static str, Cow<'a, str>)>,
 }
 
-impl Query {
-    fn parse(route: Route, raw: &str) -> Result<Query, ValidationError> {
+impl<'a> Query<'a> {
+    fn parse(route: Route, raw: &'a str) -> Result<Query<'a>, ValidationError> {
         let allowed: &[&'static str] = match route {
             Route::DeleteChatMessages => &["userId", "msgIdList", "isNotify"],
             Route::DeleteGroupMessages => &["groupId", "msgIdList", "isNotify"],
@@ -383,7 +424,7 @@ impl Query {
             Route::ClearGroupMessagesBefore => &["groupId", "delTime", "isNotify"],
             Route::ClearUserMessages | Route::DeleteConversation => &[],
         };
-        let mut values: Vec<(&'static str, String)> = Vec::new();
+        let mut values: Vec<(&'static str, Cow<'a, str>)> = Vec::with_capacity(allowed.len());
         for (key, value) in form_urlencoded::parse(raw.as_bytes()) {
             let Some(&key) = allowed.iter().find(|k| **k == key) else {
                 let accepted = if allowed.is_empty() { "none".to_owned() } else { allowed.join(", ") };
@@ -396,7 +437,7 @@ impl Query {
             if values.iter().any(|(k, _)| *k == key) {
                 return Err(ValidationError::illegal(format!("query parameter {key} is given more than once")));
             }
-            values.push((key, value.into_owned()));
+            values.push((key, value));
         }
         let mut query = Query { values };
         query.repair_glued_is_notify()?;
@@ -409,21 +450,25 @@ impl Query {
         for suffix in ["isNotify=true", "isNotify=false"] {
             let glued = self.values.iter_mut().find(|(k, v)| *k != "isNotify" && v.ends_with(suffix));
             if let Some((_, value)) = glued {
-                value.truncate(value.len() - suffix.len());
+                let kept = value.len() - suffix.len();
+                match value {
+                    Cow::Borrowed(v) => *v = &v[..kept],
+                    Cow::Owned(v) => v.truncate(kept),
+                }
                 let notify = &suffix["isNotify=".len()..];
                 match self.values.iter().find(|(k, _)| *k == "isNotify") {
                     Some((_, given)) if given != notify => {
                         return Err(ValidationError::illegal("isNotify is given twice with different values"));
                     }
                     Some(_) => {}
-                    None => self.values.push(("isNotify", notify.to_owned())),
+                    None => self.values.push(("isNotify", Cow::Borrowed(notify))),
                 }
             }
         }
         Ok(())
     }
 
-    fn required(&mut self, key: &str) -> Result<String, ValidationError> {
+    fn required(&mut self, key: &str) -> Result<Cow<'a, str>, ValidationError> {
         let at = self.values.iter().position(|(k, _)| *k == key).ok_or_else(|| ValidationError::missing(key))?;
         Ok(self.values.swap_remove(at).1)
     }
@@ -432,7 +477,7 @@ impl Query {
         let Some(at) = self.values.iter().position(|(k, _)| *k == "isNotify") else {
             return Ok(None);
         };
-        match self.values.swap_remove(at).1.as_str() {
+        match &*self.values.swap_remove(at).1 {
             "true" => Ok(Some(true)),
             "false" => Ok(Some(false)),
             other => Err(ValidationError::illegal(format!("isNotify must be true or false; got {:?}", preview(other)))),
