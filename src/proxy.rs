@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tracing::{debug, info};
 
@@ -250,7 +250,8 @@ impl Proxy {
         outcome: &mut Outcome<'a>,
     ) -> Result<Response<Full<Bytes>>, GatewayError> {
         let route = call.route();
-        let uri = self.upstream.call_uri(&app.org, &app.app, call).map_err(|_| GatewayError::Internal)?;
+        // Built once admitted: a refused request costs no URL.
+        let mut uri = None;
         let body = call.upstream_body();
         // One deadline for the request's exchanges with Easemob, retry included, from the first send: a retry never
         // stretches the caller's wait, and waiting for the token or the quota does not eat into Easemob's time.
@@ -276,7 +277,14 @@ impl Proxy {
                     Err(r) => return Err(GatewayError::RateLimited { retry_after: r.retry_after, headers: r.headers }),
                 },
             };
-            let mut request = self.upstream.request(route.method(), uri.clone(), body.clone().unwrap_or_default());
+            let uri = match &uri {
+                Some(uri) => Uri::clone(uri),
+                None => {
+                    let built = self.upstream.call_uri(&app.org, &app.app, call).map_err(|_| GatewayError::Internal)?;
+                    uri.insert(built).clone()
+                }
+            };
+            let mut request = self.upstream.request(route.method(), uri, body.clone().unwrap_or_default());
             let headers = request.headers_mut();
             headers.insert(header::AUTHORIZATION, token.authorization().clone());
             if let Some(id) = &meta.request_id {
