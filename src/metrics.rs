@@ -2,8 +2,11 @@
 //! rejection reason. Never a user ID, a raw path or a token.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
+
+use crate::routes::Route;
 
 const PREFIX: &str = "easemob_gateway";
 
@@ -124,12 +127,35 @@ impl Metrics {
         }
     }
 
+    /// The series every request of one (app, route) lane touches, looked up once: `with_label_values` hashes the
+    /// labels and takes a lock on each call.
+    pub fn lane(&self, app: &str, route: Route) -> LaneMetrics {
+        let labels = [app, route.name()];
+        LaneMetrics {
+            request_duration: self.request_duration.with_label_values(&labels),
+            upstream_duration: self.upstream_duration.with_label_values(&labels),
+            answered_ok: self.requests.with_label_values(&[app, route.name(), "200"]),
+            upstream_ok: self.upstream_requests.with_label_values(&[app, route.name(), "200"]),
+        }
+    }
+
     /// The text exposition format, for `GET /metrics`.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
         out
     }
+}
+
+/// One lane's per-request series (see [`Metrics::lane`]); other status codes go through the label lookup.
+#[derive(Clone, Debug)]
+pub struct LaneMetrics {
+    pub request_duration: Histogram,
+    pub upstream_duration: Histogram,
+    /// `requests_total{code="200"}`.
+    pub answered_ok: IntCounter,
+    /// `upstream_requests_total{code="200"}`.
+    pub upstream_ok: IntCounter,
 }
 
 impl Default for Metrics {

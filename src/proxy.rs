@@ -21,7 +21,7 @@ use crate::access::{Access, Denied, Peer};
 use crate::audit::{Audit, Event};
 use crate::config::ServerConfig;
 use crate::error::{GatewayError, json_response, unix_millis};
-use crate::metrics::{Metrics, NONE};
+use crate::metrics::{LaneMetrics, Metrics, NONE};
 use crate::ratelimit::{Admitted, QuotaSet, RATELIMIT_POLICY};
 use crate::routes::{self, Call, Endpoint, Route};
 use crate::token::TokenSource;
@@ -67,6 +67,8 @@ pub struct Proxy {
     /// Requests being handled: past `server.max_in_flight`, new ones are shed at once.
     in_flight: Arc<Semaphore>,
     access: Arc<Access>,
+    /// Per-request series of each (app, route) lane, indexed like the quota's lanes.
+    lane_metrics: Arc<[LaneMetrics]>,
 }
 
 /// What one request came to, for its log line and metrics.
@@ -88,7 +90,9 @@ impl Proxy {
         access: Access,
         audit: Option<Arc<Audit>>,
     ) -> Proxy {
+        let lane_metrics = apps.iter().flat_map(|app| Route::ALL.map(|route| metrics.lane(&app.key, route))).collect();
         Proxy {
+            lane_metrics,
             apps: apps.into(),
             upstream,
             quota,
@@ -160,8 +164,22 @@ impl Proxy {
         }
         let elapsed = started.elapsed();
         let status = response.status();
-        self.metrics.requests.with_label_values(&[outcome.app, outcome.route, status.as_str()]).inc();
-        self.metrics.request_duration.with_label_values(&[outcome.app, outcome.route]).observe(elapsed.as_secs_f64());
+        match outcome.lane {
+            Some((app, route)) => {
+                let lane = self.lane_metrics(app, route);
+                if status == StatusCode::OK {
+                    lane.answered_ok.inc();
+                } else {
+                    self.metrics.requests.with_label_values(&[outcome.app, outcome.route, status.as_str()]).inc();
+                }
+                lane.request_duration.observe(elapsed.as_secs_f64());
+            }
+            None => {
+                self.metrics.requests.with_label_values(&[outcome.app, outcome.route, status.as_str()]).inc();
+                let duration = self.metrics.request_duration.with_label_values(&[outcome.app, outcome.route]);
+                duration.observe(elapsed.as_secs_f64());
+            }
+        }
         info!(
             request_id = meta.request_id(),
             app = outcome.app,
@@ -173,6 +191,10 @@ impl Proxy {
             "request"
         );
         response
+    }
+
+    fn lane_metrics(&self, app: usize, route: Route) -> &LaneMetrics {
+        &self.lane_metrics[app * Route::ALL.len() + route.index()]
     }
 
     /// An answer given before the request is even read (caller refused, overload): counted and logged like any other.
@@ -293,17 +315,20 @@ impl Proxy {
             let sent = Instant::now();
             let deadline = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + self.upstream.timeout());
             let result = self.upstream.send_until(request, deadline).await;
-            let code = match &result {
-                Ok(response) => response.status().as_str().to_owned(),
-                Err(UpstreamError::Connect(_)) => "connect_error".to_owned(),
-                Err(UpstreamError::Timeout(_)) => "timeout".to_owned(),
-                Err(UpstreamError::Failed(_)) => "failed".to_owned(),
+            let lane = self.lane_metrics(app.index, route);
+            lane.upstream_duration.observe(sent.elapsed().as_secs_f64());
+            let status = result.as_ref().map(|response| response.status());
+            let code = match &status {
+                Ok(StatusCode::OK) => None,
+                Ok(status) => Some(status.as_str()),
+                Err(UpstreamError::Connect(_)) => Some("connect_error"),
+                Err(UpstreamError::Timeout(_)) => Some("timeout"),
+                Err(UpstreamError::Failed(_)) => Some("failed"),
             };
-            self.metrics.upstream_requests.with_label_values(&[&app.key, route.name(), &code]).inc();
-            self.metrics
-                .upstream_duration
-                .with_label_values(&[&app.key, route.name()])
-                .observe(sent.elapsed().as_secs_f64());
+            match code {
+                None => lane.upstream_ok.inc(),
+                Some(code) => self.metrics.upstream_requests.with_label_values(&[&app.key, route.name(), code]).inc(),
+            }
             // Retry once where it is safe: nothing was sent (connect failed), or Easemob's front said 502/503
             // (not processed). Never on a timeout or a cut-off answer (it may have been carried out), never on 4xx.
             let safe_to_retry = match &result {

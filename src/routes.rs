@@ -28,6 +28,11 @@ impl Route {
         Route::DeleteConversation,
     ];
 
+    /// Position in [`Route::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Route::DeleteChatMessages => "delete_chat_messages",
@@ -142,6 +147,7 @@ mod tests {
             assert_eq!(op(&full), Some((Some(("org", "app")), route, "u1")), "{full}");
         }
         assert_eq!(Route::ALL.len(), 6);
+        assert!(Route::ALL.iter().enumerate().all(|(i, route)| route.index() == i));
     }
 
     #[test]
