@@ -1,17 +1,13 @@
 //! Who may call the data plane: source networks (`server.allow_from`) and, optionally, per-caller keys
 //! (`[[callers]]`, stored as SHA-256 digests) whose name goes into the audit trail.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::Config;
-
-/// The caller's socket address, attached to each request by the accept loop.
-#[derive(Clone, Copy, Debug)]
-pub struct Peer(pub SocketAddr);
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Denied {
@@ -40,11 +36,11 @@ impl Access {
     }
 
     /// Admits or denies a request; when keys are configured, returns the caller's configured name.
-    pub fn check(&self, peer: Option<IpAddr>, key: Option<&[u8]>) -> Result<Option<&str>, Denied> {
+    pub fn check(&self, peer: IpAddr, key: Option<&[u8]>) -> Result<Option<&str>, Denied> {
         if !self.allow_from.is_empty() {
             // IPv4 callers on a dual-stack socket arrive as ::ffff:a.b.c.d.
-            let peer = peer.map(|ip| ip.to_canonical());
-            if !peer.is_some_and(|ip| self.allow_from.iter().any(|net| net.contains(&ip))) {
+            let peer = peer.to_canonical();
+            if !self.allow_from.iter().any(|net| net.contains(&peer)) {
                 return Err(Denied::Network);
             }
         }
@@ -85,18 +81,19 @@ mod tests {
     #[test]
     fn networks_are_checked_when_configured() {
         let a = access(&["10.0.0.0/8"], &[]);
-        assert_eq!(a.check(Some("10.1.2.3".parse().unwrap()), None), Ok(None));
-        assert_eq!(a.check(Some("::ffff:10.1.2.3".parse().unwrap()), None), Ok(None));
-        assert_eq!(a.check(Some("127.0.0.1".parse().unwrap()), None), Err(Denied::Network));
-        assert_eq!(a.check(None, None), Err(Denied::Network));
-        assert_eq!(access(&[], &[]).check(Some("192.0.2.1".parse().unwrap()), None), Ok(None));
+        assert_eq!(a.check("10.1.2.3".parse().unwrap(), None), Ok(None));
+        assert_eq!(a.check("::ffff:10.1.2.3".parse().unwrap(), None), Ok(None));
+        assert_eq!(a.check("127.0.0.1".parse().unwrap(), None), Err(Denied::Network));
+        assert_eq!(a.check("::1".parse().unwrap(), None), Err(Denied::Network));
+        assert_eq!(access(&[], &[]).check("192.0.2.1".parse().unwrap(), None), Ok(None));
     }
 
     #[test]
     fn keys_identify_callers() {
         let a = access(&[], &[("billing", "k-billing"), ("orders", "k-orders")]);
-        assert_eq!(a.check(None, Some(b"k-orders")), Ok(Some("orders")));
-        assert_eq!(a.check(None, Some(b"k-other")), Err(Denied::Key));
-        assert_eq!(a.check(None, None), Err(Denied::Key));
+        let local = "127.0.0.1".parse().unwrap();
+        assert_eq!(a.check(local, Some(b"k-orders")), Ok(Some("orders")));
+        assert_eq!(a.check(local, Some(b"k-other")), Err(Denied::Key));
+        assert_eq!(a.check(local, None), Err(Denied::Key));
     }
 }

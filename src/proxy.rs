@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -17,7 +18,7 @@ use tracing::{debug, info};
 use tokio::sync::Semaphore;
 use tower::retry::budget::{Budget, TpsBudget};
 
-use crate::access::{Access, Denied, Peer};
+use crate::access::{Access, Denied};
 use crate::audit::{Audit, Event};
 use crate::config::ServerConfig;
 use crate::error::{GatewayError, json_response, unix_millis};
@@ -114,7 +115,7 @@ impl Proxy {
         &self.apps
     }
 
-    async fn handle<B>(self: Arc<Self>, request: Request<B>) -> Response<Full<Bytes>>
+    async fn handle<B>(self: Arc<Self>, request: Request<B>, peer: IpAddr) -> Response<Full<Bytes>>
     where
         B: http_body::Body<Data = Bytes>,
         B::Error: Into<BoxError>,
@@ -125,7 +126,6 @@ impl Proxy {
             return self.refuse_at_the_door(GatewayError::Overloaded, started);
         };
         let _in_flight = InFlight::enter(&self.metrics);
-        let peer = request.extensions().get::<Peer>().map(|p| p.0.ip());
         let identity = match self.access.check(peer, request.headers().get("x-gateway-key").map(|v| v.as_bytes())) {
             Ok(identity) => identity,
             Err(denied) => {
@@ -430,6 +430,10 @@ fn pass_through(response: Response<Bytes>) -> Response<Full<Bytes>> {
 
 /// RFC 9110 §7.6.1: `Connection` and the headers it names, plus the classic hop-by-hop set.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Usually there are none (and the headers `Connection` names only count if it is there): look before removing.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -437,22 +441,21 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
+    for name in named.iter().chain(&HOP_BY_HOP) {
         headers.remove(name);
     }
 }
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
 
 /// Reads a `delete_conversation` body: refused early when its declared length is too large, and bounded in time
 /// so a client that stops sending cannot hold the request open.
@@ -501,13 +504,16 @@ impl Drop for InFlight {
     }
 }
 
-/// The proxy as a `tower::Service`: the innermost service of the data-plane stack.
+/// The proxy as a `tower::Service` for one client connection: the innermost service of the data-plane stack.
 #[derive(Clone)]
-pub struct ProxyService(Arc<Proxy>);
+pub struct ProxyService {
+    proxy: Arc<Proxy>,
+    peer: IpAddr,
+}
 
 impl ProxyService {
-    pub fn new(proxy: Arc<Proxy>) -> Self {
-        ProxyService(proxy)
+    pub fn new(proxy: Arc<Proxy>, peer: IpAddr) -> Self {
+        ProxyService { proxy, peer }
     }
 }
 
@@ -525,7 +531,33 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let proxy = Arc::clone(&self.0);
-        Box::pin(async move { Ok(proxy.handle(request).await) })
+        let proxy = Arc::clone(&self.proxy);
+        let peer = self.peer;
+        Box::pin(async move { Ok(proxy.handle(request, peer).await) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_stripped() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close, x-trace-hop"));
+        headers.insert("x-trace-hop", HeaderValue::from_static("1"));
+        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+
+        let mut end_to_end = HeaderMap::new();
+        end_to_end.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        end_to_end.insert("x-trace-hop", HeaderValue::from_static("1"));
+        let before = end_to_end.clone();
+        strip_hop_by_hop(&mut end_to_end);
+        assert_eq!(end_to_end, before, "without Connection, other headers pass");
     }
 }

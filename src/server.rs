@@ -11,18 +11,18 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
-use tower::{ServiceBuilder, ServiceExt};
+use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tracing::{debug, info, warn};
 
-use crate::access::{Access, Peer};
+use crate::access::Access;
 use crate::audit::Audit;
 use crate::config::{Config, SecretPolicy};
 use crate::error::{GatewayError, json_response};
@@ -120,9 +120,8 @@ impl Server {
 
         // HTTP/1 only: the header-read timeout and the header-size cap are HTTP/1 settings, and callers of a
         // loopback sidecar gain nothing from h2c.
-        let mut http = auto::Builder::new(TokioExecutor::new()).http1_only();
-        http.http1()
-            .timer(TokioTimer::new())
+        let mut http = http1::Builder::new();
+        http.timer(TokioTimer::new())
             .header_read_timeout(config.server.header_read_timeout)
             // Request line and headers together; the six routes need a fraction of this.
             .max_buf_size(MAX_HEADER_BYTES);
@@ -208,7 +207,7 @@ impl Server {
 struct DataWorker {
     listener: std::net::TcpListener,
     proxy: Proxy,
-    http: auto::Builder<TokioExecutor>,
+    http: http1::Builder,
     graceful: Arc<GracefulShutdown>,
     stop: watch::Receiver<bool>,
     connections: Connections,
@@ -225,22 +224,20 @@ impl DataWorker {
             Ok(listener) => listener,
             Err(e) => return warn!(error = %e, "a data-plane worker could not register the listener"),
         };
+        let proxy = Arc::new(proxy);
         // Outermost first. A caller's request id is kept only if it is short and plain (it is logged and
         // forwarded); then one is set before anything can answer, so every answer, rejections included, carries
-        // one; panics become an enveloped 500, not a dropped connection; the proxy does the rest (route,
-        // validation, quota, token, upstream) in one place.
-        let service = ServiceBuilder::new()
-            .map_request(drop_unfit_request_id)
-            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-            .layer(PropagateRequestIdLayer::x_request_id())
-            .layer(CatchPanicLayer::custom(|_| GatewayError::Internal.into_response(std::time::Instant::now())))
-            .service(ProxyService::new(Arc::new(proxy)));
-        // Each connection's requests carry its peer address, for server.allow_from.
-        let make_service = move |peer| {
-            TowerToHyperService::new(service.clone().map_request(move |mut request: Request<Incoming>| {
-                request.extensions_mut().insert(Peer(peer));
-                request
-            }))
+        // one; panics become an enveloped 500, not a dropped connection; the proxy does the rest (access, route,
+        // validation, quota, token, upstream) in one place. Built per connection: the proxy knows its peer (for
+        // server.allow_from) without a per-request extension.
+        let make_service = move |peer: SocketAddr| {
+            let service = ServiceBuilder::new()
+                .map_request(drop_unfit_request_id)
+                .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+                .layer(PropagateRequestIdLayer::x_request_id())
+                .layer(CatchPanicLayer::custom(|_| GatewayError::Internal.into_response(std::time::Instant::now())))
+                .service(ProxyService::new(Arc::clone(&proxy), peer.ip()));
+            TowerToHyperService::new(service)
         };
         accept_loop(listener, http, make_service, graceful, stop, connections).await;
         drop(accepting);
@@ -282,7 +279,7 @@ fn drop_unfit_request_id<B>(mut request: Request<B>) -> Request<B> {
 
 async fn accept_loop<S, B>(
     listener: TcpListener,
-    http: auto::Builder<TokioExecutor>,
+    http: http1::Builder,
     make_service: impl Fn(SocketAddr) -> S + Send + 'static,
     graceful: Arc<GracefulShutdown>,
     mut stop: watch::Receiver<bool>,
@@ -314,7 +311,7 @@ async fn accept_loop<S, B>(
             _ = stop.changed() => return,
         };
         let _ = stream.set_nodelay(true);
-        let connection = http.serve_connection(TokioIo::new(stream), make_service(peer)).into_owned();
+        let connection = http.serve_connection(TokioIo::new(stream), make_service(peer));
         let connection = graceful.watch(connection);
         let open = connections.open.clone();
         tokio::spawn(async move {
