@@ -170,8 +170,12 @@ pub struct ServerConfig {
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     /// Data-plane threads, each serving its own connections start to finish; 0 = one per CPU the process may use.
+    /// At most 256.
     pub workers: usize,
 }
+
+/// Far beyond any CPU count a sidecar gets; above it, a typo (threads are not free).
+const MAX_WORKERS: usize = 256;
 
 impl ServerConfig {
     /// `workers`, with 0 resolved to the CPUs this process may use (cgroup quotas included).
@@ -533,6 +537,12 @@ impl Config {
         if self.server.max_in_flight == 0 || self.server.max_connections == 0 {
             problems.push("server.max_in_flight and server.max_connections must be above 0".to_owned());
         }
+        if self.server.workers > MAX_WORKERS {
+            problems.push(format!(
+                "server.workers is {}; at most {MAX_WORKERS} (0: one per CPU the process may use)",
+                self.server.workers
+            ));
+        }
         if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
             problems.push("server.listen and server.admin_listen must differ".to_owned());
         }
@@ -607,6 +617,17 @@ mod tests {
         assert!(c.problems(SecretPolicy::InlineAllowed).is_empty());
         assert!(!c.to_redacted_toml().contains("hunter2"));
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn workers_default_to_the_cpus_and_a_typo_is_refused() {
+        let mut c = Config::load(write(MINIMAL).path()).unwrap();
+        assert_eq!(c.server.workers, 0);
+        assert_eq!(c.server.worker_threads(), std::thread::available_parallelism().unwrap().get());
+        c.server.workers = 3;
+        assert_eq!(c.server.worker_threads(), 3);
+        c.server.workers = 10_000;
+        assert!(c.problems(SecretPolicy::ExternalOnly).iter().any(|p| p.contains("server.workers is 10000")));
     }
 
     #[test]
