@@ -135,6 +135,8 @@ impl Metrics {
             request_duration: self.request_duration.with_label_values(&labels),
             upstream_duration: self.upstream_duration.with_label_values(&labels),
             answered_ok: self.requests.with_label_values(&[app, route.name(), "200"]),
+            answered_429: self.requests.with_label_values(&[app, route.name(), "429"]),
+            rate_limited: self.rejected.with_label_values(&[app, route.name(), "rate_limited"]),
             upstream_ok: self.upstream_requests.with_label_values(&[app, route.name(), "200"]),
         }
     }
@@ -154,6 +156,10 @@ pub struct LaneMetrics {
     pub upstream_duration: Histogram,
     /// `requests_total{code="200"}`.
     pub answered_ok: IntCounter,
+    /// `requests_total{code="429"}`: a flood's answers.
+    pub answered_429: IntCounter,
+    /// `rejected_total{reason="rate_limited"}`.
+    pub rate_limited: IntCounter,
     /// `upstream_requests_total{code="200"}`.
     pub upstream_ok: IntCounter,
 }

@@ -41,7 +41,9 @@ const PLACEHOLDER_TTL_SECS: u64 = 7 * 24 * 3600;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_GATEWAY_KEY: HeaderName = HeaderName::from_static("x-gateway-key");
+const X_CALLER: HeaderName = HeaderName::from_static("x-caller");
 
 /// One configured app: its AppKey and its token.
 pub struct App {
@@ -126,7 +128,7 @@ impl Proxy {
             return self.refuse_at_the_door(GatewayError::Overloaded, started);
         };
         let _in_flight = InFlight::enter(&self.metrics);
-        let identity = match self.access.check(peer, request.headers().get("x-gateway-key").map(|v| v.as_bytes())) {
+        let identity = match self.access.check(peer, request.headers().get(X_GATEWAY_KEY).map(|v| v.as_bytes())) {
             Ok(identity) => identity,
             Err(denied) => {
                 debug!(peer = ?peer, ?denied, "caller refused");
@@ -140,18 +142,23 @@ impl Proxy {
             }
         };
         let meta = Meta {
-            request_id: request.headers().get(&X_REQUEST_ID).cloned(),
+            request_id: request.headers().get(X_REQUEST_ID).cloned(),
             // A key's name is authoritative; without keys, the caller's own X-Caller is recorded.
             caller: identity
                 .map(str::to_owned)
-                .or_else(|| request.headers().get("x-caller").and_then(|v| v.to_str().ok()).map(str::to_owned)),
+                .or_else(|| request.headers().get(X_CALLER).and_then(|v| v.to_str().ok()).map(str::to_owned)),
         };
         let mut outcome = Outcome { app: NONE, route: NONE, upstream_status: None, lane: None };
         let (mut response, reason) = match self.serve(request, &meta, &mut outcome).await {
             Ok(response) => (response, None),
             Err(e) => {
                 let reason = e.kind();
-                self.metrics.rejected.with_label_values(&[outcome.app, outcome.route, reason]).inc();
+                match (outcome.lane, &e) {
+                    (Some((app, route)), GatewayError::RateLimited { .. }) => {
+                        self.lane_metrics(app, route).rate_limited.inc()
+                    }
+                    _ => self.metrics.rejected.with_label_values(&[outcome.app, outcome.route, reason]).inc(),
+                }
                 (e.into_response(started), Some(reason))
             }
         };
@@ -167,10 +174,10 @@ impl Proxy {
         match outcome.lane {
             Some((app, route)) => {
                 let lane = self.lane_metrics(app, route);
-                if status == StatusCode::OK {
-                    lane.answered_ok.inc();
-                } else {
-                    self.metrics.requests.with_label_values(&[outcome.app, outcome.route, status.as_str()]).inc();
+                match status {
+                    StatusCode::OK => lane.answered_ok.inc(),
+                    StatusCode::TOO_MANY_REQUESTS => lane.answered_429.inc(),
+                    _ => self.metrics.requests.with_label_values(&[outcome.app, outcome.route, status.as_str()]).inc(),
                 }
                 lane.request_duration.observe(elapsed.as_secs_f64());
             }
@@ -310,7 +317,7 @@ impl Proxy {
             let headers = request.headers_mut();
             headers.insert(header::AUTHORIZATION, token.authorization().clone());
             if let Some(id) = &meta.request_id {
-                headers.insert(&X_REQUEST_ID, id.clone());
+                headers.insert(X_REQUEST_ID, id.clone());
             }
             let sent = Instant::now();
             let deadline = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + self.upstream.timeout());

@@ -83,6 +83,8 @@ struct Lane {
     policy: HeaderValue,
     /// `rate_limit_wait_seconds` for this lane, looked up once.
     wait: prometheus::Histogram,
+    /// The `RateLimit` field of a refusal that may retry in a second: a flood's usual answer, built once.
+    refused_for_a_second: HeaderValue,
 }
 
 /// The lane's limiter and the rate it was built for (the rate changes when Easemob throttles us).
@@ -199,6 +201,7 @@ impl QuotaSet {
                     waiting: AtomicUsize::new(0),
                     policy: header(policy),
                     wait: metrics.rate_limit_wait.with_label_values(&[app, route.name()]),
+                    refused_for_a_second: header(format!("\"{}\";r=0;t=1", route.name())),
                 });
             }
         }
@@ -249,8 +252,10 @@ impl QuotaSet {
                 Ok(Admitted { headers: RateLimitHeaders { policy: lane.policy.clone(), limit }, waited })
             }
             Err(retry_after) => {
-                let secs = crate::error::retry_after_secs(retry_after);
-                let limit = header(format!("\"{}\";r=0;t={secs}", lane.route.name()));
+                let limit = match crate::error::retry_after_secs(retry_after) {
+                    1 => lane.refused_for_a_second.clone(),
+                    secs => header(format!("\"{}\";r=0;t={secs}", lane.route.name())),
+                };
                 Err(Refused { retry_after, headers: RateLimitHeaders { policy: lane.policy.clone(), limit } })
             }
         }

@@ -27,7 +27,7 @@ use crate::audit::Audit;
 use crate::config::{Config, SecretPolicy};
 use crate::error::{GatewayError, json_response};
 use crate::metrics::Metrics;
-use crate::proxy::{App, Proxy, ProxyService, is_plain_label};
+use crate::proxy::{App, Proxy, ProxyService, X_REQUEST_ID, is_plain_label};
 use crate::ratelimit::QuotaSet;
 use crate::token::{Credentials, TokenSource};
 use crate::upstream::Upstream;
@@ -271,8 +271,8 @@ async fn reload_secrets_on_sighup(config: Config, proxy: Arc<Proxy>) {
 /// `A-Z a-z 0-9 - _ . :`, otherwise drop it so a fresh one is generated.
 fn drop_unfit_request_id<B>(mut request: Request<B>) -> Request<B> {
     let fit = |v: &http::HeaderValue| v.to_str().is_ok_and(|v| is_plain_label(v, 128));
-    if request.headers().get("x-request-id").is_some_and(|v| !fit(v)) {
-        request.headers_mut().remove("x-request-id");
+    if request.headers().get(X_REQUEST_ID).is_some_and(|v| !fit(v)) {
+        request.headers_mut().remove(X_REQUEST_ID);
     }
     request
 }
