@@ -134,8 +134,20 @@ impl Server {
         };
         let mut workers = Vec::new();
         for index in 0..config.server.worker_threads() {
+            // Built here so that a worker that cannot start stops the gateway rather than leaving it short-handed.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for a data-plane worker");
+            let listener = data
+                .try_clone()
+                .and_then(|listener| {
+                    let _in_runtime = runtime.enter();
+                    TcpListener::from_std(listener)
+                })
+                .expect("the data listener registered with a worker's runtime");
             let worker = DataWorker {
-                listener: data.try_clone().expect("the data listener can be shared"),
+                listener,
                 proxy: proxy.with_own_pool(),
                 http: http.clone(),
                 graceful: Arc::clone(&data_graceful),
@@ -144,17 +156,11 @@ impl Server {
                 released: workers_released.clone(),
                 accepting: accepting.clone(),
             };
-            let spawned = std::thread::Builder::new().name(format!("data-worker-{index}")).spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
-                match runtime {
-                    Ok(runtime) => runtime.block_on(worker.run()),
-                    Err(e) => warn!(error = %e, "a data-plane worker could not start its runtime"),
-                }
-            });
-            match spawned {
-                Ok(handle) => workers.push(handle),
-                Err(e) => warn!(error = %e, "a data-plane worker thread could not start"),
-            }
+            let thread = std::thread::Builder::new()
+                .name(format!("data-worker-{index}"))
+                .spawn(move || runtime.block_on(worker.run()))
+                .expect("a data-plane worker thread");
+            workers.push(thread);
         }
         drop((data, accepting));
         info!(workers = workers.len(), "data plane running");
@@ -205,7 +211,8 @@ impl Server {
 
 /// One data-plane thread: accepts from the shared listener and serves its connections on its own runtime.
 struct DataWorker {
-    listener: std::net::TcpListener,
+    /// The shared listening socket, registered with this worker's runtime.
+    listener: TcpListener,
     proxy: Proxy,
     http: http1::Builder,
     graceful: Arc<GracefulShutdown>,
@@ -220,10 +227,6 @@ struct DataWorker {
 impl DataWorker {
     async fn run(self) {
         let DataWorker { listener, proxy, http, graceful, stop, connections, mut released, accepting } = self;
-        let listener = match TcpListener::from_std(listener) {
-            Ok(listener) => listener,
-            Err(e) => return warn!(error = %e, "a data-plane worker could not register the listener"),
-        };
         let proxy = Arc::new(proxy);
         // Outermost first. A caller's request id is kept only if it is short and plain (it is logged and
         // forwarded); then one is set before anything can answer, so every answer, rejections included, carries
