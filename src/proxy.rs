@@ -171,21 +171,24 @@ impl Proxy {
         }
         let elapsed = started.elapsed();
         let status = response.status();
-        match outcome.lane {
-            Some((app, route)) => {
-                let lane = self.lane_metrics(app, route);
-                match status {
-                    StatusCode::OK => lane.answered_ok.inc(),
-                    StatusCode::TOO_MANY_REQUESTS => lane.answered_429.inc(),
-                    _ => self.metrics.requests.with_label_values(&[outcome.app, outcome.route, status.as_str()]).inc(),
-                }
-                lane.request_duration.observe(elapsed.as_secs_f64());
-            }
-            None => {
-                self.metrics.requests.with_label_values(&[outcome.app, outcome.route, status.as_str()]).inc();
-                let duration = self.metrics.request_duration.with_label_values(&[outcome.app, outcome.route]);
-                duration.observe(elapsed.as_secs_f64());
-            }
+        // A lane's common series are resolved once (see `Metrics::lane`); anything else is looked up by label.
+        let lane = outcome.lane.map(|(app, route)| self.lane_metrics(app, route));
+        let answered = lane.and_then(|lane| match status {
+            StatusCode::OK => Some(&lane.answered_ok),
+            StatusCode::TOO_MANY_REQUESTS => Some(&lane.answered_429),
+            _ => None,
+        });
+        match answered {
+            Some(counter) => counter.inc(),
+            None => self.metrics.requests.with_label_values(&[outcome.app, outcome.route, status.as_str()]).inc(),
+        }
+        match lane {
+            Some(lane) => lane.request_duration.observe(elapsed.as_secs_f64()),
+            None => self
+                .metrics
+                .request_duration
+                .with_label_values(&[outcome.app, outcome.route])
+                .observe(elapsed.as_secs_f64()),
         }
         info!(
             request_id = meta.request_id(),
