@@ -51,14 +51,6 @@ impl Route {
         }
     }
 
-    /// The name of the owner's path parameter, as Easemob's docs spell it.
-    pub fn owner_param(self) -> &'static str {
-        match self {
-            Route::DeleteConversation => "username",
-            _ => "userId",
-        }
-    }
-
     /// Matches the path after `/{org}/{app}` (already split on `/`), returning the route and the raw owner segment.
     fn match_tail<'a>(segments: &[&'a str]) -> Option<(Route, &'a str)> {
         let route = match segments {

@@ -273,6 +273,7 @@ impl Call {
         body: &[u8],
         now_ms: i64,
     ) -> Result<Call, ValidationError> {
+        // The owner's path parameter, named as Easemob's docs spell it.
         let owner_what = match route {
             Route::DeleteConversation => "path parameter username (the owner)",
             _ => "path parameter userId (the owner)",
