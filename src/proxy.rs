@@ -312,7 +312,10 @@ impl Proxy {
             let uri = match &uri {
                 Some(uri) => Uri::clone(uri),
                 None => {
-                    let built = self.upstream.call_uri(&app.org, &app.app, call).map_err(|_| GatewayError::Internal)?;
+                    let built = self
+                        .upstream
+                        .uri(&app.org, &app.app, |url| call.write_upstream_path_and_query(url))
+                        .map_err(|_| GatewayError::Internal)?;
                     uri.insert(built).clone()
                 }
             };

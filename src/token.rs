@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, StatusCode, Uri};
+use http::{HeaderValue, Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -305,7 +305,9 @@ impl TokenSource {
         if let Some(ttl) = self.config.ttl {
             body["ttl"] = ttl.as_secs().into();
         }
-        let uri = Uri::try_from(self.upstream.url(&c.org, &c.app, "/token"))
+        let uri = self
+            .upstream
+            .uri(&c.org, &c.app, |url| url.push_str("/token"))
             .map_err(|e| TokenError::Malformed(format!("building the request: {e}")))?;
         let request = self.upstream.request(Method::POST, uri, Bytes::from(body.to_string()));
         let sent_at = Instant::now();

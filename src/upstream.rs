@@ -14,7 +14,6 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
 use crate::config::{BaseUrl, UpstreamConfig};
-use crate::routes::Call;
 
 const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
 const USER_AGENT: HeaderValue = HeaderValue::from_static(crate::USER_AGENT);
@@ -98,13 +97,9 @@ impl Upstream {
         }
     }
 
-    /// `base_url` + `/{org}/{app}` + `path_and_query`.
-    pub fn url(&self, org: &str, app: &str, path_and_query: &str) -> String {
-        format!("{}/{org}/{app}{path_and_query}", self.base_url.as_str())
-    }
-
-    /// The URL of a validated call: built in one buffer and handed to `Uri` without a copy.
-    pub fn call_uri(&self, org: &str, app: &str, call: &Call) -> Result<Uri, http::uri::InvalidUri> {
+    /// `base_url` + `/{org}/{app}` + what `tail` appends (a path and query), built in one buffer and handed to
+    /// `Uri` without a copy.
+    pub fn uri(&self, org: &str, app: &str, tail: impl FnOnce(&mut String)) -> Result<Uri, http::uri::InvalidUri> {
         let base = self.base_url.as_str();
         let mut url = String::with_capacity(base.len() + org.len() + app.len() + 160);
         url.push_str(base);
@@ -112,7 +107,7 @@ impl Upstream {
         url.push_str(org);
         url.push('/');
         url.push_str(app);
-        call.write_upstream_path_and_query(&mut url);
+        tail(&mut url);
         Uri::try_from(url)
     }
 
