@@ -133,6 +133,11 @@ fn direct(limit: Limit, factor: f64) -> Current {
     Current { limiter: RateLimiter::direct(quota).with_middleware::<StateInformationMiddleware>(), rate }
 }
 
+/// The `RateLimit` field of a refusal: nothing left, retry in `secs`.
+fn refusal_field(route: Route, secs: u64) -> HeaderValue {
+    header(format!("\"{}\";r=0;t={secs}", route.name()))
+}
+
 fn header(value: String) -> HeaderValue {
     // From `Bytes`, the value is checked but not copied again.
     HeaderValue::from_maybe_shared(Bytes::from(value)).expect("ASCII structured field")
@@ -201,7 +206,7 @@ impl QuotaSet {
                     waiting: AtomicUsize::new(0),
                     policy: header(policy),
                     wait: metrics.rate_limit_wait.with_label_values(&[app, route.name()]),
-                    refused_for_a_second: header(format!("\"{}\";r=0;t=1", route.name())),
+                    refused_for_a_second: refusal_field(route, 1),
                 });
             }
         }
@@ -254,7 +259,7 @@ impl QuotaSet {
             Err(retry_after) => {
                 let limit = match crate::error::retry_after_secs(retry_after) {
                     1 => lane.refused_for_a_second.clone(),
-                    secs => header(format!("\"{}\";r=0;t={secs}", lane.route.name())),
+                    secs => refusal_field(lane.route, secs),
                 };
                 Err(Refused { retry_after, headers: RateLimitHeaders { policy: lane.policy.clone(), limit } })
             }
