@@ -14,12 +14,11 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-pub const ORG: &str = "1122161011178276";
-pub const APP: &str = "demo";
-pub const APP2: &str = "demo2";
-pub const CLIENT_ID: &str = "YXA6demo-client-id";
-pub const CLIENT_SECRET: &str = "YXA6demo-client-secret";
-pub const GROUP: &str = "172839405612345";
+// The simulator's demo world, under the short names the tests use.
+pub use easemob_gateway::sim::state::{
+    DEMO_APP as APP, DEMO_APP_2 as APP2, DEMO_CLIENT_ID as CLIENT_ID, DEMO_CLIENT_SECRET as CLIENT_SECRET,
+    DEMO_GROUP as GROUP, DEMO_ORG as ORG,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_easemob-gateway");
 
