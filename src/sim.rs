@@ -416,49 +416,49 @@ impl Simulator {
     }
 
     fn control(&self, method: &Method, path: &str, body: &[u8]) -> Response<Full<Bytes>> {
+        self.control_endpoint(method, path, body).unwrap_or_else(|(status, text)| control_error(status, &text))
+    }
+
+    /// The control endpoints; `Err` is the control error to answer (no such app, a body that does not parse).
+    fn control_endpoint(
+        &self,
+        method: &Method,
+        path: &str,
+        body: &[u8],
+    ) -> Result<Response<Full<Bytes>>, ControlError> {
         let segments: Vec<&str> = path.split('/').collect();
         let mut world = self.world();
-        match (method, segments.as_slice()) {
+        let answer = match (method, segments.as_slice()) {
             (&Method::GET, ["stats"]) => ok(serde_json::to_value(&world.stats).expect("stats serialize")),
             (&Method::GET, ["requests"]) => ok(serde_json::to_value(&world.requests).expect("requests serialize")),
             (&Method::GET, ["faults"]) => ok(serde_json::to_value(&world.faults).expect("faults serialize")),
-            (&Method::PUT, ["faults"]) => match serde_json::from_slice::<Faults>(body) {
-                Ok(faults) => {
-                    world.faults = faults;
-                    ok(serde_json::to_value(&world.faults).expect("faults serialize"))
-                }
-                Err(e) => control_error(StatusCode::BAD_REQUEST, &e.to_string()),
-            },
+            (&Method::PUT, ["faults"]) => {
+                world.faults = control_body::<Faults>(body)?;
+                ok(serde_json::to_value(&world.faults).expect("faults serialize"))
+            }
             (&Method::POST, ["expire-tokens"]) => {
                 world.apps.iter_mut().for_each(App::expire_tokens);
                 ok(json!({ "expired": true }))
             }
-            (&Method::GET, ["apps", org, app, "users", user]) => match world.app_mut(org, app) {
-                Some(app) => {
-                    let conversations: Vec<Value> = app
-                        .view(user)
-                        .into_iter()
-                        .map(|((kind, id), c)| json!({ "type": kind, "id": id, "listed": c.listed, "messages": c.messages }))
-                        .collect();
-                    ok(json!({ "user": user, "conversations": conversations }))
-                }
-                None => control_error(StatusCode::NOT_FOUND, "no such app"),
-            },
+            (&Method::GET, ["apps", org, app, "users", user]) => {
+                let app = control_app(&mut world, org, app)?;
+                let conversations: Vec<Value> = app
+                    .view(user)
+                    .into_iter()
+                    .map(
+                        |((kind, id), c)| json!({ "type": kind, "id": id, "listed": c.listed, "messages": c.messages }),
+                    )
+                    .collect();
+                ok(json!({ "user": user, "conversations": conversations }))
+            }
             (&Method::PUT, ["apps", org, app, "secret"]) => {
                 #[derive(Deserialize)]
                 struct Secret {
                     client_secret: String,
                 }
-                let Some(app) = world.app_mut(org, app) else {
-                    return control_error(StatusCode::NOT_FOUND, "no such app");
-                };
-                match serde_json::from_slice::<Secret>(body) {
-                    Ok(secret) => {
-                        app.client_secret = secret.client_secret;
-                        ok(json!({ "rotated": true }))
-                    }
-                    Err(e) => control_error(StatusCode::BAD_REQUEST, &e.to_string()),
-                }
+                let app = control_app(&mut world, org, app)?;
+                app.client_secret = control_body::<Secret>(body)?.client_secret;
+                ok(json!({ "rotated": true }))
             }
             (&Method::POST, ["apps", org, app, "messages"]) => {
                 #[derive(Deserialize)]
@@ -470,24 +470,32 @@ impl Simulator {
                     id: String,
                     timestamp: Option<i64>,
                 }
-                let Some(app) = world.app_mut(org, app) else {
-                    return control_error(StatusCode::NOT_FOUND, "no such app");
-                };
-                match serde_json::from_slice::<Send>(body) {
-                    Ok(m) => {
-                        app.add_user(&m.from);
-                        if m.kind == Kind::Chat {
-                            app.add_user(&m.to);
-                        }
-                        app.send(m.kind, &m.from, &m.to, &m.id, m.timestamp.unwrap_or_else(now_ms));
-                        ok(json!({ "sent": m.id }))
-                    }
-                    Err(e) => control_error(StatusCode::BAD_REQUEST, &e.to_string()),
+                let app = control_app(&mut world, org, app)?;
+                let m = control_body::<Send>(body)?;
+                app.add_user(&m.from);
+                if m.kind == Kind::Chat {
+                    app.add_user(&m.to);
                 }
+                app.send(m.kind, &m.from, &m.to, &m.id, m.timestamp.unwrap_or_else(now_ms));
+                ok(json!({ "sent": m.id }))
             }
             _ => control_error(StatusCode::NOT_FOUND, "unknown control endpoint"),
-        }
+        };
+        Ok(answer)
     }
+}
+
+/// A control request's failure: its status and what to say.
+type ControlError = (StatusCode, String);
+
+/// The app a control path names, or the control error for an unknown one.
+fn control_app<'w>(world: &'w mut World, org: &str, app: &str) -> Result<&'w mut App, ControlError> {
+    world.app_mut(org, app).ok_or_else(|| (StatusCode::NOT_FOUND, "no such app".to_owned()))
+}
+
+/// A control request's JSON body, or the control error saying why it does not parse.
+fn control_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ControlError> {
+    serde_json::from_slice(body).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))
 }
 
 impl<'de> Deserialize<'de> for Kind {
