@@ -83,6 +83,11 @@ struct Outcome<'a> {
     lane: Option<(usize, Route)>,
 }
 
+impl Outcome<'_> {
+    /// Before the request has named an app or a route.
+    const UNKNOWN: Outcome<'static> = Outcome { app: NONE, route: NONE, upstream_status: None, lane: None };
+}
+
 impl Proxy {
     pub fn new(
         apps: Vec<App>,
@@ -148,17 +153,12 @@ impl Proxy {
                 .map(str::to_owned)
                 .or_else(|| request.headers().get(X_CALLER).and_then(|v| v.to_str().ok()).map(str::to_owned)),
         };
-        let mut outcome = Outcome { app: NONE, route: NONE, upstream_status: None, lane: None };
+        let mut outcome = Outcome::UNKNOWN;
         let (mut response, reason) = match self.serve(request, &meta, &mut outcome).await {
             Ok(response) => (response, None),
             Err(e) => {
+                self.count_rejection(&outcome, &e);
                 let reason = e.kind();
-                match (outcome.lane, &e) {
-                    (Some((app, route)), GatewayError::RateLimited { .. }) => {
-                        self.lane_metrics(app, route).rate_limited.inc()
-                    }
-                    _ => self.metrics.rejected.with_label_values(&[outcome.app, outcome.route, reason]).inc(),
-                }
                 (e.into_response(started), Some(reason))
             }
         };
@@ -171,18 +171,8 @@ impl Proxy {
         }
         let elapsed = started.elapsed();
         let status = response.status();
-        // A lane's common series are resolved once (see `Metrics::lane`); anything else is looked up by label.
-        let lane = outcome.lane.map(|(app, route)| self.lane_metrics(app, route));
-        let answered = lane.and_then(|lane| match status {
-            StatusCode::OK => Some(&lane.answered_ok),
-            StatusCode::TOO_MANY_REQUESTS => Some(&lane.answered_429),
-            _ => None,
-        });
-        match answered {
-            Some(counter) => counter.inc(),
-            None => self.metrics.requests.with_label_values(&[outcome.app, outcome.route, status.as_str()]).inc(),
-        }
-        match lane {
+        self.count_answer(&outcome, status);
+        match outcome.lane.map(|(app, route)| self.lane_metrics(app, route)) {
             Some(lane) => lane.request_duration.observe(elapsed.as_secs_f64()),
             None => self
                 .metrics
@@ -207,12 +197,35 @@ impl Proxy {
         &self.lane_metrics[app * Route::ALL.len() + route.index()]
     }
 
+    /// `rejected_total` for an answer the gateway made itself. Here and in `count_answer`, a lane's common series
+    /// are resolved once (see `Metrics::lane`); anything else is looked up by label.
+    fn count_rejection(&self, outcome: &Outcome, e: &GatewayError) {
+        match (outcome.lane, e) {
+            (Some((app, route)), GatewayError::RateLimited { .. }) => self.lane_metrics(app, route).rate_limited.inc(),
+            _ => self.metrics.rejected.with_label_values(&[outcome.app, outcome.route, e.kind()]).inc(),
+        }
+    }
+
+    /// `requests_total` for every answer.
+    fn count_answer(&self, outcome: &Outcome, status: StatusCode) {
+        let lane = outcome.lane.map(|(app, route)| self.lane_metrics(app, route));
+        let counted = lane.and_then(|lane| match status {
+            StatusCode::OK => Some(&lane.answered_ok),
+            StatusCode::TOO_MANY_REQUESTS => Some(&lane.answered_429),
+            _ => None,
+        });
+        match counted {
+            Some(counter) => counter.inc(),
+            None => self.metrics.requests.with_label_values(&[outcome.app, outcome.route, status.as_str()]).inc(),
+        }
+    }
+
     /// An answer given before the request is even read (caller refused, overload): counted and logged like any other.
     fn refuse_at_the_door(&self, e: GatewayError, started: Instant) -> Response<Full<Bytes>> {
+        self.count_rejection(&Outcome::UNKNOWN, &e);
         let reason = e.kind();
-        self.metrics.rejected.with_label_values(&[NONE, NONE, reason]).inc();
         let response = e.into_response(started);
-        self.metrics.requests.with_label_values(&[NONE, NONE, response.status().as_str()]).inc();
+        self.count_answer(&Outcome::UNKNOWN, response.status());
         info!(app = NONE, route = NONE, status = response.status().as_u16(), reason, "request");
         response
     }
