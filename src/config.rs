@@ -59,7 +59,8 @@ pub struct AuditConfig {
     pub default_caller: Option<String>,
 }
 
-/// A GCRA quota: `rate` calls per second, up to `burst` at once.
+/// A per-second quota: `rate` calls in any one-second window, `burst` of them at once (a burst above 1 lets up to
+/// `burst - 1` more through one window).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limit {
@@ -95,8 +96,9 @@ impl Default for RateLimitConfig {
     fn default() -> Self {
         RateLimitConfig {
             backend: RateLimitBackend::Local,
-            // Long enough to smooth a burst into Easemob's pace, short against a caller's own timeouts.
-            max_wait: Duration::from_millis(250),
+            // A burst of a route's own quota needs about a second to pass at the quota's pace; half a second more
+            // absorbs timer slack. Still short against a caller's own timeouts.
+            max_wait: Duration::from_millis(1500),
             route: Limit { rate: NonZeroU32::new(100).expect("non-zero"), burst: defaults::burst() },
             routes: BTreeMap::new(),
             app: None,

@@ -1,24 +1,25 @@
-//! The quota: Easemob's published limits enforced before a request costs anything upstream.
+//! The quota: Easemob's published limits enforced before a request costs anything upstream, counted per window
+//! exactly as Easemob counts them.
 //!
-//! Each (AppKey, route) is a [`Lane`] with its own GCRA limiter (`governor`), an optional AppKey-wide cap, and
-//! for `delete_conversation` a per-user limit. A request over quota waits for its slot up to `max_wait`, in
-//! arrival order (a fair async mutex per lane, so no thread is held and a caller that hangs up leaves the
-//! queue), or is refused at once with `Retry-After` when its slot is further away. When Easemob still answers
+//! Each (AppKey, route) is a [`Lane`] paced by `governor` (`ratelimit/pace.rs`: no one-second window ever holds
+//! more than the route's quota), with an optional AppKey-wide cap paced the same way, and for
+//! `delete_conversation` a per-user window (`ratelimit/window.rs`: at most 5 calls for one user in any 60 s,
+//! 5 at once if they come together). A request over quota waits for its slot up to `max_wait`, in arrival order
+//! (a fair async mutex per lane, so no thread is held and a caller that hangs up leaves the queue), or is refused
+//! at once with `Retry-After` and a `RateLimit` field naming the limit that refused it. When Easemob still answers
 //! 429, the lane pauses for Easemob's `Retry-After` and halves its rate, then recovers slowly.
-//! With `backend = "redis"`, `ratelimit/redis.rs` makes all replicas draw from one quota instead.
+//! With `backend = "redis"`, `ratelimit/redis.rs` makes all replicas draw from one quota with the same rules.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+mod pace;
 mod redis;
+mod window;
 
 use bytes::Bytes;
-use governor::clock::{Clock, DefaultClock};
-use governor::middleware::StateInformationMiddleware;
-use governor::state::{InMemoryState, NotKeyed};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::HeaderValue;
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -27,9 +28,13 @@ use crate::config::{Limit, RateLimitBackend, RateLimitConfig};
 use crate::metrics::Metrics;
 use crate::routes::{Call, Route};
 
+use self::pace::{Pace, guarded};
 use self::redis::{Gate, Reservation, SharedQuota};
+use self::window::{Place, WindowLog};
 
-type Direct = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
+/// Easemob's windows: the route and AppKey limits count calls per second, the per-user limit per minute.
+const SECOND: Duration = Duration::from_secs(1);
+const MINUTE: Duration = Duration::from_secs(60);
 
 /// A lane never slows below this share of its configured rate, however many 429s Easemob sends.
 const MIN_ADAPTIVE_FACTOR: f64 = 0.1;
@@ -70,12 +75,34 @@ impl RateLimitHeaders {
     }
 }
 
+/// The limit that decided: a refusal names it, with the time to its next free slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scope {
+    Route,
+    App,
+    User,
+}
+
+impl Scope {
+    /// The name the `RateLimit-Policy` field gives this limit.
+    fn name(self, route: Route) -> &'static str {
+        match self {
+            Scope::Route => route.name(),
+            Scope::App => "app",
+            Scope::User => "user",
+        }
+    }
+}
+
+/// Why a request was not admitted: the limit, and how long until it has room.
+type Refusal = (Scope, Duration);
+
 /// One (AppKey, route) pair.
 struct Lane {
     app: String,
     route: Route,
     configured: Limit,
-    limiter: RwLock<Arc<Current>>,
+    pace: RwLock<Arc<Pace>>,
     adaptive: Mutex<Adaptive>,
     /// Waiters line up here, in arrival order.
     queue: tokio::sync::Mutex<()>,
@@ -83,14 +110,9 @@ struct Lane {
     policy: HeaderValue,
     /// `rate_limit_wait_seconds` for this lane, looked up once.
     wait: prometheus::Histogram,
-    /// The `RateLimit` field of a refusal that may retry in a second: a flood's usual answer, built once.
+    /// The `RateLimit` field of a refusal by this lane that may retry in a second: a flood's usual answer, built
+    /// once.
     refused_for_a_second: HeaderValue,
-}
-
-/// The lane's limiter and the rate it was built for (the rate changes when Easemob throttles us).
-struct Current {
-    limiter: Direct,
-    rate: u32,
 }
 
 #[derive(Debug)]
@@ -104,14 +126,14 @@ struct Adaptive {
 
 pub struct QuotaSet {
     lanes: Vec<Lane>,
-    apps: Vec<Option<Current>>,
-    users: Vec<DefaultKeyedRateLimiter<String>>,
-    app_limit: Option<Limit>,
-    user_per_minute: NonZeroU32,
+    /// Per app, its optional cap across routes.
+    apps: Vec<Option<Pace>>,
+    /// Per app, `delete_conversation`'s per-user windows.
+    users: Vec<WindowLog>,
+    user_limit: NonZeroU32,
     max_wait: Duration,
     adaptive: bool,
     metrics: Metrics,
-    clock: DefaultClock,
     shared: Option<Shared>,
 }
 
@@ -127,15 +149,14 @@ fn share(limit: Limit, replicas: u32) -> Limit {
     Limit { rate: part(limit.rate), burst: part(limit.burst) }
 }
 
-fn direct(limit: Limit, factor: f64) -> Current {
-    let rate = ((limit.rate.get() as f64 * factor).round() as u32).max(1);
-    let quota = Quota::per_second(NonZeroU32::new(rate).expect("at least 1")).allow_burst(limit.burst);
-    Current { limiter: RateLimiter::direct(quota).with_middleware::<StateInformationMiddleware>(), rate }
+/// `factor` of `limit`'s rate, at least one call.
+fn scaled(limit: Limit, factor: f64) -> NonZeroU32 {
+    NonZeroU32::new((limit.rate.get() as f64 * factor).round() as u32).unwrap_or(NonZeroU32::MIN)
 }
 
-/// The `RateLimit` field of a refusal: nothing left, retry in `secs`.
-fn refusal_field(route: Route, secs: u64) -> HeaderValue {
-    header(format!("\"{}\";r=0;t={secs}", route.name()))
+/// The `RateLimit` field of a refusal: nothing left under the limit `name`, retry in `secs`.
+fn refusal_field(name: &str, secs: u64) -> HeaderValue {
+    header(format!("\"{name}\";r=0;t={secs}"))
 }
 
 fn header(value: String) -> HeaderValue {
@@ -195,7 +216,7 @@ impl QuotaSet {
                     app: app.clone(),
                     route,
                     configured: limit,
-                    limiter: RwLock::new(Arc::new(direct(limit, 1.0))),
+                    pace: RwLock::new(Arc::new(Pace::new(limit.rate, limit.burst, SECOND))),
                     adaptive: Mutex::new(Adaptive {
                         factor: 1.0,
                         last_decrease: None,
@@ -206,21 +227,18 @@ impl QuotaSet {
                     waiting: AtomicUsize::new(0),
                     policy: header(policy),
                     wait: metrics.rate_limit_wait.with_label_values(&[app, route.name()]),
-                    refused_for_a_second: refusal_field(route, 1),
+                    refused_for_a_second: refusal_field(route.name(), 1),
                 });
             }
         }
-        let per_user = Quota::per_minute(config.user_conversation_per_minute);
         let set = Arc::new(QuotaSet {
             lanes,
-            apps: apps.iter().map(|_| config.app.map(|cap| direct(cap, 1.0))).collect(),
-            users: apps.iter().map(|_| RateLimiter::keyed(per_user)).collect(),
-            app_limit: config.app,
-            user_per_minute: config.user_conversation_per_minute,
+            apps: apps.iter().map(|_| config.app.map(|cap| Pace::new(cap.rate, cap.burst, SECOND))).collect(),
+            users: apps.iter().map(|_| WindowLog::new(config.user_conversation_per_minute, MINUTE)).collect(),
+            user_limit: config.user_conversation_per_minute,
             max_wait: config.max_wait,
             adaptive: config.adaptive && report,
             metrics,
-            clock: DefaultClock::default(),
             shared,
         });
         tokio::spawn(Arc::clone(&set).housekeeping());
@@ -256,101 +274,120 @@ impl QuotaSet {
                     header(format!("\"{}\";r={remaining};t={}", lane.route.name(), if remaining > 0 { 0 } else { 1 }));
                 Ok(Admitted { headers: RateLimitHeaders { policy: lane.policy.clone(), limit }, waited })
             }
-            Err(retry_after) => {
-                let limit = match crate::error::retry_after_secs(retry_after) {
-                    1 => lane.refused_for_a_second.clone(),
-                    secs => refusal_field(lane.route, secs),
+            Err((scope, retry_after)) => {
+                let limit = match (scope, crate::error::retry_after_secs(retry_after)) {
+                    (Scope::Route, 1) => lane.refused_for_a_second.clone(),
+                    (scope, secs) => refusal_field(scope.name(lane.route), secs),
                 };
                 Err(Refused { retry_after, headers: RateLimitHeaders { policy: lane.policy.clone(), limit } })
             }
         }
     }
 
-    /// The in-process decision: `Ok(remaining burst)` or `Err(retry after)`.
-    async fn local(&self, app: usize, lane: &Lane, user: Option<&str>) -> Result<u32, Duration> {
+    /// The in-process decision: `Ok(calls left at once)`, or the limit that refused and when it has room.
+    async fn local(&self, app: usize, lane: &Lane, user: Option<&str>) -> Result<u32, Refusal> {
         let deadline = Instant::now() + self.max_wait;
-        let gates = Gates {
-            lane,
-            app: self.apps[app].as_ref(),
-            users: user.map(|u| (&self.users[app], u)),
-            clock: &self.clock,
+        // The scarcest limit first. Its place is given back if the route refuses, so a user over their limit
+        // costs no route quota and a call the route refuses no place in the user's window.
+        let place = match user {
+            Some(user) => Some(self.user_place(app, user, deadline).await?),
+            None => None,
         };
-        let mut passed = Passed::default();
-        // Fast path: nobody is queued ahead, and every gate has room now.
-        let mut first_wait = Duration::ZERO;
+        let remaining = self.lane_slot(app, lane, deadline).await?;
+        place.map(Place::sent);
+        Ok(remaining)
+    }
+
+    /// A place in the user's 60-second window, waiting for one only if it frees before `deadline`.
+    async fn user_place(&self, app: usize, user: &str, deadline: Instant) -> Result<Place<'_>, Refusal> {
+        loop {
+            match self.users[app].reserve(user) {
+                Ok(place) => return Ok(place),
+                Err(wait) if Instant::now() + wait > deadline => return Err((Scope::User, wait)),
+                Err(wait) => tokio::time::sleep(wait).await,
+            }
+        }
+    }
+
+    /// A slot in the lane (and the AppKey cap), in arrival order, or a refusal as soon as the slot is known to lie
+    /// beyond `deadline`.
+    async fn lane_slot(&self, app: usize, lane: &Lane, deadline: Instant) -> Result<u32, Refusal> {
+        let gates = Gates { lane, app: self.apps[app].as_ref() };
+        let interval = lane.current().interval();
+        // Fast path: nobody is queued ahead, and every gate has room now. Behind a queue, the head's own wait is
+        // unknown (governor cannot peek without taking a slot): count a whole interval for it.
+        let mut first_wait = (Scope::Route, interval);
         if lane.waiting.load(Ordering::Acquire) == 0 && lane.pause_left().is_none() {
-            match gates.check(&mut passed) {
+            match gates.check() {
                 Ok(remaining) => return Ok(remaining),
-                Err(wait) => first_wait = wait,
+                Err(refusal) => first_wait = refusal,
             }
         }
         let _waiter = Waiter::enter(&lane.waiting);
-        let ahead = lane.waiting.load(Ordering::Acquire).saturating_sub(1);
-        let emission = Duration::from_secs(1) / lane.current().rate;
+        let ahead = lane.waiting.load(Ordering::Acquire).saturating_sub(1) as u32;
         // Refuse at once when the slot is beyond max_wait, rather than make the caller wait to be refused.
-        let estimate = lane.pause_left().unwrap_or_default() + first_wait + emission * ahead as u32;
+        let (scope, first) = first_wait;
+        let estimate = lane.pause_left().unwrap_or_default() + first + interval * ahead;
         if Instant::now() + estimate > deadline {
-            return Err(estimate.max(emission));
+            return Err((scope, estimate));
         }
         let Ok(_turn) = tokio::time::timeout_at(deadline, lane.queue.lock()).await else {
-            return Err(emission * (ahead as u32 + 1));
+            return Err((scope, interval * (ahead + 1)));
         };
         loop {
             if let Some(pause) = lane.pause_left() {
                 if Instant::now() + pause > deadline {
-                    return Err(pause);
+                    return Err((Scope::Route, pause));
                 }
                 tokio::time::sleep(pause).await;
                 continue;
             }
-            match gates.check(&mut passed) {
+            match gates.check() {
                 Ok(remaining) => return Ok(remaining),
-                Err(wait) if Instant::now() + wait > deadline => return Err(wait),
-                Err(wait) => tokio::time::sleep(wait).await,
+                Err((scope, wait)) if Instant::now() + wait > deadline => return Err((scope, wait)),
+                Err((_, wait)) => tokio::time::sleep(wait).await,
             }
         }
     }
 
     /// The shared decision: one reservation across every gate in Redis, or this replica's share while Redis is
     /// unavailable.
-    async fn shared(&self, shared: &Shared, app: usize, lane: &Lane, user: Option<&str>) -> Result<u32, Duration> {
+    async fn shared(&self, shared: &Shared, app: usize, lane: &Lane, user: Option<&str>) -> Result<u32, Refusal> {
         let deadline = Instant::now() + self.max_wait;
         if let Some(pause) = lane.pause_left() {
             if pause > self.max_wait {
-                return Err(pause);
+                return Err((Scope::Route, pause));
             }
             tokio::time::sleep(pause).await;
         }
         if shared.quota.should_try() {
-            let gcra = |rate: u32, per: Duration, burst: u32| {
-                let emission = per / rate;
-                Gate { key: String::new(), emission, tolerance: emission * (burst - 1) }
-            };
-            let current = lane.current().rate;
-            let mut gates = vec![Gate {
-                key: shared.quota.key(&lane.app, lane.route.name()),
-                ..gcra(current, Duration::from_secs(1), lane.configured.burst.get())
-            }];
-            if let Some(cap) = self.app_limit {
-                gates.push(Gate {
-                    key: shared.quota.key(&lane.app, "app"),
-                    ..gcra(cap.rate.get(), Duration::from_secs(1), cap.burst.get())
-                });
+            let (emission, tolerance) = lane.current().gcra();
+            let mut gates = vec![(
+                Scope::Route,
+                Gate::Pace { key: shared.quota.key(&lane.app, lane.route.name()), emission, tolerance },
+            )];
+            if let Some(cap) = &self.apps[app] {
+                let (emission, tolerance) = cap.gcra();
+                gates.push((Scope::App, Gate::Pace { key: shared.quota.key(&lane.app, "app"), emission, tolerance }));
             }
             if let Some(user) = user {
-                let n = self.user_per_minute.get();
-                gates.push(Gate {
-                    key: shared.quota.key(&lane.app, &format!("user:{user}")),
-                    ..gcra(n, Duration::from_secs(60), n)
-                });
+                gates.push((
+                    Scope::User,
+                    Gate::Window {
+                        key: shared.quota.key(&lane.app, &format!("user:{user}")),
+                        window: guarded(MINUTE),
+                        limit: self.user_limit,
+                    },
+                ));
             }
+            let (scopes, gates): (Vec<Scope>, Vec<Gate>) = gates.into_iter().unzip();
             match shared.quota.reserve(&gates, deadline.saturating_duration_since(Instant::now())).await {
                 Ok(Reservation::Admitted { wait, remaining, release }) => {
                     tokio::time::sleep(wait).await;
                     release.disarm();
                     return Ok(remaining);
                 }
-                Ok(Reservation::Refused { retry_after }) => return Err(retry_after),
+                Ok(Reservation::Refused { retry_after, gate }) => return Err((scopes[gate], retry_after)),
                 Err(_) => {} // logged once on the transition; this replica's share applies meanwhile
             }
         }
@@ -378,7 +415,7 @@ impl QuotaSet {
         }
     }
 
-    /// Recovers throttled lanes step by step, and forgets idle per-user keys so memory stays bounded.
+    /// Recovers throttled lanes step by step, and forgets idle per-user windows so memory stays bounded.
     async fn housekeeping(self: Arc<Self>) {
         let mut tick = tokio::time::interval(RECOVERY_STEP);
         loop {
@@ -394,27 +431,21 @@ impl QuotaSet {
                     info!(app = %lane.app, route = lane.route.name(), rate, "route rate recovering");
                 }
             }
-            for users in &self.users {
-                users.retain_recent();
-                users.shrink_to_fit();
-            }
+            self.users.iter().for_each(WindowLog::evict_idle);
         }
     }
 }
 
 impl Lane {
-    fn current(&self) -> Arc<Current> {
-        Arc::clone(&self.limiter.read().expect("limiter lock"))
+    fn current(&self) -> Arc<Pace> {
+        Arc::clone(&self.pace.read().expect("pace lock"))
     }
 
-    /// Replaces the limiter at `factor` of the configured rate; returns the new rate.
+    /// Replaces the pace at `factor` of the configured rate, its burst spent; returns the new rate.
     fn set_factor(&self, factor: f64) -> u32 {
-        let current = direct(self.configured, factor);
-        // A new limiter starts with its whole burst available: spend it, so a change of rate never lets a burst
-        // through (least of all right after Easemob said 429).
-        let _ = current.limiter.check_n(self.configured.burst);
-        let rate = current.rate;
-        *self.limiter.write().expect("limiter lock") = Arc::new(current);
+        let pace = Pace::spent(scaled(self.configured, factor), self.configured.burst, SECOND);
+        let rate = pace.rate();
+        *self.pace.write().expect("pace lock") = Arc::new(pace);
         rate
     }
 
@@ -425,41 +456,22 @@ impl Lane {
     }
 }
 
-/// Which gates a waiting request has already passed, so checking again after a wait never takes a slot twice.
-#[derive(Default)]
-struct Passed {
-    user: bool,
-    app: bool,
-}
-
-/// The limiters one request must pass: its lane, the AppKey cap, the per-user limit.
+/// The per-second limits one request must pass: its lane and the AppKey cap.
 struct Gates<'a> {
     lane: &'a Lane,
-    app: Option<&'a Current>,
-    users: Option<(&'a DefaultKeyedRateLimiter<String>, &'a str)>,
-    clock: &'a DefaultClock,
+    app: Option<&'a Pace>,
 }
 
 impl Gates<'_> {
-    /// Takes a slot from each gate not passed yet, scarcest first: the per-user limit (a slot every 12 s), then the
-    /// AppKey cap, then the lane. The first gate without room says how long to wait, and since nothing before it
-    /// was taken, the commonest refusal (a user over their limit) costs no quota at all. `governor` cannot give a
-    /// slot back, so a refusal by a later gate keeps the earlier gates' slots: at worst one per-user slot when
-    /// the whole route is saturated past `max_wait`.
-    fn check(&self, passed: &mut Passed) -> Result<u32, Duration> {
-        let now = self.clock.now();
-        if let (Some((users, user)), false) = (self.users, passed.user) {
-            users.check_key(&user.to_owned()).map_err(|not_until| not_until.wait_time_from(now))?;
-            passed.user = true;
+    /// Takes a slot from the lane, then from the AppKey cap, at the same moment, so each counts the call when it
+    /// leaves. `governor` cannot give a slot back: when the cap refuses, the lane's slot is lost (the cap is then
+    /// the scarcer limit anyway), which can waste quota but never overspend it.
+    fn check(&self) -> Result<u32, Refusal> {
+        let remaining = self.lane.current().check().map_err(|wait| (Scope::Route, wait))?;
+        if let Some(app) = self.app {
+            app.check().map_err(|wait| (Scope::App, wait))?;
         }
-        if let (Some(app), false) = (self.app, passed.app) {
-            app.limiter.check().map_err(|not_until| not_until.wait_time_from(now))?;
-            passed.app = true;
-        }
-        match self.lane.current().limiter.check() {
-            Ok(snapshot) => Ok(snapshot.remaining_burst_capacity()),
-            Err(not_until) => Err(not_until.wait_time_from(now)),
-        }
+        Ok(remaining)
     }
 }
 
@@ -501,46 +513,233 @@ mod tests {
         QuotaSet::new(&config, &["o#a".to_owned()], Metrics::new()).unwrap()
     }
 
+    fn refusing(config: RateLimitConfig) -> Arc<QuotaSet> {
+        quota(RateLimitConfig { max_wait: Duration::ZERO, ..config })
+    }
+
+    /// `n` callers arriving together: when each was admitted (from the start), or `None` if refused.
+    async fn together(quota: &Arc<QuotaSet>, n: usize, call: fn(&str) -> Call) -> Vec<Option<Duration>> {
+        let start = Instant::now();
+        let callers: Vec<_> = (0..n)
+            .map(|_| {
+                let quota = Arc::clone(quota);
+                tokio::spawn(async move { quota.acquire(0, &call("u")).await.ok().map(|_| start.elapsed()) })
+            })
+            .collect();
+        let mut admitted = Vec::new();
+        for caller in callers {
+            admitted.push(caller.await.unwrap());
+        }
+        admitted
+    }
+
+    /// The most admissions in any closed window of `window`.
+    fn busiest(mut times: Vec<Duration>, window: Duration) -> usize {
+        times.sort();
+        (0..times.len())
+            .map(|last| times[..=last].iter().filter(|t| times[last] - **t <= window).count())
+            .max()
+            .unwrap_or(0)
+    }
+
     #[test]
     fn a_replicas_share_is_never_zero() {
         assert_eq!(share(limit(100, 10), 3), limit(33, 3));
         assert_eq!(share(limit(2, 1), 3), limit(1, 1));
     }
 
-    #[tokio::test]
-    async fn burst_then_refusal_with_the_time_to_the_next_slot() {
-        let config = RateLimitConfig { max_wait: Duration::ZERO, route: limit(10, 2), ..RateLimitConfig::default() };
-        let quota = quota(config);
+    #[tokio::test(start_paused = true)]
+    async fn burst_then_refusal_naming_the_route_with_the_time_to_its_next_slot() {
+        let quota = refusing(RateLimitConfig { route: limit(10, 2), ..RateLimitConfig::default() });
         let first = quota.acquire(0, &clear("u")).await.unwrap();
         assert_eq!(first.headers.limit, "\"clear_user_messages\";r=1;t=0");
         assert_eq!(first.headers.policy, "\"clear_user_messages\";q=10;w=1");
         quota.acquire(0, &clear("u")).await.unwrap();
         let refused = quota.acquire(0, &clear("u")).await.unwrap_err();
-        assert!(refused.retry_after <= Duration::from_millis(100), "{:?}", refused.retry_after);
+        assert!(refused.retry_after <= Duration::from_millis(101), "{:?}", refused.retry_after);
         assert_eq!(refused.headers.limit, "\"clear_user_messages\";r=0;t=1");
     }
 
-    #[tokio::test]
-    async fn per_user_limit_folds_case_and_names_itself_in_the_policy() {
-        let config = RateLimitConfig { max_wait: Duration::ZERO, route: limit(100, 100), ..RateLimitConfig::default() };
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_a_routes_own_quota_is_served_in_full_within_a_second() {
+        for n in [50, 100] {
+            let quota = quota(RateLimitConfig::default());
+            let admitted = together(&quota, n, clear).await;
+            let times: Vec<Duration> = admitted.iter().map(|t| t.expect("none refused")).collect();
+            assert!(times.iter().all(|t| *t < Duration::from_secs(1)), "{n}: the last at {:?}", times.iter().max());
+            // Paced, not let through at once: about ten per 100 ms.
+            assert!(busiest(times, Duration::from_millis(100)) <= 11, "{n}");
+            tokio::time::advance(Duration::from_secs(5)).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn callers_wait_in_arrival_order() {
+        let quota = quota(RateLimitConfig { route: limit(10, 1), ..RateLimitConfig::default() });
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut callers = Vec::new();
+        for i in 0..8 {
+            let (quota, order) = (Arc::clone(&quota), Arc::clone(&order));
+            callers.push(tokio::spawn(async move {
+                quota.acquire(0, &clear("u")).await.unwrap();
+                order.lock().unwrap().push(i);
+            }));
+            tokio::task::yield_now().await;
+        }
+        for caller in callers {
+            caller.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), (0..8).collect::<Vec<_>>());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn beyond_max_wait_a_caller_is_refused_at_once_with_its_slot_time() {
+        let config =
+            RateLimitConfig { route: limit(10, 1), max_wait: Duration::from_millis(250), ..Default::default() };
         let quota = quota(config);
+        // Slots at 0, about 100 and about 200 ms: within max_wait.
+        let waiting: Vec<_> = (0..3)
+            .map(|_| {
+                let quota = Arc::clone(&quota);
+                tokio::spawn(async move { quota.acquire(0, &clear("u")).await.is_ok() })
+            })
+            .collect();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let start = Instant::now();
+        let refused = quota.acquire(0, &clear("u")).await.unwrap_err();
+        assert_eq!(start.elapsed(), Duration::ZERO, "refused without waiting");
+        assert!(refused.retry_after > Duration::from_millis(250), "{:?}", refused.retry_after);
+        assert!(refused.retry_after < Duration::from_millis(310), "{:?}", refused.retry_after);
+        assert_eq!(refused.headers.limit, "\"clear_user_messages\";r=0;t=1");
+        for caller in waiting {
+            assert!(caller.await.unwrap());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_hangs_up_while_waiting_gives_its_turn_to_the_next() {
+        let quota = quota(RateLimitConfig {
+            route: limit(1, 1),
+            max_wait: Duration::from_secs(5),
+            ..RateLimitConfig::default()
+        });
+        quota.acquire(0, &clear("u")).await.unwrap();
+        let quitter = tokio::time::timeout(Duration::from_millis(200), quota.acquire(0, &clear("u"))).await;
+        assert!(quitter.is_err());
+        let start = Instant::now();
+        quota.acquire(0, &clear("u")).await.unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "the first free slot, not one behind a ghost: {:?}",
+            start.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_gets_over_99_percent_of_the_quota_and_no_window_over_it() {
+        let quota = quota(RateLimitConfig::default());
+        let start = Instant::now();
+        let times = Arc::new(Mutex::new(Vec::new()));
+        let callers: Vec<_> = (0..48)
+            .map(|_| {
+                let (quota, times) = (Arc::clone(&quota), Arc::clone(&times));
+                tokio::spawn(async move {
+                    while start.elapsed() < Duration::from_secs(10) {
+                        match quota.acquire(0, &clear("u")).await {
+                            Ok(_) => times.lock().unwrap().push(start.elapsed()),
+                            // A refused caller comes back a little later, as a real one would.
+                            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                        }
+                    }
+                })
+            })
+            .collect();
+        for caller in callers {
+            caller.await.unwrap();
+        }
+        let times: Vec<Duration> =
+            times.lock().unwrap().iter().copied().filter(|t| *t < Duration::from_secs(10)).collect();
+        assert!(times.len() >= 990, "{} of the 1,000 calls the quota allows in 10 s", times.len());
+        assert!(busiest(times, Duration::from_millis(1004)) <= 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn five_calls_for_one_user_go_at_once_and_a_sixth_waits_for_the_window() {
+        let quota = refusing(RateLimitConfig { route: limit(100, 10), ..RateLimitConfig::default() });
         for user in ["Ann", "ann", "ANN", "aNn", "ann"] {
             let admitted = quota.acquire(0, &conversation(user)).await.unwrap();
             assert_eq!(admitted.headers.policy, "\"delete_conversation\";q=100;w=1, \"user\";q=5;w=60");
         }
         let refused = quota.acquire(0, &conversation("ANN")).await.unwrap_err();
-        assert!(refused.retry_after > Duration::from_secs(10));
-        assert!(quota.acquire(0, &conversation("bob")).await.is_ok());
+        assert_eq!(refused.retry_after, Duration::from_millis(60_300));
+        assert_eq!(refused.headers.limit, "\"user\";r=0;t=61", "the refusal names the per-user limit");
+        assert!(quota.acquire(0, &conversation("bob")).await.is_ok(), "another user has a window of their own");
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(quota.acquire(0, &conversation("ann")).await.unwrap_err().headers.limit, "\"user\";r=0;t=31");
+        tokio::time::advance(Duration::from_millis(30_300)).await;
+        assert!(quota.acquire(0, &conversation("ann")).await.is_ok());
     }
 
-    #[tokio::test]
-    async fn easemob_429_halves_the_lane_and_pauses_it() {
-        let quota = quota(RateLimitConfig { max_wait: Duration::ZERO, ..RateLimitConfig::default() });
+    #[tokio::test(start_paused = true)]
+    async fn one_users_calls_over_75_seconds_never_put_six_in_a_minute() {
+        let quota = quota(RateLimitConfig::default());
+        let start = Instant::now();
+        let mut sent = Vec::new();
+        while start.elapsed() < Duration::from_secs(75) {
+            match quota.acquire(0, &conversation("ann")).await {
+                Ok(_) => sent.push(start.elapsed()),
+                Err(refused) => assert!(refused.retry_after > quota.max_wait, "refused only beyond max_wait"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert_eq!(busiest(sent.clone(), Duration::from_secs(60)), 5, "{sent:?}");
+        assert_eq!(sent.len(), 10, "five at once, five more as the first leave the window: {sent:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_user_refused_by_the_route_keeps_no_place_in_their_window() {
+        let quota = refusing(RateLimitConfig { route: limit(1, 1), ..RateLimitConfig::default() });
+        quota.acquire(0, &conversation("bob")).await.unwrap();
+        for _ in 0..10 {
+            let refused = quota.acquire(0, &conversation("ann")).await.unwrap_err();
+            assert!(refused.headers.limit.to_str().unwrap().starts_with("\"delete_conversation\";r=0"));
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(quota.acquire(0, &conversation("ann")).await.is_ok(), "ann's refused calls took no place");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_per_user_refusal_costs_no_route_quota() {
+        let quota = refusing(RateLimitConfig { route: limit(1, 6), ..RateLimitConfig::default() });
+        for _ in 0..5 {
+            quota.acquire(0, &conversation("ann")).await.unwrap();
+        }
+        quota.acquire(0, &conversation("ann")).await.unwrap_err();
+        assert!(quota.acquire(0, &conversation("bob")).await.is_ok(), "the route's sixth slot is still there");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_app_cap_names_itself_when_it_refuses() {
+        let quota = refusing(RateLimitConfig { app: Some(limit(1, 1)), ..RateLimitConfig::default() });
+        quota.acquire(0, &clear("u")).await.unwrap();
+        let refused = quota.acquire(0, &conversation("u")).await.unwrap_err();
+        assert_eq!(refused.headers.limit, "\"app\";r=0;t=2", "a second and its margin");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn easemob_429_halves_the_lane_pauses_it_and_the_rate_recovers() {
+        let quota = refusing(RateLimitConfig::default());
         quota.upstream_throttled(0, Route::ClearUserMessages, Some(Duration::from_secs(2)));
         let lane = quota.lane(0, Route::ClearUserMessages);
-        assert_eq!(lane.current().rate, 50);
+        assert_eq!(lane.current().rate(), 50);
         let refused = quota.acquire(0, &clear("u")).await.unwrap_err();
         assert!(refused.retry_after > Duration::from_secs(1), "paused for Easemob's Retry-After");
         assert!(quota.acquire(0, &conversation("u")).await.is_ok(), "other routes are not paused");
+        tokio::time::advance(Duration::from_millis(2100)).await;
+        assert!(quota.acquire(0, &clear("u")).await.is_ok(), "the pause is over");
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(lane.current().rate(), 100, "recovered step by step after 5 s without a 429");
     }
 }

@@ -1,8 +1,12 @@
-//! The shared quota: every replica draws from one GCRA per key in Redis, through one atomic Lua script that
-//! uses Redis's own clock (`TIME`), so clock skew between replicas does not matter. Calls have a tight timeout;
-//! while Redis is slow or down, each replica falls back to a local limiter at its share of the quota, and
-//! probes Redis once a second to return to it.
+//! The shared quota: every replica draws from one set of limits in Redis, through one atomic Lua script that
+//! uses Redis's own clock (`TIME`), so clock skew between replicas does not matter. The per-second limits are
+//! GCRA states (the same spacing and tolerance as the local `Pace`), the per-user limit a list of the user's last
+//! calls (the same window as the local `WindowLog`). A call is given a slot in every gate at one moment, possibly
+//! in the near future (it then sleeps until it): slots follow the quota's own schedule, not the moment a timer
+//! fired. Calls have a tight timeout; while Redis is slow or down, each replica falls back to a local limiter at
+//! its share of the quota, and probes Redis once a second to return to it.
 
+use std::num::NonZeroU32;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -17,64 +21,108 @@ use crate::metrics::Metrics;
 /// While in fallback, Redis is tried again at most this often, so requests do not each pay its timeout.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Reserves one slot in every gate, or none. KEYS: the gates. ARGV[1]: the longest acceptable wait (µs); then
-/// per gate its emission interval and tolerance (µs). Returns {admitted, wait µs, remaining burst, new TATs…}.
+/// Reserves one slot in every gate at one moment, or none. KEYS: the gates. ARGV[1]: the longest acceptable wait
+/// (µs); then per gate its kind and two numbers: `p` (a pace: emission interval and tolerance, µs) or `w` (a
+/// window: its length in µs and the most calls it may hold). Returns {admitted, wait µs, the first gate's calls
+/// left at once, the gate that decided the wait (1-based), then per gate the value to give back on release}.
 const RESERVE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local max_wait = tonumber(ARGV[1])
-local tats, wait = {}, 0
-for i, key in ipairs(KEYS) do
-  local tau = tonumber(ARGV[2 * i + 1])
-  local stored = redis.call('GET', key)
-  local tat = now
-  if stored then tat = math.max(tonumber(stored), now) end
-  tats[i] = tat
-  wait = math.max(wait, tat - tau - now)
+local seen, wait, which = {}, 0, 1
+local function later(w, i)
+  if w > wait then wait, which = w, i end
 end
-if wait > max_wait then return {0, wait, 0} end
-local at = now + wait
-local result = {1, wait, 0}
 for i, key in ipairs(KEYS) do
-  local emission, tau = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
-  local new_tat = math.max(tats[i], at) + emission
-  redis.call('SET', key, string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
-  if i == 1 then result[3] = math.floor((tau + emission - (new_tat - at)) / emission) end
-  result[3 + i] = string.format('%.0f', new_tat)
+  local kind, a, b = ARGV[3 * i - 1], tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
+  if kind == 'p' then
+    local stored = redis.call('GET', key)
+    local tat = now
+    if stored then tat = math.max(tonumber(stored), now) end
+    seen[i] = tat
+    later(tat - b - now, i)
+  else
+    -- Newest first, at most b entries. A new call goes after the newest one and a full window after the oldest.
+    local calls = redis.call('LRANGE', key, 0, b - 1)
+    local live = {}
+    for _, v in ipairs(calls) do
+      if tonumber(v) > now - a then live[#live + 1] = tonumber(v) end
+    end
+    if #live > 0 then later(live[1] - now, i) end
+    if #live >= b then later(live[b] + a - now, i) end
+  end
+end
+if wait > max_wait then return {0, wait, 0, which} end
+local at = now + wait
+local result = {1, wait, 0, which}
+for i, key in ipairs(KEYS) do
+  local kind, a, b = ARGV[3 * i - 1], tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
+  if kind == 'p' then
+    local new_tat = math.max(seen[i], at) + a
+    redis.call('SET', key, string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+    if i == 1 then result[3] = math.floor((b + a - (new_tat - at)) / a) end
+    result[4 + i] = string.format('%.0f', new_tat)
+  else
+    local call = string.format('%.0f', at)
+    redis.call('LPUSH', key, call)
+    redis.call('LTRIM', key, 0, b - 1)
+    redis.call('PEXPIRE', key, math.ceil((at + a - now) / 1000) + 1000)
+    result[4 + i] = call
+  end
 end
 return result
 "#;
 
-/// Gives back slots reserved by a caller that hung up before its turn, where nobody has reserved after it.
-/// KEYS: the gates; ARGV: per gate the TAT it set and its emission interval.
+/// Gives back the slots of a caller that hung up before its turn. A pace is rolled back only where nobody has
+/// reserved after it; a window simply loses the call. KEYS: the gates; ARGV: per gate its kind, the value the
+/// reservation returned for it, and its emission interval (µs; unused for a window).
 const RELEASE: &str = r#"
 for i, key in ipairs(KEYS) do
-  local stored = redis.call('GET', key)
-  if stored == ARGV[2 * i - 1] then
-    local previous = tonumber(ARGV[2 * i - 1]) - tonumber(ARGV[2 * i])
-    redis.call('SET', key, string.format('%.0f', previous), 'KEEPTTL')
+  local kind, value, emission = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
+  if kind == 'p' then
+    if redis.call('GET', key) == value then
+      redis.call('SET', key, string.format('%.0f', tonumber(value) - tonumber(emission)), 'KEEPTTL')
+    end
+  else
+    redis.call('LREM', key, 1, value)
   end
 end
 return 1
 "#;
 
-/// One gate of a request: its Redis key and GCRA parameters.
-pub struct Gate {
-    pub key: String,
-    pub emission: Duration,
-    pub tolerance: Duration,
+/// One gate of a request: its Redis key and its limit.
+pub enum Gate {
+    /// A per-second limit as GCRA: the emission interval and tolerance of the local `Pace`.
+    Pace { key: String, emission: Duration, tolerance: Duration },
+    /// At most `limit` calls in any `window`.
+    Window { key: String, window: Duration, limit: NonZeroU32 },
+}
+
+impl Gate {
+    fn key(&self) -> &str {
+        match self {
+            Gate::Pace { key, .. } | Gate::Window { key, .. } => key,
+        }
+    }
+
+    /// The script's arguments for this gate: its kind and two numbers.
+    fn args(&self) -> (&'static str, u64, u64) {
+        match self {
+            Gate::Pace { emission, tolerance, .. } => ("p", micros(*emission), micros(*tolerance)),
+            Gate::Window { window, limit, .. } => ("w", micros(*window), u64::from(limit.get())),
+        }
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    d.as_micros() as u64
 }
 
 pub enum Reservation {
-    /// Go after `wait`; `remaining` is the first gate's burst left.
-    Admitted {
-        wait: Duration,
-        remaining: u32,
-        release: Release,
-    },
-    Refused {
-        retry_after: Duration,
-    },
+    /// Go after `wait`; `remaining` is the first gate's calls left at once.
+    Admitted { wait: Duration, remaining: u32, release: Release },
+    /// `gate` (an index into the gates) has no room within the acceptable wait.
+    Refused { retry_after: Duration, gate: usize },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,9 +189,10 @@ impl SharedQuota {
     /// Reserves a slot in every gate (or none), waiting at most `max_wait` for it.
     pub async fn reserve(&self, gates: &[Gate], max_wait: Duration) -> Result<Reservation, SharedError> {
         let mut invocation = self.reserve.prepare_invoke();
-        invocation.arg(max_wait.as_micros() as u64);
+        invocation.arg(micros(max_wait));
         for gate in gates {
-            invocation.key(&gate.key).arg(gate.emission.as_micros() as u64).arg(gate.tolerance.as_micros() as u64);
+            let (kind, a, b) = gate.args();
+            invocation.key(gate.key()).arg(kind).arg(a).arg(b);
         }
         let mut connection = self.connection.clone();
         let answer: Result<Vec<redis::Value>, _> =
@@ -153,25 +202,28 @@ impl SharedQuota {
             };
         let answer = answer.map_err(|e| self.down(SharedError::Redis(e)))?;
         self.up();
-        let int = |i: usize| -> i64 {
-            match answer.get(i) {
-                Some(redis::Value::Int(n)) => *n,
-                Some(redis::Value::BulkString(b)) => {
-                    std::str::from_utf8(b).ok().and_then(|s| s.parse().ok()).unwrap_or(0)
-                }
-                _ => 0,
+        let text = |i: usize| -> Option<String> {
+            match answer.get(i)? {
+                redis::Value::Int(n) => Some(n.to_string()),
+                redis::Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+                _ => None,
             }
         };
+        let int = |i: usize| -> i64 { text(i).and_then(|s| s.parse().ok()).unwrap_or(0) };
         let wait = Duration::from_micros(int(1).max(0) as u64);
         if int(0) == 0 {
-            return Ok(Reservation::Refused { retry_after: wait });
+            let gate = (int(3).max(1) as usize - 1).min(gates.len() - 1);
+            return Ok(Reservation::Refused { retry_after: wait, gate });
         }
         let release = Release {
-            keys: gates.iter().map(|g| g.key.clone()).collect(),
+            keys: gates.iter().map(|g| g.key().to_owned()).collect(),
             args: gates
                 .iter()
                 .enumerate()
-                .flat_map(|(i, g)| [int(3 + i).to_string(), g.emission.as_micros().to_string()])
+                .flat_map(|(i, gate)| {
+                    let (kind, a, _) = gate.args();
+                    [kind.to_owned(), text(4 + i).unwrap_or_default(), a.to_string()]
+                })
                 .collect(),
             connection: self.connection.clone(),
             script: self.release.clone(),

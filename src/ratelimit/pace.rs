@@ -1,0 +1,176 @@
+//! A per-second limit as `governor` paces it: calls spaced so that no window ever holds more than the limit,
+//! while a waiting call that wakes a little late (tokio's timers have millisecond ticks) keeps its slot.
+//!
+//! Why not plain GCRA with a burst of 1? It keeps every window within the limit, but it re-derives each slot from
+//! when the previous call actually went: a timer that fires 1 ms late on a 10 ms spacing loses that millisecond
+//! for good, and a saturated lane drifts to about 91 % of its quota. A GCRA with a tolerance of one slot would keep
+//! the slot but lets one call too many into a window. So each call costs `cells` governor cells of about
+//! [`LATENESS`] each, with one cell of tolerance: a call may go up to one cell early or late without either losing
+//! its slot or crowding a window, and the spacing is stretched just enough that `limit` calls never fit in a window
+//! (plus [`guarded`]'s margin).
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::clock::Clock;
+use governor::middleware::StateInformationMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+
+/// How late a waiting call may be admitted without losing its slot: one governor cell.
+const LATENESS: Duration = Duration::from_millis(2);
+
+/// Easemob counts calls when they arrive; we count when we admit them. A call can take a few milliseconds more to
+/// arrive than the one before it, so every window is counted this much longer than Easemob's own (0.5 %).
+pub fn guarded(window: Duration) -> Duration {
+    window + window / 200
+}
+
+/// `governor`'s clock, following tokio's: the same time as the rest of the gateway, and paused in tests.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TokioClock;
+
+impl Clock for TokioClock {
+    type Instant = std::time::Instant;
+
+    fn now(&self) -> std::time::Instant {
+        tokio::time::Instant::now().into_std()
+    }
+}
+
+type Limiter = RateLimiter<NotKeyed, InMemoryState, TokioClock, StateInformationMiddleware>;
+
+/// One paced limit: `rate` calls per `window`, `burst` of them at once.
+pub struct Pace {
+    limiter: Limiter,
+    /// Governor cells one call costs.
+    cells: NonZeroU32,
+    cell: Duration,
+    burst: NonZeroU32,
+    rate: u32,
+}
+
+impl Pace {
+    pub fn new(rate: NonZeroU32, burst: NonZeroU32, window: Duration) -> Pace {
+        let guarded = guarded(window).as_nanos();
+        let (n, b) = (u128::from(rate.get()), burst.get());
+        let cells = (guarded / n / LATENESS.as_nanos()).clamp(1, u128::from(u32::MAX / (b + 1))) as u32;
+        // n calls of `cells` cells, less the one cell of tolerance, must span at least the guarded window:
+        // (n·cells − 1)·cell ≥ window.
+        let cell = guarded.div_ceil(n * u128::from(cells) - 1).max(1);
+        let cell = Duration::from_nanos(u64::try_from(cell).unwrap_or(u64::MAX));
+        let capacity = NonZeroU32::new(b * cells + 1).expect("at least one cell");
+        let quota = Quota::with_period(cell).expect("a cell is never zero").allow_burst(capacity);
+        Pace {
+            limiter: RateLimiter::direct_with_clock(quota, TokioClock).with_middleware(),
+            cells: NonZeroU32::new(cells).expect("at least one cell per call"),
+            cell,
+            burst,
+            rate: rate.get(),
+        }
+    }
+
+    /// Like [`Pace::new`], with its burst already spent: a lane whose rate changes must not let a burst through
+    /// (least of all right after Easemob said 429).
+    pub fn spent(rate: NonZeroU32, burst: NonZeroU32, window: Duration) -> Pace {
+        let pace = Pace::new(rate, burst, window);
+        let burst_cells = NonZeroU32::new(burst.get() * pace.cells.get()).expect("non-zero");
+        let _ = pace.limiter.check_n(burst_cells);
+        pace
+    }
+
+    /// Takes a slot now and says how many calls are left at once, or says how long until the next slot.
+    pub fn check(&self) -> Result<u32, Duration> {
+        match self.limiter.check_n(self.cells).expect("a call fits the capacity") {
+            Ok(snapshot) => Ok(snapshot.remaining_burst_capacity() / self.cells.get()),
+            Err(not_until) => Err(not_until.wait_time_from(TokioClock.now())),
+        }
+    }
+
+    pub fn rate(&self) -> u32 {
+        self.rate
+    }
+
+    /// The spacing of calls.
+    pub fn interval(&self) -> Duration {
+        self.cell * self.cells.get()
+    }
+
+    /// The same limit as GCRA parameters (emission interval, tolerance), for the shared quota in Redis.
+    pub fn gcra(&self) -> (Duration, Duration) {
+        (self.interval(), self.interval() * (self.burst.get() - 1) + self.cell)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    fn nz(n: u32) -> NonZeroU32 {
+        NonZeroU32::new(n).unwrap()
+    }
+
+    /// Runs a saturated lane for `secs` seconds of paused time, each waiting call waking when its timer fires
+    /// (tokio rounds a timer up to its next millisecond tick: the lateness that used to cost a tenth of the quota);
+    /// returns the admission times.
+    async fn saturate(pace: &Pace, secs: u64) -> Vec<Instant> {
+        let (start, mut admitted) = (Instant::now(), Vec::new());
+        while start.elapsed() < Duration::from_secs(secs) {
+            match pace.check() {
+                Ok(_) => admitted.push(Instant::now()),
+                Err(wait) => tokio::time::sleep(wait).await,
+            }
+        }
+        admitted
+    }
+
+    /// The most calls in any window of `window` (closed: a call exactly `window` after another counts too).
+    fn busiest(times: &[Instant], window: Duration) -> usize {
+        let mut first = 0;
+        (0..times.len())
+            .map(|last| {
+                while times[last] - times[first] > window {
+                    first += 1;
+                }
+                last - first + 1
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_saturated_lane_uses_over_99_percent_of_its_quota_and_never_crowds_a_window() {
+        for rate in [1, 5, 30, 100, 250, 1000] {
+            let pace = Pace::new(nz(rate), nz(1), Duration::from_secs(1));
+            let times = saturate(&pace, 20).await;
+            let used = times.len() as f64 / (20.0 * rate as f64);
+            assert!(used >= 0.99, "rate {rate}: {} calls in 20 s ({:.2} %)", times.len(), used * 100.0);
+            // Easemob's window and then some: the margin for calls that take longer to arrive.
+            assert!(busiest(&times, Duration::from_millis(1004)) <= rate as usize, "rate {rate}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_never_crowds_a_window_beyond_rate_plus_burst_minus_one() {
+        let pace = Pace::new(nz(10), nz(4), Duration::from_secs(1));
+        let times = saturate(&pace, 10).await;
+        assert_eq!(times.iter().filter(|t| **t == times[0]).count(), 4, "the burst goes at once");
+        assert!(busiest(&times, Duration::from_secs(1)) <= 13);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_next_slot_is_one_interval_away() {
+        let pace = Pace::new(nz(100), nz(1), Duration::from_secs(1));
+        assert_eq!(pace.check(), Ok(0));
+        let wait = pace.check().unwrap_err();
+        assert!(wait < pace.interval() && wait >= pace.interval() - LATENESS * 2, "{wait:?}");
+        assert!(pace.interval() > Duration::from_millis(10) && pace.interval() < Duration::from_micros(10_100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_spent_pace_starts_with_no_burst() {
+        let pace = Pace::spent(nz(10), nz(5), Duration::from_secs(1));
+        assert!(pace.check().is_err());
+    }
+}
