@@ -294,7 +294,9 @@ impl QuotaSet {
             None => None,
         };
         let remaining = self.lane_slot(app, lane, deadline).await?;
-        place.map(Place::sent);
+        if let Some(place) = place {
+            place.sent();
+        }
         Ok(remaining)
     }
 

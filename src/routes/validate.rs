@@ -10,7 +10,7 @@ use std::fmt::{self, Write as _};
 use bytes::Bytes;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::Route;
 
@@ -45,8 +45,27 @@ impl ValidationError {
     fn missing(param: &str) -> Self {
         Self::new("Bad Request", format!("required query parameter {param} is missing"))
     }
-    fn invalid_body() -> Self {
-        Self::new("invalid_request_body", "Request body is invalid. Please check body is correct.")
+    /// Easemob's own text comes first, so client code matching it still does; what was wrong follows.
+    fn invalid_body(detail: fmt::Arguments) -> Self {
+        Self::new("invalid_request_body", format!("Request body is invalid. Please check body is correct. {detail}"))
+    }
+    /// Names the unknown query parameters or body fields (a bounded preview of each, and of how many) and the
+    /// ones `route` accepts.
+    fn unknown(what: &str, names: &[&str], route: Route, accepted: &[&str]) -> Self {
+        /// Enough to show a pattern (e.g. a wrong case); the count says the rest.
+        const MAX_NAMED: usize = 5;
+        let plural = if names.len() > 1 { "s" } else { "" };
+        let mut description = format!("unknown {what}{plural} ");
+        for (i, name) in names.iter().take(MAX_NAMED).enumerate() {
+            let separator = if i > 0 { ", " } else { "" };
+            let _ = write!(description, "{separator}{:?}", preview(name));
+        }
+        if names.len() > MAX_NAMED {
+            let _ = write!(description, " and {} more", names.len() - MAX_NAMED);
+        }
+        let accepted = if accepted.is_empty() { "none".to_owned() } else { accepted.join(", ") };
+        let _ = write!(description, "; {} accepts: {accepted}", route.name());
+        Self::illegal(description)
     }
 }
 
@@ -214,24 +233,36 @@ pub struct Conversation {
 }
 
 impl Conversation {
-    /// Validates in Easemob's order: malformed JSON or a wrongly typed field first, then missing fields.
+    /// The body fields Easemob reads; any other is refused rather than silently dropped.
+    const FIELDS: [&str; 3] = ["channel", "type", "delete_roam"];
+    /// What a body must be, for the errors that cannot point at one field.
+    const SHAPE: &str =
+        "a JSON object with channel (a string), type (\"chat\" or \"groupchat\") and delete_roam (a boolean)";
+
+    /// Validates in Easemob's order: malformed JSON or a wrongly typed field first, then missing fields. Unknown
+    /// fields come in between: a misspelt name is the likely reason a field is missing, so it is the better answer.
     pub fn parse(body: &[u8]) -> Result<Self, ValidationError> {
-        let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
-            return Err(ValidationError::invalid_body());
-        };
-        let field = |name: &str| fields.get(name).filter(|v| !v.is_null());
-        let (channel, kind, delete_roam) = (field("channel"), field("type"), field("delete_roam"));
-        let wrongly_typed = matches!(channel, Some(v) if !v.is_string())
-            || matches!(kind, Some(v) if !v.is_string())
-            || matches!(delete_roam, Some(v) if !v.is_boolean());
-        if wrongly_typed {
-            return Err(ValidationError::invalid_body());
+        if body.trim_ascii().is_empty() {
+            return Err(ValidationError::invalid_body(format_args!("The body is empty; it must be {}", Self::SHAPE)));
         }
-        let channel = channel.and_then(Value::as_str).filter(|s| !s.is_empty());
+        // serde_json's messages are fixed texts with a line and column: they never echo the caller's bytes.
+        let value: Value = serde_json::from_slice(body)
+            .map_err(|e| ValidationError::invalid_body(format_args!("The body is not valid JSON: {e}")))?;
+        let Value::Object(fields) = value else {
+            let got = json_type(&value);
+            return Err(ValidationError::invalid_body(format_args!("The body must be {}; got {got}", Self::SHAPE)));
+        };
+        let channel = typed_field(&fields, "channel", "a string", Value::as_str)?;
+        let kind = typed_field(&fields, "type", "a string", Value::as_str)?;
+        let delete_roam = typed_field(&fields, "delete_roam", "a boolean", Value::as_bool)?;
+        let unknown: Vec<&str> = fields.keys().map(String::as_str).filter(|k| !Self::FIELDS.contains(k)).collect();
+        if !unknown.is_empty() {
+            return Err(ValidationError::unknown("body field", &unknown, Route::DeleteConversation, &Self::FIELDS));
+        }
+        let channel = channel.filter(|s| !s.is_empty());
         let channel = channel.ok_or_else(|| ValidationError::illegal("field channel cannot be null or empty"))?;
-        let kind = kind.and_then(Value::as_str).filter(|s| !s.is_empty());
+        let kind = kind.filter(|s| !s.is_empty());
         let kind = kind.ok_or_else(|| ValidationError::illegal("field type cannot be null or empty"))?;
-        let delete_roam = delete_roam.and_then(Value::as_bool);
         let delete_roam = delete_roam.ok_or_else(|| ValidationError::illegal("field delete_roam cannot be null"))?;
         let kind = match kind {
             "chat" => ConversationType::Chat,
@@ -249,6 +280,35 @@ impl Conversation {
         };
         check_id(&what, channel)?;
         Ok(Conversation { channel: channel.to_owned(), kind, delete_roam })
+    }
+}
+
+/// One body field, or `None` when absent or null (Easemob counts null as missing). A value `read` cannot take is
+/// Easemob's `invalid_request_body`, naming the field and both types.
+fn typed_field<'v, T>(
+    fields: &'v Map<String, Value>,
+    name: &str,
+    expected: &str,
+    read: impl Fn(&'v Value) -> Option<T>,
+) -> Result<Option<T>, ValidationError> {
+    match fields.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => read(value).map(Some).ok_or_else(|| {
+            let got = json_type(value);
+            ValidationError::invalid_body(format_args!("The field {name} must be {expected}; got {got}"))
+        }),
+    }
+}
+
+/// A JSON value's type with its article, as in "got an array".
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
 }
 
@@ -428,12 +488,7 @@ impl<'a> Query<'a> {
         let mut values: Vec<(&'static str, Cow<'a, str>)> = Vec::with_capacity(allowed.len());
         for (key, value) in form_urlencoded::parse(raw.as_bytes()) {
             let Some(&key) = allowed.iter().find(|k| **k == key) else {
-                let accepted = if allowed.is_empty() { "none".to_owned() } else { allowed.join(", ") };
-                return Err(ValidationError::illegal(format!(
-                    "unknown query parameter {:?}; {} accepts: {accepted}",
-                    preview(&key),
-                    route.name()
-                )));
+                return Err(ValidationError::unknown("query parameter", &[&*key], route, allowed));
             };
             if values.iter().any(|(k, _)| *k == key) {
                 return Err(ValidationError::illegal(format!("query parameter {key} is given more than once")));
@@ -614,7 +669,12 @@ mod tests {
     #[test]
     fn unknown_and_repeated_parameters_are_refused() {
         let e = err(Route::DeleteChatMessages, "u1", "userId=u2&msgIdList=1&isnotify=false");
-        assert!(e.description.starts_with("unknown query parameter \"isnotify\""), "{e}");
+        assert_eq!(
+            e.description,
+            r#"unknown query parameter "isnotify"; delete_chat_messages accepts: userId, msgIdList, isNotify"#
+        );
+        let e = err(Route::ClearUserMessages, "u1", "a=1&b=2");
+        assert_eq!(e.description, r#"unknown query parameter "a"; clear_user_messages accepts: none"#);
         let e = err(Route::DeleteChatMessages, "u1", "userId=u2&userId=u3&msgIdList=1");
         assert_eq!(e.description, "query parameter userId is given more than once");
     }
@@ -640,22 +700,67 @@ mod tests {
         Conversation::parse(body.as_bytes())
     }
 
+    /// Easemob's `invalid_request_body` with its own text first, so its clients still match it, then `detail`.
+    fn invalid(detail: &str) -> ValidationError {
+        let text = format!("Request body is invalid. Please check body is correct. {detail}");
+        ValidationError::new("invalid_request_body", text)
+    }
+
     #[test]
-    fn conversation_body_follows_easemobs_errors() {
-        let invalid = ValidationError::invalid_body();
-        for body in [
-            "",
-            "[]",
-            "null",
-            "{",
-            "\"x\"",
-            r#"{"channel":1,"type":"chat","delete_roam":true}"#,
-            r#"{"channel":"u2","type":"chat","delete_roam":"true"}"#,
-        ] {
-            assert_eq!(conv(body), Err(invalid.clone()), "{body}");
+    fn an_empty_body_says_what_it_must_contain() {
+        let empty = invalid(
+            "The body is empty; it must be a JSON object with channel (a string), type (\"chat\" or \"groupchat\") \
+             and delete_roam (a boolean)",
+        );
+        for body in ["", " \r\n\t"] {
+            assert_eq!(conv(body), Err(empty.clone()), "{body:?}");
         }
+    }
+
+    #[test]
+    fn malformed_json_gets_serde_jsons_error_with_line_and_column() {
+        let cases = [
+            ("x", "expected value at line 1 column 1"),
+            ("{", "EOF while parsing an object at line 1 column 1"),
+            (r#"{"channel":"u2",}"#, "trailing comma at line 1 column 17"),
+            ("{\n  \"channel\": \"u2\"\n  \"type\": \"chat\"\n}", "expected `,` or `}` at line 3 column 3"),
+            (r#"{"channel":"u2"} {}"#, "trailing characters at line 1 column 18"),
+        ];
+        for (body, error) in cases {
+            assert_eq!(conv(body), Err(invalid(&format!("The body is not valid JSON: {error}"))), "{body}");
+        }
+    }
+
+    #[test]
+    fn a_body_that_is_not_an_object_names_its_type() {
+        for (body, got) in [("[]", "an array"), ("null", "null"), ("\"x\"", "a string"), ("5", "a number")] {
+            let e = conv(body).unwrap_err();
+            assert_eq!(e, invalid(&format!("The body must be {}; got {got}", Conversation::SHAPE)), "{body}");
+        }
+    }
+
+    #[test]
+    fn a_wrongly_typed_field_names_the_field_and_both_types() {
+        let cases = [
+            (r#"{"channel":1,"type":"chat","delete_roam":true}"#, "The field channel must be a string; got a number"),
+            (r#"{"channel":"u2","type":["chat"],"delete_roam":true}"#, "The field type must be a string; got an array"),
+            (
+                r#"{"channel":"u2","type":"chat","delete_roam":"true"}"#,
+                "The field delete_roam must be a boolean; got a string",
+            ),
+            // Easemob's order: a type error comes before an unknown or a missing field.
+            (r#"{"channel":{},"chanel":"u2"}"#, "The field channel must be a string; got an object"),
+        ];
+        for (body, detail) in cases {
+            assert_eq!(conv(body), Err(invalid(detail)), "{body}");
+        }
+    }
+
+    #[test]
+    fn a_missing_or_empty_field_gets_easemobs_own_text() {
         let cases = [
             (r#"{"type":"chat","delete_roam":true}"#, "field channel cannot be null or empty"),
+            (r#"{"channel":null,"type":"chat","delete_roam":true}"#, "field channel cannot be null or empty"),
             (r#"{"channel":"","type":"chat","delete_roam":true}"#, "field channel cannot be null or empty"),
             (r#"{"channel":"u2","delete_roam":true}"#, "field type cannot be null or empty"),
             (r#"{"channel":"u2","type":"","delete_roam":true}"#, "field type cannot be null or empty"),
@@ -669,15 +774,31 @@ mod tests {
     }
 
     #[test]
-    fn conversation_is_forwarded_without_extra_fields() {
-        let call = Call::parse(
-            Route::DeleteConversation,
-            "u1",
-            None,
-            br#"{ "channel": "u2", "type": "chat", "delete_roam": true, "extra": 1 }"#,
-            NOW,
-        )
-        .unwrap();
+    fn unknown_body_fields_are_named_before_missing_ones() {
+        let accepts = "delete_conversation accepts: channel, type, delete_roam";
+        let e = conv(r#"{"channel":"u2","type":"chat","delete_roam":true,"extra":null}"#).unwrap_err();
+        assert_eq!(e, ValidationError::illegal(format!(r#"unknown body field "extra"; {accepts}"#)));
+        // The misspelt name explains the missing field better than "field delete_roam cannot be null" would.
+        let e = conv(r#"{"channel":"u2","type":"chat","deleteRoam":true}"#).unwrap_err();
+        assert_eq!(e, ValidationError::illegal(format!(r#"unknown body field "deleteRoam"; {accepts}"#)));
+    }
+
+    #[test]
+    fn many_or_long_unknown_fields_are_previewed_in_bounded_text() {
+        let e = conv(r#"{"a":1,"b":2,"c":3,"d":4,"e":5,"f":6,"g":7}"#).unwrap_err();
+        let expected = r#"unknown body fields "a", "b", "c", "d", "e" and 2 more; delete_conversation accepts: "#;
+        assert!(e.description.starts_with(expected), "{e}");
+        let long = "k".repeat(1000);
+        let fields = (0..100).map(|i| format!(r#""{long}{i}":{i}"#)).collect::<Vec<_>>().join(",");
+        let e = conv(&format!("{{{fields}}}")).unwrap_err();
+        assert!(e.description.contains(&format!("\"{}…\"", "k".repeat(32))), "{e}");
+        assert!(e.description.len() < 300, "{} bytes: {e}", e.description.len());
+    }
+
+    #[test]
+    fn conversation_is_forwarded_canonically() {
+        let seed_example = b"\n{ \"channel\": \"u2\", \"type\": \"chat\", \"delete_roam\": true }\n";
+        let call = Call::parse(Route::DeleteConversation, "u1", None, seed_example, NOW).unwrap();
         assert_eq!(call.upstream_path_and_query(), "/users/u1/user_channel");
         assert_eq!(call.upstream_body().unwrap(), &br#"{"channel":"u2","type":"chat","delete_roam":true}"#[..]);
     }

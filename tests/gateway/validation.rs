@@ -65,7 +65,8 @@ fn cases() -> Vec<Case> {
             "not json".into(),
             400,
             "invalid_request_body",
-            "Request body is invalid. Please check body is correct.",
+            "Request body is invalid. Please check body is correct. The body is not valid JSON: expected ident at line \
+             1 column 2",
         ),
         (
             Method::DELETE,
@@ -73,12 +74,35 @@ fn cases() -> Vec<Case> {
             String::new(),
             400,
             "invalid_request_body",
-            "Request body is invalid",
+            "Request body is invalid. Please check body is correct. The body is empty; it must be a JSON object with \
+             channel (a string), type (\"chat\" or \"groupchat\") and delete_roam (a boolean)",
+        ),
+        conv(
+            json!([{"channel": "bob", "type": "chat", "delete_roam": true}]),
+            "invalid_request_body",
+            "Request body is invalid. Please check body is correct. The body must be a JSON object with channel (a \
+             string), type (\"chat\" or \"groupchat\") and delete_roam (a boolean); got an array",
         ),
         conv(
             json!({"channel": 5, "type": "chat", "delete_roam": true}),
             "invalid_request_body",
-            "Request body is invalid",
+            "Request body is invalid. Please check body is correct. The field channel must be a string; got a number",
+        ),
+        conv(
+            json!({"channel": "bob", "type": "chat", "delete_roam": "false"}),
+            "invalid_request_body",
+            "Request body is invalid. Please check body is correct. The field delete_roam must be a boolean; got a \
+             string",
+        ),
+        conv(
+            json!({"channel": "bob", "type": "chat", "delete_roam": true, "extra": 1}),
+            "illegal_argument",
+            "unknown body field \"extra\"; delete_conversation accepts: channel, type, delete_roam",
+        ),
+        conv(
+            json!({"channel": "bob", "type": "chat", "deleteRoam": true}),
+            "illegal_argument",
+            "unknown body field \"deleteRoam\"; delete_conversation accepts: channel, type, delete_roam",
         ),
         conv(json!({"type": "chat", "delete_roam": true}), "illegal_argument", "field channel cannot be null or empty"),
         conv(
