@@ -108,6 +108,8 @@ client_secret_file = "{secret}"
     gateway, addrs = start(["serve", "--config", config], logs)
     host, port = addrs["data"].removeprefix("http://").split(":")
     sim_host, sim_port = sim_addr["sim"].removeprefix("http://").split(":")
+    # The soak runs the gateway at 200/s (a paid pack): the simulator is told so.
+    call(sim_host, int(sim_port), "PUT", "/_sim/limits", json.dumps({"route_per_second": 200, "user_conversation_per_minute": 1000}))
     while True:
         try:
             if call(*addrs["admin"].removeprefix("http://").split(":"), "GET", "/readyz") == 200:

@@ -2,8 +2,14 @@
 //! routes, answering with Easemob's own bodies, plus a control API under `/_sim/` to inspect state, count calls
 //! and inject faults. Used by `demo`, the tests and the benchmarks; `easemob-gateway sim` runs it alone.
 //!
+//! It enforces Easemob's rate limits as Easemob would (`limits.rs`: per AppKey and route 100 calls in any second,
+//! per user 5 `delete_conversation` calls in any minute; `/_sim/limits` changes them), answering 429 `reach_limit`
+//! without applying the call, so a test that drives traffic through it catches a gateway that lets too much
+//! through. A call counts once it would be carried out: authenticated, on a known route and user, and valid.
+//!
 //! It parses requests on its own, not with the gateway's route table, so the two can disagree and tests notice.
 
+pub mod limits;
 pub mod state;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -11,7 +17,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -22,9 +28,11 @@ use hyper_util::server::conn::auto;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
-use state::{App, Kind, TokenCheck};
+use limits::Limits;
+use state::{App, ConvKey, Kind, TokenCheck};
 
 /// A TLS acceptor from a PEM certificate chain and key: `sim --tls-cert … --tls-key …`, for testing `ca_file`.
 pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
@@ -76,6 +84,9 @@ pub struct Stats {
     /// Business requests per Unix second of arrival: what a per-second quota is judged on.
     pub by_second: BTreeMap<u64, u64>,
     pub by_status: BTreeMap<u16, u64>,
+    /// Calls refused with 429 for being over one of Easemob's limits: a gateway let too much through.
+    pub over_limit: u64,
+    pub over_limit_by_route: BTreeMap<&'static str, u64>,
 }
 
 /// A business request as the simulator received it, for tests to check what the gateway sent.
@@ -91,14 +102,15 @@ pub struct Recorded {
 struct World {
     apps: Vec<App>,
     faults: Faults,
+    limits: Limits,
     stats: Stats,
     requests: VecDeque<Recorded>,
 }
 
-impl World {
-    fn app_mut(&mut self, org: &str, app: &str) -> Option<&mut App> {
-        self.apps.iter_mut().find(|a| a.org.eq_ignore_ascii_case(org) && a.name.eq_ignore_ascii_case(app))
-    }
+/// The app `org`/`app` names, case-insensitively; a free function so that a caller can hold the app and the
+/// world's other fields at once.
+fn find_app<'w>(apps: &'w mut [App], org: &str, app: &str) -> Option<&'w mut App> {
+    apps.iter_mut().find(|a| a.org.eq_ignore_ascii_case(org) && a.name.eq_ignore_ascii_case(app))
 }
 
 #[derive(Clone)]
@@ -118,7 +130,13 @@ impl Simulator {
                 app
             })
             .collect();
-        let world = World { apps, faults: Faults::default(), stats: Stats::default(), requests: VecDeque::new() };
+        let world = World {
+            apps,
+            faults: Faults::default(),
+            limits: Limits::default(),
+            stats: Stats::default(),
+            requests: VecDeque::new(),
+        };
         Simulator { world: Arc::new(Mutex::new(world)) }
     }
 
@@ -211,7 +229,7 @@ impl Simulator {
             return forced(status, started);
         }
         let mut world = self.world();
-        let Some(app) = world.app_mut(org, app) else {
+        let Some(app) = find_app(&mut world.apps, org, app) else {
             let text = format!("Could not find application for {org}/{app} from URI: {org}/{app}/token");
             return error(StatusCode::NOT_FOUND, "organization_application_not_found", &text, started);
         };
@@ -299,7 +317,8 @@ impl Simulator {
         response
     }
 
-    /// Authenticates and applies one of the six operations, with Easemob's checks and answers.
+    /// Authenticates, checks and applies one of the six operations, with Easemob's checks and answers; a valid
+    /// call over a limit is refused, not applied.
     #[allow(clippy::too_many_arguments)]
     fn apply(
         &self,
@@ -314,7 +333,8 @@ impl Simulator {
     ) -> Response<Full<Bytes>> {
         let bad_request = || error(StatusCode::BAD_REQUEST, "Bad Request", "Bad Request", started);
         let mut world = self.world();
-        let Some(app) = world.app_mut(org, app_name) else {
+        let World { apps, limits, stats, .. } = &mut *world;
+        let Some(app) = find_app(apps, org, app_name) else {
             let text = format!("Could not find application for {org}/{app_name}");
             return error(StatusCode::NOT_FOUND, "organization_application_not_found", &text, started);
         };
@@ -343,7 +363,9 @@ impl Simulator {
         if !app.has_user(&owner) {
             return error(StatusCode::NOT_FOUND, "service_resource_not_found", "Service resource not found", started);
         }
-        if route == "delete_conversation" {
+        let query: HashMap<String, String> =
+            form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes()).into_owned().collect();
+        let deletion = if route == "delete_conversation" {
             let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
                 let text = "Request body is invalid. Please check body is correct.";
                 return error(StatusCode::BAD_REQUEST, "invalid_request_body", text, started);
@@ -374,43 +396,58 @@ impl Simulator {
                 // Not documented by Easemob; the gateway refuses it before it gets here.
                 _ => return error(StatusCode::BAD_REQUEST, "illegal_argument", "field type is invalid", started),
             };
-            app.delete_conversation(&owner, (kind, channel.to_owned()), delete_roam);
-            let uri = format!("http://{}{}", header_host(parts), parts.uri.path());
-            return ok(json!({
-                "path": "/users/user_channel", "uri": uri, "timestamp": now_ms(), "organization": app.org,
-                "application": app.uuid, "entities": [], "action": "delete", "data": { "result": "ok" },
-                "duration": started.elapsed().as_millis() as u64, "applicationName": app.name,
-            }));
-        }
-        if roaming_disabled || !app.roaming_enabled {
-            let text = "this appKey not open message roaming";
-            return error(StatusCode::BAD_REQUEST, "service open exception", text, started);
-        }
-        let query: HashMap<String, String> =
-            form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes()).into_owned().collect();
-        if query.get("isNotify").is_some_and(|v| v != "true" && v != "false") {
-            return bad_request();
-        }
-        let peer = query.get("userId").filter(|v| !v.is_empty()).map(|p| (Kind::Chat, p.clone()));
-        let group = query.get("groupId").filter(|v| !v.is_empty()).map(|g| (Kind::Groupchat, g.clone()));
-        let ids: Option<Vec<&str>> = query.get("msgIdList").filter(|v| !v.is_empty()).map(|v| v.split(',').collect());
-        let del_time: Option<i64> = query.get("delTime").and_then(|v| v.parse().ok());
-        match route {
-            "delete_chat_messages" | "delete_group_messages" => {
-                let conversation = if route == "delete_chat_messages" { peer } else { group };
-                let (Some(conversation), Some(ids)) = (conversation, ids) else { return bad_request() };
-                if ids.len() > 50 {
-                    let text = "delete msg list limit can not greater than 50";
-                    return error(StatusCode::BAD_REQUEST, "param exception", text, started);
+            Deletion::Conversation((kind, channel.to_owned()), delete_roam)
+        } else {
+            if roaming_disabled || !app.roaming_enabled {
+                let text = "this appKey not open message roaming";
+                return error(StatusCode::BAD_REQUEST, "service open exception", text, started);
+            }
+            if query.get("isNotify").is_some_and(|v| v != "true" && v != "false") {
+                return bad_request();
+            }
+            let peer = query.get("userId").filter(|v| !v.is_empty()).map(|p| (Kind::Chat, p.clone()));
+            let group = query.get("groupId").filter(|v| !v.is_empty()).map(|g| (Kind::Groupchat, g.clone()));
+            let ids: Option<Vec<&str>> =
+                query.get("msgIdList").filter(|v| !v.is_empty()).map(|v| v.split(',').collect());
+            let del_time: Option<i64> = query.get("delTime").and_then(|v| v.parse().ok());
+            match route {
+                "delete_chat_messages" | "delete_group_messages" => {
+                    let conversation = if route == "delete_chat_messages" { peer } else { group };
+                    let (Some(conversation), Some(ids)) = (conversation, ids) else { return bad_request() };
+                    if ids.len() > 50 {
+                        let text = "delete msg list limit can not greater than 50";
+                        return error(StatusCode::BAD_REQUEST, "param exception", text, started);
+                    }
+                    Deletion::Messages(conversation, ids)
                 }
-                app.delete_messages(&owner, conversation, &ids);
+                "clear_chat_messages_before" | "clear_group_messages_before" => {
+                    let conversation = if route == "clear_chat_messages_before" { peer } else { group };
+                    let (Some(conversation), Some(del_time)) = (conversation, del_time) else { return bad_request() };
+                    Deletion::Before(conversation, del_time)
+                }
+                _ => Deletion::User,
             }
-            "clear_chat_messages_before" | "clear_group_messages_before" => {
-                let conversation = if route == "clear_chat_messages_before" { peer } else { group };
-                let (Some(conversation), Some(del_time)) = (conversation, del_time) else { return bad_request() };
-                app.delete_before(&owner, conversation, del_time);
+        };
+        // Checked last, so only a call that would be carried out takes a slot: what Easemob presumably counts,
+        // and never more than a gateway that forwards only valid calls counts itself.
+        if !app.meter.admit(limits, route, &owner, Instant::now()) {
+            stats.over_limit += 1;
+            *stats.over_limit_by_route.entry(route).or_default() += 1;
+            return forced(StatusCode::TOO_MANY_REQUESTS.as_u16(), started);
+        }
+        match deletion {
+            Deletion::Messages(conversation, ids) => app.delete_messages(&owner, conversation, &ids),
+            Deletion::Before(conversation, del_time) => app.delete_before(&owner, conversation, del_time),
+            Deletion::User => app.clear_user(&owner),
+            Deletion::Conversation(conversation, delete_roam) => {
+                app.delete_conversation(&owner, conversation, delete_roam);
+                let uri = format!("http://{}{}", header_host(parts), parts.uri.path());
+                return ok(json!({
+                    "path": "/users/user_channel", "uri": uri, "timestamp": now_ms(), "organization": app.org,
+                    "application": app.uuid, "entities": [], "action": "delete", "data": { "result": "ok" },
+                    "duration": started.elapsed().as_millis() as u64, "applicationName": app.name,
+                }));
             }
-            _ => app.clear_user(&owner),
         }
         ok(json!({ "requestStatusCode": "ok", "timestamp": now_ms() }))
     }
@@ -435,6 +472,14 @@ impl Simulator {
             (&Method::PUT, ["faults"]) => {
                 world.faults = control_body::<Faults>(body)?;
                 ok(serde_json::to_value(&world.faults).expect("faults serialize"))
+            }
+            (&Method::GET, ["limits"]) => ok(serde_json::to_value(&world.limits).expect("limits serialize")),
+            (&Method::PUT, ["limits"]) => {
+                let limits = control_body::<Limits>(body)?;
+                limits.check().map_err(|text| (StatusCode::BAD_REQUEST, text))?;
+                // The calls already admitted stay counted, as they would at Easemob when a pack is bought.
+                world.limits = limits;
+                ok(serde_json::to_value(&world.limits).expect("limits serialize"))
             }
             (&Method::POST, ["expire-tokens"]) => {
                 world.apps.iter_mut().for_each(App::expire_tokens);
@@ -485,12 +530,20 @@ impl Simulator {
     }
 }
 
+/// A checked deletion, applied only once the call is admitted under the limits.
+enum Deletion<'q> {
+    Messages(ConvKey, Vec<&'q str>),
+    Before(ConvKey, i64),
+    User,
+    Conversation(ConvKey, bool),
+}
+
 /// A control request's failure: its status and what to say.
 type ControlError = (StatusCode, String);
 
 /// The app a control path names, or the control error for an unknown one.
 fn control_app<'w>(world: &'w mut World, org: &str, app: &str) -> Result<&'w mut App, ControlError> {
-    world.app_mut(org, app).ok_or_else(|| (StatusCode::NOT_FOUND, "no such app".to_owned()))
+    find_app(&mut world.apps, org, app).ok_or_else(|| (StatusCode::NOT_FOUND, "no such app".to_owned()))
 }
 
 /// A control request's JSON body, or the control error saying why it does not parse.

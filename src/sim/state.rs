@@ -1,10 +1,13 @@
-//! The simulator's in-memory Easemob: apps, tokens, users, groups, and each user's own view of their
-//! conversations, so that one-way deletions change only the owner's view.
+//! The simulator's in-memory Easemob: apps, tokens, users, groups, each user's own view of their
+//! conversations (so that one-way deletions change only the owner's view), and the calls each app was admitted.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
+use tokio::time::Instant;
+
+use super::limits::Meter;
 
 /// Easemob's historical default token lifetime (60 days), used when the caller sends no `ttl`.
 pub const DEFAULT_TOKEN_TTL_SECS: u64 = 60 * 24 * 3600;
@@ -45,6 +48,8 @@ pub struct App {
     users: BTreeSet<String>,
     groups: BTreeMap<String, BTreeSet<String>>,
     views: HashMap<String, BTreeMap<ConvKey, Conversation>>,
+    /// Easemob counts every limit per AppKey.
+    pub meter: Meter,
 }
 
 pub enum TokenCheck {
@@ -66,6 +71,7 @@ impl App {
             users: BTreeSet::new(),
             groups: BTreeMap::new(),
             views: HashMap::new(),
+            meter: Meter::default(),
         }
     }
 

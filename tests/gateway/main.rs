@@ -11,6 +11,7 @@ mod resilience;
 mod routes;
 mod seeds;
 mod shared_quota;
+mod sim_limits;
 mod support;
 mod tls;
 mod token;

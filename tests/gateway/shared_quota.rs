@@ -158,3 +158,63 @@ async fn through_redis_callers_wait_in_turn_and_a_caller_that_hangs_up_gives_its
     assert!(waited < Duration::from_millis(1200), "it took the released slot: {waited:?}");
     assert_eq!(sim.business_requests().await, 2, "the caller that hung up never reached Easemob");
 }
+
+#[tokio::test]
+async fn through_redis_one_users_window_is_shared_by_every_replica() {
+    let redis = Redis::start().await;
+    let sim = Sim::start().await;
+    let extra = format!(
+        "[rate_limit]\nbackend = \"redis\"\n[rate_limit.redis]\nurl = \"{}\"\ntimeout = \"500ms\"\n",
+        redis.url()
+    );
+    let (a, b) = (
+        Gateway::ready_with(&sim, GatewayOptions { extra: extra.clone(), ..Default::default() }).await,
+        Gateway::ready_with(&sim, GatewayOptions { extra, ..Default::default() }).await,
+    );
+    let body = serde_json::json!({"channel": "bob", "type": "chat", "delete_roam": false}).to_string();
+    // Five at once, spread over both replicas: all go (Easemob takes five together).
+    let calls: Vec<_> = ["alice", "ALICE", "Alice", "alice", "aLiCe"]
+        .iter()
+        .enumerate()
+        .map(|(i, user)| {
+            let url = [&a, &b][i % 2].url(&format!("/users/{user}/user_channel"));
+            let body = body.clone();
+            tokio::spawn(async move { send(Method::DELETE, &url, &[], &body).await.status })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap(), 200);
+    }
+    for gw in [&a, &b] {
+        let sixth = send(Method::DELETE, &gw.url("/users/alice/user_channel"), &[], &body).await;
+        sixth.assert_error(429, "reach_limit");
+        let field = sixth.header("ratelimit").unwrap().to_owned();
+        assert!(field == "\"user\";r=0;t=61" || field == "\"user\";r=0;t=60", "names the per-user limit: {field}");
+    }
+    assert!(a.metrics().await.contains("easemob_gateway_rate_limit_backend_fallback 0"), "decided in Redis");
+    assert_eq!(sim.business_requests().await, 5);
+    assert_eq!(sim.over_limit().await, 0);
+}
+
+#[tokio::test]
+async fn through_redis_a_burst_of_a_routes_quota_is_served_in_full() {
+    let redis = Redis::start().await;
+    let sim = Sim::start().await;
+    let extra = format!(
+        "[rate_limit]\nbackend = \"redis\"\n[rate_limit.redis]\nurl = \"{}\"\ntimeout = \"500ms\"\n",
+        redis.url()
+    );
+    let gw = Gateway::ready_with(&sim, GatewayOptions { extra, ..Default::default() }).await;
+    let url = gw.url("/rest/message/roaming/user/dave/delete/all");
+    let calls: Vec<_> = (0..100)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { send(Method::POST, &url, &[], "").await.status })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap(), 200);
+    }
+    assert!(gw.metrics().await.contains("easemob_gateway_rate_limit_backend_fallback 0"), "decided in Redis");
+    assert_eq!(sim.over_limit().await, 0);
+}

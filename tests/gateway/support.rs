@@ -85,6 +85,17 @@ impl Sim {
         assert_eq!(a.status, 200, "{}", a.text());
     }
 
+    /// Replaces the simulator's rate limits (`GET /_sim/limits` shows the shape; absent fields take defaults).
+    pub async fn limits(&self, limits: Value) {
+        let a = send(Method::PUT, &format!("{}/_sim/limits", self.url), &[], &limits.to_string()).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+
+    /// Calls the simulator refused as over Easemob's limits: anything but 0 means a gateway let too much through.
+    pub async fn over_limit(&self) -> u64 {
+        self.stats().await["over_limit"].as_u64().unwrap()
+    }
+
     pub async fn expire_tokens(&self) {
         send(Method::POST, &format!("{}/_sim/expire-tokens", self.url), &[], "").await;
     }
