@@ -1,13 +1,26 @@
 //! Who may call the data plane: source networks (`server.allow_from`) and, optionally, per-caller keys
 //! (`[[callers]]`, stored as SHA-256 digests) whose name goes into the audit trail.
 
+use std::convert::Infallible;
+use std::future::{Ready, ready};
 use std::net::IpAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use futures_util::future::Either;
+use http::{HeaderName, Request};
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tower::{Layer, Service};
+use tracing::debug;
 
 use crate::config::Config;
+use crate::error::GatewayError;
+use crate::exchange::Answer;
+
+const X_GATEWAY_KEY: HeaderName = HeaderName::from_static("x-gateway-key");
+const X_CALLER: HeaderName = HeaderName::from_static("x-caller");
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Denied {
@@ -19,7 +32,7 @@ pub enum Denied {
 
 pub struct Access {
     allow_from: Vec<IpNet>,
-    callers: Vec<(String, [u8; 32])>,
+    callers: Vec<(Arc<str>, [u8; 32])>,
 }
 
 impl Access {
@@ -29,14 +42,14 @@ impl Access {
             .iter()
             .filter_map(|c| {
                 let digest: [u8; 32] = hex::decode(&c.key_sha256).ok()?.try_into().ok()?;
-                Some((c.name.clone(), digest))
+                Some((c.name.as_str().into(), digest))
             })
             .collect();
         Access { allow_from: config.server.allow_from.clone(), callers }
     }
 
     /// Admits or denies a request; when keys are configured, returns the caller's configured name.
-    pub fn check(&self, peer: IpAddr, key: Option<&[u8]>) -> Result<Option<&str>, Denied> {
+    pub fn check(&self, peer: IpAddr, key: Option<&[u8]>) -> Result<Option<&Arc<str>>, Denied> {
         if !self.allow_from.is_empty() {
             // IPv4 callers on a dual-stack socket arrive as ::ffff:a.b.c.d.
             let peer = peer.to_canonical();
@@ -52,10 +65,75 @@ impl Access {
         let mut found = None;
         for (name, expected) in &self.callers {
             if bool::from(expected.ct_eq(&digest)) {
-                found = Some(name.as_str());
+                found = Some(name);
             }
         }
         found.map(Some).ok_or(Denied::Key)
+    }
+}
+
+/// The calling service, on an admitted request: a caller key's name (authoritative), or without keys the caller's
+/// own `X-Caller`; recorded in the audit trail.
+#[derive(Clone, Debug, Default)]
+pub struct Caller(pub Option<Arc<str>>);
+
+/// Refuses callers from outside `server.allow_from` or without a known key, before anything costs work.
+#[derive(Clone)]
+pub struct AccessLayer {
+    access: Arc<Access>,
+    peer: IpAddr,
+}
+
+impl AccessLayer {
+    /// For one connection, from `peer`.
+    pub fn new(access: Arc<Access>, peer: IpAddr) -> AccessLayer {
+        AccessLayer { access, peer }
+    }
+}
+
+impl<S> Layer<S> for AccessLayer {
+    type Service = AccessControl<S>;
+
+    fn layer(&self, inner: S) -> AccessControl<S> {
+        AccessControl { inner, access: Arc::clone(&self.access), peer: self.peer }
+    }
+}
+
+#[derive(Clone)]
+pub struct AccessControl<S> {
+    inner: S,
+    access: Arc<Access>,
+    peer: IpAddr,
+}
+
+impl<S, B> Service<Request<B>> for AccessControl<S>
+where
+    S: Service<Request<B>, Response = Answer, Error = Infallible>,
+{
+    type Response = Answer;
+    type Error = Infallible;
+    type Future = Either<Ready<Result<Answer, Infallible>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let key = request.headers().get(X_GATEWAY_KEY).map(|v| v.as_bytes());
+        let caller = match self.access.check(self.peer, key) {
+            Ok(Some(name)) => Some(Arc::clone(name)),
+            Ok(None) => request.headers().get(X_CALLER).and_then(|v| v.to_str().ok()).map(Arc::from),
+            Err(denied) => {
+                debug!(peer = ?self.peer, ?denied, "caller refused");
+                let refusal = match denied {
+                    Denied::Network => GatewayError::Forbidden,
+                    Denied::Key => GatewayError::Unauthenticated,
+                };
+                return Either::Left(ready(Ok(refusal.into_response(std::time::Instant::now()))));
+            }
+        };
+        request.extensions_mut().insert(Caller(caller));
+        Either::Right(self.inner.call(request))
     }
 }
 
@@ -73,7 +151,7 @@ mod tests {
             allow_from: allow.iter().map(|n| n.parse().unwrap()).collect(),
             callers: keys
                 .iter()
-                .map(|(name, key)| (name.to_string(), hex::decode(hash_key(key)).unwrap().try_into().unwrap()))
+                .map(|(name, key)| (Arc::from(*name), hex::decode(hash_key(key)).unwrap().try_into().unwrap()))
                 .collect(),
         }
     }
@@ -92,7 +170,7 @@ mod tests {
     fn keys_identify_callers() {
         let a = access(&[], &[("billing", "k-billing"), ("orders", "k-orders")]);
         let local = "127.0.0.1".parse().unwrap();
-        assert_eq!(a.check(local, Some(b"k-orders")), Ok(Some("orders")));
+        assert_eq!(a.check(local, Some(b"k-orders")), Ok(Some(&Arc::from("orders"))));
         assert_eq!(a.check(local, Some(b"k-other")), Err(Denied::Key));
         assert_eq!(a.check(local, None), Err(Denied::Key));
     }

@@ -2,18 +2,23 @@
 //! Easemob's answer was lost), appended to a file before the caller gets its answer, so that a user's erasure can
 //! be proven later. Only validated fields are written: never a token, a secret or a raw request.
 
+use std::convert::Infallible;
 use std::fs::{File, OpenOptions};
+use std::future::Future;
 use std::io::Write;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use serde::Serialize;
+use tower::{Layer, Service};
 use tracing::error;
 
-use crate::config::AuditConfig;
+use crate::config::{AuditConfig, is_plain_label};
+use crate::exchange::{Answer, Exchange, Marks};
 use crate::metrics::Metrics;
-use crate::proxy::is_plain_label;
 use crate::routes::{Call, ConversationType};
 
 pub struct Audit {
@@ -158,4 +163,69 @@ impl Audit {
 
 fn open_append(path: &Path) -> std::io::Result<File> {
     OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// Writes the audit event of every deletion sent to Easemob, once per request and before its answer: with
+/// Easemob's final status, or with no status when the answer was lost (the deletion may have happened). Nothing
+/// is written for a request that never reached Easemob (refused by the quota, no token, connection failed).
+#[derive(Clone)]
+pub struct AuditLayer {
+    audit: Option<Arc<Audit>>,
+}
+
+impl AuditLayer {
+    pub fn new(audit: Option<Arc<Audit>>) -> AuditLayer {
+        AuditLayer { audit }
+    }
+}
+
+impl<S> Layer<S> for AuditLayer {
+    type Service = Audited<S>;
+
+    fn layer(&self, inner: S) -> Audited<S> {
+        Audited { inner, audit: self.audit.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct Audited<S> {
+    inner: S,
+    audit: Option<Arc<Audit>>,
+}
+
+impl<S> Service<Exchange> for Audited<S>
+where
+    S: Service<Exchange, Response = Answer, Error = Infallible> + Send,
+    S::Future: Send + 'static,
+{
+    type Response = Answer;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Answer, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, exchange: Exchange) -> Self::Future {
+        let audit = self.audit.clone();
+        let sent = audit.as_ref().map(|_| exchange.clone());
+        let answer = self.inner.call(exchange);
+        Box::pin(async move {
+            let answer = answer.await?;
+            if let (Some(audit), Some(exchange)) = (audit, sent) {
+                let upstream_status = match answer.rejection() {
+                    _ if answer.is_from_easemob() => Some(Some(answer.status().as_u16())),
+                    Some("upstream_timeout" | "upstream_failed") => Some(None),
+                    _ => None,
+                };
+                if let Some(upstream_status) = upstream_status {
+                    let request_id = exchange.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("");
+                    let caller = audit.caller(exchange.caller.as_deref());
+                    let event = Event::new(&exchange.call, &exchange.app.key, request_id, caller, upstream_status);
+                    audit.record(event).await;
+                }
+            }
+            Ok(answer)
+        })
+    }
 }

@@ -529,7 +529,7 @@ impl Config {
             ));
         }
         for (i, caller) in self.callers.iter().enumerate() {
-            if !crate::proxy::is_plain_label(&caller.name, 64) {
+            if !is_plain_label(&caller.name, 64) {
                 problems.push(format!("callers[{i}].name must be 1-64 characters of A-Z a-z 0-9 - _ . :"));
             }
             if caller.key_sha256.len() != 64 || hex::decode(&caller.key_sha256).is_err() {
@@ -566,6 +566,13 @@ impl Config {
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string_pretty(self).expect("config serializes to TOML")
     }
+}
+
+/// 1 to `max_len` characters of `A-Z a-z 0-9 - _ . :`: safe to log, forward and record as a label, whether it
+/// comes from the config (a caller's name) or from a caller's header (a request id, `X-Caller`).
+pub fn is_plain_label(value: &str, max_len: usize) -> bool {
+    (1..=max_len).contains(&value.len())
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
 #[cfg(test)]

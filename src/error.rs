@@ -5,15 +5,19 @@ use std::borrow::Cow;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Response, StatusCode, header};
+use http::{HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::Full;
 use serde::Serialize;
 
-use crate::ratelimit::RateLimitHeaders;
+use crate::exchange::{Answer, Rejection};
 use crate::routes::ValidationError;
 
 /// Marks every response the gateway makes itself, so callers can tell them from Easemob's.
 pub const GATEWAY_HEADER: &str = "x-easemob-gateway";
+
+/// The IETF draft's rate-limit fields (draft-ietf-httpapi-ratelimit-headers), on every answer of a limited route.
+pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// The `exception` field of gateway-made envelopes: Easemob puts a server class name there.
 const EXCEPTION: &str = "EasemobGatewayException";
@@ -35,7 +39,8 @@ pub enum GatewayError {
     #[error("request body not received in time")]
     BodyTimeout,
     #[error("over quota")]
-    RateLimited { retry_after: Duration, headers: RateLimitHeaders },
+    /// `policy` and `limit` are the `RateLimit-Policy` and `RateLimit` fields naming the limit that refused.
+    RateLimited { retry_after: Duration, policy: HeaderValue, limit: HeaderValue },
     #[error("caller not allowed")]
     Forbidden,
     #[error("gateway key missing or unknown")]
@@ -77,105 +82,140 @@ impl GatewayError {
         }
     }
 
-    /// The answer for the caller. `started` is when the request arrived (for the envelope's `duration`).
-    pub fn into_response(self, started: Instant) -> Response<Full<Bytes>> {
-        let (status, error, description): (StatusCode, &str, Cow<'static, str>) = match &self {
-            GatewayError::UnknownRoute { hint } => (
+    /// The answer for the caller. `started` is when the request arrived (for the envelope's `duration`). One
+    /// match decides everything about it: status, Easemob's error type and text, the origin the marker header
+    /// states, `Retry-After`, and any header of its own.
+    pub fn into_response(self, started: Instant) -> Answer {
+        let kind = self.kind();
+        let Shape { status, error, description, origin, retry_after, headers } = match self {
+            GatewayError::UnknownRoute { hint } => rejected(
                 StatusCode::NOT_FOUND,
                 "service_resource_not_found",
                 format!("easemob-gateway serves only the six one-way deletion routes; {hint}").into(),
             ),
-            GatewayError::MethodNotAllowed { allow } => (
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                format!("this route accepts only {allow}").into(),
-            ),
-            GatewayError::UnknownApp => (
+            GatewayError::MethodNotAllowed { allow } => Shape {
+                headers: [
+                    Some((header::ALLOW, HeaderValue::from_str(allow.as_str()).expect("a method is a header value"))),
+                    None,
+                ],
+                ..rejected(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    format!("this route accepts only {allow}").into(),
+                )
+            },
+            GatewayError::UnknownApp => rejected(
                 StatusCode::NOT_FOUND,
                 "organization_application_not_found",
                 "this gateway has no configured app for this org_name/app_name".into(),
             ),
-            GatewayError::Invalid(e) => (StatusCode::BAD_REQUEST, e.error, e.description.clone().into()),
-            GatewayError::BodyTooLarge { limit } => (
+            GatewayError::Invalid(e) => rejected(StatusCode::BAD_REQUEST, e.error, e.description.into()),
+            GatewayError::BodyTooLarge { limit } => rejected(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request_entity_too_large",
                 format!("request body is larger than {limit} bytes").into(),
             ),
-            GatewayError::BodyUnreadable => (
+            GatewayError::BodyUnreadable => rejected(
                 StatusCode::BAD_REQUEST,
                 "invalid_request_body",
                 "the request body could not be read to its end".into(),
             ),
-            GatewayError::RateLimited { .. } => {
-                (StatusCode::TOO_MANY_REQUESTS, "reach_limit", "This request has reached api limit".into())
-            }
-            GatewayError::BodyTimeout => {
-                (StatusCode::REQUEST_TIMEOUT, "request_timeout", "the request body did not arrive in time".into())
-            }
-            GatewayError::Forbidden => {
-                (StatusCode::FORBIDDEN, "forbidden", "this address may not call the gateway (server.allow_from)".into())
-            }
-            GatewayError::Unauthenticated => (
+            GatewayError::BodyTimeout => rejected(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the request body did not arrive in time".into(),
+            ),
+            GatewayError::RateLimited { retry_after, policy, limit } => Shape {
+                retry_after: Some(retry_after),
+                headers: [Some((RATELIMIT_POLICY, policy)), Some((RATELIMIT, limit))],
+                ..rejected(StatusCode::TOO_MANY_REQUESTS, "reach_limit", "This request has reached api limit".into())
+            },
+            GatewayError::Forbidden => rejected(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this address may not call the gateway (server.allow_from)".into(),
+            ),
+            GatewayError::Unauthenticated => rejected(
                 StatusCode::UNAUTHORIZED,
                 "gateway_key_required",
                 "send a known key in the X-Gateway-Key header".into(),
             ),
-            GatewayError::Overloaded => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "service_unavailable",
-                "the gateway is at its limit of requests in flight; retry shortly".into(),
-            ),
-            GatewayError::NoToken { retry_after } => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "service_unavailable",
-                format!(
-                    "the gateway holds no valid Easemob app token yet; retry after {}s",
-                    retry_after_secs(*retry_after)
+            GatewayError::Overloaded => Shape {
+                retry_after: Some(Duration::from_secs(1)),
+                ..rejected(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "service_unavailable",
+                    "the gateway is at its limit of requests in flight; retry shortly".into(),
                 )
-                .into(),
-            ),
-            GatewayError::UpstreamUnreachable => {
-                (StatusCode::BAD_GATEWAY, "upstream_unreachable", "Easemob could not be reached".into())
-            }
-            GatewayError::UpstreamTimeout => {
-                (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", "Easemob did not answer in time".into())
-            }
-            GatewayError::UpstreamFailed => {
-                (StatusCode::BAD_GATEWAY, "upstream_failed", "Easemob's answer was cut off or unreadable".into())
-            }
-            GatewayError::Internal => (
+            },
+            GatewayError::NoToken { retry_after } => Shape {
+                retry_after: Some(retry_after),
+                ..rejected(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "service_unavailable",
+                    format!(
+                        "the gateway holds no valid Easemob app token yet; retry after {}s",
+                        retry_after_secs(retry_after)
+                    )
+                    .into(),
+                )
+            },
+            GatewayError::UpstreamUnreachable => Shape {
+                origin: UPSTREAM_ERROR,
+                ..rejected(StatusCode::BAD_GATEWAY, "upstream_unreachable", "Easemob could not be reached".into())
+            },
+            GatewayError::UpstreamTimeout => Shape {
+                origin: UPSTREAM_ERROR,
+                ..rejected(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", "Easemob did not answer in time".into())
+            },
+            GatewayError::UpstreamFailed => Shape {
+                origin: UPSTREAM_ERROR,
+                ..rejected(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_failed",
+                    "Easemob's answer was cut off or unreadable".into(),
+                )
+            },
+            GatewayError::Internal => rejected(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal_error",
                 "the gateway failed to handle this request".into(),
             ),
         };
-        let origin = match self {
-            GatewayError::UpstreamUnreachable | GatewayError::UpstreamTimeout | GatewayError::UpstreamFailed => {
-                "upstream-error"
-            }
-            _ => "rejected",
-        };
         let mut response = envelope(status, error, &description, started, origin);
-        match self {
-            GatewayError::MethodNotAllowed { allow } => {
-                response
-                    .headers_mut()
-                    .insert(header::ALLOW, HeaderValue::from_str(allow.as_str()).expect("method is a valid header"));
-            }
-            GatewayError::NoToken { retry_after } => {
-                response.headers_mut().insert(header::RETRY_AFTER, retry_after_secs(retry_after).into());
-            }
-            GatewayError::Overloaded => {
-                response.headers_mut().insert(header::RETRY_AFTER, 1.into());
-            }
-            GatewayError::RateLimited { retry_after, headers } => {
-                response.headers_mut().insert(header::RETRY_AFTER, retry_after_secs(retry_after).into());
-                headers.insert_into(response.headers_mut());
-            }
-            _ => {}
+        let response_headers = response.headers_mut();
+        if let Some(wait) = retry_after {
+            response_headers.insert(header::RETRY_AFTER, retry_after_secs(wait).into());
         }
+        for (name, value) in headers.into_iter().flatten() {
+            response_headers.insert(name, value);
+        }
+        response.extensions_mut().insert(Rejection(kind));
         response
     }
+}
+
+/// The `x-easemob-gateway` value of answers the gateway refused to forward, and of those it could not get from
+/// Easemob.
+const REJECTED: &str = "rejected";
+const UPSTREAM_ERROR: &str = "upstream-error";
+
+/// Everything one gateway-made answer says, decided together.
+struct Shape {
+    status: StatusCode,
+    /// Easemob's `error` type.
+    error: &'static str,
+    description: Cow<'static, str>,
+    /// The `x-easemob-gateway` value.
+    origin: &'static str,
+    retry_after: Option<Duration>,
+    /// Headers of its own (`Allow`, the rate-limit fields).
+    headers: [Option<(HeaderName, HeaderValue)>; 2],
+}
+
+/// A refusal with no header of its own.
+fn rejected(status: StatusCode, error: &'static str, description: Cow<'static, str>) -> Shape {
+    Shape { status, error, description, origin: REJECTED, retry_after: None, headers: [None, None] }
 }
 
 /// Whole seconds for `Retry-After`, never 0 (which would invite an immediate retry storm).

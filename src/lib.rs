@@ -1,35 +1,49 @@
 //! easemob-gateway: an authenticating reverse proxy in front of Easemob's IM REST API that serves exactly six
 //! one-way deletion routes, holds the App Token itself, and validates every request before it costs anything.
 //!
-//! - `access`   who may call: source networks and optional per-caller keys
-//! - `audit`    the audit trail: one JSON line per deletion sent to Easemob, written before the answer
-//! - `config`   typed configuration (TOML + `EASEMOB_GW__…` env), parsed once, checked as a whole
-//! - `routes`   the six routes and their path shapes; `routes/validate.rs` turns a request into a typed `Call`
-//! - `proxy`    the request path: resolve, validate, token, forward, replay once on 401, pass the answer back
-//! - `ratelimit` the quota: governor lanes per AppKey and route, waiting in arrival order, adaptive on 429
-//! - `token`    the App Token: background fetch and refresh, single flight, invalidation on 401
-//! - `upstream` the hyper client towards Easemob: TLS roots, pool, timeouts
-//! - `error`    the gateway's own errors and the one place that turns them into Easemob-shaped answers
-//! - `metrics`  the Prometheus registry and every metric family
-//! - `server`   listeners, the middleware stack, admin endpoints, graceful shutdown
-//! - `logging`  the tracing subscriber (text or JSON)
-//! - `sim`      the Easemob simulator used by `demo`, the tests and the benchmarks
-//! - `demo`     the gateway in front of the simulator, with ready-to-paste curl lines
+//! The data plane is a tower middleware stack, built in `stack.rs`; each layer lives in the module that owns its
+//! concern, outermost first:
+//! - `observe`   one log line and the metrics per answer, read off the final answer
+//! - `access`    who may call: source networks and optional per-caller keys
+//! - `shed`      the in-flight limit: a fast 503 past `server.max_in_flight`
+//! - `routes`    the six routes; `routes/layer.rs` resolves and validates (`routes/validate.rs`) into a typed `Call`
+//! - `audit`     the audit trail: one JSON line per deletion sent to Easemob, written before the answer
+//! - `token`     the App Token: background fetch and refresh, single flight; injection and the 401 replay
+//! - `retry`     the one safe retry, under its budget
+//! - `ratelimit` the quota: governor-paced lanes, per-user windows, Redis; a slot per call sent
+//! - `upstream`  the hyper client towards Easemob, and the innermost service that forwards a call
+//!
+//! Around them:
+//! - `exchange`  what the layers pass: the validated `Exchange`, the `Answer` and the marks it carries up
+//! - `apps`      the configured apps and their lanes (metric handles, `RateLimit-Policy`)
+//! - `error`     the gateway's own errors and the one place that turns them into Easemob-shaped answers
+//! - `config`    typed configuration (TOML + `EASEMOB_GW__…` env), parsed once, checked as a whole
+//! - `metrics`   the Prometheus registry and every metric family
+//! - `server`    listeners, data-plane workers, graceful shutdown; `admin` the admin endpoints
+//! - `logging`   the tracing subscriber (text or JSON)
+//! - `sim`       the Easemob simulator used by `demo`, the tests and the benchmarks
+//! - `demo`      the gateway in front of the simulator, with ready-to-paste curl lines
 
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod admin;
+pub mod apps;
 pub mod audit;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod exchange;
 pub mod logging;
 pub mod metrics;
-pub mod proxy;
+pub mod observe;
 pub mod ratelimit;
+pub mod retry;
 pub mod routes;
 pub mod server;
+pub mod shed;
 pub mod sim;
+pub mod stack;
 pub mod token;
 pub mod upstream;
 

@@ -10,9 +10,13 @@
 //! 429, the lane pauses for Easemob's `Retry-After` and halves its rate, then recovers slowly.
 //! With `backend = "redis"`, `ratelimit/redis.rs` makes all replicas draw from one quota with the same rules.
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::num::NonZeroU32;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 mod pace;
@@ -24,7 +28,11 @@ use http::HeaderValue;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use tower::ServiceExt;
+
 use crate::config::{Limit, RateLimitBackend, RateLimitConfig};
+use crate::error::{GatewayError, RATELIMIT, RATELIMIT_POLICY, retry_after_secs};
+use crate::exchange::{Answer, Exchange, Marks, UnusedSlot};
 use crate::metrics::Metrics;
 use crate::routes::{Call, Route};
 
@@ -64,9 +72,6 @@ pub struct RateLimitHeaders {
     pub policy: HeaderValue,
     pub limit: HeaderValue,
 }
-
-pub const RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
-const RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
 
 impl RateLimitHeaders {
     pub fn insert_into(self, headers: &mut http::HeaderMap) {
@@ -275,7 +280,7 @@ impl QuotaSet {
                 Ok(Admitted { headers: RateLimitHeaders { policy: lane.policy.clone(), limit }, waited })
             }
             Err((scope, retry_after)) => {
-                let limit = match (scope, crate::error::retry_after_secs(retry_after)) {
+                let limit = match (scope, retry_after_secs(retry_after)) {
                     (Scope::Route, 1) => lane.refused_for_a_second.clone(),
                     (scope, secs) => refusal_field(scope.name(lane.route), secs),
                 };
@@ -491,6 +496,86 @@ impl Drop for Waiter<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// Takes a slot for every call sent to Easemob (a replay or retry pays for its own: Easemob counts it), or answers
+/// 429 with `Retry-After` naming the limit. After validation, so a bad request costs no slot; inside the token,
+/// so a call that cannot be sent costs none either. Easemob's own 429 slows the lane down.
+#[derive(Clone)]
+pub struct QuotaLayer {
+    quota: Arc<QuotaSet>,
+}
+
+impl QuotaLayer {
+    pub fn new(quota: Arc<QuotaSet>) -> QuotaLayer {
+        QuotaLayer { quota }
+    }
+}
+
+impl<S> tower::Layer<S> for QuotaLayer {
+    type Service = Quota<S>;
+
+    fn layer(&self, inner: S) -> Quota<S> {
+        Quota { inner, quota: Arc::clone(&self.quota) }
+    }
+}
+
+#[derive(Clone)]
+pub struct Quota<S> {
+    inner: S,
+    quota: Arc<QuotaSet>,
+}
+
+impl<S> tower::Service<Exchange> for Quota<S>
+where
+    S: tower::Service<Exchange, Response = Answer, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = Answer;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Answer, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Readiness here is the quota itself, decided per call (it depends on the route and the user); the
+        // inner service is readied once a slot is taken.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut exchange: Exchange) -> Self::Future {
+        let (inner, quota) = (self.inner.clone(), Arc::clone(&self.quota));
+        Box::pin(async move {
+            let (app, route) = (exchange.app.index, exchange.route());
+            // A retry after a failed connection uses the slot nothing used.
+            let slot = match exchange.slot.take() {
+                Some(UnusedSlot { policy, limit }) => RateLimitHeaders { policy, limit },
+                None => match quota.acquire(app, &exchange.call).await {
+                    Ok(admitted) => admitted.headers,
+                    Err(refused) => {
+                        let RateLimitHeaders { policy, limit } = refused.headers;
+                        let refusal = GatewayError::RateLimited { retry_after: refused.retry_after, policy, limit };
+                        return Ok(refusal.into_response(exchange.started));
+                    }
+                },
+            };
+            let mut answer = inner.oneshot(exchange).await?;
+            if answer.is_from_easemob() {
+                if answer.status() == http::StatusCode::TOO_MANY_REQUESTS {
+                    quota.upstream_throttled(app, route, retry_after(answer.headers()));
+                }
+                slot.insert_into(answer.headers_mut());
+            } else if answer.rejection() == Some("upstream_unreachable") {
+                let RateLimitHeaders { policy, limit } = slot;
+                answer.extensions_mut().insert(UnusedSlot { policy, limit });
+            }
+            Ok(answer)
+        })
+    }
+}
+
+/// Easemob's `Retry-After` in seconds (Easemob does not document one, but honour it if it comes).
+fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    let secs: u64 = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs.min(300)))
 }
 
 #[cfg(test)]

@@ -1,8 +1,11 @@
 //! The route table: the six Easemob operations the gateway serves, their methods and path shapes.
-//! `routes/validate.rs` turns a matched request into a typed [`Call`].
+//! `routes/validate.rs` turns a matched request into a typed [`Call`]; `routes/layer.rs` is the stack's layer that
+//! does it for every request.
 
+mod layer;
 mod validate;
 
+pub use layer::{MAX_BODY_BYTES, PLACEHOLDER_TOKEN, ValidateLayer};
 pub use validate::{Call, Conversation, ConversationType, DelTime, GroupId, MsgIds, UserId, ValidationError};
 
 use http::Method;

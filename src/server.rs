@@ -1,4 +1,5 @@
-//! Listeners, the data-plane middleware stack, the admin endpoints, and graceful shutdown.
+//! Listeners, data-plane workers and graceful shutdown. The stack each connection is served by is built in
+//! `stack.rs`; the admin endpoints live in `admin.rs`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -7,9 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -17,27 +16,25 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
-use tower::ServiceBuilder;
-use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tracing::{debug, info, warn};
 
 use crate::access::Access;
+use crate::admin::{ADMIN_MAX_CONNECTIONS, AdminService};
+use crate::apps::{App, Apps};
 use crate::audit::Audit;
 use crate::config::{Config, SecretPolicy};
-use crate::error::{GatewayError, json_response};
 use crate::metrics::Metrics;
-use crate::proxy::{App, Proxy, ProxyService, X_REQUEST_ID, is_plain_label};
 use crate::ratelimit::QuotaSet;
-use crate::token::{Credentials, TokenSource};
+use crate::retry::SafeRetry;
+use crate::stack::{Shared, data_plane};
+use crate::token::{Credentials, EasemobFetch, TokenSource};
 use crate::upstream::Upstream;
 
 /// A gateway whose listeners are bound and whose token fetches have started.
 pub struct Server {
     config: Config,
-    proxy: Arc<Proxy>,
-    metrics: Metrics,
-    audit: Option<Arc<Audit>>,
+    shared: Shared,
+    upstream: Upstream,
     /// Shared by the data-plane workers: each accepts from it on its own thread.
     data: std::net::TcpListener,
     admin: TcpListener,
@@ -55,6 +52,8 @@ impl Server {
         }
         let metrics = Metrics::new();
         let upstream = Upstream::new(&config.upstream)?;
+        let keys: Vec<String> = config.apps.iter().map(|app| app.app_key()).collect();
+        let quota = QuotaSet::new(&config.rate_limit, &keys, metrics.clone())?;
         let apps = config
             .apps
             .iter()
@@ -66,8 +65,9 @@ impl Server {
                     client_id: app.client_id.clone(),
                     client_secret: std::sync::RwLock::new(app.resolve_secret()?),
                 };
-                let token = TokenSource::spawn(credentials, config.token.clone(), upstream.clone(), metrics.clone());
-                Ok(App { index, org: app.org_name.clone(), app: app.app_name.clone(), key: app.app_key(), token })
+                let fetch = EasemobFetch { credentials, upstream: upstream.clone(), ttl: config.token.ttl };
+                let token = TokenSource::spawn(app.app_key(), fetch, config.token.clone(), metrics.clone());
+                Ok(Arc::new(App::new(index, (&app.org_name, &app.app_name), token, &quota, &metrics)))
             })
             .collect::<Result<Vec<_>, String>>()?;
         let data = TcpListener::bind(config.server.listen)
@@ -77,22 +77,21 @@ impl Server {
         let admin = TcpListener::bind(config.server.admin_listen)
             .await
             .map_err(|e| format!("server.admin_listen {}: {e}", config.server.admin_listen))?;
-        let keys: Vec<String> = apps.iter().map(|a| a.key.clone()).collect();
-        let quota = QuotaSet::new(&config.rate_limit, &keys, metrics.clone())?;
         let audit = Audit::open(&config.audit, metrics.clone())?;
         if audit.is_none() {
             warn!("audit.file is not set: deletions are not recorded in an audit trail");
         }
-        let proxy = Arc::new(Proxy::new(
-            apps,
-            upstream,
+        let shared = Shared {
+            apps: Apps::new(apps),
+            access: Arc::new(Access::new(&config)),
+            in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
             quota,
-            metrics.clone(),
-            &config.server,
-            Access::new(&config),
-            audit.clone(),
-        ));
-        Ok(Server { config, proxy, metrics, audit, data, admin })
+            audit,
+            retry: SafeRetry::new(&metrics),
+            metrics,
+            body_read_timeout: config.server.body_read_timeout,
+        };
+        Ok(Server { config, shared, upstream, data, admin })
     }
 
     pub fn data_addr(&self) -> SocketAddr {
@@ -111,7 +110,7 @@ impl Server {
     /// without leaving its thread (nginx's worker model). Quota, tokens, metrics and limits are shared. The admin
     /// listener, token refreshes, Redis and signals run on the calling runtime.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
-        let Server { config, proxy, metrics, audit, data, admin } = self;
+        let Server { config, shared, upstream, data, admin } = self;
         let draining = Arc::new(AtomicBool::new(false));
         let (stop_data, data_stopped) = watch::channel(false);
         let (stop_admin, admin_stopped) = watch::channel(false);
@@ -130,7 +129,7 @@ impl Server {
         let (accepting, mut accept_loops_ended) = tokio::sync::mpsc::channel::<()>(1);
         let connections = Connections {
             limit: Arc::new(Semaphore::new(config.server.max_connections)),
-            open: Some(metrics.open_connections.clone()),
+            open: Some(shared.metrics.open_connections.clone()),
         };
         let mut workers = Vec::new();
         for index in 0..config.server.worker_threads() {
@@ -148,7 +147,8 @@ impl Server {
                 .expect("the data listener registered with a worker's runtime");
             let worker = DataWorker {
                 listener,
-                proxy: proxy.with_own_pool(),
+                shared: shared.clone(),
+                upstream: upstream.with_own_pool(),
                 http: http.clone(),
                 graceful: Arc::clone(&data_graceful),
                 stop: data_stopped.clone(),
@@ -165,8 +165,11 @@ impl Server {
         drop((data, accepting));
         info!(workers = workers.len(), "data plane running");
 
-        let admin_service =
-            AdminService { proxy: Arc::clone(&proxy), metrics: metrics.clone(), draining: Arc::clone(&draining) };
+        let admin_service = AdminService {
+            apps: shared.apps.clone(),
+            metrics: shared.metrics.clone(),
+            draining: Arc::clone(&draining),
+        };
         let admin_loop = tokio::spawn(accept_loop(
             admin,
             http,
@@ -182,7 +185,7 @@ impl Server {
             Connections { limit: Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS)), open: None },
         ));
 
-        let reload = tokio::spawn(reload_secrets_on_sighup(config.clone(), Arc::clone(&proxy)));
+        let reload = tokio::spawn(reload_secrets_on_sighup(config.clone(), shared.apps.clone()));
         shutdown.await;
         reload.abort();
         info!(grace = ?config.server.shutdown_grace, "shutting down: refusing new connections, draining in-flight requests");
@@ -199,7 +202,7 @@ impl Server {
         for worker in workers {
             let _ = tokio::task::spawn_blocking(move || worker.join()).await;
         }
-        if let Some(audit) = &audit {
+        if let Some(audit) = &shared.audit {
             audit.sync();
         }
         let _ = stop_admin.send(true);
@@ -213,7 +216,9 @@ impl Server {
 struct DataWorker {
     /// The shared listening socket, registered with this worker's runtime.
     listener: TcpListener,
-    proxy: Proxy,
+    shared: Shared,
+    /// This worker's own connection pool to Easemob.
+    upstream: Upstream,
     http: http1::Builder,
     graceful: Arc<GracefulShutdown>,
     stop: watch::Receiver<bool>,
@@ -226,22 +231,11 @@ struct DataWorker {
 
 impl DataWorker {
     async fn run(self) {
-        let DataWorker { listener, proxy, http, graceful, stop, connections, mut released, accepting } = self;
-        let proxy = Arc::new(proxy);
-        // Outermost first. A caller's request id is kept only if it is short and plain (it is logged and
-        // forwarded); then one is set before anything can answer, so every answer, rejections included, carries
-        // one; panics become an enveloped 500, not a dropped connection; the proxy does the rest (access, route,
-        // validation, quota, token, upstream) in one place. Built per connection: the proxy knows its peer (for
-        // server.allow_from) without a per-request extension.
-        let make_service = move |peer: SocketAddr| {
-            let service = ServiceBuilder::new()
-                .map_request(drop_unfit_request_id)
-                .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-                .layer(PropagateRequestIdLayer::x_request_id())
-                .layer(CatchPanicLayer::custom(|_| GatewayError::Internal.into_response(std::time::Instant::now())))
-                .service(ProxyService::new(Arc::clone(&proxy), peer.ip()));
-            TowerToHyperService::new(service)
-        };
+        let DataWorker { listener, shared, upstream, http, graceful, stop, connections, mut released, accepting } =
+            self;
+        // Built per connection: the access layer knows its peer (for server.allow_from) without a per-request
+        // extension.
+        let make_service = move |peer: SocketAddr| TowerToHyperService::new(data_plane(&shared, &upstream, peer.ip()));
         accept_loop(listener, http, make_service, graceful, stop, connections).await;
         drop(accepting);
         // This thread's connections are still draining: keep driving them until the grace is over.
@@ -251,14 +245,14 @@ impl DataWorker {
 
 /// On SIGHUP, re-reads every `client_secret_file` (Kubernetes updates mounted secrets in place) and fetches a
 /// fresh token with each secret that changed; a file that cannot be read keeps the old secret.
-async fn reload_secrets_on_sighup(config: Config, proxy: Arc<Proxy>) {
+async fn reload_secrets_on_sighup(config: Config, apps: Apps) {
     let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
         warn!("SIGHUP handler unavailable: client secrets are read at start-up only");
         return;
     };
     while hangups.recv().await.is_some() {
         info!("SIGHUP received: re-reading client secret files");
-        for (app, runtime) in config.apps.iter().zip(proxy.apps()) {
+        for (app, runtime) in config.apps.iter().zip(apps.iter()) {
             if app.client_secret_file.is_none() {
                 continue;
             }
@@ -268,16 +262,6 @@ async fn reload_secrets_on_sighup(config: Config, proxy: Arc<Proxy>) {
             }
         }
     }
-}
-
-/// A caller's `X-Request-Id` is logged and forwarded to Easemob: keep it only if it is 1–128 characters of
-/// `A-Z a-z 0-9 - _ . :`, otherwise drop it so a fresh one is generated.
-fn drop_unfit_request_id<B>(mut request: Request<B>) -> Request<B> {
-    let fit = |v: &http::HeaderValue| v.to_str().is_ok_and(|v| is_plain_label(v, 128));
-    if request.headers().get(X_REQUEST_ID).is_some_and(|v| !fit(v)) {
-        request.headers_mut().remove(X_REQUEST_ID);
-    }
-    request
 }
 
 async fn accept_loop<S, B>(
@@ -341,63 +325,6 @@ struct Connections {
 
 /// The request line and headers of one request: far above what the six routes need, far below a memory risk.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// The data plane's contract, served on the admin listener (and kept true by tests/schemathesis).
-const OPENAPI: &str = include_str!("../docs/openapi.yaml");
-/// Probes and a scraper or two.
-const ADMIN_MAX_CONNECTIONS: usize = 64;
-
-/// `/healthz`, `/readyz`, `/metrics`, `/openapi.yaml`: the admin listener, never the data plane.
-#[derive(Clone)]
-struct AdminService {
-    proxy: Arc<Proxy>,
-    metrics: Metrics,
-    draining: Arc<AtomicBool>,
-}
-
-impl AdminService {
-    fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
-        if request.method() != Method::GET {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
-        }
-        match request.uri().path() {
-            "/healthz" => text(StatusCode::OK, "ok\n"),
-            "/readyz" => self.readiness(),
-            "/openapi.yaml" => Response::builder()
-                .header(header::CONTENT_TYPE, "application/yaml")
-                .body(Full::new(Bytes::from_static(OPENAPI.as_bytes())))
-                .expect("static response parts are valid"),
-            "/metrics" => Response::builder()
-                .header(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)
-                .body(Full::new(Bytes::from(self.metrics.render())))
-                .expect("static response parts are valid"),
-            _ => text(StatusCode::NOT_FOUND, "not found: /healthz, /readyz, /metrics, /openapi.yaml\n"),
-        }
-    }
-
-    /// Ready when not draining and every app holds a usable token. Per-app detail, no secrets.
-    fn readiness(&self) -> Response<Full<Bytes>> {
-        let draining = self.draining.load(Ordering::SeqCst);
-        let apps: serde_json::Map<String, serde_json::Value> = self
-            .proxy
-            .apps()
-            .iter()
-            .map(|app| (app.key.clone(), serde_json::to_value(app.token.status()).expect("status serializes")))
-            .collect();
-        let ready = !draining && self.proxy.apps().iter().all(|app| app.token.is_ready());
-        let body = serde_json::json!({ "ready": ready, "draining": draining, "apps": apps });
-        let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-        json_response(status, body.to_string().into_bytes(), "local")
-    }
-}
-
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .body(Full::new(Bytes::from_static(body.as_bytes())))
-        .expect("static response parts are valid")
-}
-
 /// Completes on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");

@@ -2,20 +2,28 @@
 //! configured fraction of its lifetime has passed, never by the request path; one fetch in flight per app
 //! whatever the concurrency; invalidated (compare-before-replace) when Easemob answers 401.
 
+use std::convert::Infallible;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode};
+use prometheus::IntCounterVec;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tower::{Layer, Service, ServiceExt};
 use tracing::{info, warn};
 
 use crate::config::TokenConfig;
+use crate::error::GatewayError;
+use crate::exchange::{Answer, Deadline, Exchange, Marks};
 use crate::metrics::Metrics;
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -132,19 +140,44 @@ pub struct Credentials {
     pub client_secret: std::sync::RwLock<SecretString>,
 }
 
+/// What a token endpoint granted, before the source turns it into a usable [`Token`].
+#[derive(Debug, Deserialize)]
+pub struct Grant {
+    pub access_token: String,
+    pub expires_in: u64,
+    pub application: Option<String>,
+}
+
+type Fetching<'a> = Pin<Box<dyn Future<Output = Result<Grant, TokenError>> + Send + 'a>>;
+
+/// Where grants come from: Easemob's token endpoint ([`EasemobFetch`]), or a stand-in in tests.
+pub trait Fetch: Send + Sync + 'static {
+    fn fetch(&self) -> Fetching<'_>;
+    /// How long one fetch may take.
+    fn timeout(&self) -> Duration;
+    /// A rotated client secret (SIGHUP), used from the next fetch on.
+    fn replace_secret(&self, secret: SecretString);
+}
+
+/// Client credentials sent to `POST /{org}/{app}/token`.
+pub struct EasemobFetch {
+    pub credentials: Credentials,
+    pub upstream: Upstream,
+    /// Asked of Easemob as the token's lifetime; Easemob's default when absent.
+    pub ttl: Option<Duration>,
+}
+
 pub struct TokenSource {
     app_key: String,
-    credentials: Credentials,
+    fetcher: Box<dyn Fetch>,
     config: TokenConfig,
-    upstream: Upstream,
     metrics: Metrics,
     state: watch::Sender<State>,
 }
 
 impl TokenSource {
     /// Creates the source and starts its background task, which fetches the first token at once.
-    pub fn spawn(credentials: Credentials, config: TokenConfig, upstream: Upstream, metrics: Metrics) -> Arc<Self> {
-        let app_key = format!("{}#{}", credentials.org, credentials.app);
+    pub fn spawn(app_key: String, fetcher: impl Fetch, config: TokenConfig, metrics: Metrics) -> Arc<Self> {
         // Series exist from the start at 0, so rate() and alerts work before the first event.
         metrics.token_replays.with_label_values(&[&app_key]);
         for result in ["ok", "rejected", "unreachable", "malformed"] {
@@ -152,9 +185,8 @@ impl TokenSource {
         }
         let source = Arc::new(TokenSource {
             app_key,
-            credentials,
+            fetcher: Box::new(fetcher),
             config,
-            upstream,
             metrics,
             state: watch::Sender::new(State { wanted: true, ..State::default() }),
         });
@@ -166,7 +198,7 @@ impl TokenSource {
     /// (start-up, after a 401); once fetching has failed and no usable token is left, answers at once.
     pub async fn get(&self) -> Result<Arc<Token>, NoToken> {
         let mut rx = self.state.subscribe();
-        let deadline = Instant::now() + MAX_FETCH_WAIT.min(self.upstream.timeout());
+        let deadline = Instant::now() + MAX_FETCH_WAIT.min(self.fetcher.timeout());
         loop {
             {
                 let state = rx.borrow_and_update();
@@ -222,7 +254,7 @@ impl TokenSource {
     /// Takes a new client secret (SIGHUP after a rotation) and fetches a fresh token with it. The current token
     /// keeps serving meanwhile: a secret rotation does not revoke tokens already issued.
     pub fn replace_secret(&self, secret: SecretString) {
-        *self.credentials.client_secret.write().expect("secret lock") = secret;
+        self.fetcher.replace_secret(secret);
         info!(app = %self.app_key, "client secret reloaded; fetching a fresh token");
         self.state.send_if_modified(|s| !std::mem::replace(&mut s.wanted, true));
     }
@@ -296,45 +328,8 @@ impl TokenSource {
     }
 
     async fn fetch(&self) -> Result<Token, TokenError> {
-        let c = &self.credentials;
-        let mut body = serde_json::json!({
-            "grant_type": "client_credentials",
-            "client_id": c.client_id,
-            "client_secret": c.client_secret.read().expect("secret lock").expose_secret(),
-        });
-        if let Some(ttl) = self.config.ttl {
-            body["ttl"] = ttl.as_secs().into();
-        }
-        let uri = self
-            .upstream
-            .uri(&c.org, &c.app, |url| url.push_str("/token"))
-            .map_err(|e| TokenError::Malformed(format!("building the request: {e}")))?;
-        let request = self.upstream.request(Method::POST, uri, Bytes::from(body.to_string()));
         let sent_at = Instant::now();
-        let response = self.upstream.send(request).await?;
-        if response.status() != StatusCode::OK {
-            #[derive(Deserialize, Default)]
-            struct Envelope {
-                #[serde(default)]
-                error: String,
-                #[serde(default)]
-                error_description: String,
-            }
-            let envelope: Envelope = serde_json::from_slice(response.body()).unwrap_or_default();
-            return Err(TokenError::Rejected {
-                status: response.status(),
-                error: envelope.error,
-                description: envelope.error_description,
-            });
-        }
-        #[derive(Deserialize)]
-        struct Answer {
-            access_token: String,
-            expires_in: u64,
-            application: Option<String>,
-        }
-        let answer: Answer = serde_json::from_slice(response.body())
-            .map_err(|e| TokenError::Malformed(format!("unexpected JSON: {e}")))?;
+        let answer = self.fetcher.fetch().await?;
         if answer.access_token.is_empty() {
             return Err(TokenError::Malformed("empty access_token".to_owned()));
         }
@@ -372,6 +367,142 @@ impl TokenSource {
             after_refusal,
             proven: AtomicBool::new(false),
             application: answer.application,
+        })
+    }
+}
+
+impl Fetch for EasemobFetch {
+    fn fetch(&self) -> Fetching<'_> {
+        Box::pin(async move {
+            let c = &self.credentials;
+            let mut body = serde_json::json!({
+                "grant_type": "client_credentials",
+                "client_id": c.client_id,
+                "client_secret": c.client_secret.read().expect("secret lock").expose_secret(),
+            });
+            if let Some(ttl) = self.ttl {
+                body["ttl"] = ttl.as_secs().into();
+            }
+            let uri = self
+                .upstream
+                .uri(&c.org, &c.app, |url| url.push_str("/token"))
+                .map_err(|e| TokenError::Malformed(format!("building the request: {e}")))?;
+            let response =
+                self.upstream.send(self.upstream.request(Method::POST, uri, Bytes::from(body.to_string()))).await?;
+            if response.status() != StatusCode::OK {
+                #[derive(Deserialize, Default)]
+                struct Envelope {
+                    #[serde(default)]
+                    error: String,
+                    #[serde(default)]
+                    error_description: String,
+                }
+                let envelope: Envelope = serde_json::from_slice(response.body()).unwrap_or_default();
+                return Err(TokenError::Rejected {
+                    status: response.status(),
+                    error: envelope.error,
+                    description: envelope.error_description,
+                });
+            }
+            serde_json::from_slice(response.body()).map_err(|e| TokenError::Malformed(format!("unexpected JSON: {e}")))
+        })
+    }
+
+    fn timeout(&self) -> Duration {
+        self.upstream.timeout()
+    }
+
+    fn replace_secret(&self, secret: SecretString) {
+        *self.credentials.client_secret.write().expect("secret lock") = secret;
+    }
+}
+
+/// Puts the app's token on every call, and when Easemob refuses it (401) replaces it once and replays the call;
+/// a second 401 goes to the caller. Sits outside the quota: a call that cannot get a token costs no slot, and a
+/// replay pays for its own (Easemob counts it).
+#[derive(Clone)]
+pub struct TokenLayer {
+    replays: IntCounterVec,
+}
+
+impl TokenLayer {
+    pub fn new(metrics: &Metrics) -> TokenLayer {
+        TokenLayer { replays: metrics.token_replays.clone() }
+    }
+}
+
+impl<S> Layer<S> for TokenLayer {
+    type Service = Authorize<S>;
+
+    fn layer(&self, inner: S) -> Authorize<S> {
+        Authorize { inner, replays: self.replays.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct Authorize<S> {
+    inner: S,
+    replays: IntCounterVec,
+}
+
+impl<S> Service<Exchange> for Authorize<S>
+where
+    S: Service<Exchange, Response = Answer, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = Answer;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Answer, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut exchange: Exchange) -> Self::Future {
+        // The ready service takes the first call; a replay readies a clone of it.
+        let ready = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, ready);
+        let replays = self.replays.clone();
+        Box::pin(async move {
+            let source = Arc::clone(&exchange.app.token);
+            let token = match source.get().await {
+                Ok(token) => token,
+                Err(e) => {
+                    return Ok(GatewayError::NoToken { retry_after: e.retry_after }.into_response(exchange.started));
+                }
+            };
+            exchange.token = Some(Arc::clone(&token));
+            let answer = inner.call(exchange.clone()).await?;
+            if !answer.is_from_easemob() {
+                return Ok(answer);
+            }
+            // The token died early (Easemob warns it can): replace it once, if it is still the current one.
+            if answer.status() != StatusCode::UNAUTHORIZED || !source.invalidate(token.generation()) {
+                if answer.status() != StatusCode::UNAUTHORIZED {
+                    token.mark_proven();
+                }
+                return Ok(answer);
+            }
+            replays.with_label_values(&[&exchange.app.key]).inc();
+            let token = match source.get().await {
+                Ok(token) => token,
+                Err(e) => {
+                    return Ok(GatewayError::NoToken { retry_after: e.retry_after }.into_response(exchange.started));
+                }
+            };
+            exchange.token = Some(Arc::clone(&token));
+            exchange.deadline = answer.extensions().get::<Deadline>().map(|d| d.0);
+            let replayed = inner.ready().await?.call(exchange).await?;
+            match replayed.rejection() {
+                // The quota had no slot for the replay in time: Easemob's own answer stands.
+                Some("rate_limited") => Ok(answer),
+                _ => {
+                    if replayed.is_from_easemob() && replayed.status() != StatusCode::UNAUTHORIZED {
+                        token.mark_proven();
+                    }
+                    Ok(replayed)
+                }
+            }
         })
     }
 }

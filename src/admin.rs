@@ -1,0 +1,69 @@
+//! The admin listener's endpoints: `/healthz`, `/readyz`, `/metrics`, `/openapi.yaml`. Never the data plane.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+
+use crate::apps::Apps;
+use crate::error::json_response;
+use crate::metrics::Metrics;
+
+/// The data plane's contract, served on the admin listener (and kept true by tests/schemathesis).
+const OPENAPI: &str = include_str!("../docs/openapi.yaml");
+/// Probes and a scraper or two.
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// `/healthz`, `/readyz`, `/metrics`, `/openapi.yaml`: the admin listener, never the data plane.
+#[derive(Clone)]
+pub struct AdminService {
+    pub apps: Apps,
+    pub metrics: Metrics,
+    /// Set once shutdown has begun: `/readyz` turns 503.
+    pub draining: Arc<AtomicBool>,
+}
+
+impl AdminService {
+    pub fn handle<B>(&self, request: Request<B>) -> Response<Full<Bytes>> {
+        if request.method() != Method::GET {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
+        }
+        match request.uri().path() {
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" => self.readiness(),
+            "/openapi.yaml" => Response::builder()
+                .header(header::CONTENT_TYPE, "application/yaml")
+                .body(Full::new(Bytes::from_static(OPENAPI.as_bytes())))
+                .expect("static response parts are valid"),
+            "/metrics" => Response::builder()
+                .header(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)
+                .body(Full::new(Bytes::from(self.metrics.render())))
+                .expect("static response parts are valid"),
+            _ => text(StatusCode::NOT_FOUND, "not found: /healthz, /readyz, /metrics, /openapi.yaml\n"),
+        }
+    }
+
+    /// Ready when not draining and every app holds a usable token. Per-app detail, no secrets.
+    fn readiness(&self) -> Response<Full<Bytes>> {
+        let draining = self.draining.load(Ordering::SeqCst);
+        let apps: serde_json::Map<String, serde_json::Value> = self
+            .apps
+            .iter()
+            .map(|app| (app.key.clone(), serde_json::to_value(app.token.status()).expect("status serializes")))
+            .collect();
+        let ready = !draining && self.apps.iter().all(|app| app.token.is_ready());
+        let body = serde_json::json!({ "ready": ready, "draining": draining, "apps": apps });
+        let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        json_response(status, body.to_string().into_bytes(), "local")
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .expect("static response parts are valid")
+}

@@ -1,0 +1,95 @@
+//! What the layers below validation pass down and hand back: a validated [`Exchange`] on its way to Easemob, the
+//! [`Answer`] every layer returns, and the marks an answer carries up the stack (who made it, why, for which
+//! app and route), so that outer layers observe the final answer instead of sharing mutable state.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response};
+use http_body_util::Full;
+
+use crate::apps::{App, Lane};
+use crate::routes::{Call, Route};
+use crate::token::Token;
+
+/// Every answer the data plane gives: small, whole JSON bodies.
+pub type Answer = Response<Full<Bytes>>;
+
+/// A validated call and what travels with it. Cheap to clone: the retry keeps a copy.
+#[derive(Clone)]
+pub struct Exchange {
+    pub app: Arc<App>,
+    pub call: Arc<Call>,
+    /// When the request arrived (for the envelope's `duration`).
+    pub started: Instant,
+    pub request_id: Option<HeaderValue>,
+    /// The calling service for the audit trail: a caller key's name, or the caller's own `X-Caller`.
+    pub caller: Option<Arc<str>>,
+    /// Set by the token layer.
+    pub token: Option<Arc<Token>>,
+    /// The end of the time Easemob has for this request, replay and retry included: set by the first send.
+    pub deadline: Option<tokio::time::Instant>,
+    /// A quota slot the previous attempt took but never used (its connection failed): the retry's.
+    pub slot: Option<UnusedSlot>,
+}
+
+impl Exchange {
+    pub fn route(&self) -> Route {
+        self.call.route()
+    }
+
+    pub fn lane(&self) -> &Lane {
+        self.app.lane(self.route())
+    }
+}
+
+/// On an answer Easemob gave, passed through (hop-by-hop headers aside).
+#[derive(Clone, Copy, Debug)]
+pub struct FromEasemob;
+
+/// On an answer the gateway made itself: why, as a stable label (`GatewayError::kind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rejection(pub &'static str);
+
+/// On the answer to an exchange with Easemob (its answer, or the failure to get one): the deadline it ran under,
+/// which a replay or retry keeps.
+#[derive(Clone, Copy, Debug)]
+pub struct Deadline(pub tokio::time::Instant);
+
+/// A quota slot taken for a call that never reached Easemob: with its `RateLimit-Policy` and `RateLimit` fields.
+#[derive(Clone, Debug)]
+pub struct UnusedSlot {
+    pub policy: HeaderValue,
+    pub limit: HeaderValue,
+}
+
+/// Who an answer is about, for its log line and metrics: the app and route, as far as the request named them.
+#[derive(Clone, Default)]
+pub struct Labels {
+    pub app: Option<Arc<App>>,
+    pub route: Option<Route>,
+}
+
+impl Labels {
+    /// The (app, route) lane, once both are known.
+    pub fn lane(&self) -> Option<&Lane> {
+        Some(self.app.as_deref()?.lane(self.route?))
+    }
+}
+
+/// Marks on an answer, read by the layers above.
+pub trait Marks {
+    fn is_from_easemob(&self) -> bool;
+    fn rejection(&self) -> Option<&'static str>;
+}
+
+impl<B> Marks for Response<B> {
+    fn is_from_easemob(&self) -> bool {
+        self.extensions().get::<FromEasemob>().is_some()
+    }
+
+    fn rejection(&self) -> Option<&'static str> {
+        self.extensions().get::<Rejection>().map(|r| r.0)
+    }
+}

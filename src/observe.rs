@@ -1,0 +1,161 @@
+//! One log line and one set of metrics per request, read off the final answer (its status and the marks the
+//! layers below left on it: who made it, why, for which app and route), whichever layer produced it.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Instant;
+
+use http::{HeaderValue, Request, Response, StatusCode};
+use tower::{Layer, Service};
+use tracing::info;
+
+use crate::exchange::{FromEasemob, Labels, Marks};
+use crate::metrics::{Metrics, NONE};
+
+pub const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+#[derive(Clone)]
+pub struct ObserveLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl ObserveLayer {
+    pub fn new(metrics: Metrics) -> ObserveLayer {
+        ObserveLayer { metrics: Arc::new(metrics) }
+    }
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe { inner, metrics: Arc::clone(&self.metrics) }
+    }
+}
+
+#[derive(Clone)]
+pub struct Observe<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, B, ResBody> Service<Request<B>> for Observe<S>
+where
+    S: Service<Request<B>, Response = Response<ResBody>, Error = Infallible>,
+{
+    type Response = Response<ResBody>;
+    type Error = Infallible;
+    type Future = Observed<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let request_id = request.headers().get(X_REQUEST_ID).cloned();
+        Observed {
+            inner: self.inner.call(request),
+            seen: Some(Seen {
+                started: Instant::now(),
+                request_id,
+                _in_flight: InFlight::enter(&self.metrics),
+                metrics: Arc::clone(&self.metrics),
+            }),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub struct Observed<F> {
+        #[pin]
+        inner: F,
+        seen: Option<Seen>,
+    }
+}
+
+/// What the request's log line needs besides its answer.
+struct Seen {
+    started: Instant,
+    request_id: Option<HeaderValue>,
+    /// Counted in `in_flight_requests` for as long as the request lives, even if the caller hangs up.
+    _in_flight: InFlight,
+    metrics: Arc<Metrics>,
+}
+
+impl<F, ResBody> Future for Observed<F>
+where
+    F: Future<Output = Result<Response<ResBody>, Infallible>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let Ok(answer) = ready!(this.inner.poll(cx));
+        if let Some(seen) = this.seen.take() {
+            seen.record(&answer);
+        }
+        Poll::Ready(Ok(answer))
+    }
+}
+
+impl Seen {
+    fn record<B>(self, answer: &Response<B>) {
+        let elapsed = self.started.elapsed();
+        let status = answer.status();
+        let labels = answer.extensions().get::<Labels>();
+        let lane = labels.and_then(Labels::lane);
+        let app = labels.and_then(|l| l.app.as_deref()).map_or(NONE, |app| app.key.as_str());
+        let route = labels.and_then(|l| l.route).map_or(NONE, |route| route.name());
+        let reason = answer.rejection();
+        // A lane's common series are resolved once (see `Metrics::lane`); anything else is looked up by label.
+        let metrics = &self.metrics;
+        if let Some(reason) = reason {
+            match (lane, reason) {
+                (Some(lane), "rate_limited") => lane.metrics.rate_limited.inc(),
+                _ => metrics.rejected.with_label_values(&[app, route, reason]).inc(),
+            }
+        }
+        let counted = lane.and_then(|lane| match status {
+            StatusCode::OK => Some(&lane.metrics.answered_ok),
+            StatusCode::TOO_MANY_REQUESTS => Some(&lane.metrics.answered_429),
+            _ => None,
+        });
+        match counted {
+            Some(counter) => counter.inc(),
+            None => metrics.requests.with_label_values(&[app, route, status.as_str()]).inc(),
+        }
+        match lane {
+            Some(lane) => lane.metrics.request_duration.observe(elapsed.as_secs_f64()),
+            None => metrics.request_duration.with_label_values(&[app, route]).observe(elapsed.as_secs_f64()),
+        }
+        let upstream_status = answer.extensions().get::<FromEasemob>().map(|_| status.as_u16());
+        info!(
+            request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
+            app,
+            route,
+            status = status.as_u16(),
+            upstream_status,
+            reason,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            "request"
+        );
+    }
+}
+
+struct InFlight(prometheus::IntGauge);
+
+impl InFlight {
+    fn enter(metrics: &Metrics) -> InFlight {
+        metrics.in_flight.inc();
+        InFlight(metrics.in_flight.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

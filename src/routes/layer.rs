@@ -1,0 +1,187 @@
+//! The edge of the typed world: resolves the route and the app, reads the body (`delete_conversation` only) and
+//! validates, so that everything below sees an [`Exchange`] holding a [`Call`] and nothing else. Answers the SDK
+//! drop-in token endpoint itself. Every answer leaves with the [`Labels`] it was resolved to, and every answer of
+//! a lane with that lane's `RateLimit-Policy`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tower::{BoxError, Layer, Service, ServiceExt};
+
+use super::{Call, Endpoint, Route, resolve};
+use crate::access::Caller;
+use crate::apps::{App, Apps};
+use crate::error::{GatewayError, RATELIMIT_POLICY, json_response, unix_millis};
+use crate::exchange::{Answer, Exchange, Labels};
+use crate::observe::X_REQUEST_ID;
+
+/// Easemob's `delete_conversation` body is three fields; anything this large is not one.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// What the SDK drop-in hands out instead of a token: worthless upstream, and dropped if a caller sends it back.
+pub const PLACEHOLDER_TOKEN: &str = "EASEMOB-GATEWAY-PLACEHOLDER-NOT-A-TOKEN";
+/// SDKs cache the drop-in token for part of this; a week keeps them from asking often.
+const PLACEHOLDER_TTL_SECS: u64 = 7 * 24 * 3600;
+
+#[derive(Clone)]
+pub struct ValidateLayer {
+    apps: Apps,
+    /// A client that stops sending its body cannot hold a request open longer than this.
+    body_read_timeout: Duration,
+}
+
+impl ValidateLayer {
+    pub fn new(apps: Apps, body_read_timeout: Duration) -> ValidateLayer {
+        ValidateLayer { apps, body_read_timeout }
+    }
+}
+
+impl<S> Layer<S> for ValidateLayer {
+    type Service = Validate<S>;
+
+    fn layer(&self, inner: S) -> Validate<S> {
+        Validate { inner, apps: self.apps.clone(), body_read_timeout: self.body_read_timeout }
+    }
+}
+
+#[derive(Clone)]
+pub struct Validate<S> {
+    inner: S,
+    apps: Apps,
+    body_read_timeout: Duration,
+}
+
+impl<S, B> Service<Request<B>> for Validate<S>
+where
+    S: Service<Exchange, Response = Answer, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Answer;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Answer, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The inner service is made ready when a valid call is handed to it (`oneshot`): most answers never
+        // reach it.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let (inner, apps, timeout) = (self.inner.clone(), self.apps.clone(), self.body_read_timeout);
+        Box::pin(async move {
+            let started = Instant::now();
+            let mut labels = Labels::default();
+            let mut answer = match exchange(request, &apps, timeout, started, &mut labels).await {
+                Ok(Step::Forward(exchange)) => inner.oneshot(exchange).await?,
+                Ok(Step::Answer(answer)) => answer,
+                Err(e) => e.into_response(started),
+            };
+            if let (Some(app), Some(route)) = (&labels.app, labels.route) {
+                let headers = answer.headers_mut();
+                if !headers.contains_key(RATELIMIT_POLICY) {
+                    headers.insert(RATELIMIT_POLICY, app.lane(route).policy.clone());
+                }
+            }
+            answer.extensions_mut().insert(labels);
+            Ok(answer)
+        })
+    }
+}
+
+/// What a request comes to at the edge.
+enum Step {
+    /// A valid call, for the layers below.
+    Forward(Exchange),
+    /// Answered here (the SDK drop-in).
+    Answer(Answer),
+}
+
+/// Resolves, reads and validates, filling in `labels` as the request names its app and route.
+async fn exchange<B>(
+    request: Request<B>,
+    apps: &Apps,
+    body_read_timeout: Duration,
+    started: Instant,
+    labels: &mut Labels,
+) -> Result<Step, GatewayError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let (parts, body) = request.into_parts();
+    let resolved = resolve(parts.uri.path()).ok_or(GatewayError::UnknownRoute { hint: "no route has this path" })?;
+    let (route, raw_owner) = match resolved.endpoint {
+        Endpoint::Operation { route, owner } => (route, owner),
+        Endpoint::Token => {
+            if parts.method != Method::POST {
+                return Err(GatewayError::MethodNotAllowed { allow: Method::POST });
+            }
+            let app = apps.find(resolved.app)?;
+            labels.app = Some(Arc::clone(app));
+            return Ok(Step::Answer(placeholder_token(app)));
+        }
+    };
+    labels.route = Some(route);
+    if parts.method != route.method() {
+        return Err(GatewayError::MethodNotAllowed { allow: route.method() });
+    }
+    let app = apps.find(resolved.app)?;
+    labels.app = Some(Arc::clone(app));
+    let body = match route {
+        Route::DeleteConversation => read_body(body, body_read_timeout).await?,
+        // The five roaming routes take no body: whatever was sent is ignored, never forwarded.
+        _ => Bytes::new(),
+    };
+    let call = Call::parse(route, raw_owner, parts.uri.query(), &body, unix_millis() as i64)?;
+    let Caller(caller) = parts.extensions.get::<Caller>().cloned().unwrap_or_default();
+    Ok(Step::Forward(Exchange {
+        app: Arc::clone(app),
+        call: Arc::new(call),
+        started,
+        request_id: parts.headers.get(X_REQUEST_ID).cloned(),
+        caller,
+        token: None,
+        deadline: None,
+        slot: None,
+    }))
+}
+
+/// Reads a `delete_conversation` body: refused early when its declared length is too large, and bounded in time
+/// so a client that stops sending cannot hold the request open.
+async fn read_body<B>(body: B, timeout: Duration) -> Result<Bytes, GatewayError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    if body.size_hint().lower() > MAX_BODY_BYTES as u64 {
+        return Err(GatewayError::BodyTooLarge { limit: MAX_BODY_BYTES });
+    }
+    match tokio::time::timeout(timeout, Limited::new(body, MAX_BODY_BYTES).collect()).await {
+        Err(_) => Err(GatewayError::BodyTimeout),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(GatewayError::BodyTooLarge { limit: MAX_BODY_BYTES })
+        }
+        Ok(Err(_)) => Err(GatewayError::BodyUnreadable),
+    }
+}
+
+/// The SDK drop-in: unmodified Easemob server SDKs ask for a token first; they get a placeholder, never the real one.
+fn placeholder_token(app: &App) -> Answer {
+    let application = app.token.application().unwrap_or_else(|| app.app.clone());
+    let body = serde_json::json!({
+        "access_token": PLACEHOLDER_TOKEN,
+        "expires_in": PLACEHOLDER_TTL_SECS,
+        "application": application,
+    });
+    json_response(StatusCode::OK, body.to_string().into_bytes(), "local")
+}

@@ -1,0 +1,99 @@
+//! The data plane as one tower middleware stack, built in one place, outermost first.
+
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response};
+use hyper::body::Incoming;
+use tokio::sync::Semaphore;
+use tower::retry::RetryLayer;
+use tower::{BoxError, Service, ServiceBuilder};
+use tower_http::body::UnsyncBoxBody;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+
+use crate::access::{Access, AccessLayer};
+use crate::apps::Apps;
+use crate::audit::{Audit, AuditLayer};
+use crate::config::is_plain_label;
+use crate::error::GatewayError;
+use crate::metrics::Metrics;
+use crate::observe::{ObserveLayer, X_REQUEST_ID};
+use crate::ratelimit::{QuotaLayer, QuotaSet};
+use crate::retry::SafeRetry;
+use crate::routes::ValidateLayer;
+use crate::shed::ShedLayer;
+use crate::token::TokenLayer;
+use crate::upstream::{Forward, Upstream};
+
+/// What every connection's stack shares, process-wide: built once at start-up.
+#[derive(Clone)]
+pub struct Shared {
+    pub apps: Apps,
+    pub access: Arc<Access>,
+    /// Requests being handled, across all workers: `server.max_in_flight`.
+    pub in_flight: Arc<Semaphore>,
+    pub quota: Arc<QuotaSet>,
+    pub audit: Option<Arc<Audit>>,
+    /// The retry policy, whose budget every connection shares.
+    pub retry: SafeRetry,
+    pub metrics: Metrics,
+    pub body_read_timeout: Duration,
+}
+
+/// The data plane for one connection from `peer`, forwarding through `upstream` (its worker's pool).
+pub fn data_plane(
+    shared: &Shared,
+    upstream: &Upstream,
+    peer: IpAddr,
+) -> impl Service<
+    Request<Incoming>,
+    Response = Response<UnsyncBoxBody<Bytes, BoxError>>,
+    Error = Infallible,
+    Future: Send + 'static,
+>
++ Clone
++ Send
++ 'static
++ use<> {
+    ServiceBuilder::new()
+        // A caller's request id is kept only if short and plain (it is logged and forwarded to Easemob); then one
+        // is set before anything can answer, so every answer, refusals included, carries one.
+        .map_request(drop_unfit_request_id)
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        // Observe the final answer once, whichever layer made it: one log line and the metrics. Outside the panic
+        // guard, so that a panic's 500 is logged and counted too.
+        .layer(ObserveLayer::new(shared.metrics.clone()))
+        // A panic becomes an enveloped 500, not a dropped connection.
+        .layer(CatchPanicLayer::custom(|_| GatewayError::Internal.into_response(Instant::now())))
+        // Who may call, before anything costs work.
+        .layer(AccessLayer::new(Arc::clone(&shared.access), peer))
+        // Shed load before reading a body or waiting for quota: a fast 503 beyond server.max_in_flight.
+        .layer(ShedLayer::new(Arc::clone(&shared.in_flight)))
+        // Parse once: from here down a request is a typed Call; nothing below sees the raw path, query or body.
+        .layer(ValidateLayer::new(shared.apps.clone(), shared.body_read_timeout))
+        // The audit event of a deletion sent to Easemob, once per request, with the final outcome.
+        .layer(AuditLayer::new(shared.audit.clone()))
+        // The token outside the quota: a call that cannot get a token costs no slot. Its 401 replay goes through
+        // the retry and the quota below, as a call of its own.
+        .layer(TokenLayer::new(&shared.metrics))
+        // One safe retry under its budget and the request's deadline; it pays for its own slot below.
+        .layer(RetryLayer::new(shared.retry.clone()))
+        // Every call that leaves for Easemob takes a slot, as Easemob counts them.
+        .layer(QuotaLayer::new(Arc::clone(&shared.quota)))
+        .service(Forward::new(upstream.clone(), shared.metrics.clone()))
+}
+
+/// A caller's `X-Request-Id` is logged and forwarded to Easemob: keep it only if it is 1–128 characters of
+/// `A-Z a-z 0-9 - _ . :`, otherwise drop it so a fresh one is generated.
+fn drop_unfit_request_id<B>(mut request: Request<B>) -> Request<B> {
+    let fit = |v: &HeaderValue| v.to_str().is_ok_and(|v| is_plain_label(v, 128));
+    if request.headers().get(X_REQUEST_ID).is_some_and(|v| !fit(v)) {
+        request.headers_mut().remove(X_REQUEST_ID);
+    }
+    request
+}
