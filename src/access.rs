@@ -174,4 +174,36 @@ mod tests {
         assert_eq!(a.check(local, Some(b"k-other")), Err(Denied::Key));
         assert_eq!(a.check(local, None), Err(Denied::Key));
     }
+
+    /// The access layer around a service that answers with the caller it was handed, in a header.
+    async fn through(access: Access, peer: &str, headers: &[(&str, &str)]) -> Answer {
+        let inner = tower::service_fn(|request: Request<()>| async move {
+            let Caller(caller) = request.extensions().get::<Caller>().cloned().expect("set by the layer");
+            let mut answer = Answer::default();
+            if let Some(caller) = caller {
+                answer.headers_mut().insert("caller", caller.parse().unwrap());
+            }
+            Ok::<_, Infallible>(answer)
+        });
+        let mut request = Request::new(());
+        for (name, value) in headers {
+            request.headers_mut().insert(HeaderName::from_bytes(name.as_bytes()).unwrap(), value.parse().unwrap());
+        }
+        let layer = AccessLayer::new(Arc::new(access), peer.parse().unwrap());
+        tower::ServiceExt::oneshot(layer.layer(inner), request).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_layer_refuses_before_the_inner_service_and_names_the_caller_after() {
+        use crate::exchange::Marks;
+        let forbidden = through(access(&["10.0.0.0/8"], &[]), "192.0.2.1", &[]).await;
+        assert_eq!((forbidden.status().as_u16(), forbidden.rejection()), (403, Some("forbidden")));
+        let keys = || access(&[], &[("billing", "k-billing")]);
+        let unknown = through(keys(), "127.0.0.1", &[("x-gateway-key", "nope")]).await;
+        assert_eq!((unknown.status().as_u16(), unknown.rejection()), (401, Some("unauthenticated")));
+        let known = through(keys(), "127.0.0.1", &[("x-gateway-key", "k-billing"), ("x-caller", "spoof")]).await;
+        assert_eq!(known.headers()["caller"], "billing", "a key's name is authoritative");
+        let open = through(access(&[], &[]), "127.0.0.1", &[("x-caller", "orders")]).await;
+        assert_eq!(open.headers()["caller"], "orders", "without keys, the caller's own X-Caller");
+    }
 }

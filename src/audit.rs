@@ -229,3 +229,38 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tower::{Layer, ServiceExt};
+
+    use super::*;
+    use crate::error::GatewayError;
+    use crate::testing::{self, ScriptedFetch};
+
+    #[tokio::test]
+    async fn one_event_per_request_that_reached_easemob_and_none_for_one_that_did_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("audit.jsonl");
+        let config = AuditConfig { file: Some(file.clone()), fsync: false, default_caller: Some("svc".into()) };
+        let audit = Audit::open(&config, Metrics::new()).unwrap();
+        let app = testing::app(&ScriptedFetch::granting(3600), &testing::quota(Default::default()));
+        let (inner, _) = testing::upstream(|n, _| match n {
+            0 => testing::easemob(200),
+            1 => GatewayError::UpstreamTimeout.into_response(std::time::Instant::now()),
+            2 => GatewayError::UpstreamUnreachable.into_response(std::time::Instant::now()),
+            _ => GatewayError::NoToken { retry_after: std::time::Duration::from_secs(1) }
+                .into_response(std::time::Instant::now()),
+        });
+        let service = AuditLayer::new(audit).layer(inner);
+        for _ in 0..4 {
+            service.clone().oneshot(testing::exchange(&app, testing::clear("dave"))).await.unwrap();
+        }
+        let lines: Vec<serde_json::Value> =
+            std::fs::read_to_string(&file).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!((&lines[0]["outcome"], &lines[0]["upstream_status"]), (&"accepted".into(), &200.into()));
+        assert_eq!((&lines[1]["outcome"], &lines[1]["upstream_status"]), (&"unknown".into(), &serde_json::Value::Null));
+        assert_eq!((&lines[0]["owner"], &lines[0]["caller"]), (&"dave".into(), &"svc".into()));
+    }
+}

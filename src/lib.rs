@@ -44,6 +44,8 @@ pub mod server;
 pub mod shed;
 pub mod sim;
 pub mod stack;
+#[cfg(test)]
+mod testing;
 pub mod token;
 pub mod upstream;
 

@@ -55,16 +55,13 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let request_id = request.headers().get(X_REQUEST_ID).cloned();
-        Observed {
-            inner: self.inner.call(request),
-            seen: Some(Seen {
-                started: Instant::now(),
-                request_id,
-                _in_flight: InFlight::enter(&self.metrics),
-                metrics: Arc::clone(&self.metrics),
-            }),
-        }
+        let seen = Seen {
+            started: Instant::now(),
+            request_id: request.headers().get(X_REQUEST_ID).cloned(),
+            _in_flight: InFlight::enter(&self.metrics),
+            metrics: Arc::clone(&self.metrics),
+        };
+        Observed { inner: self.inner.call(request), seen: Some(seen) }
     }
 }
 
@@ -157,5 +154,51 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tower::{ServiceExt, service_fn};
+
+    use super::*;
+    use crate::error::GatewayError;
+    use crate::exchange::Answer;
+    use crate::routes::Route;
+    use crate::testing::{self, ScriptedFetch};
+
+    #[tokio::test]
+    async fn the_final_answer_is_counted_by_its_marks_and_the_request_leaves_the_in_flight_gauge() {
+        let metrics = Metrics::new();
+        let app = testing::measured_app(&ScriptedFetch::granting(3600), &testing::quota(Default::default()), &metrics);
+        let labelled = move |mut answer: Answer| {
+            answer
+                .extensions_mut()
+                .insert(Labels { app: Some(Arc::clone(&app)), route: Some(Route::ClearUserMessages) });
+            answer
+        };
+        let in_flight = metrics.in_flight.clone();
+        let inner = service_fn(move |ok: bool| {
+            assert_eq!(in_flight.get(), 1, "counted while in flight");
+            let answer = match ok {
+                true => testing::easemob(200),
+                false => GatewayError::UpstreamTimeout.into_response(std::time::Instant::now()),
+            };
+            std::future::ready(Ok::<_, Infallible>(labelled(answer)))
+        });
+        let service = ObserveLayer::new(metrics.clone())
+            .layer(tower::util::MapRequestLayer::new(|r: Request<bool>| *r.body()).layer(inner));
+        service.clone().oneshot(Request::new(true)).await.unwrap();
+        service.oneshot(Request::new(false)).await.unwrap();
+        assert_eq!(metrics.in_flight.get(), 0);
+        let text = String::from_utf8(metrics.render()).unwrap();
+        let route = "route=\"clear_user_messages\"";
+        for series in [
+            format!("easemob_gateway_requests_total{{app=\"o#a\",code=\"200\",{route}}} 1"),
+            format!("easemob_gateway_requests_total{{app=\"o#a\",code=\"504\",{route}}} 1"),
+            format!("easemob_gateway_rejected_total{{app=\"o#a\",reason=\"upstream_timeout\",{route}}} 1"),
+        ] {
+            assert!(text.contains(&series), "{series} in {text}");
+        }
     }
 }

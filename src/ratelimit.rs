@@ -829,4 +829,47 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(30)).await;
         assert_eq!(lane.current().rate(), 100, "recovered step by step after 5 s without a 429");
     }
+
+    mod layer {
+        use std::sync::atomic::Ordering;
+
+        use tower::Layer;
+
+        use super::*;
+        use crate::testing::{self, ScriptedFetch};
+
+        #[tokio::test(start_paused = true)]
+        async fn a_call_without_a_slot_is_answered_429_and_never_sent() {
+            let quota = refusing(RateLimitConfig { route: limit(1, 1), ..RateLimitConfig::default() });
+            let app = testing::app(&ScriptedFetch::granting(3600), &quota);
+            let (easemob, calls) = testing::upstream(|_, _| testing::easemob(200));
+            let service = QuotaLayer::new(Arc::clone(&quota)).layer(easemob);
+            let first = service.clone().oneshot(testing::exchange(&app, clear("u"))).await.unwrap();
+            assert_eq!(first.headers()["ratelimit"], "\"clear_user_messages\";r=0;t=1", "the slot's fields");
+            let refused = service.clone().oneshot(testing::exchange(&app, clear("u"))).await.unwrap();
+            assert_eq!((refused.status().as_u16(), refused.rejection()), (429, Some("rate_limited")));
+            assert_eq!(refused.headers()["retry-after"], "2");
+            assert_eq!(calls.load(Ordering::SeqCst), 1);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_slot_nothing_used_goes_with_the_retry_and_easemobs_429_slows_the_lane() {
+            let quota = refusing(RateLimitConfig { route: limit(1, 1), ..RateLimitConfig::default() });
+            let app = testing::app(&ScriptedFetch::granting(3600), &quota);
+            let (easemob, calls) = testing::upstream(|n, _| match n {
+                0 => GatewayError::UpstreamUnreachable.into_response(std::time::Instant::now()),
+                _ => testing::easemob(429),
+            });
+            let service = QuotaLayer::new(Arc::clone(&quota)).layer(easemob);
+            let mut failed = service.clone().oneshot(testing::exchange(&app, clear("u"))).await.unwrap();
+            let slot = failed.extensions_mut().remove::<UnusedSlot>().expect("the slot comes back up");
+            let retry = Exchange { slot: Some(slot), ..testing::exchange(&app, clear("u")) };
+            let answer = service.clone().oneshot(retry).await.unwrap();
+            assert_eq!((answer.status().as_u16(), calls.load(Ordering::SeqCst)), (429, 2), "sent without a new slot");
+            assert!(answer.is_from_easemob());
+            let rate = quota.lane(0, Route::ClearUserMessages).current().rate();
+            assert_eq!(rate, 1, "halved, but never below one call");
+            assert_eq!(quota.metrics.upstream_throttled.with_label_values(&["o#a", "clear_user_messages"]).get(), 1);
+        }
+    }
 }

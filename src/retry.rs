@@ -94,3 +94,98 @@ impl Policy<Exchange, Answer, Infallible> for SafeRetry {
         Some(exchange.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use http::HeaderValue;
+    use tower::retry::RetryLayer;
+    use tower::{Layer, ServiceExt};
+
+    use super::*;
+    use crate::error::GatewayError;
+    use crate::testing::{self, ScriptedFetch};
+
+    /// An answer to one exchange, with the deadline it ran under.
+    fn answered(mut answer: Answer) -> Answer {
+        answer.extensions_mut().insert(Deadline(tokio::time::Instant::now() + Duration::from_secs(10)));
+        answer
+    }
+
+    fn failed(e: GatewayError) -> Answer {
+        answered(e.into_response(std::time::Instant::now()))
+    }
+
+    fn unreachable_with_a_slot() -> Answer {
+        let mut answer = failed(GatewayError::UpstreamUnreachable);
+        let slot = UnusedSlot { policy: HeaderValue::from_static("p"), limit: HeaderValue::from_static("l") };
+        answer.extensions_mut().insert(slot);
+        answer
+    }
+
+    async fn attempts(policy: &SafeRetry, first: fn() -> Answer, then: fn() -> Answer) -> (Answer, usize) {
+        let app = testing::app(&ScriptedFetch::granting(3600), &testing::quota(Default::default()));
+        let (easemob, calls) = testing::upstream(move |n, exchange| {
+            if n > 0 {
+                assert!(exchange.deadline.is_some(), "the retry keeps the first attempt's deadline");
+            }
+            if n == 0 { first() } else { then() }
+        });
+        let answer =
+            RetryLayer::new(policy.clone()).layer(easemob).oneshot(testing::exchange(&app, testing::clear("u")));
+        (answer.await.unwrap(), calls.load(Ordering::SeqCst))
+    }
+
+    #[tokio::test]
+    async fn a_failed_connection_is_retried_once_with_the_slot_it_never_used() {
+        let policy = SafeRetry::new(&Metrics::new());
+        let (answer, calls) = attempts(&policy, unreachable_with_a_slot, || answered(testing::easemob(200))).await;
+        assert_eq!((answer.status().as_u16(), calls), (200, 2));
+        let (answer, calls) = attempts(&policy, unreachable_with_a_slot, unreachable_with_a_slot).await;
+        assert_eq!((answer.rejection(), calls), (Some("upstream_unreachable"), 2), "once only");
+    }
+
+    #[tokio::test]
+    async fn easemobs_502_and_503_are_retried_and_stand_if_the_retry_gets_no_slot() {
+        let policy = SafeRetry::new(&Metrics::new());
+        let (answer, calls) =
+            attempts(&policy, || answered(testing::easemob(503)), || answered(testing::easemob(200))).await;
+        assert_eq!((answer.status().as_u16(), calls), (200, 2));
+        let no_slot = || {
+            let (policy, limit) = (HeaderValue::from_static("p"), HeaderValue::from_static("l"));
+            failed(GatewayError::RateLimited { retry_after: Duration::from_secs(1), policy, limit })
+        };
+        let (answer, calls) = attempts(&policy, || answered(testing::easemob(502)), no_slot).await;
+        assert_eq!((answer.status().as_u16(), calls), (502, 2));
+        assert!(answer.is_from_easemob(), "Easemob's own answer, not the quota's 429");
+    }
+
+    #[tokio::test]
+    async fn what_may_have_been_carried_out_is_never_retried() {
+        let policy = SafeRetry::new(&Metrics::new());
+        let ok = || answered(testing::easemob(200));
+        for first in [
+            (|| failed(GatewayError::UpstreamTimeout)) as fn() -> Answer,
+            || failed(GatewayError::UpstreamFailed),
+            || answered(testing::easemob(500)),
+            || answered(testing::easemob(400)),
+            || answered(testing::easemob(429)),
+        ] {
+            let (answer, calls) = attempts(&policy, first, ok).await;
+            assert_eq!(calls, 1, "{}", answer.status());
+        }
+    }
+
+    #[tokio::test]
+    async fn retries_stay_within_the_budget() {
+        let policy = SafeRetry::new(&Metrics::new());
+        let mut retried = 0;
+        for _ in 0..50 {
+            let (_, calls) = attempts(&policy, unreachable_with_a_slot, unreachable_with_a_slot).await;
+            retried += calls - 1;
+        }
+        // Ten seconds' reserve of one a second, plus a fifth of the 50 requests.
+        assert!((10..=20).contains(&retried), "{retried} retries for 50 requests");
+    }
+}

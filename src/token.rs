@@ -506,3 +506,167 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{self, ScriptedFetch, grant, refused};
+
+    fn config() -> TokenConfig {
+        TokenConfig { min_interval: Duration::from_millis(10), ..TokenConfig::default() }
+    }
+
+    /// Lets the source's background task run what is due now.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_callers_share_one_fetch() {
+        let fetch = ScriptedFetch::new(Duration::from_millis(200), |n| Ok(grant(&format!("tok-{n}"), 3600)));
+        let source = testing::source(&fetch, config());
+        let callers: Vec<_> = (0..20)
+            .map(|_| {
+                let source = Arc::clone(&source);
+                tokio::spawn(async move { source.get().await.map(|t| t.generation()) })
+            })
+            .collect();
+        for caller in callers {
+            assert_eq!(caller.await.unwrap().unwrap(), 1);
+        }
+        assert_eq!(fetch.count(), 1, "one fetch in flight per app, whatever the concurrency");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_token_is_refreshed_once_the_configured_fraction_of_its_life_has_passed() {
+        let fetch = ScriptedFetch::granting(100);
+        let source = testing::source(&fetch, TokenConfig { refresh_at: 0.75, ..config() });
+        assert_eq!(source.get().await.unwrap().generation(), 1);
+        tokio::time::sleep(Duration::from_millis(74_900)).await;
+        assert_eq!(fetch.count(), 1);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        settle().await;
+        assert_eq!(fetch.count(), 2, "refreshed at 75 s, before it expires");
+        assert_eq!(source.get().await.unwrap().generation(), 2);
+        let times = fetch.fetches.lock().unwrap().clone();
+        assert_eq!(times[1] - times[0], Duration::from_secs(75));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_fetches_back_off_with_jitter_up_to_the_maximum() {
+        let fetch = ScriptedFetch::new(Duration::ZERO, |_| Err(refused()));
+        let config = TokenConfig { retry_min: Duration::from_secs(1), retry_max: Duration::from_secs(8), ..config() };
+        let _source = testing::source(&fetch, config);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let times = fetch.fetches.lock().unwrap().clone();
+        let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.len() >= 7, "{gaps:?}");
+        let mut backoff = Duration::from_secs(1);
+        for gap in &gaps {
+            // Equal jitter: between half the backoff and all of it.
+            assert!(*gap >= backoff / 2 && *gap <= backoff, "{gap:?} for a backoff of {backoff:?}: {gaps:?}");
+            backoff = (backoff * 2).min(Duration::from_secs(8));
+        }
+        assert!(gaps.windows(2).any(|w| w[0] != w[1] && w[0] >= Duration::from_secs(4)), "jittered: {gaps:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_token_and_after_a_failure_callers_are_answered_at_once() {
+        let fetch = ScriptedFetch::new(Duration::ZERO, |_| Err(refused()));
+        let source = testing::source(&fetch, TokenConfig { retry_min: Duration::from_secs(4), ..config() });
+        settle().await;
+        let asked = Instant::now();
+        let no_token = source.get().await.unwrap_err();
+        assert_eq!(asked.elapsed(), Duration::ZERO, "a fast 503, not a wait");
+        assert!(no_token.retry_after > Duration::ZERO && no_token.retry_after <= Duration::from_secs(4));
+        assert_eq!(source.status().state, "failing");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_401_replaces_the_current_token_only() {
+        let fetch = ScriptedFetch::granting(3600);
+        let source = testing::source(&fetch, config());
+        let first = source.get().await.unwrap();
+        first.mark_proven();
+        assert!(source.invalidate(first.generation()), "a replay is worth it");
+        assert_eq!(source.get().await.unwrap().generation(), 2);
+        assert_eq!(fetch.count(), 2);
+        // A late 401 for the token already replaced: the replay will use the new one, nothing is fetched.
+        assert!(source.invalidate(first.generation()));
+        settle().await;
+        assert_eq!(fetch.count(), 2, "compare before replace");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replacement_refused_before_any_success_is_not_replaced_again_for_a_while() {
+        let fetch = ScriptedFetch::granting(3600);
+        let source = testing::source(&fetch, config());
+        let first = source.get().await.unwrap();
+        assert!(source.invalidate(first.generation()));
+        let replacement = source.get().await.unwrap();
+        assert!(!source.invalidate(replacement.generation()), "no fetch loop when the credentials are at fault");
+        settle().await;
+        assert_eq!(fetch.count(), 2);
+        tokio::time::sleep(REFETCH_GUARD).await;
+        assert!(source.invalidate(replacement.generation()), "tried again after the guard");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_token_layer_replays_once_with_a_new_token_after_a_401() {
+        let fetch = ScriptedFetch::granting(3600);
+        let app = testing::app(&fetch, &testing::quota(Default::default()));
+        let (easemob, calls) = testing::upstream(|n, exchange| {
+            let token = exchange.token.as_ref().unwrap().generation();
+            testing::easemob(if n == 0 {
+                assert_eq!(token, 1);
+                401
+            } else {
+                assert_eq!(token, 2);
+                200
+            })
+        });
+        let answer =
+            TokenLayer::new(&Metrics::new()).layer(easemob).oneshot(testing::exchange(&app, testing::clear("u"))).await;
+        assert_eq!(answer.unwrap().status(), 200);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_401_or_a_replay_the_quota_refuses_gives_the_caller_easemobs_401() {
+        let fetch = ScriptedFetch::granting(3600);
+        let app = testing::app(&fetch, &testing::quota(Default::default()));
+        let (easemob, calls) = testing::upstream(|_, _| testing::easemob(401));
+        let layer = TokenLayer::new(&Metrics::new());
+        let answer = layer.layer(easemob).oneshot(testing::exchange(&app, testing::clear("u"))).await.unwrap();
+        assert_eq!((answer.status(), calls.load(Ordering::SeqCst)), (StatusCode::UNAUTHORIZED, 2), "one replay only");
+
+        let (quota_refuses, _) = testing::upstream(|n, _| match n {
+            0 => testing::easemob(401),
+            _ => GatewayError::RateLimited {
+                retry_after: Duration::from_secs(1),
+                policy: HeaderValue::from_static("p"),
+                limit: HeaderValue::from_static("l"),
+            }
+            .into_response(std::time::Instant::now()),
+        });
+        let answer = layer.layer(quota_refuses).oneshot(testing::exchange(&app, testing::clear("u"))).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::UNAUTHORIZED);
+        assert!(answer.is_from_easemob());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_token_the_layer_answers_503_and_sends_nothing() {
+        let fetch = ScriptedFetch::new(Duration::ZERO, |_| Err(refused()));
+        let app = testing::app(&fetch, &testing::quota(Default::default()));
+        settle().await;
+        let (easemob, calls) = testing::upstream(|_, _| testing::easemob(200));
+        let answer =
+            TokenLayer::new(&Metrics::new()).layer(easemob).oneshot(testing::exchange(&app, testing::clear("u"))).await;
+        let answer = answer.unwrap();
+        assert_eq!((answer.status(), answer.rejection()), (StatusCode::SERVICE_UNAVAILABLE, Some("no_token")));
+        assert!(answer.headers().contains_key("retry-after"));
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+}

@@ -185,3 +185,102 @@ fn placeholder_token(app: &App) -> Answer {
     });
     json_response(StatusCode::OK, body.to_string().into_bytes(), "local")
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use http_body_util::Full;
+
+    use super::*;
+    use crate::exchange::Marks;
+    use crate::testing::{self, ScriptedFetch};
+
+    async fn validate(method: Method, path: &str, body: &str) -> (Answer, usize) {
+        let app = testing::app(&ScriptedFetch::granting(3600), &testing::quota(Default::default()));
+        let (inner, calls) = testing::upstream(|_, exchange| {
+            assert_eq!(exchange.caller.as_deref(), Some("orders"));
+            assert_eq!(exchange.request_id.as_ref().unwrap(), "r-1");
+            testing::easemob(200)
+        });
+        let mut request = Request::builder().method(method).uri(path).header(X_REQUEST_ID, "r-1");
+        request.extensions_mut().unwrap().insert(Caller(Some("orders".into())));
+        let request = request.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
+        let layer = ValidateLayer::new(Apps::new(vec![app]), Duration::from_secs(1));
+        (layer.layer(inner).oneshot(request).await.unwrap(), calls.load(Ordering::SeqCst))
+    }
+
+    fn labels(answer: &Answer) -> (Option<&str>, Option<Route>) {
+        let labels = answer.extensions().get::<Labels>().expect("every answer is labelled");
+        (labels.app.as_ref().map(|app| app.key.as_str()), labels.route)
+    }
+
+    #[tokio::test]
+    async fn a_valid_call_goes_down_typed_and_comes_back_labelled_with_its_policy() {
+        let (answer, calls) = validate(Method::POST, "/o/a/rest/message/roaming/user/Dave/delete/all", "ignored").await;
+        assert_eq!((answer.status(), calls), (StatusCode::OK, 1));
+        assert_eq!(labels(&answer), (Some("o#a"), Some(Route::ClearUserMessages)));
+        assert_eq!(answer.headers()[RATELIMIT_POLICY], "\"clear_user_messages\";q=100;w=1");
+    }
+
+    #[tokio::test]
+    async fn what_easemob_would_refuse_never_goes_down() {
+        let cases = [
+            (Method::GET, "/o/a/users/u/contacts", "", 404, "unknown_route", (None, None)),
+            (
+                Method::GET,
+                "/o/a/users/u/user_channel",
+                "",
+                405,
+                "method_not_allowed",
+                (None, Some(Route::DeleteConversation)),
+            ),
+            (
+                Method::DELETE,
+                "/x/y/users/u/user_channel",
+                "",
+                404,
+                "unknown_app",
+                (None, Some(Route::DeleteConversation)),
+            ),
+            (
+                Method::DELETE,
+                "/o/a/users/u/user_channel",
+                "{",
+                400,
+                "invalid",
+                (Some("o#a"), Some(Route::DeleteConversation)),
+            ),
+            (
+                Method::DELETE,
+                "/o/a/rest/message/roaming/chat/user/u?userId=v",
+                "",
+                400,
+                "invalid",
+                (Some("o#a"), Some(Route::DeleteChatMessages)),
+            ),
+        ];
+        for (method, path, body, status, reason, named) in cases {
+            let (answer, calls) = validate(method, path, body).await;
+            assert_eq!((answer.status().as_u16(), answer.rejection(), calls), (status, Some(reason), 0), "{path}");
+            assert_eq!(labels(&answer), named, "{path}");
+            assert_eq!(
+                answer.headers().contains_key(RATELIMIT_POLICY),
+                named.0.is_some(),
+                "a lane's answers state its policy"
+            );
+        }
+        let too_large = "x".repeat(MAX_BODY_BYTES + 1);
+        let (answer, _) = validate(Method::DELETE, "/o/a/users/u/user_channel", &too_large).await;
+        assert_eq!(answer.rejection(), Some("body_too_large"));
+    }
+
+    #[tokio::test]
+    async fn the_sdk_token_request_gets_a_placeholder_and_never_the_real_token() {
+        let (answer, calls) = validate(Method::POST, "/o/a/token", "{}").await;
+        assert_eq!((answer.status(), calls), (StatusCode::OK, 0));
+        let body = answer.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["access_token"], PLACEHOLDER_TOKEN);
+    }
+}

@@ -1,0 +1,141 @@
+//! Test doubles for the layers' unit tests, so each layer is tested alone with `oneshot`, no sockets, and paused
+//! time where it matters: a scripted token endpoint, an app built around it, exchanges and answers.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use secrecy::SecretString;
+use tokio::time::Instant;
+
+use crate::apps::App;
+use crate::config::{RateLimitConfig, TokenConfig};
+use crate::exchange::{Answer, Exchange, FromEasemob};
+use crate::metrics::Metrics;
+use crate::ratelimit::QuotaSet;
+use crate::routes::{Call, Route};
+use crate::token::{Fetch, Grant, TokenError, TokenSource};
+
+type Script = Box<dyn FnMut(usize) -> Result<Grant, TokenError> + Send>;
+
+/// A token endpoint answering from a script (called with the fetch's number, from 0), after `delay`.
+#[derive(Clone)]
+pub struct ScriptedFetch {
+    script: Arc<Mutex<Script>>,
+    delay: Duration,
+    /// When each fetch started.
+    pub fetches: Arc<Mutex<Vec<Instant>>>,
+}
+
+impl ScriptedFetch {
+    pub fn new(delay: Duration, script: impl FnMut(usize) -> Result<Grant, TokenError> + Send + 'static) -> Self {
+        ScriptedFetch { script: Arc::new(Mutex::new(Box::new(script))), delay, fetches: Arc::default() }
+    }
+
+    /// Grants `tok-N` tokens living `expires_in` seconds, at once.
+    pub fn granting(expires_in: u64) -> Self {
+        ScriptedFetch::new(Duration::ZERO, move |n| Ok(grant(&format!("tok-{n}"), expires_in)))
+    }
+
+    pub fn count(&self) -> usize {
+        self.fetches.lock().unwrap().len()
+    }
+}
+
+impl Fetch for ScriptedFetch {
+    fn fetch(&self) -> std::pin::Pin<Box<dyn Future<Output = Result<Grant, TokenError>> + Send + '_>> {
+        Box::pin(async move {
+            let n = {
+                let mut fetches = self.fetches.lock().unwrap();
+                fetches.push(Instant::now());
+                fetches.len() - 1
+            };
+            tokio::time::sleep(self.delay).await;
+            (self.script.lock().unwrap())(n)
+        })
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(10)
+    }
+
+    fn replace_secret(&self, _: SecretString) {}
+}
+
+pub fn grant(token: &str, expires_in: u64) -> Grant {
+    Grant { access_token: token.to_owned(), expires_in, application: None }
+}
+
+pub fn refused() -> TokenError {
+    TokenError::Rejected { status: StatusCode::UNAUTHORIZED, error: "invalid_grant".into(), description: String::new() }
+}
+
+/// A token source on a scripted endpoint (`min_interval` out of the way unless the config says otherwise).
+pub fn source(fetch: &ScriptedFetch, config: TokenConfig) -> Arc<TokenSource> {
+    TokenSource::spawn("o#a".to_owned(), fetch.clone(), config, Metrics::new())
+}
+
+/// The app `o#a` with the default quota (unless `quota` says otherwise) and a token from `fetch`.
+pub fn app(fetch: &ScriptedFetch, quota: &Arc<QuotaSet>) -> Arc<App> {
+    measured_app(fetch, quota, &Metrics::new())
+}
+
+/// [`app`], its lanes counted in `metrics`.
+pub fn measured_app(fetch: &ScriptedFetch, quota: &Arc<QuotaSet>, metrics: &Metrics) -> Arc<App> {
+    let token = TokenSource::spawn("o#a".to_owned(), fetch.clone(), TokenConfig::default(), metrics.clone());
+    Arc::new(App::new(0, ("o", "a"), token, quota, metrics))
+}
+
+pub fn quota(config: RateLimitConfig) -> Arc<QuotaSet> {
+    QuotaSet::new(&config, &["o#a".to_owned()], Metrics::new()).unwrap()
+}
+
+/// `clear_user_messages` for `user`.
+pub fn clear(user: &str) -> Call {
+    Call::parse(Route::ClearUserMessages, user, None, b"", 0).unwrap()
+}
+
+pub fn exchange(app: &Arc<App>, call: Call) -> Exchange {
+    Exchange {
+        app: Arc::clone(app),
+        call: Arc::new(call),
+        started: std::time::Instant::now(),
+        request_id: None,
+        caller: None,
+        token: None,
+        deadline: None,
+        slot: None,
+    }
+}
+
+/// An answer as Easemob's would come up the stack.
+pub fn easemob(status: u16) -> Answer {
+    let mut answer = Response::new(Full::default());
+    *answer.status_mut() = StatusCode::from_u16(status).unwrap();
+    answer.extensions_mut().insert(FromEasemob);
+    answer
+}
+
+/// A service answering from a script (called with the call's number, from 0) and counting its calls.
+pub fn upstream<F>(
+    mut script: F,
+) -> (
+    impl tower::Service<Exchange, Response = Answer, Error = Infallible, Future: Send> + Clone + Send + 'static,
+    Arc<AtomicUsize>,
+)
+where
+    F: FnMut(usize, &Exchange) -> Answer + Send + 'static,
+{
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    let script = Arc::new(Mutex::new(move |n: usize, e: &Exchange| script(n, e)));
+    let service = tower::service_fn(move |exchange: Exchange| {
+        let n = counted.fetch_add(1, Ordering::SeqCst);
+        let answer = (script.lock().unwrap())(n, &exchange);
+        std::future::ready(Ok::<_, Infallible>(answer))
+    });
+    (service, calls)
+}
