@@ -1,6 +1,6 @@
 //! The in-process quota: counted at the simulator, the only place that sees what Easemob would see.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::Method;
 use serde_json::json;
@@ -34,25 +34,23 @@ async fn burst(url: &str, n: usize) -> Vec<Answer> {
 }
 
 #[tokio::test]
-async fn a_burst_gets_rate_plus_burst_through_and_the_rest_429() {
+async fn a_burst_beyond_the_quota_is_refused_with_429_and_what_passed_reached_easemob() {
     let sim = Sim::start().await;
-    let gw = gateway(&sim, "max_wait = \"0s\"\nroute = { rate = 100, burst = 20 }").await;
-    let started = Instant::now();
-    let answers = burst(&clear_url(&gw, "dave"), 300).await;
-    let elapsed = started.elapsed().as_secs_f64();
+    let gw = gateway(&sim, "max_wait = \"0s\"\nroute = { rate = 1, burst = 3 }").await;
+    let answers = burst(&clear_url(&gw, "dave"), 30).await;
     let passed = answers.iter().filter(|a| a.status == 200).count();
-    let arrived = sim.business_requests().await as usize;
-    assert_eq!(passed, arrived, "every admitted request reached the simulator, no other did");
-    // GCRA: at most `burst` at once plus `rate` per second of the burst's duration.
-    let bound = 20 + (100.0 * elapsed).ceil() as usize + 1;
-    assert!(arrived >= 20 && arrived <= bound, "{arrived} arrived in {elapsed:.2}s, bound {bound}");
+    assert_eq!(passed, sim.business_requests().await as usize, "every admitted request reached the simulator");
+    assert!(passed >= 3, "the burst went through: {passed}");
+    // The exact counts per window are the quota's unit tests' business (ratelimit.rs, paused time); here, the
+    // wiring: refusals are Easemob-shaped, marked, and say when to come back.
     for a in answers.iter().filter(|a| a.status != 200) {
         assert_eq!(a.assert_error(429, "reach_limit"), "This request has reached api limit");
         assert_eq!(a.header("x-easemob-gateway"), Some("rejected"));
         assert!(a.header("retry-after").unwrap().parse::<u64>().unwrap() >= 1);
-        assert!(a.header("ratelimit").unwrap().contains("r=0"));
+        assert!(a.header("ratelimit").unwrap().starts_with("\"clear_user_messages\";r=0;t="));
     }
     assert!(gw.metrics().await.contains("reason=\"rate_limited\""));
+    assert_eq!(sim.over_limit().await, 0);
 }
 
 #[tokio::test]
@@ -74,33 +72,27 @@ async fn routes_and_apps_do_not_share_a_bucket() {
 }
 
 #[tokio::test]
-async fn max_wait_turns_a_burst_into_a_paced_stream() {
+async fn within_max_wait_a_burst_waits_for_its_slots_instead_of_being_refused() {
     let sim = Sim::start().await;
     let gw = gateway(&sim, "max_wait = \"10s\"\nroute = { rate = 20, burst = 1 }").await;
-    let started = Instant::now();
     let answers = burst(&clear_url(&gw, "dave"), 30).await;
     assert!(answers.iter().all(|a| a.status == 200), "no 429 while waiting fits in max_wait");
-    // 30 calls at 20/s with no burst cannot finish sooner than 29 emission intervals.
-    assert!(started.elapsed() >= Duration::from_millis(1400), "{:?}", started.elapsed());
     assert_eq!(sim.business_requests().await, 30);
     let waited = gw.metrics().await;
     assert!(waited.contains("easemob_gateway_rate_limit_wait_seconds_count{app=\"1122161011178276#demo\",route=\"clear_user_messages\"} 30"), "{waited}");
 }
 
 #[tokio::test]
-async fn a_caller_that_hangs_up_while_waiting_releases_its_place() {
+async fn a_caller_that_hangs_up_while_waiting_never_reaches_easemob() {
     let sim = Sim::start().await;
     let gw = gateway(&sim, "max_wait = \"5s\"\nroute = { rate = 1, burst = 1 }").await;
     let url = clear_url(&gw, "dave");
     assert_eq!(send(Method::POST, &url, &[], "").await.status, 200);
-    // This caller would be next (in ~1 s) but gives up after 200 ms.
+    // This caller's slot is a second away; it gives up first. That its place goes to the next caller is the
+    // quota's unit test (a_caller_that_hangs_up_while_waiting_gives_its_turn_to_the_next).
     let quitter = tokio::time::timeout(Duration::from_millis(200), send(Method::POST, &url, &[], "")).await;
     assert!(quitter.is_err());
-    // The next caller takes the freed slot instead of queueing behind the ghost (which would be ~2 s).
-    let started = Instant::now();
     assert_eq!(send(Method::POST, &url, &[], "").await.status, 200);
-    // Its slot comes about 1 s after the first call (0.8 s from now); behind a ghost it would be 1.8 s from now.
-    assert!(started.elapsed() < Duration::from_millis(1400), "{:?}", started.elapsed());
     assert_eq!(sim.business_requests().await, 2, "the caller that hung up never reached Easemob");
 }
 
@@ -163,7 +155,7 @@ async fn ratelimit_fields_parse_as_structured_field_lists() {
 }
 
 #[tokio::test]
-async fn easemob_429s_slow_the_route_down_then_it_recovers() {
+async fn easemob_429s_slow_the_route_down() {
     let sim = Sim::start().await;
     let gw = gateway(&sim, "max_wait = \"0s\"\nroute = { rate = 100, burst = 1 }").await;
     let rate = || async {
@@ -180,11 +172,10 @@ async fn easemob_429s_slow_the_route_down_then_it_recovers() {
     let a = send(Method::POST, &clear_url(&gw, "dave"), &[], "").await;
     a.assert_error(429, "reach_limit");
     assert!(!a.gateway_made(), "Easemob's own 429 is passed on");
-    assert_eq!(rate().await, 50, "halved");
+    assert_eq!(rate().await, 50, "halved (its recovery is the quota's unit test, in paused time)");
     assert!(gw.metrics().await.contains(
         "easemob_gateway_upstream_throttled_total{app=\"1122161011178276#demo\",route=\"clear_user_messages\"} 1"
     ));
-    eventually(Duration::from_secs(30), "the rate to recover", || async { rate().await == 100 }).await;
 }
 
 #[tokio::test]
@@ -206,19 +197,4 @@ async fn a_per_user_refusal_costs_no_route_quota() {
     send(Method::DELETE, &url, &[], &body).await.assert_error(429, "reach_limit");
     let (url, body) = conv("bob", "alice");
     assert_eq!(send(Method::DELETE, &url, &[], &body).await.status, 200, "the route's sixth slot is still there");
-}
-
-#[tokio::test]
-async fn slowing_down_after_an_easemob_429_never_lets_a_burst_through() {
-    let sim = Sim::start().await;
-    let gw = gateway(&sim, "max_wait = \"0s\"\nroute = { rate = 10, burst = 10 }").await;
-    let url = clear_url(&gw, "dave");
-    assert!(burst(&url, 10).await.iter().all(|a| a.status == 200), "the burst is spent");
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    sim.faults(json!({"status": 429, "status_count": 1})).await;
-    assert_eq!(send(Method::POST, &url, &[], "").await.status, 429);
-    let before = sim.business_requests().await;
-    let after_429 = burst(&url, 10).await;
-    assert!(after_429.iter().all(|a| a.status == 429 && a.gateway_made()), "the halved lane starts empty");
-    assert_eq!(sim.business_requests().await, before, "nothing more reached Easemob");
 }
