@@ -152,11 +152,19 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_keys_are_evicted_and_memory_stays_bounded() {
+        // The resident memory 100,000 users' windows take (run with --nocapture to see it; Linux only).
+        let rss_kib = || {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+            let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap_or("VmRSS: 0 kB").to_owned();
+            line.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0)
+        };
+        let before = rss_kib();
         let log = log();
         for user in 0..100_000 {
-            log.reserve(&format!("user-{user}")).unwrap().sent();
+            log.reserve(&format!("user-{user:05}")).unwrap().sent();
         }
         assert_eq!(log.keys(), 100_000);
+        eprintln!("100,000 users' windows: {} KiB resident", rss_kib().saturating_sub(before));
         tokio::time::advance(Duration::from_secs(30)).await;
         log.evict_idle();
         assert_eq!(log.keys(), 100_000, "still within their window");

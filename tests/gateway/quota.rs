@@ -15,10 +15,6 @@ async fn gateway(sim: &Sim, quota: &str) -> Gateway {
     Gateway::ready_with(sim, with_quota(quota)).await
 }
 
-fn clear_url(gw: &Gateway, user: &str) -> String {
-    gw.url(&format!("/rest/message/roaming/user/{user}/delete/all"))
-}
-
 async fn burst(url: &str, n: usize) -> Vec<Answer> {
     let handles: Vec<_> = (0..n)
         .map(|_| {

@@ -7,10 +7,6 @@ use serde_json::json;
 
 use crate::support::*;
 
-fn clear_url(gw: &Gateway) -> String {
-    gw.url("/rest/message/roaming/user/dave/delete/all")
-}
-
 /// The sum of every series of a family whose line starts with `prefix`.
 fn metric(metrics: &str, prefix: &str) -> u64 {
     metrics.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
@@ -21,7 +17,7 @@ async fn a_503_from_easemob_is_retried_once_and_then_succeeds() {
     let sim = Sim::start().await;
     let gw = Gateway::ready(&sim).await;
     sim.faults(json!({"status": 503, "status_count": 1})).await;
-    let a = send(Method::POST, &clear_url(&gw), &[], "").await;
+    let a = send(Method::POST, &clear_url(&gw, "dave"), &[], "").await;
     assert_eq!(a.status, 200, "{}", a.text());
     assert_eq!(sim.business_requests().await, 2);
     assert_eq!(metric(&gw.metrics().await, "easemob_gateway_upstream_retries_total{"), 1);
@@ -33,7 +29,7 @@ async fn retries_stay_within_the_budget_during_an_outage() {
     let gw = Gateway::ready(&sim).await;
     sim.faults(json!({"status": 503})).await;
     for _ in 0..30 {
-        let a = send(Method::POST, &clear_url(&gw), &[], "").await;
+        let a = send(Method::POST, &clear_url(&gw, "dave"), &[], "").await;
         a.assert_error(503, "service_unavailable");
         assert!(!a.gateway_made(), "Easemob's own 503 is passed on after the retry");
     }
@@ -48,7 +44,7 @@ async fn no_retry_after_a_4xx() {
     let sim = Sim::start().await;
     let gw = Gateway::ready(&sim).await;
     sim.faults(json!({"status": 400, "status_count": 1})).await;
-    assert_eq!(send(Method::POST, &clear_url(&gw), &[], "").await.status, 400);
+    assert_eq!(send(Method::POST, &clear_url(&gw, "dave"), &[], "").await.status, 400);
     assert_eq!(sim.business_requests().await, 1);
 }
 
@@ -64,13 +60,13 @@ async fn past_max_in_flight_requests_are_shed_at_once_and_the_gateway_recovers()
     sim.faults(json!({"delay_ms": 2000})).await;
     let held: Vec<_> = (0..2)
         .map(|_| {
-            let url = clear_url(&gw);
+            let url = clear_url(&gw, "dave");
             tokio::spawn(async move { send(Method::POST, &url, &[], "").await })
         })
         .collect();
     eventually(Duration::from_secs(10), "two held requests", || async { sim.business_requests().await == 2 }).await;
     let started = Instant::now();
-    let shed = send(Method::POST, &clear_url(&gw), &[], "").await;
+    let shed = send(Method::POST, &clear_url(&gw, "dave"), &[], "").await;
     shed.assert_error(503, "service_unavailable");
     assert_eq!(shed.header("x-easemob-gateway"), Some("rejected"));
     assert_eq!(shed.header("retry-after"), Some("1"));
@@ -80,7 +76,7 @@ async fn past_max_in_flight_requests_are_shed_at_once_and_the_gateway_recovers()
         assert_eq!(h.await.unwrap().status, 200);
     }
     sim.faults(json!({})).await;
-    assert_eq!(send(Method::POST, &clear_url(&gw), &[], "").await.status, 200, "recovered");
+    assert_eq!(send(Method::POST, &clear_url(&gw, "dave"), &[], "").await.status, 200, "recovered");
     assert!(gw.metrics().await.contains("reason=\"overloaded\""));
 }
 

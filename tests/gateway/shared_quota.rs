@@ -28,7 +28,7 @@ async fn burst(gateways: &[Gateway], per_replica: usize) -> (usize, Duration) {
     let started = std::time::Instant::now();
     let calls: Vec<_> = gateways
         .iter()
-        .flat_map(|gw| std::iter::repeat_n(gw.url("/rest/message/roaming/user/dave/delete/all"), per_replica))
+        .flat_map(|gw| std::iter::repeat_n(clear_url(gw, "dave"), per_replica))
         .map(|url| tokio::spawn(async move { send(Method::POST, &url, &[], "").await.status }))
         .collect();
     let mut admitted = 0;
@@ -98,7 +98,7 @@ async fn through_redis_a_caller_that_hangs_up_gives_its_reserved_slot_back() {
         redis.url()
     );
     let gw = Gateway::ready_with(&sim, GatewayOptions { extra, ..Default::default() }).await;
-    let url = gw.url("/rest/message/roaming/user/dave/delete/all");
+    let url = clear_url(&gw, "dave");
     // The lane's state in Redis: the time its next slot becomes free.
     let redis_addr = format!("127.0.0.1:{}", redis.port);
     let key = "easemob-gateway:{1122161011178276#demo}:clear_user_messages";
@@ -165,7 +165,7 @@ async fn through_redis_a_burst_of_a_routes_quota_is_served_in_full() {
         redis.url()
     );
     let gw = Gateway::ready_with(&sim, GatewayOptions { extra, ..Default::default() }).await;
-    let url = gw.url("/rest/message/roaming/user/dave/delete/all");
+    let url = clear_url(&gw, "dave");
     let calls: Vec<_> = (0..100)
         .map(|_| {
             let url = url.clone();

@@ -269,6 +269,11 @@ impl Gateway {
 }
 
 /// Polls `check` every 50 ms until it holds, for at most `limit`.
+/// `clear_user_messages` for `user`: the simplest of the six routes, the tests' usual call.
+pub fn clear_url(gw: &Gateway, user: &str) -> String {
+    gw.url(&format!("/rest/message/roaming/user/{user}/delete/all"))
+}
+
 pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
 where
     F: FnMut() -> Fut,

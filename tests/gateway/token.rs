@@ -7,12 +7,8 @@ use serde_json::json;
 
 use crate::support::*;
 
-fn clear_url(gw: &Gateway) -> String {
-    gw.url("/rest/message/roaming/user/dave/delete/all")
-}
-
 async fn clear(gw: &Gateway) -> Answer {
-    send(Method::POST, &clear_url(gw), &[], "").await
+    send(Method::POST, &clear_url(gw, "dave"), &[], "").await
 }
 
 #[tokio::test]
@@ -23,7 +19,7 @@ async fn a_hundred_concurrent_first_requests_cause_one_fetch() {
     // The quota is raised out of the way: this test is about the token.
     let extra = "[rate_limit]\nroute = { rate = 10000, burst = 100 }\n".to_owned();
     let gw = Gateway::start(&sim, GatewayOptions { extra, ..Default::default() }).await;
-    let url = clear_url(&gw);
+    let url = clear_url(&gw, "dave");
     let requests = (0..100).map(|_| {
         let url = url.clone();
         tokio::spawn(async move { send(Method::POST, &url, &[], "").await })
