@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
+use futures_util::future::Either;
 use serde::Serialize;
 use tower::{Layer, Service};
 use tracing::error;
@@ -200,33 +201,34 @@ where
 {
     type Response = Answer;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Answer, Infallible>> + Send>>;
+    /// Without an audit trail, the inner future itself: nothing to box.
+    type Future = Either<S::Future, Pin<Box<dyn Future<Output = Result<Answer, Infallible>> + Send>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, exchange: Exchange) -> Self::Future {
-        let audit = self.audit.clone();
-        let sent = audit.as_ref().map(|_| exchange.clone());
+        let Some(audit) = self.audit.clone() else {
+            return Either::Left(self.inner.call(exchange));
+        };
+        let sent = exchange.clone();
         let answer = self.inner.call(exchange);
-        Box::pin(async move {
+        Either::Right(Box::pin(async move {
             let answer = answer.await?;
-            if let (Some(audit), Some(exchange)) = (audit, sent) {
-                let upstream_status = match answer.rejection() {
-                    _ if answer.is_from_easemob() => Some(Some(answer.status().as_u16())),
-                    Some("upstream_timeout" | "upstream_failed") => Some(None),
-                    _ => None,
-                };
-                if let Some(upstream_status) = upstream_status {
-                    let request_id = exchange.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("");
-                    let caller = audit.caller(exchange.caller.as_deref());
-                    let event = Event::new(&exchange.call, &exchange.app.key, request_id, caller, upstream_status);
-                    audit.record(event).await;
-                }
+            // Easemob's status; none when its answer was lost (the deletion may have happened).
+            let upstream_status = match answer.rejection() {
+                _ if answer.is_from_easemob() => Some(Some(answer.status().as_u16())),
+                Some("upstream_timeout" | "upstream_failed") => Some(None),
+                _ => None,
+            };
+            if let Some(upstream_status) = upstream_status {
+                let request_id = sent.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("");
+                let caller = audit.caller(sent.caller.as_deref());
+                audit.record(Event::new(&sent.call, &sent.app.key, request_id, caller, upstream_status)).await;
             }
             Ok(answer)
-        })
+        }))
     }
 }
 

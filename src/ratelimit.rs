@@ -28,6 +28,7 @@ use http::HeaderValue;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use futures_util::future::Either;
 use tower::ServiceExt;
 
 use crate::config::{Limit, RateLimitBackend, RateLimitConfig};
@@ -118,6 +119,8 @@ struct Lane {
     /// The `RateLimit` field of a refusal by this lane that may retry in a second: a flood's usual answer, built
     /// once.
     refused_for_a_second: HeaderValue,
+    /// The `RateLimit` field of an admission that leaves nothing at once (a burst of 1): the usual one.
+    admitted_none_left: HeaderValue,
 }
 
 #[derive(Debug)]
@@ -146,6 +149,14 @@ pub struct QuotaSet {
 struct Shared {
     quota: SharedQuota,
     fallback: Arc<QuotaSet>,
+}
+
+/// The user a call counts against (`delete_conversation`'s owner; IDs compare case-insensitively).
+fn user_of(call: &Call) -> Option<String> {
+    match call {
+        Call::DeleteConversation { owner, .. } => Some(owner.as_str().to_ascii_lowercase()),
+        _ => None,
+    }
 }
 
 /// `limit` divided among `replicas`, never below one call.
@@ -233,6 +244,7 @@ impl QuotaSet {
                     policy: header(policy),
                     wait: metrics.rate_limit_wait.with_label_values(&[app, route.name()]),
                     refused_for_a_second: refusal_field(route.name(), 1),
+                    admitted_none_left: header(format!("\"{}\";r=0;t=1", route.name())),
                 });
             }
         }
@@ -259,24 +271,39 @@ impl QuotaSet {
         &self.lanes[app * Route::ALL.len() + route.index()]
     }
 
+    /// Decides `call` for app number `app` at once when no wait is involved: admitted now, or refused because its
+    /// slot lies beyond `max_wait`. `None` when it has to wait, or the quota is shared through Redis: then
+    /// [`QuotaSet::acquire`]. The common case stays synchronous: no future, no allocation.
+    pub fn try_acquire(&self, app: usize, call: &Call) -> Option<Result<Admitted, Refused>> {
+        if self.shared.is_some() {
+            return None;
+        }
+        let lane = self.lane(app, call.route());
+        let decided = self.decide_now(app, lane, user_of(call).as_deref(), Instant::now() + self.max_wait)?;
+        Some(self.answer(lane, decided, Duration::ZERO))
+    }
+
     /// Admits `call` for app number `app`, waiting up to `max_wait` in arrival order, or refuses it.
     pub async fn acquire(&self, app: usize, call: &Call) -> Result<Admitted, Refused> {
         let lane = self.lane(app, call.route());
         let started = Instant::now();
-        let user = match call {
-            Call::DeleteConversation { owner, .. } => Some(owner.as_str().to_ascii_lowercase()),
-            _ => None,
-        };
+        let user = user_of(call);
         let result = match &self.shared {
             Some(shared) => self.shared(shared, app, lane, user.as_deref()).await,
             None => self.local(app, lane, user.as_deref()).await,
         };
-        let waited = started.elapsed();
+        self.answer(lane, result, started.elapsed())
+    }
+
+    /// The fields of a decision's answer.
+    fn answer(&self, lane: &Lane, result: Result<u32, Refusal>, waited: Duration) -> Result<Admitted, Refused> {
         match result {
             Ok(remaining) => {
                 lane.wait.observe(waited.as_secs_f64());
-                let limit =
-                    header(format!("\"{}\";r={remaining};t={}", lane.route.name(), if remaining > 0 { 0 } else { 1 }));
+                let limit = match remaining {
+                    0 => lane.admitted_none_left.clone(),
+                    n => header(format!("\"{}\";r={n};t=0", lane.route.name())),
+                };
                 Ok(Admitted { headers: RateLimitHeaders { policy: lane.policy.clone(), limit }, waited })
             }
             Err((scope, retry_after)) => {
@@ -289,11 +316,56 @@ impl QuotaSet {
         }
     }
 
+    /// The in-process decision when it needs no waiting (`None` when it does): the scarcest limit first, and its
+    /// place given back if the route refuses, so a user over their limit costs no route quota and a call the
+    /// route refuses no place in the user's window.
+    fn decide_now(
+        &self,
+        app: usize,
+        lane: &Lane,
+        user: Option<&str>,
+        deadline: Instant,
+    ) -> Option<Result<u32, Refusal>> {
+        let place = match user {
+            Some(user) => match self.users[app].reserve(user) {
+                Ok(place) => Some(place),
+                Err(wait) if Instant::now() + wait > deadline => return Some(Err((Scope::User, wait))),
+                Err(_) => return None,
+            },
+            None => None,
+        };
+        let decided = self.lane_now(app, lane, deadline)?;
+        if let (Ok(_), Some(place)) = (&decided, place) {
+            place.sent();
+        }
+        Some(decided)
+    }
+
+    /// The lane's decision when it needs no waiting: a slot now (nobody queued ahead, every gate has room), or a
+    /// refusal because the slot is known to lie beyond `deadline` (rather than make the caller wait to be
+    /// refused). Behind a queue, the head's own wait is unknown (governor cannot peek without taking a slot):
+    /// a whole interval is counted for it.
+    fn lane_now(&self, app: usize, lane: &Lane, deadline: Instant) -> Option<Result<u32, Refusal>> {
+        let interval = lane.current().interval();
+        let ahead = lane.waiting.load(Ordering::Acquire) as u32;
+        let pause = lane.pause_left();
+        let (scope, first) = match (ahead, pause) {
+            (0, None) => match (Gates { lane, app: self.apps[app].as_ref() }).check() {
+                Ok(remaining) => return Some(Ok(remaining)),
+                Err(refusal) => refusal,
+            },
+            _ => (Scope::Route, interval),
+        };
+        let estimate = pause.unwrap_or_default() + first + interval * ahead;
+        (Instant::now() + estimate > deadline).then_some(Err((scope, estimate)))
+    }
+
     /// The in-process decision: `Ok(calls left at once)`, or the limit that refused and when it has room.
     async fn local(&self, app: usize, lane: &Lane, user: Option<&str>) -> Result<u32, Refusal> {
         let deadline = Instant::now() + self.max_wait;
-        // The scarcest limit first. Its place is given back if the route refuses, so a user over their limit
-        // costs no route quota and a call the route refuses no place in the user's window.
+        if let Some(decided) = self.decide_now(app, lane, user, deadline) {
+            return decided;
+        }
         let place = match user {
             Some(user) => Some(self.user_place(app, user, deadline).await?),
             None => None,
@@ -319,25 +391,14 @@ impl QuotaSet {
     /// A slot in the lane (and the AppKey cap), in arrival order, or a refusal as soon as the slot is known to lie
     /// beyond `deadline`.
     async fn lane_slot(&self, app: usize, lane: &Lane, deadline: Instant) -> Result<u32, Refusal> {
+        if let Some(decided) = self.lane_now(app, lane, deadline) {
+            return decided;
+        }
         let gates = Gates { lane, app: self.apps[app].as_ref() };
         let interval = lane.current().interval();
-        // Fast path: nobody is queued ahead, and every gate has room now. Behind a queue, the head's own wait is
-        // unknown (governor cannot peek without taking a slot): count a whole interval for it.
-        let mut first_wait = (Scope::Route, interval);
-        if lane.waiting.load(Ordering::Acquire) == 0 && lane.pause_left().is_none() {
-            match gates.check() {
-                Ok(remaining) => return Ok(remaining),
-                Err(refusal) => first_wait = refusal,
-            }
-        }
         let _waiter = Waiter::enter(&lane.waiting);
         let ahead = lane.waiting.load(Ordering::Acquire).saturating_sub(1) as u32;
-        // Refuse at once when the slot is beyond max_wait, rather than make the caller wait to be refused.
-        let (scope, first) = first_wait;
-        let estimate = lane.pause_left().unwrap_or_default() + first + interval * ahead;
-        if Instant::now() + estimate > deadline {
-            return Err((scope, estimate));
-        }
+        let scope = Scope::Route;
         let Ok(_turn) = tokio::time::timeout_at(deadline, lane.queue.lock()).await else {
             return Err((scope, interval * (ahead + 1)));
         };
@@ -526,6 +587,8 @@ pub struct Quota<S> {
     quota: Arc<QuotaSet>,
 }
 
+type Waiting = Pin<Box<dyn Future<Output = Result<Answer, Infallible>> + Send>>;
+
 impl<S> tower::Service<Exchange> for Quota<S>
 where
     S: tower::Service<Exchange, Response = Answer, Error = Infallible> + Clone + Send + 'static,
@@ -533,42 +596,95 @@ where
 {
     type Response = Answer;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Answer, Infallible>> + Send>>;
+    /// Decided at once (the common case): a named future, no box. Waiting for a slot: boxed.
+    type Future = Either<Slotted<S::Future>, Waiting>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // Readiness here is the quota itself, decided per call (it depends on the route and the user); the
-        // inner service is readied once a slot is taken.
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut exchange: Exchange) -> Self::Future {
-        let (inner, quota) = (self.inner.clone(), Arc::clone(&self.quota));
-        Box::pin(async move {
-            let (app, route) = (exchange.app.index, exchange.route());
-            // A retry after a failed connection uses the slot nothing used.
-            let slot = match exchange.slot.take() {
-                Some(UnusedSlot { policy, limit }) => RateLimitHeaders { policy, limit },
-                None => match quota.acquire(app, &exchange.call).await {
-                    Ok(admitted) => admitted.headers,
-                    Err(refused) => {
-                        let RateLimitHeaders { policy, limit } = refused.headers;
-                        let refusal = GatewayError::RateLimited { retry_after: refused.retry_after, policy, limit };
-                        return Ok(refusal.into_response(exchange.started));
-                    }
-                },
-            };
-            let mut answer = inner.oneshot(exchange).await?;
-            if answer.is_from_easemob() {
-                if answer.status() == http::StatusCode::TOO_MANY_REQUESTS {
-                    quota.upstream_throttled(app, route, retry_after(answer.headers()));
-                }
-                slot.insert_into(answer.headers_mut());
-            } else if answer.rejection() == Some("upstream_unreachable") {
-                let RateLimitHeaders { policy, limit } = slot;
-                answer.extensions_mut().insert(UnusedSlot { policy, limit });
+        let (app, route) = (exchange.app.index, exchange.route());
+        // A retry after a failed connection uses the slot nothing used.
+        let decided = match exchange.slot.take() {
+            Some(UnusedSlot { policy, limit }) => Some(Ok(RateLimitHeaders { policy, limit })),
+            None => self.quota.try_acquire(app, &exchange.call).map(|decided| decided.map(|a| a.headers)),
+        };
+        let quota = Arc::clone(&self.quota);
+        match decided {
+            Some(Ok(slot)) => Either::Left(Slotted::Sent {
+                answer: self.inner.call(exchange),
+                sent: Some(Sent { slot, quota, app, route }),
+            }),
+            Some(Err(refused)) => Either::Left(Slotted::Refused { answer: Some(refusal(refused, exchange.started)) }),
+            None => {
+                let inner = self.inner.clone();
+                Either::Right(Box::pin(async move {
+                    let slot = match quota.acquire(app, &exchange.call).await {
+                        Ok(admitted) => admitted.headers,
+                        Err(refused) => return Ok(refusal(refused, exchange.started)),
+                    };
+                    let answer = inner.oneshot(exchange).await?;
+                    Ok(Sent { slot, quota, app, route }.settle(answer))
+                }))
             }
-            Ok(answer)
-        })
+        }
+    }
+}
+
+fn refusal(refused: Refused, started: std::time::Instant) -> Answer {
+    let RateLimitHeaders { policy, limit } = refused.headers;
+    GatewayError::RateLimited { retry_after: refused.retry_after, policy, limit }.into_response(started)
+}
+
+/// A call that left with a slot: what its answer needs on the way back.
+pub struct Sent {
+    slot: RateLimitHeaders,
+    quota: Arc<QuotaSet>,
+    app: usize,
+    route: Route,
+}
+
+impl Sent {
+    /// Easemob's answer gets the slot's fields, and its 429 slows the lane; a slot nothing used (the connection
+    /// failed) goes back up for the retry.
+    fn settle(self, mut answer: Answer) -> Answer {
+        if answer.is_from_easemob() {
+            if answer.status() == http::StatusCode::TOO_MANY_REQUESTS {
+                self.quota.upstream_throttled(self.app, self.route, retry_after(answer.headers()));
+            }
+            self.slot.insert_into(answer.headers_mut());
+        } else if answer.rejection() == Some("upstream_unreachable") {
+            let RateLimitHeaders { policy, limit } = self.slot;
+            answer.extensions_mut().insert(UnusedSlot { policy, limit });
+        }
+        answer
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A call decided without waiting.
+    #[project = SlottedProj]
+    pub enum Slotted<F> {
+        Refused { answer: Option<Answer> },
+        Sent { #[pin] answer: F, sent: Option<Sent> },
+    }
+}
+
+impl<F> Future for Slotted<F>
+where
+    F: Future<Output = Result<Answer, Infallible>>,
+{
+    type Output = Result<Answer, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            SlottedProj::Refused { answer } => Poll::Ready(Ok(answer.take().expect("polled after completion"))),
+            SlottedProj::Sent { answer, sent } => {
+                let Ok(answer) = std::task::ready!(answer.poll(cx));
+                Poll::Ready(Ok(sent.take().expect("polled after completion").settle(answer)))
+            }
+        }
     }
 }
 

@@ -28,7 +28,7 @@ use crate::ratelimit::QuotaSet;
 use crate::retry::SafeRetry;
 use crate::stack::{Shared, data_plane};
 use crate::token::{Credentials, EasemobFetch, TokenSource};
-use crate::upstream::Upstream;
+use crate::upstream::{Forward, Upstream};
 
 /// A gateway whose listeners are bound and whose token fetches have started.
 pub struct Server {
@@ -147,8 +147,8 @@ impl Server {
                 .expect("the data listener registered with a worker's runtime");
             let worker = DataWorker {
                 listener,
+                forward: Forward::new(upstream.with_own_pool(), &shared.metrics),
                 shared: shared.clone(),
-                upstream: upstream.with_own_pool(),
                 http: http.clone(),
                 graceful: Arc::clone(&data_graceful),
                 stop: data_stopped.clone(),
@@ -217,8 +217,8 @@ struct DataWorker {
     /// The shared listening socket, registered with this worker's runtime.
     listener: TcpListener,
     shared: Shared,
-    /// This worker's own connection pool to Easemob.
-    upstream: Upstream,
+    /// The stack's innermost service, with this worker's own connection pool to Easemob.
+    forward: Forward,
     http: http1::Builder,
     graceful: Arc<GracefulShutdown>,
     stop: watch::Receiver<bool>,
@@ -231,11 +231,10 @@ struct DataWorker {
 
 impl DataWorker {
     async fn run(self) {
-        let DataWorker { listener, shared, upstream, http, graceful, stop, connections, mut released, accepting } =
-            self;
+        let DataWorker { listener, shared, forward, http, graceful, stop, connections, mut released, accepting } = self;
         // Built per connection: the access layer knows its peer (for server.allow_from) without a per-request
         // extension.
-        let make_service = move |peer: SocketAddr| TowerToHyperService::new(data_plane(&shared, &upstream, peer.ip()));
+        let make_service = move |peer: SocketAddr| TowerToHyperService::new(data_plane(&shared, &forward, peer.ip()));
         accept_loop(listener, http, make_service, graceful, stop, connections).await;
         drop(accepting);
         // This thread's connections are still draining: keep driving them until the grace is over.

@@ -27,7 +27,7 @@ use crate::retry::SafeRetry;
 use crate::routes::ValidateLayer;
 use crate::shed::ShedLayer;
 use crate::token::TokenLayer;
-use crate::upstream::{Forward, Upstream};
+use crate::upstream::Forward;
 
 /// What every connection's stack shares, process-wide: built once at start-up.
 #[derive(Clone)]
@@ -44,10 +44,10 @@ pub struct Shared {
     pub body_read_timeout: Duration,
 }
 
-/// The data plane for one connection from `peer`, forwarding through `upstream` (its worker's pool).
+/// The data plane for one connection from `peer`, forwarding through `worker` (its worker's pool).
 pub fn data_plane(
     shared: &Shared,
-    upstream: &Upstream,
+    worker: &Forward,
     peer: IpAddr,
 ) -> impl Service<
     Request<Incoming>,
@@ -85,7 +85,7 @@ pub fn data_plane(
         .layer(RetryLayer::new(shared.retry.clone()))
         // Every call that leaves for Easemob takes a slot, as Easemob counts them.
         .layer(QuotaLayer::new(Arc::clone(&shared.quota)))
-        .service(Forward::new(upstream.clone(), shared.metrics.clone()))
+        .service(worker.clone())
 }
 
 /// A caller's `X-Request-Id` is logged and forwarded to Easemob: keep it only if it is 1–128 characters of

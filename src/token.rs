@@ -12,6 +12,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures_util::future::Either;
 use http::{HeaderValue, Method, StatusCode};
 use prometheus::IntCounterVec;
 use secrecy::{ExposeSecret, SecretString};
@@ -192,6 +193,12 @@ impl TokenSource {
         });
         tokio::spawn(Arc::clone(&source).run());
         source
+    }
+
+    /// The current token if it is usable now: the request path's usual case, decided without a future.
+    pub fn try_get(&self) -> Option<Arc<Token>> {
+        let state = self.state.borrow();
+        state.token.as_ref().filter(|t| t.usable(Instant::now())).map(Arc::clone)
     }
 
     /// A usable token. Waits (at most [`MAX_FETCH_WAIT`]) only while a fetch that has not failed yet is in flight
@@ -445,6 +452,8 @@ pub struct Authorize<S> {
     replays: IntCounterVec,
 }
 
+type Boxed = Pin<Box<dyn Future<Output = Result<Answer, Infallible>> + Send>>;
+
 impl<S> Service<Exchange> for Authorize<S>
 where
     S: Service<Exchange, Response = Answer, Error = Infallible> + Clone + Send + 'static,
@@ -452,38 +461,99 @@ where
 {
     type Response = Answer;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Answer, Infallible>> + Send>>;
+    /// With a token at hand (the common case) a named future, no box; waiting for a fetch, boxed.
+    type Future = Either<Attempt<S>, Boxed>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut exchange: Exchange) -> Self::Future {
-        // The ready service takes the first call; a replay readies a clone of it.
-        let ready = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, ready);
         let replays = self.replays.clone();
-        Box::pin(async move {
-            let source = Arc::clone(&exchange.app.token);
-            let token = match source.get().await {
+        if let Some(token) = exchange.app.token.try_get() {
+            exchange.token = Some(Arc::clone(&token));
+            // The ready service takes this call; a replay readies a clone of it.
+            let replay = Replay { inner: self.inner.clone(), exchange: exchange.clone(), token, replays };
+            return Either::Left(Attempt::First { answer: self.inner.call(exchange), replay: Some(replay) });
+        }
+        let inner = self.inner.clone();
+        Either::Right(Box::pin(async move {
+            let token = match exchange.app.token.get().await {
                 Ok(token) => token,
                 Err(e) => {
                     return Ok(GatewayError::NoToken { retry_after: e.retry_after }.into_response(exchange.started));
                 }
             };
             exchange.token = Some(Arc::clone(&token));
-            let answer = inner.call(exchange.clone()).await?;
-            if !answer.is_from_easemob() {
-                return Ok(answer);
-            }
-            // The token died early (Easemob warns it can): replace it once, if it is still the current one.
-            if answer.status() != StatusCode::UNAUTHORIZED || !source.invalidate(token.generation()) {
-                if answer.status() != StatusCode::UNAUTHORIZED {
-                    token.mark_proven();
+            let mut first = inner.clone();
+            let answer = first.ready().await?.call(exchange.clone());
+            Attempt::First { answer, replay: Some(Replay { inner, exchange, token, replays }) }.await
+        }))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A call with a token, and its one replay if Easemob refuses the token.
+    #[project = AttemptProj]
+    pub enum Attempt<S> where S: Service<Exchange> {
+        First { #[pin] answer: S::Future, replay: Option<Replay<S>> },
+        Replaying { answer: Boxed },
+    }
+}
+
+impl<S> Future for Attempt<S>
+where
+    S: Service<Exchange, Response = Answer, Error = Infallible> + Send + 'static,
+    S::Future: Send,
+{
+    type Output = Result<Answer, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            match self.as_mut().project() {
+                AttemptProj::First { answer, replay } => {
+                    let Ok(answer) = std::task::ready!(answer.poll(cx));
+                    let replay = replay.take().expect("polled after completion");
+                    match replay.after(answer) {
+                        Ok(answer) => return Poll::Ready(Ok(answer)),
+                        Err(replaying) => self.set(Attempt::Replaying { answer: replaying }),
+                    }
                 }
-                return Ok(answer);
+                AttemptProj::Replaying { answer } => return answer.as_mut().poll(cx),
             }
-            replays.with_label_values(&[&exchange.app.key]).inc();
+        }
+    }
+}
+
+/// What a replay needs: the service, the call, and the token Easemob may refuse.
+pub struct Replay<S> {
+    inner: S,
+    exchange: Exchange,
+    token: Arc<Token>,
+    replays: IntCounterVec,
+}
+
+impl<S> Replay<S>
+where
+    S: Service<Exchange, Response = Answer, Error = Infallible> + Send + 'static,
+    S::Future: Send,
+{
+    /// The first answer, or the replay to wait for instead: when Easemob refused a token that is still the
+    /// current one (it died early, as Easemob warns it can), it is replaced once and the call replayed.
+    fn after(self, answer: Answer) -> Result<Answer, Boxed> {
+        let Replay { mut inner, mut exchange, token, replays } = self;
+        if !answer.is_from_easemob() {
+            return Ok(answer);
+        }
+        let source = Arc::clone(&exchange.app.token);
+        if answer.status() != StatusCode::UNAUTHORIZED || !source.invalidate(token.generation()) {
+            if answer.status() != StatusCode::UNAUTHORIZED {
+                token.mark_proven();
+            }
+            return Ok(answer);
+        }
+        replays.with_label_values(&[&exchange.app.key]).inc();
+        Err(Box::pin(async move {
             let token = match source.get().await {
                 Ok(token) => token,
                 Err(e) => {
@@ -503,7 +573,7 @@ where
                     Ok(replayed)
                 }
             }
-        })
+        }))
     }
 }
 

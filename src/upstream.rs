@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
+use prometheus::IntCounterVec;
 use tower::Service;
 use tracing::warn;
 
@@ -196,13 +198,19 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// headers, or the gateway's answer for the failure to get one. Every answer carries the deadline it ran under.
 #[derive(Clone)]
 pub struct Forward {
+    /// Shared: the stack is cloned for every request, and this is the only layer with more than a pointer.
+    inner: Arc<ForwardInner>,
+}
+
+struct ForwardInner {
     upstream: Upstream,
-    metrics: Metrics,
+    /// `upstream_requests_total`, for the codes a lane's handles do not cover.
+    upstream_requests: IntCounterVec,
 }
 
 impl Forward {
-    pub fn new(upstream: Upstream, metrics: Metrics) -> Forward {
-        Forward { upstream, metrics }
+    pub fn new(upstream: Upstream, metrics: &Metrics) -> Forward {
+        Forward { inner: Arc::new(ForwardInner { upstream, upstream_requests: metrics.upstream_requests.clone() }) }
     }
 }
 
@@ -217,8 +225,9 @@ impl Service<Exchange> for Forward {
     }
 
     fn call(&mut self, exchange: Exchange) -> Self::Future {
-        let (upstream, metrics) = (self.upstream.clone(), self.metrics.clone());
+        let inner = Arc::clone(&self.inner);
         Box::pin(async move {
+            let upstream = &inner.upstream;
             let app = &exchange.app;
             let route = exchange.route();
             let Ok(uri) = upstream.uri(&app.org, &app.app, |url| exchange.call.write_upstream_path_and_query(url))
@@ -250,7 +259,7 @@ impl Service<Exchange> for Forward {
             };
             match code {
                 None => lane.metrics.upstream_ok.inc(),
-                Some(code) => metrics.upstream_requests.with_label_values(&[&app.key, route.name(), code]).inc(),
+                Some(code) => inner.upstream_requests.with_label_values(&[&app.key, route.name(), code]).inc(),
             }
             let mut answer = match result {
                 Ok(response) => pass_through(response),

@@ -4,18 +4,20 @@
 //! a lane with that lane's `RateLimit-Policy`.
 
 use std::convert::Infallible;
-use std::future::Future;
+use std::future::{Future, Ready, ready};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::future::Either;
+use http::request::Parts;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tower::{BoxError, Layer, Service, ServiceExt};
 
-use super::{Call, Endpoint, Route, resolve};
+use super::{Call, Endpoint, Route, ValidationError, resolve};
 use crate::access::Caller;
 use crate::apps::{App, Apps};
 use crate::error::{GatewayError, RATELIMIT_POLICY, json_response, unix_millis};
@@ -58,6 +60,8 @@ pub struct Validate<S> {
     body_read_timeout: Duration,
 }
 
+type Boxed = Pin<Box<dyn Future<Output = Result<Answer, Infallible>> + Send>>;
+
 impl<S, B> Service<Request<B>> for Validate<S>
 where
     S: Service<Exchange, Response = Answer, Error = Infallible> + Clone + Send + 'static,
@@ -67,59 +71,61 @@ where
 {
     type Response = Answer;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Answer, Infallible>> + Send>>;
+    /// Decided from the request line (five routes of six, and every refusal there): a named future, no box.
+    /// With a body to read first (`delete_conversation`): boxed.
+    type Future = Labelled<Either<Either<S::Future, Ready<Result<Answer, Infallible>>>, Boxed>>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // The inner service is made ready when a valid call is handed to it (`oneshot`): most answers never
-        // reach it.
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let (inner, apps, timeout) = (self.inner.clone(), self.apps.clone(), self.body_read_timeout);
-        Box::pin(async move {
-            let started = Instant::now();
-            let mut labels = Labels::default();
-            let mut answer = match exchange(request, &apps, timeout, started, &mut labels).await {
-                Ok(Step::Forward(exchange)) => inner.oneshot(exchange).await?,
-                Ok(Step::Answer(answer)) => answer,
-                Err(e) => e.into_response(started),
-            };
-            if let (Some(app), Some(route)) = (&labels.app, labels.route) {
-                let headers = answer.headers_mut();
-                if !headers.contains_key(RATELIMIT_POLICY) {
-                    headers.insert(RATELIMIT_POLICY, app.lane(route).policy.clone());
-                }
+        let started = Instant::now();
+        let (parts, body) = request.into_parts();
+        let mut labels = Labels::default();
+        let answer = match edge(&parts, &self.apps, started, &mut labels) {
+            Err(e) => Either::Left(Either::Right(ready(Ok(e.into_response(started))))),
+            Ok(Edge::Answer(answer)) => Either::Left(Either::Right(ready(Ok(answer)))),
+            Ok(Edge::Call(exchange)) => Either::Left(Either::Left(self.inner.call(exchange))),
+            Ok(Edge::Body(route)) => {
+                let (inner, timeout) = (self.inner.clone(), self.body_read_timeout);
+                let app = labels.app.clone().expect("named before the body is read");
+                Either::Right(Box::pin(async move {
+                    // The path resolved to this operation a moment ago; its owner segment is read again here
+                    // rather than copied for the wait.
+                    let owner = match resolve(parts.uri.path()).map(|resolved| resolved.endpoint) {
+                        Some(Endpoint::Operation { owner, .. }) => owner,
+                        _ => unreachable!("resolved to an operation before"),
+                    };
+                    let exchange = read_body(body, timeout)
+                        .await
+                        .and_then(|body| call(&parts, route, owner, &body, &app, started).map_err(GatewayError::from));
+                    match exchange {
+                        Ok(exchange) => inner.oneshot(exchange).await,
+                        Err(e) => Ok(e.into_response(started)),
+                    }
+                }) as Boxed)
             }
-            answer.extensions_mut().insert(labels);
-            Ok(answer)
-        })
+        };
+        Labelled { answer, labels: Some(labels) }
     }
 }
 
-/// What a request comes to at the edge.
-enum Step {
+/// What a request comes to from its request line.
+enum Edge {
     /// A valid call, for the layers below.
-    Forward(Exchange),
+    Call(Exchange),
+    /// A call whose body must be read before it can be validated.
+    Body(Route),
     /// Answered here (the SDK drop-in).
     Answer(Answer),
 }
 
-/// Resolves, reads and validates, filling in `labels` as the request names its app and route.
-async fn exchange<B>(
-    request: Request<B>,
-    apps: &Apps,
-    body_read_timeout: Duration,
-    started: Instant,
-    labels: &mut Labels,
-) -> Result<Step, GatewayError>
-where
-    B: http_body::Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    let (parts, body) = request.into_parts();
+/// Resolves the route and the app and validates what the request line says, filling in `labels` as the request
+/// names its app and route.
+fn edge(parts: &Parts, apps: &Apps, started: Instant, labels: &mut Labels) -> Result<Edge, GatewayError> {
     let resolved = resolve(parts.uri.path()).ok_or(GatewayError::UnknownRoute { hint: "no route has this path" })?;
-    let (route, raw_owner) = match resolved.endpoint {
+    let (route, owner) = match resolved.endpoint {
         Endpoint::Operation { route, owner } => (route, owner),
         Endpoint::Token => {
             if parts.method != Method::POST {
@@ -127,7 +133,7 @@ where
             }
             let app = apps.find(resolved.app)?;
             labels.app = Some(Arc::clone(app));
-            return Ok(Step::Answer(placeholder_token(app)));
+            return Ok(Edge::Answer(placeholder_token(app)));
         }
     };
     labels.route = Some(route);
@@ -136,14 +142,25 @@ where
     }
     let app = apps.find(resolved.app)?;
     labels.app = Some(Arc::clone(app));
-    let body = match route {
-        Route::DeleteConversation => read_body(body, body_read_timeout).await?,
+    match route {
+        Route::DeleteConversation => Ok(Edge::Body(route)),
         // The five roaming routes take no body: whatever was sent is ignored, never forwarded.
-        _ => Bytes::new(),
-    };
-    let call = Call::parse(route, raw_owner, parts.uri.query(), &body, unix_millis() as i64)?;
+        _ => Ok(Edge::Call(call(parts, route, owner, b"", app, started)?)),
+    }
+}
+
+/// The validated call, with what travels with it. `owner` is the raw path segment.
+fn call(
+    parts: &Parts,
+    route: Route,
+    owner: &str,
+    body: &[u8],
+    app: &Arc<App>,
+    started: Instant,
+) -> Result<Exchange, ValidationError> {
+    let call = Call::parse(route, owner, parts.uri.query(), body, unix_millis() as i64)?;
     let Caller(caller) = parts.extensions.get::<Caller>().cloned().unwrap_or_default();
-    Ok(Step::Forward(Exchange {
+    Ok(Exchange {
         app: Arc::clone(app),
         call: Arc::new(call),
         started,
@@ -152,7 +169,37 @@ where
         token: None,
         deadline: None,
         slot: None,
-    }))
+    })
+}
+
+pin_project_lite::pin_project! {
+    /// Every answer leaves labelled with what the request was resolved to, and a lane's with its policy.
+    pub struct Labelled<F> {
+        #[pin]
+        answer: F,
+        labels: Option<Labels>,
+    }
+}
+
+impl<F> Future for Labelled<F>
+where
+    F: Future<Output = Result<Answer, Infallible>>,
+{
+    type Output = Result<Answer, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Ok(mut answer) = std::task::ready!(this.answer.poll(cx));
+        let labels = this.labels.take().expect("polled after completion");
+        if let Some(lane) = labels.lane() {
+            let headers = answer.headers_mut();
+            if !headers.contains_key(RATELIMIT_POLICY) {
+                headers.insert(RATELIMIT_POLICY, lane.policy.clone());
+            }
+        }
+        answer.extensions_mut().insert(labels);
+        Poll::Ready(Ok(answer))
+    }
 }
 
 /// Reads a `delete_conversation` body: refused early when its declared length is too large, and bounded in time
