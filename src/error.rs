@@ -9,7 +9,7 @@ use http::{HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::Full;
 use serde::Serialize;
 
-use crate::exchange::{Answer, Rejection};
+use crate::exchange::{Answer, Marks};
 use crate::routes::ValidationError;
 
 /// Marks every response the gateway makes itself, so callers can tell them from Easemob's.
@@ -190,7 +190,7 @@ impl GatewayError {
         for (name, value) in headers.into_iter().flatten() {
             response_headers.insert(name, value);
         }
-        response.extensions_mut().insert(Rejection(kind));
+        response.stamp_mut().rejection = Some(kind);
         response
     }
 }

@@ -1,5 +1,5 @@
 //! What the layers below validation pass down and hand back: a validated [`Exchange`] on its way to Easemob, the
-//! [`Answer`] every layer returns, and the marks an answer carries up the stack (who made it, why, for which
+//! [`Answer`] every layer returns, and the [`Stamp`] an answer carries up the stack (who made it, why, for which
 //! app and route), so that outer layers observe the final answer instead of sharing mutable state.
 
 use std::sync::Arc;
@@ -44,18 +44,18 @@ impl Exchange {
     }
 }
 
-/// On an answer Easemob gave, passed through (hop-by-hop headers aside).
-#[derive(Clone, Copy, Debug)]
-pub struct FromEasemob;
-
-/// On an answer the gateway made itself: why, as a stable label (`GatewayError::kind`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Rejection(pub &'static str);
-
-/// On the answer to an exchange with Easemob (its answer, or the failure to get one): the deadline it ran under,
-/// which a replay or retry keeps.
-#[derive(Clone, Copy, Debug)]
-pub struct Deadline(pub tokio::time::Instant);
+/// What an answer says about itself to the layers above it: one extension, so one allocation per answer.
+#[derive(Clone, Default)]
+pub struct Stamp {
+    /// Easemob gave this answer (passed through, hop-by-hop headers aside).
+    pub from_easemob: bool,
+    /// The gateway made it: why, as a stable label (`GatewayError::kind`).
+    pub rejection: Option<&'static str>,
+    /// The deadline of the exchange with Easemob it answers, which a replay or retry keeps.
+    pub deadline: Option<tokio::time::Instant>,
+    /// Who it is about, as far as the request named its app and route.
+    pub labels: Labels,
+}
 
 /// A quota slot taken for a call that never reached Easemob: with its `RateLimit-Policy` and `RateLimit` fields.
 #[derive(Clone, Debug)]
@@ -78,18 +78,30 @@ impl Labels {
     }
 }
 
-/// Marks on an answer, read by the layers above.
+/// An answer's [`Stamp`], read and written by the layers it passes.
 pub trait Marks {
-    fn is_from_easemob(&self) -> bool;
-    fn rejection(&self) -> Option<&'static str>;
-}
+    fn stamp(&self) -> Option<&Stamp>;
+    fn stamp_mut(&mut self) -> &mut Stamp;
 
-impl<B> Marks for Response<B> {
     fn is_from_easemob(&self) -> bool {
-        self.extensions().get::<FromEasemob>().is_some()
+        self.stamp().is_some_and(|s| s.from_easemob)
     }
 
     fn rejection(&self) -> Option<&'static str> {
-        self.extensions().get::<Rejection>().map(|r| r.0)
+        self.stamp()?.rejection
+    }
+
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.stamp()?.deadline
+    }
+}
+
+impl<B> Marks for Response<B> {
+    fn stamp(&self) -> Option<&Stamp> {
+        self.extensions().get::<Stamp>()
+    }
+
+    fn stamp_mut(&mut self) -> &mut Stamp {
+        self.extensions_mut().get_or_insert_default::<Stamp>()
     }
 }

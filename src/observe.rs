@@ -12,7 +12,7 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use tower::{Layer, Service};
 use tracing::info;
 
-use crate::exchange::{FromEasemob, Labels, Marks};
+use crate::exchange::{Labels, Marks};
 use crate::metrics::{Metrics, NONE};
 
 pub const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
@@ -102,7 +102,8 @@ impl Seen {
     fn record<B>(self, answer: &Response<B>) {
         let elapsed = self.started.elapsed();
         let status = answer.status();
-        let labels = answer.extensions().get::<Labels>();
+        let stamp = answer.stamp();
+        let labels = stamp.map(|s| &s.labels);
         let lane = labels.and_then(Labels::lane);
         let app = labels.and_then(|l| l.app.as_deref()).map_or(NONE, |app| app.key.as_str());
         let route = labels.and_then(|l| l.route).map_or(NONE, |route| route.name());
@@ -128,7 +129,7 @@ impl Seen {
             Some(lane) => lane.metrics.request_duration.observe(elapsed.as_secs_f64()),
             None => metrics.request_duration.with_label_values(&[app, route]).observe(elapsed.as_secs_f64()),
         }
-        let upstream_status = answer.extensions().get::<FromEasemob>().map(|_| status.as_u16());
+        let upstream_status = answer.is_from_easemob().then_some(status.as_u16());
         info!(
             request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
             app,
@@ -172,9 +173,7 @@ mod tests {
         let metrics = Metrics::new();
         let app = testing::measured_app(&ScriptedFetch::granting(3600), &testing::quota(Default::default()), &metrics);
         let labelled = move |mut answer: Answer| {
-            answer
-                .extensions_mut()
-                .insert(Labels { app: Some(Arc::clone(&app)), route: Some(Route::ClearUserMessages) });
+            answer.stamp_mut().labels = Labels { app: Some(Arc::clone(&app)), route: Some(Route::ClearUserMessages) };
             answer
         };
         let in_flight = metrics.in_flight.clone();

@@ -13,7 +13,7 @@ use prometheus::IntCounterVec;
 use tower::retry::Policy;
 use tower::retry::budget::{Budget, TpsBudget};
 
-use crate::exchange::{Answer, Deadline, Exchange, Marks, UnusedSlot};
+use crate::exchange::{Answer, Exchange, Marks, UnusedSlot};
 use crate::metrics::Metrics;
 
 /// A retry needs at least this much of the request's deadline left to be worth sending.
@@ -71,7 +71,7 @@ impl Policy<Exchange, Answer, Infallible> for SafeRetry {
                     && matches!(answer.status(), StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE)
             }
         };
-        let deadline = answer.extensions().get::<Deadline>()?.0;
+        let deadline = answer.deadline()?;
         let time_left = deadline.saturating_duration_since(tokio::time::Instant::now());
         if !nothing_done || time_left < MIN_RETRY_TIME || !self.budget.withdraw() {
             return None;
@@ -109,7 +109,7 @@ mod tests {
 
     /// An answer to one exchange, with the deadline it ran under.
     fn answered(mut answer: Answer) -> Answer {
-        answer.extensions_mut().insert(Deadline(tokio::time::Instant::now() + Duration::from_secs(10)));
+        answer.stamp_mut().deadline = Some(tokio::time::Instant::now() + Duration::from_secs(10));
         answer
     }
 

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use crate::apps::App;
 use crate::config::{RateLimitConfig, TokenConfig};
-use crate::exchange::{Answer, Exchange, FromEasemob};
+use crate::exchange::{Answer, Exchange, Marks};
 use crate::metrics::Metrics;
 use crate::ratelimit::QuotaSet;
 use crate::routes::{Call, Route};
@@ -115,7 +115,7 @@ pub fn exchange(app: &Arc<App>, call: Call) -> Exchange {
 pub fn easemob(status: u16) -> Answer {
     let mut answer = Response::new(Full::default());
     *answer.status_mut() = StatusCode::from_u16(status).unwrap();
-    answer.extensions_mut().insert(FromEasemob);
+    answer.stamp_mut().from_easemob = true;
     answer
 }
 

@@ -24,7 +24,7 @@ use tracing::{info, warn};
 
 use crate::config::TokenConfig;
 use crate::error::GatewayError;
-use crate::exchange::{Answer, Deadline, Exchange, Marks};
+use crate::exchange::{Answer, Exchange, Marks};
 use crate::metrics::Metrics;
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -561,7 +561,7 @@ where
                 }
             };
             exchange.token = Some(Arc::clone(&token));
-            exchange.deadline = answer.extensions().get::<Deadline>().map(|d| d.0);
+            exchange.deadline = answer.deadline();
             let replayed = inner.ready().await?.call(exchange).await?;
             match replayed.rejection() {
                 // The quota had no slot for the replay in time: Easemob's own answer stands.

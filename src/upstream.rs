@@ -24,7 +24,7 @@ use tracing::warn;
 
 use crate::config::{BaseUrl, UpstreamConfig};
 use crate::error::GatewayError;
-use crate::exchange::{Answer, Deadline, Exchange, FromEasemob};
+use crate::exchange::{Answer, Exchange, Marks};
 use crate::metrics::Metrics;
 use crate::observe::X_REQUEST_ID;
 
@@ -275,7 +275,7 @@ impl Service<Exchange> for Forward {
                     .into_response(exchange.started)
                 }
             };
-            answer.extensions_mut().insert(Deadline(deadline));
+            answer.stamp_mut().deadline = Some(deadline);
             Ok(answer)
         })
     }
@@ -285,8 +285,9 @@ impl Service<Exchange> for Forward {
 fn pass_through(response: Response<Bytes>) -> Answer {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    parts.extensions.insert(FromEasemob);
-    Response::from_parts(parts, Full::new(body))
+    let mut answer = Response::from_parts(parts, Full::new(body));
+    answer.stamp_mut().from_easemob = true;
+    answer
 }
 
 /// RFC 9110 §7.6.1: `Connection` and the headers it names, plus the classic hop-by-hop set.

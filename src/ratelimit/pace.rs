@@ -96,9 +96,11 @@ impl Pace {
         self.cell * self.cells.get()
     }
 
-    /// The same limit as GCRA parameters (emission interval, tolerance), for the shared quota in Redis.
+    /// The same limit as GCRA parameters (emission interval, tolerance), for the shared quota in Redis. Redis
+    /// gives each call its slot in advance, so no call is late for it: no cell of tolerance for lateness, and two
+    /// more milliseconds of margin for the trip.
     pub fn gcra(&self) -> (Duration, Duration) {
-        (self.interval(), self.interval() * (self.burst.get() - 1) + self.cell)
+        (self.interval(), self.interval() * (self.burst.get() - 1))
     }
 }
 

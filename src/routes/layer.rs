@@ -21,7 +21,7 @@ use super::{Call, Endpoint, Route, ValidationError, resolve};
 use crate::access::Caller;
 use crate::apps::{App, Apps};
 use crate::error::{GatewayError, RATELIMIT_POLICY, json_response, unix_millis};
-use crate::exchange::{Answer, Exchange, Labels};
+use crate::exchange::{Answer, Exchange, Labels, Marks};
 use crate::observe::X_REQUEST_ID;
 
 /// Easemob's `delete_conversation` body is three fields; anything this large is not one.
@@ -197,7 +197,7 @@ where
                 headers.insert(RATELIMIT_POLICY, lane.policy.clone());
             }
         }
-        answer.extensions_mut().insert(labels);
+        answer.stamp_mut().labels = labels;
         Poll::Ready(Ok(answer))
     }
 }
@@ -258,7 +258,7 @@ mod tests {
     }
 
     fn labels(answer: &Answer) -> (Option<&str>, Option<Route>) {
-        let labels = answer.extensions().get::<Labels>().expect("every answer is labelled");
+        let labels = &answer.stamp().expect("every answer is labelled").labels;
         (labels.app.as_ref().map(|app| app.key.as_str()), labels.route)
     }
 
