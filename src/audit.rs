@@ -22,6 +22,14 @@ use crate::exchange::{Answer, Exchange, Marks};
 use crate::metrics::Metrics;
 use crate::routes::{Call, ConversationType};
 
+/// The audit file could not be opened for appending.
+#[derive(Debug, thiserror::Error)]
+#[error("audit.file {}: {source}", path.display())]
+pub struct AuditOpenError {
+    path: std::path::PathBuf,
+    source: std::io::Error,
+}
+
 pub struct Audit {
     file: Mutex<File>,
     fsync: bool,
@@ -114,9 +122,9 @@ impl Event {
 
 impl Audit {
     /// Opens (creating if needed) the audit file for appending; `None` when no file is configured.
-    pub fn open(config: &AuditConfig, metrics: Metrics) -> Result<Option<Arc<Audit>>, String> {
+    pub fn open(config: &AuditConfig, metrics: Metrics) -> Result<Option<Arc<Audit>>, AuditOpenError> {
         let Some(path) = &config.file else { return Ok(None) };
-        let file = open_append(path).map_err(|e| format!("audit.file {}: {e}", path.display()))?;
+        let file = open_append(path).map_err(|source| AuditOpenError { path: path.clone(), source })?;
         Ok(Some(Arc::new(Audit {
             file: Mutex::new(file),
             fsync: config.fsync,

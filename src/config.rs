@@ -307,28 +307,43 @@ impl AppConfig {
     }
 
     /// Reads the client secret from wherever it is configured.
-    pub fn resolve_secret(&self) -> Result<SecretString, String> {
-        let key = self.app_key();
+    pub fn resolve_secret(&self) -> Result<SecretString, SecretError> {
+        let app = self.app_key();
+        let secret = |value: String| {
+            let value = value.trim();
+            (!value.is_empty()).then(|| SecretString::from(value.to_owned()))
+        };
         match (&self.client_secret, &self.client_secret_env, &self.client_secret_file) {
             (Some(inline), None, None) => Ok(inline.0.clone()),
             (None, Some(var), None) => match std::env::var(var) {
-                Ok(v) if !v.trim().is_empty() => Ok(SecretString::from(v.trim().to_owned())),
-                Ok(_) => Err(format!("apps[{key}]: environment variable {var} (client_secret_env) is empty")),
-                Err(_) => Err(format!("apps[{key}]: environment variable {var} (client_secret_env) is not set")),
+                Ok(value) => secret(value).ok_or(SecretError::EmptyEnv { app, var: var.clone() }),
+                Err(_) => Err(SecretError::UnsetEnv { app, var: var.clone() }),
             },
             (None, None, Some(path)) => match std::fs::read_to_string(path) {
-                Ok(v) if !v.trim().is_empty() => Ok(SecretString::from(v.trim().to_owned())),
-                Ok(_) => Err(format!("apps[{key}]: client_secret_file {} is empty", path.display())),
-                Err(e) => Err(format!("apps[{key}]: client_secret_file {} cannot be read: {e}", path.display())),
+                Ok(value) => secret(value).ok_or(SecretError::EmptyFile { app, path: path.clone() }),
+                Err(source) => Err(SecretError::UnreadableFile { app, path: path.clone(), source }),
             },
-            (None, None, None) => {
-                Err(format!("apps[{key}]: no client secret: set client_secret_env or client_secret_file"))
-            }
-            _ => Err(format!(
-                "apps[{key}]: set exactly one of client_secret_env, client_secret_file (and client_secret only in demo)"
-            )),
+            (None, None, None) => Err(SecretError::Missing { app }),
+            _ => Err(SecretError::Ambiguous { app }),
         }
     }
+}
+
+/// Why an app's client secret could not be read. Never holds the secret itself.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("apps[{app}]: environment variable {var} (client_secret_env) is empty")]
+    EmptyEnv { app: String, var: String },
+    #[error("apps[{app}]: environment variable {var} (client_secret_env) is not set")]
+    UnsetEnv { app: String, var: String },
+    #[error("apps[{app}]: client_secret_file {} is empty", path.display())]
+    EmptyFile { app: String, path: PathBuf },
+    #[error("apps[{app}]: client_secret_file {} cannot be read: {source}", path.display())]
+    UnreadableFile { app: String, path: PathBuf, source: std::io::Error },
+    #[error("apps[{app}]: no client secret: set client_secret_env or client_secret_file")]
+    Missing { app: String },
+    #[error("apps[{app}]: set exactly one of client_secret_env, client_secret_file (and client_secret only in demo)")]
+    Ambiguous { app: String },
 }
 
 /// A secret written in the config file: deserializes from a string, serializes and prints as `<redacted>`.
@@ -476,7 +491,7 @@ impl Config {
                     app.app_key()
                 ));
             } else if let Err(e) = app.resolve_secret() {
-                problems.push(e);
+                problems.push(e.to_string());
             }
             let duplicate = self.apps[..i].iter().any(|other| {
                 other.org_name.eq_ignore_ascii_case(&app.org_name) && other.app_name.eq_ignore_ascii_case(&app.app_name)

@@ -25,7 +25,7 @@ pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> Result<(), Str
     .map_err(|e| format!("demo config: {e}"))?;
     config.server.listen = listen;
     config.server.admin_listen = admin_listen;
-    let server = Server::bind(config, SecretPolicy::InlineAllowed).await?;
+    let server = Server::bind(config, SecretPolicy::InlineAllowed).await.map_err(|e| e.to_string())?;
     let (data, admin) = (server.data_addr(), server.admin_addr());
     let base = format!("http://{data}/{}/{}", state::DEMO_ORG, state::DEMO_APP);
     let view = format!("http://{sim_addr}/_sim/apps/{}/{}/users", state::DEMO_ORG, state::DEMO_APP);

@@ -16,16 +16,11 @@ use crate::token::Token;
 /// Every answer the data plane gives: small, whole JSON bodies.
 pub type Answer = Response<Full<Bytes>>;
 
-/// A validated call and what travels with it. Cheap to clone: the retry keeps a copy.
+/// A validated call and what travels with it. Cheap to clone (the token layer and the retry keep a copy): what
+/// validation fixed is shared, and reached through `Deref` (`exchange.app`, `exchange.call`).
 #[derive(Clone)]
 pub struct Exchange {
-    pub app: Arc<App>,
-    pub call: Arc<Call>,
-    /// When the request arrived (for the envelope's `duration`).
-    pub started: Instant,
-    pub request_id: Option<HeaderValue>,
-    /// The calling service for the audit trail: a caller key's name, or the caller's own `X-Caller`.
-    pub caller: Option<Arc<str>>,
+    pub validated: Arc<Validated>,
     /// Set by the token layer.
     pub token: Option<Arc<Token>>,
     /// The end of the time Easemob has for this request, replay and retry included: set by the first send.
@@ -34,13 +29,36 @@ pub struct Exchange {
     pub slot: Option<UnusedSlot>,
 }
 
+/// What validation fixed about a request, for every attempt at it.
+pub struct Validated {
+    pub app: Arc<App>,
+    pub call: Call,
+    /// When the request arrived (for the envelope's `duration`).
+    pub started: Instant,
+    pub request_id: Option<HeaderValue>,
+    /// The calling service for the audit trail: a caller key's name, or the caller's own `X-Caller`.
+    pub caller: Option<Arc<str>>,
+}
+
 impl Exchange {
+    pub fn new(validated: Validated) -> Exchange {
+        Exchange { validated: Arc::new(validated), token: None, deadline: None, slot: None }
+    }
+
     pub fn route(&self) -> Route {
         self.call.route()
     }
 
     pub fn lane(&self) -> &Lane {
         self.app.lane(self.route())
+    }
+}
+
+impl std::ops::Deref for Exchange {
+    type Target = Validated;
+
+    fn deref(&self) -> &Validated {
+        &self.validated
     }
 }
 

@@ -107,7 +107,7 @@ impl Seen {
         let lane = labels.and_then(Labels::lane);
         let app = labels.and_then(|l| l.app.as_deref()).map_or(NONE, |app| app.key.as_str());
         let route = labels.and_then(|l| l.route).map_or(NONE, |route| route.name());
-        let reason = answer.rejection();
+        let reason = stamp.and_then(|s| s.rejection);
         // A lane's common series are resolved once (see `Metrics::lane`); anything else is looked up by label.
         let metrics = &self.metrics;
         if let Some(reason) = reason {
@@ -129,7 +129,7 @@ impl Seen {
             Some(lane) => lane.metrics.request_duration.observe(elapsed.as_secs_f64()),
             None => metrics.request_duration.with_label_values(&[app, route]).observe(elapsed.as_secs_f64()),
         }
-        let upstream_status = answer.is_from_easemob().then_some(status.as_u16());
+        let upstream_status = stamp.is_some_and(|s| s.from_easemob).then_some(status.as_u16());
         info!(
             request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
             app,

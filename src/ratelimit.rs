@@ -39,7 +39,9 @@ use crate::routes::{Call, Route};
 
 use self::pace::{Pace, guarded};
 use self::redis::{Gate, Reservation, SharedQuota};
+
 use self::window::{Place, WindowLog};
+pub use ::redis::RedisError;
 
 /// Easemob's windows: the route and AppKey limits count calls per second, the per-user limit per minute.
 const SECOND: Duration = Duration::from_secs(1);
@@ -182,7 +184,7 @@ fn header(value: String) -> HeaderValue {
 
 impl QuotaSet {
     /// One lane per configured app and route; `apps` are AppKeys in config order.
-    pub fn new(config: &RateLimitConfig, apps: &[String], metrics: Metrics) -> Result<Arc<QuotaSet>, String> {
+    pub fn new(config: &RateLimitConfig, apps: &[String], metrics: Metrics) -> Result<Arc<QuotaSet>, RedisError> {
         let shared = match config.backend {
             RateLimitBackend::Local => None,
             RateLimitBackend::Redis => {

@@ -64,12 +64,13 @@ impl Policy<Exchange, Answer, Infallible> for SafeRetry {
             }
             return None;
         }
+        // Nothing was carried out only behind a 502 or 503: the usual answer is decided on its status alone.
+        if !matches!(answer.status(), StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE) {
+            return None;
+        }
         let nothing_done = match answer.rejection() {
             Some(reason) => reason == "upstream_unreachable",
-            None => {
-                answer.is_from_easemob()
-                    && matches!(answer.status(), StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE)
-            }
+            None => answer.is_from_easemob(),
         };
         let deadline = answer.deadline()?;
         let time_left = deadline.saturating_duration_since(tokio::time::Instant::now());

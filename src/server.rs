@@ -21,14 +21,32 @@ use tracing::{debug, info, warn};
 use crate::access::Access;
 use crate::admin::{ADMIN_MAX_CONNECTIONS, AdminService};
 use crate::apps::{App, Apps};
-use crate::audit::Audit;
-use crate::config::{Config, SecretPolicy};
+use crate::audit::{Audit, AuditOpenError};
+use crate::config::{Config, SecretError, SecretPolicy};
 use crate::metrics::Metrics;
-use crate::ratelimit::QuotaSet;
+use crate::ratelimit::{QuotaSet, RedisError};
 use crate::retry::SafeRetry;
 use crate::stack::{Shared, data_plane};
 use crate::token::{Credentials, EasemobFetch, TokenSource};
-use crate::upstream::{Forward, Upstream};
+use crate::upstream::{Forward, Upstream, UpstreamSetupError};
+
+/// Why the gateway could not start: each names the setting at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Every problem the configuration has, one per line.
+    #[error("{}", .0.join("\n"))]
+    Config(Vec<String>),
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamSetupError),
+    #[error("rate_limit.redis: {0}")]
+    Redis(RedisError),
+    #[error("{setting} {addr}: {source}")]
+    Bind { setting: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Audit(#[from] AuditOpenError),
+}
 
 /// A gateway whose listeners are bound and whose token fetches have started.
 pub struct Server {
@@ -42,10 +60,10 @@ pub struct Server {
 
 impl Server {
     /// Checks the config, binds both listeners and starts fetching every app's token.
-    pub async fn bind(config: Config, policy: SecretPolicy) -> Result<Server, String> {
+    pub async fn bind(config: Config, policy: SecretPolicy) -> Result<Server, StartError> {
         let problems = config.problems(policy);
         if !problems.is_empty() {
-            return Err(problems.join("\n"));
+            return Err(StartError::Config(problems));
         }
         if !config.server.listen.ip().is_loopback() {
             warn!(listen = %config.server.listen, "the data plane listens beyond loopback: callers present no credential");
@@ -53,7 +71,7 @@ impl Server {
         let metrics = Metrics::new();
         let upstream = Upstream::new(&config.upstream)?;
         let keys: Vec<String> = config.apps.iter().map(|app| app.app_key()).collect();
-        let quota = QuotaSet::new(&config.rate_limit, &keys, metrics.clone())?;
+        let quota = QuotaSet::new(&config.rate_limit, &keys, metrics.clone()).map_err(StartError::Redis)?;
         let apps = config
             .apps
             .iter()
@@ -69,14 +87,15 @@ impl Server {
                 let token = TokenSource::spawn(app.app_key(), fetch, config.token.clone(), metrics.clone());
                 Ok(Arc::new(App::new(index, (&app.org_name, &app.app_name), token, &quota, &metrics)))
             })
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, StartError>>()?;
+        let bind = |setting, addr| move |source| StartError::Bind { setting, addr, source };
         let data = TcpListener::bind(config.server.listen)
             .await
             .and_then(TcpListener::into_std)
-            .map_err(|e| format!("server.listen {}: {e}", config.server.listen))?;
+            .map_err(bind("server.listen", config.server.listen))?;
         let admin = TcpListener::bind(config.server.admin_listen)
             .await
-            .map_err(|e| format!("server.admin_listen {}: {e}", config.server.admin_listen))?;
+            .map_err(bind("server.admin_listen", config.server.admin_listen))?;
         let audit = Audit::open(&config.audit, metrics.clone())?;
         if audit.is_none() {
             warn!("audit.file is not set: deletions are not recorded in an audit trail");

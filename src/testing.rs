@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use crate::apps::App;
 use crate::config::{RateLimitConfig, TokenConfig};
-use crate::exchange::{Answer, Exchange, Marks};
+use crate::exchange::{Answer, Exchange, Marks, Validated};
 use crate::metrics::Metrics;
 use crate::ratelimit::QuotaSet;
 use crate::routes::{Call, Route};
@@ -99,16 +99,13 @@ pub fn clear(user: &str) -> Call {
 }
 
 pub fn exchange(app: &Arc<App>, call: Call) -> Exchange {
-    Exchange {
+    Exchange::new(Validated {
         app: Arc::clone(app),
-        call: Arc::new(call),
+        call,
         started: std::time::Instant::now(),
         request_id: None,
         caller: None,
-        token: None,
-        deadline: None,
-        slot: None,
-    }
+    })
 }
 
 /// An answer as Easemob's would come up the stack.

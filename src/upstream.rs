@@ -34,6 +34,15 @@ const USER_AGENT: HeaderValue = HeaderValue::from_static(crate::USER_AGENT);
 /// Easemob's answers on these routes are a few hundred bytes; anything this large is not one of them.
 const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 
+/// Why the client towards Easemob could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamSetupError {
+    #[error("upstream.ca_file {}: {reason}", path.display())]
+    CaFile { path: std::path::PathBuf, reason: String },
+    #[error("TLS setup: {0}")]
+    Tls(rustls::Error),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// The connection could not be made (refused, unreachable, TLS failure): nothing was sent.
@@ -61,23 +70,22 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig) -> Result<Upstream, String> {
+    pub fn new(config: &UpstreamConfig) -> Result<Upstream, UpstreamSetupError> {
         let mut roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
         if let Some(path) = &config.ca_file {
+            let ca_file = |reason| UpstreamSetupError::CaFile { path: path.clone(), reason };
             let certs: Vec<CertificateDer<'static>> =
-                CertificateDer::pem_file_iter(path)
-                    .and_then(|it| it.collect())
-                    .map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
+                CertificateDer::pem_file_iter(path).and_then(|it| it.collect()).map_err(|e| ca_file(e.to_string()))?;
             if certs.is_empty() {
-                return Err(format!("upstream.ca_file {}: no PEM certificate found", path.display()));
+                return Err(ca_file("no PEM certificate found".to_owned()));
             }
             for cert in certs {
-                roots.add(cert).map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
+                roots.add(cert).map_err(|e| ca_file(e.to_string()))?;
             }
         }
         let tls = rustls::ClientConfig::builder_with_provider(rustls::crypto::ring::default_provider().into())
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS setup: {e}"))?
+            .map_err(UpstreamSetupError::Tls)?
             .with_root_certificates(roots)
             .with_no_client_auth();
         let mut http = HttpConnector::new();

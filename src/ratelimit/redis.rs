@@ -145,15 +145,14 @@ pub struct SharedQuota {
 }
 
 impl SharedQuota {
-    pub fn new(config: &RedisConfig, metrics: Metrics) -> Result<SharedQuota, String> {
-        let client = redis::Client::open(config.url.as_str()).map_err(|e| format!("rate_limit.redis.url: {e}"))?;
+    pub fn new(config: &RedisConfig, metrics: Metrics) -> Result<SharedQuota, redis::RedisError> {
+        let client = redis::Client::open(config.url.as_str())?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout))
             .set_response_timeout(Some(config.timeout))
             .set_number_of_retries(1)
             .set_max_delay(PROBE_INTERVAL);
-        let connection = ConnectionManager::new_lazy_with_config(client, manager_config)
-            .map_err(|e| format!("rate_limit.redis: {e}"))?;
+        let connection = ConnectionManager::new_lazy_with_config(client, manager_config)?;
         metrics.rate_limit_backend_fallback.set(0);
         Ok(SharedQuota {
             connection,

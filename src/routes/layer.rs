@@ -21,7 +21,7 @@ use super::{Call, Endpoint, Route, ValidationError, resolve};
 use crate::access::Caller;
 use crate::apps::{App, Apps};
 use crate::error::{GatewayError, RATELIMIT_POLICY, json_response, unix_millis};
-use crate::exchange::{Answer, Exchange, Labels, Marks};
+use crate::exchange::{Answer, Exchange, Labels, Marks, Validated};
 use crate::observe::X_REQUEST_ID;
 
 /// Easemob's `delete_conversation` body is three fields; anything this large is not one.
@@ -160,16 +160,13 @@ fn call(
 ) -> Result<Exchange, ValidationError> {
     let call = Call::parse(route, owner, parts.uri.query(), body, unix_millis() as i64)?;
     let Caller(caller) = parts.extensions.get::<Caller>().cloned().unwrap_or_default();
-    Ok(Exchange {
+    Ok(Exchange::new(Validated {
         app: Arc::clone(app),
-        call: Arc::new(call),
+        call,
         started,
         request_id: parts.headers.get(X_REQUEST_ID).cloned(),
         caller,
-        token: None,
-        deadline: None,
-        slot: None,
-    })
+    }))
 }
 
 pin_project_lite::pin_project! {
