@@ -1,19 +1,24 @@
 //! Listeners, data-plane workers and graceful shutdown. The stack each connection is served by is built in
 //! `stack.rs`; the admin endpoints live in `admin.rs`.
 
+use std::cell::RefCell;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
+
+use futures_util::future::Either;
+use tower::ServiceExt;
+use tower::util::Oneshot;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, info, warn};
@@ -253,11 +258,40 @@ impl DataWorker {
         let DataWorker { listener, shared, forward, http, graceful, stop, connections, mut released, accepting } = self;
         // Built per connection: the access layer knows its peer (for server.allow_from) without a per-request
         // extension.
-        let make_service = move |peer: SocketAddr| TowerToHyperService::new(data_plane(&shared, &forward, peer.ip()));
+        let make_service = move |peer: SocketAddr| PerConnection::new(data_plane(&shared, &forward, peer.ip()));
         accept_loop(listener, http, make_service, graceful, stop, connections).await;
         drop(accepting);
         // This thread's connections are still draining: keep driving them until the grace is over.
         let _ = released.wait_for(|released| *released).await;
+    }
+}
+
+/// A connection's stack as hyper's service. hyper calls a service through `&self`; an HTTP/1 connection's requests
+/// are handled one at a time, so the stack is borrowed for each call instead of cloned (hyper-util's adapter
+/// clones the whole stack per request) whenever it is ready at once, which load shedding makes the usual case;
+/// otherwise a clone waits for readiness.
+struct PerConnection<S>(RefCell<S>);
+
+impl<S> PerConnection<S> {
+    fn new(service: S) -> PerConnection<S> {
+        PerConnection(RefCell::new(service))
+    }
+}
+
+impl<S, R> hyper::service::Service<R> for PerConnection<S>
+where
+    S: tower::Service<R> + Clone,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Either<S::Future, Oneshot<S, R>>;
+
+    fn call(&self, request: R) -> Self::Future {
+        let mut service = self.0.borrow_mut();
+        match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(())) => Either::Left(service.call(request)),
+            _ => Either::Right(service.clone().oneshot(request)),
+        }
     }
 }
 

@@ -1,20 +1,16 @@
 //! Load shedding: at most `server.max_in_flight` requests are handled at once, and past that a newcomer is
 //! answered 503 at once rather than queued without bound; a fast refusal lets callers back off while we recover.
-//! tower's concurrency limit and load shed do the work (readiness is the in-flight permit); this layer turns
-//! tower's overload signal into the gateway's answer.
+//! Readiness is the in-flight permit: `poll_ready` takes one if there is one, never waits for one (tower's
+//! concurrency limit would queue for it, holding a place that a connection between requests may never use).
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
+use std::future::{Ready, ready};
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
-use tokio::sync::Semaphore;
-use tower::limit::ConcurrencyLimit;
-use tower::load_shed::LoadShed;
-use tower::load_shed::error::Overloaded;
-use tower::{BoxError, Layer, Service};
-use tracing::error;
+use futures_util::future::Either;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower::{Layer, Service};
 
 use crate::error::GatewayError;
 use crate::exchange::Answer;
@@ -35,13 +31,22 @@ impl<S> Layer<S> for ShedLayer {
     type Service = Shed<S>;
 
     fn layer(&self, inner: S) -> Shed<S> {
-        Shed { inner: LoadShed::new(ConcurrencyLimit::with_semaphore(inner, Arc::clone(&self.in_flight))) }
+        Shed { inner, in_flight: Arc::clone(&self.in_flight), permit: None }
     }
 }
 
-#[derive(Clone)]
 pub struct Shed<S> {
-    inner: LoadShed<ConcurrencyLimit<S>>,
+    inner: S,
+    in_flight: Arc<Semaphore>,
+    /// Taken by `poll_ready`, spent by `call`.
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl<S: Clone> Clone for Shed<S> {
+    /// A clone holds no permit of its own until it is made ready.
+    fn clone(&self) -> Shed<S> {
+        Shed { inner: self.inner.clone(), in_flight: Arc::clone(&self.in_flight), permit: None }
+    }
 }
 
 impl<S, R> Service<R> for Shed<S>
@@ -50,42 +55,41 @@ where
 {
     type Response = Answer;
     type Error = Infallible;
-    type Future = Shedding<<LoadShed<ConcurrencyLimit<S>> as Service<R>>::Future>;
+    type Future = Either<Held<S::Future>, Ready<Result<Answer, Infallible>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // Load shed is always ready: without a permit it answers the next call with `Overloaded`.
-        let _ = ready!(self.inner.poll_ready(cx));
-        Poll::Ready(Ok(()))
+        if self.permit.is_none() {
+            self.permit = Arc::clone(&self.in_flight).try_acquire_owned().ok();
+        }
+        // Without a permit the service is still ready: its answer is the 503.
+        match self.permit {
+            Some(_) => self.inner.poll_ready(cx),
+            None => Poll::Ready(Ok(())),
+        }
     }
 
     fn call(&mut self, request: R) -> Self::Future {
-        Shedding { inner: self.inner.call(request) }
+        match self.permit.take() {
+            Some(permit) => Either::Left(Held { answer: self.inner.call(request), _permit: permit }),
+            None => Either::Right(ready(Ok(GatewayError::Overloaded.into_response(std::time::Instant::now())))),
+        }
     }
 }
 
 pin_project_lite::pin_project! {
-    pub struct Shedding<F> {
+    /// A request in flight, holding its permit until its answer is ready (or it is dropped).
+    pub struct Held<F> {
         #[pin]
-        inner: F,
+        answer: F,
+        _permit: OwnedSemaphorePermit,
     }
 }
 
-impl<F> Future for Shedding<F>
-where
-    F: Future<Output = Result<Answer, BoxError>>,
-{
-    type Output = Result<Answer, Infallible>;
+impl<F: std::future::Future> std::future::Future for Held<F> {
+    type Output = F::Output;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Poll::Ready(Ok(match ready!(self.project().inner.poll(cx)) {
-            Ok(answer) => answer,
-            Err(e) if e.is::<Overloaded>() => GatewayError::Overloaded.into_response(std::time::Instant::now()),
-            // The layers below answer everything themselves: their error type is `Infallible`.
-            Err(e) => {
-                error!(error = %e, "unexpected error below load shedding");
-                GatewayError::Internal.into_response(std::time::Instant::now())
-            }
-        }))
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.project().answer.poll(cx)
     }
 }
 
