@@ -8,14 +8,19 @@
 //! through. A call counts once it would be carried out: authenticated, on a known route and user, and valid.
 //!
 //! It parses requests on its own, not with the gateway's route table, so the two can disagree and tests notice.
+//! This file is its model of Easemob (tokens, the six operations, faults, stats); `sim/transport.rs` serves it
+//! over HTTP(S), `sim/control.rs` is the `/_sim/` API, `sim/state.rs` the users and conversations, `sim/limits.rs`
+//! Easemob's limits.
 
+mod control;
 pub mod limits;
 pub mod state;
+mod transport;
+
+use transport::CutOff;
+pub use transport::tls_acceptor;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::convert::Infallible;
-use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -23,31 +28,12 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 use tokio::time::Instant;
-use tokio_rustls::TlsAcceptor;
 
 use limits::Limits;
 use state::{App, ConvKey, Kind, TokenCheck};
-
-/// A TLS acceptor from a PEM certificate chain and key: `sim --tls-cert … --tls-key …`, for testing `ca_file`.
-pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let chain = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("--tls-key {}: {e}", key.display()))?;
-    let config = rustls::ServerConfig::builder_with_provider(rustls::crypto::ring::default_provider().into())
-        .with_safe_default_protocol_versions()
-        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
-        .map_err(|e| format!("TLS: {e}"))?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
-}
 
 /// How many business requests `GET /_sim/requests` remembers.
 const REQUEST_LOG_LEN: usize = 1000;
@@ -143,59 +129,6 @@ impl Simulator {
     fn world(&self) -> std::sync::MutexGuard<'_, World> {
         // A panic while holding the lock cannot leave the world half-updated in a way that matters for a test double.
         self.world.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Binds `addr` and returns the bound address and the serving future; with `tls`, it serves HTTPS.
-    pub async fn bind(
-        self,
-        addr: SocketAddr,
-        tls: Option<TlsAcceptor>,
-    ) -> std::io::Result<(SocketAddr, impl Future<Output = ()> + Send + 'static)> {
-        let listener = TcpListener::bind(addr).await?;
-        let local = listener.local_addr()?;
-        let serve = async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                let (sim, tls) = (self.clone(), tls.clone());
-                tokio::spawn(async move {
-                    match tls {
-                        Some(tls) => {
-                            if let Ok(stream) = tls.accept(stream).await {
-                                sim.serve_connection(stream).await;
-                            }
-                        }
-                        None => sim.serve_connection(stream).await,
-                    }
-                });
-            }
-        };
-        Ok((local, serve))
-    }
-
-    async fn serve_connection<S>(self, stream: S)
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        let service = hyper::service::service_fn(move |req| {
-            let sim = self.clone();
-            async move {
-                let response = sim.handle(req).await;
-                Ok::<_, Infallible>(match response.extensions().get::<CutOff>() {
-                    None => response.map(SimBody::Whole),
-                    Some(CutOff) => {
-                        let (parts, body) = response.into_parts();
-                        let whole = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-                        let first = whole.slice(..whole.len() / 2);
-                        Response::from_parts(parts, SimBody::CutOff(Some(first)))
-                    }
-                })
-            }
-        });
-        let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
     }
 
     async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -451,83 +384,6 @@ impl Simulator {
         }
         ok(json!({ "requestStatusCode": "ok", "timestamp": now_ms() }))
     }
-
-    fn control(&self, method: &Method, path: &str, body: &[u8]) -> Response<Full<Bytes>> {
-        self.control_endpoint(method, path, body).unwrap_or_else(|(status, text)| control_error(status, &text))
-    }
-
-    /// The control endpoints; `Err` is the control error to answer (no such app, a body that does not parse).
-    fn control_endpoint(
-        &self,
-        method: &Method,
-        path: &str,
-        body: &[u8],
-    ) -> Result<Response<Full<Bytes>>, ControlError> {
-        let segments: Vec<&str> = path.split('/').collect();
-        let mut world = self.world();
-        let answer = match (method, segments.as_slice()) {
-            (&Method::GET, ["stats"]) => ok(serde_json::to_value(&world.stats).expect("stats serialize")),
-            (&Method::GET, ["requests"]) => ok(serde_json::to_value(&world.requests).expect("requests serialize")),
-            (&Method::GET, ["faults"]) => ok(serde_json::to_value(&world.faults).expect("faults serialize")),
-            (&Method::PUT, ["faults"]) => {
-                world.faults = control_body::<Faults>(body)?;
-                ok(serde_json::to_value(&world.faults).expect("faults serialize"))
-            }
-            (&Method::GET, ["limits"]) => ok(serde_json::to_value(&world.limits).expect("limits serialize")),
-            (&Method::PUT, ["limits"]) => {
-                let limits = control_body::<Limits>(body)?;
-                limits.check().map_err(|text| (StatusCode::BAD_REQUEST, text))?;
-                // The calls already admitted stay counted, as they would at Easemob when a pack is bought.
-                world.limits = limits;
-                ok(serde_json::to_value(&world.limits).expect("limits serialize"))
-            }
-            (&Method::POST, ["expire-tokens"]) => {
-                world.apps.iter_mut().for_each(App::expire_tokens);
-                ok(json!({ "expired": true }))
-            }
-            (&Method::GET, ["apps", org, app, "users", user]) => {
-                let app = control_app(&mut world, org, app)?;
-                let conversations: Vec<Value> = app
-                    .view(user)
-                    .into_iter()
-                    .map(
-                        |((kind, id), c)| json!({ "type": kind, "id": id, "listed": c.listed, "messages": c.messages }),
-                    )
-                    .collect();
-                ok(json!({ "user": user, "conversations": conversations }))
-            }
-            (&Method::PUT, ["apps", org, app, "secret"]) => {
-                #[derive(Deserialize)]
-                struct Secret {
-                    client_secret: String,
-                }
-                let app = control_app(&mut world, org, app)?;
-                app.client_secret = control_body::<Secret>(body)?.client_secret;
-                ok(json!({ "rotated": true }))
-            }
-            (&Method::POST, ["apps", org, app, "messages"]) => {
-                #[derive(Deserialize)]
-                struct Send {
-                    #[serde(rename = "type")]
-                    kind: Kind,
-                    from: String,
-                    to: String,
-                    id: String,
-                    timestamp: Option<i64>,
-                }
-                let app = control_app(&mut world, org, app)?;
-                let m = control_body::<Send>(body)?;
-                app.add_user(&m.from);
-                if m.kind == Kind::Chat {
-                    app.add_user(&m.to);
-                }
-                app.send(m.kind, &m.from, &m.to, &m.id, m.timestamp.unwrap_or_else(now_ms));
-                ok(json!({ "sent": m.id }))
-            }
-            _ => control_error(StatusCode::NOT_FOUND, "unknown control endpoint"),
-        };
-        Ok(answer)
-    }
 }
 
 /// A checked deletion, applied only once the call is admitted under the limits.
@@ -536,65 +392,6 @@ enum Deletion<'q> {
     Before(ConvKey, i64),
     User,
     Conversation(ConvKey, bool),
-}
-
-/// A control request's failure: its status and what to say.
-type ControlError = (StatusCode, String);
-
-/// The app a control path names, or the control error for an unknown one.
-fn control_app<'w>(world: &'w mut World, org: &str, app: &str) -> Result<&'w mut App, ControlError> {
-    find_app(&mut world.apps, org, app).ok_or_else(|| (StatusCode::NOT_FOUND, "no such app".to_owned()))
-}
-
-/// A control request's JSON body, or the control error saying why it does not parse.
-fn control_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ControlError> {
-    serde_json::from_slice(body).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))
-}
-
-impl<'de> Deserialize<'de> for Kind {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match String::deserialize(d)?.as_str() {
-            "chat" => Ok(Kind::Chat),
-            "groupchat" => Ok(Kind::Groupchat),
-            other => Err(serde::de::Error::custom(format!("unknown type {other:?}"))),
-        }
-    }
-}
-
-/// Marks an answer to be cut off mid-body (the `reset_count` fault).
-#[derive(Clone, Copy)]
-struct CutOff;
-
-/// The simulator's answer body: whole, or its first bytes and then a broken connection.
-enum SimBody {
-    Whole(Full<Bytes>),
-    CutOff(Option<Bytes>),
-}
-
-impl http_body::Body for SimBody {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
-        match self.get_mut() {
-            SimBody::Whole(full) => std::pin::Pin::new(full).poll_frame(cx).map_err(|never| match never {}),
-            SimBody::CutOff(first) => std::task::Poll::Ready(Some(match first.take() {
-                Some(bytes) => Ok(http_body::Frame::data(bytes)),
-                None => Err(std::io::Error::other("fault: connection reset mid-answer")),
-            })),
-        }
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        match self {
-            SimBody::Whole(full) => full.size_hint(),
-            // Announce more than will come, as a peer that dies mid-answer does.
-            SimBody::CutOff(_) => http_body::SizeHint::with_exact(52),
-        }
-    }
 }
 
 /// The route a business request names, by Easemob's method and path shape (`None`: no such route).
@@ -656,10 +453,4 @@ fn forced(status: u16, started: Instant) -> Response<Full<Bytes>> {
         _ => ("Bad Request", "Bad Request"),
     };
     error(status, error_type, description, started)
-}
-
-fn control_error(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
-    let mut response = ok(json!({ "error": text }));
-    *response.status_mut() = status;
-    response
 }
