@@ -948,6 +948,38 @@ mod tests {
         assert_eq!(lane.current().rate(), 100, "recovered step by step after 5 s without a 429");
     }
 
+    #[tokio::test]
+    async fn while_redis_is_unreachable_each_replica_enforces_its_share_of_the_same_rules() {
+        // A port nothing listens on (bound, then released): Redis refuses at once, so this replica falls back.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let redis = crate::config::RedisConfig {
+            url: format!("redis://127.0.0.1:{port}"),
+            expected_replicas: NonZeroU32::new(2).unwrap(),
+            ..Default::default()
+        };
+        let config = RateLimitConfig {
+            backend: RateLimitBackend::Redis,
+            redis,
+            route: limit(100, 4),
+            user_conversation_per_minute: NonZeroU32::new(4).unwrap(),
+            max_wait: Duration::ZERO,
+            ..Default::default()
+        };
+        let quota = QuotaSet::new(&config, &["o#a".to_owned()], Metrics::new()).unwrap();
+        // Half the burst (2 of 4), then a refusal naming the route.
+        assert!(quota.acquire(0, &clear("u")).await.is_ok());
+        assert!(quota.acquire(0, &clear("u")).await.is_ok());
+        let refused = quota.acquire(0, &clear("u")).await.unwrap_err();
+        assert!(refused.headers.limit.to_str().unwrap().starts_with("\"clear_user_messages\";r=0"));
+        assert_eq!(quota.metrics.rate_limit_backend_fallback.get(), 1);
+        // Half the per-user window (2 of 4), with its own refusal.
+        for user in ["ann", "ANN"] {
+            assert!(quota.acquire(0, &conversation(user)).await.is_ok(), "{user}");
+        }
+        let refused = quota.acquire(0, &conversation("Ann")).await.unwrap_err();
+        assert!(refused.headers.limit.to_str().unwrap().starts_with("\"user\";r=0;t="), "{:?}", refused.headers.limit);
+    }
+
     mod layer {
         use std::sync::atomic::Ordering;
 
