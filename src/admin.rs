@@ -51,7 +51,7 @@ impl AdminService {
         let apps: serde_json::Map<String, serde_json::Value> = self
             .apps
             .iter()
-            .map(|app| (app.key.clone(), serde_json::to_value(app.token.status()).expect("status serializes")))
+            .map(|app| (app.key.to_string(), serde_json::to_value(app.token.status()).expect("status serializes")))
             .collect();
         let ready = !draining && self.apps.iter().all(|app| app.token.is_ready());
         let body = serde_json::json!({ "ready": ready, "draining": draining, "apps": apps });

@@ -5,19 +5,19 @@ use std::sync::Arc;
 
 use http::HeaderValue;
 
+use crate::config::AppKey;
 use crate::error::GatewayError;
 use crate::metrics::{LaneMetrics, Metrics};
-use crate::ratelimit::QuotaSet;
+use crate::ratelimit::{AppIndex, QuotaSet};
 use crate::routes::Route;
 use crate::token::TokenSource;
 
 pub struct App {
     /// Position in the config, which is also its index in the quota set.
-    pub index: usize,
+    pub index: AppIndex,
     pub org: String,
     pub app: String,
-    /// The AppKey, `org#app`: the `app` label of metrics and the audit trail.
-    pub key: String,
+    pub key: AppKey,
     pub token: Arc<TokenSource>,
     lanes: [Lane; Route::ALL.len()],
 }
@@ -32,17 +32,17 @@ pub struct Lane {
 
 impl App {
     pub fn new(
-        index: usize,
+        index: AppIndex,
         (org, app): (&str, &str),
         token: Arc<TokenSource>,
         quota: &QuotaSet,
         metrics: &Metrics,
     ) -> App {
-        let key = format!("{org}#{app}");
+        let key = AppKey::new(org, app);
         let lanes = Route::ALL.map(|route| Lane {
             route,
             policy: quota.policy(index, route),
-            metrics: metrics.lane(&key, route),
+            metrics: metrics.lane(key.as_str(), route),
         });
         App { index, org: org.to_owned(), app: app.to_owned(), key, token, lanes }
     }

@@ -233,7 +233,7 @@ where
             if let Some(upstream_status) = upstream_status {
                 let request_id = sent.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("");
                 let caller = audit.caller(sent.caller.as_deref());
-                audit.record(Event::new(&sent.call, &sent.app.key, request_id, caller, upstream_status)).await;
+                audit.record(Event::new(&sent.call, sent.app.key.as_str(), request_id, caller, upstream_status)).await;
             }
             Ok(answer)
         }))

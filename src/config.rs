@@ -301,9 +301,9 @@ pub struct AppConfig {
 }
 
 impl AppConfig {
-    /// `org#app`, Easemob's AppKey: the `app` label of metrics and logs.
-    pub fn app_key(&self) -> String {
-        format!("{}#{}", self.org_name, self.app_name)
+    /// Easemob's AppKey for this app.
+    pub fn app_key(&self) -> AppKey {
+        AppKey::new(&self.org_name, &self.app_name)
     }
 
     /// Reads the client secret from wherever it is configured.
@@ -329,21 +329,42 @@ impl AppConfig {
     }
 }
 
+/// An AppKey, `org_name#app_name`: how Easemob names an app, and the scope of every limit; the `app` label of
+/// metrics, log lines and the audit trail.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct AppKey(String);
+
+impl AppKey {
+    pub fn new(org: &str, app: &str) -> AppKey {
+        AppKey(format!("{org}#{app}"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for AppKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// Why an app's client secret could not be read. Never holds the secret itself.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
     #[error("apps[{app}]: environment variable {var} (client_secret_env) is empty")]
-    EmptyEnv { app: String, var: String },
+    EmptyEnv { app: AppKey, var: String },
     #[error("apps[{app}]: environment variable {var} (client_secret_env) is not set")]
-    UnsetEnv { app: String, var: String },
+    UnsetEnv { app: AppKey, var: String },
     #[error("apps[{app}]: client_secret_file {} is empty", path.display())]
-    EmptyFile { app: String, path: PathBuf },
+    EmptyFile { app: AppKey, path: PathBuf },
     #[error("apps[{app}]: client_secret_file {} cannot be read: {source}", path.display())]
-    UnreadableFile { app: String, path: PathBuf, source: std::io::Error },
+    UnreadableFile { app: AppKey, path: PathBuf, source: std::io::Error },
     #[error("apps[{app}]: no client secret: set client_secret_env or client_secret_file")]
-    Missing { app: String },
+    Missing { app: AppKey },
     #[error("apps[{app}]: set exactly one of client_secret_env, client_secret_file (and client_secret only in demo)")]
-    Ambiguous { app: String },
+    Ambiguous { app: AppKey },
 }
 
 /// A secret written in the config file: deserializes from a string, serializes and prints as `<redacted>`.

@@ -31,7 +31,7 @@ use tracing::{info, warn};
 use futures_util::future::Either;
 use tower::ServiceExt;
 
-use crate::config::{Limit, RateLimitBackend, RateLimitConfig};
+use crate::config::{AppKey, Limit, RateLimitBackend, RateLimitConfig};
 use crate::error::{GatewayError, RATELIMIT, RATELIMIT_POLICY, retry_after_secs};
 use crate::exchange::{Answer, Exchange, Marks, UnusedSlot};
 use crate::metrics::Metrics;
@@ -105,9 +105,13 @@ impl Scope {
 /// Why a request was not admitted: the limit, and how long until it has room.
 type Refusal = (Scope, Duration);
 
+/// An app's position in the configuration: the index of its lanes, its cap and its users' windows here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppIndex(pub usize);
+
 /// One (AppKey, route) pair.
 struct Lane {
-    app: String,
+    app: AppKey,
     route: Route,
     configured: Limit,
     pace: RwLock<Arc<Pace>>,
@@ -184,7 +188,7 @@ fn header(value: String) -> HeaderValue {
 
 impl QuotaSet {
     /// One lane per configured app and route; `apps` are AppKeys in config order.
-    pub fn new(config: &RateLimitConfig, apps: &[String], metrics: Metrics) -> Result<Arc<QuotaSet>, RedisError> {
+    pub fn new(config: &RateLimitConfig, apps: &[AppKey], metrics: Metrics) -> Result<Arc<QuotaSet>, RedisError> {
         let shared = match config.backend {
             RateLimitBackend::Local => None,
             RateLimitBackend::Redis => {
@@ -208,7 +212,7 @@ impl QuotaSet {
     /// `report`: this set's rates are the ones the `rate_limit_rate` gauge shows (not the fallback's).
     fn build(
         config: &RateLimitConfig,
-        apps: &[String],
+        apps: &[AppKey],
         metrics: Metrics,
         shared: Option<Shared>,
         report: bool,
@@ -225,10 +229,13 @@ impl QuotaSet {
                     policy.push_str(&format!(", \"user\";q={};w=60", config.user_conversation_per_minute));
                 }
                 if report {
-                    metrics.rate_limit_rate.with_label_values(&[app, route.name()]).set(limit.rate.get() as i64);
+                    metrics
+                        .rate_limit_rate
+                        .with_label_values(&[app.as_str(), route.name()])
+                        .set(limit.rate.get() as i64);
                     // Series exist from the start at 0, so rate() and alerts work before the first event.
-                    metrics.upstream_throttled.with_label_values(&[app, route.name()]);
-                    metrics.upstream_retries.with_label_values(&[app, route.name()]);
+                    metrics.upstream_throttled.with_label_values(&[app.as_str(), route.name()]);
+                    metrics.upstream_retries.with_label_values(&[app.as_str(), route.name()]);
                 }
                 lanes.push(Lane {
                     app: app.clone(),
@@ -244,7 +251,7 @@ impl QuotaSet {
                     queue: tokio::sync::Mutex::new(()),
                     waiting: AtomicUsize::new(0),
                     policy: header(policy),
-                    wait: metrics.rate_limit_wait.with_label_values(&[app, route.name()]),
+                    wait: metrics.rate_limit_wait.with_label_values(&[app.as_str(), route.name()]),
                     refused_for_a_second: refusal_field(route.name(), 1),
                     admitted_none_left: header(format!("\"{}\";r=0;t=1", route.name())),
                 });
@@ -265,18 +272,18 @@ impl QuotaSet {
     }
 
     /// The `RateLimit-Policy` value of a lane.
-    pub fn policy(&self, app: usize, route: Route) -> HeaderValue {
+    pub fn policy(&self, app: AppIndex, route: Route) -> HeaderValue {
         self.lane(app, route).policy.clone()
     }
 
-    fn lane(&self, app: usize, route: Route) -> &Lane {
-        &self.lanes[app * Route::ALL.len() + route.index()]
+    fn lane(&self, app: AppIndex, route: Route) -> &Lane {
+        &self.lanes[app.0 * Route::ALL.len() + route.index()]
     }
 
     /// Decides `call` for app number `app` at once when no wait is involved: admitted now, or refused because its
     /// slot lies beyond `max_wait`. `None` when it has to wait, or the quota is shared through Redis: then
     /// [`QuotaSet::acquire`]. The common case stays synchronous: no future, no allocation.
-    pub fn try_acquire(&self, app: usize, call: &Call) -> Option<Result<Admitted, Refused>> {
+    pub fn try_acquire(&self, app: AppIndex, call: &Call) -> Option<Result<Admitted, Refused>> {
         if self.shared.is_some() {
             return None;
         }
@@ -286,7 +293,7 @@ impl QuotaSet {
     }
 
     /// Admits `call` for app number `app`, waiting up to `max_wait` in arrival order, or refuses it.
-    pub async fn acquire(&self, app: usize, call: &Call) -> Result<Admitted, Refused> {
+    pub async fn acquire(&self, app: AppIndex, call: &Call) -> Result<Admitted, Refused> {
         let lane = self.lane(app, call.route());
         let started = Instant::now();
         let user = user_of(call);
@@ -323,13 +330,13 @@ impl QuotaSet {
     /// route refuses no place in the user's window.
     fn decide_now(
         &self,
-        app: usize,
+        app: AppIndex,
         lane: &Lane,
         user: Option<&str>,
         deadline: Instant,
     ) -> Option<Result<u32, Refusal>> {
         let place = match user {
-            Some(user) => match self.users[app].reserve(user) {
+            Some(user) => match self.users[app.0].reserve(user) {
                 Ok(place) => Some(place),
                 Err(wait) if Instant::now() + wait > deadline => return Some(Err((Scope::User, wait))),
                 Err(_) => return None,
@@ -347,12 +354,12 @@ impl QuotaSet {
     /// refusal because the slot is known to lie beyond `deadline` (rather than make the caller wait to be
     /// refused). Behind a queue, the head's own wait is unknown (governor cannot peek without taking a slot):
     /// a whole interval is counted for it.
-    fn lane_now(&self, app: usize, lane: &Lane, deadline: Instant) -> Option<Result<u32, Refusal>> {
+    fn lane_now(&self, app: AppIndex, lane: &Lane, deadline: Instant) -> Option<Result<u32, Refusal>> {
         let interval = lane.current().interval();
         let ahead = lane.waiting.load(Ordering::Acquire) as u32;
         let pause = lane.pause_left();
         let (scope, first) = match (ahead, pause) {
-            (0, None) => match (Gates { lane, app: self.apps[app].as_ref() }).check() {
+            (0, None) => match (Gates { lane, app: self.apps[app.0].as_ref() }).check() {
                 Ok(remaining) => return Some(Ok(remaining)),
                 Err(refusal) => refusal,
             },
@@ -363,7 +370,7 @@ impl QuotaSet {
     }
 
     /// The in-process decision: `Ok(calls left at once)`, or the limit that refused and when it has room.
-    async fn local(&self, app: usize, lane: &Lane, user: Option<&str>) -> Result<u32, Refusal> {
+    async fn local(&self, app: AppIndex, lane: &Lane, user: Option<&str>) -> Result<u32, Refusal> {
         let deadline = Instant::now() + self.max_wait;
         if let Some(decided) = self.decide_now(app, lane, user, deadline) {
             return decided;
@@ -380,9 +387,9 @@ impl QuotaSet {
     }
 
     /// A place in the user's 60-second window, waiting for one only if it frees before `deadline`.
-    async fn user_place(&self, app: usize, user: &str, deadline: Instant) -> Result<Place<'_>, Refusal> {
+    async fn user_place(&self, app: AppIndex, user: &str, deadline: Instant) -> Result<Place<'_>, Refusal> {
         loop {
-            match self.users[app].reserve(user) {
+            match self.users[app.0].reserve(user) {
                 Ok(place) => return Ok(place),
                 Err(wait) if Instant::now() + wait > deadline => return Err((Scope::User, wait)),
                 Err(wait) => tokio::time::sleep(wait).await,
@@ -392,11 +399,11 @@ impl QuotaSet {
 
     /// A slot in the lane (and the AppKey cap), in arrival order, or a refusal as soon as the slot is known to lie
     /// beyond `deadline`.
-    async fn lane_slot(&self, app: usize, lane: &Lane, deadline: Instant) -> Result<u32, Refusal> {
+    async fn lane_slot(&self, app: AppIndex, lane: &Lane, deadline: Instant) -> Result<u32, Refusal> {
         if let Some(decided) = self.lane_now(app, lane, deadline) {
             return decided;
         }
-        let gates = Gates { lane, app: self.apps[app].as_ref() };
+        let gates = Gates { lane, app: self.apps[app.0].as_ref() };
         let interval = lane.current().interval();
         let _waiter = Waiter::enter(&lane.waiting);
         let ahead = lane.waiting.load(Ordering::Acquire).saturating_sub(1) as u32;
@@ -422,7 +429,7 @@ impl QuotaSet {
 
     /// The shared decision: one reservation across every gate in Redis, or this replica's share while Redis is
     /// unavailable.
-    async fn shared(&self, shared: &Shared, app: usize, lane: &Lane, user: Option<&str>) -> Result<u32, Refusal> {
+    async fn shared(&self, shared: &Shared, app: AppIndex, lane: &Lane, user: Option<&str>) -> Result<u32, Refusal> {
         let deadline = Instant::now() + self.max_wait;
         if let Some(pause) = lane.pause_left() {
             if pause > self.max_wait {
@@ -434,17 +441,20 @@ impl QuotaSet {
             let (emission, tolerance) = lane.current().gcra();
             let mut gates = vec![(
                 Scope::Route,
-                Gate::Pace { key: shared.quota.key(&lane.app, lane.route.name()), emission, tolerance },
+                Gate::Pace { key: shared.quota.key(lane.app.as_str(), lane.route.name()), emission, tolerance },
             )];
-            if let Some(cap) = &self.apps[app] {
+            if let Some(cap) = &self.apps[app.0] {
                 let (emission, tolerance) = cap.gcra();
-                gates.push((Scope::App, Gate::Pace { key: shared.quota.key(&lane.app, "app"), emission, tolerance }));
+                gates.push((
+                    Scope::App,
+                    Gate::Pace { key: shared.quota.key(lane.app.as_str(), "app"), emission, tolerance },
+                ));
             }
             if let Some(user) = user {
                 gates.push((
                     Scope::User,
                     Gate::Window {
-                        key: shared.quota.key(&lane.app, &format!("user:{user}")),
+                        key: shared.quota.key(lane.app.as_str(), &format!("user:{user}")),
                         window: guarded(MINUTE),
                         limit: self.user_limit,
                     },
@@ -466,9 +476,9 @@ impl QuotaSet {
     }
 
     /// Easemob answered 429 on this lane: pause for its `Retry-After`, and (if adaptive) halve the lane's rate.
-    pub fn upstream_throttled(&self, app: usize, route: Route, retry_after: Option<Duration>) {
+    pub fn upstream_throttled(&self, app: AppIndex, route: Route, retry_after: Option<Duration>) {
         let lane = self.lane(app, route);
-        self.metrics.upstream_throttled.with_label_values(&[&lane.app, route.name()]).inc();
+        self.metrics.upstream_throttled.with_label_values(&[lane.app.as_str(), route.name()]).inc();
         let now = Instant::now();
         let mut adaptive = lane.adaptive.lock().expect("adaptive lock");
         adaptive.last_throttle = Some(now);
@@ -480,7 +490,7 @@ impl QuotaSet {
             adaptive.factor = (adaptive.factor / 2.0).max(MIN_ADAPTIVE_FACTOR);
             adaptive.last_decrease = Some(now);
             let rate = lane.set_factor(adaptive.factor);
-            self.metrics.rate_limit_rate.with_label_values(&[&lane.app, route.name()]).set(rate as i64);
+            self.metrics.rate_limit_rate.with_label_values(&[lane.app.as_str(), route.name()]).set(rate as i64);
             warn!(app = %lane.app, route = route.name(), rate, ?retry_after, "easemob answered 429: lowering this route's rate");
         }
     }
@@ -497,7 +507,10 @@ impl QuotaSet {
                 if adaptive.factor < 1.0 && quiet {
                     adaptive.factor = (adaptive.factor + 0.1).min(1.0);
                     let rate = lane.set_factor(adaptive.factor);
-                    self.metrics.rate_limit_rate.with_label_values(&[&lane.app, lane.route.name()]).set(rate as i64);
+                    self.metrics
+                        .rate_limit_rate
+                        .with_label_values(&[lane.app.as_str(), lane.route.name()])
+                        .set(rate as i64);
                     info!(app = %lane.app, route = lane.route.name(), rate, "route rate recovering");
                 }
             }
@@ -643,7 +656,7 @@ fn refusal(refused: Refused, started: std::time::Instant) -> Answer {
 pub struct Sent {
     slot: RateLimitHeaders,
     quota: Arc<QuotaSet>,
-    app: usize,
+    app: AppIndex,
     route: Route,
 }
 
@@ -701,6 +714,9 @@ mod tests {
     use super::*;
     use crate::routes::Call;
 
+    /// The only app of these tests.
+    const A: AppIndex = AppIndex(0);
+
     fn limit(rate: u32, burst: u32) -> Limit {
         Limit { rate: NonZeroU32::new(rate).unwrap(), burst: NonZeroU32::new(burst).unwrap() }
     }
@@ -715,7 +731,7 @@ mod tests {
     }
 
     fn quota(config: RateLimitConfig) -> Arc<QuotaSet> {
-        QuotaSet::new(&config, &["o#a".to_owned()], Metrics::new()).unwrap()
+        QuotaSet::new(&config, &[AppKey::new("o", "a")], Metrics::new()).unwrap()
     }
 
     fn refusing(config: RateLimitConfig) -> Arc<QuotaSet> {
@@ -728,7 +744,7 @@ mod tests {
         let callers: Vec<_> = (0..n)
             .map(|_| {
                 let quota = Arc::clone(quota);
-                tokio::spawn(async move { quota.acquire(0, &call("u")).await.ok().map(|_| start.elapsed()) })
+                tokio::spawn(async move { quota.acquire(A, &call("u")).await.ok().map(|_| start.elapsed()) })
             })
             .collect();
         let mut admitted = Vec::new();
@@ -756,11 +772,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn burst_then_refusal_naming_the_route_with_the_time_to_its_next_slot() {
         let quota = refusing(RateLimitConfig { route: limit(10, 2), ..RateLimitConfig::default() });
-        let first = quota.acquire(0, &clear("u")).await.unwrap();
+        let first = quota.acquire(A, &clear("u")).await.unwrap();
         assert_eq!(first.headers.limit, "\"clear_user_messages\";r=1;t=0");
         assert_eq!(first.headers.policy, "\"clear_user_messages\";q=10;w=1");
-        quota.acquire(0, &clear("u")).await.unwrap();
-        let refused = quota.acquire(0, &clear("u")).await.unwrap_err();
+        quota.acquire(A, &clear("u")).await.unwrap();
+        let refused = quota.acquire(A, &clear("u")).await.unwrap_err();
         assert!(refused.retry_after <= Duration::from_millis(101), "{:?}", refused.retry_after);
         assert_eq!(refused.headers.limit, "\"clear_user_messages\";r=0;t=1");
     }
@@ -786,7 +802,7 @@ mod tests {
         for i in 0..8 {
             let (quota, order) = (Arc::clone(&quota), Arc::clone(&order));
             callers.push(tokio::spawn(async move {
-                quota.acquire(0, &clear("u")).await.unwrap();
+                quota.acquire(A, &clear("u")).await.unwrap();
                 order.lock().unwrap().push(i);
             }));
             tokio::task::yield_now().await;
@@ -806,14 +822,14 @@ mod tests {
         let waiting: Vec<_> = (0..3)
             .map(|_| {
                 let quota = Arc::clone(&quota);
-                tokio::spawn(async move { quota.acquire(0, &clear("u")).await.is_ok() })
+                tokio::spawn(async move { quota.acquire(A, &clear("u")).await.is_ok() })
             })
             .collect();
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
         let start = Instant::now();
-        let refused = quota.acquire(0, &clear("u")).await.unwrap_err();
+        let refused = quota.acquire(A, &clear("u")).await.unwrap_err();
         assert_eq!(start.elapsed(), Duration::ZERO, "refused without waiting");
         assert!(refused.retry_after > Duration::from_millis(250), "{:?}", refused.retry_after);
         assert!(refused.retry_after < Duration::from_millis(310), "{:?}", refused.retry_after);
@@ -830,11 +846,11 @@ mod tests {
             max_wait: Duration::from_secs(5),
             ..RateLimitConfig::default()
         });
-        quota.acquire(0, &clear("u")).await.unwrap();
-        let quitter = tokio::time::timeout(Duration::from_millis(200), quota.acquire(0, &clear("u"))).await;
+        quota.acquire(A, &clear("u")).await.unwrap();
+        let quitter = tokio::time::timeout(Duration::from_millis(200), quota.acquire(A, &clear("u"))).await;
         assert!(quitter.is_err());
         let start = Instant::now();
-        quota.acquire(0, &clear("u")).await.unwrap();
+        quota.acquire(A, &clear("u")).await.unwrap();
         assert!(
             start.elapsed() < Duration::from_secs(1),
             "the first free slot, not one behind a ghost: {:?}",
@@ -852,7 +868,7 @@ mod tests {
                 let (quota, times) = (Arc::clone(&quota), Arc::clone(&times));
                 tokio::spawn(async move {
                     while start.elapsed() < Duration::from_secs(10) {
-                        match quota.acquire(0, &clear("u")).await {
+                        match quota.acquire(A, &clear("u")).await {
                             Ok(_) => times.lock().unwrap().push(start.elapsed()),
                             // A refused caller comes back a little later, as a real one would.
                             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -874,17 +890,17 @@ mod tests {
     async fn five_calls_for_one_user_go_at_once_and_a_sixth_waits_for_the_window() {
         let quota = refusing(RateLimitConfig { route: limit(100, 10), ..RateLimitConfig::default() });
         for user in ["Ann", "ann", "ANN", "aNn", "ann"] {
-            let admitted = quota.acquire(0, &conversation(user)).await.unwrap();
+            let admitted = quota.acquire(A, &conversation(user)).await.unwrap();
             assert_eq!(admitted.headers.policy, "\"delete_conversation\";q=100;w=1, \"user\";q=5;w=60");
         }
-        let refused = quota.acquire(0, &conversation("ANN")).await.unwrap_err();
+        let refused = quota.acquire(A, &conversation("ANN")).await.unwrap_err();
         assert_eq!(refused.retry_after, Duration::from_millis(60_300));
         assert_eq!(refused.headers.limit, "\"user\";r=0;t=61", "the refusal names the per-user limit");
-        assert!(quota.acquire(0, &conversation("bob")).await.is_ok(), "another user has a window of their own");
+        assert!(quota.acquire(A, &conversation("bob")).await.is_ok(), "another user has a window of their own");
         tokio::time::advance(Duration::from_secs(30)).await;
-        assert_eq!(quota.acquire(0, &conversation("ann")).await.unwrap_err().headers.limit, "\"user\";r=0;t=31");
+        assert_eq!(quota.acquire(A, &conversation("ann")).await.unwrap_err().headers.limit, "\"user\";r=0;t=31");
         tokio::time::advance(Duration::from_millis(30_300)).await;
-        assert!(quota.acquire(0, &conversation("ann")).await.is_ok());
+        assert!(quota.acquire(A, &conversation("ann")).await.is_ok());
     }
 
     #[tokio::test(start_paused = true)]
@@ -893,7 +909,7 @@ mod tests {
         let start = Instant::now();
         let mut sent = Vec::new();
         while start.elapsed() < Duration::from_secs(75) {
-            match quota.acquire(0, &conversation("ann")).await {
+            match quota.acquire(A, &conversation("ann")).await {
                 Ok(_) => sent.push(start.elapsed()),
                 Err(refused) => assert!(refused.retry_after > quota.max_wait, "refused only beyond max_wait"),
             }
@@ -906,44 +922,44 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_user_refused_by_the_route_keeps_no_place_in_their_window() {
         let quota = refusing(RateLimitConfig { route: limit(1, 1), ..RateLimitConfig::default() });
-        quota.acquire(0, &conversation("bob")).await.unwrap();
+        quota.acquire(A, &conversation("bob")).await.unwrap();
         for _ in 0..10 {
-            let refused = quota.acquire(0, &conversation("ann")).await.unwrap_err();
+            let refused = quota.acquire(A, &conversation("ann")).await.unwrap_err();
             assert!(refused.headers.limit.to_str().unwrap().starts_with("\"delete_conversation\";r=0"));
         }
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert!(quota.acquire(0, &conversation("ann")).await.is_ok(), "ann's refused calls took no place");
+        assert!(quota.acquire(A, &conversation("ann")).await.is_ok(), "ann's refused calls took no place");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_per_user_refusal_costs_no_route_quota() {
         let quota = refusing(RateLimitConfig { route: limit(1, 6), ..RateLimitConfig::default() });
         for _ in 0..5 {
-            quota.acquire(0, &conversation("ann")).await.unwrap();
+            quota.acquire(A, &conversation("ann")).await.unwrap();
         }
-        quota.acquire(0, &conversation("ann")).await.unwrap_err();
-        assert!(quota.acquire(0, &conversation("bob")).await.is_ok(), "the route's sixth slot is still there");
+        quota.acquire(A, &conversation("ann")).await.unwrap_err();
+        assert!(quota.acquire(A, &conversation("bob")).await.is_ok(), "the route's sixth slot is still there");
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_app_cap_names_itself_when_it_refuses() {
         let quota = refusing(RateLimitConfig { app: Some(limit(1, 1)), ..RateLimitConfig::default() });
-        quota.acquire(0, &clear("u")).await.unwrap();
-        let refused = quota.acquire(0, &conversation("u")).await.unwrap_err();
+        quota.acquire(A, &clear("u")).await.unwrap();
+        let refused = quota.acquire(A, &conversation("u")).await.unwrap_err();
         assert_eq!(refused.headers.limit, "\"app\";r=0;t=2", "a second and its margin");
     }
 
     #[tokio::test(start_paused = true)]
     async fn easemob_429_halves_the_lane_pauses_it_and_the_rate_recovers() {
         let quota = refusing(RateLimitConfig::default());
-        quota.upstream_throttled(0, Route::ClearUserMessages, Some(Duration::from_secs(2)));
-        let lane = quota.lane(0, Route::ClearUserMessages);
+        quota.upstream_throttled(A, Route::ClearUserMessages, Some(Duration::from_secs(2)));
+        let lane = quota.lane(A, Route::ClearUserMessages);
         assert_eq!(lane.current().rate(), 50);
-        let refused = quota.acquire(0, &clear("u")).await.unwrap_err();
+        let refused = quota.acquire(A, &clear("u")).await.unwrap_err();
         assert!(refused.retry_after > Duration::from_secs(1), "paused for Easemob's Retry-After");
-        assert!(quota.acquire(0, &conversation("u")).await.is_ok(), "other routes are not paused");
+        assert!(quota.acquire(A, &conversation("u")).await.is_ok(), "other routes are not paused");
         tokio::time::advance(Duration::from_millis(2100)).await;
-        assert!(quota.acquire(0, &clear("u")).await.is_ok(), "the pause is over");
+        assert!(quota.acquire(A, &clear("u")).await.is_ok(), "the pause is over");
         tokio::time::sleep(Duration::from_secs(30)).await;
         assert_eq!(lane.current().rate(), 100, "recovered step by step after 5 s without a 429");
     }
@@ -965,18 +981,18 @@ mod tests {
             max_wait: Duration::ZERO,
             ..Default::default()
         };
-        let quota = QuotaSet::new(&config, &["o#a".to_owned()], Metrics::new()).unwrap();
+        let quota = QuotaSet::new(&config, &[AppKey::new("o", "a")], Metrics::new()).unwrap();
         // Half the burst (2 of 4), then a refusal naming the route.
-        assert!(quota.acquire(0, &clear("u")).await.is_ok());
-        assert!(quota.acquire(0, &clear("u")).await.is_ok());
-        let refused = quota.acquire(0, &clear("u")).await.unwrap_err();
+        assert!(quota.acquire(A, &clear("u")).await.is_ok());
+        assert!(quota.acquire(A, &clear("u")).await.is_ok());
+        let refused = quota.acquire(A, &clear("u")).await.unwrap_err();
         assert!(refused.headers.limit.to_str().unwrap().starts_with("\"clear_user_messages\";r=0"));
         assert_eq!(quota.metrics.rate_limit_backend_fallback.get(), 1);
         // Half the per-user window (2 of 4), with its own refusal.
         for user in ["ann", "ANN"] {
-            assert!(quota.acquire(0, &conversation(user)).await.is_ok(), "{user}");
+            assert!(quota.acquire(A, &conversation(user)).await.is_ok(), "{user}");
         }
-        let refused = quota.acquire(0, &conversation("Ann")).await.unwrap_err();
+        let refused = quota.acquire(A, &conversation("Ann")).await.unwrap_err();
         assert!(refused.headers.limit.to_str().unwrap().starts_with("\"user\";r=0;t="), "{:?}", refused.headers.limit);
     }
 
@@ -1017,7 +1033,7 @@ mod tests {
             let answer = service.clone().oneshot(retry).await.unwrap();
             assert_eq!((answer.status().as_u16(), calls.load(Ordering::SeqCst)), (429, 2), "sent without a new slot");
             assert!(answer.is_from_easemob());
-            let rate = quota.lane(0, Route::ClearUserMessages).current().rate();
+            let rate = quota.lane(A, Route::ClearUserMessages).current().rate();
             assert_eq!(rate, 1, "halved, but never below one call");
             assert_eq!(quota.metrics.upstream_throttled.with_label_values(&["o#a", "clear_user_messages"]).get(), 1);
         }

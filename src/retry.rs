@@ -78,7 +78,7 @@ impl Policy<Exchange, Answer, Infallible> for SafeRetry {
             return None;
         }
         self.retried = true;
-        self.retries.with_label_values(&[&exchange.app.key, exchange.route().name()]).inc();
+        self.retries.with_label_values(&[exchange.app.key.as_str(), exchange.route().name()]).inc();
         exchange.deadline = Some(deadline);
         exchange.slot = answer.extensions_mut().remove::<UnusedSlot>();
         if answer.is_from_easemob() {

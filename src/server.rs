@@ -27,9 +27,9 @@ use crate::access::Access;
 use crate::admin::{ADMIN_MAX_CONNECTIONS, AdminService};
 use crate::apps::{App, Apps};
 use crate::audit::{Audit, AuditOpenError};
-use crate::config::{Config, SecretError, SecretPolicy};
+use crate::config::{AppKey, Config, SecretError, SecretPolicy};
 use crate::metrics::Metrics;
-use crate::ratelimit::{QuotaSet, RedisError};
+use crate::ratelimit::{AppIndex, QuotaSet, RedisError};
 use crate::retry::SafeRetry;
 use crate::stack::{Shared, data_plane};
 use crate::token::{Credentials, EasemobFetch, TokenSource};
@@ -75,7 +75,7 @@ impl Server {
         }
         let metrics = Metrics::new();
         let upstream = Upstream::new(&config.upstream)?;
-        let keys: Vec<String> = config.apps.iter().map(|app| app.app_key()).collect();
+        let keys: Vec<AppKey> = config.apps.iter().map(|app| app.app_key()).collect();
         let quota = QuotaSet::new(&config.rate_limit, &keys, metrics.clone()).map_err(StartError::Redis)?;
         let apps = config
             .apps
@@ -90,7 +90,7 @@ impl Server {
                 };
                 let fetch = EasemobFetch { credentials, upstream: upstream.clone(), ttl: config.token.ttl };
                 let token = TokenSource::spawn(app.app_key(), fetch, config.token.clone(), metrics.clone());
-                Ok(Arc::new(App::new(index, (&app.org_name, &app.app_name), token, &quota, &metrics)))
+                Ok(Arc::new(App::new(AppIndex(index), (&app.org_name, &app.app_name), token, &quota, &metrics)))
             })
             .collect::<Result<Vec<_>, StartError>>()?;
         let bind = |setting, addr| move |source| StartError::Bind { setting, addr, source };

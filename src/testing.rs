@@ -12,10 +12,10 @@ use secrecy::SecretString;
 use tokio::time::Instant;
 
 use crate::apps::App;
-use crate::config::{RateLimitConfig, TokenConfig};
+use crate::config::{AppKey, RateLimitConfig, TokenConfig};
 use crate::exchange::{Answer, Exchange, Marks, Validated};
 use crate::metrics::Metrics;
-use crate::ratelimit::QuotaSet;
+use crate::ratelimit::{AppIndex, QuotaSet};
 use crate::routes::{Call, Route};
 use crate::token::{Fetch, Grant, TokenError, TokenSource};
 
@@ -75,7 +75,7 @@ pub fn refused() -> TokenError {
 
 /// A token source on a scripted endpoint (`min_interval` out of the way unless the config says otherwise).
 pub fn source(fetch: &ScriptedFetch, config: TokenConfig) -> Arc<TokenSource> {
-    TokenSource::spawn("o#a".to_owned(), fetch.clone(), config, Metrics::new())
+    TokenSource::spawn(AppKey::new("o", "a"), fetch.clone(), config, Metrics::new())
 }
 
 /// The app `o#a` with the default quota (unless `quota` says otherwise) and a token from `fetch`.
@@ -85,12 +85,12 @@ pub fn app(fetch: &ScriptedFetch, quota: &Arc<QuotaSet>) -> Arc<App> {
 
 /// [`app`], its lanes counted in `metrics`.
 pub fn measured_app(fetch: &ScriptedFetch, quota: &Arc<QuotaSet>, metrics: &Metrics) -> Arc<App> {
-    let token = TokenSource::spawn("o#a".to_owned(), fetch.clone(), TokenConfig::default(), metrics.clone());
-    Arc::new(App::new(0, ("o", "a"), token, quota, metrics))
+    let token = TokenSource::spawn(AppKey::new("o", "a"), fetch.clone(), TokenConfig::default(), metrics.clone());
+    Arc::new(App::new(AppIndex(0), ("o", "a"), token, quota, metrics))
 }
 
 pub fn quota(config: RateLimitConfig) -> Arc<QuotaSet> {
-    QuotaSet::new(&config, &["o#a".to_owned()], Metrics::new()).unwrap()
+    QuotaSet::new(&config, &[AppKey::new("o", "a")], Metrics::new()).unwrap()
 }
 
 /// `clear_user_messages` for `user`.

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 use tracing::{info, warn};
 
-use crate::config::TokenConfig;
+use crate::config::{AppKey, TokenConfig};
 use crate::error::GatewayError;
 use crate::exchange::{Answer, Exchange, Marks};
 use crate::metrics::Metrics;
@@ -169,7 +169,7 @@ pub struct EasemobFetch {
 }
 
 pub struct TokenSource {
-    app_key: String,
+    app_key: AppKey,
     fetcher: Box<dyn Fetch>,
     config: TokenConfig,
     metrics: Metrics,
@@ -178,11 +178,11 @@ pub struct TokenSource {
 
 impl TokenSource {
     /// Creates the source and starts its background task, which fetches the first token at once.
-    pub fn spawn(app_key: String, fetcher: impl Fetch, config: TokenConfig, metrics: Metrics) -> Arc<Self> {
+    pub fn spawn(app_key: AppKey, fetcher: impl Fetch, config: TokenConfig, metrics: Metrics) -> Arc<Self> {
         // Series exist from the start at 0, so rate() and alerts work before the first event.
-        metrics.token_replays.with_label_values(&[&app_key]);
+        metrics.token_replays.with_label_values(&[app_key.as_str()]);
         for result in ["ok", "rejected", "unreachable", "malformed"] {
-            metrics.token_fetches.with_label_values(&[&app_key, result]);
+            metrics.token_fetches.with_label_values(&[app_key.as_str(), result]);
         }
         let source = Arc::new(TokenSource {
             app_key,
@@ -313,7 +313,7 @@ impl TokenSource {
                     refresh_at
                 }
                 Err(e) => {
-                    self.metrics.token_fetches.with_label_values(&[&self.app_key, e.result_label()]).inc();
+                    self.metrics.token_fetches.with_label_values(&[self.app_key.as_str(), e.result_label()]).inc();
                     // Equal jitter: half fixed, half random, so replicas that failed together spread out.
                     let delay = backoff / 2 + backoff.mul_f64(fastrand::f64() / 2.0);
                     backoff = (backoff * 2).min(self.config.retry_max);
@@ -362,8 +362,8 @@ impl TokenSource {
             generation = s.generation;
             after_refusal = std::mem::take(&mut s.replacing_refused);
         });
-        self.metrics.token_fetches.with_label_values(&[&self.app_key, "ok"]).inc();
-        self.metrics.token_expires_at.with_label_values(&[&self.app_key]).set(expires_at_unix);
+        self.metrics.token_fetches.with_label_values(&[self.app_key.as_str(), "ok"]).inc();
+        self.metrics.token_expires_at.with_label_values(&[self.app_key.as_str()]).set(expires_at_unix);
         info!(app = %self.app_key, expires_in = answer.expires_in, generation, "app token fetched");
         Ok(Token {
             authorization,
@@ -552,7 +552,7 @@ where
             }
             return Ok(answer);
         }
-        replays.with_label_values(&[&exchange.app.key]).inc();
+        replays.with_label_values(&[exchange.app.key.as_str()]).inc();
         Err(Box::pin(async move {
             let token = match source.get().await {
                 Ok(token) => token,

@@ -267,7 +267,7 @@ impl Service<Exchange> for Forward {
             };
             match code {
                 None => lane.metrics.upstream_ok.inc(),
-                Some(code) => inner.upstream_requests.with_label_values(&[&app.key, route.name(), code]).inc(),
+                Some(code) => inner.upstream_requests.with_label_values(&[app.key.as_str(), route.name(), code]).inc(),
             }
             let mut answer = match result {
                 Ok(response) => pass_through(response),
