@@ -4,10 +4,8 @@
 
 use std::convert::Infallible;
 use std::fs::{File, OpenOptions};
-use std::future::Future;
 use std::io::Write;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::SystemTime;
@@ -18,7 +16,7 @@ use tower::{Layer, Service};
 use tracing::error;
 
 use crate::config::{AuditConfig, is_plain_label};
-use crate::exchange::{Answer, Exchange, Marks};
+use crate::exchange::{Answer, Exchange, Marks, Waiting};
 use crate::metrics::Metrics;
 use crate::routes::{Call, ConversationType};
 
@@ -210,7 +208,7 @@ where
     type Response = Answer;
     type Error = Infallible;
     /// Without an audit trail, the inner future itself: nothing to box.
-    type Future = Either<S::Future, Pin<Box<dyn Future<Output = Result<Answer, Infallible>> + Send>>>;
+    type Future = Either<S::Future, Waiting>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)

@@ -16,6 +16,10 @@ use crate::token::Token;
 /// Every answer the data plane gives: small, whole JSON bodies.
 pub type Answer = Response<Full<Bytes>>;
 
+/// An answer a layer has to wait for (a quota slot, a token fetch, a body, Easemob): the one boxed future shape.
+pub type Waiting =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Answer, std::convert::Infallible>> + Send>>;
+
 /// A validated call and what travels with it. Cheap to clone (the token layer and the retry keep a copy): what
 /// validation fixed is shared, and reached through `Deref` (`exchange.app`, `exchange.call`).
 #[derive(Clone)]

@@ -33,7 +33,7 @@ use tower::ServiceExt;
 
 use crate::config::{AppKey, Limit, RateLimitBackend, RateLimitConfig};
 use crate::error::{GatewayError, RATELIMIT, RATELIMIT_POLICY, retry_after_secs};
-use crate::exchange::{Answer, Exchange, Marks, UnusedSlot};
+use crate::exchange::{Answer, Exchange, Marks, UnusedSlot, Waiting};
 use crate::metrics::Metrics;
 use crate::routes::{Call, Route};
 
@@ -601,8 +601,6 @@ pub struct Quota<S> {
     inner: S,
     quota: Arc<QuotaSet>,
 }
-
-type Waiting = Pin<Box<dyn Future<Output = Result<Answer, Infallible>> + Send>>;
 
 impl<S> tower::Service<Exchange> for Quota<S>
 where

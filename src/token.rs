@@ -24,7 +24,7 @@ use tracing::{info, warn};
 
 use crate::config::{AppKey, TokenConfig};
 use crate::error::GatewayError;
-use crate::exchange::{Answer, Exchange, Marks};
+use crate::exchange::{Answer, Exchange, Marks, Waiting};
 use crate::metrics::Metrics;
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -452,8 +452,6 @@ pub struct Authorize<S> {
     replays: IntCounterVec,
 }
 
-type Boxed = Pin<Box<dyn Future<Output = Result<Answer, Infallible>> + Send>>;
-
 impl<S> Service<Exchange> for Authorize<S>
 where
     S: Service<Exchange, Response = Answer, Error = Infallible> + Clone + Send + 'static,
@@ -462,7 +460,7 @@ where
     type Response = Answer;
     type Error = Infallible;
     /// With a token at hand (the common case) a named future, no box; waiting for a fetch, boxed.
-    type Future = Either<Attempt<S>, Boxed>;
+    type Future = Either<Attempt<S>, Waiting>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -497,7 +495,7 @@ pin_project_lite::pin_project! {
     #[project = AttemptProj]
     pub enum Attempt<S> where S: Service<Exchange> {
         First { #[pin] answer: S::Future, replay: Option<Replay<S>> },
-        Replaying { answer: Boxed },
+        Replaying { answer: Waiting },
     }
 }
 
@@ -540,7 +538,7 @@ where
 {
     /// The first answer, or the replay to wait for instead: when Easemob refused a token that is still the
     /// current one (it died early, as Easemob warns it can), it is replaced once and the call replayed.
-    fn after(self, answer: Answer) -> Result<Answer, Boxed> {
+    fn after(self, answer: Answer) -> Result<Answer, Waiting> {
         let Replay { mut inner, mut exchange, token, replays } = self;
         if !answer.is_from_easemob() {
             return Ok(answer);

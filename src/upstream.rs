@@ -2,8 +2,6 @@
 //! per exchange, and answers read whole (they are small JSON) so a cut-off answer becomes a definite 502.
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -24,7 +22,7 @@ use tracing::warn;
 
 use crate::config::{BaseUrl, UpstreamConfig};
 use crate::error::GatewayError;
-use crate::exchange::{Answer, Exchange, Marks};
+use crate::exchange::{Answer, Exchange, Marks, Waiting};
 use crate::metrics::Metrics;
 use crate::observe::X_REQUEST_ID;
 
@@ -225,7 +223,7 @@ impl Forward {
 impl Service<Exchange> for Forward {
     type Response = Answer;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Answer, Infallible>> + Send>>;
+    type Future = Waiting;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         // The pool is the readiness here, and it waits inside the call (bounded by the deadline).

@@ -21,7 +21,7 @@ use super::{Call, Endpoint, Route, ValidationError, resolve};
 use crate::access::Caller;
 use crate::apps::{App, Apps};
 use crate::error::{GatewayError, RATELIMIT_POLICY, json_response, unix_millis};
-use crate::exchange::{Answer, Exchange, Labels, Marks, Validated};
+use crate::exchange::{Answer, Exchange, Labels, Marks, Validated, Waiting};
 use crate::observe::X_REQUEST_ID;
 
 /// Easemob's `delete_conversation` body is three fields; anything this large is not one.
@@ -60,8 +60,6 @@ pub struct Validate<S> {
     body_read_timeout: Duration,
 }
 
-type Boxed = Pin<Box<dyn Future<Output = Result<Answer, Infallible>> + Send>>;
-
 impl<S, B> Service<Request<B>> for Validate<S>
 where
     S: Service<Exchange, Response = Answer, Error = Infallible> + Clone + Send + 'static,
@@ -73,7 +71,7 @@ where
     type Error = Infallible;
     /// Decided from the request line (five routes of six, and every refusal there): a named future, no box.
     /// With a body to read first (`delete_conversation`): boxed.
-    type Future = Labelled<Either<Either<S::Future, Ready<Result<Answer, Infallible>>>, Boxed>>;
+    type Future = Labelled<Either<Either<S::Future, Ready<Result<Answer, Infallible>>>, Waiting>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -104,7 +102,7 @@ where
                         Ok(exchange) => inner.oneshot(exchange).await,
                         Err(e) => Ok(e.into_response(started)),
                     }
-                }) as Boxed)
+                }) as Waiting)
             }
         };
         Labelled { answer, labels: Some(labels) }
