@@ -59,7 +59,6 @@ const RECOVERY_STEP: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct Admitted {
     pub headers: RateLimitHeaders,
-    pub waited: Duration,
 }
 
 /// A request the quota refused: it cost nothing and goes nowhere.
@@ -313,7 +312,7 @@ impl QuotaSet {
                     0 => lane.admitted_none_left.clone(),
                     n => header(format!("\"{}\";r={n};t=0", lane.route.name())),
                 };
-                Ok(Admitted { headers: RateLimitHeaders { policy: lane.policy.clone(), limit }, waited })
+                Ok(Admitted { headers: RateLimitHeaders { policy: lane.policy.clone(), limit } })
             }
             Err((scope, retry_after)) => {
                 let limit = match (scope, retry_after_secs(retry_after)) {

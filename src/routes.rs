@@ -5,7 +5,7 @@
 mod layer;
 mod validate;
 
-pub use layer::{MAX_BODY_BYTES, PLACEHOLDER_TOKEN, ValidateLayer};
+pub use layer::ValidateLayer;
 pub use validate::{Call, Conversation, ConversationType, DelTime, GroupId, MsgIds, UserId, ValidationError};
 
 use http::Method;
