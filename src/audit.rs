@@ -109,7 +109,7 @@ impl Event {
                     (Some(group.to_string()), Some(del_time.millis()), *notify);
             }
             Call::DeleteConversation { conversation, .. } => {
-                event.channel = Some(conversation.channel.clone());
+                event.channel = Some(conversation.channel.to_string());
                 event.conversation_type = Some(conversation.kind);
                 event.delete_roam = Some(conversation.delete_roam);
             }

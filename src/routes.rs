@@ -6,7 +6,7 @@ mod layer;
 mod validate;
 
 pub use layer::ValidateLayer;
-pub use validate::{Call, Conversation, ConversationType, DelTime, GroupId, MsgIds, UserId, ValidationError};
+pub use validate::{Call, Channel, Conversation, ConversationType, DelTime, GroupId, MsgIds, UserId, ValidationError};
 
 use http::Method;
 

@@ -121,6 +121,17 @@ id_type!(
     /// A group or chat-room ID. Numeric in every example, but no format is documented, so the user ID rule applies.
     GroupId
 );
+id_type!(
+    /// A conversation's other side in `delete_conversation`: the peer's user ID for `chat`, the group ID for
+    /// `groupchat`; both follow the same rule.
+    Channel
+);
+
+impl Serialize for Channel {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
 
 /// 1 to 50 distinct message IDs, in the caller's order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -226,7 +237,7 @@ pub enum ConversationType {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Conversation {
     /// The peer's user ID for `chat`, the group ID for `groupchat`; both follow the same ID rule.
-    pub channel: String,
+    pub channel: Channel,
     #[serde(rename = "type")]
     pub kind: ConversationType,
     pub delete_roam: bool,
@@ -278,8 +289,7 @@ impl Conversation {
             ConversationType::Chat => "field channel (the peer's user ID)",
             ConversationType::Groupchat => "field channel (the group ID)",
         };
-        check_id(&what, channel)?;
-        Ok(Conversation { channel: channel.to_owned(), kind, delete_roam })
+        Ok(Conversation { channel: Channel::parse(what, channel)?, kind, delete_roam })
     }
 }
 
