@@ -185,7 +185,7 @@ impl GatewayError {
         let mut response = envelope(status, error, &description, started, origin);
         let response_headers = response.headers_mut();
         if let Some(wait) = retry_after {
-            response_headers.insert(header::RETRY_AFTER, retry_after_secs(wait).into());
+            response_headers.insert(header::RETRY_AFTER, retry_after_value(wait));
         }
         for (name, value) in headers.into_iter().flatten() {
             response_headers.insert(name, value);
@@ -216,6 +216,15 @@ struct Shape {
 /// A refusal with no header of its own.
 fn rejected(status: StatusCode, error: &'static str, description: Cow<'static, str>) -> Shape {
     Shape { status, error, description, origin: REJECTED, retry_after: None, headers: [None, None] }
+}
+
+/// The `Retry-After` value: the few usual ones (a flood's refusals say 1 or 2) without formatting or allocating.
+fn retry_after_value(wait: Duration) -> HeaderValue {
+    const SHORT: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match retry_after_secs(wait) {
+        secs @ 0..=9 => HeaderValue::from_static(SHORT[secs as usize]),
+        secs => secs.into(),
+    }
 }
 
 /// Whole seconds for `Retry-After`, never 0 (which would invite an immediate retry storm).
@@ -305,5 +314,7 @@ mod tests {
     fn retry_after_is_never_zero() {
         assert_eq!(retry_after_secs(Duration::ZERO), 1);
         assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
+        assert_eq!(retry_after_value(Duration::from_millis(10)), "1");
+        assert_eq!(retry_after_value(Duration::from_millis(60_300)), "61");
     }
 }
