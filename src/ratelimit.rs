@@ -368,12 +368,10 @@ impl QuotaSet {
         (Instant::now() + estimate > deadline).then_some(Err((scope, estimate)))
     }
 
-    /// The in-process decision: `Ok(calls left at once)`, or the limit that refused and when it has room.
+    /// The in-process decision: `Ok(calls left at once)`, or the limit that refused and when it has room. Each
+    /// step first decides what it can at once, as [`QuotaSet::decide_now`] does, then waits.
     async fn local(&self, app: AppIndex, lane: &Lane, user: Option<&str>) -> Result<u32, Refusal> {
         let deadline = Instant::now() + self.max_wait;
-        if let Some(decided) = self.decide_now(app, lane, user, deadline) {
-            return decided;
-        }
         let place = match user {
             Some(user) => Some(self.user_place(app, user, deadline).await?),
             None => None,
@@ -406,9 +404,8 @@ impl QuotaSet {
         let interval = lane.current().interval();
         let _waiter = Waiter::enter(&lane.waiting);
         let ahead = lane.waiting.load(Ordering::Acquire).saturating_sub(1) as u32;
-        let scope = Scope::Route;
         let Ok(_turn) = tokio::time::timeout_at(deadline, lane.queue.lock()).await else {
-            return Err((scope, interval * (ahead + 1)));
+            return Err((Scope::Route, interval * (ahead + 1)));
         };
         loop {
             if let Some(pause) = lane.pause_left() {

@@ -132,6 +132,13 @@ struct State {
     replacing_refused: bool,
 }
 
+impl State {
+    /// The current token, if it may still be used at `now`.
+    fn usable(&self, now: Instant) -> Option<&Arc<Token>> {
+        self.token.as_ref().filter(|t| t.usable(now))
+    }
+}
+
 /// The client credentials of one app, and where to send them.
 pub struct Credentials {
     pub org: String,
@@ -197,8 +204,7 @@ impl TokenSource {
 
     /// The current token if it is usable now: the request path's usual case, decided without a future.
     pub fn try_get(&self) -> Option<Arc<Token>> {
-        let state = self.state.borrow();
-        state.token.as_ref().filter(|t| t.usable(Instant::now())).map(Arc::clone)
+        self.state.borrow().usable(Instant::now()).map(Arc::clone)
     }
 
     /// A usable token. Waits (at most [`MAX_FETCH_WAIT`]) only while a fetch that has not failed yet is in flight
@@ -210,7 +216,7 @@ impl TokenSource {
             {
                 let state = rx.borrow_and_update();
                 let now = Instant::now();
-                if let Some(token) = state.token.as_ref().filter(|t| t.usable(now)) {
+                if let Some(token) = state.usable(now) {
                     return Ok(Arc::clone(token));
                 }
                 if let Some(until) = state.failed_until {
@@ -219,7 +225,7 @@ impl TokenSource {
             }
             // The token ran out between refreshes (a refresh that is not due yet): ask for a fetch now.
             self.state.send_if_modified(|s| {
-                let idle = !s.fetching && !s.wanted && s.token.as_ref().is_none_or(|t| !t.usable(Instant::now()));
+                let idle = !s.fetching && !s.wanted && s.usable(Instant::now()).is_none();
                 if idle {
                     s.wanted = true;
                 }
@@ -267,13 +273,13 @@ impl TokenSource {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.state.borrow().token.as_ref().is_some_and(|t| t.usable(Instant::now()))
+        self.state.borrow().usable(Instant::now()).is_some()
     }
 
     pub fn status(&self) -> TokenStatus {
         let state = self.state.borrow();
         let now = Instant::now();
-        match state.token.as_ref().filter(|t| t.usable(now)) {
+        match state.usable(now) {
             Some(token) => TokenStatus {
                 state: "valid",
                 expires_in_seconds: token.usable_until.map(|u| u.saturating_duration_since(now).as_secs()),

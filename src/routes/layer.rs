@@ -85,19 +85,13 @@ where
             Err(e) => Either::Left(Either::Right(ready(Ok(e.into_response(started))))),
             Ok(Edge::Answer(answer)) => Either::Left(Either::Right(ready(Ok(answer)))),
             Ok(Edge::Call(exchange)) => Either::Left(Either::Left(self.inner.call(exchange))),
-            Ok(Edge::Body(route)) => {
+            Ok(Edge::Body(route, owner)) => {
                 let (inner, timeout) = (self.inner.clone(), self.body_read_timeout);
                 let app = labels.app.clone().expect("named before the body is read");
                 Either::Right(Box::pin(async move {
-                    // The path resolved to this operation a moment ago; its owner segment is read again here
-                    // rather than copied for the wait.
-                    let owner = match resolve(parts.uri.path()).map(|resolved| resolved.endpoint) {
-                        Some(Endpoint::Operation { owner, .. }) => owner,
-                        _ => unreachable!("resolved to an operation before"),
-                    };
                     let exchange = read_body(body, timeout)
                         .await
-                        .and_then(|body| call(&parts, route, owner, &body, &app, started).map_err(GatewayError::from));
+                        .and_then(|body| call(&parts, route, &owner, &body, &app, started).map_err(GatewayError::from));
                     match exchange {
                         Ok(exchange) => inner.oneshot(exchange).await,
                         Err(e) => Ok(e.into_response(started)),
@@ -113,8 +107,9 @@ where
 enum Edge {
     /// A valid call, for the layers below.
     Call(Exchange),
-    /// A call whose body must be read before it can be validated.
-    Body(Route),
+    /// A call whose body must be read before it can be validated; `owner` is its raw path segment, kept for then
+    /// (copied, rather than resolving the path again).
+    Body(Route, String),
     /// Answered here (the SDK drop-in).
     Answer(Answer),
 }
@@ -141,7 +136,7 @@ fn edge(parts: &Parts, apps: &Apps, started: Instant, labels: &mut Labels) -> Re
     let app = apps.find(resolved.app)?;
     labels.app = Some(Arc::clone(app));
     match route {
-        Route::DeleteConversation => Ok(Edge::Body(route)),
+        Route::DeleteConversation => Ok(Edge::Body(route, owner.to_owned())),
         // The five roaming routes take no body: whatever was sent is ignored, never forwarded.
         _ => Ok(Edge::Call(call(parts, route, owner, b"", app, started)?)),
     }
