@@ -15,20 +15,6 @@ async fn gateway(sim: &Sim, quota: &str) -> Gateway {
     Gateway::ready_with(sim, with_quota(quota)).await
 }
 
-async fn burst(url: &str, n: usize) -> Vec<Answer> {
-    let handles: Vec<_> = (0..n)
-        .map(|_| {
-            let url = url.to_owned();
-            tokio::spawn(async move { send(Method::POST, &url, &[], "").await })
-        })
-        .collect();
-    let mut answers = Vec::new();
-    for h in handles {
-        answers.push(h.await.unwrap());
-    }
-    answers
-}
-
 #[tokio::test]
 async fn a_burst_beyond_the_quota_is_refused_with_429_and_what_passed_reached_easemob() {
     let sim = Sim::start().await;

@@ -8,23 +8,29 @@ use crate::support::*;
 
 const REPLICAS: usize = 3;
 
-/// Three replicas sharing one Redis, with no waiting and a route quota of 6 at once, refilling once a second.
-async fn replicas(sim: &Sim, redis: &Redis) -> Vec<Gateway> {
+/// A gateway whose quota is shared through `redis`: `quota` goes into `[rate_limit]`, `settings` into
+/// `[rate_limit.redis]` (beside the URL).
+fn on_redis(redis: &Redis, quota: &str, settings: &str) -> GatewayOptions {
     let extra = format!(
-        "[rate_limit]\nbackend = \"redis\"\nmax_wait = \"0s\"\nroute = {{ rate = 1, burst = 6 }}\n\
-         [rate_limit.redis]\nurl = \"{}\"\ntimeout = \"200ms\"\nexpected_replicas = {REPLICAS}\n",
+        "[rate_limit]\nbackend = \"redis\"\n{quota}\n[rate_limit.redis]\nurl = \"{}\"\n{settings}\n",
         redis.url()
     );
+    GatewayOptions { extra, ..Default::default() }
+}
+
+/// Three replicas sharing one Redis, with no waiting and a route quota of 6 at once, refilling once a second.
+async fn replicas(sim: &Sim, redis: &Redis) -> Vec<Gateway> {
+    let settings = format!("timeout = \"200ms\"\nexpected_replicas = {REPLICAS}");
     let mut gateways = Vec::new();
     for _ in 0..REPLICAS {
-        let gw = Gateway::ready_with(sim, GatewayOptions { extra: extra.clone(), ..Default::default() }).await;
-        gateways.push(gw);
+        let options = on_redis(redis, "max_wait = \"0s\"\nroute = { rate = 1, burst = 6 }", &settings);
+        gateways.push(Gateway::ready_with(sim, options).await);
     }
     gateways
 }
 
 /// `per_replica` calls to each replica, all at once; returns how many were admitted and how long it took.
-async fn burst(gateways: &[Gateway], per_replica: usize) -> (usize, Duration) {
+async fn burst_all(gateways: &[Gateway], per_replica: usize) -> (usize, Duration) {
     let started = std::time::Instant::now();
     let calls: Vec<_> = gateways
         .iter()
@@ -54,7 +60,7 @@ async fn three_replicas_share_one_quota() {
     let redis = Redis::start().await;
     let sim = Sim::start().await;
     let gateways = replicas(&sim, &redis).await;
-    let (admitted, took) = burst(&gateways, 6).await;
+    let (admitted, took) = burst_all(&gateways, 6).await;
     // One quota of 6 at once (plus a refill a second), not 6 per replica.
     let bound = 6 + took.as_secs() as usize + 1;
     assert!((6..=bound).contains(&admitted), "{admitted} of 18 admitted in {took:?}");
@@ -69,16 +75,16 @@ async fn replicas_keep_answering_at_their_share_while_redis_is_down_and_return_t
     let gateways = replicas(&sim, &redis).await;
     redis.kill().await;
     // Each replica notices on its next call, then enforces its share: 6 / 3 = 2 at once.
-    let _ = burst(&gateways, 1).await;
+    let _ = burst_all(&gateways, 1).await;
     all_in_fallback(&gateways, 1).await;
-    let (admitted, took) = burst(&gateways, 6).await;
+    let (admitted, took) = burst_all(&gateways, 6).await;
     let bound = REPLICAS * (2 + took.as_secs() as usize + 1);
     assert!(admitted > 0 && admitted <= bound, "{admitted} admitted during the outage, bound {bound}");
 
     redis.restart().await;
     // Back on Redis once a probe (at most one a second per replica) gets through.
     eventually(Duration::from_secs(15), "every replica back on Redis", || async {
-        let _ = burst(&gateways, 1).await;
+        let _ = burst_all(&gateways, 1).await;
         let mut back = true;
         for gw in &gateways {
             back &= gw.metrics().await.contains("easemob_gateway_rate_limit_backend_fallback 0");
@@ -92,12 +98,8 @@ async fn replicas_keep_answering_at_their_share_while_redis_is_down_and_return_t
 async fn through_redis_a_caller_that_hangs_up_gives_its_reserved_slot_back() {
     let redis = Redis::start().await;
     let sim = Sim::start().await;
-    let extra = format!(
-        "[rate_limit]\nbackend = \"redis\"\nmax_wait = \"5s\"\nroute = {{ rate = 1, burst = 1 }}\n\
-         [rate_limit.redis]\nurl = \"{}\"\ntimeout = \"200ms\"\n",
-        redis.url()
-    );
-    let gw = Gateway::ready_with(&sim, GatewayOptions { extra, ..Default::default() }).await;
+    let options = on_redis(&redis, "max_wait = \"5s\"\nroute = { rate = 1, burst = 1 }", "timeout = \"200ms\"");
+    let gw = Gateway::ready_with(&sim, options).await;
     let url = clear_url(&gw, "dave");
     // The lane's state in Redis: the time its next slot becomes free.
     let redis_addr = format!("127.0.0.1:{}", redis.port);
@@ -123,13 +125,9 @@ async fn through_redis_a_caller_that_hangs_up_gives_its_reserved_slot_back() {
 async fn through_redis_one_users_window_is_shared_by_every_replica() {
     let redis = Redis::start().await;
     let sim = Sim::start().await;
-    let extra = format!(
-        "[rate_limit]\nbackend = \"redis\"\n[rate_limit.redis]\nurl = \"{}\"\ntimeout = \"500ms\"\n",
-        redis.url()
-    );
     let (a, b) = (
-        Gateway::ready_with(&sim, GatewayOptions { extra: extra.clone(), ..Default::default() }).await,
-        Gateway::ready_with(&sim, GatewayOptions { extra, ..Default::default() }).await,
+        Gateway::ready_with(&sim, on_redis(&redis, "", "timeout = \"500ms\"")).await,
+        Gateway::ready_with(&sim, on_redis(&redis, "", "timeout = \"500ms\"")).await,
     );
     let body = serde_json::json!({"channel": "bob", "type": "chat", "delete_roam": false}).to_string();
     // Five at once, spread over both replicas: all go (Easemob takes five together).
@@ -160,20 +158,9 @@ async fn through_redis_one_users_window_is_shared_by_every_replica() {
 async fn through_redis_a_burst_of_a_routes_quota_is_served_in_full() {
     let redis = Redis::start().await;
     let sim = Sim::start().await;
-    let extra = format!(
-        "[rate_limit]\nbackend = \"redis\"\n[rate_limit.redis]\nurl = \"{}\"\ntimeout = \"500ms\"\n",
-        redis.url()
-    );
-    let gw = Gateway::ready_with(&sim, GatewayOptions { extra, ..Default::default() }).await;
-    let url = clear_url(&gw, "dave");
-    let calls: Vec<_> = (0..100)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move { send(Method::POST, &url, &[], "").await.status })
-        })
-        .collect();
-    for call in calls {
-        assert_eq!(call.await.unwrap(), 200);
+    let gw = Gateway::ready_with(&sim, on_redis(&redis, "", "timeout = \"500ms\"")).await;
+    for answer in burst(&clear_url(&gw, "dave"), 100).await {
+        assert_eq!(answer.status, 200);
     }
     assert!(gw.metrics().await.contains("easemob_gateway_rate_limit_backend_fallback 0"), "decided in Redis");
     assert_eq!(sim.over_limit().await, 0);

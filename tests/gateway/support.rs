@@ -269,6 +269,21 @@ impl Gateway {
 }
 
 /// Polls `check` every 50 ms until it holds, for at most `limit`.
+/// `n` POSTs to `url` at once (each on its own connection); their answers.
+pub async fn burst(url: &str, n: usize) -> Vec<Answer> {
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let url = url.to_owned();
+            tokio::spawn(async move { send(Method::POST, &url, &[], "").await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for h in handles {
+        answers.push(h.await.unwrap());
+    }
+    answers
+}
+
 /// `clear_user_messages` for `user`: the simplest of the six routes, the tests' usual call.
 pub fn clear_url(gw: &Gateway, user: &str) -> String {
     gw.url(&format!("/rest/message/roaming/user/{user}/delete/all"))

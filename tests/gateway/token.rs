@@ -19,24 +19,11 @@ async fn a_hundred_concurrent_first_requests_cause_one_fetch() {
     // The quota is raised out of the way: this test is about the token.
     let extra = "[rate_limit]\nroute = { rate = 10000, burst = 100 }\n".to_owned();
     let gw = Gateway::start(&sim, GatewayOptions { extra, ..Default::default() }).await;
-    let url = clear_url(&gw, "dave");
-    let requests = (0..100).map(|_| {
-        let url = url.clone();
-        tokio::spawn(async move { send(Method::POST, &url, &[], "").await })
-    });
-    for answer in futures_join(requests).await {
+    for answer in burst(&clear_url(&gw, "dave"), 100).await {
         assert_eq!(answer.status, 200, "{}", answer.text());
     }
     assert_eq!(sim.token_requests().await, 1);
     assert_eq!(sim.business_requests().await, 100);
-}
-
-async fn futures_join<T: Send + 'static>(handles: impl Iterator<Item = tokio::task::JoinHandle<T>>) -> Vec<T> {
-    let mut out = Vec::new();
-    for h in handles.collect::<Vec<_>>() {
-        out.push(h.await.unwrap());
-    }
-    out
 }
 
 #[tokio::test]
