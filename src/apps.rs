@@ -6,7 +6,6 @@ use std::sync::Arc;
 use http::HeaderValue;
 
 use crate::config::AppKey;
-use crate::error::GatewayError;
 use crate::metrics::{LaneMetrics, Metrics};
 use crate::ratelimit::{AppIndex, QuotaSet};
 use crate::routes::Route;
@@ -67,19 +66,26 @@ impl Apps {
 
     /// The app a path's `/{org}/{app}` prefix names (case-insensitively, as Easemob compares them), or the only
     /// app when the prefix is left out.
-    pub fn find(&self, named: Option<(&str, &str)>) -> Result<&Arc<App>, GatewayError> {
+    pub fn find(&self, named: Option<(&str, &str)>) -> Result<&Arc<App>, Unfound> {
         match named {
             Some((org, app)) => self
                 .0
                 .iter()
                 .find(|a| a.org.eq_ignore_ascii_case(org) && a.app.eq_ignore_ascii_case(app))
-                .ok_or(GatewayError::UnknownApp),
+                .ok_or(Unfound::NotConfigured),
             None => match &*self.0 {
                 [only] => Ok(only),
-                _ => Err(GatewayError::UnknownRoute {
-                    hint: "several apps are configured: prefix the path with /{org_name}/{app_name}",
-                }),
+                _ => Err(Unfound::NotNamed),
             },
         }
     }
+}
+
+/// Why a request is for no configured app.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unfound {
+    /// The path names an app that is not configured.
+    NotConfigured,
+    /// Several apps are configured and the path names none.
+    NotNamed,
 }

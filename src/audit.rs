@@ -18,7 +18,7 @@ use tracing::error;
 use crate::config::{AuditConfig, is_plain_label};
 use crate::exchange::{Answer, Exchange, Marks, Waiting};
 use crate::metrics::Metrics;
-use crate::routes::{Call, ConversationType};
+use crate::routes::validate::{Call, ConversationType};
 
 /// The audit file could not be opened for appending.
 #[derive(Debug, thiserror::Error)]

@@ -10,14 +10,11 @@ use http_body_util::Full;
 use serde::Serialize;
 
 use crate::exchange::{Answer, Marks};
-use crate::routes::ValidationError;
+use crate::ratelimit::{RATELIMIT, RATELIMIT_POLICY, retry_after_secs};
+use crate::routes::validate::ValidationError;
 
 /// Marks every response the gateway makes itself, so callers can tell them from Easemob's.
 pub const GATEWAY_HEADER: &str = "x-easemob-gateway";
-
-/// The IETF draft's rate-limit fields (draft-ietf-httpapi-ratelimit-headers), on every answer of a limited route.
-pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
-pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// The `exception` field of gateway-made envelopes: Easemob puts a server class name there.
 const EXCEPTION: &str = "EasemobGatewayException";
@@ -225,11 +222,6 @@ fn retry_after_value(wait: Duration) -> HeaderValue {
         secs @ 0..=9 => HeaderValue::from_static(SHORT[secs as usize]),
         secs => secs.into(),
     }
-}
-
-/// Whole seconds for `Retry-After`, never 0 (which would invite an immediate retry storm).
-pub fn retry_after_secs(d: Duration) -> u64 {
-    d.as_secs_f64().ceil().max(1.0) as u64
 }
 
 /// Easemob's error envelope: `{"error","exception","timestamp","duration","error_description"}`.

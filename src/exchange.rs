@@ -10,7 +10,8 @@ use http::{HeaderValue, Response};
 use http_body_util::Full;
 
 use crate::apps::{App, Lane};
-use crate::routes::{Call, Route};
+use crate::routes::Route;
+use crate::routes::validate::Call;
 use crate::token::Token;
 
 /// Every answer the data plane gives: small, whole JSON bodies.

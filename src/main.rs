@@ -109,7 +109,7 @@ async fn serve(path: PathBuf) -> Result<(), String> {
 }
 
 async fn sim(listen: SocketAddr, tls: Option<(PathBuf, PathBuf)>) -> Result<(), String> {
-    let acceptor = tls.as_ref().map(|(cert, key)| sim::tls_acceptor(cert, key)).transpose()?;
+    let acceptor = tls.as_ref().map(|(cert, key)| sim::transport::tls_acceptor(cert, key)).transpose()?;
     let scheme = if acceptor.is_some() { "https" } else { "http" };
     let (addr, serve) =
         Simulator::demo().bind(listen, acceptor).await.map_err(|e| format!("--listen {listen}: {e}"))?;

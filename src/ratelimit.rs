@@ -9,16 +9,14 @@
 //! at once with `Retry-After` and a `RateLimit` field naming the limit that refused it. When Easemob still answers
 //! 429, the lane pauses for Easemob's `Retry-After` and halves its rate, then recovers slowly.
 //! With `backend = "redis"`, `ratelimit/redis.rs` makes all replicas draw from one quota with the same rules.
+//! `ratelimit/layer.rs` puts it in the stack.
 
-use std::convert::Infallible;
-use std::future::Future;
 use std::num::NonZeroU32;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
+pub mod layer;
 mod pace;
 mod redis;
 mod window;
@@ -28,20 +26,20 @@ use http::HeaderValue;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use futures_util::future::Either;
-use tower::ServiceExt;
-
 use crate::config::{AppKey, Limit, RateLimitBackend, RateLimitConfig};
-use crate::error::{GatewayError, RATELIMIT, RATELIMIT_POLICY, retry_after_secs};
-use crate::exchange::{Answer, Exchange, Marks, UnusedSlot, Waiting};
 use crate::metrics::Metrics;
-use crate::routes::{Call, Route};
+use crate::routes::Route;
+use crate::routes::validate::Call;
 
 use self::pace::{Pace, guarded};
 use self::redis::{Gate, Reservation, SharedQuota};
 
 use self::window::{Place, WindowLog};
 pub use ::redis::RedisError;
+
+/// The IETF draft's rate-limit fields (draft-ietf-httpapi-ratelimit-headers), on every answer of a limited route.
+pub const RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
+pub const RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
 
 /// Easemob's windows: the route and AppKey limits count calls per second, the per-user limit per minute.
 const SECOND: Duration = Duration::from_secs(1);
@@ -80,6 +78,11 @@ impl RateLimitHeaders {
         headers.insert(RATELIMIT_POLICY, self.policy);
         headers.insert(RATELIMIT, self.limit);
     }
+}
+
+/// Whole seconds for `Retry-After`, never 0 (which would invite an immediate retry storm).
+pub fn retry_after_secs(d: Duration) -> u64 {
+    d.as_secs_f64().ceil().max(1.0) as u64
 }
 
 /// The limit that decided: a refusal names it, with the time to its next free slot.
@@ -570,152 +573,19 @@ impl Drop for Waiter<'_> {
     }
 }
 
-/// Takes a slot for every call sent to Easemob (a replay or retry pays for its own: Easemob counts it), or answers
-/// 429 with `Retry-After` naming the limit. After validation, so a bad request costs no slot; inside the token,
-/// so a call that cannot be sent costs none either. Easemob's own 429 slows the lane down.
-#[derive(Clone)]
-pub struct QuotaLayer {
-    quota: Arc<QuotaSet>,
-}
-
-impl QuotaLayer {
-    pub fn new(quota: Arc<QuotaSet>) -> QuotaLayer {
-        QuotaLayer { quota }
-    }
-}
-
-impl<S> tower::Layer<S> for QuotaLayer {
-    type Service = Quota<S>;
-
-    fn layer(&self, inner: S) -> Quota<S> {
-        Quota { inner, quota: Arc::clone(&self.quota) }
-    }
-}
-
-#[derive(Clone)]
-pub struct Quota<S> {
-    inner: S,
-    quota: Arc<QuotaSet>,
-}
-
-impl<S> tower::Service<Exchange> for Quota<S>
-where
-    S: tower::Service<Exchange, Response = Answer, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send,
-{
-    type Response = Answer;
-    type Error = Infallible;
-    /// Decided at once (the common case): a named future, no box. Waiting for a slot: boxed.
-    type Future = Either<Slotted<S::Future>, Waiting>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut exchange: Exchange) -> Self::Future {
-        let (app, route) = (exchange.app.index, exchange.route());
-        // A retry after a failed connection uses the slot nothing used.
-        let decided = match exchange.slot.take() {
-            Some(UnusedSlot { policy, limit }) => Some(Ok(RateLimitHeaders { policy, limit })),
-            None => self.quota.try_acquire(app, &exchange.call).map(|decided| decided.map(|a| a.headers)),
-        };
-        let quota = Arc::clone(&self.quota);
-        match decided {
-            Some(Ok(slot)) => Either::Left(Slotted::Sent {
-                answer: self.inner.call(exchange),
-                sent: Some(Sent { slot, quota, app, route }),
-            }),
-            Some(Err(refused)) => Either::Left(Slotted::Refused { answer: Some(refusal(refused, exchange.started)) }),
-            None => {
-                let inner = self.inner.clone();
-                Either::Right(Box::pin(async move {
-                    let slot = match quota.acquire(app, &exchange.call).await {
-                        Ok(admitted) => admitted.headers,
-                        Err(refused) => return Ok(refusal(refused, exchange.started)),
-                    };
-                    let answer = inner.oneshot(exchange).await?;
-                    Ok(Sent { slot, quota, app, route }.settle(answer))
-                }))
-            }
-        }
-    }
-}
-
-fn refusal(refused: Refused, started: std::time::Instant) -> Answer {
-    let RateLimitHeaders { policy, limit } = refused.headers;
-    GatewayError::RateLimited { retry_after: refused.retry_after, policy, limit }.into_response(started)
-}
-
-/// A call that left with a slot: what its answer needs on the way back.
-pub struct Sent {
-    slot: RateLimitHeaders,
-    quota: Arc<QuotaSet>,
-    app: AppIndex,
-    route: Route,
-}
-
-impl Sent {
-    /// Easemob's answer gets the slot's fields, and its 429 slows the lane; a slot nothing used (the connection
-    /// failed) goes back up for the retry.
-    fn settle(self, mut answer: Answer) -> Answer {
-        if answer.is_from_easemob() {
-            if answer.status() == http::StatusCode::TOO_MANY_REQUESTS {
-                self.quota.upstream_throttled(self.app, self.route, retry_after(answer.headers()));
-            }
-            self.slot.insert_into(answer.headers_mut());
-        } else if answer.rejection() == Some("upstream_unreachable") {
-            let RateLimitHeaders { policy, limit } = self.slot;
-            answer.extensions_mut().insert(UnusedSlot { policy, limit });
-        }
-        answer
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A call decided without waiting.
-    #[project = SlottedProj]
-    pub enum Slotted<F> {
-        Refused { answer: Option<Answer> },
-        Sent { #[pin] answer: F, sent: Option<Sent> },
-    }
-}
-
-impl<F> Future for Slotted<F>
-where
-    F: Future<Output = Result<Answer, Infallible>>,
-{
-    type Output = Result<Answer, Infallible>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            SlottedProj::Refused { answer } => Poll::Ready(Ok(answer.take().expect("polled after completion"))),
-            SlottedProj::Sent { answer, sent } => {
-                let Ok(answer) = std::task::ready!(answer.poll(cx));
-                Poll::Ready(Ok(sent.take().expect("polled after completion").settle(answer)))
-            }
-        }
-    }
-}
-
-/// Easemob's `Retry-After` in seconds (Easemob does not document one, but honour it if it comes).
-fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
-    let secs: u64 = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
-    Some(Duration::from_secs(secs.min(300)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routes::Call;
+    use crate::routes::validate::Call;
 
     /// The only app of these tests.
-    const A: AppIndex = AppIndex(0);
+    pub(super) const A: AppIndex = AppIndex(0);
 
-    fn limit(rate: u32, burst: u32) -> Limit {
+    pub(super) fn limit(rate: u32, burst: u32) -> Limit {
         Limit { rate: NonZeroU32::new(rate).unwrap(), burst: NonZeroU32::new(burst).unwrap() }
     }
 
-    fn clear(user: &str) -> Call {
+    pub(super) fn clear(user: &str) -> Call {
         Call::parse(Route::ClearUserMessages, user, None, b"", 0).unwrap()
     }
 
@@ -728,7 +598,7 @@ mod tests {
         QuotaSet::new(&config, &[AppKey::new("o", "a")], Metrics::new()).unwrap()
     }
 
-    fn refusing(config: RateLimitConfig) -> Arc<QuotaSet> {
+    pub(super) fn refusing(config: RateLimitConfig) -> Arc<QuotaSet> {
         quota(RateLimitConfig { max_wait: Duration::ZERO, ..config })
     }
 
@@ -988,48 +858,5 @@ mod tests {
         }
         let refused = quota.acquire(A, &conversation("Ann")).await.unwrap_err();
         assert!(refused.headers.limit.to_str().unwrap().starts_with("\"user\";r=0;t="), "{:?}", refused.headers.limit);
-    }
-
-    mod layer {
-        use std::sync::atomic::Ordering;
-
-        use tower::Layer;
-
-        use super::*;
-        use crate::testing::{self, ScriptedFetch};
-
-        #[tokio::test(start_paused = true)]
-        async fn a_call_without_a_slot_is_answered_429_and_never_sent() {
-            let quota = refusing(RateLimitConfig { route: limit(1, 1), ..RateLimitConfig::default() });
-            let app = testing::app(&ScriptedFetch::granting(3600), &quota);
-            let (easemob, calls) = testing::upstream(|_, _| testing::easemob(200));
-            let service = QuotaLayer::new(Arc::clone(&quota)).layer(easemob);
-            let first = service.clone().oneshot(testing::exchange(&app, clear("u"))).await.unwrap();
-            assert_eq!(first.headers()["ratelimit"], "\"clear_user_messages\";r=0;t=1", "the slot's fields");
-            let refused = service.clone().oneshot(testing::exchange(&app, clear("u"))).await.unwrap();
-            assert_eq!((refused.status().as_u16(), refused.rejection()), (429, Some("rate_limited")));
-            assert_eq!(refused.headers()["retry-after"], "2");
-            assert_eq!(calls.load(Ordering::SeqCst), 1);
-        }
-
-        #[tokio::test(start_paused = true)]
-        async fn a_slot_nothing_used_goes_with_the_retry_and_easemobs_429_slows_the_lane() {
-            let quota = refusing(RateLimitConfig { route: limit(1, 1), ..RateLimitConfig::default() });
-            let app = testing::app(&ScriptedFetch::granting(3600), &quota);
-            let (easemob, calls) = testing::upstream(|n, _| match n {
-                0 => GatewayError::UpstreamUnreachable.into_response(std::time::Instant::now()),
-                _ => testing::easemob(429),
-            });
-            let service = QuotaLayer::new(Arc::clone(&quota)).layer(easemob);
-            let mut failed = service.clone().oneshot(testing::exchange(&app, clear("u"))).await.unwrap();
-            let slot = failed.extensions_mut().remove::<UnusedSlot>().expect("the slot comes back up");
-            let retry = Exchange { slot: Some(slot), ..testing::exchange(&app, clear("u")) };
-            let answer = service.clone().oneshot(retry).await.unwrap();
-            assert_eq!((answer.status().as_u16(), calls.load(Ordering::SeqCst)), (429, 2), "sent without a new slot");
-            assert!(answer.is_from_easemob());
-            let rate = quota.lane(A, Route::ClearUserMessages).current().rate();
-            assert_eq!(rate, 1, "halved, but never below one call");
-            assert_eq!(quota.metrics.upstream_throttled.with_label_values(&["o#a", "clear_user_messages"]).get(), 1);
-        }
     }
 }

@@ -2,11 +2,8 @@
 //! `routes/validate.rs` turns a matched request into a typed [`Call`]; `routes/layer.rs` is the stack's layer that
 //! does it for every request.
 
-mod layer;
-mod validate;
-
-pub use layer::ValidateLayer;
-pub use validate::{Call, Channel, Conversation, ConversationType, DelTime, GroupId, MsgIds, UserId, ValidationError};
+pub mod layer;
+pub mod validate;
 
 use http::Method;
 

@@ -33,7 +33,8 @@ use crate::ratelimit::{AppIndex, QuotaSet, RedisError};
 use crate::retry::SafeRetry;
 use crate::stack::{Shared, data_plane};
 use crate::token::{Credentials, EasemobFetch, TokenSource};
-use crate::upstream::{Forward, Upstream, UpstreamSetupError};
+use crate::upstream::forward::Forward;
+use crate::upstream::{Upstream, UpstreamSetupError};
 
 /// Why the gateway could not start: each names the setting at fault.
 #[derive(Debug, thiserror::Error)]

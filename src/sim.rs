@@ -15,10 +15,7 @@
 mod control;
 pub mod limits;
 pub mod state;
-mod transport;
-
-use transport::CutOff;
-pub use transport::tls_acceptor;
+pub mod transport;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -34,6 +31,10 @@ use tokio::time::Instant;
 
 use limits::Limits;
 use state::{App, ConvKey, Kind, TokenCheck};
+
+/// Marks an answer to be cut off mid-body (the `reset_count` fault), which the transport carries out.
+#[derive(Clone, Copy)]
+struct CutOff;
 
 /// How many business requests `GET /_sim/requests` remembers.
 const REQUEST_LOG_LEN: usize = 1000;

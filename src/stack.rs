@@ -22,12 +22,13 @@ use crate::config::is_plain_label;
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::observe::{ObserveLayer, X_REQUEST_ID};
-use crate::ratelimit::{QuotaLayer, QuotaSet};
+use crate::ratelimit::QuotaSet;
+use crate::ratelimit::layer::QuotaLayer;
 use crate::retry::SafeRetry;
-use crate::routes::ValidateLayer;
+use crate::routes::layer::ValidateLayer;
 use crate::shed::ShedLayer;
-use crate::token::TokenLayer;
-use crate::upstream::Forward;
+use crate::token::layer::TokenLayer;
+use crate::upstream::forward::Forward;
 
 /// What every connection's stack shares, process-wide: built once at start-up.
 #[derive(Clone)]

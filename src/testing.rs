@@ -16,7 +16,8 @@ use crate::config::{AppKey, RateLimitConfig, TokenConfig};
 use crate::exchange::{Answer, Exchange, Marks, Validated};
 use crate::metrics::Metrics;
 use crate::ratelimit::{AppIndex, QuotaSet};
-use crate::routes::{Call, Route};
+use crate::routes::Route;
+use crate::routes::validate::Call;
 use crate::token::{Fetch, Grant, TokenError, TokenSource};
 
 type Script = Box<dyn FnMut(usize) -> Result<Grant, TokenError> + Send>;

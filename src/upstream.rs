@@ -1,13 +1,10 @@
 //! The client towards Easemob: hyper-util's pooled client over rustls, with a connect timeout, a total timeout
 //! per exchange, and answers read whole (they are small JSON) so a cut-off answer becomes a definite 502.
 
-use std::convert::Infallible;
-use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use http::{HeaderValue, Method, Request, Response, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
@@ -16,15 +13,9 @@ use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
-use prometheus::IntCounterVec;
-use tower::Service;
-use tracing::warn;
-
 use crate::config::{BaseUrl, UpstreamConfig};
-use crate::error::GatewayError;
-use crate::exchange::{Answer, Exchange, Marks, Waiting};
-use crate::metrics::Metrics;
-use crate::observe::X_REQUEST_ID;
+
+pub mod forward;
 
 const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
 const USER_AGENT: HeaderValue = HeaderValue::from_static(crate::USER_AGENT);
@@ -198,154 +189,4 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
-}
-
-/// The innermost service: sends one exchange to Easemob and hands back its answer unchanged but for hop-by-hop
-/// headers, or the gateway's answer for the failure to get one. Every answer carries the deadline it ran under.
-#[derive(Clone)]
-pub struct Forward {
-    /// Shared: the stack is cloned for every request, and this is the only layer with more than a pointer.
-    inner: Arc<ForwardInner>,
-}
-
-struct ForwardInner {
-    upstream: Upstream,
-    /// `upstream_requests_total`, for the codes a lane's handles do not cover.
-    upstream_requests: IntCounterVec,
-}
-
-impl Forward {
-    pub fn new(upstream: Upstream, metrics: &Metrics) -> Forward {
-        Forward { inner: Arc::new(ForwardInner { upstream, upstream_requests: metrics.upstream_requests.clone() }) }
-    }
-}
-
-impl Service<Exchange> for Forward {
-    type Response = Answer;
-    type Error = Infallible;
-    type Future = Waiting;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // The pool is the readiness here, and it waits inside the call (bounded by the deadline).
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, exchange: Exchange) -> Self::Future {
-        let inner = Arc::clone(&self.inner);
-        Box::pin(async move {
-            let upstream = &inner.upstream;
-            let app = &exchange.app;
-            let route = exchange.route();
-            let Ok(uri) = upstream.uri(&app.org, &app.app, |url| exchange.call.write_upstream_path_and_query(url))
-            else {
-                return Ok(GatewayError::Internal.into_response(exchange.started));
-            };
-            let mut request = upstream.request(route.method(), uri, exchange.call.upstream_body().unwrap_or_default());
-            let headers = request.headers_mut();
-            if let Some(token) = &exchange.token {
-                headers.insert(header::AUTHORIZATION, token.authorization().clone());
-            }
-            if let Some(id) = &exchange.request_id {
-                headers.insert(X_REQUEST_ID, id.clone());
-            }
-            // One deadline for the request's exchanges with Easemob, from the first send: a retry never stretches
-            // the caller's wait, and waiting for the token or the quota does not eat into Easemob's time.
-            let deadline = exchange.deadline.unwrap_or_else(|| tokio::time::Instant::now() + upstream.timeout);
-            let sent = std::time::Instant::now();
-            let result = upstream.send_until(request, deadline).await;
-            let lane = exchange.lane();
-            lane.metrics.upstream_duration.observe(sent.elapsed().as_secs_f64());
-            let status = result.as_ref().map(|response| response.status());
-            let code = match &status {
-                Ok(StatusCode::OK) => None,
-                Ok(status) => Some(status.as_str()),
-                Err(UpstreamError::Connect(_)) => Some("connect_error"),
-                Err(UpstreamError::Timeout(_)) => Some("timeout"),
-                Err(UpstreamError::Failed(_)) => Some("failed"),
-            };
-            match code {
-                None => lane.metrics.upstream_ok.inc(),
-                Some(code) => inner.upstream_requests.with_label_values(&[app.key.as_str(), route.name(), code]).inc(),
-            }
-            let mut answer = match result {
-                Ok(response) => pass_through(response),
-                Err(e) => {
-                    warn!(app = %app.key, route = route.name(), error = %e, "easemob call failed");
-                    match e {
-                        // Nothing was sent.
-                        UpstreamError::Connect(_) => GatewayError::UpstreamUnreachable,
-                        // The deletion may have been carried out.
-                        UpstreamError::Timeout(_) => GatewayError::UpstreamTimeout,
-                        UpstreamError::Failed(_) => GatewayError::UpstreamFailed,
-                    }
-                    .into_response(exchange.started)
-                }
-            };
-            answer.stamp_mut().deadline = Some(deadline);
-            Ok(answer)
-        })
-    }
-}
-
-/// Easemob's answer as the caller's: status, headers (minus hop-by-hop ones) and body unchanged.
-fn pass_through(response: Response<Bytes>) -> Answer {
-    let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    let mut answer = Response::from_parts(parts, Full::new(body));
-    answer.stamp_mut().from_easemob = true;
-    answer
-}
-
-/// RFC 9110 §7.6.1: `Connection` and the headers it names, plus the classic hop-by-hop set.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Usually there are none (and the headers `Connection` names only count if it is there): look before removing.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
-        return;
-    }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(&HOP_BY_HOP) {
-        headers.remove(name);
-    }
-}
-
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop_headers_and_those_connection_names_are_stripped() {
-        let mut headers = HeaderMap::new();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("close, x-trace-hop"));
-        headers.insert("x-trace-hop", HeaderValue::from_static("1"));
-        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
-        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        strip_hop_by_hop(&mut headers);
-        assert_eq!(headers.len(), 1, "{headers:?}");
-        assert_eq!(headers[header::CONTENT_TYPE], "application/json");
-
-        let mut end_to_end = HeaderMap::new();
-        end_to_end.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        end_to_end.insert("x-trace-hop", HeaderValue::from_static("1"));
-        let before = end_to_end.clone();
-        strip_hop_by_hop(&mut end_to_end);
-        assert_eq!(end_to_end, before, "without Connection, other headers pass");
-    }
 }

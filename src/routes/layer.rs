@@ -17,12 +17,14 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tower::{BoxError, Layer, Service, ServiceExt};
 
-use super::{Call, Endpoint, Route, ValidationError, resolve};
+use super::validate::{Call, ValidationError};
+use super::{Endpoint, Route, resolve};
 use crate::access::Caller;
-use crate::apps::{App, Apps};
-use crate::error::{GatewayError, RATELIMIT_POLICY, json_response, unix_millis};
+use crate::apps::{App, Apps, Unfound};
+use crate::error::{GatewayError, json_response, unix_millis};
 use crate::exchange::{Answer, Exchange, Labels, Marks, Validated, Waiting};
 use crate::observe::X_REQUEST_ID;
+use crate::ratelimit::RATELIMIT_POLICY;
 
 /// Easemob's `delete_conversation` body is three fields; anything this large is not one.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -124,7 +126,7 @@ fn edge(parts: &Parts, apps: &Apps, started: Instant, labels: &mut Labels) -> Re
             if parts.method != Method::POST {
                 return Err(GatewayError::MethodNotAllowed { allow: Method::POST });
             }
-            let app = apps.find(resolved.app)?;
+            let app = find(apps, resolved.app)?;
             labels.app = Some(Arc::clone(app));
             return Ok(Edge::Answer(placeholder_token(app)));
         }
@@ -133,13 +135,23 @@ fn edge(parts: &Parts, apps: &Apps, started: Instant, labels: &mut Labels) -> Re
     if parts.method != route.method() {
         return Err(GatewayError::MethodNotAllowed { allow: route.method() });
     }
-    let app = apps.find(resolved.app)?;
+    let app = find(apps, resolved.app)?;
     labels.app = Some(Arc::clone(app));
     match route {
         Route::DeleteConversation => Ok(Edge::Body(route, owner.to_owned())),
         // The five roaming routes take no body: whatever was sent is ignored, never forwarded.
         _ => Ok(Edge::Call(call(parts, route, owner, b"", app, started)?)),
     }
+}
+
+/// The app the request names, or why there is none.
+fn find<'a>(apps: &'a Apps, named: Option<(&str, &str)>) -> Result<&'a Arc<App>, GatewayError> {
+    apps.find(named).map_err(|unfound| match unfound {
+        Unfound::NotConfigured => GatewayError::UnknownApp,
+        Unfound::NotNamed => GatewayError::UnknownRoute {
+            hint: "several apps are configured: prefix the path with /{org_name}/{app_name}",
+        },
+    })
 }
 
 /// The validated call, with what travels with it. `owner` is the raw path segment.

@@ -15,7 +15,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use super::Simulator;
+use super::{CutOff, Simulator};
 
 /// A TLS acceptor from a PEM certificate chain and key: `sim --tls-cert … --tls-key …`, for testing `ca_file`.
 pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
@@ -86,10 +86,6 @@ impl Simulator {
         let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
     }
 }
-
-/// Marks an answer to be cut off mid-body (the `reset_count` fault).
-#[derive(Clone, Copy)]
-pub(super) struct CutOff;
 
 /// The simulator's answer body: whole, or its first bytes and then a broken connection.
 enum SimBody {

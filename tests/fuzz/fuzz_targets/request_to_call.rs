@@ -5,7 +5,8 @@
 
 #![no_main]
 
-use easemob_gateway::routes::{self, Call, Endpoint, Route};
+use easemob_gateway::routes::validate::Call;
+use easemob_gateway::routes::{self, Endpoint, Route};
 use libfuzzer_sys::fuzz_target;
 
 const NOW_MS: i64 = 1_760_000_000_000;

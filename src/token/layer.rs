@@ -1,0 +1,238 @@
+//! The token as a layer: every call leaves with the app's token, and a call Easemob refuses with 401 is replayed
+//! once with a fresh one.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::future::Either;
+use http::StatusCode;
+use prometheus::IntCounterVec;
+use tower::{Layer, Service, ServiceExt};
+
+use crate::error::GatewayError;
+use crate::exchange::{Answer, Exchange, Marks, Waiting};
+use crate::metrics::Metrics;
+use crate::token::Token;
+
+/// Puts the app's token on every call, and when Easemob refuses it (401) replaces it once and replays the call;
+/// a second 401 goes to the caller. Sits outside the quota: a call that cannot get a token costs no slot, and a
+/// replay pays for its own (Easemob counts it).
+#[derive(Clone)]
+pub struct TokenLayer {
+    replays: IntCounterVec,
+}
+
+impl TokenLayer {
+    pub fn new(metrics: &Metrics) -> TokenLayer {
+        TokenLayer { replays: metrics.token_replays.clone() }
+    }
+}
+
+impl<S> Layer<S> for TokenLayer {
+    type Service = Authorize<S>;
+
+    fn layer(&self, inner: S) -> Authorize<S> {
+        Authorize { inner, replays: self.replays.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct Authorize<S> {
+    inner: S,
+    replays: IntCounterVec,
+}
+
+impl<S> Service<Exchange> for Authorize<S>
+where
+    S: Service<Exchange, Response = Answer, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = Answer;
+    type Error = Infallible;
+    /// With a token at hand (the common case) a named future, no box; waiting for a fetch, boxed.
+    type Future = Either<Attempt<S>, Waiting>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut exchange: Exchange) -> Self::Future {
+        let replays = self.replays.clone();
+        if let Some(token) = exchange.app.token.try_get() {
+            exchange.token = Some(Arc::clone(&token));
+            // The ready service takes this call; a replay readies a clone of it.
+            let replay = Replay { inner: self.inner.clone(), exchange: exchange.clone(), token, replays };
+            return Either::Left(Attempt::First { answer: self.inner.call(exchange), replay: Some(replay) });
+        }
+        let inner = self.inner.clone();
+        Either::Right(Box::pin(async move {
+            let token = match exchange.app.token.get().await {
+                Ok(token) => token,
+                Err(e) => {
+                    return Ok(GatewayError::NoToken { retry_after: e.retry_after }.into_response(exchange.started));
+                }
+            };
+            exchange.token = Some(Arc::clone(&token));
+            let mut first = inner.clone();
+            let answer = first.ready().await?.call(exchange.clone());
+            Attempt::First { answer, replay: Some(Replay { inner, exchange, token, replays }) }.await
+        }))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A call with a token, and its one replay if Easemob refuses the token.
+    #[project = AttemptProj]
+    pub enum Attempt<S> where S: Service<Exchange> {
+        First { #[pin] answer: S::Future, replay: Option<Replay<S>> },
+        Replaying { answer: Waiting },
+    }
+}
+
+impl<S> Future for Attempt<S>
+where
+    S: Service<Exchange, Response = Answer, Error = Infallible> + Send + 'static,
+    S::Future: Send,
+{
+    type Output = Result<Answer, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            match self.as_mut().project() {
+                AttemptProj::First { answer, replay } => {
+                    let Ok(answer) = std::task::ready!(answer.poll(cx));
+                    let replay = replay.take().expect("polled after completion");
+                    match replay.after(answer) {
+                        Ok(answer) => return Poll::Ready(Ok(answer)),
+                        Err(replaying) => self.set(Attempt::Replaying { answer: replaying }),
+                    }
+                }
+                AttemptProj::Replaying { answer } => return answer.as_mut().poll(cx),
+            }
+        }
+    }
+}
+
+/// What a replay needs: the service, the call, and the token Easemob may refuse.
+pub struct Replay<S> {
+    inner: S,
+    exchange: Exchange,
+    token: Arc<Token>,
+    replays: IntCounterVec,
+}
+
+impl<S> Replay<S>
+where
+    S: Service<Exchange, Response = Answer, Error = Infallible> + Send + 'static,
+    S::Future: Send,
+{
+    /// The first answer, or the replay to wait for instead: when Easemob refused a token that is still the
+    /// current one (it died early, as Easemob warns it can), it is replaced once and the call replayed.
+    fn after(self, answer: Answer) -> Result<Answer, Waiting> {
+        let Replay { mut inner, mut exchange, token, replays } = self;
+        if !answer.is_from_easemob() {
+            return Ok(answer);
+        }
+        let source = Arc::clone(&exchange.app.token);
+        if answer.status() != StatusCode::UNAUTHORIZED || !source.invalidate(token.generation()) {
+            if answer.status() != StatusCode::UNAUTHORIZED {
+                token.mark_proven();
+            }
+            return Ok(answer);
+        }
+        replays.with_label_values(&[exchange.app.key.as_str()]).inc();
+        Err(Box::pin(async move {
+            let token = match source.get().await {
+                Ok(token) => token,
+                Err(e) => {
+                    return Ok(GatewayError::NoToken { retry_after: e.retry_after }.into_response(exchange.started));
+                }
+            };
+            exchange.token = Some(Arc::clone(&token));
+            exchange.deadline = answer.deadline();
+            let replayed = inner.ready().await?.call(exchange).await?;
+            match replayed.rejection() {
+                // The quota had no slot for the replay in time: Easemob's own answer stands.
+                Some("rate_limited") => Ok(answer),
+                _ => {
+                    if replayed.is_from_easemob() && replayed.status() != StatusCode::UNAUTHORIZED {
+                        token.mark_proven();
+                    }
+                    Ok(replayed)
+                }
+            }
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use http::HeaderValue;
+
+    use super::*;
+    use crate::testing::{self, ScriptedFetch, refused};
+    use crate::token::tests::settle;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_token_layer_replays_once_with_a_new_token_after_a_401() {
+        let fetch = ScriptedFetch::granting(3600);
+        let app = testing::app(&fetch, &testing::quota(Default::default()));
+        let (easemob, calls) = testing::upstream(|n, exchange| {
+            let token = exchange.token.as_ref().unwrap().generation();
+            testing::easemob(if n == 0 {
+                assert_eq!(token, 1);
+                401
+            } else {
+                assert_eq!(token, 2);
+                200
+            })
+        });
+        let answer =
+            TokenLayer::new(&Metrics::new()).layer(easemob).oneshot(testing::exchange(&app, testing::clear("u"))).await;
+        assert_eq!(answer.unwrap().status(), 200);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_401_or_a_replay_the_quota_refuses_gives_the_caller_easemobs_401() {
+        let fetch = ScriptedFetch::granting(3600);
+        let app = testing::app(&fetch, &testing::quota(Default::default()));
+        let (easemob, calls) = testing::upstream(|_, _| testing::easemob(401));
+        let layer = TokenLayer::new(&Metrics::new());
+        let answer = layer.layer(easemob).oneshot(testing::exchange(&app, testing::clear("u"))).await.unwrap();
+        assert_eq!((answer.status(), calls.load(Ordering::SeqCst)), (StatusCode::UNAUTHORIZED, 2), "one replay only");
+
+        let (quota_refuses, _) = testing::upstream(|n, _| match n {
+            0 => testing::easemob(401),
+            _ => GatewayError::RateLimited {
+                retry_after: Duration::from_secs(1),
+                policy: HeaderValue::from_static("p"),
+                limit: HeaderValue::from_static("l"),
+            }
+            .into_response(std::time::Instant::now()),
+        });
+        let answer = layer.layer(quota_refuses).oneshot(testing::exchange(&app, testing::clear("u"))).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::UNAUTHORIZED);
+        assert!(answer.is_from_easemob());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_token_the_layer_answers_503_and_sends_nothing() {
+        let fetch = ScriptedFetch::new(Duration::ZERO, |_| Err(refused()));
+        let app = testing::app(&fetch, &testing::quota(Default::default()));
+        settle().await;
+        let (easemob, calls) = testing::upstream(|_, _| testing::easemob(200));
+        let answer =
+            TokenLayer::new(&Metrics::new()).layer(easemob).oneshot(testing::exchange(&app, testing::clear("u"))).await;
+        let answer = answer.unwrap();
+        assert_eq!((answer.status(), answer.rejection()), (StatusCode::SERVICE_UNAVAILABLE, Some("no_token")));
+        assert!(answer.headers().contains_key("retry-after"));
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+}
