@@ -1,6 +1,6 @@
 //! Upstream faults and overload: bounded retries, load shedding, and recovery.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::Method;
 use serde_json::json;
@@ -65,12 +65,11 @@ async fn past_max_in_flight_requests_are_shed_at_once_and_the_gateway_recovers()
         })
         .collect();
     eventually(Duration::from_secs(10), "two held requests", || async { sim.business_requests().await == 2 }).await;
-    let started = Instant::now();
     let shed = send(Method::POST, &clear_url(&gw, "dave"), &[], "").await;
     shed.assert_error(503, "service_unavailable");
     assert_eq!(shed.header("x-easemob-gateway"), Some("rejected"));
     assert_eq!(shed.header("retry-after"), Some("1"));
-    assert!(started.elapsed() < Duration::from_millis(1500), "shed without waiting for a slot");
+    assert!(held.iter().all(|h| !h.is_finished()), "shed at once, not after waiting for a held request to end");
     assert_eq!(sim.business_requests().await, 2, "the shed request never reached Easemob");
     for h in held {
         assert_eq!(h.await.unwrap().status, 200);
@@ -85,14 +84,12 @@ async fn slow_or_foreign_clients_cannot_hold_a_connection() {
     let sim = Sim::start().await;
     let options = GatewayOptions { server: "header_read_timeout = \"1s\"".into(), ..Default::default() };
     let gw = Gateway::ready_with(&sim, options).await;
-    // Half a request line, then silence: closed at the header timeout, not held.
-    let started = Instant::now();
-    raw(&gw.data, b"DELETE /1122161011178276/demo/users/al", Duration::from_secs(15)).await;
-    assert!(started.elapsed() < Duration::from_secs(8), "held for {:?}", started.elapsed());
+    // Half a request line, then silence: closed at the header timeout (1 s), not held.
+    let half_line = b"DELETE /1122161011178276/demo/users/al";
+    raw_until_closed(&gw.data, half_line, Duration::from_secs(30)).await.expect("closed by the gateway");
     // An HTTP/2 preface gets no HTTP/2 session (the data plane is HTTP/1 only, where the limits apply).
-    let started = Instant::now();
-    let answer = raw(&gw.data, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", Duration::from_secs(15)).await;
-    assert!(started.elapsed() < Duration::from_secs(8), "held for {:?}", started.elapsed());
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let answer = raw_until_closed(&gw.data, preface, Duration::from_secs(30)).await.expect("closed by the gateway");
     assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 4") || answer.starts_with("HTTP/1.1 5"), "{answer}");
     // Headers far over the 64 KiB cap are refused.
     let huge = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(256 * 1024));

@@ -374,6 +374,19 @@ pub async fn raw(addr: &str, request: &[u8], wait: Duration) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Like [`raw`], for a connection the gateway must close itself: what it sent before closing, or `None` if it
+/// still held the connection open after `wait`.
+pub async fn raw_until_closed(addr: &str, request: &[u8], wait: Duration) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr.trim_start_matches("http://")).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    match tokio::time::timeout(wait, stream.read_to_end(&mut out)).await {
+        Ok(_) => Some(String::from_utf8_lossy(&out).into_owned()),
+        Err(_) => None,
+    }
+}
+
 pub async fn delete(url: &str) -> Answer {
     send(Method::DELETE, url, &[], "").await
 }
