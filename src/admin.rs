@@ -9,6 +9,7 @@ use http_body_util::Full;
 
 use crate::apps::Apps;
 use crate::error::json_response;
+use crate::jobs::Jobs;
 use crate::metrics::Metrics;
 
 /// The data plane's contract, served on the admin listener (and kept true by tests/schemathesis).
@@ -23,6 +24,7 @@ pub struct AdminService {
     pub metrics: Metrics,
     /// Set once shutdown has begun: `/readyz` turns 503.
     pub draining: Arc<AtomicBool>,
+    pub jobs: Option<Jobs>,
 }
 
 impl AdminService {
@@ -45,7 +47,8 @@ impl AdminService {
         }
     }
 
-    /// Ready when not draining and every app holds a usable token. Per-app detail, no secrets.
+    /// Ready when not draining, every app holds a usable token and the jobs store (if any) writes. Per-app detail,
+    /// no secrets.
     fn readiness(&self) -> Response<Full<Bytes>> {
         let draining = self.draining.load(Ordering::SeqCst);
         let apps: serde_json::Map<String, serde_json::Value> = self
@@ -53,8 +56,12 @@ impl AdminService {
             .iter()
             .map(|app| (app.key.to_string(), serde_json::to_value(app.token.status()).expect("status serializes")))
             .collect();
-        let ready = !draining && self.apps.iter().all(|app| app.token.is_ready());
-        let body = serde_json::json!({ "ready": ready, "draining": draining, "apps": apps });
+        let jobs_ready = self.jobs.as_ref().is_none_or(Jobs::is_ready);
+        let ready = !draining && jobs_ready && self.apps.iter().all(|app| app.token.is_ready());
+        let mut body = serde_json::json!({ "ready": ready, "draining": draining, "apps": apps });
+        if self.jobs.is_some() {
+            body["jobs_store"] = if jobs_ready { "ok" } else { "failing" }.into();
+        }
         let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
         json_response(status, body.to_string().into_bytes(), "local")
     }

@@ -30,6 +30,8 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    #[serde(default)]
+    pub jobs: JobsConfig,
     /// Callers known by key: when any is configured, every request must present one in `X-Gateway-Key`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub callers: Vec<CallerConfig>,
@@ -57,6 +59,49 @@ pub struct AuditConfig {
     /// Recorded as the caller when a request has no usable `X-Caller` header (e.g. the service's name).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub default_caller: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// The deletion jobs' store: a SQLite file, created if missing (keep it on a persistent volume). Absent: no
+    /// jobs API, and `Prefer: respond-async` is ignored (calls are answered as they always are).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<PathBuf>,
+    /// Operations one job may hold (after splitting long message ID lists).
+    pub max_operations: usize,
+    /// The largest request that creates a job, in bytes.
+    pub max_body_bytes: usize,
+    /// Job operations in flight to Easemob at once, across all jobs.
+    pub concurrency: usize,
+    /// Attempts per operation before it fails with its last answer.
+    pub max_attempts: u32,
+    /// The first retry delay after a 429, 5xx, timeout or connection error; doubles (with jitter) up to
+    /// `retry_max`. Easemob's `Retry-After` wins when longer.
+    #[serde(with = "humantime_serde")]
+    pub retry_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// Finished jobs are deleted this long after they finish, so the store cannot grow without bound.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig {
+            store: None,
+            max_operations: 100_000,
+            // 100,000 operations of a few hundred bytes each, with room to spare.
+            max_body_bytes: 64 * 1024 * 1024,
+            // Enough to keep 100 calls/s per route going at Easemob's usual latency, with room for several routes.
+            concurrency: 32,
+            max_attempts: 10,
+            retry_min: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+            retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
 }
 
 /// A per-second quota: `rate` calls in any one-second window, `burst` of them at once (a burst above 1 lets up to
@@ -89,6 +134,9 @@ pub struct RateLimitConfig {
     pub user_conversation_per_minute: NonZeroU32,
     /// On Easemob's own 429, halve the route's local rate and recover it slowly.
     pub adaptive: bool,
+    /// The most of each route's rate (and of the app cap) deletion jobs may use, from 0 to 1. Direct calls go
+    /// first whatever it is: a job never takes a slot while a direct call waits for one.
+    pub jobs_share: f64,
     pub redis: RedisConfig,
 }
 
@@ -104,6 +152,7 @@ impl Default for RateLimitConfig {
             app: None,
             user_conversation_per_minute: NonZeroU32::new(5).expect("non-zero"),
             adaptive: true,
+            jobs_share: 1.0,
             redis: RedisConfig::default(),
         }
     }
@@ -591,6 +640,39 @@ impl Config {
         }
         if self.rate_limit.backend == RateLimitBackend::Redis && !self.rate_limit.redis.url.starts_with("redis://") {
             problems.push("rate_limit.redis.url must start with redis://".to_owned());
+        }
+        let share = self.rate_limit.jobs_share;
+        if !(share > 0.0 && share <= 1.0) {
+            problems.push(format!("rate_limit.jobs_share {share} must be above 0 and at most 1"));
+        }
+        let j = &self.jobs;
+        if let Some(store) = &j.store {
+            let dir = store.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            if !dir.is_dir() {
+                problems.push(format!(
+                    "jobs.store {}: the directory {} does not exist",
+                    store.display(),
+                    dir.display()
+                ));
+            }
+        }
+        if !(1..=1_000_000).contains(&j.max_operations) {
+            problems.push(format!("jobs.max_operations {} must be from 1 to 1000000", j.max_operations));
+        }
+        if j.max_body_bytes < 1024 {
+            problems.push(format!("jobs.max_body_bytes {} must be at least 1024", j.max_body_bytes));
+        }
+        if !(1..=1024).contains(&j.concurrency) {
+            problems.push(format!("jobs.concurrency {} must be from 1 to 1024", j.concurrency));
+        }
+        if j.max_attempts == 0 {
+            problems.push("jobs.max_attempts must be at least 1".to_owned());
+        }
+        if j.retry_min.is_zero() || j.retry_max < j.retry_min {
+            problems.push("jobs.retry_min must be above 0 and not above jobs.retry_max".to_owned());
+        }
+        if j.retention < Duration::from_secs(60) {
+            problems.push("jobs.retention must be at least 1m".to_owned());
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             problems.push(format!("log.level {:?} is not a valid tracing filter", self.log.level));

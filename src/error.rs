@@ -54,6 +54,18 @@ pub enum GatewayError {
     UpstreamFailed,
     #[error("internal error")]
     Internal,
+    #[error("no such job")]
+    JobNotFound,
+    /// A job request that cannot be accepted: `error` is the envelope's type, the description says what is wrong
+    /// (every bad operation by its index).
+    #[error("invalid job: {description}")]
+    InvalidJob { error: &'static str, description: String },
+    #[error("job too large")]
+    TooManyOperations { max: usize, got: usize },
+    #[error("idempotency key reused for a different job")]
+    IdempotencyConflict,
+    #[error("jobs store unavailable")]
+    JobsUnavailable,
 }
 
 impl GatewayError {
@@ -76,6 +88,11 @@ impl GatewayError {
             GatewayError::UpstreamTimeout => "upstream_timeout",
             GatewayError::UpstreamFailed => "upstream_failed",
             GatewayError::Internal => "internal",
+            GatewayError::JobNotFound => "job_not_found",
+            GatewayError::InvalidJob { .. } => "invalid_job",
+            GatewayError::TooManyOperations { .. } => "too_many_operations",
+            GatewayError::IdempotencyConflict => "idempotency_conflict",
+            GatewayError::JobsUnavailable => "jobs_unavailable",
         }
     }
 
@@ -178,6 +195,32 @@ impl GatewayError {
                 "internal_error",
                 "the gateway failed to handle this request".into(),
             ),
+            GatewayError::JobNotFound => rejected(
+                StatusCode::NOT_FOUND,
+                "job_not_found",
+                "this app has no job with this id (finished jobs expire after jobs.retention)".into(),
+            ),
+            GatewayError::InvalidJob { error, description } => {
+                rejected(StatusCode::BAD_REQUEST, error, description.into())
+            }
+            GatewayError::TooManyOperations { max, got } => rejected(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_entity_too_large",
+                format!("a job holds at most {max} operations (jobs.max_operations), counting each batch of 50 message IDs; this one has {got}").into(),
+            ),
+            GatewayError::IdempotencyConflict => rejected(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used for a different job request".into(),
+            ),
+            GatewayError::JobsUnavailable => Shape {
+                retry_after: Some(Duration::from_secs(5)),
+                ..rejected(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "service_unavailable",
+                    "the jobs store cannot keep new work right now; nothing was accepted".into(),
+                )
+            },
         };
         let mut response = envelope(status, error, &description, started, origin);
         let response_headers = response.headers_mut();

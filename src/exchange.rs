@@ -43,6 +43,8 @@ pub struct Validated {
     pub request_id: Option<HeaderValue>,
     /// The calling service for the audit trail: a caller key's name, or the caller's own `X-Caller`.
     pub caller: Option<Arc<str>>,
+    /// The caller sent `Prefer: respond-async`: run it as a job if jobs are on.
+    pub respond_async: bool,
 }
 
 impl Exchange {

@@ -34,6 +34,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod exchange;
+pub mod jobs;
 pub mod logging;
 pub mod metrics;
 pub mod observe;

@@ -87,7 +87,7 @@ pub fn retry_after_secs(d: Duration) -> u64 {
 
 /// The limit that decided: a refusal names it, with the time to its next free slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Scope {
+pub enum Scope {
     Route,
     App,
     User,
@@ -105,7 +105,7 @@ impl Scope {
 }
 
 /// Why a request was not admitted: the limit, and how long until it has room.
-type Refusal = (Scope, Duration);
+pub type Refusal = (Scope, Duration);
 
 /// An app's position in the configuration: the index of its lanes, its cap and its users' windows here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,6 +129,8 @@ struct Lane {
     refused_for_a_second: HeaderValue,
     /// The `RateLimit` field of an admission that leaves nothing at once (a burst of 1): the usual one.
     admitted_none_left: HeaderValue,
+    /// The jobs' share of the lane (`jobs.quota_share`), when it is less than the whole.
+    jobs: Option<Pace>,
 }
 
 #[derive(Debug)]
@@ -148,6 +150,8 @@ pub struct QuotaSet {
     users: Vec<WindowLog>,
     user_limit: NonZeroU32,
     max_wait: Duration,
+    /// Per app, the jobs' share of its cap (when both exist and the share is less than the whole).
+    app_jobs: Vec<Option<Pace>>,
     adaptive: bool,
     metrics: Metrics,
     shared: Option<Shared>,
@@ -176,6 +180,11 @@ fn share(limit: Limit, replicas: u32) -> Limit {
 /// `factor` of `limit`'s rate, at least one call.
 fn scaled(limit: Limit, factor: f64) -> NonZeroU32 {
     NonZeroU32::new((limit.rate.get() as f64 * factor).round() as u32).unwrap_or(NonZeroU32::MIN)
+}
+
+/// The jobs' share of `limit`, paced like the limit itself; none when they may use all of it.
+fn jobs_pace(limit: Limit, share: f64) -> Option<Pace> {
+    (share < 1.0).then(|| Pace::new(scaled(limit, share), NonZeroU32::MIN, SECOND))
 }
 
 /// The `RateLimit` field of a refusal: nothing left under the limit `name`, retry in `secs`.
@@ -256,6 +265,7 @@ impl QuotaSet {
                     wait: metrics.rate_limit_wait.with_label_values(&[app.as_str(), route.name()]),
                     refused_for_a_second: refusal_field(route.name(), 1),
                     admitted_none_left: header(format!("\"{}\";r=0;t=1", route.name())),
+                    jobs: jobs_pace(limit, config.jobs_share),
                 });
             }
         }
@@ -265,6 +275,7 @@ impl QuotaSet {
             users: apps.iter().map(|_| WindowLog::new(config.user_conversation_per_minute, MINUTE)).collect(),
             user_limit: config.user_conversation_per_minute,
             max_wait: config.max_wait,
+            app_jobs: apps.iter().map(|_| config.app.and_then(|cap| jobs_pace(cap, config.jobs_share))).collect(),
             adaptive: config.adaptive && report,
             metrics,
             shared,
@@ -300,7 +311,7 @@ impl QuotaSet {
         let started = Instant::now();
         let user = user_of(call);
         let result = match &self.shared {
-            Some(shared) => self.shared(shared, app, lane, user.as_deref()).await,
+            Some(shared) => self.shared(shared, app, lane, user.as_deref(), self.max_wait).await,
             None => self.local(app, lane, user.as_deref()).await,
         };
         self.answer(lane, result, started.elapsed())
@@ -311,11 +322,7 @@ impl QuotaSet {
         match result {
             Ok(remaining) => {
                 lane.wait.observe(waited.as_secs_f64());
-                let limit = match remaining {
-                    0 => lane.admitted_none_left.clone(),
-                    n => header(format!("\"{}\";r={n};t=0", lane.route.name())),
-                };
-                Ok(Admitted { headers: RateLimitHeaders { policy: lane.policy.clone(), limit } })
+                Ok(Admitted { headers: lane.admitted(remaining) })
             }
             Err((scope, retry_after)) => {
                 let limit = match (scope, retry_after_secs(retry_after)) {
@@ -428,10 +435,17 @@ impl QuotaSet {
 
     /// The shared decision: one reservation across every gate in Redis, or this replica's share while Redis is
     /// unavailable.
-    async fn shared(&self, shared: &Shared, app: AppIndex, lane: &Lane, user: Option<&str>) -> Result<u32, Refusal> {
-        let deadline = Instant::now() + self.max_wait;
+    async fn shared(
+        &self,
+        shared: &Shared,
+        app: AppIndex,
+        lane: &Lane,
+        user: Option<&str>,
+        max_wait: Duration,
+    ) -> Result<u32, Refusal> {
+        let deadline = Instant::now() + max_wait;
         if let Some(pause) = lane.pause_left() {
-            if pause > self.max_wait {
+            if pause > max_wait {
                 return Err((Scope::Route, pause));
             }
             tokio::time::sleep(pause).await;
@@ -471,7 +485,59 @@ impl QuotaSet {
             }
         }
         let fallback = &shared.fallback;
-        fallback.local(app, fallback.lane(app, lane.route), user).await
+        let lane = fallback.lane(app, lane.route);
+        match max_wait.is_zero() {
+            true => {
+                fallback.decide_now(app, lane, user, Instant::now()).unwrap_or(Err((Scope::Route, lane.interval())))
+            }
+            false => fallback.local(app, lane, user).await,
+        }
+    }
+
+    /// A slot for a job's call, taken only when it costs direct calls nothing: none is waiting in the lane, the
+    /// jobs' share has room, and every limit has room now. Otherwise the limit that is full, and when to try again.
+    /// Never waits.
+    pub async fn background(&self, app: AppIndex, call: &Call) -> Result<RateLimitHeaders, Refusal> {
+        let lane = self.lane(app, call.route());
+        if lane.waiting.load(Ordering::Acquire) > 0 {
+            return Err((Scope::Route, lane.interval()));
+        }
+        if let Some(pause) = lane.pause_left() {
+            return Err((Scope::Route, pause));
+        }
+        if let Some(jobs) = &lane.jobs {
+            jobs.check().map_err(|wait| (Scope::Route, wait))?;
+        }
+        if let Some(jobs) = &self.app_jobs[app.0] {
+            jobs.check().map_err(|wait| (Scope::App, wait))?;
+        }
+        let user = user_of(call);
+        let decided = match &self.shared {
+            Some(shared) => self.shared(shared, app, lane, user.as_deref(), Duration::ZERO).await,
+            None => self
+                .decide_now(app, lane, user.as_deref(), Instant::now())
+                .unwrap_or(Err((Scope::Route, lane.interval()))),
+        };
+        decided.map(|remaining| lane.admitted(remaining))
+    }
+
+    /// The rate per second jobs may use on a route: its current rate (lowered while Easemob answers 429), or
+    /// the jobs' share of it.
+    pub fn jobs_rate(&self, app: AppIndex, route: Route) -> u32 {
+        let lane = self.lane(app, route);
+        let rate = lane.current().rate();
+        lane.jobs.as_ref().map_or(rate, |share| share.rate().min(rate))
+    }
+
+    /// The rate per second jobs may use under the app's cap, if it has one.
+    pub fn jobs_app_rate(&self, app: AppIndex) -> Option<u32> {
+        let cap = self.apps[app.0].as_ref()?.rate();
+        Some(self.app_jobs[app.0].as_ref().map_or(cap, |share| share.rate().min(cap)))
+    }
+
+    /// `delete_conversation` calls per user and minute.
+    pub fn user_limit(&self) -> u32 {
+        self.user_limit.get()
     }
 
     /// Easemob answered 429 on this lane: pause for its `Retry-After`, and (if adaptive) halve the lane's rate.
@@ -519,6 +585,15 @@ impl QuotaSet {
 }
 
 impl Lane {
+    /// The fields of an admission that leaves `remaining` calls at once.
+    fn admitted(&self, remaining: u32) -> RateLimitHeaders {
+        let limit = match remaining {
+            0 => self.admitted_none_left.clone(),
+            n => header(format!("\"{}\";r={n};t=0", self.route.name())),
+        };
+        RateLimitHeaders { policy: self.policy.clone(), limit }
+    }
+
     fn current(&self) -> Arc<Pace> {
         Arc::clone(&self.pace.read().expect("pace lock"))
     }
@@ -529,6 +604,10 @@ impl Lane {
         let rate = pace.rate();
         *self.pace.write().expect("pace lock") = Arc::new(pace);
         rate
+    }
+
+    fn interval(&self) -> Duration {
+        self.current().interval()
     }
 
     fn pause_left(&self) -> Option<Duration> {

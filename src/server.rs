@@ -28,10 +28,13 @@ use crate::admin::{ADMIN_MAX_CONNECTIONS, AdminService};
 use crate::apps::{App, Apps};
 use crate::audit::{Audit, AuditOpenError};
 use crate::config::{AppKey, Config, SecretError, SecretPolicy};
+use crate::jobs::runner::Runner;
+use crate::jobs::store::{Store, StoreError};
+use crate::jobs::{Clock, Jobs};
 use crate::metrics::Metrics;
 use crate::ratelimit::{AppIndex, QuotaSet, RedisError};
 use crate::retry::SafeRetry;
-use crate::stack::{Shared, data_plane};
+use crate::stack::{Shared, data_plane, job_plane};
 use crate::token::{Credentials, EasemobFetch, TokenSource};
 use crate::upstream::forward::Forward;
 use crate::upstream::{Upstream, UpstreamSetupError};
@@ -52,6 +55,8 @@ pub enum StartError {
     Bind { setting: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Audit(#[from] AuditOpenError),
+    #[error("jobs.store {path}: {source}")]
+    Jobs { path: std::path::PathBuf, source: StoreError },
 }
 
 /// A gateway whose listeners are bound and whose token fetches have started.
@@ -106,7 +111,15 @@ impl Server {
         if audit.is_none() {
             warn!("audit.file is not set: deletions are not recorded in an audit trail");
         }
+        let jobs = match &config.jobs.store {
+            Some(path) => {
+                let store = Store::open(path).map_err(|source| StartError::Jobs { path: path.clone(), source })?;
+                Some(Jobs::new(store, config.jobs.clone(), Arc::clone(&quota), Clock::new()))
+            }
+            None => None,
+        };
         let shared = Shared {
+            jobs,
             apps: Apps::new(apps),
             access: Arc::new(Access::new(&config)),
             in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
@@ -191,6 +204,7 @@ impl Server {
         info!(workers = workers.len(), "data plane running");
 
         let admin_service = AdminService {
+            jobs: shared.jobs.clone(),
             apps: shared.apps.clone(),
             metrics: shared.metrics.clone(),
             draining: Arc::clone(&draining),
@@ -211,8 +225,17 @@ impl Server {
         ));
 
         let reload = tokio::spawn(reload_secrets_on_sighup(config.clone(), shared.apps.clone()));
+        // Jobs run on this runtime with a client pool of their own. At shutdown the scheduler simply stops: an
+        // operation in flight then is still pending in the store and runs again after the restart.
+        let scheduler = shared.jobs.clone().map(|jobs| {
+            let send = job_plane(&shared, &Forward::new(upstream.with_own_pool(), &shared.metrics));
+            tokio::spawn(Runner::new(jobs, shared.apps.clone(), Arc::clone(&shared.quota), send).run())
+        });
         shutdown.await;
         reload.abort();
+        if let Some(scheduler) = scheduler {
+            scheduler.abort();
+        }
         info!(grace = ?config.server.shutdown_grace, "shutting down: refusing new connections, draining in-flight requests");
         // The admin listener stays up while draining, so probes see /readyz turn 503 rather than a refused port.
         draining.store(true, Ordering::SeqCst);

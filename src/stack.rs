@@ -20,6 +20,10 @@ use crate::apps::Apps;
 use crate::audit::{Audit, AuditLayer};
 use crate::config::is_plain_label;
 use crate::error::GatewayError;
+use crate::exchange::{Answer, Exchange};
+use crate::jobs::Jobs;
+use crate::jobs::api::JobsApiLayer;
+use crate::jobs::defer::DeferLayer;
 use crate::metrics::Metrics;
 use crate::observe::{ObserveLayer, X_REQUEST_ID};
 use crate::ratelimit::QuotaSet;
@@ -43,6 +47,8 @@ pub struct Shared {
     pub retry: SafeRetry,
     pub metrics: Metrics,
     pub body_read_timeout: Duration,
+    /// Deletion jobs, when `jobs.store` is set.
+    pub jobs: Option<Jobs>,
 }
 
 /// The data plane for one connection from `peer`, forwarding through `worker` (its worker's pool).
@@ -75,8 +81,12 @@ pub fn data_plane(
         .layer(AccessLayer::new(Arc::clone(&shared.access), peer))
         // Shed load before reading a body or waiting for quota: a fast 503 beyond server.max_in_flight.
         .layer(ShedLayer::new(Arc::clone(&shared.in_flight)))
+        // The jobs API has paths of its own (`…/_gateway/jobs`), under the same access rules and load shedding.
+        .layer(JobsApiLayer::new(shared.apps.clone(), shared.jobs.clone(), shared.body_read_timeout))
         // Parse once: from here down a request is a typed Call; nothing below sees the raw path, query or body.
         .layer(ValidateLayer::new(shared.apps.clone(), shared.body_read_timeout))
+        // A valid call sent with `Prefer: respond-async` is stored as a job here, and runs through `job_plane`.
+        .layer(DeferLayer::new(shared.jobs.clone()))
         // The audit event of a deletion sent to Easemob, once per request, with the final outcome.
         .layer(AuditLayer::new(shared.audit.clone()))
         // The token outside the quota: a call that cannot get a token costs no slot. Its 401 replay goes through
@@ -87,6 +97,20 @@ pub fn data_plane(
         // Every call that leaves for Easemob takes a slot, as Easemob counts them.
         .layer(QuotaLayer::new(Arc::clone(&shared.quota)))
         .service(worker.clone())
+}
+
+/// What a job's operation goes through: the data plane below validation, but for the retry (the scheduler retries
+/// with backoff itself). It arrives holding the quota slot the scheduler took for it.
+pub fn job_plane(
+    shared: &Shared,
+    forward: &Forward,
+) -> impl Service<Exchange, Response = Answer, Error = Infallible, Future: Send + 'static> + Clone + Send + 'static + use<>
+{
+    ServiceBuilder::new()
+        .layer(AuditLayer::new(shared.audit.clone()))
+        .layer(TokenLayer::new(&shared.metrics))
+        .layer(QuotaLayer::new(Arc::clone(&shared.quota)))
+        .service(forward.clone())
 }
 
 /// A caller's `X-Request-Id` is logged and forwarded to Easemob: keep it only if it is 1–128 characters of

@@ -106,6 +106,7 @@ pub fn exchange(app: &Arc<App>, call: Call) -> Exchange {
         started: std::time::Instant::now(),
         request_id: None,
         caller: None,
+        respond_async: false,
     })
 }
 

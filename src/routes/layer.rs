@@ -26,6 +26,8 @@ use crate::exchange::{Answer, Exchange, Labels, Marks, Validated, Waiting};
 use crate::observe::X_REQUEST_ID;
 use crate::ratelimit::RATELIMIT_POLICY;
 
+const PREFER: http::HeaderName = http::HeaderName::from_static("prefer");
+
 /// Easemob's `delete_conversation` body is three fields; anything this large is not one.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
@@ -91,7 +93,7 @@ where
                 let (inner, timeout) = (self.inner.clone(), self.body_read_timeout);
                 let app = labels.app.clone().expect("named before the body is read");
                 Either::Right(Box::pin(async move {
-                    let exchange = read_body(body, timeout)
+                    let exchange = read_body(body, timeout, MAX_BODY_BYTES)
                         .await
                         .and_then(|body| call(&parts, route, &owner, &body, &app, started).map_err(GatewayError::from));
                     match exchange {
@@ -145,7 +147,7 @@ fn edge(parts: &Parts, apps: &Apps, started: Instant, labels: &mut Labels) -> Re
 }
 
 /// The app the request names, or why there is none.
-fn find<'a>(apps: &'a Apps, named: Option<(&str, &str)>) -> Result<&'a Arc<App>, GatewayError> {
+pub fn find<'a>(apps: &'a Apps, named: Option<(&str, &str)>) -> Result<&'a Arc<App>, GatewayError> {
     apps.find(named).map_err(|unfound| match unfound {
         Unfound::NotConfigured => GatewayError::UnknownApp,
         Unfound::NotNamed => GatewayError::UnknownRoute {
@@ -171,7 +173,20 @@ fn call(
         started,
         request_id: parts.headers.get(X_REQUEST_ID).cloned(),
         caller,
+        respond_async: prefers_async(&parts.headers),
     }))
+}
+
+/// RFC 7240: `Prefer: respond-async`, among any other preferences, in any of the header's lines.
+fn prefers_async(headers: &http::HeaderMap) -> bool {
+    headers.get_all(PREFER).iter().any(|value| {
+        value.to_str().is_ok_and(|value| {
+            value.split(',').any(|preference| {
+                let token = preference.split([';', '=']).next().unwrap_or_default();
+                token.trim().eq_ignore_ascii_case("respond-async")
+            })
+        })
+    })
 }
 
 pin_project_lite::pin_project! {
@@ -204,22 +219,20 @@ where
     }
 }
 
-/// Reads a `delete_conversation` body: refused early when its declared length is too large, and bounded in time
-/// so a client that stops sending cannot hold the request open.
-async fn read_body<B>(body: B, timeout: Duration) -> Result<Bytes, GatewayError>
+/// Reads a request body of at most `limit` bytes: refused early when its declared length is larger, and bounded in
+/// time so a client that stops sending cannot hold the request open.
+pub async fn read_body<B>(body: B, timeout: Duration, limit: usize) -> Result<Bytes, GatewayError>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    if body.size_hint().lower() > MAX_BODY_BYTES as u64 {
-        return Err(GatewayError::BodyTooLarge { limit: MAX_BODY_BYTES });
+    if body.size_hint().lower() > limit as u64 {
+        return Err(GatewayError::BodyTooLarge { limit });
     }
-    match tokio::time::timeout(timeout, Limited::new(body, MAX_BODY_BYTES).collect()).await {
+    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
         Err(_) => Err(GatewayError::BodyTimeout),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(GatewayError::BodyTooLarge { limit: MAX_BODY_BYTES })
-        }
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(GatewayError::BodyTooLarge { limit }),
         Ok(Err(_)) => Err(GatewayError::BodyUnreadable),
     }
 }

@@ -1,0 +1,333 @@
+//! Deletion jobs: deletions the gateway carries out itself, durably, at the pace every quota allows.
+//!
+//! A job is a list of operations in the six routes' own terms, each validated by the same code as a direct call
+//! before anything is stored (`msgIdList`s longer than Easemob's 50 are split into batches). A direct call sent
+//! with `Prefer: respond-async` becomes a job of one (`jobs/defer.rs`). Jobs are kept in an embedded store
+//! (`jobs/store.rs`), run by one scheduler per process (`jobs/runner.rs`) through the same token, quota and
+//! client layers as direct calls, and read, listed and cancelled through the jobs API (`jobs/api.rs`).
+
+pub mod api;
+pub mod defer;
+pub mod runner;
+pub mod store;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::sync::Notify;
+
+use crate::apps::App;
+use crate::config::JobsConfig;
+use crate::ratelimit::QuotaSet;
+use crate::routes::validate::{Call, ValidationError};
+use crate::routes::{Endpoint, Route, resolve};
+
+use self::store::{Created, JobRecord, NewJob, NewOperation, Store, StoreError};
+
+/// Easemob refuses a `msgIdList` longer than this; a job splits longer ones into batches of this size.
+pub const MSG_IDS_PER_CALL: usize = 50;
+
+/// The jobs of this process: the store, and what the scheduler must hear about.
+#[derive(Clone)]
+pub struct Jobs(Arc<JobsInner>);
+
+struct JobsInner {
+    store: Store,
+    config: JobsConfig,
+    clock: Clock,
+    quota: Arc<QuotaSet>,
+    /// New work or a cancellation: the scheduler looks again.
+    wake: Notify,
+    /// Jobs cancelled since start-up (by `seq`): what the scheduler already holds of them is dropped.
+    cancelled: Mutex<HashSet<i64>>,
+}
+
+impl Jobs {
+    pub fn new(store: Store, config: JobsConfig, quota: Arc<QuotaSet>, clock: Clock) -> Jobs {
+        Jobs(Arc::new(JobsInner {
+            store,
+            config,
+            clock,
+            quota,
+            wake: Notify::new(),
+            cancelled: Mutex::new(HashSet::new()),
+        }))
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.0.store
+    }
+
+    pub fn config(&self) -> &JobsConfig {
+        &self.0.config
+    }
+
+    pub fn clock(&self) -> Clock {
+        self.0.clock
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.0.store.is_healthy()
+    }
+
+    /// Stores a job (or finds the one its idempotency key made) and tells the scheduler.
+    pub async fn submit(
+        &self,
+        app: &App,
+        caller: Option<&str>,
+        idempotency_key: Option<&str>,
+        request_sha256: Option<String>,
+        operations: Vec<NewOperation>,
+    ) -> Result<Created, StoreError> {
+        let job = NewJob {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            app: app.key.as_str().to_owned(),
+            caller: caller.map(str::to_owned),
+            idempotency_key: idempotency_key.map(str::to_owned),
+            request_sha256,
+            operations,
+            now_ms: self.0.clock.now_ms(),
+        };
+        let created = self.0.store.create(job).await?;
+        self.0.wake.notify_one();
+        Ok(created)
+    }
+
+    /// Cancels a job; `None` if `app` has no such job.
+    pub async fn cancel(&self, app: &App, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let cancelled = self.0.store.cancel(app.key.as_str(), id, self.0.clock.now_ms()).await?;
+        if let Some(job) = &cancelled {
+            self.0.cancelled.lock().expect("cancelled lock").insert(job.seq);
+            self.0.wake.notify_one();
+        }
+        Ok(cancelled)
+    }
+
+    fn is_cancelled(&self, job: i64) -> bool {
+        self.0.cancelled.lock().expect("cancelled lock").contains(&job)
+    }
+
+    /// How long the job's pending operations need at the quotas' pace, on their own.
+    pub async fn estimate(&self, app: &App, job: &JobRecord) -> Result<Duration, StoreError> {
+        if job.counts.pending == 0 {
+            return Ok(Duration::ZERO);
+        }
+        let remaining = self.0.store.remaining(job.seq).await?;
+        let quota = &self.0.quota;
+        let mut longest = Duration::ZERO;
+        for (route, count) in &remaining.by_route {
+            let Some(route) = Route::ALL.into_iter().find(|r| r.name() == route) else { continue };
+            let per_second = f64::from(quota.jobs_rate(app.index, route).max(1));
+            longest = longest.max(Duration::from_secs_f64(*count as f64 / per_second));
+        }
+        if let Some(cap) = quota.jobs_app_rate(app.index) {
+            longest = longest.max(Duration::from_secs_f64(job.counts.pending as f64 / f64::from(cap.max(1))));
+        }
+        // A user's calls beyond their window's size wait a minute for each further window.
+        let per_user = u64::from(quota.user_limit());
+        let windows = (remaining.busiest_user as u64).saturating_sub(1) / per_user;
+        Ok(longest.max(Duration::from_secs(60 * windows)))
+    }
+}
+
+impl Jobs {
+    /// What the API says of a job: its record, where to read it, and the estimated time to finish.
+    pub async fn describe(&self, app: &App, job: &JobRecord) -> Result<serde_json::Value, StoreError> {
+        let left = self.estimate(app, job).await?;
+        let mut view = serde_json::to_value(job).expect("a job record serializes");
+        let fields = view.as_object_mut().expect("a job record is an object");
+        fields.insert("location".to_owned(), location(app, &job.id).into());
+        if job.counts.pending > 0 {
+            fields.insert("estimated_seconds".to_owned(), (left.as_secs_f64().ceil() as u64).into());
+            let done_ms = self.0.clock.now_ms() + left.as_millis() as i64;
+            fields.insert("estimated_completion_ms".to_owned(), done_ms.into());
+        }
+        Ok(view)
+    }
+}
+
+/// Where a job of `app` is read: under the app's own base path, where Easemob has no route (`_` never starts one).
+pub fn location(app: &App, id: &str) -> String {
+    format!("/{}/{}/_gateway/jobs/{id}", app.org, app.app)
+}
+
+/// Wall-clock milliseconds (for what is stored) that follow tokio's time (so paused tests control them too).
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    wall_ms: i64,
+    at: tokio::time::Instant,
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        Clock { wall_ms: crate::error::unix_millis() as i64, at: tokio::time::Instant::now() }
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.wall_ms + self.at.elapsed().as_millis() as i64
+    }
+
+    /// The tokio instant of a wall-clock time.
+    pub fn instant(&self, ms: i64) -> tokio::time::Instant {
+        self.at + Duration::from_millis((ms - self.wall_ms).max(0) as u64)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Clock {
+        Clock::new()
+    }
+}
+
+/// One operation of a job, as the caller would have sent it directly.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperationRequest {
+    pub method: String,
+    /// The path and query, with or without the `/{org_name}/{app_name}` prefix.
+    pub path: String,
+    /// The JSON body (`delete_conversation` only).
+    #[serde(default)]
+    pub body: Option<serde_json::Value>,
+}
+
+/// Validates one requested operation for `app` as a direct call would be, splitting a long `msgIdList` into
+/// batches; the error says what is wrong, as a direct call's would.
+pub fn operations(app: &App, op: &OperationRequest, now_ms: i64) -> Result<Vec<NewOperation>, ValidationError> {
+    let (path, query) = match op.path.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (op.path.as_str(), None),
+    };
+    let bad = |description: String| ValidationError { error: "illegal_argument", description };
+    let resolved = resolve(path).ok_or_else(|| bad(format!("{path:?} is not one of the six deletion routes")))?;
+    if let Some((org, name)) = resolved.app
+        && !(org.eq_ignore_ascii_case(&app.org) && name.eq_ignore_ascii_case(&app.app))
+    {
+        return Err(bad(format!("the path names {org}#{name}; this job is for {}", app.key)));
+    }
+    let Endpoint::Operation { route, owner } = resolved.endpoint else {
+        return Err(bad("the token endpoint is not a deletion".to_owned()));
+    };
+    if !op.method.eq_ignore_ascii_case(route.method().as_str()) {
+        return Err(bad(format!("{} takes {}, not {:?}", route.name(), route.method(), op.method)));
+    }
+    let body = match (&op.body, route) {
+        (Some(body), Route::DeleteConversation) => serde_json::to_vec(body).expect("a JSON value serializes"),
+        (None, Route::DeleteConversation) => Vec::new(),
+        (Some(_), _) => return Err(bad(format!("{} takes no body", route.name()))),
+        (None, _) => Vec::new(),
+    };
+    batches(route, query)
+        .iter()
+        .map(|query| Ok(operation(app, &Call::parse(route, owner, query.as_deref(), &body, now_ms)?)))
+        .collect()
+}
+
+/// The query as it is, or one query per batch of [`MSG_IDS_PER_CALL`] message IDs when its `msgIdList` is longer.
+fn batches(route: Route, query: Option<&str>) -> Vec<Option<String>> {
+    let whole = vec![query.map(str::to_owned)];
+    if !matches!(route, Route::DeleteChatMessages | Route::DeleteGroupMessages) {
+        return whole;
+    }
+    let Some(query) = query else { return whole };
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    let ids: Vec<&str> = match pairs.iter().find(|(k, _)| k == "msgIdList") {
+        Some((_, list)) => list.split(',').collect(),
+        None => return whole,
+    };
+    if ids.len() <= MSG_IDS_PER_CALL {
+        return whole;
+    }
+    ids.chunks(MSG_IDS_PER_CALL)
+        .map(|chunk| {
+            let mut batch = form_urlencoded::Serializer::new(String::new());
+            for (key, value) in &pairs {
+                match key.as_str() {
+                    "msgIdList" => batch.append_pair(key, &chunk.join(",")),
+                    _ => batch.append_pair(key, value),
+                };
+            }
+            Some(batch.finish())
+        })
+        .collect()
+}
+
+/// A validated call as the store keeps it: what Easemob will receive.
+pub fn operation(app: &App, call: &Call) -> NewOperation {
+    NewOperation {
+        route: call.route().name(),
+        path: call.upstream_path_and_query(),
+        body: call.upstream_body().map(|b| b.to_vec()),
+        user: match call {
+            Call::DeleteConversation { owner, .. } => Some(user_key(app, owner.as_str())),
+            _ => None,
+        },
+    }
+}
+
+/// A user's key across apps: their per-user limit is the app's.
+fn user_key(app: &App, user: &str) -> String {
+    format!("{}/{}", app.key, user.to_ascii_lowercase())
+}
+
+/// The stored operation as a call again (it was validated when accepted, so this only fails if the rules changed).
+pub fn call_of(path: &str, body: Option<&[u8]>, now_ms: i64) -> Result<Call, ValidationError> {
+    let (path, query) = path.split_once('?').map_or((path, None), |(p, q)| (p, Some(q)));
+    let Some(Endpoint::Operation { route, owner }) = resolve(path).map(|r| r.endpoint) else {
+        return Err(ValidationError { error: "illegal_argument", description: format!("{path:?} is no route") });
+    };
+    Call::parse(route, owner, query, body.unwrap_or_default(), now_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{self, ScriptedFetch};
+
+    fn op(method: &str, path: &str) -> OperationRequest {
+        OperationRequest { method: method.to_owned(), path: path.to_owned(), body: None }
+    }
+
+    #[tokio::test]
+    async fn operations_are_validated_as_direct_calls_and_long_id_lists_are_split() {
+        let app = testing::app(&ScriptedFetch::granting(3600), &testing::quota(Default::default()));
+        let ids: Vec<String> = (0..120).map(|i| format!("{}", 1_100_000_000_000_000_000u64 + i)).collect();
+        let path =
+            format!("/o/a/rest/message/roaming/chat/user/Ann?userId=bob&msgIdList={}&isNotify=false", ids.join(","));
+        let split = operations(&app, &op("DELETE", &path), 0).unwrap();
+        assert_eq!(split.len(), 3, "50 + 50 + 20");
+        assert!(split[2].path.ends_with("&isNotify=false"), "{}", split[2].path);
+        assert!(split[2].path.contains(&ids[100..].join("%2C")) || split[2].path.contains(&ids[100..].join(",")));
+
+        let clear = operations(&app, &op("post", "/rest/message/roaming/user/ann/delete/all"), 0).unwrap();
+        assert_eq!(clear[0].path, "/rest/message/roaming/user/ann/delete/all");
+
+        for (method, path, says) in [
+            ("DELETE", "/rest/message/roaming/user/ann/delete/all", "takes POST"),
+            ("POST", "/x/y/rest/message/roaming/user/ann/delete/all", "this job is for o#a"),
+            ("POST", "/rest/message/roaming/user/a b/delete/all", "not allowed"),
+            ("DELETE", "/rest/message/roaming/chat/user/ann?msgIdList=1", "userId is missing"),
+            ("GET", "/users/ann", "not one of the six"),
+        ] {
+            let e = operations(&app, &op(method, path), 0).unwrap_err();
+            assert!(e.description.contains(says), "{path}: {e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_conversation_counts_against_its_owner_and_round_trips() {
+        let app = testing::app(&ScriptedFetch::granting(3600), &testing::quota(Default::default()));
+        let request = OperationRequest {
+            method: "DELETE".to_owned(),
+            path: "/users/Ann/user_channel".to_owned(),
+            body: Some(serde_json::json!({"channel": "bob", "type": "chat", "delete_roam": true})),
+        };
+        let [stored] = <[NewOperation; 1]>::try_from(operations(&app, &request, 0).unwrap()).unwrap();
+        assert_eq!(stored.user.as_deref(), Some("o#a/ann"));
+        let call = call_of(&stored.path, stored.body.as_deref(), 0).unwrap();
+        assert_eq!(call.route(), Route::DeleteConversation);
+        assert_eq!(operation(&app, &call).body, stored.body);
+    }
+}

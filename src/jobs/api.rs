@@ -1,0 +1,355 @@
+//! The jobs API, on the data plane under the same access rules, at `/{org}/{app}/_gateway/jobs` (or
+//! `/_gateway/jobs` when one app is configured): no Easemob path starts with `_`, so none can collide.
+//!
+//! - `POST …/jobs` `{"operations": [{"method", "path", "body"}…]}` creates a job, all or nothing (`Idempotency-Key`
+//!   makes a retried create return the first job);
+//! - `GET …/jobs?state=&before=&limit=` lists the app's jobs, newest first;
+//! - `GET …/jobs/{id}?from=&limit=&operations=` reads one, with a page of its operations;
+//! - `POST …/jobs/{id}/cancel` cancels what has not been sent.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::future::Either;
+use http::{HeaderValue, Method, Request, StatusCode, header};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tower::{BoxError, Layer, Service};
+use tracing::warn;
+
+use super::store::{Created, JobRecord, JobState, OpState, StoreError};
+use super::{Jobs, OperationRequest};
+use crate::access::Caller;
+use crate::apps::{App, Apps};
+use crate::config::is_plain_label;
+use crate::error::{GatewayError, json_response};
+use crate::exchange::{Answer, Waiting};
+use crate::routes::layer::{find, read_body};
+
+const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
+/// Bad operations named in one refusal; the count says how many more.
+const MAX_REPORTED: usize = 20;
+
+#[derive(Clone)]
+pub struct JobsApiLayer {
+    apps: Apps,
+    jobs: Option<Jobs>,
+    body_read_timeout: Duration,
+}
+
+impl JobsApiLayer {
+    pub fn new(apps: Apps, jobs: Option<Jobs>, body_read_timeout: Duration) -> JobsApiLayer {
+        JobsApiLayer { apps, jobs, body_read_timeout }
+    }
+}
+
+impl<S> Layer<S> for JobsApiLayer {
+    type Service = JobsApi<S>;
+
+    fn layer(&self, inner: S) -> JobsApi<S> {
+        JobsApi { inner, api: self.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct JobsApi<S> {
+    inner: S,
+    api: JobsApiLayer,
+}
+
+impl<S, B> Service<Request<B>> for JobsApi<S>
+where
+    S: Service<Request<B>, Response = Answer, Error = Infallible>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Answer;
+    type Error = Infallible;
+    type Future = Either<S::Future, Waiting>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        if !is_jobs_path(request.uri().path()) {
+            return Either::Left(self.inner.call(request));
+        }
+        let api = self.api.clone();
+        Either::Right(Box::pin(async move {
+            let started = Instant::now();
+            Ok(api.handle(request).await.unwrap_or_else(|e| e.into_response(started)))
+        }))
+    }
+}
+
+/// `/_gateway/…` or `/{org}/{app}/_gateway/…`: cheap enough to ask of every request.
+fn is_jobs_path(path: &str) -> bool {
+    path.starts_with("/_gateway/") || path.splitn(4, '/').nth(3).is_some_and(|rest| rest.starts_with("_gateway/"))
+}
+
+impl JobsApiLayer {
+    async fn handle<B>(&self, request: Request<B>) -> Result<Answer, GatewayError>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        let path = request.uri().path().to_owned();
+        let segments: Vec<&str> = path[1..].split('/').collect();
+        let (named, rest) = match segments.as_slice() {
+            ["_gateway", "jobs", rest @ ..] => (None, rest),
+            [org, app, "_gateway", "jobs", rest @ ..] => (Some((*org, *app)), rest),
+            _ => {
+                return Err(GatewayError::UnknownRoute {
+                    hint: "the jobs API is at /{org_name}/{app_name}/_gateway/jobs",
+                });
+            }
+        };
+        let Some(jobs) = &self.jobs else {
+            return Err(GatewayError::UnknownRoute { hint: "deletion jobs are off here (jobs.store is not set)" });
+        };
+        let app = find(&self.apps, named)?;
+        let query = Query::parse(request.uri().query())?;
+        match (request.method(), rest) {
+            (&Method::POST, []) => self.create(jobs, app, request).await,
+            (&Method::GET, []) => list(jobs, app, &query).await,
+            (&Method::GET, [id]) => show(jobs, app, id, &query).await,
+            (&Method::POST, [id, "cancel"]) => cancel(jobs, app, id).await,
+            (_, [] | [_]) => {
+                Err(GatewayError::MethodNotAllowed { allow: if rest.is_empty() { Method::POST } else { Method::GET } })
+            }
+            (_, [_, "cancel"]) => Err(GatewayError::MethodNotAllowed { allow: Method::POST }),
+            _ => Err(GatewayError::UnknownRoute { hint: "no jobs API route has this path" }),
+        }
+    }
+
+    async fn create<B>(&self, jobs: &Jobs, app: &Arc<App>, request: Request<B>) -> Result<Answer, GatewayError>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        let (parts, body) = request.into_parts();
+        let idempotency_key = match parts.headers.get(IDEMPOTENCY_KEY).map(HeaderValue::to_str) {
+            None => None,
+            Some(Ok(key)) if is_plain_label(key, 128) => Some(key.to_owned()),
+            Some(_) => {
+                return Err(invalid(
+                    "illegal_argument",
+                    "Idempotency-Key must be 1-128 characters of A-Z a-z 0-9 - _ . :",
+                ));
+            }
+        };
+        let config = jobs.config();
+        let body = read_body(body, self.body_read_timeout, config.max_body_bytes).await?;
+        let requested: CreateJob = serde_json::from_slice(&body).map_err(|e| {
+            invalid(
+                "invalid_request_body",
+                &format!("a job is {{\"operations\": [{{\"method\", \"path\", \"body\"}}, …]}}: {e}"),
+            )
+        })?;
+        if requested.operations.is_empty() {
+            return Err(invalid("illegal_argument", "a job needs at least one operation"));
+        }
+        if requested.operations.len() > config.max_operations {
+            return Err(GatewayError::TooManyOperations {
+                max: config.max_operations,
+                got: requested.operations.len(),
+            });
+        }
+        let now_ms = jobs.clock().now_ms();
+        let mut operations = Vec::with_capacity(requested.operations.len());
+        let mut problems = Vec::new();
+        for (index, item) in requested.operations.into_iter().enumerate() {
+            let checked = serde_json::from_value::<OperationRequest>(item)
+                .map_err(|e| format!("not an operation ({{\"method\", \"path\", \"body\"}}): {e}"))
+                .and_then(|op| super::operations(app, &op, now_ms).map_err(|e| e.to_string()));
+            match checked {
+                Ok(batch) => operations.extend(batch),
+                Err(problem) => problems.push((index, problem)),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(GatewayError::InvalidJob { error: "illegal_argument", description: report(&problems) });
+        }
+        if operations.len() > config.max_operations {
+            return Err(GatewayError::TooManyOperations { max: config.max_operations, got: operations.len() });
+        }
+        let Caller(caller) = parts.extensions.get::<Caller>().cloned().unwrap_or_default();
+        let sha = idempotency_key.as_ref().map(|_| hex::encode(Sha256::digest(&body)));
+        let created = jobs
+            .submit(app, caller.as_deref(), idempotency_key.as_deref(), sha, operations)
+            .await
+            .map_err(unavailable(app))?;
+        let (status, job) = match created {
+            Created::New(job) => (StatusCode::ACCEPTED, job),
+            Created::Existing { job, same_request: true } => (StatusCode::OK, job),
+            Created::Existing { same_request: false, .. } => return Err(GatewayError::IdempotencyConflict),
+        };
+        let mut answer = json(status, &jobs.describe(app, &job).await.map_err(unavailable(app))?);
+        let location = HeaderValue::try_from(super::location(app, &job.id)).expect("a job location is a header value");
+        answer.headers_mut().insert(header::LOCATION, location);
+        Ok(answer)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateJob {
+    operations: Vec<serde_json::Value>,
+}
+
+async fn show(jobs: &Jobs, app: &App, id: &str, query: &Query) -> Result<Answer, GatewayError> {
+    let job =
+        jobs.store().job(app.key.as_str(), id).await.map_err(unavailable(app))?.ok_or(GatewayError::JobNotFound)?;
+    let limit = query.limit(100, 1000)?;
+    let from = query.number("from")?.unwrap_or(0);
+    let only = match query.get("operations") {
+        None => None,
+        Some(state) => Some(OpState::parse(state).ok_or_else(|| {
+            invalid("illegal_argument", "operations must be one of pending, succeeded, failed, cancelled")
+        })?),
+    };
+    let page = jobs.store().operations(job.seq, from, limit + 1, only).await.map_err(unavailable(app))?;
+    let mut view = jobs.describe(app, &job).await.map_err(unavailable(app))?;
+    let more = page.len() > limit as usize;
+    let page = &page[..page.len().min(limit as usize)];
+    let fields = view.as_object_mut().expect("a job view is an object");
+    if more && let Some(last) = page.last() {
+        let filter = only.map(|s| format!("&operations={}", s.as_str())).unwrap_or_default();
+        let next = format!("{}?from={}&limit={limit}{filter}", super::location(app, id), last.index + 1);
+        fields.insert("next".to_owned(), next.into());
+    }
+    fields.insert("operations".to_owned(), serde_json::to_value(page).expect("operations serialize"));
+    Ok(json(StatusCode::OK, &view))
+}
+
+async fn list(jobs: &Jobs, app: &App, query: &Query) -> Result<Answer, GatewayError> {
+    let limit = query.limit(50, 500)?;
+    let state = match query.get("state") {
+        None => None,
+        Some(state) => Some(JobState::parse(state).ok_or_else(|| {
+            invalid("illegal_argument", "state must be one of queued, running, done, failed, cancelled")
+        })?),
+    };
+    let before = query.number("before")?;
+    let page = jobs.store().list(app.key.as_str(), state, before, limit + 1).await.map_err(unavailable(app))?;
+    let more = page.len() > limit as usize;
+    let page = &page[..page.len().min(limit as usize)];
+    let views: Vec<serde_json::Value> = page
+        .iter()
+        .map(|job: &JobRecord| {
+            let mut view = serde_json::to_value(job).expect("a job record serializes");
+            view["location"] = super::location(app, &job.id).into();
+            view
+        })
+        .collect();
+    let mut body = serde_json::json!({ "jobs": views });
+    if more && let Some(last) = page.last() {
+        let filter = state.map(|s| format!("&state={}", s.as_str())).unwrap_or_default();
+        let base = format!("/{}/{}/_gateway/jobs", app.org, app.app);
+        body["next"] = format!("{base}?before={}&limit={limit}{filter}", last.seq).into();
+    }
+    Ok(json(StatusCode::OK, &body))
+}
+
+async fn cancel(jobs: &Jobs, app: &App, id: &str) -> Result<Answer, GatewayError> {
+    let job = jobs.cancel(app, id).await.map_err(unavailable(app))?.ok_or(GatewayError::JobNotFound)?;
+    Ok(json(StatusCode::OK, &jobs.describe(app, &job).await.map_err(unavailable(app))?))
+}
+
+/// The list and read parameters; anything else is refused by name.
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    const KNOWN: [&str; 5] = ["from", "limit", "operations", "state", "before"];
+
+    fn parse(query: Option<&str>) -> Result<Query, GatewayError> {
+        let pairs: Vec<(String, String)> =
+            form_urlencoded::parse(query.unwrap_or("").as_bytes()).into_owned().collect();
+        if let Some((unknown, _)) = pairs.iter().find(|(k, _)| !Query::KNOWN.contains(&k.as_str())) {
+            let known = Query::KNOWN.join(", ");
+            return Err(invalid("illegal_argument", &format!("unknown query parameter {unknown:?}; known: {known}")));
+        }
+        Ok(Query(pairs))
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    fn number(&self, key: &str) -> Result<Option<i64>, GatewayError> {
+        self.get(key)
+            .map(|v| {
+                v.parse::<i64>()
+                    .ok()
+                    .filter(|n| *n >= 0)
+                    .ok_or_else(|| invalid("illegal_argument", &format!("{key} must be a whole number")))
+            })
+            .transpose()
+    }
+
+    fn limit(&self, default: u32, max: u32) -> Result<u32, GatewayError> {
+        match self.number("limit")? {
+            None => Ok(default),
+            Some(n) if (1..=i64::from(max)).contains(&n) => Ok(n as u32),
+            Some(_) => Err(invalid("illegal_argument", &format!("limit must be from 1 to {max}"))),
+        }
+    }
+}
+
+fn invalid(error: &'static str, description: &str) -> GatewayError {
+    GatewayError::InvalidJob { error, description: description.to_owned() }
+}
+
+/// Every bad operation by its index (the first few named, the rest counted).
+fn report(problems: &[(usize, String)]) -> String {
+    let plural = if problems.len() == 1 { "operation is" } else { "operations are" };
+    let mut out = format!("{} {plural} invalid, so nothing was accepted: ", problems.len());
+    for (i, (index, problem)) in problems.iter().take(MAX_REPORTED).enumerate() {
+        let separator = if i > 0 { "; " } else { "" };
+        out.push_str(&format!("{separator}operations[{index}]: {problem}"));
+    }
+    if problems.len() > MAX_REPORTED {
+        out.push_str(&format!("; and {} more", problems.len() - MAX_REPORTED));
+    }
+    out
+}
+
+/// A store failure is logged with its cause and answered 503: nothing is accepted that cannot be kept.
+fn unavailable(app: &App) -> impl Fn(StoreError) -> GatewayError + '_ {
+    move |e| {
+        warn!(app = %app.key, error = %e, "jobs store failed");
+        GatewayError::JobsUnavailable
+    }
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Answer {
+    json_response(status, value.to_string().into_bytes(), "local")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_paths_are_told_apart_cheaply() {
+        for path in ["/_gateway/jobs", "/o/a/_gateway/jobs/x/cancel"] {
+            assert!(is_jobs_path(path), "{path}");
+        }
+        for path in ["/o/a/rest/message/roaming/user/u/delete/all", "/o/_gateway/jobs", "/", "/o/a/_gatewayx"] {
+            assert!(!is_jobs_path(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn bad_operations_are_reported_by_index_and_bounded() {
+        let problems: Vec<(usize, String)> = (0..25).map(|i| (i * 2, "bad".to_owned())).collect();
+        let report = report(&problems);
+        assert!(report.starts_with("25 operations are invalid"), "{report}");
+        assert!(report.contains("operations[38]: bad") && !report.contains("operations[40]"), "{report}");
+        assert!(report.ends_with("and 5 more"), "{report}");
+    }
+}

@@ -1,0 +1,88 @@
+//! `Prefer: respond-async` (RFC 7240): a validated call the caller does not want to wait for is stored as a job of
+//! one and answered `202 Accepted` with the job's `Location`. Below validation, so an invalid call gets its usual
+//! 400 and nothing is stored; above the audit, the token and the quota, which the job's run goes through instead.
+//! Without the preference, or without a jobs store, calls pass through unchanged.
+
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
+use futures_util::future::Either;
+use http::{HeaderValue, StatusCode, header};
+use tower::{Layer, Service};
+use tracing::warn;
+
+use super::Jobs;
+use super::store::Created;
+use crate::error::{GatewayError, json_response};
+use crate::exchange::{Answer, Exchange, Waiting};
+
+const PREFERENCE_APPLIED: http::HeaderName = http::HeaderName::from_static("preference-applied");
+
+#[derive(Clone)]
+pub struct DeferLayer {
+    jobs: Option<Jobs>,
+}
+
+impl DeferLayer {
+    pub fn new(jobs: Option<Jobs>) -> DeferLayer {
+        DeferLayer { jobs }
+    }
+}
+
+impl<S> Layer<S> for DeferLayer {
+    type Service = Defer<S>;
+
+    fn layer(&self, inner: S) -> Defer<S> {
+        Defer { inner, jobs: self.jobs.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct Defer<S> {
+    inner: S,
+    jobs: Option<Jobs>,
+}
+
+impl<S> Service<Exchange> for Defer<S>
+where
+    S: Service<Exchange, Response = Answer, Error = Infallible>,
+{
+    type Response = Answer;
+    type Error = Infallible;
+    type Future = Either<S::Future, Waiting>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, exchange: Exchange) -> Self::Future {
+        match &self.jobs {
+            Some(jobs) if exchange.respond_async => Either::Right(Box::pin(accept(jobs.clone(), exchange))),
+            _ => Either::Left(self.inner.call(exchange)),
+        }
+    }
+}
+
+/// Stores the call as a job of one, durably, before answering.
+async fn accept(jobs: Jobs, exchange: Exchange) -> Result<Answer, Infallible> {
+    let app = &exchange.app;
+    let operation = super::operation(app, &exchange.call);
+    let created = jobs.submit(app, exchange.caller.as_deref(), None, None, vec![operation]).await;
+    let job = match created {
+        Ok(Created::New(job) | Created::Existing { job, .. }) => job,
+        Err(e) => {
+            warn!(app = %app.key, error = %e, "a call sent with Prefer: respond-async could not be stored");
+            return Ok(GatewayError::JobsUnavailable.into_response(exchange.started));
+        }
+    };
+    let body = match jobs.describe(app, &job).await {
+        Ok(view) => view,
+        Err(_) => serde_json::to_value(&job).expect("a job record serializes"),
+    };
+    let mut answer = json_response(StatusCode::ACCEPTED, body.to_string().into_bytes(), "local");
+    let headers = answer.headers_mut();
+    let location = super::location(app, &job.id);
+    headers.insert(header::LOCATION, HeaderValue::try_from(location).expect("a job location is a header value"));
+    headers.insert(PREFERENCE_APPLIED, HeaderValue::from_static("respond-async"));
+    Ok(answer)
+}

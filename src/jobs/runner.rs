@@ -1,0 +1,505 @@
+//! The scheduler: runs every job's operations at the highest rate the quotas allow, through the same audit,
+//! token, quota and client layers as a direct call.
+//!
+//! - A job operation takes a quota slot only when it costs direct calls nothing (`QuotaSet::background`): never
+//!   while a direct call waits in its lane, and within `rate_limit.jobs_share`.
+//! - A route lane that is full holds back that lane only; a user whose per-user window is full has all their
+//!   operations postponed (in the store too) until it frees, so other users go on.
+//! - Easemob's 429 (honouring `Retry-After`), its 5xx, timeouts and connection errors are retried with exponential
+//!   backoff and jitter; an answer that was lost is retried too (the deletions are idempotent upstream); any other
+//!   4xx is final.
+//! - Outcomes are recorded in batches; an operation is held in memory from the moment it is fetched until its
+//!   outcome is committed, so it is never sent twice at once.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderValue, StatusCode};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tower::{Service, ServiceExt};
+use tracing::{info, warn};
+
+use super::store::{Due, Next, OpState, Outcome};
+use super::{Jobs, call_of};
+use crate::apps::{App, Apps};
+use crate::config::JobsConfig;
+use crate::exchange::{Answer, Exchange, Marks, UnusedSlot, Validated};
+use crate::ratelimit::{QuotaSet, Scope};
+use crate::routes::Route;
+use crate::routes::validate::Call;
+
+/// Operations fetched ahead of dispatch.
+const BATCH: usize = 256;
+/// Even with nothing to wake it, the scheduler looks at the store this often (another process may have added work).
+const IDLE_POLL: Duration = Duration::from_secs(5);
+/// Finished jobs past their retention are deleted this often.
+const EXPIRY_EVERY: Duration = Duration::from_secs(60);
+/// After a store failure, the scheduler tries again this much later.
+const STORE_RETRY: Duration = Duration::from_secs(1);
+
+pub struct Runner<S> {
+    jobs: Jobs,
+    apps: Apps,
+    quota: Arc<QuotaSet>,
+    /// The stack below validation, as a direct call goes through it: audit, token, quota, client.
+    send: S,
+}
+
+/// An operation fetched from the store, ready to send.
+struct Held {
+    due: Due,
+    app: Arc<App>,
+    call: Call,
+}
+
+impl<S> Runner<S>
+where
+    S: Service<Exchange, Response = Answer, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    pub fn new(jobs: Jobs, apps: Apps, quota: Arc<QuotaSet>, send: S) -> Runner<S> {
+        Runner { jobs, apps, quota, send }
+    }
+
+    pub async fn run(self) {
+        let config = self.jobs.config().clone();
+        let store = self.jobs.store().clone();
+        let clock = self.jobs.clock();
+        let mut queue: VecDeque<Held> = VecDeque::new();
+        // Fetched and not yet recorded: in the queue, in flight, or with an outcome not yet committed.
+        let mut held: HashSet<(i64, i64)> = HashSet::new();
+        let mut lanes_full: HashMap<(usize, Route), Instant> = HashMap::new();
+        let mut users_full: HashMap<String, Instant> = HashMap::new();
+        let mut in_flight: JoinSet<Outcome> = JoinSet::new();
+        let mut unrecorded: Vec<Outcome> = Vec::new();
+        let mut next_expiry = Instant::now();
+        loop {
+            let now = Instant::now();
+            if now >= next_expiry {
+                let before = clock.now_ms() - config.retention.as_millis() as i64;
+                match store.expire(before).await {
+                    Ok(0) => {}
+                    Ok(n) => info!(jobs = n, "expired finished jobs past jobs.retention"),
+                    Err(e) => warn!(error = %e, "expiring finished jobs failed"),
+                }
+                next_expiry = now + EXPIRY_EVERY;
+            }
+            if !unrecorded.is_empty() {
+                let outcomes = std::mem::take(&mut unrecorded);
+                if let Err(e) = store.record(outcomes.clone(), clock.now_ms()).await {
+                    warn!(error = %e, "recording job outcomes failed; trying again");
+                    unrecorded = outcomes;
+                    tokio::time::sleep(STORE_RETRY).await;
+                    continue;
+                }
+                for outcome in &outcomes {
+                    held.remove(&(outcome.job, outcome.n));
+                }
+            }
+            let mut wake_at = now + IDLE_POLL;
+            if queue.len() < BATCH {
+                match store.due(clock.now_ms(), held.len() + BATCH).await {
+                    Ok(due) => {
+                        for due in due {
+                            if !held.insert(due.key()) {
+                                continue;
+                            }
+                            match self.prepare(due, &clock) {
+                                Ok(op) => queue.push_back(op),
+                                Err(outcome) => unrecorded.push(outcome),
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "reading due job operations failed");
+                        wake_at = wake_at.min(now + STORE_RETRY);
+                    }
+                }
+                if queue.is_empty()
+                    && let Ok(Some(next)) = store.next_due().await
+                {
+                    wake_at = wake_at.min(clock.instant(next));
+                }
+            }
+
+            let mut waiting = VecDeque::with_capacity(queue.len());
+            while let Some(op) = queue.pop_front() {
+                if self.jobs.is_cancelled(op.due.job) {
+                    held.remove(&op.due.key()); // the store dropped it already
+                    continue;
+                }
+                if let Some(user) = &op.due.user
+                    && users_full.get(user).is_some_and(|until| *until > now)
+                {
+                    held.remove(&op.due.key()); // postponed in the store; fetched again when due
+                    continue;
+                }
+                let lane = (op.app.index.0, op.call.route());
+                if let Some(until) = lanes_full.get(&lane).filter(|until| **until > now) {
+                    wake_at = wake_at.min(*until);
+                    waiting.push_back(op);
+                    continue;
+                }
+                if in_flight.len() >= config.concurrency {
+                    waiting.push_back(op);
+                    continue;
+                }
+                match self.quota.background(op.app.index, &op.call).await {
+                    Ok(slot) => {
+                        let send = self.send.clone();
+                        let slot = UnusedSlot { policy: slot.policy, limit: slot.limit };
+                        in_flight.spawn(attempt(send, op, slot, config.clone(), clock));
+                    }
+                    Err((Scope::User, wait)) => {
+                        let user = op.due.user.clone().expect("only a user's call meets their window");
+                        let until_ms = clock.now_ms() + wait.as_millis() as i64 + 1;
+                        if let Err(e) = store.postpone_user(&user, until_ms).await {
+                            warn!(error = %e, "postponing a user's job operations failed");
+                        }
+                        users_full.insert(user, now + wait);
+                        held.remove(&op.due.key());
+                    }
+                    Err((_, wait)) => {
+                        lanes_full.insert(lane, now + wait);
+                        wake_at = wake_at.min(now + wait);
+                        waiting.push_back(op);
+                    }
+                }
+            }
+            queue = waiting;
+            users_full.retain(|_, until| *until > now);
+            lanes_full.retain(|_, until| *until > now);
+            if !unrecorded.is_empty() {
+                continue;
+            }
+
+            tokio::select! {
+                Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    unrecorded.push(done.expect("a job attempt does not panic"));
+                    while let Some(done) = in_flight.try_join_next() {
+                        unrecorded.push(done.expect("a job attempt does not panic"));
+                    }
+                }
+                _ = tokio::time::sleep_until(wake_at) => {}
+                _ = self.jobs.0.wake.notified() => {}
+            }
+        }
+    }
+
+    /// The app and the call of a stored operation; an operation that can no longer run fails at once.
+    fn prepare(&self, due: Due, clock: &super::Clock) -> Result<Held, Outcome> {
+        let fail = |error: &str, description: String| Outcome {
+            job: due.job,
+            n: due.n,
+            attempts: due.attempts,
+            status: None,
+            error: Some(error.to_owned()),
+            error_description: Some(description),
+            next: Next::Done(OpState::Failed),
+        };
+        let Some(app) = self.apps.iter().find(|app| app.key.as_str() == due.app).cloned() else {
+            return Err(fail("app_not_configured", format!("{} is no longer configured here", due.app)));
+        };
+        match call_of(&due.path, due.body.as_deref(), clock.now_ms()) {
+            Ok(call) => Ok(Held { due, app, call }),
+            Err(e) => Err(fail(e.error, e.description)),
+        }
+    }
+}
+
+/// Sends one operation with the slot taken for it, and says what comes next.
+async fn attempt<S>(send: S, op: Held, slot: UnusedSlot, config: JobsConfig, clock: super::Clock) -> Outcome
+where
+    S: Service<Exchange, Response = Answer, Error = Infallible>,
+{
+    let Held { due, app, call } = op;
+    let exchange = Exchange {
+        slot: Some(slot),
+        ..Exchange::new(Validated {
+            app,
+            call,
+            started: std::time::Instant::now(),
+            request_id: HeaderValue::try_from(format!("job-{}.{}", due.job_id, due.n)).ok(),
+            caller: due.caller.as_deref().map(Arc::from),
+            respond_async: false,
+        })
+    };
+    let Ok(answer) = send.oneshot(exchange).await;
+    let attempts = due.attempts + 1;
+    let status = answer.status();
+    let (error, error_description) = match status {
+        StatusCode::OK => (None, None),
+        _ => envelope(answer.body()),
+    };
+    let next = match status {
+        StatusCode::OK => Next::Done(OpState::Succeeded),
+        _ if !retryable(&answer) || attempts >= config.max_attempts => Next::Done(OpState::Failed),
+        _ => Next::RetryAt(clock.now_ms() + backoff(&config, attempts, retry_after(&answer)).as_millis() as i64),
+    };
+    Outcome { job: due.job, n: due.n, attempts, status: Some(status.as_u16()), error, error_description, next }
+}
+
+/// Worth another attempt: Easemob's 429, 5xx and 401 (the token layer already replaced the token once), and the
+/// gateway's own answers when Easemob could not be reached or answer, no token was at hand, or the quota refused
+/// a replay.
+fn retryable(answer: &Answer) -> bool {
+    let status = answer.status();
+    if answer.is_from_easemob() {
+        return status == StatusCode::TOO_MANY_REQUESTS
+            || status == StatusCode::UNAUTHORIZED
+            || status.is_server_error();
+    }
+    matches!(
+        answer.rejection(),
+        Some(
+            "upstream_unreachable" | "upstream_timeout" | "upstream_failed" | "no_token" | "rate_limited" | "internal"
+        )
+    )
+}
+
+/// Easemob's (or the gateway's) `error` and `error_description`, if the body is an error envelope.
+fn envelope(body: &http_body_util::Full<bytes::Bytes>) -> (Option<String>, Option<String>) {
+    #[derive(serde::Deserialize)]
+    struct Envelope {
+        error: Option<String>,
+        error_description: Option<String>,
+    }
+    let bytes = futures_util::FutureExt::now_or_never(http_body_util::BodyExt::collect(body.clone()))
+        .and_then(Result::ok)
+        .map(|collected| collected.to_bytes())
+        .unwrap_or_default();
+    match serde_json::from_slice::<Envelope>(&bytes) {
+        Ok(e) => (e.error, e.error_description.map(|d| d.chars().take(500).collect())),
+        Err(_) => (None, None),
+    }
+}
+
+fn retry_after(answer: &Answer) -> Option<Duration> {
+    let secs: u64 = answer.headers().get(http::header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs.min(3600)))
+}
+
+/// `retry_min` doubled for each attempt made, up to `retry_max`, at a random point in its upper half; never before
+/// Easemob's `Retry-After`.
+fn backoff(config: &JobsConfig, attempts: u32, retry_after: Option<Duration>) -> Duration {
+    let doubled = config.retry_min.saturating_mul(1 << attempts.saturating_sub(1).min(20));
+    let ceiling = doubled.min(config.retry_max);
+    let jittered = ceiling / 2 + ceiling.mul_f64(fastrand::f64() / 2.0);
+    jittered.max(retry_after.unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tower::ServiceBuilder;
+
+    use super::*;
+    use crate::config::RateLimitConfig;
+    use crate::jobs::store::{Created, JobRecord, JobState, NewOperation, Store};
+    use crate::jobs::{Clock, OperationRequest};
+    use crate::metrics::Metrics;
+    use crate::ratelimit::layer::QuotaLayer;
+    use crate::testing::{self, ScriptedFetch};
+    use crate::token::layer::TokenLayer;
+
+    type Sent = Arc<Mutex<Vec<(Instant, Call)>>>;
+
+    struct Harness {
+        jobs: Jobs,
+        app: Arc<App>,
+        sent: Sent,
+        _dir: tempfile::TempDir,
+    }
+
+    /// A scheduler over a real store, the real token and quota layers, and a scripted Easemob.
+    async fn start(
+        jobs_config: JobsConfig,
+        rate_limit: RateLimitConfig,
+        mut script: impl FnMut(usize) -> Answer + Send + 'static,
+    ) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("jobs.db")).unwrap();
+        let quota = testing::quota(rate_limit);
+        let app = testing::app(&ScriptedFetch::granting(3600), &quota);
+        let sent: Sent = Arc::default();
+        let log = Arc::clone(&sent);
+        let (easemob, _) = testing::upstream(move |n, exchange| {
+            log.lock().unwrap().push((Instant::now(), exchange.call.clone()));
+            script(n)
+        });
+        let send = ServiceBuilder::new()
+            .layer(TokenLayer::new(&Metrics::new()))
+            .layer(QuotaLayer::new(Arc::clone(&quota)))
+            .service(easemob);
+        let jobs = Jobs::new(store, jobs_config, Arc::clone(&quota), Clock::new());
+        tokio::spawn(Runner::new(jobs.clone(), Apps::new(vec![Arc::clone(&app)]), quota, send).run());
+        Harness { jobs, app, sent, _dir: dir }
+    }
+
+    impl Harness {
+        async fn submit(&self, operations: Vec<OperationRequest>) -> JobRecord {
+            let ops: Vec<NewOperation> =
+                operations.iter().flat_map(|op| super::super::operations(&self.app, op, 0).unwrap()).collect();
+            match self.jobs.submit(&self.app, None, None, None, ops).await.unwrap() {
+                Created::New(job) => job,
+                Created::Existing { .. } => panic!("a new job"),
+            }
+        }
+
+        async fn job(&self, id: &str) -> JobRecord {
+            self.jobs.store().job("o#a", id).await.unwrap().unwrap()
+        }
+
+        /// Waits (in paused time) until the job has finished; returns it and how long that took.
+        async fn finished(&self, id: &str) -> (JobRecord, Duration) {
+            let started = Instant::now();
+            loop {
+                let job = self.job(id).await;
+                if job.finished_ms.is_some() {
+                    return (job, started.elapsed());
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+
+        fn sent_times(&self) -> Vec<Duration> {
+            let sent = self.sent.lock().unwrap();
+            let first = sent.first().map(|(at, _)| *at).unwrap();
+            sent.iter().map(|(at, _)| *at - first).collect()
+        }
+    }
+
+    fn clear(user: &str) -> OperationRequest {
+        OperationRequest {
+            method: "POST".to_owned(),
+            path: format!("/rest/message/roaming/user/{user}/delete/all"),
+            body: None,
+        }
+    }
+
+    fn conversation(owner: &str, peer: &str) -> OperationRequest {
+        OperationRequest {
+            method: "DELETE".to_owned(),
+            path: format!("/users/{owner}/user_channel"),
+            body: Some(serde_json::json!({"channel": peer, "type": "chat", "delete_roam": true})),
+        }
+    }
+
+    fn ok(_: usize) -> Answer {
+        testing::easemob(200)
+    }
+
+    /// The most calls in any window of `window` starting at a call.
+    fn busiest(times: &[Duration], window: Duration) -> usize {
+        (0..times.len()).map(|i| times[i..].iter().take_while(|t| **t < times[i] + window).count()).max().unwrap_or(0)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_thousand_calls_run_at_the_routes_quota_and_no_faster() {
+        let h = start(JobsConfig::default(), RateLimitConfig::default(), ok).await;
+        let job = h.submit((0..1000).map(|i| clear(&format!("u{i}"))).collect()).await;
+        let (done, took) = h.finished(&job.id).await;
+        assert_eq!((done.state, done.counts.succeeded), (JobState::Done, 1000));
+        assert!(took <= Duration::from_millis(10_500), "1.05 × the quota's 10 s at most: {took:?}");
+        let times = h.sent_times();
+        assert_eq!(times.len(), 1000, "each operation sent once");
+        assert_eq!(busiest(&times, Duration::from_secs(1)), 100, "never more than Easemob's 100 in a second");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_users_full_window_holds_back_only_that_user() {
+        let h = start(JobsConfig::default(), RateLimitConfig::default(), ok).await;
+        let twenty: Vec<_> = (0..100).map(|i| conversation(&format!("owner{}", i % 20), &format!("p{i}"))).collect();
+        let (done, took) = h.finished(&h.submit(twenty).await.id).await;
+        assert_eq!(done.counts.succeeded, 100);
+        assert!(took < Duration::from_millis(1_500), "5 for each of 20 users go in about a second: {took:?}");
+
+        let h = start(JobsConfig::default(), RateLimitConfig::default(), ok).await;
+        let twelve: Vec<_> = (0..12).map(|i| conversation("ann", &format!("p{i}"))).collect();
+        let (done, took) = h.finished(&h.submit(twelve).await.id).await;
+        assert_eq!(done.counts.succeeded, 12);
+        assert!(
+            (Duration::from_secs(120)..Duration::from_secs(122)).contains(&took),
+            "just over two minutes: {took:?}"
+        );
+        let times = h.sent_times();
+        let minute = |m: u64| times.iter().filter(|t| (m * 60..m * 60 + 60).contains(&t.as_secs())).count();
+        assert_eq!((minute(0), minute(1), minute(2)), (5, 5, 2), "{times:?}");
+        assert_eq!(busiest(&times, Duration::from_secs(60)), 5, "never six in a minute");
+    }
+
+    fn envelope(status: u16, error: &str, retry_after: Option<&str>) -> Answer {
+        let mut answer = testing::easemob(status);
+        let body = serde_json::json!({"error": error, "error_description": format!("{error} happened")});
+        *answer.body_mut() = http_body_util::Full::new(bytes::Bytes::from(body.to_string()));
+        if let Some(secs) = retry_after {
+            answer.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_str(secs).unwrap());
+        }
+        answer
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_failures_are_retried_with_backoff_and_other_4xx_are_final() {
+        let config = JobsConfig { retry_min: Duration::from_secs(1), ..JobsConfig::default() };
+        let h = start(config, RateLimitConfig::default(), |n| match n {
+            0 => envelope(503, "service_unavailable", None),
+            1 => envelope(429, "reach_limit", Some("3")),
+            2 => testing::easemob(200),
+            _ => envelope(404, "service_resource_not_found", None),
+        })
+        .await;
+        let (done, _) = h.finished(&h.submit(vec![clear("ann")]).await.id).await;
+        assert_eq!((done.state, done.counts.succeeded), (JobState::Done, 1));
+        let ops = h.jobs.store().operations(done.seq, 0, 10, None).await.unwrap();
+        assert_eq!((ops[0].attempts, ops[0].status), (3, Some(200)));
+        let times = h.sent_times();
+        assert!(times[1] - times[0] >= Duration::from_millis(500), "backoff: {times:?}");
+        assert!(times[2] - times[1] >= Duration::from_secs(3), "Retry-After honoured: {times:?}");
+
+        let (failed, _) = h.finished(&h.submit(vec![clear("bob")]).await.id).await;
+        assert_eq!((failed.state, failed.counts.failed), (JobState::Failed, 1));
+        let ops = h.jobs.store().operations(failed.seq, 0, 10, None).await.unwrap();
+        assert_eq!((ops[0].attempts, ops[0].status), (1, Some(404)));
+        assert_eq!(ops[0].error.as_deref(), Some("service_resource_not_found"));
+        assert_eq!(ops[0].error_description.as_deref(), Some("service_resource_not_found happened"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_operation_that_keeps_failing_stops_at_max_attempts() {
+        let config = JobsConfig { max_attempts: 3, retry_max: Duration::from_secs(2), ..JobsConfig::default() };
+        let h = start(config, RateLimitConfig::default(), |_| envelope(502, "bad_gateway", None)).await;
+        let (done, _) = h.finished(&h.submit(vec![clear("ann")]).await.id).await;
+        assert_eq!((done.state, done.counts.failed), (JobState::Failed, 1));
+        assert_eq!(h.sent_times().len(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_job_sends_nothing_more() {
+        let h = start(JobsConfig::default(), RateLimitConfig::default(), ok).await;
+        let job = h.submit((0..500).map(|i| clear(&format!("u{i}"))).collect()).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let cancelled = h.jobs.cancel(&h.app, &job.id).await.unwrap().unwrap();
+        let sent_then = h.sent.lock().unwrap().len();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(h.sent.lock().unwrap().len(), sent_then, "nothing sent after the cancel");
+        let after = h.job(&job.id).await;
+        assert_eq!(after.state, JobState::Cancelled);
+        assert_eq!(after.counts.succeeded + after.counts.cancelled, 500);
+        assert!(after.counts.cancelled >= cancelled.counts.cancelled - 1);
+        assert!((90..=110).contains(&after.counts.succeeded), "about a second's worth ran: {:?}", after.counts);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn jobs_use_only_their_share_of_a_route() {
+        let rate_limit = RateLimitConfig { jobs_share: 0.5, ..RateLimitConfig::default() };
+        let h = start(JobsConfig::default(), rate_limit, ok).await;
+        let job = h.submit((0..200).map(|i| clear(&format!("u{i}"))).collect()).await;
+        let (_, took) = h.finished(&job.id).await;
+        assert!(took >= Duration::from_secs(3), "about 50 a second: {took:?}");
+        assert!(busiest(&h.sent_times(), Duration::from_secs(1)) <= 50);
+    }
+}

@@ -1,0 +1,738 @@
+//! The jobs' embedded store: one SQLite file. A job is accepted only once its operations are committed (WAL,
+//! `synchronous = FULL`: a commit survives `kill -9` and a power loss), and an outcome counts once it is committed
+//! too. An operation in flight when the process dies is still `pending` here, so it runs again after a restart:
+//! the six deletions are idempotent upstream, and the job records its outcome exactly once.
+//!
+//! SQLite calls block, so each runs on tokio's blocking pool (which also keeps paused test time from jumping while
+//! one runs); one connection, behind a mutex, serialises them.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+
+/// Why the store could not do what was asked: the disk is full or read-only, the file is damaged, …
+#[derive(Debug, thiserror::Error)]
+#[error("jobs store: {0}")]
+pub struct StoreError(String);
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> StoreError {
+        StoreError(e.to_string())
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    app TEXT NOT NULL,
+    state TEXT NOT NULL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL,
+    finished_ms INTEGER,
+    caller TEXT,
+    idempotency_key TEXT,
+    request_sha256 TEXT,
+    total INTEGER NOT NULL,
+    pending INTEGER NOT NULL,
+    succeeded INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    cancelled INTEGER NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs(app, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_by_app ON jobs(app, seq);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_ms) WHERE finished_ms IS NOT NULL;
+CREATE TABLE IF NOT EXISTS operations (
+    job INTEGER NOT NULL REFERENCES jobs(seq) ON DELETE CASCADE,
+    n INTEGER NOT NULL,
+    route TEXT NOT NULL,
+    path TEXT NOT NULL,
+    body BLOB,
+    user TEXT,
+    state TEXT NOT NULL,
+    not_before_ms INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    status INTEGER,
+    error TEXT,
+    error_description TEXT,
+    finished_ms INTEGER,
+    PRIMARY KEY (job, n)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS operations_due ON operations(not_before_ms, job, n) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS operations_by_user ON operations(user) WHERE state = 'pending' AND user IS NOT NULL;
+";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Nothing attempted yet.
+    Queued,
+    Running,
+    /// Every operation succeeded.
+    Done,
+    /// Every operation finished, at least one failed.
+    Failed,
+    /// Cancelled: what had not been sent was dropped.
+    Cancelled,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 5] =
+        [JobState::Queued, JobState::Running, JobState::Done, JobState::Failed, JobState::Cancelled];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobState> {
+        JobState::ALL.into_iter().find(|state| state.as_str() == s)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OpState {
+    Pending,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl OpState {
+    pub const ALL: [OpState; 4] = [OpState::Pending, OpState::Succeeded, OpState::Failed, OpState::Cancelled];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpState::Pending => "pending",
+            OpState::Succeeded => "succeeded",
+            OpState::Failed => "failed",
+            OpState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<OpState> {
+        OpState::ALL.into_iter().find(|state| state.as_str() == s)
+    }
+}
+
+/// A job to store: its operations already validated.
+pub struct NewJob {
+    pub id: String,
+    pub app: String,
+    pub caller: Option<String>,
+    pub idempotency_key: Option<String>,
+    /// What the create request said, to tell a retried create from a different one under the same key.
+    pub request_sha256: Option<String>,
+    pub operations: Vec<NewOperation>,
+    pub now_ms: i64,
+}
+
+/// One operation as Easemob will receive it: the canonical path and query under `/{org}/{app}`, and the body.
+#[derive(Debug)]
+pub struct NewOperation {
+    pub route: &'static str,
+    pub path: String,
+    pub body: Option<Vec<u8>>,
+    /// The user whose per-user limit it counts against (`delete_conversation`), lower-cased.
+    pub user: Option<String>,
+}
+
+pub enum Created {
+    New(JobRecord),
+    /// The idempotency key was used before: that job, and whether the request was the same.
+    Existing {
+        job: JobRecord,
+        same_request: bool,
+    },
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct JobRecord {
+    #[serde(skip)]
+    pub seq: i64,
+    pub id: String,
+    pub app: String,
+    pub state: JobState,
+    pub created_ms: i64,
+    pub finished_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caller: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    pub counts: Counts,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counts {
+    pub total: i64,
+    pub pending: i64,
+    pub succeeded: i64,
+    pub failed: i64,
+    pub cancelled: i64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct OpRecord {
+    pub index: i64,
+    pub route: String,
+    pub path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<serde_json::Value>,
+    pub state: OpState,
+    pub attempts: u32,
+    /// Easemob's (or the gateway's) status of the last attempt.
+    pub status: Option<u16>,
+    pub error: Option<String>,
+    pub error_description: Option<String>,
+    pub finished_ms: Option<i64>,
+}
+
+/// An operation that may run now.
+#[derive(Clone, Debug)]
+pub struct Due {
+    pub job: i64,
+    pub job_id: String,
+    pub app: String,
+    pub caller: Option<String>,
+    pub n: i64,
+    pub route: String,
+    pub path: String,
+    pub body: Option<Vec<u8>>,
+    pub user: Option<String>,
+    pub attempts: u32,
+}
+
+impl Due {
+    pub fn key(&self) -> (i64, i64) {
+        (self.job, self.n)
+    }
+}
+
+/// What became of one attempt at an operation.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub job: i64,
+    pub n: i64,
+    pub attempts: u32,
+    pub status: Option<u16>,
+    pub error: Option<String>,
+    pub error_description: Option<String>,
+    pub next: Next,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Final: succeeded or failed.
+    Done(OpState),
+    /// Try again at this time.
+    RetryAt(i64),
+}
+
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+    /// The last write succeeded: what readiness reports.
+    healthy: Arc<AtomicBool>,
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError(format!("{} does not support WAL (journal_mode is {mode})", path.display())));
+        }
+        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store { conn: Arc::new(Mutex::new(conn)), healthy: Arc::new(AtomicBool::new(true)) })
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` on the connection on the blocking pool; a failed write marks the store unhealthy until the next
+    /// success.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = Arc::clone(&self.conn);
+        let result = tokio::task::spawn_blocking(move || f(&mut conn.lock().expect("store lock")))
+            .await
+            .map_err(|e| StoreError(format!("store task: {e}")))?;
+        self.healthy.store(result.is_ok(), Ordering::Relaxed);
+        result
+    }
+
+    /// Stores a job and its operations in one transaction, or finds the job its idempotency key already made.
+    pub async fn create(&self, job: NewJob) -> Result<Created, StoreError> {
+        self.run(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if let Some(key) = &job.idempotency_key {
+                let existing = tx
+                    .query_row(
+                        &format!("SELECT {JOB_COLUMNS}, request_sha256 FROM jobs WHERE app = ?1 AND idempotency_key = ?2"),
+                        params![job.app, key],
+                        |row| Ok((job_record(row)?, row.get::<_, Option<String>>(13)?)),
+                    )
+                    .optional()?;
+                if let Some((record, sha)) = existing {
+                    return Ok(Created::Existing { job: record, same_request: sha == job.request_sha256 });
+                }
+            }
+            let total = job.operations.len() as i64;
+            tx.execute(
+                "INSERT INTO jobs (id, app, state, created_ms, caller, idempotency_key, request_sha256, total, pending)
+                 VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?7)",
+                params![job.id, job.app, job.now_ms, job.caller, job.idempotency_key, job.request_sha256, total],
+            )?;
+            let seq = tx.last_insert_rowid();
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO operations (job, n, route, path, body, user, state) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending')",
+                )?;
+                for (n, op) in job.operations.iter().enumerate() {
+                    insert.execute(params![seq, n as i64, op.route, op.path, op.body, op.user])?;
+                }
+            }
+            let record = tx.query_row(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE seq = ?1"), [seq], job_record)?;
+            tx.commit()?;
+            Ok(Created::New(record))
+        })
+        .await
+    }
+
+    pub async fn job(&self, app: &str, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let (app, id) = (app.to_owned(), id.to_owned());
+        self.run(move |conn| {
+            Ok(conn
+                .query_row(
+                    &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE app = ?1 AND id = ?2"),
+                    params![app, id],
+                    job_record,
+                )
+                .optional()?)
+        })
+        .await
+    }
+
+    /// A page of a job's operations from index `from`, optionally only those in `state`.
+    pub async fn operations(
+        &self,
+        job: i64,
+        from: i64,
+        limit: u32,
+        state: Option<OpState>,
+    ) -> Result<Vec<OpRecord>, StoreError> {
+        self.run(move |conn| {
+            let mut select = conn.prepare_cached(
+                "SELECT n, route, path, body, state, attempts, status, error, error_description, finished_ms
+                 FROM operations WHERE job = ?1 AND n >= ?2 AND (?3 IS NULL OR state = ?3) ORDER BY n LIMIT ?4",
+            )?;
+            let rows = select.query_map(params![job, from, state.map(OpState::as_str), limit], |row| {
+                let body: Option<Vec<u8>> = row.get(3)?;
+                Ok(OpRecord {
+                    index: row.get(0)?,
+                    route: row.get(1)?,
+                    path: row.get(2)?,
+                    body: body.and_then(|b| serde_json::from_slice(&b).ok()),
+                    state: OpState::parse(&row.get::<_, String>(4)?).unwrap_or(OpState::Pending),
+                    attempts: row.get(5)?,
+                    status: row.get(6)?,
+                    error: row.get(7)?,
+                    error_description: row.get(8)?,
+                    finished_ms: row.get(9)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// An app's jobs, newest first, from `before` (a job's `seq`, exclusive), optionally only those in `state`.
+    pub async fn list(
+        &self,
+        app: &str,
+        state: Option<JobState>,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        let app = app.to_owned();
+        self.run(move |conn| {
+            let mut select = conn.prepare_cached(&format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE app = ?1 AND (?2 IS NULL OR state = ?2) AND seq < ?3
+                 ORDER BY seq DESC LIMIT ?4"
+            ))?;
+            let rows = select
+                .query_map(params![app, state.map(JobState::as_str), before.unwrap_or(i64::MAX), limit], job_record)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// Cancels a job: its pending operations are dropped. `None` if there is no such job.
+    pub async fn cancel(&self, app: &str, id: &str, now_ms: i64) -> Result<Option<JobRecord>, StoreError> {
+        let (app, id) = (app.to_owned(), id.to_owned());
+        self.run(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let Some(seq) = tx
+                .query_row("SELECT seq FROM jobs WHERE app = ?1 AND id = ?2", params![app, id], |row| {
+                    row.get::<_, i64>(0)
+                })
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            let dropped = tx.execute(
+                "UPDATE operations SET state = 'cancelled', finished_ms = ?2 WHERE job = ?1 AND state = 'pending'",
+                params![seq, now_ms],
+            )? as i64;
+            tx.execute(
+                "UPDATE jobs SET cancel_requested = 1, pending = pending - ?2, cancelled = cancelled + ?2,
+                     state = CASE WHEN pending - ?2 = 0 AND finished_ms IS NULL THEN 'cancelled' ELSE state END,
+                     finished_ms = CASE WHEN pending - ?2 = 0 THEN COALESCE(finished_ms, ?3) ELSE finished_ms END
+                 WHERE seq = ?1",
+                params![seq, dropped, now_ms],
+            )?;
+            let record = tx.query_row(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE seq = ?1"), [seq], job_record)?;
+            tx.commit()?;
+            Ok(Some(record))
+        })
+        .await
+    }
+
+    /// Up to `limit` operations due at `now_ms`, in order: the earliest due first, then by job and index.
+    pub async fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<Due>, StoreError> {
+        self.run(move |conn| {
+            let mut select = conn.prepare_cached(
+                "SELECT o.job, j.id, j.app, j.caller, o.n, o.route, o.path, o.body, o.user, o.attempts
+                 FROM operations o JOIN jobs j ON j.seq = o.job
+                 WHERE o.state = 'pending' AND o.not_before_ms <= ?1
+                 ORDER BY o.not_before_ms, o.job, o.n LIMIT ?2",
+            )?;
+            let rows = select.query_map(params![now_ms, limit as i64], |row| {
+                Ok(Due {
+                    job: row.get(0)?,
+                    job_id: row.get(1)?,
+                    app: row.get(2)?,
+                    caller: row.get(3)?,
+                    n: row.get(4)?,
+                    route: row.get(5)?,
+                    path: row.get(6)?,
+                    body: row.get(7)?,
+                    user: row.get(8)?,
+                    attempts: row.get(9)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// When the next pending operation falls due, if any is pending.
+    pub async fn next_due(&self) -> Result<Option<i64>, StoreError> {
+        self.run(|conn| {
+            Ok(conn
+                .query_row("SELECT MIN(not_before_ms) FROM operations WHERE state = 'pending'", [], |row| row.get(0))?)
+        })
+        .await
+    }
+
+    /// Holds back every pending operation of `user` (in `app`) until `until_ms`: their per-user window is full.
+    pub async fn postpone_user(&self, user: &str, until_ms: i64) -> Result<(), StoreError> {
+        let user = user.to_owned();
+        self.run(move |conn| {
+            conn.execute(
+                "UPDATE operations SET not_before_ms = MAX(not_before_ms, ?2) WHERE user = ?1 AND state = 'pending'",
+                params![user, until_ms],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records outcomes in one transaction, and finishes the jobs whose last operation this was. An operation
+    /// cancelled while in flight gets its outcome all the same (it was sent).
+    pub async fn record(&self, outcomes: Vec<Outcome>, now_ms: i64) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for o in &outcomes {
+                let Some(was) = tx
+                    .query_row("SELECT state FROM operations WHERE job = ?1 AND n = ?2", params![o.job, o.n], |row| {
+                        row.get::<_, String>(0)
+                    })
+                    .optional()?
+                    .and_then(|s| OpState::parse(&s))
+                else {
+                    continue; // the job expired meanwhile
+                };
+                match o.next {
+                    Next::RetryAt(at) => {
+                        tx.execute(
+                            "UPDATE operations SET attempts = ?3, not_before_ms = ?4, status = ?5, error = ?6,
+                                 error_description = ?7
+                             WHERE job = ?1 AND n = ?2 AND state = 'pending'",
+                            params![o.job, o.n, o.attempts, at, o.status, o.error, o.error_description],
+                        )?;
+                    }
+                    Next::Done(state) => {
+                        let from = match was {
+                            OpState::Pending => "pending",
+                            OpState::Cancelled => "cancelled",
+                            OpState::Succeeded | OpState::Failed => continue, // recorded before
+                        };
+                        tx.execute(
+                            "UPDATE operations SET state = ?3, attempts = ?4, status = ?5, error = ?6,
+                                 error_description = ?7, finished_ms = ?8
+                             WHERE job = ?1 AND n = ?2",
+                            params![
+                                o.job,
+                                o.n,
+                                state.as_str(),
+                                o.attempts,
+                                o.status,
+                                o.error,
+                                o.error_description,
+                                now_ms
+                            ],
+                        )?;
+                        let to = state.as_str();
+                        tx.execute(
+                            &format!("UPDATE jobs SET {from} = {from} - 1, {to} = {to} + 1 WHERE seq = ?1"),
+                            [o.job],
+                        )?;
+                    }
+                }
+                tx.execute(
+                    "UPDATE jobs SET
+                         state = CASE
+                             WHEN pending > 0 THEN 'running'
+                             WHEN cancel_requested = 1 THEN 'cancelled'
+                             WHEN failed > 0 THEN 'failed'
+                             ELSE 'done' END,
+                         finished_ms = CASE WHEN pending = 0 THEN COALESCE(finished_ms, ?2) ELSE NULL END
+                     WHERE seq = ?1",
+                    params![o.job, now_ms],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Pending operations of a job by route, and the most any one user has (for the estimate).
+    pub async fn remaining(&self, job: i64) -> Result<Remaining, StoreError> {
+        self.run(move |conn| {
+            let mut by_route = conn.prepare_cached(
+                "SELECT route, COUNT(*) FROM operations WHERE job = ?1 AND state = 'pending' GROUP BY route",
+            )?;
+            let by_route = by_route
+                .query_map([job], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            let busiest_user = conn
+                .query_row(
+                    "SELECT COUNT(*) AS c FROM operations WHERE job = ?1 AND state = 'pending' AND user IS NOT NULL
+                     GROUP BY user ORDER BY c DESC LIMIT 1",
+                    [job],
+                    |row| row.get(0),
+                )
+                .optional()?
+                .unwrap_or(0);
+            Ok(Remaining { by_route, busiest_user })
+        })
+        .await
+    }
+
+    /// Jobs by state and operations still pending, for the metrics.
+    pub async fn totals(&self) -> Result<Totals, StoreError> {
+        self.run(|conn| {
+            let mut by_state = conn.prepare_cached("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
+            let jobs = by_state
+                .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            let (pending, oldest_ms) = conn.query_row(
+                "SELECT COUNT(*), MIN(j.created_ms) FROM operations o JOIN jobs j ON j.seq = o.job
+                 WHERE o.state = 'pending'",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )?;
+            Ok(Totals { jobs, pending, oldest_ms })
+        })
+        .await
+    }
+
+    /// Deletes jobs finished before `before_ms`, with their operations; returns how many.
+    pub async fn expire(&self, before_ms: i64) -> Result<usize, StoreError> {
+        self.run(move |conn| {
+            Ok(conn.execute("DELETE FROM jobs WHERE finished_ms IS NOT NULL AND finished_ms < ?1", [before_ms])?)
+        })
+        .await
+    }
+}
+
+pub struct Remaining {
+    pub by_route: Vec<(String, i64)>,
+    pub busiest_user: i64,
+}
+
+pub struct Totals {
+    pub jobs: Vec<(String, i64)>,
+    pub pending: i64,
+    /// When the job of the oldest pending operation was accepted.
+    pub oldest_ms: Option<i64>,
+}
+
+const JOB_COLUMNS: &str = "seq, id, app, state, created_ms, finished_ms, caller, idempotency_key, total, pending, \
+                           succeeded, failed, cancelled";
+
+fn job_record(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
+    Ok(JobRecord {
+        seq: row.get(0)?,
+        id: row.get(1)?,
+        app: row.get(2)?,
+        state: JobState::parse(&row.get::<_, String>(3)?).unwrap_or(JobState::Queued),
+        created_ms: row.get(4)?,
+        finished_ms: row.get(5)?,
+        caller: row.get(6)?,
+        idempotency_key: row.get(7)?,
+        counts: Counts {
+            total: row.get(8)?,
+            pending: row.get(9)?,
+            succeeded: row.get(10)?,
+            failed: row.get(11)?,
+            cancelled: row.get(12)?,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(user: Option<&str>) -> NewOperation {
+        NewOperation {
+            route: "clear_user_messages",
+            path: "/rest/message/roaming/user/u/delete/all".to_owned(),
+            body: None,
+            user: user.map(str::to_owned),
+        }
+    }
+
+    fn job(id: &str, key: Option<&str>, ops: usize) -> NewJob {
+        NewJob {
+            id: id.to_owned(),
+            app: "o#a".to_owned(),
+            caller: None,
+            idempotency_key: key.map(str::to_owned),
+            request_sha256: Some("h".to_owned()),
+            operations: (0..ops).map(|_| op(None)).collect(),
+            now_ms: 1_000,
+        }
+    }
+
+    fn done(job: i64, n: i64, state: OpState) -> Outcome {
+        Outcome {
+            job,
+            n,
+            attempts: 1,
+            status: Some(200),
+            error: None,
+            error_description: None,
+            next: Next::Done(state),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_job_runs_to_done_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.db");
+        let store = Store::open(&path).unwrap();
+        let Created::New(record) = store.create(job("j1", None, 3)).await.unwrap() else { panic!("new") };
+        assert_eq!((record.state, record.counts.pending), (JobState::Queued, 3));
+        let due = store.due(1_000, 10).await.unwrap();
+        assert_eq!(due.len(), 3);
+        store.record(vec![done(record.seq, 0, OpState::Succeeded)], 2_000).await.unwrap();
+        drop(store);
+
+        let store = Store::open(&path).unwrap();
+        let running = store.job("o#a", "j1").await.unwrap().unwrap();
+        assert_eq!((running.state, running.counts.succeeded, running.counts.pending), (JobState::Running, 1, 2));
+        let outcomes = vec![done(running.seq, 1, OpState::Succeeded), done(running.seq, 2, OpState::Failed)];
+        store.record(outcomes.clone(), 3_000).await.unwrap();
+        store.record(outcomes, 3_500).await.unwrap(); // recorded twice (a replay after a crash): counted once
+        let finished = store.job("o#a", "j1").await.unwrap().unwrap();
+        assert_eq!((finished.state, finished.finished_ms), (JobState::Failed, Some(3_000)));
+        assert_eq!(finished.counts, Counts { total: 3, pending: 0, succeeded: 2, failed: 1, cancelled: 0 });
+        assert!(store.due(10_000, 10).await.unwrap().is_empty());
+        assert_eq!(store.expire(3_001).await.unwrap(), 1);
+        assert!(store.job("o#a", "j1").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn an_idempotency_key_returns_the_first_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("jobs.db")).unwrap();
+        assert!(matches!(store.create(job("j1", Some("k"), 1)).await.unwrap(), Created::New(_)));
+        let Created::Existing { job: first, same_request } = store.create(job("j2", Some("k"), 1)).await.unwrap()
+        else {
+            panic!("existing")
+        };
+        assert_eq!((first.id.as_str(), same_request), ("j1", true));
+        let mut different = job("j3", Some("k"), 1);
+        different.request_sha256 = Some("other".to_owned());
+        assert!(matches!(store.create(different).await.unwrap(), Created::Existing { same_request: false, .. }));
+    }
+
+    #[tokio::test]
+    async fn cancel_drops_what_is_pending_and_an_operation_in_flight_still_records_its_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("jobs.db")).unwrap();
+        let Created::New(record) = store.create(job("j1", None, 3)).await.unwrap() else { panic!("new") };
+        let cancelled = store.cancel("o#a", "j1", 2_000).await.unwrap().unwrap();
+        assert_eq!((cancelled.state, cancelled.counts.cancelled), (JobState::Cancelled, 3));
+        // Operation 0 was in flight: its outcome arrives after the cancel.
+        store.record(vec![done(record.seq, 0, OpState::Succeeded)], 2_500).await.unwrap();
+        let after = store.job("o#a", "j1").await.unwrap().unwrap();
+        assert_eq!(after.state, JobState::Cancelled);
+        assert_eq!((after.counts.succeeded, after.counts.cancelled), (1, 2));
+        assert!(store.cancel("o#a", "nope", 0).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_retry_waits_and_a_postponed_user_is_not_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("jobs.db")).unwrap();
+        let mut new = job("j1", None, 0);
+        new.operations = vec![op(Some("o#a/ann")), op(Some("o#a/bob"))];
+        let Created::New(record) = store.create(new).await.unwrap() else { panic!("new") };
+        store.postpone_user("o#a/ann", 5_000).await.unwrap();
+        let due: Vec<i64> = store.due(1_000, 10).await.unwrap().iter().map(|d| d.n).collect();
+        assert_eq!(due, [1]);
+        let retry = Outcome {
+            job: record.seq,
+            n: 1,
+            attempts: 1,
+            status: Some(503),
+            error: Some("service_unavailable".to_owned()),
+            error_description: None,
+            next: Next::RetryAt(7_000),
+        };
+        store.record(vec![retry], 1_500).await.unwrap();
+        assert_eq!(store.next_due().await.unwrap(), Some(5_000));
+        let due: Vec<(i64, u32)> = store.due(7_000, 10).await.unwrap().iter().map(|d| (d.n, d.attempts)).collect();
+        assert_eq!(due, [(0, 0), (1, 1)]);
+        assert_eq!(store.job("o#a", "j1").await.unwrap().unwrap().state, JobState::Running);
+    }
+}
