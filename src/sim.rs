@@ -92,6 +92,9 @@ struct World {
     limits: Limits,
     stats: Stats,
     requests: VecDeque<Recorded>,
+    /// Every business request ever received, by `METHOD path?query`: how many times (the log above keeps only
+    /// the last [`REQUEST_LOG_LEN`]).
+    received: HashMap<String, u32>,
 }
 
 /// The app `org`/`app` names, case-insensitively; a free function so that a caller can hold the app and the
@@ -123,6 +126,7 @@ impl Simulator {
             limits: Limits::default(),
             stats: Stats::default(),
             requests: VecDeque::new(),
+            received: HashMap::new(),
         };
         Simulator { world: Arc::new(Mutex::new(world)) }
     }
@@ -210,6 +214,11 @@ impl Simulator {
             world.stats.business_requests += 1;
             *world.stats.by_second.entry(now_ms() as u64 / 1000).or_default() += 1;
             *world.stats.by_route.entry(route.unwrap_or("unknown")).or_default() += 1;
+            let target = match parts.uri.query() {
+                Some(query) => format!("{} {}?{query}", parts.method, parts.uri.path()),
+                None => format!("{} {}", parts.method, parts.uri.path()),
+            };
+            *world.received.entry(target).or_default() += 1;
             if world.requests.len() == REQUEST_LOG_LEN {
                 world.requests.pop_front();
             }

@@ -28,6 +28,7 @@ impl Simulator {
         let answer = match (method, segments.as_slice()) {
             (&Method::GET, ["stats"]) => ok(serde_json::to_value(&world.stats).expect("stats serialize")),
             (&Method::GET, ["requests"]) => ok(serde_json::to_value(&world.requests).expect("requests serialize")),
+            (&Method::GET, ["received"]) => ok(serde_json::to_value(&world.received).expect("counts serialize")),
             (&Method::GET, ["faults"]) => ok(serde_json::to_value(&world.faults).expect("faults serialize")),
             (&Method::PUT, ["faults"]) => {
                 world.faults = control_body::<Faults>(body)?;
@@ -64,6 +65,16 @@ impl Simulator {
                 let app = control_app(&mut world, org, app)?;
                 app.client_secret = control_body::<Secret>(body)?.client_secret;
                 ok(json!({ "rotated": true }))
+            }
+            (&Method::POST, ["apps", org, app, "users"]) => {
+                #[derive(Deserialize)]
+                struct Users {
+                    users: Vec<String>,
+                }
+                let app = control_app(&mut world, org, app)?;
+                let users = control_body::<Users>(body)?.users;
+                users.iter().for_each(|user| app.add_user(user));
+                ok(json!({ "added": users.len() }))
             }
             (&Method::POST, ["apps", org, app, "messages"]) => {
                 #[derive(Deserialize)]

@@ -4,6 +4,7 @@ mod access;
 mod cli;
 mod demo;
 mod forwarding;
+mod jobs;
 mod lifecycle;
 mod ops;
 mod quota;

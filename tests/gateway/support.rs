@@ -80,6 +80,11 @@ impl Sim {
         send(Method::GET, &format!("{}/_sim/requests", self.url), &[], "").await.json().as_array().unwrap().clone()
     }
 
+    /// Every business request received, as `METHOD path?query`, with how many times.
+    pub async fn received(&self) -> serde_json::Map<String, Value> {
+        send(Method::GET, &format!("{}/_sim/received", self.url), &[], "").await.json().as_object().unwrap().clone()
+    }
+
     pub async fn faults(&self, faults: Value) {
         let a = send(Method::PUT, &format!("{}/_sim/faults", self.url), &[], &faults.to_string()).await;
         assert_eq!(a.status, 200, "{}", a.text());
@@ -94,6 +99,13 @@ impl Sim {
     /// Calls the simulator refused as over Easemob's limits: anything but 0 means a gateway let too much through.
     pub async fn over_limit(&self) -> u64 {
         self.stats().await["over_limit"].as_u64().unwrap()
+    }
+
+    /// Registers users in the demo app, so calls for them are not answered 404.
+    pub async fn add_users(&self, users: &[String]) {
+        let url = format!("{}/_sim/apps/{ORG}/{APP}/users", self.url);
+        let a = send(Method::POST, &url, &[], &serde_json::json!({ "users": users }).to_string()).await;
+        assert_eq!(a.status, 200, "{}", a.text());
     }
 
     pub async fn expire_tokens(&self) {
@@ -163,6 +175,7 @@ pub struct Gateway {
     pub data: String,
     pub admin: String,
     pub dir: tempfile::TempDir,
+    rust_log: String,
 }
 
 #[derive(Default)]
@@ -176,6 +189,9 @@ pub struct GatewayOptions {
     pub rust_log: Option<String>,
     /// Configure `demo2` as well as `demo`.
     pub two_apps: bool,
+    /// Deletion jobs on, with a store in the gateway's directory (kept across [`Gateway::kill_and_restart`]) and
+    /// these lines added to `[jobs]`.
+    pub jobs: Option<String>,
 }
 
 impl Gateway {
@@ -206,21 +222,37 @@ impl Gateway {
         if options.two_apps {
             apps.push_str(&app(APP2));
         }
+        if let Some(jobs) = &options.jobs {
+            let store = dir.path().join("jobs.db");
+            apps.insert_str(0, &format!("[jobs]\nstore = \"{}\"\n{jobs}\n\n", store.display()));
+        }
         let config = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n{}\n\
              [upstream]\nbase_url = \"{}\"\nconnect_timeout = \"1s\"\ntimeout = \"3s\"\n\n{}\n{apps}",
             options.server, sim.url, options.extra
         );
-        let path = dir.path().join("gateway.toml");
-        std::fs::write(&path, config).unwrap();
-        let log = std::fs::File::create(dir.path().join("gateway.log")).unwrap();
+        std::fs::write(dir.path().join("gateway.toml"), config).unwrap();
+        let rust_log = options.rust_log.unwrap_or_else(|| "easemob_gateway=debug".to_owned());
+        let (child, line) = Gateway::spawn(&dir, &rust_log).await;
+        Gateway { _child: child, data: field(&line, "data"), admin: field(&line, "admin"), dir, rust_log }
+    }
+
+    async fn spawn(dir: &tempfile::TempDir, rust_log: &str) -> (Child, String) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.path().join("gateway.log")).unwrap();
         let mut command = Command::new(BIN);
         command
-            .args(["serve", "--config", path.to_str().unwrap()])
-            .env("RUST_LOG", options.rust_log.as_deref().unwrap_or("easemob_gateway=debug"))
+            .args(["serve", "--config", dir.path().join("gateway.toml").to_str().unwrap()])
+            .env("RUST_LOG", rust_log)
             .stderr(Stdio::from(log));
-        let (child, line) = spawn(&mut command).await;
-        Gateway { _child: child, data: field(&line, "data"), admin: field(&line, "admin"), dir }
+        spawn(&mut command).await
+    }
+
+    /// `kill -9`, then the same gateway (config, store, secret) started again, on new ports.
+    pub async fn kill_and_restart(&mut self) {
+        self._child.kill().await.unwrap();
+        let (child, line) = Gateway::spawn(&self.dir, &self.rust_log).await;
+        (self._child, self.data, self.admin) = (child, field(&line, "data"), field(&line, "admin"));
+        self.wait_ready().await;
     }
 
     /// Polls `/readyz` (no sleeps on a timer alone): every app holds a token.
