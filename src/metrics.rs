@@ -35,7 +35,15 @@ pub struct Metrics {
     pub audit_write_errors: IntCounter,
     pub upstream_retries: IntCounterVec,
     pub open_connections: IntGauge,
+    pub jobs: IntGaugeVec,
+    pub job_operations: IntCounterVec,
+    pub job_operations_pending: IntGauge,
+    pub job_oldest_pending: IntGauge,
+    pub job_duration: Histogram,
 }
+
+/// A job's time from acceptance to completion: seconds to days.
+const JOB_BUCKETS: &[f64] = &[1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4.0 * 3600.0, 86400.0, 4.0 * 86400.0];
 
 impl Metrics {
     pub fn new() -> Metrics {
@@ -123,6 +131,24 @@ impl Metrics {
             audit_write_errors: counter("audit_write_errors_total", "Audit events that could not be written."),
             in_flight: gauge("in_flight_requests", "Requests being handled now."),
             open_connections: gauge("open_connections", "Data-plane client connections open now."),
+            jobs: gauges("jobs", "Deletion jobs in the store, by state.", &["state"]),
+            job_operations: counters(
+                "job_operations_total",
+                "Attempts at job operations by outcome: succeeded, failed (final), retried.",
+                &["app", "route", "outcome"],
+            ),
+            job_operations_pending: gauge("job_operations_pending", "Job operations not yet finished: the queue."),
+            job_oldest_pending: gauge(
+                "job_oldest_pending_seconds",
+                "Age of the job holding the oldest unfinished operation (0: none pending).",
+            ),
+            job_duration: {
+                let opts = HistogramOpts::new("job_duration_seconds", "Time from a job's acceptance to its end.")
+                    .buckets(JOB_BUCKETS.to_vec());
+                let h = Histogram::with_opts(opts).expect("valid histogram");
+                register(Box::new(h.clone()));
+                h
+            },
             registry,
         }
     }

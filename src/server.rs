@@ -229,7 +229,9 @@ impl Server {
         // operation in flight then is still pending in the store and runs again after the restart.
         let scheduler = shared.jobs.clone().map(|jobs| {
             let send = job_plane(&shared, &Forward::new(upstream.with_own_pool(), &shared.metrics));
-            tokio::spawn(Runner::new(jobs, shared.apps.clone(), Arc::clone(&shared.quota), send).run())
+            let runner =
+                Runner::new(jobs, shared.apps.clone(), Arc::clone(&shared.quota), send, shared.metrics.clone());
+            tokio::spawn(runner.run())
         });
         shutdown.await;
         reload.abort();

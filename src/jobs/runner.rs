@@ -22,11 +22,12 @@ use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 use tracing::{info, warn};
 
-use super::store::{Due, Next, OpState, Outcome};
+use super::store::{Due, JobState, Next, OpState, Outcome};
 use super::{Jobs, call_of};
 use crate::apps::{App, Apps};
 use crate::config::JobsConfig;
 use crate::exchange::{Answer, Exchange, Marks, UnusedSlot, Validated};
+use crate::metrics::Metrics;
 use crate::ratelimit::{QuotaSet, Scope};
 use crate::routes::Route;
 use crate::routes::validate::Call;
@@ -37,6 +38,8 @@ const BATCH: usize = 256;
 const IDLE_POLL: Duration = Duration::from_secs(5);
 /// Finished jobs past their retention are deleted this often.
 const EXPIRY_EVERY: Duration = Duration::from_secs(60);
+/// The jobs gauges are refreshed this often.
+const REPORT_EVERY: Duration = Duration::from_secs(5);
 /// After a store failure, the scheduler tries again this much later.
 const STORE_RETRY: Duration = Duration::from_secs(1);
 
@@ -46,6 +49,7 @@ pub struct Runner<S> {
     quota: Arc<QuotaSet>,
     /// The stack below validation, as a direct call goes through it: audit, token, quota, client.
     send: S,
+    metrics: Metrics,
 }
 
 /// An operation fetched from the store, ready to send.
@@ -60,8 +64,8 @@ where
     S: Service<Exchange, Response = Answer, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send,
 {
-    pub fn new(jobs: Jobs, apps: Apps, quota: Arc<QuotaSet>, send: S) -> Runner<S> {
-        Runner { jobs, apps, quota, send }
+    pub fn new(jobs: Jobs, apps: Apps, quota: Arc<QuotaSet>, send: S, metrics: Metrics) -> Runner<S> {
+        Runner { jobs, apps, quota, send, metrics }
     }
 
     pub async fn run(self) {
@@ -76,6 +80,7 @@ where
         let mut in_flight: JoinSet<Outcome> = JoinSet::new();
         let mut unrecorded: Vec<Outcome> = Vec::new();
         let mut next_expiry = Instant::now();
+        let mut next_report = Instant::now();
         loop {
             let now = Instant::now();
             if now >= next_expiry {
@@ -87,13 +92,24 @@ where
                 }
                 next_expiry = now + EXPIRY_EVERY;
             }
+            if now >= next_report {
+                self.report(&clock).await;
+                next_report = now + REPORT_EVERY;
+            }
             if !unrecorded.is_empty() {
                 let outcomes = std::mem::take(&mut unrecorded);
-                if let Err(e) = store.record(outcomes.clone(), clock.now_ms()).await {
-                    warn!(error = %e, "recording job outcomes failed; trying again");
-                    unrecorded = outcomes;
-                    tokio::time::sleep(STORE_RETRY).await;
-                    continue;
+                match store.record(outcomes.clone(), clock.now_ms()).await {
+                    Ok(finished) => {
+                        for took in finished {
+                            self.metrics.job_duration.observe(took as f64 / 1000.0);
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "recording job outcomes failed; trying again");
+                        unrecorded = outcomes;
+                        tokio::time::sleep(STORE_RETRY).await;
+                        continue;
+                    }
                 }
                 for outcome in &outcomes {
                     held.remove(&(outcome.job, outcome.n));
@@ -151,7 +167,8 @@ where
                     Ok(slot) => {
                         let send = self.send.clone();
                         let slot = UnusedSlot { policy: slot.policy, limit: slot.limit };
-                        in_flight.spawn(attempt(send, op, slot, config.clone(), clock));
+                        let counted = self.metrics.job_operations.clone();
+                        in_flight.spawn(attempt(send, op, slot, config.clone(), clock, counted));
                     }
                     Err((Scope::User, wait)) => {
                         let user = op.due.user.clone().expect("only a user's call meets their window");
@@ -189,6 +206,18 @@ where
         }
     }
 
+    /// Jobs by state, the queue's depth and the age of its oldest operation, for the metrics.
+    async fn report(&self, clock: &super::Clock) {
+        let Ok(totals) = self.jobs.store().totals().await else { return };
+        for state in JobState::ALL {
+            let count = totals.jobs.iter().find(|(s, _)| s == state.as_str()).map_or(0, |(_, n)| *n);
+            self.metrics.jobs.with_label_values(&[state.as_str()]).set(count);
+        }
+        self.metrics.job_operations_pending.set(totals.pending);
+        let age = totals.oldest_ms.map_or(0, |oldest| (clock.now_ms() - oldest).max(0) / 1000);
+        self.metrics.job_oldest_pending.set(age);
+    }
+
     /// The app and the call of a stored operation; an operation that can no longer run fails at once.
     fn prepare(&self, due: Due, clock: &super::Clock) -> Result<Held, Outcome> {
         let fail = |error: &str, description: String| Outcome {
@@ -211,11 +240,19 @@ where
 }
 
 /// Sends one operation with the slot taken for it, and says what comes next.
-async fn attempt<S>(send: S, op: Held, slot: UnusedSlot, config: JobsConfig, clock: super::Clock) -> Outcome
+async fn attempt<S>(
+    send: S,
+    op: Held,
+    slot: UnusedSlot,
+    config: JobsConfig,
+    clock: super::Clock,
+    counted: prometheus::IntCounterVec,
+) -> Outcome
 where
     S: Service<Exchange, Response = Answer, Error = Infallible>,
 {
     let Held { due, app, call } = op;
+    let labels = (Arc::clone(&app), call.route());
     let exchange = Exchange {
         slot: Some(slot),
         ..Exchange::new(Validated {
@@ -239,6 +276,12 @@ where
         _ if !retryable(&answer) || attempts >= config.max_attempts => Next::Done(OpState::Failed),
         _ => Next::RetryAt(clock.now_ms() + backoff(&config, attempts, retry_after(&answer)).as_millis() as i64),
     };
+    let outcome = match next {
+        Next::Done(OpState::Succeeded) => "succeeded",
+        Next::Done(_) => "failed",
+        Next::RetryAt(_) => "retried",
+    };
+    counted.with_label_values(&[labels.0.key.as_str(), labels.1.name(), outcome]).inc();
     Outcome { job: due.job, n: due.n, attempts, status: Some(status.as_u16()), error, error_description, next }
 }
 
@@ -336,7 +379,8 @@ mod tests {
             .layer(QuotaLayer::new(Arc::clone(&quota)))
             .service(easemob);
         let jobs = Jobs::new(store, jobs_config, Arc::clone(&quota), Clock::new());
-        tokio::spawn(Runner::new(jobs.clone(), Apps::new(vec![Arc::clone(&app)]), quota, send).run());
+        let apps = Apps::new(vec![Arc::clone(&app)]);
+        tokio::spawn(Runner::new(jobs.clone(), apps, quota, send, Metrics::new()).run());
         Harness { jobs, app, sent, _dir: dir }
     }
 

@@ -462,11 +462,13 @@ impl Store {
         .await
     }
 
-    /// Records outcomes in one transaction, and finishes the jobs whose last operation this was. An operation
-    /// cancelled while in flight gets its outcome all the same (it was sent).
-    pub async fn record(&self, outcomes: Vec<Outcome>, now_ms: i64) -> Result<(), StoreError> {
+    /// Records outcomes in one transaction, and finishes the jobs whose last operation this was; returns how long
+    /// each job finished here took, from acceptance (ms). An operation cancelled while in flight gets its outcome
+    /// all the same (it was sent).
+    pub async fn record(&self, outcomes: Vec<Outcome>, now_ms: i64) -> Result<Vec<i64>, StoreError> {
         self.run(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut finished = Vec::new();
             for o in &outcomes {
                 let Some(was) = tx
                     .query_row("SELECT state FROM operations WHERE job = ?1 AND n = ?2", params![o.job, o.n], |row| {
@@ -514,6 +516,8 @@ impl Store {
                         )?;
                     }
                 }
+                let open: bool =
+                    tx.query_row("SELECT finished_ms IS NULL FROM jobs WHERE seq = ?1", [o.job], |row| row.get(0))?;
                 tx.execute(
                     "UPDATE jobs SET
                          state = CASE
@@ -525,9 +529,16 @@ impl Store {
                      WHERE seq = ?1",
                     params![o.job, now_ms],
                 )?;
+                if open {
+                    let took: Option<i64> =
+                        tx.query_row("SELECT finished_ms - created_ms FROM jobs WHERE seq = ?1", [o.job], |row| {
+                            row.get(0)
+                        })?;
+                    finished.extend(took);
+                }
             }
             tx.commit()?;
-            Ok(())
+            Ok(finished)
         })
         .await
     }

@@ -71,6 +71,19 @@ async fn a_spam_message_is_removed_from_every_recipient_by_one_job() {
     }
     assert_eq!(sim.over_limit().await, 0);
 
+    let metrics = gw.metrics().await;
+    let line = format!(
+        "easemob_gateway_job_operations_total{{app=\"{ORG}#{APP}\",outcome=\"succeeded\",route=\"delete_chat_messages\"}} 30"
+    );
+    assert!(metrics.contains(&line), "{line}");
+    assert!(metrics.contains("easemob_gateway_job_duration_seconds_count 1"));
+    eventually(Duration::from_secs(15), "the jobs gauges to be refreshed", || async {
+        let metrics = gw.metrics().await;
+        metrics.contains("easemob_gateway_jobs{state=\"done\"} 1")
+            && metrics.contains("easemob_gateway_job_operations_pending 0")
+    })
+    .await;
+
     let listed = send(Method::GET, &gw.url("/_gateway/jobs?state=done"), &[], "").await.json();
     assert_eq!(listed["jobs"][0]["location"], location.as_str());
     let running = send(Method::GET, &gw.url("/_gateway/jobs?state=running"), &[], "").await.json();
