@@ -30,6 +30,7 @@ pub mod access;
 pub mod admin;
 pub mod apps;
 pub mod audit;
+pub mod client;
 pub mod config;
 pub mod demo;
 pub mod error;

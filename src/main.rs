@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use easemob_gateway::client::{Client, Failure};
 use easemob_gateway::config::{Config, LogConfig, SecretPolicy};
 use easemob_gateway::server::{Server, shutdown_signal};
 use easemob_gateway::sim::{self, Simulator, state};
@@ -54,6 +55,51 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Submit, watch, show, list and cancel deletion jobs on a running gateway.
+    Jobs {
+        /// The gateway's data plane.
+        #[arg(long, global = true, default_value = "http://127.0.0.1:8080", env = "EASEMOB_GW_URL")]
+        gateway: String,
+        /// The app (`org_name#app_name`), when the gateway serves several.
+        #[arg(long, global = true, env = "EASEMOB_GW_APP")]
+        app: Option<String>,
+        /// A caller key, when the gateway requires one (sent as X-Gateway-Key).
+        #[arg(long, global = true, env = "EASEMOB_GW_KEY", hide_env_values = true)]
+        key: Option<String>,
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobsCommand {
+    /// Submit a file of operations (JSON lines of {"method", "path", "body"}; `-` reads standard input) as one
+    /// job, then watch it to the end.
+    Submit {
+        file: PathBuf,
+        /// Submitting again with the same key returns the first job instead of making a second.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Print the job's URL and return at once.
+        #[arg(long)]
+        no_watch: bool,
+    },
+    /// Follow a job to its end with a progress bar; exit 2 and print its failed operations if any failed.
+    Watch { job: String },
+    /// Print a job; with --failed, its failed operations too (as JSON lines that can be submitted again).
+    Show {
+        job: String,
+        #[arg(long)]
+        failed: bool,
+    },
+    /// List the app's jobs, newest first.
+    List {
+        /// queued, running, done, failed or cancelled.
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// Cancel a job: what has not been sent is dropped, what is in flight finishes.
+    Cancel { job: String },
 }
 
 fn main() -> ExitCode {
@@ -76,6 +122,16 @@ fn main() -> ExitCode {
             runtime.block_on(sim(listen, tls_cert.zip(tls_key)))
         }
         Command::CheckConfig { config } => check_config(config),
+        Command::Jobs { gateway, app, key, command } => {
+            return match runtime.block_on(jobs(&gateway, app.as_deref(), key, command)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(Failure::OperationsFailed) => ExitCode::from(2),
+                Err(Failure::Error(e)) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::HashKey => {
             let mut key = String::new();
             match std::io::stdin().read_line(&mut key) {
@@ -127,6 +183,24 @@ async fn sim(listen: SocketAddr, tls: Option<(PathBuf, PathBuf)>) -> Result<(), 
         _ = shutdown_signal() => {}
     }
     Ok(())
+}
+
+async fn jobs(gateway: &str, app: Option<&str>, key: Option<String>, command: JobsCommand) -> Result<(), Failure> {
+    let client = Client::new(gateway, app, key)?;
+    match command {
+        JobsCommand::Submit { file, idempotency_key, no_watch } => {
+            let url = client.submit(&file, idempotency_key.as_deref()).await?;
+            if no_watch {
+                println!("{url}");
+                return Ok(());
+            }
+            client.watch(&url).await
+        }
+        JobsCommand::Watch { job } => client.watch(&job).await,
+        JobsCommand::Show { job, failed } => client.show(&job, failed).await,
+        JobsCommand::List { state } => Ok(client.list(state.as_deref()).await?),
+        JobsCommand::Cancel { job } => Ok(client.cancel(&job).await?),
+    }
 }
 
 fn check_config(path: PathBuf) -> Result<(), String> {

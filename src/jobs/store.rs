@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
+use crate::routes::Route;
+
 /// Why the store could not do what was asked: the disk is full or read-only, the file is damaged, …
 #[derive(Debug, thiserror::Error)]
 #[error("jobs store: {0}")]
@@ -183,6 +185,8 @@ pub struct Counts {
 pub struct OpRecord {
     pub index: i64,
     pub route: String,
+    /// With `path` and `body`, the operation as it can be submitted again.
+    pub method: &'static str,
     pub path: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub body: Option<serde_json::Value>,
@@ -342,9 +346,14 @@ impl Store {
             )?;
             let rows = select.query_map(params![job, from, state.map(OpState::as_str), limit], |row| {
                 let body: Option<Vec<u8>> = row.get(3)?;
+                let route: String = row.get(1)?;
                 Ok(OpRecord {
                     index: row.get(0)?,
-                    route: row.get(1)?,
+                    method: match Route::ALL.iter().find(|r| r.name() == route).map(|r| r.method()) {
+                        Some(http::Method::POST) => "POST",
+                        _ => "DELETE",
+                    },
+                    route,
                     path: row.get(2)?,
                     body: body.and_then(|b| serde_json::from_slice(&b).ok()),
                     state: OpState::parse(&row.get::<_, String>(4)?).unwrap_or(OpState::Pending),

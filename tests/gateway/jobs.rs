@@ -224,3 +224,53 @@ async fn kill_9_during_a_job_loses_no_operation_and_records_each_once() {
     println!("{again} operations were sent twice: in flight at a kill, their answer lost");
     assert_eq!(sim.over_limit().await, 0);
 }
+
+/// `easemob-gateway jobs …` against a running gateway, as a person running a bulk erasure would use it.
+async fn cli(gw: &Gateway, args: &[&str], stdin: Option<&str>) -> (Option<i32>, String, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_easemob-gateway"));
+    command
+        .arg("jobs")
+        .args(args)
+        .args(["--gateway", &gw.data, "--app", &format!("{ORG}#{APP}")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or_default().as_bytes()).await.unwrap();
+    drop(input);
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output()).await.unwrap().unwrap();
+    (out.status.code(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+}
+
+#[tokio::test]
+async fn the_command_line_client_submits_watches_and_prints_failures_to_resubmit() {
+    let sim = Sim::start().await;
+    sim.add_users(&["ann".to_owned(), "bob".to_owned()]).await;
+    let gw = Gateway::ready_with(&sim, with_jobs()).await;
+    // `ghost` does not exist at Easemob: its operation fails for good (404).
+    let file = ["ann", "ghost", "bob"].map(|u| clear_op(u).to_string()).join("\n");
+    let (code, out, err) = cli(&gw, &["submit", "-"], Some(&format!("# cleanup\n{file}\n"))).await;
+    assert_eq!(code, Some(2), "a failed operation makes the command fail: {err}");
+    assert!(err.contains("2 succeeded, 1 failed, 0 cancelled"), "{err}");
+    assert!(err.contains("404 service_resource_not_found"), "{err}");
+    assert_eq!(out.trim(), clear_op("ghost").to_string(), "the failure, ready to submit again");
+
+    let (code, out, _) = cli(&gw, &["list", "--state", "failed"], None).await;
+    assert_eq!(code, Some(0));
+    let id = out.split_whitespace().next().unwrap().to_owned();
+    assert!(out.contains("3 of 3 done, 1 failed"), "{out}");
+    let (code, out, _) = cli(&gw, &["show", &id, "--failed"], None).await;
+    assert_eq!(code, Some(0));
+    assert!(out.contains("\"state\": \"failed\"") && out.ends_with(&format!("{}\n", clear_op("ghost"))), "{out}");
+
+    let (code, url, err) = cli(&gw, &["submit", "--no-watch", "-"], Some(&clear_op("ann").to_string())).await;
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = cli(&gw, &["watch", url.trim()], None).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("1 succeeded, 0 failed"), "{err}");
+    let (code, _, err) = cli(&gw, &["cancel", "nope"], None).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("job_not_found"), "{err}");
+}
