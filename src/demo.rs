@@ -25,6 +25,10 @@ pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> Result<(), Str
     .map_err(|e| format!("demo config: {e}"))?;
     config.server.listen = listen;
     config.server.admin_listen = admin_listen;
+    // Deletion jobs on, with a store that lives as long as the demo.
+    let store = std::env::temp_dir().join(format!("easemob-gateway-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&store).map_err(|e| format!("{}: {e}", store.display()))?;
+    config.jobs.store = Some(store.join("jobs.db"));
     let server = Server::bind(config, SecretPolicy::InlineAllowed).await.map_err(|e| e.to_string())?;
     let (data, admin) = (server.data_addr(), server.admin_addr());
     let base = format!("http://{data}/{}/{}", state::DEMO_ORG, state::DEMO_APP);
@@ -49,9 +53,25 @@ curl -s -w '\n' -X DELETE '{base}/rest/message/roaming/group/user/bob/time?group
 curl -s -w '\n' {view}/alice; curl -s -w '\n' {view}/bob
 curl -s -w '\n' http://{admin}/readyz; curl -s -w '\n' http://{admin}/metrics | grep easemob_gateway_requests_total
 
+# spam cleanup: one job removes {spammer}'s message {spam} from every recipient, at the quota's pace:
+curl -s -w '\n' -X POST '{base}/_gateway/jobs' -H 'Content-Type: application/json' -d '{{"operations":[{ops}]}}'
+
+# the app's jobs (each with its location, counts and state), then what dave sees now:
+curl -s -w '\n' '{base}/_gateway/jobs'; curl -s -w '\n' {view}/dave
+
 Ctrl-C stops the demo."#,
         group = state::DEMO_GROUP,
+        spammer = state::DEMO_SPAMMER,
+        spam = state::DEMO_SPAM,
+        ops = ["alice", "bob", "carol", "dave"]
+            .map(|to| format!(
+                r#"{{"method":"DELETE","path":"/rest/message/roaming/chat/user/{to}?userId={}&msgIdList={}"}}"#,
+                state::DEMO_SPAMMER,
+                state::DEMO_SPAM
+            ))
+            .join(","),
     );
     server.serve(shutdown_signal()).await;
+    let _ = std::fs::remove_dir_all(&store);
     Ok(())
 }

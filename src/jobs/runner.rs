@@ -32,7 +32,7 @@ use crate::ratelimit::{QuotaSet, Scope};
 use crate::routes::Route;
 use crate::routes::validate::Call;
 
-/// Operations fetched ahead of dispatch.
+/// Operations fetched ahead of dispatch, at most.
 const BATCH: usize = 256;
 /// Even with nothing to wake it, the scheduler looks at the store this often (another process may have added work).
 const IDLE_POLL: Duration = Duration::from_secs(5);
@@ -116,7 +116,8 @@ where
                 }
             }
             let mut wake_at = now + IDLE_POLL;
-            if queue.len() < BATCH {
+            // Topped up when half used: the query returns what is held too (it is due), so not on every event.
+            if queue.len() < BATCH / 2 {
                 match store.due(clock.now_ms(), held.len() + BATCH).await {
                     Ok(due) => {
                         for due in due {
@@ -147,10 +148,10 @@ where
                     held.remove(&op.due.key()); // the store dropped it already
                     continue;
                 }
-                if let Some(user) = &op.due.user
-                    && users_full.get(user).is_some_and(|until| *until > now)
-                {
-                    held.remove(&op.due.key()); // postponed in the store; fetched again when due
+                if let Some(until) = op.due.user.as_ref().and_then(|user| users_full.get(user)).filter(|u| **u > now) {
+                    // Postponed in the store; fetched again when due, which may be a moment from now.
+                    wake_at = wake_at.min(*until);
+                    held.remove(&op.due.key());
                     continue;
                 }
                 let lane = (op.app.index.0, op.call.route());
@@ -177,6 +178,7 @@ where
                             warn!(error = %e, "postponing a user's job operations failed");
                         }
                         users_full.insert(user, now + wait);
+                        wake_at = wake_at.min(now + wait);
                         held.remove(&op.due.key());
                     }
                     Err((_, wait)) => {

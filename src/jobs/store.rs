@@ -147,6 +147,7 @@ pub struct NewOperation {
     pub user: Option<String>,
 }
 
+#[derive(Debug)]
 pub enum Created {
     New(JobRecord),
     /// The idempotency key was used before: that job, and whether the request was the same.
@@ -240,6 +241,12 @@ pub enum Next {
     RetryAt(i64),
 }
 
+#[derive(Clone, Copy)]
+enum Access {
+    Read,
+    Write,
+}
+
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
@@ -265,23 +272,29 @@ impl Store {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    /// Runs `f` on the connection on the blocking pool; a failed write marks the store unhealthy until the next
-    /// success.
+    /// Runs `f` on the connection on the blocking pool. Any failure marks the store unhealthy; only a write that
+    /// succeeds marks it healthy again (reads still work on a full or read-only disk).
     async fn run<T: Send + 'static>(
         &self,
+        access: Access,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let conn = Arc::clone(&self.conn);
         let result = tokio::task::spawn_blocking(move || f(&mut conn.lock().expect("store lock")))
             .await
-            .map_err(|e| StoreError(format!("store task: {e}")))?;
-        self.healthy.store(result.is_ok(), Ordering::Relaxed);
+            .map_err(|e| StoreError(format!("store task: {e}")))
+            .and_then(|result| result);
+        match (&result, access) {
+            (Err(_), _) => self.healthy.store(false, Ordering::Relaxed),
+            (Ok(_), Access::Write) => self.healthy.store(true, Ordering::Relaxed),
+            (Ok(_), Access::Read) => {}
+        }
         result
     }
 
     /// Stores a job and its operations in one transaction, or finds the job its idempotency key already made.
     pub async fn create(&self, job: NewJob) -> Result<Created, StoreError> {
-        self.run(move |conn| {
+        self.run(Access::Write, move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             if let Some(key) = &job.idempotency_key {
                 let existing = tx
@@ -319,7 +332,7 @@ impl Store {
 
     pub async fn job(&self, app: &str, id: &str) -> Result<Option<JobRecord>, StoreError> {
         let (app, id) = (app.to_owned(), id.to_owned());
-        self.run(move |conn| {
+        self.run(Access::Read, move |conn| {
             Ok(conn
                 .query_row(
                     &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE app = ?1 AND id = ?2"),
@@ -339,7 +352,7 @@ impl Store {
         limit: u32,
         state: Option<OpState>,
     ) -> Result<Vec<OpRecord>, StoreError> {
-        self.run(move |conn| {
+        self.run(Access::Read, move |conn| {
             let mut select = conn.prepare_cached(
                 "SELECT n, route, path, body, state, attempts, status, error, error_description, finished_ms
                  FROM operations WHERE job = ?1 AND n >= ?2 AND (?3 IS NULL OR state = ?3) ORDER BY n LIMIT ?4",
@@ -378,7 +391,7 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<JobRecord>, StoreError> {
         let app = app.to_owned();
-        self.run(move |conn| {
+        self.run(Access::Read, move |conn| {
             let mut select = conn.prepare_cached(&format!(
                 "SELECT {JOB_COLUMNS} FROM jobs WHERE app = ?1 AND (?2 IS NULL OR state = ?2) AND seq < ?3
                  ORDER BY seq DESC LIMIT ?4"
@@ -393,7 +406,7 @@ impl Store {
     /// Cancels a job: its pending operations are dropped. `None` if there is no such job.
     pub async fn cancel(&self, app: &str, id: &str, now_ms: i64) -> Result<Option<JobRecord>, StoreError> {
         let (app, id) = (app.to_owned(), id.to_owned());
-        self.run(move |conn| {
+        self.run(Access::Write, move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let Some(seq) = tx
                 .query_row("SELECT seq FROM jobs WHERE app = ?1 AND id = ?2", params![app, id], |row| {
@@ -423,7 +436,7 @@ impl Store {
 
     /// Up to `limit` operations due at `now_ms`, in order: the earliest due first, then by job and index.
     pub async fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<Due>, StoreError> {
-        self.run(move |conn| {
+        self.run(Access::Read, move |conn| {
             let mut select = conn.prepare_cached(
                 "SELECT o.job, j.id, j.app, j.caller, o.n, o.route, o.path, o.body, o.user, o.attempts
                  FROM operations o JOIN jobs j ON j.seq = o.job
@@ -451,7 +464,7 @@ impl Store {
 
     /// When the next pending operation falls due, if any is pending.
     pub async fn next_due(&self) -> Result<Option<i64>, StoreError> {
-        self.run(|conn| {
+        self.run(Access::Read, |conn| {
             Ok(conn
                 .query_row("SELECT MIN(not_before_ms) FROM operations WHERE state = 'pending'", [], |row| row.get(0))?)
         })
@@ -461,7 +474,7 @@ impl Store {
     /// Holds back every pending operation of `user` (in `app`) until `until_ms`: their per-user window is full.
     pub async fn postpone_user(&self, user: &str, until_ms: i64) -> Result<(), StoreError> {
         let user = user.to_owned();
-        self.run(move |conn| {
+        self.run(Access::Write, move |conn| {
             conn.execute(
                 "UPDATE operations SET not_before_ms = MAX(not_before_ms, ?2) WHERE user = ?1 AND state = 'pending'",
                 params![user, until_ms],
@@ -475,7 +488,7 @@ impl Store {
     /// each job finished here took, from acceptance (ms). An operation cancelled while in flight gets its outcome
     /// all the same (it was sent).
     pub async fn record(&self, outcomes: Vec<Outcome>, now_ms: i64) -> Result<Vec<i64>, StoreError> {
-        self.run(move |conn| {
+        self.run(Access::Write, move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut finished = Vec::new();
             for o in &outcomes {
@@ -554,7 +567,7 @@ impl Store {
 
     /// Pending operations of a job by route, and the most any one user has (for the estimate).
     pub async fn remaining(&self, job: i64) -> Result<Remaining, StoreError> {
-        self.run(move |conn| {
+        self.run(Access::Read, move |conn| {
             let mut by_route = conn.prepare_cached(
                 "SELECT route, COUNT(*) FROM operations WHERE job = ?1 AND state = 'pending' GROUP BY route",
             )?;
@@ -577,7 +590,7 @@ impl Store {
 
     /// Jobs by state and operations still pending, for the metrics.
     pub async fn totals(&self) -> Result<Totals, StoreError> {
-        self.run(|conn| {
+        self.run(Access::Read, |conn| {
             let mut by_state = conn.prepare_cached("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
             let jobs = by_state
                 .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))?
@@ -595,7 +608,7 @@ impl Store {
 
     /// Deletes jobs finished before `before_ms`, with their operations; returns how many.
     pub async fn expire(&self, before_ms: i64) -> Result<usize, StoreError> {
-        self.run(move |conn| {
+        self.run(Access::Write, move |conn| {
             Ok(conn.execute("DELETE FROM jobs WHERE finished_ms IS NOT NULL AND finished_ms < ?1", [before_ms])?)
         })
         .await
@@ -728,6 +741,22 @@ mod tests {
         assert_eq!(after.state, JobState::Cancelled);
         assert_eq!((after.counts.succeeded, after.counts.cancelled), (1, 2));
         assert!(store.cancel("o#a", "nope", 0).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_refuses_new_work_and_keeps_the_store_unhealthy_until_a_write_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("jobs.db")).unwrap();
+        let pages: i64 = store.conn.lock().unwrap().query_row("PRAGMA page_count", [], |row| row.get(0)).unwrap();
+        store.conn.lock().unwrap().query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(())).unwrap();
+        let full = store.create(job("j1", None, 5_000)).await.unwrap_err();
+        assert!(full.to_string().contains("full"), "{full}");
+        assert!(!store.is_healthy());
+        assert!(store.job("o#a", "j1").await.unwrap().is_none(), "nothing half-stored");
+        assert!(!store.is_healthy(), "a read does not make a full store healthy");
+        store.conn.lock().unwrap().query_row("PRAGMA max_page_count = 1000000", [], |_| Ok(())).unwrap();
+        assert!(matches!(store.create(job("j2", None, 1)).await.unwrap(), Created::New(_)));
+        assert!(store.is_healthy());
     }
 
     #[tokio::test]

@@ -202,7 +202,8 @@ pub const DEMO_APP_2: &str = "demo2";
 pub const DEMO_GROUP: &str = "172839405612345";
 
 /// The seeded world: users alice, bob, carol, dave; a group of alice, bob and carol; a few messages an hour
-/// to a few minutes old, with IDs `1100000000000000001`… so printed curl lines can name them.
+/// to a few minutes old, with IDs `1100000000000000001`… so printed curl lines can name them; and one spam
+/// message sent to all four.
 pub fn seed(app: &mut App, now_ms: i64) {
     for user in ["alice", "bob", "carol", "dave"] {
         app.add_user(user);
@@ -222,4 +223,13 @@ pub fn seed(app: &mut App, now_ms: i64) {
         let age_minutes = 60 - 5 * i as i64;
         app.send(kind, from, to, &format!("11000000000000000{:02}", i + 1), now_ms - age_minutes * 60_000);
     }
+    // One spam message to everyone: what a deletion job removes from every recipient in one go.
+    app.add_user(DEMO_SPAMMER);
+    for to in ["alice", "bob", "carol", "dave"] {
+        app.send(Kind::Chat, DEMO_SPAMMER, to, DEMO_SPAM, now_ms - 60_000);
+    }
 }
+
+/// Who sent [`DEMO_SPAM`] to every demo user.
+pub const DEMO_SPAMMER: &str = "spammer";
+pub const DEMO_SPAM: &str = "1100000000000000099";

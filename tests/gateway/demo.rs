@@ -33,7 +33,7 @@ async fn the_printed_curl_lines_work_as_printed() {
         assert!(tokio::time::Instant::now() < deadline, "demo never ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let answers: Vec<String> = curls.iter().map(|c| run(c)).collect();
+    let answers: Vec<String> = curls[..6].iter().map(|c| run(c)).collect();
     assert!(answers[0].contains("1100000000000000001"), "alice starts with the message: {}", answers[0]);
     assert!(answers[1].contains("\"requestStatusCode\":\"ok\""), "{}", answers[1]);
     assert!(answers[2].contains("\"result\":\"ok\""), "{}", answers[2]);
@@ -42,6 +42,20 @@ async fn the_printed_curl_lines_work_as_printed() {
     assert!(!alice.contains("1100000000000000001") && !alice.contains("\"id\":\"carol\""), "alice lost them: {alice}");
     assert!(bob.contains("1100000000000000001"), "bob kept them: {bob}");
     assert!(answers[5].contains("easemob_gateway_requests_total"), "{}", answers[5]);
+
+    // The spam cleanup job: accepted, then done within seconds, and the spam gone from dave's view.
+    let job = run(&curls[6]);
+    assert!(job.contains("\"state\":\"queued\"") && job.contains("\"total\":4"), "{job}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (jobs, dave) = run(&curls[7]).split_once('\n').map(|(j, d)| (j.to_owned(), d.to_owned())).unwrap();
+        if jobs.contains("\"state\":\"done\"") {
+            assert!(dave.contains("\"user\":\"dave\"") && !dave.contains("1100000000000000099"), "spam gone: {dave}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the job never finished: {jobs}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn run(line: &str) -> String {
