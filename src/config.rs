@@ -64,10 +64,16 @@ pub struct AuditConfig {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JobsConfig {
-    /// The deletion jobs' store: a SQLite file, created if missing (keep it on a persistent volume). Absent: no
-    /// jobs API, and `Prefer: respond-async` is ignored (calls are answered as they always are).
+    /// Deletion jobs: the jobs API and `Prefer: respond-async`. Off: neither (calls are answered as always).
+    pub enabled: bool,
+    /// With the local quota backend, the jobs' store: a SQLite file, created if missing (keep it on a persistent
+    /// volume). With `rate_limit.backend = "redis"` jobs live in that Redis, shared by every replica.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub store: Option<PathBuf>,
+    /// How long a replica may hold an operation it claimed from the shared (Redis) queue; past it, another
+    /// replica takes the operation over. Longer than any one attempt (`upstream.timeout`, a token wait).
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
     /// Operations one job may hold (after splitting long message ID lists).
     pub max_operations: usize,
     /// The largest request that creates a job, in bytes.
@@ -90,7 +96,9 @@ pub struct JobsConfig {
 impl Default for JobsConfig {
     fn default() -> Self {
         JobsConfig {
+            enabled: false,
             store: None,
+            lease: Duration::from_secs(60),
             max_operations: 100_000,
             // 100,000 operations of a few hundred bytes each, with room to spare.
             max_body_bytes: 64 * 1024 * 1024,
@@ -646,15 +654,33 @@ impl Config {
             problems.push(format!("rate_limit.jobs_share {share} must be above 0 and at most 1"));
         }
         let j = &self.jobs;
-        if let Some(store) = &j.store {
-            let dir = store.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            if !dir.is_dir() {
-                problems.push(format!(
-                    "jobs.store {}: the directory {} does not exist",
-                    store.display(),
-                    dir.display()
-                ));
+        match (&j.store, self.rate_limit.backend) {
+            (Some(store), RateLimitBackend::Local) => {
+                let dir = store.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                if !dir.is_dir() {
+                    problems.push(format!(
+                        "jobs.store {}: the directory {} does not exist",
+                        store.display(),
+                        dir.display()
+                    ));
+                }
             }
+            (None, RateLimitBackend::Local) if j.enabled => problems.push(
+                "jobs.enabled: set jobs.store to the jobs' SQLite file (or use rate_limit.backend = \"redis\")"
+                    .to_owned(),
+            ),
+            (Some(_), RateLimitBackend::Redis) => problems.push(
+                "jobs.store: with rate_limit.backend = \"redis\" jobs live in Redis, shared by every replica; remove it"
+                    .to_owned(),
+            ),
+            _ => {}
+        }
+        if j.lease <= upstream_attempt(&self.upstream) {
+            problems.push(format!(
+                "jobs.lease {:?} must be longer than one attempt at an operation (upstream.timeout plus a token wait: {:?})",
+                j.lease,
+                upstream_attempt(&self.upstream)
+            ));
         }
         if !(1..=1_000_000).contains(&j.max_operations) {
             problems.push(format!("jobs.max_operations {} must be from 1 to 1000000", j.max_operations));
@@ -684,6 +710,11 @@ impl Config {
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string_pretty(self).expect("config serializes to TOML")
     }
+}
+
+/// The longest one attempt at a job's operation can take: a token wait (at most 3 s), then the exchange.
+fn upstream_attempt(upstream: &UpstreamConfig) -> Duration {
+    upstream.timeout + Duration::from_secs(3)
 }
 
 /// 1 to `max_len` characters of `A-Z a-z 0-9 - _ . :`: safe to log, forward and record as a label, whether it
@@ -755,6 +786,22 @@ mod tests {
         assert_eq!(c.server.worker_threads(), 3);
         c.server.workers = 10_000;
         assert!(c.problems(SecretPolicy::ExternalOnly).iter().any(|p| p.contains("server.workers is 10000")));
+    }
+
+    #[test]
+    fn jobs_need_a_store_of_their_own_backend_and_a_lease_longer_than_an_attempt() {
+        let mut c = Config::load(write(MINIMAL).path()).unwrap();
+        c.jobs.enabled = true;
+        let problems = c.problems(SecretPolicy::InlineAllowed);
+        assert!(problems.iter().any(|p| p.starts_with("jobs.enabled: set jobs.store")), "{problems:?}");
+        c.rate_limit.backend = RateLimitBackend::Redis;
+        c.jobs.store = Some(PathBuf::from("jobs.db"));
+        let problems = c.problems(SecretPolicy::InlineAllowed);
+        assert!(problems.iter().any(|p| p.starts_with("jobs.store: with rate_limit.backend")), "{problems:?}");
+        c.jobs.store = None;
+        c.jobs.lease = Duration::from_secs(5);
+        let problems = c.problems(SecretPolicy::InlineAllowed);
+        assert!(problems.iter().any(|p| p.starts_with("jobs.lease 5s must be longer")), "{problems:?}");
     }
 
     #[test]

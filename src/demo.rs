@@ -28,6 +28,7 @@ pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> Result<(), Str
     // Deletion jobs on, with a store that lives as long as the demo.
     let store = std::env::temp_dir().join(format!("easemob-gateway-demo-{}", std::process::id()));
     std::fs::create_dir_all(&store).map_err(|e| format!("{}: {e}", store.display()))?;
+    config.jobs.enabled = true;
     config.jobs.store = Some(store.join("jobs.db"));
     let server = Server::bind(config, SecretPolicy::InlineAllowed).await.map_err(|e| e.to_string())?;
     let (data, admin) = (server.data_addr(), server.admin_addr());

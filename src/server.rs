@@ -29,8 +29,9 @@ use crate::apps::{App, Apps};
 use crate::audit::{Audit, AuditOpenError};
 use crate::config::{AppKey, Config, SecretError, SecretPolicy};
 use crate::jobs::runner::Runner;
-use crate::jobs::store::{Store, StoreError};
-use crate::jobs::{Clock, Jobs};
+use crate::jobs::shared::SharedStore;
+use crate::jobs::store::{LocalStore, StoreError};
+use crate::jobs::{Clock, Jobs, Store};
 use crate::metrics::Metrics;
 use crate::ratelimit::{AppIndex, QuotaSet, RedisError};
 use crate::retry::SafeRetry;
@@ -55,8 +56,8 @@ pub enum StartError {
     Bind { setting: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Audit(#[from] AuditOpenError),
-    #[error("jobs.store {path}: {source}")]
-    Jobs { path: std::path::PathBuf, source: StoreError },
+    #[error("jobs ({store}): {source}")]
+    Jobs { store: String, source: StoreError },
 }
 
 /// A gateway whose listeners are bound and whose token fetches have started.
@@ -111,13 +112,18 @@ impl Server {
         if audit.is_none() {
             warn!("audit.file is not set: deletions are not recorded in an audit trail");
         }
-        let jobs = match &config.jobs.store {
-            Some(path) => {
-                let store = Store::open(path).map_err(|source| StartError::Jobs { path: path.clone(), source })?;
-                Some(Jobs::new(store, config.jobs.clone(), Arc::clone(&quota), Clock::new()))
-            }
-            None => None,
+        let store = match (config.jobs.enabled, &config.jobs.store) {
+            (false, _) => None,
+            (true, Some(path)) => Some(Store::Local(
+                LocalStore::open(path)
+                    .map_err(|source| StartError::Jobs { store: path.display().to_string(), source })?,
+            )),
+            (true, None) => Some(Store::Shared(
+                SharedStore::new(&config.rate_limit.redis, config.jobs.lease)
+                    .map_err(|source| StartError::Jobs { store: "redis".to_owned(), source })?,
+            )),
         };
+        let jobs = store.map(|store| Jobs::new(store, config.jobs.clone(), Arc::clone(&quota), Clock::new()));
         let shared = Shared {
             jobs,
             apps: Apps::new(apps),

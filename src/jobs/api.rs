@@ -212,7 +212,7 @@ async fn show(jobs: &Jobs, app: &App, id: &str, query: &Query) -> Result<Answer,
             invalid("illegal_argument", "operations must be one of pending, succeeded, failed, cancelled")
         })?),
     };
-    let page = jobs.store().operations(job.seq, from, limit + 1, only).await.map_err(unavailable(app))?;
+    let page = jobs.store().operations(&job, from, limit + 1, only).await.map_err(unavailable(app))?;
     let mut view = jobs.describe(app, &job).await.map_err(unavailable(app))?;
     let more = page.len() > limit as usize;
     let page = &page[..page.len().min(limit as usize)];

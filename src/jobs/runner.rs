@@ -9,7 +9,9 @@
 //!   backoff and jitter; an answer that was lost is retried too (the deletions are idempotent upstream); any other
 //!   4xx is final.
 //! - Outcomes are recorded in batches; an operation is held in memory from the moment it is fetched until its
-//!   outcome is committed, so it is never sent twice at once.
+//!   outcome is committed, so it is never sent twice at once. With a shared store, fetching claims it under a
+//!   lease; one that cannot be sent soon (a full lane, a full user window, a cancelled job) is given back well
+//!   before the lease ends, so no other replica ever sends it at the same time.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
@@ -40,6 +42,8 @@ const IDLE_POLL: Duration = Duration::from_secs(5);
 const EXPIRY_EVERY: Duration = Duration::from_secs(60);
 /// The jobs gauges are refreshed this often.
 const REPORT_EVERY: Duration = Duration::from_secs(5);
+/// With a shared store, whether another replica cancelled a job is looked up at most this often.
+const CANCEL_CHECK: Duration = Duration::from_secs(1);
 /// After a store failure, the scheduler tries again this much later.
 const STORE_RETRY: Duration = Duration::from_secs(1);
 
@@ -57,6 +61,8 @@ struct Held {
     due: Due,
     app: Arc<App>,
     call: Call,
+    /// When it was fetched (with a shared store: claimed under a lease).
+    held_since: Instant,
 }
 
 impl<S> Runner<S>
@@ -81,6 +87,9 @@ where
         let mut unrecorded: Vec<Outcome> = Vec::new();
         let mut next_expiry = Instant::now();
         let mut next_report = Instant::now();
+        // Cancellation as another replica may have made it, looked up at most once a second per job.
+        let mut cancels: HashMap<String, (Instant, bool)> = HashMap::new();
+        let lease = config.lease;
         loop {
             let now = Instant::now();
             if now >= next_expiry {
@@ -94,6 +103,11 @@ where
             }
             if now >= next_report {
                 self.report(&clock).await;
+                match store.reap(clock.now_ms()).await {
+                    Ok(0) => {}
+                    Ok(n) => info!(operations = n, "took over job operations whose lease expired (a replica gone)"),
+                    Err(e) => warn!(error = %e, "sweeping expired job leases failed"),
+                }
                 next_report = now + REPORT_EVERY;
             }
             if !unrecorded.is_empty() {
@@ -118,13 +132,19 @@ where
             let mut wake_at = now + IDLE_POLL;
             // Topped up when half used: the query returns what is held too (it is due), so not on every event.
             if queue.len() < BATCH / 2 {
-                match store.due(clock.now_ms(), held.len() + BATCH).await {
+                // Embedded: a read, which returns what is held too. Shared: a claim of new operations under a
+                // lease, so only what can be sent soon (the rest stays free for the other replicas).
+                let limit = match store.is_shared() {
+                    false => held.len() + BATCH,
+                    true => (2 * config.concurrency).saturating_sub(queue.len()),
+                };
+                match store.due(clock.now_ms(), limit).await {
                     Ok(due) => {
                         for due in due {
                             if !held.insert(due.key()) {
                                 continue;
                             }
-                            match self.prepare(due, &clock) {
+                            match self.prepare(due, &clock, now) {
                                 Ok(op) => queue.push_back(op),
                                 Err(outcome) => unrecorded.push(outcome),
                             }
@@ -144,13 +164,23 @@ where
 
             let mut waiting = VecDeque::with_capacity(queue.len());
             while let Some(op) = queue.pop_front() {
-                if self.jobs.is_cancelled(op.due.job) {
-                    held.remove(&op.due.key()); // the store dropped it already
+                if self.cancelled(&op.due, &mut cancels, now).await {
+                    // The store dropped it already; a claim on it is let go.
+                    self.release(&op.due, 0).await;
+                    held.remove(&op.due.key());
                     continue;
                 }
                 if let Some(until) = op.due.user.as_ref().and_then(|user| users_full.get(user)).filter(|u| **u > now) {
-                    // Postponed in the store; fetched again when due, which may be a moment from now.
+                    // Due again when the user's window frees, which may be a moment from now.
                     wake_at = wake_at.min(*until);
+                    self.release(&op.due, clock.now_ms() + (*until - now).as_millis() as i64 + 1).await;
+                    held.remove(&op.due.key());
+                    continue;
+                }
+                if now >= op.held_since + lease / 2 {
+                    // Held too long behind a full lane: given back well before its lease could pass to another
+                    // replica, so that no two ever send it.
+                    self.release(&op.due, clock.now_ms()).await;
                     held.remove(&op.due.key());
                     continue;
                 }
@@ -173,10 +203,7 @@ where
                     }
                     Err((Scope::User, wait)) => {
                         let user = op.due.user.clone().expect("only a user's call meets their window");
-                        let until_ms = clock.now_ms() + wait.as_millis() as i64 + 1;
-                        if let Err(e) = store.postpone_user(&user, until_ms).await {
-                            warn!(error = %e, "postponing a user's job operations failed");
-                        }
+                        self.release(&op.due, clock.now_ms() + wait.as_millis() as i64 + 1).await;
                         users_full.insert(user, now + wait);
                         wake_at = wake_at.min(now + wait);
                         held.remove(&op.due.key());
@@ -208,6 +235,32 @@ where
         }
     }
 
+    /// Whether the operation's job was cancelled: here, or (with a shared store) by another replica.
+    async fn cancelled(&self, due: &Due, cache: &mut HashMap<String, (Instant, bool)>, now: Instant) -> bool {
+        if self.jobs.is_cancelled(due.job) {
+            return true;
+        }
+        if !self.jobs.store().is_shared() {
+            return false;
+        }
+        if let Some((checked, cancelled)) = cache.get(&due.job_id)
+            && now < *checked + CANCEL_CHECK
+        {
+            return *cancelled;
+        }
+        let cancelled = self.jobs.store().is_cancelled(&due.job_id).await.unwrap_or(false);
+        cache.retain(|_, (checked, _)| now < *checked + CANCEL_CHECK);
+        cache.insert(due.job_id.clone(), (now, cancelled));
+        cancelled
+    }
+
+    /// Gives an operation back to the store, due again at `until_ms`, without an outcome.
+    async fn release(&self, due: &Due, until_ms: i64) {
+        if let Err(e) = self.jobs.store().release(due, until_ms).await {
+            warn!(error = %e, "giving a job operation back failed; its lease will");
+        }
+    }
+
     /// Jobs by state, the queue's depth and the age of its oldest operation, for the metrics.
     async fn report(&self, clock: &super::Clock) {
         let Ok(totals) = self.jobs.store().totals().await else { return };
@@ -221,9 +274,10 @@ where
     }
 
     /// The app and the call of a stored operation; an operation that can no longer run fails at once.
-    fn prepare(&self, due: Due, clock: &super::Clock) -> Result<Held, Outcome> {
+    fn prepare(&self, due: Due, clock: &super::Clock, now: Instant) -> Result<Held, Outcome> {
         let fail = |error: &str, description: String| Outcome {
             job: due.job,
+            job_id: due.job_id.clone(),
             n: due.n,
             attempts: due.attempts,
             status: None,
@@ -235,7 +289,7 @@ where
             return Err(fail("app_not_configured", format!("{} is no longer configured here", due.app)));
         };
         match call_of(&due.path, due.body.as_deref(), clock.now_ms()) {
-            Ok(call) => Ok(Held { due, app, call }),
+            Ok(call) => Ok(Held { due, app, call, held_since: now }),
             Err(e) => Err(fail(e.error, e.description)),
         }
     }
@@ -253,7 +307,7 @@ async fn attempt<S>(
 where
     S: Service<Exchange, Response = Answer, Error = Infallible>,
 {
-    let Held { due, app, call } = op;
+    let Held { due, app, call, .. } = op;
     let labels = (Arc::clone(&app), call.route());
     let exchange = Exchange {
         slot: Some(slot),
@@ -284,7 +338,16 @@ where
         Next::RetryAt(_) => "retried",
     };
     counted.with_label_values(&[labels.0.key.as_str(), labels.1.name(), outcome]).inc();
-    Outcome { job: due.job, n: due.n, attempts, status: Some(status.as_u16()), error, error_description, next }
+    Outcome {
+        job: due.job,
+        job_id: due.job_id,
+        n: due.n,
+        attempts,
+        status: Some(status.as_u16()),
+        error,
+        error_description,
+        next,
+    }
 }
 
 /// Worth another attempt: Easemob's 429, 5xx and 401 (the token layer already replaced the token once), and the
@@ -344,7 +407,8 @@ mod tests {
 
     use super::*;
     use crate::config::RateLimitConfig;
-    use crate::jobs::store::{Created, JobRecord, JobState, NewOperation, Store};
+    use crate::jobs::Store;
+    use crate::jobs::store::{Created, JobRecord, JobState, LocalStore, NewOperation};
     use crate::jobs::{Clock, OperationRequest};
     use crate::metrics::Metrics;
     use crate::ratelimit::layer::QuotaLayer;
@@ -367,7 +431,7 @@ mod tests {
         mut script: impl FnMut(usize) -> Answer + Send + 'static,
     ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("jobs.db")).unwrap();
+        let store = Store::Local(LocalStore::open(&dir.path().join("jobs.db")).unwrap());
         let quota = testing::quota(rate_limit);
         let app = testing::app(&ScriptedFetch::granting(3600), &quota);
         let sent: Sent = Arc::default();
@@ -500,7 +564,7 @@ mod tests {
         .await;
         let (done, _) = h.finished(&h.submit(vec![clear("ann")]).await.id).await;
         assert_eq!((done.state, done.counts.succeeded), (JobState::Done, 1));
-        let ops = h.jobs.store().operations(done.seq, 0, 10, None).await.unwrap();
+        let ops = h.jobs.store().operations(&done, 0, 10, None).await.unwrap();
         assert_eq!((ops[0].attempts, ops[0].status), (3, Some(200)));
         let times = h.sent_times();
         assert!(times[1] - times[0] >= Duration::from_millis(500), "backoff: {times:?}");
@@ -508,7 +572,7 @@ mod tests {
 
         let (failed, _) = h.finished(&h.submit(vec![clear("bob")]).await.id).await;
         assert_eq!((failed.state, failed.counts.failed), (JobState::Failed, 1));
-        let ops = h.jobs.store().operations(failed.seq, 0, 10, None).await.unwrap();
+        let ops = h.jobs.store().operations(&failed, 0, 10, None).await.unwrap();
         assert_eq!((ops[0].attempts, ops[0].status), (1, Some(404)));
         assert_eq!(ops[0].error.as_deref(), Some("service_resource_not_found"));
         assert_eq!(ops[0].error_description.as_deref(), Some("service_resource_not_found happened"));

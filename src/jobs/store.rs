@@ -19,6 +19,12 @@ use crate::routes::Route;
 #[error("jobs store: {0}")]
 pub struct StoreError(String);
 
+impl StoreError {
+    pub fn new(message: String) -> StoreError {
+        StoreError(message)
+    }
+}
+
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> StoreError {
         StoreError(e.to_string())
@@ -225,6 +231,7 @@ impl Due {
 #[derive(Clone, Debug)]
 pub struct Outcome {
     pub job: i64,
+    pub job_id: String,
     pub n: i64,
     pub attempts: u32,
     pub status: Option<u16>,
@@ -247,16 +254,17 @@ enum Access {
     Write,
 }
 
+/// The embedded store: one SQLite file, for one process.
 #[derive(Clone)]
-pub struct Store {
+pub struct LocalStore {
     conn: Arc<Mutex<Connection>>,
     /// The last write succeeded: what readiness reports.
     healthy: Arc<AtomicBool>,
 }
 
-impl Store {
+impl LocalStore {
     /// Opens (or creates) the store at `path`.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
+    pub fn open(path: &Path) -> Result<LocalStore, StoreError> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
@@ -265,7 +273,7 @@ impl Store {
         }
         conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Store { conn: Arc::new(Mutex::new(conn)), healthy: Arc::new(AtomicBool::new(true)) })
+        Ok(LocalStore { conn: Arc::new(Mutex::new(conn)), healthy: Arc::new(AtomicBool::new(true)) })
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -347,11 +355,12 @@ impl Store {
     /// A page of a job's operations from index `from`, optionally only those in `state`.
     pub async fn operations(
         &self,
-        job: i64,
+        job: &JobRecord,
         from: i64,
         limit: u32,
         state: Option<OpState>,
     ) -> Result<Vec<OpRecord>, StoreError> {
+        let job = job.seq;
         self.run(Access::Read, move |conn| {
             let mut select = conn.prepare_cached(
                 "SELECT n, route, path, body, state, attempts, status, error, error_description, finished_ms
@@ -362,10 +371,7 @@ impl Store {
                 let route: String = row.get(1)?;
                 Ok(OpRecord {
                     index: row.get(0)?,
-                    method: match Route::ALL.iter().find(|r| r.name() == route).map(|r| r.method()) {
-                        Some(http::Method::POST) => "POST",
-                        _ => "DELETE",
-                    },
+                    method: method_of(&route),
                     route,
                     path: row.get(2)?,
                     body: body.and_then(|b| serde_json::from_slice(&b).ok()),
@@ -566,7 +572,8 @@ impl Store {
     }
 
     /// Pending operations of a job by route, and the most any one user has (for the estimate).
-    pub async fn remaining(&self, job: i64) -> Result<Remaining, StoreError> {
+    pub async fn remaining(&self, job: &JobRecord) -> Result<Remaining, StoreError> {
+        let job = job.seq;
         self.run(Access::Read, move |conn| {
             let mut by_route = conn.prepare_cached(
                 "SELECT route, COUNT(*) FROM operations WHERE job = ?1 AND state = 'pending' GROUP BY route",
@@ -627,6 +634,14 @@ pub struct Totals {
     pub oldest_ms: Option<i64>,
 }
 
+/// The method of a stored operation's route, for submitting it again.
+pub fn method_of(route: &str) -> &'static str {
+    match Route::ALL.iter().find(|r| r.name() == route).map(|r| r.method()) {
+        Some(http::Method::POST) => "POST",
+        _ => "DELETE",
+    }
+}
+
 const JOB_COLUMNS: &str = "seq, id, app, state, created_ms, finished_ms, caller, idempotency_key, total, pending, \
                            succeeded, failed, cancelled";
 
@@ -678,6 +693,7 @@ mod tests {
     fn done(job: i64, n: i64, state: OpState) -> Outcome {
         Outcome {
             job,
+            job_id: String::new(),
             n,
             attempts: 1,
             status: Some(200),
@@ -691,7 +707,7 @@ mod tests {
     async fn a_job_runs_to_done_and_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("jobs.db");
-        let store = Store::open(&path).unwrap();
+        let store = LocalStore::open(&path).unwrap();
         let Created::New(record) = store.create(job("j1", None, 3)).await.unwrap() else { panic!("new") };
         assert_eq!((record.state, record.counts.pending), (JobState::Queued, 3));
         let due = store.due(1_000, 10).await.unwrap();
@@ -699,7 +715,7 @@ mod tests {
         store.record(vec![done(record.seq, 0, OpState::Succeeded)], 2_000).await.unwrap();
         drop(store);
 
-        let store = Store::open(&path).unwrap();
+        let store = LocalStore::open(&path).unwrap();
         let running = store.job("o#a", "j1").await.unwrap().unwrap();
         assert_eq!((running.state, running.counts.succeeded, running.counts.pending), (JobState::Running, 1, 2));
         let outcomes = vec![done(running.seq, 1, OpState::Succeeded), done(running.seq, 2, OpState::Failed)];
@@ -716,7 +732,7 @@ mod tests {
     #[tokio::test]
     async fn an_idempotency_key_returns_the_first_job() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("jobs.db")).unwrap();
+        let store = LocalStore::open(&dir.path().join("jobs.db")).unwrap();
         assert!(matches!(store.create(job("j1", Some("k"), 1)).await.unwrap(), Created::New(_)));
         let Created::Existing { job: first, same_request } = store.create(job("j2", Some("k"), 1)).await.unwrap()
         else {
@@ -731,7 +747,7 @@ mod tests {
     #[tokio::test]
     async fn cancel_drops_what_is_pending_and_an_operation_in_flight_still_records_its_outcome() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("jobs.db")).unwrap();
+        let store = LocalStore::open(&dir.path().join("jobs.db")).unwrap();
         let Created::New(record) = store.create(job("j1", None, 3)).await.unwrap() else { panic!("new") };
         let cancelled = store.cancel("o#a", "j1", 2_000).await.unwrap().unwrap();
         assert_eq!((cancelled.state, cancelled.counts.cancelled), (JobState::Cancelled, 3));
@@ -746,7 +762,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_disk_refuses_new_work_and_keeps_the_store_unhealthy_until_a_write_succeeds() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("jobs.db")).unwrap();
+        let store = LocalStore::open(&dir.path().join("jobs.db")).unwrap();
         let pages: i64 = store.conn.lock().unwrap().query_row("PRAGMA page_count", [], |row| row.get(0)).unwrap();
         store.conn.lock().unwrap().query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(())).unwrap();
         let full = store.create(job("j1", None, 5_000)).await.unwrap_err();
@@ -762,7 +778,7 @@ mod tests {
     #[tokio::test]
     async fn a_retry_waits_and_a_postponed_user_is_not_due() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("jobs.db")).unwrap();
+        let store = LocalStore::open(&dir.path().join("jobs.db")).unwrap();
         let mut new = job("j1", None, 0);
         new.operations = vec![op(Some("o#a/ann")), op(Some("o#a/bob"))];
         let Created::New(record) = store.create(new).await.unwrap() else { panic!("new") };
@@ -771,6 +787,7 @@ mod tests {
         assert_eq!(due, [1]);
         let retry = Outcome {
             job: record.seq,
+            job_id: "j1".to_owned(),
             n: 1,
             attempts: 1,
             status: Some(503),

@@ -165,3 +165,117 @@ async fn through_redis_a_burst_of_a_routes_quota_is_served_in_full() {
     assert!(gw.metrics().await.contains("easemob_gateway_rate_limit_backend_fallback 0"), "decided in Redis");
     assert_eq!(sim.over_limit().await, 0);
 }
+
+/// Jobs in Redis: three replicas work one queue at the shared quota; one killed mid-job has its claimed operations
+/// taken over by the others once their leases expire.
+#[tokio::test]
+async fn replicas_share_a_job_through_redis_and_finish_a_killed_replicas_work() {
+    const OPERATIONS: usize = 600;
+    let (sim, redis) = (Sim::start().await, Redis::start().await);
+    let users: Vec<String> = (0..OPERATIONS).map(|i| format!("user{i}")).collect();
+    sim.add_users(&users).await;
+    let mut gateways = Vec::new();
+    for _ in 0..REPLICAS {
+        let mut options = on_redis(&redis, "", "timeout = \"200ms\"\nexpected_replicas = 3");
+        options.shared_jobs = Some("lease = \"8s\"".into());
+        gateways.push(Gateway::ready_with(&sim, options).await);
+    }
+    let operations: Vec<serde_json::Value> = users
+        .iter()
+        .map(|u| serde_json::json!({"method": "POST", "path": format!("/rest/message/roaming/user/{u}/delete/all")}))
+        .collect();
+    let body = serde_json::json!({ "operations": operations }).to_string();
+    let started = std::time::Instant::now();
+    let created = send(Method::POST, &gateways[0].url("/_gateway/jobs"), &[], &body).await;
+    assert_eq!(created.status, 202, "{}", created.text());
+    let location = created.header("location").unwrap().to_owned();
+    // Every replica works on it (the others find it at their next look at the queue, within 5 s); then one dies
+    // holding the operations it claimed.
+    for gw in &gateways {
+        eventually(Duration::from_secs(30), "every replica at work on the job", || async {
+            gw.metrics()
+                .await
+                .lines()
+                .any(|l| l.starts_with("easemob_gateway_job_operations_total") && !l.ends_with(" 0"))
+        })
+        .await;
+    }
+    gateways[2].kill().await;
+
+    let url = format!("{}{location}?limit=1", gateways[1].data);
+    eventually(Duration::from_secs(60), "the job to finish on the replicas left", || async {
+        !send(Method::GET, &url, &[], "").await.json()["finished_ms"].is_null()
+    })
+    .await;
+    let job = send(Method::GET, &url, &[], "").await.json();
+    assert_eq!(job["state"], "done", "{}", job["counts"]);
+    assert_eq!(job["counts"]["succeeded"], OPERATIONS, "each operation recorded once: {}", job["counts"]);
+    let received = sim.received().await;
+    let sent: Vec<u64> = users
+        .iter()
+        .map(|u| received.get(&format!("POST /{ORG}/{APP}/rest/message/roaming/user/{u}/delete/all")))
+        .map(|count| count.and_then(|c| c.as_u64()).unwrap_or(0))
+        .collect();
+    assert!(sent.iter().all(|n| *n >= 1), "every operation reached Easemob");
+    let again: u64 = sent.iter().map(|n| n - 1).sum();
+    assert!(again <= 32, "only what the killed replica had in flight may go twice: {again}");
+    let took_over = gateways[..2].iter().any(|gw| gw.log().contains("took over job operations whose lease expired"));
+    assert!(took_over, "the killed replica's claimed operations were taken over after their lease");
+    println!("{OPERATIONS} operations on 3 replicas, one killed: done in {:?}, {again} sent twice", started.elapsed());
+    assert_eq!(sim.over_limit().await, 0, "the replicas together kept to the quota");
+    for gw in &gateways[..2] {
+        let metrics = gw.metrics().await;
+        assert!(
+            metrics.lines().any(|l| l.starts_with("easemob_gateway_job_operations_total") && !l.ends_with(" 0")),
+            "every replica left worked on the job"
+        );
+    }
+}
+
+/// The jobs API on the Redis store: idempotency, cancel, listing by state and reading operations by state.
+#[tokio::test]
+async fn the_jobs_api_works_the_same_with_jobs_in_redis() {
+    let (sim, redis) = (Sim::start().await, Redis::start().await);
+    let users: Vec<String> = (0..50).map(|i| format!("user{i}")).collect();
+    sim.add_users(&users).await;
+    let mut options = on_redis(&redis, "route = { rate = 5 }", "timeout = \"200ms\"");
+    options.shared_jobs = Some(String::new());
+    let gw = Gateway::ready_with(&sim, options).await;
+    let operations: Vec<serde_json::Value> = users
+        .iter()
+        .map(|u| serde_json::json!({"method": "POST", "path": format!("/rest/message/roaming/user/{u}/delete/all")}))
+        .collect();
+    let body = serde_json::json!({ "operations": operations }).to_string();
+    let key = [("Idempotency-Key", "cleanup-1")];
+    let created = send(Method::POST, &gw.url("/_gateway/jobs"), &key, &body).await;
+    assert_eq!(created.status, 202, "{}", created.text());
+    let location = created.header("location").unwrap().to_owned();
+    let again = send(Method::POST, &gw.url("/_gateway/jobs"), &key, &body).await;
+    assert_eq!((again.status, again.header("location")), (200, Some(location.as_str())));
+    send(Method::POST, &gw.url("/_gateway/jobs"), &key, "{\"operations\":[]}")
+        .await
+        .assert_error(400, "illegal_argument");
+    let other = serde_json::json!({"operations": [operations[0].clone()]}).to_string();
+    send(Method::POST, &gw.url("/_gateway/jobs"), &key, &other).await.assert_error(422, "idempotency_key_reused");
+
+    eventually(Duration::from_secs(30), "a few operations sent", || async { sim.business_requests().await >= 5 }).await;
+    let cancelled = send(Method::POST, &format!("{}{location}/cancel", gw.data), &[], "").await;
+    assert_eq!(cancelled.status, 200, "{}", cancelled.text());
+    let url = format!("{}{location}", gw.data);
+    eventually(Duration::from_secs(30), "the cancel to settle", || async {
+        !send(Method::GET, &url, &[], "").await.json()["finished_ms"].is_null()
+    })
+    .await;
+    let job = send(Method::GET, &format!("{url}?operations=succeeded&limit=1000"), &[], "").await.json();
+    let succeeded = job["counts"]["succeeded"].as_u64().unwrap();
+    assert_eq!(job["state"], "cancelled", "{}", job["counts"]);
+    assert_eq!(succeeded + job["counts"]["cancelled"].as_u64().unwrap(), 50, "{}", job["counts"]);
+    assert_eq!(job["operations"].as_array().unwrap().len() as u64, succeeded);
+    assert_eq!(sim.business_requests().await, succeeded, "nothing sent after the cancel but what was in flight");
+    let page = send(Method::GET, &format!("{url}?operations=cancelled&limit=2"), &[], "").await.json();
+    let ops = page["operations"].as_array().unwrap();
+    assert_eq!((ops.len(), ops[0]["state"].as_str(), ops[0]["method"].as_str()), (2, Some("cancelled"), Some("POST")));
+    assert!(page["next"].as_str().unwrap().contains("operations=cancelled"), "{page}");
+    let listed = send(Method::GET, &gw.url("/_gateway/jobs?state=cancelled"), &[], "").await.json();
+    assert_eq!(listed["jobs"][0]["location"], location.as_str());
+}

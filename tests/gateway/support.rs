@@ -192,6 +192,8 @@ pub struct GatewayOptions {
     /// Deletion jobs on, with a store in the gateway's directory (kept across [`Gateway::kill_and_restart`]) and
     /// these lines added to `[jobs]`.
     pub jobs: Option<String>,
+    /// Deletion jobs on, kept in the Redis of `rate_limit.redis` (set it in `extra`), these lines added to `[jobs]`.
+    pub shared_jobs: Option<String>,
 }
 
 impl Gateway {
@@ -224,7 +226,10 @@ impl Gateway {
         }
         if let Some(jobs) = &options.jobs {
             let store = dir.path().join("jobs.db");
-            apps.insert_str(0, &format!("[jobs]\nstore = \"{}\"\n{jobs}\n\n", store.display()));
+            apps.insert_str(0, &format!("[jobs]\nenabled = true\nstore = \"{}\"\n{jobs}\n\n", store.display()));
+        }
+        if let Some(jobs) = &options.shared_jobs {
+            apps.insert_str(0, &format!("[jobs]\nenabled = true\n{jobs}\n\n"));
         }
         let config = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n{}\n\
@@ -245,6 +250,11 @@ impl Gateway {
             .env("RUST_LOG", rust_log)
             .stderr(Stdio::from(log));
         spawn(&mut command).await
+    }
+
+    /// `kill -9`, and the gateway stays down.
+    pub async fn kill(&mut self) {
+        self._child.kill().await.unwrap();
     }
 
     /// `kill -9`, then the same gateway (config, store, secret) started again, on new ports.

@@ -1,0 +1,617 @@
+//! The jobs' shared store, in Redis: with `rate_limit.backend = "redis"` every replica works one queue.
+//!
+//! An operation due to run sits in one sorted set (`due`, by when it is due). A replica *claims* it atomically,
+//! moving it to `leases` with a deadline (`jobs.lease`), so no two replicas hold it at once; its outcome removes
+//! the lease. A replica that dies holding operations loses them to any other once their leases expire (every
+//! replica sweeps expired leases back to `due`); the scheduler gives back what it could not send well before its
+//! lease ends, so an operation is never sent by two replicas at once. Jobs and operations are hashes (one JSON
+//! document per operation), every change of state is one Lua script, and every key shares one hash tag
+//! (`{<key_prefix>:jobs}`), as a script in a Redis Cluster requires. Durability is Redis's: run it with AOF
+//! (`appendonly yes`; `appendfsync always` for no loss at all if Redis itself dies).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+
+use super::store::{
+    Counts, Created, Due, JobRecord, JobState, NewJob, Next, OpRecord, OpState, Outcome, Remaining, StoreError, Totals,
+    method_of,
+};
+use crate::config::RedisConfig;
+
+/// Redis calls of the jobs store may carry a whole job (100,000 operations): a generous timeout of their own.
+const TIMEOUT: Duration = Duration::from_secs(30);
+/// Operations written per command when a job is created.
+const CHUNK: usize = 1000;
+
+impl From<redis::RedisError> for StoreError {
+    fn from(e: redis::RedisError) -> StoreError {
+        StoreError::new(format!("redis: {e}"))
+    }
+}
+
+/// One operation as it is kept in Redis.
+#[derive(Serialize, Deserialize)]
+struct Op {
+    route: String,
+    path: String,
+    #[serde(default)]
+    body: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
+    state: String,
+    attempts: u32,
+    #[serde(default)]
+    status: Option<u16>,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    error_description: Option<String>,
+    #[serde(default)]
+    finished_ms: Option<i64>,
+}
+
+/// Moves up to ARGV[2] operations due at ARGV[1] from `due` to `leases` until ARGV[3]; returns them.
+const CLAIM: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, m in ipairs(due) do
+  redis.call('ZREM', KEYS[1], m)
+  redis.call('ZADD', KEYS[2], ARGV[3], m)
+end
+return due
+"#;
+
+/// Gives back a claimed operation, due again at ARGV[3], unless it is no longer pending. ARGV[1]: the key prefix,
+/// ARGV[2]: the member `id:n`.
+const RELEASE: &str = r#"
+local p, m = ARGV[1], ARGV[2]
+redis.call('ZREM', p .. ':leases', m)
+local id, n = string.match(m, '^(.*):(%d+)$')
+local raw = redis.call('HGET', p .. ':ops:' .. id, n)
+if raw and cjson.decode(raw).state == 'pending' then redis.call('ZADD', p .. ':due', ARGV[3], m) end
+return 0
+"#;
+
+/// Puts every expired lease's operation back in `due` (if still pending). ARGV: the key prefix, now.
+const REAP: &str = r#"
+local p = ARGV[1]
+local expired = redis.call('ZRANGEBYSCORE', p .. ':leases', '-inf', ARGV[2])
+for _, m in ipairs(expired) do
+  redis.call('ZREM', p .. ':leases', m)
+  local id, n = string.match(m, '^(.*):(%d+)$')
+  local raw = redis.call('HGET', p .. ':ops:' .. id, n)
+  if raw and cjson.decode(raw).state == 'pending' then redis.call('ZADD', p .. ':due', 0, m) end
+end
+return #expired
+"#;
+
+/// The job's state from its counters, kept in the per-state totals; a job whose last operation finished gets its
+/// end time. Returns the job's duration (ms) if it finished here, else -1.
+const SETTLE: &str = r#"
+local function settle(p, id, now)
+  local jobk = p .. ':job:' .. id
+  local j = redis.call('HMGET', jobk, 'state', 'pending', 'cancel_requested', 'failed', 'finished_ms', 'created_ms')
+  local state, pending = j[1], tonumber(j[2])
+  local new
+  if pending > 0 then new = 'running'
+  elseif j[3] == '1' then new = 'cancelled'
+  elseif tonumber(j[4]) > 0 then new = 'failed'
+  else new = 'done' end
+  if new ~= state then
+    redis.call('HSET', jobk, 'state', new)
+    redis.call('HINCRBY', p .. ':states', state, -1)
+    redis.call('HINCRBY', p .. ':states', new, 1)
+  end
+  if pending == 0 and (not j[5] or j[5] == '') then
+    redis.call('HSET', jobk, 'finished_ms', now)
+    redis.call('ZADD', p .. ':finished', now, id)
+    redis.call('ZREM', p .. ':open', id)
+    return now - tonumber(j[6])
+  end
+  return -1
+end
+local function left(p, id, op, by)
+  redis.call('HINCRBY', p .. ':left:' .. id, 'route:' .. op.route, by)
+  if op.user and op.user ~= cjson.null then redis.call('HINCRBY', p .. ':left:' .. id, 'user:' .. op.user, by) end
+end
+"#;
+
+/// Records outcomes. ARGV: the key prefix, now, then per outcome: id, n, next (`retry` or a final state),
+/// attempts, status, error, description, due-again time. Returns the durations of the jobs finished here.
+const RECORD: &str = r#"
+local p, now = ARGV[1], tonumber(ARGV[2])
+local finished = {}
+local i = 3
+while i <= #ARGV do
+  local id, n, next, attempts = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  local status, err, desc, at = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
+  i = i + 8
+  local member, opsk = id .. ':' .. n, p .. ':ops:' .. id
+  redis.call('ZREM', p .. ':leases', member)
+  local raw = redis.call('HGET', opsk, n)
+  if raw then
+    local op = cjson.decode(raw)
+    local was = op.state
+    local function fill()
+      op.attempts = attempts
+      if status ~= '' then op.status = tonumber(status) else op.status = cjson.null end
+      if err ~= '' then op.error = err else op.error = cjson.null end
+      if desc ~= '' then op.error_description = desc else op.error_description = cjson.null end
+    end
+    if next == 'retry' then
+      if was == 'pending' then
+        fill()
+        redis.call('HSET', opsk, n, cjson.encode(op))
+        redis.call('ZADD', p .. ':due', at, member)
+      end
+    elseif was == 'pending' or was == 'cancelled' then
+      fill()
+      op.state, op.finished_ms = next, now
+      redis.call('HSET', opsk, n, cjson.encode(op))
+      redis.call('ZREM', p .. ':due', member)
+      redis.call('HINCRBY', p .. ':job:' .. id, was, -1)
+      redis.call('HINCRBY', p .. ':job:' .. id, next, 1)
+      if was == 'pending' then left(p, id, op, -1) end
+    end
+    if redis.call('EXISTS', p .. ':job:' .. id) == 1 then
+      local took = settle(p, id, now)
+      if took >= 0 then finished[#finished + 1] = took end
+    end
+  end
+end
+return finished
+"#;
+
+/// Cancels a job: its pending operations (claimed or not) are dropped. ARGV: the key prefix, id, now. Returns 0
+/// if there is no such job.
+const CANCEL: &str = r#"
+local p, id, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local jobk, opsk = p .. ':job:' .. id, p .. ':ops:' .. id
+if redis.call('EXISTS', jobk) == 0 then return 0 end
+redis.call('HSET', jobk, 'cancel_requested', '1')
+local total = tonumber(redis.call('HGET', jobk, 'total'))
+local dropped = 0
+for n = 0, total - 1 do
+  local raw = redis.call('HGET', opsk, tostring(n))
+  if raw then
+    local op = cjson.decode(raw)
+    if op.state == 'pending' then
+      op.state, op.finished_ms = 'cancelled', now
+      redis.call('HSET', opsk, tostring(n), cjson.encode(op))
+      redis.call('ZREM', p .. ':due', id .. ':' .. n)
+      left(p, id, op, -1)
+      dropped = dropped + 1
+    end
+  end
+end
+redis.call('HINCRBY', jobk, 'pending', -dropped)
+redis.call('HINCRBY', jobk, 'cancelled', dropped)
+settle(p, id, now)
+return 1
+"#;
+
+/// The jobs store shared by every replica, in Redis.
+#[derive(Clone)]
+pub struct SharedStore {
+    connection: ConnectionManager,
+    /// `{<key_prefix>:jobs}`: every key starts with it.
+    prefix: String,
+    lease: Duration,
+    /// The last call failed, or no write has succeeded since: what readiness reports.
+    healthy: Arc<AtomicBool>,
+    scripts: Arc<Scripts>,
+}
+
+struct Scripts {
+    claim: redis::Script,
+    release: redis::Script,
+    reap: redis::Script,
+    record: redis::Script,
+    cancel: redis::Script,
+}
+
+impl SharedStore {
+    pub fn new(config: &RedisConfig, lease: Duration) -> Result<SharedStore, StoreError> {
+        let client = redis::Client::open(config.url.as_str())?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.timeout.max(Duration::from_secs(1))))
+            .set_response_timeout(Some(TIMEOUT))
+            .set_number_of_retries(1);
+        let connection = ConnectionManager::new_lazy_with_config(client, manager_config)?;
+        let script = |lua: &str| redis::Script::new(&format!("{SETTLE}\n{lua}"));
+        let scripts = Scripts {
+            claim: script(CLAIM),
+            release: script(RELEASE),
+            reap: script(REAP),
+            record: script(RECORD),
+            cancel: script(CANCEL),
+        };
+        Ok(SharedStore {
+            connection,
+            prefix: format!("{{{}:jobs}}", config.key_prefix),
+            lease,
+            healthy: Arc::new(AtomicBool::new(true)),
+            scripts: Arc::new(scripts),
+        })
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Any failure marks the store unhealthy; only a write that succeeds marks it healthy again.
+    pub fn mark(&self, write: bool, ok: bool) {
+        if !ok {
+            self.healthy.store(false, Ordering::Relaxed);
+        } else if write {
+            self.healthy.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}:{name}", self.prefix)
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.connection.clone()
+    }
+
+    async fn script<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::Script,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<T, StoreError> {
+        let mut invocation = script.prepare_invoke();
+        for key in keys {
+            invocation.key(key);
+        }
+        for arg in args {
+            invocation.arg(arg);
+        }
+        Ok(invocation.invoke_async(&mut self.conn()).await?)
+    }
+
+    pub async fn create(&self, job: NewJob) -> Result<Created, StoreError> {
+        let mut conn = self.conn();
+        if let Some(key) = &job.idempotency_key {
+            let idem = self.key(&format!("idem:{}:{key}", job.app));
+            let taken: bool = redis::cmd("SET")
+                .arg(&idem)
+                .arg(&job.id)
+                .arg("NX")
+                .query_async::<Option<String>>(&mut conn)
+                .await?
+                .is_some();
+            if !taken {
+                let first: String = conn.get(&idem).await?;
+                let record = self
+                    .job(&job.app, &first)
+                    .await?
+                    .ok_or_else(|| StoreError::new("idempotency key without its job".into()))?;
+                let sha: Option<String> = conn.hget(self.key(&format!("job:{first}")), "request_sha256").await?;
+                return Ok(Created::Existing { job: record, same_request: sha == job.request_sha256 });
+            }
+        }
+        let seq: i64 = conn.incr(self.key("seq"), 1).await?;
+        let total = job.operations.len() as i64;
+        let jobk = self.key(&format!("job:{}", job.id));
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.hset_multiple(
+            &jobk,
+            &[
+                ("seq", seq.to_string()),
+                ("id", job.id.clone()),
+                ("app", job.app.clone()),
+                ("state", "queued".to_owned()),
+                ("created_ms", job.now_ms.to_string()),
+                ("finished_ms", String::new()),
+                ("caller", job.caller.clone().unwrap_or_default()),
+                ("idempotency_key", job.idempotency_key.clone().unwrap_or_default()),
+                ("request_sha256", job.request_sha256.clone().unwrap_or_default()),
+                ("total", total.to_string()),
+                ("pending", total.to_string()),
+                ("succeeded", "0".to_owned()),
+                ("failed", "0".to_owned()),
+                ("cancelled", "0".to_owned()),
+                ("cancel_requested", "0".to_owned()),
+            ],
+        )
+        .ignore();
+        let mut left: HashMap<String, i64> = HashMap::new();
+        for (chunk_at, chunk) in job.operations.chunks(CHUNK).enumerate() {
+            let mut fields = Vec::with_capacity(chunk.len());
+            let mut members = Vec::with_capacity(chunk.len());
+            for (i, op) in chunk.iter().enumerate() {
+                let n = chunk_at * CHUNK + i;
+                *left.entry(format!("route:{}", op.route)).or_default() += 1;
+                if let Some(user) = &op.user {
+                    *left.entry(format!("user:{user}")).or_default() += 1;
+                }
+                let stored = Op {
+                    route: op.route.to_owned(),
+                    path: op.path.clone(),
+                    body: op.body.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()),
+                    user: op.user.clone(),
+                    state: "pending".to_owned(),
+                    attempts: 0,
+                    status: None,
+                    error: None,
+                    error_description: None,
+                    finished_ms: None,
+                };
+                fields.push((n.to_string(), serde_json::to_string(&stored).expect("an operation serializes")));
+                members.push((0, format!("{}:{n}", job.id)));
+            }
+            pipe.hset_multiple(self.key(&format!("ops:{}", job.id)), &fields).ignore();
+            pipe.zadd_multiple(self.key("due"), &members).ignore();
+        }
+        let left: Vec<(String, i64)> = left.into_iter().collect();
+        pipe.hset_multiple(self.key(&format!("left:{}", job.id)), &left).ignore();
+        pipe.zadd(self.key(&format!("jobs:{}", job.app)), &job.id, seq).ignore();
+        pipe.zadd(self.key("open"), &job.id, job.now_ms).ignore();
+        pipe.hincr(self.key("states"), "queued", 1).ignore();
+        let stored: Result<(), _> = pipe.query_async(&mut conn).await;
+        if let Err(e) = stored {
+            if let Some(key) = &job.idempotency_key {
+                let _: Result<(), _> = conn.del(self.key(&format!("idem:{}:{key}", job.app))).await;
+            }
+            return Err(e.into());
+        }
+        let record = self.job(&job.app, &job.id).await?.ok_or_else(|| StoreError::new("a job just stored".into()))?;
+        Ok(Created::New(record))
+    }
+
+    pub async fn job(&self, app: &str, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let fields: HashMap<String, String> = self.conn().hgetall(self.key(&format!("job:{id}"))).await?;
+        Ok(record(&fields).filter(|job| job.app == app))
+    }
+
+    pub async fn operations(
+        &self,
+        job: &JobRecord,
+        from: i64,
+        limit: u32,
+        state: Option<OpState>,
+    ) -> Result<Vec<OpRecord>, StoreError> {
+        let opsk = self.key(&format!("ops:{}", job.id));
+        let mut out = Vec::new();
+        let mut n = from;
+        while out.len() < limit as usize && n < job.counts.total {
+            let upto = (n + CHUNK as i64).min(job.counts.total);
+            let fields: Vec<String> = (n..upto).map(|i| i.to_string()).collect();
+            let raw: Vec<Option<String>> =
+                redis::cmd("HMGET").arg(&opsk).arg(&fields).query_async(&mut self.conn()).await?;
+            for (i, raw) in (n..upto).zip(raw) {
+                let Some(op) = raw.and_then(|raw| serde_json::from_str::<Op>(&raw).ok()) else { continue };
+                let op_state = OpState::parse(&op.state).unwrap_or(OpState::Pending);
+                if state.is_some_and(|s| s != op_state) || out.len() >= limit as usize {
+                    continue;
+                }
+                out.push(OpRecord {
+                    index: i,
+                    method: method_of(&op.route),
+                    route: op.route,
+                    path: op.path,
+                    body: op.body.and_then(|b| serde_json::from_str(&b).ok()),
+                    state: op_state,
+                    attempts: op.attempts,
+                    status: op.status,
+                    error: op.error,
+                    error_description: op.error_description,
+                    finished_ms: op.finished_ms,
+                });
+            }
+            n = upto;
+        }
+        Ok(out)
+    }
+
+    pub async fn list(
+        &self,
+        app: &str,
+        state: Option<JobState>,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        let index = self.key(&format!("jobs:{app}"));
+        let mut out = Vec::new();
+        let mut max = before.map_or("+inf".to_owned(), |b| format!("({b}"));
+        loop {
+            let ids: Vec<(String, i64)> = redis::cmd("ZREVRANGEBYSCORE")
+                .arg(&index)
+                .arg(&max)
+                .arg("-inf")
+                .arg("WITHSCORES")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit)
+                .query_async(&mut self.conn())
+                .await?;
+            let Some((_, last)) = ids.last() else { return Ok(out) };
+            max = format!("({last}");
+            for (id, _) in &ids {
+                if let Some(job) = self.job(app, id).await?
+                    && state.is_none_or(|s| s == job.state)
+                {
+                    out.push(job);
+                    if out.len() == limit as usize {
+                        return Ok(out);
+                    }
+                }
+            }
+        }
+    }
+
+    pub async fn cancel(&self, app: &str, id: &str, now_ms: i64) -> Result<Option<JobRecord>, StoreError> {
+        if self.job(app, id).await?.is_none() {
+            return Ok(None);
+        }
+        let _: i64 =
+            self.script(&self.scripts.cancel, &[], &[self.prefix.clone(), id.to_owned(), now_ms.to_string()]).await?;
+        self.job(app, id).await
+    }
+
+    /// Claims up to `limit` operations due at `now_ms` for this replica, each leased for `jobs.lease`.
+    pub async fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<Due>, StoreError> {
+        let until = now_ms + self.lease.as_millis() as i64;
+        let claimed: Vec<String> = self
+            .script(
+                &self.scripts.claim,
+                &[self.key("due"), self.key("leases")],
+                &[now_ms.to_string(), limit.to_string(), until.to_string()],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(claimed.len());
+        let mut jobs: HashMap<String, Option<HashMap<String, String>>> = HashMap::new();
+        for member in claimed {
+            let Some((id, n)) = member.rsplit_once(':') else { continue };
+            let Ok(n) = n.parse::<i64>() else { continue };
+            if !jobs.contains_key(id) {
+                let fields: HashMap<String, String> = self.conn().hgetall(self.key(&format!("job:{id}"))).await?;
+                jobs.insert(id.to_owned(), (!fields.is_empty()).then_some(fields));
+            }
+            let (Some(Some(job)), Some(op)) = (
+                jobs.get(id),
+                self.conn()
+                    .hget::<_, _, Option<String>>(self.key(&format!("ops:{id}")), n)
+                    .await?
+                    .and_then(|raw| serde_json::from_str::<Op>(&raw).ok()),
+            ) else {
+                continue;
+            };
+            out.push(Due {
+                job: job.get("seq").and_then(|s| s.parse().ok()).unwrap_or_default(),
+                job_id: id.to_owned(),
+                app: job.get("app").cloned().unwrap_or_default(),
+                caller: job.get("caller").filter(|c| !c.is_empty()).cloned(),
+                n,
+                route: op.route,
+                path: op.path,
+                body: op.body.map(String::into_bytes),
+                user: op.user,
+                attempts: op.attempts,
+            });
+        }
+        Ok(out)
+    }
+
+    pub async fn next_due(&self) -> Result<Option<i64>, StoreError> {
+        let first: Vec<(String, f64)> = self.conn().zrange_withscores(self.key("due"), 0, 0).await?;
+        Ok(first.first().map(|(_, score)| *score as i64))
+    }
+
+    /// Gives a claimed operation back, due again at `until_ms`.
+    pub async fn release(&self, due: &Due, until_ms: i64) -> Result<(), StoreError> {
+        let member = format!("{}:{}", due.job_id, due.n);
+        let _: i64 =
+            self.script(&self.scripts.release, &[], &[self.prefix.clone(), member, until_ms.to_string()]).await?;
+        Ok(())
+    }
+
+    /// Puts the operations of expired leases (a replica died holding them) back in the queue.
+    pub async fn reap(&self, now_ms: i64) -> Result<usize, StoreError> {
+        let n: i64 = self.script(&self.scripts.reap, &[], &[self.prefix.clone(), now_ms.to_string()]).await?;
+        Ok(n as usize)
+    }
+
+    pub async fn is_cancelled(&self, job_id: &str) -> Result<bool, StoreError> {
+        let flag: Option<String> = self.conn().hget(self.key(&format!("job:{job_id}")), "cancel_requested").await?;
+        Ok(flag.as_deref() == Some("1"))
+    }
+
+    pub async fn record(&self, outcomes: Vec<Outcome>, now_ms: i64) -> Result<Vec<i64>, StoreError> {
+        let mut args = vec![self.prefix.clone(), now_ms.to_string()];
+        for o in outcomes {
+            let (next, at) = match o.next {
+                Next::Done(state) => (state.as_str().to_owned(), String::new()),
+                Next::RetryAt(at) => ("retry".to_owned(), at.to_string()),
+            };
+            args.extend([
+                o.job_id,
+                o.n.to_string(),
+                next,
+                o.attempts.to_string(),
+                o.status.map(|s| s.to_string()).unwrap_or_default(),
+                o.error.unwrap_or_default(),
+                o.error_description.unwrap_or_default(),
+                at,
+            ]);
+        }
+        self.script(&self.scripts.record, &[], &args).await
+    }
+
+    pub async fn remaining(&self, job: &JobRecord) -> Result<Remaining, StoreError> {
+        let left: HashMap<String, i64> = self.conn().hgetall(self.key(&format!("left:{}", job.id))).await?;
+        let by_route = left
+            .iter()
+            .filter_map(|(k, n)| Some((k.strip_prefix("route:")?.to_owned(), *n)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        let busiest_user = left.iter().filter(|(k, _)| k.starts_with("user:")).map(|(_, n)| *n).max().unwrap_or(0);
+        Ok(Remaining { by_route, busiest_user })
+    }
+
+    pub async fn totals(&self) -> Result<Totals, StoreError> {
+        let mut conn = self.conn();
+        let states: HashMap<String, i64> = conn.hgetall(self.key("states")).await?;
+        let due: i64 = conn.zcard(self.key("due")).await?;
+        let leased: i64 = conn.zcard(self.key("leases")).await?;
+        let oldest: Vec<(String, f64)> = conn.zrange_withscores(self.key("open"), 0, 0).await?;
+        Ok(Totals {
+            jobs: states.into_iter().collect(),
+            pending: due + leased,
+            oldest_ms: oldest.first().map(|(_, ms)| *ms as i64),
+        })
+    }
+
+    pub async fn expire(&self, before_ms: i64) -> Result<usize, StoreError> {
+        let mut conn = self.conn();
+        let ids: Vec<String> = conn.zrangebyscore(self.key("finished"), "-inf", before_ms).await?;
+        for id in &ids {
+            let jobk = self.key(&format!("job:{id}"));
+            let fields: HashMap<String, String> = conn.hgetall(&jobk).await?;
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            if let Some(job) = record(&fields) {
+                pipe.zrem(self.key(&format!("jobs:{}", job.app)), id).ignore();
+                pipe.hincr(self.key("states"), job.state.as_str(), -1).ignore();
+                if let Some(key) = &job.idempotency_key {
+                    pipe.del(self.key(&format!("idem:{}:{key}", job.app))).ignore();
+                }
+            }
+            pipe.del(&[jobk, self.key(&format!("ops:{id}")), self.key(&format!("left:{id}"))]).ignore();
+            pipe.zrem(self.key("finished"), id).ignore();
+            let _: () = pipe.query_async(&mut conn).await?;
+        }
+        Ok(ids.len())
+    }
+}
+
+fn record(fields: &HashMap<String, String>) -> Option<JobRecord> {
+    let number = |key: &str| fields.get(key).and_then(|v| v.parse::<i64>().ok());
+    let text = |key: &str| fields.get(key).filter(|v| !v.is_empty()).cloned();
+    Some(JobRecord {
+        seq: number("seq")?,
+        id: text("id")?,
+        app: text("app")?,
+        state: JobState::parse(fields.get("state")?)?,
+        created_ms: number("created_ms")?,
+        finished_ms: number("finished_ms"),
+        caller: text("caller"),
+        idempotency_key: text("idempotency_key"),
+        counts: Counts {
+            total: number("total")?,
+            pending: number("pending")?,
+            succeeded: number("succeeded")?,
+            failed: number("failed")?,
+            cancelled: number("cancelled")?,
+        },
+    })
+}
