@@ -604,6 +604,17 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn one_routes_long_job_does_not_hold_back_another_routes_job() {
+        let h = start(JobsConfig::default(), RateLimitConfig::default(), ok).await;
+        let long = h.submit((0..2000).map(|i| clear(&format!("u{i}"))).collect()).await;
+        let short = h.submit((0..10).map(|i| conversation(&format!("owner{i}"), "peer")).collect()).await;
+        let (done, took) = h.finished(&short.id).await;
+        assert_eq!(done.counts.succeeded, 10);
+        assert!(took < Duration::from_secs(1), "at its own route's pace, beside the long job: {took:?}");
+        assert!(h.job(&long.id).await.finished_ms.is_none(), "the long job is still running");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn jobs_use_only_their_share_of_a_route() {
         let rate_limit = RateLimitConfig { jobs_share: 0.5, ..RateLimitConfig::default() };
         let h = start(JobsConfig::default(), rate_limit, ok).await;

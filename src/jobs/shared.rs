@@ -1,6 +1,6 @@
 //! The jobs' shared store, in Redis: with `rate_limit.backend = "redis"` every replica works one queue.
 //!
-//! An operation due to run sits in one sorted set (`due`, by when it is due). A replica *claims* it atomically,
+//! An operation due to run sits in its route's sorted set (`due:<route>`, by when it is due). A replica *claims* it atomically,
 //! moving it to `leases` with a deadline (`jobs.lease`), so no two replicas hold it at once; its outcome removes
 //! the lease. A replica that dies holding operations loses them to any other once their leases expire (every
 //! replica sweeps expired leases back to `due`); the scheduler gives back what it could not send well before its
@@ -23,6 +23,7 @@ use super::store::{
     method_of,
 };
 use crate::config::RedisConfig;
+use crate::routes::Route;
 
 /// Redis calls of the jobs store may carry a whole job (100,000 operations): a generous timeout of their own.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -56,14 +57,20 @@ struct Op {
     finished_ms: Option<i64>,
 }
 
-/// Moves up to ARGV[2] operations due at ARGV[1] from `due` to `leases` until ARGV[3]; returns them.
+/// Moves up to ARGV[2] operations of each route due at ARGV[1] from that route's `due` (KEYS but the last) to
+/// `leases` (the last KEY) until ARGV[3]; returns them. Per route, so that one route's long job never holds back
+/// the others.
 const CLAIM: &str = r#"
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, m in ipairs(due) do
-  redis.call('ZREM', KEYS[1], m)
-  redis.call('ZADD', KEYS[2], ARGV[3], m)
+local leases, claimed = KEYS[#KEYS], {}
+for k = 1, #KEYS - 1 do
+  local due = redis.call('ZRANGEBYSCORE', KEYS[k], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+  for _, m in ipairs(due) do
+    redis.call('ZREM', KEYS[k], m)
+    redis.call('ZADD', leases, ARGV[3], m)
+    claimed[#claimed + 1] = m
+  end
 end
-return due
+return claimed
 "#;
 
 /// Gives back a claimed operation, due again at ARGV[3], unless it is no longer pending. ARGV[1]: the key prefix,
@@ -73,7 +80,10 @@ local p, m = ARGV[1], ARGV[2]
 redis.call('ZREM', p .. ':leases', m)
 local id, n = string.match(m, '^(.*):(%d+)$')
 local raw = redis.call('HGET', p .. ':ops:' .. id, n)
-if raw and cjson.decode(raw).state == 'pending' then redis.call('ZADD', p .. ':due', ARGV[3], m) end
+if raw then
+  local op = cjson.decode(raw)
+  if op.state == 'pending' then redis.call('ZADD', p .. ':due:' .. op.route, ARGV[3], m) end
+end
 return 0
 "#;
 
@@ -85,7 +95,10 @@ for _, m in ipairs(expired) do
   redis.call('ZREM', p .. ':leases', m)
   local id, n = string.match(m, '^(.*):(%d+)$')
   local raw = redis.call('HGET', p .. ':ops:' .. id, n)
-  if raw and cjson.decode(raw).state == 'pending' then redis.call('ZADD', p .. ':due', 0, m) end
+  if raw then
+    local op = cjson.decode(raw)
+    if op.state == 'pending' then redis.call('ZADD', p .. ':due:' .. op.route, 0, m) end
+  end
 end
 return #expired
 "#;
@@ -147,13 +160,13 @@ while i <= #ARGV do
       if was == 'pending' then
         fill()
         redis.call('HSET', opsk, n, cjson.encode(op))
-        redis.call('ZADD', p .. ':due', at, member)
+        redis.call('ZADD', p .. ':due:' .. op.route, at, member)
       end
     elseif was == 'pending' or was == 'cancelled' then
       fill()
       op.state, op.finished_ms = next, now
       redis.call('HSET', opsk, n, cjson.encode(op))
-      redis.call('ZREM', p .. ':due', member)
+      redis.call('ZREM', p .. ':due:' .. op.route, member)
       redis.call('HINCRBY', p .. ':job:' .. id, was, -1)
       redis.call('HINCRBY', p .. ':job:' .. id, next, 1)
       if was == 'pending' then left(p, id, op, -1) end
@@ -183,7 +196,7 @@ for n = 0, total - 1 do
     if op.state == 'pending' then
       op.state, op.finished_ms = 'cancelled', now
       redis.call('HSET', opsk, tostring(n), cjson.encode(op))
-      redis.call('ZREM', p .. ':due', id .. ':' .. n)
+      redis.call('ZREM', p .. ':due:' .. op.route, id .. ':' .. n)
       left(p, id, op, -1)
       dropped = dropped + 1
     end
@@ -327,7 +340,7 @@ impl SharedStore {
         let mut left: HashMap<String, i64> = HashMap::new();
         for (chunk_at, chunk) in job.operations.chunks(CHUNK).enumerate() {
             let mut fields = Vec::with_capacity(chunk.len());
-            let mut members = Vec::with_capacity(chunk.len());
+            let mut members: HashMap<&str, Vec<(i64, String)>> = HashMap::new();
             for (i, op) in chunk.iter().enumerate() {
                 let n = chunk_at * CHUNK + i;
                 *left.entry(format!("route:{}", op.route)).or_default() += 1;
@@ -347,10 +360,12 @@ impl SharedStore {
                     finished_ms: None,
                 };
                 fields.push((n.to_string(), serde_json::to_string(&stored).expect("an operation serializes")));
-                members.push((0, format!("{}:{n}", job.id)));
+                members.entry(op.route).or_default().push((0, format!("{}:{n}", job.id)));
             }
             pipe.hset_multiple(self.key(&format!("ops:{}", job.id)), &fields).ignore();
-            pipe.zadd_multiple(self.key("due"), &members).ignore();
+            for (route, members) in members.drain() {
+                pipe.zadd_multiple(self.key(&format!("due:{route}")), &members).ignore();
+            }
         }
         let left: Vec<(String, i64)> = left.into_iter().collect();
         pipe.hset_multiple(self.key(&format!("left:{}", job.id)), &left).ignore();
@@ -461,13 +476,10 @@ impl SharedStore {
     /// Claims up to `limit` operations due at `now_ms` for this replica, each leased for `jobs.lease`.
     pub async fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<Due>, StoreError> {
         let until = now_ms + self.lease.as_millis() as i64;
-        let claimed: Vec<String> = self
-            .script(
-                &self.scripts.claim,
-                &[self.key("due"), self.key("leases")],
-                &[now_ms.to_string(), limit.to_string(), until.to_string()],
-            )
-            .await?;
+        let mut keys: Vec<String> = Route::ALL.iter().map(|route| self.key(&format!("due:{}", route.name()))).collect();
+        keys.push(self.key("leases"));
+        let args = [now_ms.to_string(), limit.to_string(), until.to_string()];
+        let claimed: Vec<String> = self.script(&self.scripts.claim, &keys, &args).await?;
         let mut out = Vec::with_capacity(claimed.len());
         let mut jobs: HashMap<String, Option<HashMap<String, String>>> = HashMap::new();
         for member in claimed {
@@ -503,8 +515,15 @@ impl SharedStore {
     }
 
     pub async fn next_due(&self) -> Result<Option<i64>, StoreError> {
-        let first: Vec<(String, f64)> = self.conn().zrange_withscores(self.key("due"), 0, 0).await?;
-        Ok(first.first().map(|(_, score)| *score as i64))
+        let mut next: Option<i64> = None;
+        for route in Route::ALL {
+            let first: Vec<(String, f64)> =
+                self.conn().zrange_withscores(self.key(&format!("due:{}", route.name())), 0, 0).await?;
+            if let Some((_, at)) = first.first() {
+                next = Some(next.map_or(*at as i64, |n| n.min(*at as i64)));
+            }
+        }
+        Ok(next)
     }
 
     /// Gives a claimed operation back, due again at `until_ms`.
@@ -561,7 +580,10 @@ impl SharedStore {
     pub async fn totals(&self) -> Result<Totals, StoreError> {
         let mut conn = self.conn();
         let states: HashMap<String, i64> = conn.hgetall(self.key("states")).await?;
-        let due: i64 = conn.zcard(self.key("due")).await?;
+        let mut due: i64 = 0;
+        for route in Route::ALL {
+            due += conn.zcard::<_, i64>(self.key(&format!("due:{}", route.name()))).await?;
+        }
         let leased: i64 = conn.zcard(self.key("leases")).await?;
         let oldest: Vec<(String, f64)> = conn.zrange_withscores(self.key("open"), 0, 0).await?;
         Ok(Totals {

@@ -68,7 +68,7 @@ CREATE TABLE IF NOT EXISTS operations (
     finished_ms INTEGER,
     PRIMARY KEY (job, n)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS operations_due ON operations(not_before_ms, job, n) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS operations_due_by_route ON operations(route, not_before_ms, job, n) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS operations_by_user ON operations(user) WHERE state = 'pending' AND user IS NOT NULL;
 ";
 
@@ -441,29 +441,37 @@ impl LocalStore {
     }
 
     /// Up to `limit` operations due at `now_ms`, in order: the earliest due first, then by job and index.
+    /// Up to `limit` operations of each route due at `now_ms`, each route's in order (the earliest due first, then
+    /// by job and index): one route's long job never holds back the other routes, which have quotas of their own.
     pub async fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<Due>, StoreError> {
         self.run(Access::Read, move |conn| {
             let mut select = conn.prepare_cached(
                 "SELECT o.job, j.id, j.app, j.caller, o.n, o.route, o.path, o.body, o.user, o.attempts
                  FROM operations o JOIN jobs j ON j.seq = o.job
-                 WHERE o.state = 'pending' AND o.not_before_ms <= ?1
-                 ORDER BY o.not_before_ms, o.job, o.n LIMIT ?2",
+                 WHERE o.state = 'pending' AND o.route = ?1 AND o.not_before_ms <= ?2
+                 ORDER BY o.not_before_ms, o.job, o.n LIMIT ?3",
             )?;
-            let rows = select.query_map(params![now_ms, limit as i64], |row| {
-                Ok(Due {
-                    job: row.get(0)?,
-                    job_id: row.get(1)?,
-                    app: row.get(2)?,
-                    caller: row.get(3)?,
-                    n: row.get(4)?,
-                    route: row.get(5)?,
-                    path: row.get(6)?,
-                    body: row.get(7)?,
-                    user: row.get(8)?,
-                    attempts: row.get(9)?,
-                })
-            })?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            let mut due = Vec::new();
+            for route in Route::ALL {
+                let rows = select.query_map(params![route.name(), now_ms, limit as i64], |row| {
+                    Ok(Due {
+                        job: row.get(0)?,
+                        job_id: row.get(1)?,
+                        app: row.get(2)?,
+                        caller: row.get(3)?,
+                        n: row.get(4)?,
+                        route: row.get(5)?,
+                        path: row.get(6)?,
+                        body: row.get(7)?,
+                        user: row.get(8)?,
+                        attempts: row.get(9)?,
+                    })
+                })?;
+                for row in rows {
+                    due.push(row?);
+                }
+            }
+            Ok(due)
         })
         .await
     }
@@ -471,8 +479,17 @@ impl LocalStore {
     /// When the next pending operation falls due, if any is pending.
     pub async fn next_due(&self) -> Result<Option<i64>, StoreError> {
         self.run(Access::Read, |conn| {
-            Ok(conn
-                .query_row("SELECT MIN(not_before_ms) FROM operations WHERE state = 'pending'", [], |row| row.get(0))?)
+            let mut first = conn
+                .prepare_cached("SELECT MIN(not_before_ms) FROM operations WHERE state = 'pending' AND route = ?1")?;
+            let mut next: Option<i64> = None;
+            for route in Route::ALL {
+                let at: Option<i64> = first.query_row([route.name()], |row| row.get(0))?;
+                next = match (next, at) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            Ok(next)
         })
         .await
     }
