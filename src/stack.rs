@@ -84,7 +84,7 @@ pub fn data_plane(
         // The jobs API has paths of its own (`…/_gateway/jobs`), under the same access rules and load shedding.
         .layer(JobsApiLayer::new(shared.apps.clone(), shared.jobs.clone(), shared.body_read_timeout))
         // Parse once: from here down a request is a typed Call; nothing below sees the raw path, query or body.
-        .layer(ValidateLayer::new(shared.apps.clone(), shared.body_read_timeout))
+        .layer(ValidateLayer::new(shared.apps.clone(), shared.body_read_timeout).respond_async(shared.jobs.is_some()))
         // A valid call sent with `Prefer: respond-async` is stored as a job here, and runs through `job_plane`.
         .layer(DeferLayer::new(shared.jobs.clone()))
         // The audit event of a deletion sent to Easemob, once per request, with the final outcome.

@@ -75,13 +75,15 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        if !is_jobs_path(request.uri().path()) {
-            return Either::Left(self.inner.call(request));
-        }
+        // With jobs off, their paths are unknown routes like any other (the validation layer says so).
+        let jobs = match &self.api.jobs {
+            Some(jobs) if is_jobs_path(request.uri().path()) => jobs.clone(),
+            _ => return Either::Left(self.inner.call(request)),
+        };
         let api = self.api.clone();
         Either::Right(Box::pin(async move {
             let started = Instant::now();
-            Ok(api.handle(request).await.unwrap_or_else(|e| e.into_response(started)))
+            Ok(api.handle(&jobs, request).await.unwrap_or_else(|e| e.into_response(started)))
         }))
     }
 }
@@ -92,7 +94,7 @@ fn is_jobs_path(path: &str) -> bool {
 }
 
 impl JobsApiLayer {
-    async fn handle<B>(&self, request: Request<B>) -> Result<Answer, GatewayError>
+    async fn handle<B>(&self, jobs: &Jobs, request: Request<B>) -> Result<Answer, GatewayError>
     where
         B: http_body::Body<Data = Bytes>,
         B::Error: Into<BoxError>,
@@ -107,9 +109,6 @@ impl JobsApiLayer {
                     hint: "the jobs API is at /{org_name}/{app_name}/_gateway/jobs",
                 });
             }
-        };
-        let Some(jobs) = &self.jobs else {
-            return Err(GatewayError::UnknownRoute { hint: "deletion jobs are off here (jobs.store is not set)" });
         };
         let app = find(&self.apps, named)?;
         let query = Query::parse(request.uri().query())?;

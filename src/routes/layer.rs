@@ -41,11 +41,18 @@ pub struct ValidateLayer {
     apps: Apps,
     /// A client that stops sending its body cannot hold a request open longer than this.
     body_read_timeout: Duration,
+    /// Deletion jobs are on: a call's `Prefer: respond-async` is noted (otherwise not even looked up).
+    respond_async: bool,
 }
 
 impl ValidateLayer {
     pub fn new(apps: Apps, body_read_timeout: Duration) -> ValidateLayer {
-        ValidateLayer { apps, body_read_timeout }
+        ValidateLayer { apps, body_read_timeout, respond_async: false }
+    }
+
+    /// Notes `Prefer: respond-async` when `enabled` (deletion jobs are on).
+    pub fn respond_async(self, enabled: bool) -> ValidateLayer {
+        ValidateLayer { respond_async: enabled, ..self }
     }
 }
 
@@ -53,7 +60,12 @@ impl<S> Layer<S> for ValidateLayer {
     type Service = Validate<S>;
 
     fn layer(&self, inner: S) -> Validate<S> {
-        Validate { inner, apps: self.apps.clone(), body_read_timeout: self.body_read_timeout }
+        Validate {
+            inner,
+            apps: self.apps.clone(),
+            body_read_timeout: self.body_read_timeout,
+            respond_async: self.respond_async,
+        }
     }
 }
 
@@ -62,6 +74,7 @@ pub struct Validate<S> {
     inner: S,
     apps: Apps,
     body_read_timeout: Duration,
+    respond_async: bool,
 }
 
 impl<S, B> Service<Request<B>> for Validate<S>
@@ -85,7 +98,8 @@ where
         let started = Instant::now();
         let (parts, body) = request.into_parts();
         let mut labels = Labels::default();
-        let answer = match edge(&parts, &self.apps, started, &mut labels) {
+        let respond_async = self.respond_async && prefers_async(&parts.headers);
+        let answer = match edge(&parts, &self.apps, started, respond_async, &mut labels) {
             Err(e) => Either::Left(Either::Right(ready(Ok(e.into_response(started))))),
             Ok(Edge::Answer(answer)) => Either::Left(Either::Right(ready(Ok(answer)))),
             Ok(Edge::Call(exchange)) => Either::Left(Either::Left(self.inner.call(exchange))),
@@ -93,9 +107,9 @@ where
                 let (inner, timeout) = (self.inner.clone(), self.body_read_timeout);
                 let app = labels.app.clone().expect("named before the body is read");
                 Either::Right(Box::pin(async move {
-                    let exchange = read_body(body, timeout, MAX_BODY_BYTES)
-                        .await
-                        .and_then(|body| call(&parts, route, &owner, &body, &app, started).map_err(GatewayError::from));
+                    let exchange = read_body(body, timeout, MAX_BODY_BYTES).await.and_then(|body| {
+                        call(&parts, route, &owner, &body, &app, started, respond_async).map_err(GatewayError::from)
+                    });
                     match exchange {
                         Ok(exchange) => inner.oneshot(exchange).await,
                         Err(e) => Ok(e.into_response(started)),
@@ -120,7 +134,13 @@ enum Edge {
 
 /// Resolves the route and the app and validates what the request line says, filling in `labels` as the request
 /// names its app and route.
-fn edge(parts: &Parts, apps: &Apps, started: Instant, labels: &mut Labels) -> Result<Edge, GatewayError> {
+fn edge(
+    parts: &Parts,
+    apps: &Apps,
+    started: Instant,
+    respond_async: bool,
+    labels: &mut Labels,
+) -> Result<Edge, GatewayError> {
     let resolved = resolve(parts.uri.path()).ok_or(GatewayError::UnknownRoute { hint: "no route has this path" })?;
     let (route, owner) = match resolved.endpoint {
         Endpoint::Operation { route, owner } => (route, owner),
@@ -142,7 +162,7 @@ fn edge(parts: &Parts, apps: &Apps, started: Instant, labels: &mut Labels) -> Re
     match route {
         Route::DeleteConversation => Ok(Edge::Body(route, owner.to_owned())),
         // The five roaming routes take no body: whatever was sent is ignored, never forwarded.
-        _ => Ok(Edge::Call(call(parts, route, owner, b"", app, started)?)),
+        _ => Ok(Edge::Call(call(parts, route, owner, b"", app, started, respond_async)?)),
     }
 }
 
@@ -164,6 +184,7 @@ fn call(
     body: &[u8],
     app: &Arc<App>,
     started: Instant,
+    respond_async: bool,
 ) -> Result<Exchange, ValidationError> {
     let call = Call::parse(route, owner, parts.uri.query(), body, unix_millis() as i64)?;
     let Caller(caller) = parts.extensions.get::<Caller>().cloned().unwrap_or_default();
@@ -173,7 +194,7 @@ fn call(
         started,
         request_id: parts.headers.get(X_REQUEST_ID).cloned(),
         caller,
-        respond_async: prefers_async(&parts.headers),
+        respond_async,
     }))
 }
 
