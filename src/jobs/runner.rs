@@ -90,6 +90,7 @@ where
         // Cancellation as another replica may have made it, looked up at most once a second per job.
         let mut cancels: HashMap<String, (Instant, bool)> = HashMap::new();
         let lease = config.lease;
+        let mut new_work = true;
         loop {
             let now = Instant::now();
             if now >= next_expiry {
@@ -130,8 +131,9 @@ where
                 }
             }
             let mut wake_at = now + IDLE_POLL;
-            // Topped up when half used: the query returns what is held too (it is due), so not on every event.
-            if queue.len() < BATCH / 2 {
+            // Topped up when half used (the query returns what is held too, so not on every event), and whenever
+            // new work arrived: another route's job must not wait behind a queue full of one route.
+            if queue.len() < BATCH / 2 || std::mem::take(&mut new_work) {
                 // Embedded: a read, which returns what is held too. Shared: a claim of new operations under a
                 // lease, so only what can be sent soon (the rest stays free for the other replicas).
                 let limit = match store.is_shared() {
@@ -230,7 +232,7 @@ where
                     }
                 }
                 _ = tokio::time::sleep_until(wake_at) => {}
-                _ = self.jobs.0.wake.notified() => {}
+                _ = self.jobs.0.wake.notified() => new_work = true,
             }
         }
     }

@@ -496,7 +496,7 @@ impl<'a> Query<'a> {
             Route::ClearUserMessages | Route::DeleteConversation => &[],
         };
         let mut values: Vec<(&'static str, Cow<'a, str>)> = Vec::with_capacity(allowed.len());
-        for (key, value) in form_urlencoded::parse(raw.as_bytes()) {
+        for (key, value) in pairs(raw) {
             let Some(&key) = allowed.iter().find(|k| **k == key) else {
                 return Err(ValidationError::unknown("query parameter", &[&*key], route, allowed));
             };
@@ -551,6 +551,21 @@ impl<'a> Query<'a> {
     }
 }
 
+/// A query's `key=value` pairs as `form_urlencoded` reads them (empty pairs skipped, a missing `=` an empty
+/// value). The usual query needs no decoding (no `%`, no `+`): its pairs are borrowed as they are, which costs
+/// a fifth of decoding them; any other goes through `form_urlencoded`.
+fn pairs(raw: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
+    let plain = !raw.bytes().any(|b| b == b'%' || b == b'+');
+    let borrowed = plain.then(|| {
+        raw.split('&')
+            .filter(|pair| !pair.is_empty())
+            .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+            .map(|(key, value)| (Cow::Borrowed(key), Cow::Borrowed(value)))
+    });
+    let decoded = (!plain).then(|| form_urlencoded::parse(raw.as_bytes()));
+    borrowed.into_iter().flatten().chain(decoded.into_iter().flatten())
+}
+
 /// At most 32 characters of caller input, for error descriptions.
 fn preview(s: &str) -> String {
     let mut out: String = s.chars().take(32).collect();
@@ -558,6 +573,22 @@ fn preview(s: &str) -> String {
         out.push('…');
     }
     out
+}
+
+#[cfg(test)]
+mod pairs_tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn borrowed_pairs_read_as_form_urlencoded_does(raw in "[a-zA-Z0-9=&%+._-]{0,40}") {
+            let ours: Vec<(String, String)> = pairs(&raw).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+            let theirs: Vec<(String, String)> = form_urlencoded::parse(raw.as_bytes()).into_owned().collect();
+            prop_assert_eq!(ours, theirs);
+        }
+    }
 }
 
 #[cfg(test)]
