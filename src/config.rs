@@ -184,7 +184,20 @@ pub enum RateLimitBackend {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
+    /// `redis://host:port[/db]`, or `rediss://…` for TLS (a managed Redis); never with a password in it.
     pub url: String,
+    /// The ACL user, when the Redis has users (Redis 6+); absent: the default user.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Name of the environment variable holding the password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// File holding the password (trailing newline ignored), e.g. a mounted Kubernetes Secret.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Extra PEM roots for `rediss://` (a private CA), in place of the built-in webpki roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
     /// Every Redis call must answer within this, or the replica falls back to its local share.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
@@ -194,10 +207,66 @@ pub struct RedisConfig {
     pub expected_replicas: NonZeroU32,
 }
 
+impl RedisConfig {
+    /// The password, from `password_env` or `password_file`; `None` when neither is set.
+    pub fn password(&self) -> Result<Option<SecretString>, String> {
+        let secret = |value: String, from: String| {
+            let value = value.trim().to_owned();
+            match value.is_empty() {
+                true => Err(format!("rate_limit.redis: {from} is empty")),
+                false => Ok(Some(SecretString::from(value))),
+            }
+        };
+        match (&self.password_env, &self.password_file) {
+            (None, None) => Ok(None),
+            (Some(var), None) => match std::env::var(var) {
+                Ok(value) => secret(value, format!("password_env {var}")),
+                Err(_) => Err(format!("rate_limit.redis.password_env: the environment variable {var} is not set")),
+            },
+            (None, Some(path)) => match std::fs::read_to_string(path) {
+                Ok(value) => secret(value, format!("password_file {}", path.display())),
+                Err(e) => Err(format!("rate_limit.redis.password_file {} cannot be read: {e}", path.display())),
+            },
+            (Some(_), Some(_)) => Err("rate_limit.redis: set password_env or password_file, not both".to_owned()),
+        }
+    }
+
+    /// What is wrong with this Redis's settings, one line each.
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let tls = self.url.starts_with("rediss://");
+        if !(tls || self.url.starts_with("redis://")) {
+            problems.push("rate_limit.redis.url must start with redis:// or rediss:// (TLS)".to_owned());
+        }
+        let authority = self.url.split("://").nth(1).unwrap_or_default().split('/').next().unwrap_or_default();
+        if authority.contains('@') {
+            problems.push(
+                "rate_limit.redis.url must not hold credentials: set username, and password_env or password_file"
+                    .to_owned(),
+            );
+        }
+        if let Err(e) = self.password() {
+            problems.push(e);
+        }
+        match &self.ca_file {
+            Some(_) if !tls => problems.push("rate_limit.redis.ca_file is for rediss:// (TLS) URLs".to_owned()),
+            Some(path) if std::fs::metadata(path).is_err() => {
+                problems.push(format!("rate_limit.redis.ca_file {} cannot be read", path.display()))
+            }
+            _ => {}
+        }
+        problems
+    }
+}
+
 impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: "redis://127.0.0.1:6379".to_owned(),
+            username: None,
+            password_env: None,
+            password_file: None,
+            ca_file: None,
             timeout: Duration::from_millis(50),
             key_prefix: "easemob-gateway".to_owned(),
             expected_replicas: NonZeroU32::new(2).expect("non-zero"),
@@ -646,8 +715,8 @@ impl Config {
                 problems.push(format!("rate_limit.routes.{name}: no such route"));
             }
         }
-        if self.rate_limit.backend == RateLimitBackend::Redis && !self.rate_limit.redis.url.starts_with("redis://") {
-            problems.push("rate_limit.redis.url must start with redis://".to_owned());
+        if self.rate_limit.backend == RateLimitBackend::Redis {
+            problems.extend(self.rate_limit.redis.problems());
         }
         let share = self.rate_limit.jobs_share;
         if !(share > 0.0 && share <= 1.0) {
@@ -802,6 +871,27 @@ mod tests {
         c.jobs.lease = Duration::from_secs(5);
         let problems = c.problems(SecretPolicy::InlineAllowed);
         assert!(problems.iter().any(|p| p.starts_with("jobs.lease 5s must be longer")), "{problems:?}");
+    }
+
+    #[test]
+    fn a_redis_password_comes_from_a_file_or_the_environment_never_the_url() {
+        let mut c = Config::load(write(MINIMAL).path()).unwrap();
+        c.rate_limit.backend = RateLimitBackend::Redis;
+        let problems = |c: &Config| c.problems(SecretPolicy::InlineAllowed);
+        c.rate_limit.redis.url = "redis://:hunter2@10.0.0.1:6379".to_owned();
+        assert!(problems(&c).iter().any(|p| p.contains("must not hold credentials")), "{:?}", problems(&c));
+        c.rate_limit.redis.url = "rediss://redis.example:6380".to_owned();
+        c.rate_limit.redis.password_env = Some("TEST_REDIS_PASSWORD_UNSET".to_owned());
+        c.rate_limit.redis.password_file = Some(PathBuf::from("/nonexistent"));
+        assert!(problems(&c).iter().any(|p| p.contains("not both")), "{:?}", problems(&c));
+        c.rate_limit.redis.password_file = None;
+        assert!(problems(&c).iter().any(|p| p.contains("TEST_REDIS_PASSWORD_UNSET is not set")), "{:?}", problems(&c));
+        c.rate_limit.redis.password_env = None;
+        c.rate_limit.redis.url = "redis://10.0.0.1:6379".to_owned();
+        c.rate_limit.redis.ca_file = Some(PathBuf::from("/etc/hostname"));
+        assert!(problems(&c).iter().any(|p| p.contains("ca_file is for rediss://")), "{:?}", problems(&c));
+        c.rate_limit.redis.ca_file = None;
+        assert!(problems(&c).iter().all(|p| !p.contains("rate_limit")), "{:?}", problems(&c));
     }
 
     #[test]

@@ -40,6 +40,7 @@ pub mod logging;
 pub mod metrics;
 pub mod observe;
 pub mod ratelimit;
+pub mod redis_conn;
 pub mod retry;
 pub mod routes;
 pub mod server;

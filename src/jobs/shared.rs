@@ -230,7 +230,7 @@ struct Scripts {
 
 impl SharedStore {
     pub fn new(config: &RedisConfig, lease: Duration) -> Result<SharedStore, StoreError> {
-        let client = redis::Client::open(config.url.as_str())?;
+        let client = crate::redis_conn::client(config)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout.max(Duration::from_secs(1))))
             .set_response_timeout(Some(TIMEOUT))

@@ -146,7 +146,7 @@ pub struct SharedQuota {
 
 impl SharedQuota {
     pub fn new(config: &RedisConfig, metrics: Metrics) -> Result<SharedQuota, redis::RedisError> {
-        let client = redis::Client::open(config.url.as_str())?;
+        let client = crate::redis_conn::client(config)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout))
             .set_response_timeout(Some(config.timeout))

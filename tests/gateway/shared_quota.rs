@@ -279,3 +279,48 @@ async fn the_jobs_api_works_the_same_with_jobs_in_redis() {
     let listed = send(Method::GET, &gw.url("/_gateway/jobs?state=cancelled"), &[], "").await.json();
     assert_eq!(listed["jobs"][0]["location"], location.as_str());
 }
+
+/// A managed Redis: TLS with a private CA and a password from a file. The shared quota works through it (not this
+/// replica's fallback share), and the password appears in no log line and no `check-config` output.
+#[tokio::test]
+async fn a_managed_redis_with_tls_and_a_password_is_used_and_the_password_never_shown() {
+    const PASSWORD: &str = "redis-pw-s3cret-9f2c";
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let (cert, key, password) = (dir.path().join("cert.pem"), dir.path().join("key.pem"), dir.path().join("password"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    std::fs::write(&password, format!("{PASSWORD}\n")).unwrap();
+    let (sim, redis) = (Sim::start().await, Redis::start_tls(cert.clone(), key, PASSWORD).await);
+    assert!(redis.url().starts_with("rediss://"));
+    let settings = |password: &std::path::Path| {
+        format!(
+            "timeout = \"500ms\"\nexpected_replicas = 3\npassword_file = \"{}\"\nca_file = \"{}\"",
+            password.display(),
+            cert.display()
+        )
+    };
+    // A burst of 3 through Redis; a replica on its fallback share (3 / 3 replicas) would admit 1.
+    let quota = "max_wait = \"0s\"\nroute = { rate = 1, burst = 3 }";
+    let gw = Gateway::ready_with(&sim, on_redis(&redis, quota, &settings(&password))).await;
+    let admitted = burst(&clear_url(&gw, "dave"), 6).await.iter().filter(|a| a.status == 200).count();
+    assert_eq!(admitted, 3, "the burst the shared quota allows");
+    assert!(gw.metrics().await.contains("easemob_gateway_rate_limit_backend_fallback 0"));
+
+    // A wrong password: Redis refuses, the replica falls back to its share, and says why without the password.
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "not-the-password\n").unwrap();
+    let refused = Gateway::ready_with(&sim, on_redis(&redis, quota, &settings(&wrong))).await;
+    let admitted = burst(&clear_url(&refused, "dave"), 6).await.iter().filter(|a| a.status == 200).count();
+    assert_eq!(admitted, 1, "this replica's share while Redis refuses it");
+    assert!(refused.metrics().await.contains("easemob_gateway_rate_limit_backend_fallback 1"));
+    for log in [gw.log(), refused.log()] {
+        assert!(!log.contains(PASSWORD) && !log.contains("not-the-password"), "no password in the log");
+    }
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_easemob-gateway"))
+        .args(["check-config", "--config", gw.dir.path().join("gateway.toml").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success() && printed.contains("password_file") && !printed.contains(PASSWORD), "{printed}");
+}

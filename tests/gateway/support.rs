@@ -131,24 +131,56 @@ impl Sim {
 pub struct Redis {
     child: Option<Child>,
     pub port: u16,
+    /// TLS only, with this certificate and key (PEM files) and a password (`requirepass`).
+    tls: Option<(PathBuf, PathBuf, String)>,
 }
 
 impl Redis {
     pub async fn start() -> Redis {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut redis = Redis { child: None, port };
+        let mut redis = Redis { child: None, port, tls: None };
+        redis.restart().await;
+        redis
+    }
+
+    /// A managed Redis as cloud providers run it: TLS only (`cert` and `key`, PEM) and a password.
+    pub async fn start_tls(cert: PathBuf, key: PathBuf, password: &str) -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut redis = Redis { child: None, port, tls: Some((cert, key, password.to_owned())) };
         redis.restart().await;
         redis
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
-    /// Starts redis-server (again) on the same port and waits until it answers PING.
+    /// Starts redis-server (again) on the same port and waits until it answers (PING, or a TLS connection).
     pub async fn restart(&mut self) {
+        let port = self.port.to_string();
+        let mut args = vec!["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
+        match &self.tls {
+            None => args.extend(["--port", &port]),
+            Some((cert, key, password)) => args.extend([
+                "--port",
+                "0",
+                "--tls-port",
+                &port,
+                "--tls-cert-file",
+                cert.to_str().unwrap(),
+                "--tls-key-file",
+                key.to_str().unwrap(),
+                "--tls-ca-cert-file",
+                cert.to_str().unwrap(),
+                "--tls-auth-clients",
+                "no",
+                "--requirepass",
+                password,
+            ]),
+        }
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -156,8 +188,12 @@ impl Redis {
             .expect("redis-server is installed (tests/run installs it)");
         self.child = Some(child);
         let addr = format!("127.0.0.1:{}", self.port);
-        eventually(Duration::from_secs(20), "redis-server to answer PING", || async {
-            raw(&addr, b"PING\r\n", Duration::from_millis(200)).await.starts_with("+PONG")
+        let tls = self.tls.is_some();
+        eventually(Duration::from_secs(20), "redis-server to answer", || async {
+            match tls {
+                false => raw(&addr, b"PING\r\n", Duration::from_millis(200)).await.starts_with("+PONG"),
+                true => tokio::net::TcpStream::connect(&addr).await.is_ok(),
+            }
         })
         .await;
     }
