@@ -71,7 +71,8 @@ pub struct JobsConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub store: Option<PathBuf>,
     /// How long a replica may hold an operation it claimed from the shared (Redis) queue; past it, another
-    /// replica takes the operation over. Longer than any one attempt (`upstream.timeout`, a token wait).
+    /// replica takes the operation over. More than twice one attempt (`upstream.timeout` and a token wait): an
+    /// operation may wait half its lease before it is sent.
     #[serde(with = "humantime_serde")]
     pub lease: Duration,
     /// Operations one job may hold (after splitting long message ID lists).
@@ -744,9 +745,10 @@ impl Config {
             ),
             _ => {}
         }
-        if j.lease <= upstream_attempt(&self.upstream) {
+        if j.lease <= 2 * upstream_attempt(&self.upstream) {
             problems.push(format!(
-                "jobs.lease {:?} must be longer than one attempt at an operation (upstream.timeout plus a token wait: {:?})",
+                "jobs.lease {:?} must be longer than twice one attempt at an operation (upstream.timeout plus a token \
+                 wait: {:?}): an operation may wait half its lease before it is sent",
                 j.lease,
                 upstream_attempt(&self.upstream)
             ));

@@ -229,8 +229,9 @@ impl Store {
         each!(self, true, store => store.due(now_ms, limit).await)
     }
 
-    pub async fn next_due(&self) -> Result<Option<i64>, StoreError> {
-        each!(self, false, store => store.next_due().await)
+    /// When the next operation falls due after `now_ms` (those due already are being sent or claimed).
+    pub async fn next_due(&self, now_ms: i64) -> Result<Option<i64>, StoreError> {
+        each!(self, false, store => store.next_due(now_ms).await)
     }
 
     /// The scheduler gives back an operation it will not send now, due again at `until_ms`: every operation of
@@ -250,10 +251,10 @@ impl Store {
     }
 
     /// Operations whose lease expired (a replica died holding them) go back in the queue; none in one process.
-    pub async fn reap(&self, now_ms: i64) -> Result<usize, StoreError> {
+    pub async fn reap(&self) -> Result<usize, StoreError> {
         match self {
             Store::Local(_) => Ok(0),
-            Store::Shared(store) => store.reap(now_ms).await,
+            Store::Shared(store) => store.reap().await,
         }
     }
 

@@ -217,7 +217,12 @@ impl QuotaSet {
                 })
             }
         };
-        Ok(QuotaSet::build(config, apps, metrics, shared, true))
+        // With Redis, each replica's jobs keep to their part of the jobs' share, so that together they keep to it.
+        let mut main = config.clone();
+        if shared.is_some() && main.jobs_share < 1.0 {
+            main.jobs_share /= f64::from(config.redis.expected_replicas.get());
+        }
+        Ok(QuotaSet::build(&main, apps, metrics, shared, true))
     }
 
     /// `report`: this set's rates are the ones the `rate_limit_rate` gauge shows (not the fallback's).

@@ -40,6 +40,8 @@ const BATCH: usize = 256;
 const IDLE_POLL: Duration = Duration::from_secs(5);
 /// Finished jobs past their retention are deleted this often.
 const EXPIRY_EVERY: Duration = Duration::from_secs(60);
+/// Even with a full queue, the store is looked at this often for other routes' operations that fell due.
+const REFETCH_EVERY: Duration = Duration::from_secs(1);
 /// The jobs gauges are refreshed this often.
 const REPORT_EVERY: Duration = Duration::from_secs(5);
 /// With a shared store, whether another replica cancelled a job is looked up at most this often.
@@ -91,6 +93,9 @@ where
         let mut cancels: HashMap<String, (Instant, bool)> = HashMap::new();
         let lease = config.lease;
         let mut new_work = true;
+        // Each attempt in flight, with the outcome to record should it panic.
+        let mut panicked: HashMap<tokio::task::Id, Outcome> = HashMap::new();
+        let mut last_fetch = Instant::now();
         loop {
             let now = Instant::now();
             if now >= next_expiry {
@@ -104,7 +109,7 @@ where
             }
             if now >= next_report {
                 self.report(&clock).await;
-                match store.reap(clock.now_ms()).await {
+                match store.reap().await {
                     Ok(0) => {}
                     Ok(n) => info!(operations = n, "took over job operations whose lease expired (a replica gone)"),
                     Err(e) => warn!(error = %e, "sweeping expired job leases failed"),
@@ -131,9 +136,12 @@ where
                 }
             }
             let mut wake_at = now + IDLE_POLL;
-            // Topped up when half used (the query returns what is held too, so not on every event), and whenever
-            // new work arrived: another route's job must not wait behind a queue full of one route.
-            if queue.len() < BATCH / 2 || std::mem::take(&mut new_work) {
+            // Topped up when half used (the query returns what is held too, so not on every event), whenever new
+            // work arrived, and at least once a second: another route's job, a retry or a user's freed window must
+            // not wait behind a queue full of one route.
+            let fresh = std::mem::take(&mut new_work);
+            if queue.len() < BATCH / 2 || fresh || now >= last_fetch + REFETCH_EVERY {
+                last_fetch = now;
                 // Embedded: a read, which returns what is held too. Shared: a claim of new operations under a
                 // lease, so only what can be sent soon (the rest stays free for the other replicas).
                 let limit = match store.is_shared() {
@@ -158,7 +166,7 @@ where
                     }
                 }
                 if queue.is_empty()
-                    && let Ok(Some(next)) = store.next_due().await
+                    && let Ok(Some(next)) = store.next_due(clock.now_ms()).await
                 {
                     wake_at = wake_at.min(clock.instant(next));
                 }
@@ -201,7 +209,20 @@ where
                         let send = self.send.clone();
                         let slot = UnusedSlot { policy: slot.policy, limit: slot.limit };
                         let counted = self.metrics.job_operations.clone();
-                        in_flight.spawn(attempt(send, op, slot, config.clone(), clock, counted));
+                        let if_it_panics = Outcome {
+                            job: op.due.job,
+                            job_id: op.due.job_id.clone(),
+                            n: op.due.n,
+                            attempts: op.due.attempts + 1,
+                            status: None,
+                            error: Some("internal_error".to_owned()),
+                            error_description: Some("the attempt failed inside the gateway; see its log".to_owned()),
+                            next: Next::RetryAt(
+                                clock.now_ms() + backoff(&config, op.due.attempts + 1, None).as_millis() as i64,
+                            ),
+                        };
+                        let task = in_flight.spawn(attempt(send, op, slot, config.clone(), clock, counted));
+                        panicked.insert(task.id(), if_it_panics);
                     }
                     Err((Scope::User, wait)) => {
                         let user = op.due.user.clone().expect("only a user's call meets their window");
@@ -225,10 +246,20 @@ where
             }
 
             tokio::select! {
-                Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
-                    unrecorded.push(done.expect("a job attempt does not panic"));
-                    while let Some(done) = in_flight.try_join_next() {
-                        unrecorded.push(done.expect("a job attempt does not panic"));
+                Some(done) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
+                    let mut done = Some(done);
+                    while let Some(result) = done.take().or_else(|| in_flight.try_join_next_with_id()) {
+                        // A bug in an attempt costs that attempt (retried later), not the scheduler.
+                        let (id, outcome) = match result {
+                            Ok(finished) => finished,
+                            Err(e) => {
+                                warn!(error = %e, "a job attempt panicked; the operation will be retried");
+                                let outcome = panicked.get(&e.id()).cloned().expect("every attempt is known");
+                                (e.id(), outcome)
+                            }
+                        };
+                        panicked.remove(&id);
+                        unrecorded.push(outcome);
                     }
                 }
                 _ = tokio::time::sleep_until(wake_at) => {}

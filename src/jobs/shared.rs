@@ -29,6 +29,12 @@ use crate::routes::Route;
 const TIMEOUT: Duration = Duration::from_secs(30);
 /// Operations written per command when a job is created.
 const CHUNK: usize = 1000;
+/// How long an Idempotency-Key is reserved before its job is written (if the process dies in between, it frees).
+const IDEMPOTENCY_RESERVATION: Duration = Duration::from_secs(60);
+/// A create retried while the first is being stored looks for its job this many times, 100 ms apart.
+const IDEMPOTENCY_POLLS: usize = 30;
+/// Operations one cancel script goes through, so that no single call holds Redis (which the quota shares) long.
+const CANCEL_CHUNK: usize = 5000;
 
 impl From<redis::RedisError> for StoreError {
     fn from(e: redis::RedisError) -> StoreError {
@@ -58,15 +64,17 @@ struct Op {
 }
 
 /// Moves up to ARGV[2] operations of each route due at ARGV[1] from that route's `due` (KEYS but the last) to
-/// `leases` (the last KEY) until ARGV[3]; returns them. Per route, so that one route's long job never holds back
+/// `leases` (the last KEY) for ARGV[3] ms, on Redis's own clock (so replicas' clocks do not matter); returns them. Per route, so that one route's long job never holds back
 /// the others.
 const CLAIM: &str = r#"
+local t = redis.call('TIME')
+local lease_until = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[3])
 local leases, claimed = KEYS[#KEYS], {}
 for k = 1, #KEYS - 1 do
   local due = redis.call('ZRANGEBYSCORE', KEYS[k], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
   for _, m in ipairs(due) do
     redis.call('ZREM', KEYS[k], m)
-    redis.call('ZADD', leases, ARGV[3], m)
+    redis.call('ZADD', leases, lease_until, m)
     claimed[#claimed + 1] = m
   end
 end
@@ -87,10 +95,13 @@ end
 return 0
 "#;
 
-/// Puts every expired lease's operation back in `due` (if still pending). ARGV: the key prefix, now.
+/// Puts every expired lease's operation back in `due` (if still pending), on Redis's own clock. ARGV: the key
+/// prefix.
 const REAP: &str = r#"
 local p = ARGV[1]
-local expired = redis.call('ZRANGEBYSCORE', p .. ':leases', '-inf', ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local expired = redis.call('ZRANGEBYSCORE', p .. ':leases', '-inf', now)
 for _, m in ipairs(expired) do
   redis.call('ZREM', p .. ':leases', m)
   local id, n = string.match(m, '^(.*):(%d+)$')
@@ -180,16 +191,16 @@ end
 return finished
 "#;
 
-/// Cancels a job: its pending operations (claimed or not) are dropped. ARGV: the key prefix, id, now. Returns 0
-/// if there is no such job.
+/// Cancels a range of a job's operations: those still pending (claimed or not) are dropped. ARGV: the key prefix,
+/// id, now, the first and the last index of the range; a range keeps each call short for a job of any size.
+/// Returns how many were dropped.
 const CANCEL: &str = r#"
 local p, id, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local jobk, opsk = p .. ':job:' .. id, p .. ':ops:' .. id
 if redis.call('EXISTS', jobk) == 0 then return 0 end
 redis.call('HSET', jobk, 'cancel_requested', '1')
-local total = tonumber(redis.call('HGET', jobk, 'total'))
 local dropped = 0
-for n = 0, total - 1 do
+for n = tonumber(ARGV[4]), tonumber(ARGV[5]) do
   local raw = redis.call('HGET', opsk, tostring(n))
   if raw then
     local op = cjson.decode(raw)
@@ -202,10 +213,17 @@ for n = 0, total - 1 do
     end
   end
 end
-redis.call('HINCRBY', jobk, 'pending', -dropped)
-redis.call('HINCRBY', jobk, 'cancelled', dropped)
-settle(p, id, now)
-return 1
+if dropped > 0 then
+  redis.call('HINCRBY', jobk, 'pending', 0 - dropped)
+  redis.call('HINCRBY', jobk, 'cancelled', dropped)
+end
+return dropped
+"#;
+
+/// Settles a job's state after a cancel (ARGV: the key prefix, id, now).
+const SETTLE_JOB: &str = r#"
+if redis.call('EXISTS', ARGV[1] .. ':job:' .. ARGV[2]) == 1 then settle(ARGV[1], ARGV[2], tonumber(ARGV[3])) end
+return 0
 "#;
 
 /// The jobs store shared by every replica, in Redis.
@@ -226,6 +244,7 @@ struct Scripts {
     reap: redis::Script,
     record: redis::Script,
     cancel: redis::Script,
+    settle: redis::Script,
 }
 
 impl SharedStore {
@@ -243,6 +262,7 @@ impl SharedStore {
             reap: script(REAP),
             record: script(RECORD),
             cancel: script(CANCEL),
+            settle: script(SETTLE_JOB),
         };
         Ok(SharedStore {
             connection,
@@ -293,22 +313,28 @@ impl SharedStore {
     pub async fn create(&self, job: NewJob) -> Result<Created, StoreError> {
         let mut conn = self.conn();
         if let Some(key) = &job.idempotency_key {
+            // The key is reserved for a while first (it expires if this process dies before the job is written,
+            // and is kept for good with the job); a create retried meanwhile waits for the first job to appear.
             let idem = self.key(&format!("idem:{}:{key}", job.app));
-            let taken: bool = redis::cmd("SET")
+            let reserved: Option<String> = redis::cmd("SET")
                 .arg(&idem)
                 .arg(&job.id)
                 .arg("NX")
-                .query_async::<Option<String>>(&mut conn)
-                .await?
-                .is_some();
-            if !taken {
+                .arg("PX")
+                .arg(IDEMPOTENCY_RESERVATION.as_millis() as u64)
+                .query_async(&mut conn)
+                .await?;
+            if reserved.is_none() {
                 let first: String = conn.get(&idem).await?;
-                let record = self
-                    .job(&job.app, &first)
-                    .await?
-                    .ok_or_else(|| StoreError::new("idempotency key without its job".into()))?;
-                let sha: Option<String> = conn.hget(self.key(&format!("job:{first}")), "request_sha256").await?;
-                return Ok(Created::Existing { job: record, same_request: sha == job.request_sha256 });
+                for _ in 0..IDEMPOTENCY_POLLS {
+                    if let Some(record) = self.job(&job.app, &first).await? {
+                        let sha: Option<String> =
+                            conn.hget(self.key(&format!("job:{first}")), "request_sha256").await?;
+                        return Ok(Created::Existing { job: record, same_request: sha == job.request_sha256 });
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                return Err(StoreError::new("a create with this Idempotency-Key is still being stored".into()));
             }
         }
         let seq: i64 = conn.incr(self.key("seq"), 1).await?;
@@ -372,6 +398,9 @@ impl SharedStore {
         pipe.zadd(self.key(&format!("jobs:{}", job.app)), &job.id, seq).ignore();
         pipe.zadd(self.key("open"), &job.id, job.now_ms).ignore();
         pipe.hincr(self.key("states"), "queued", 1).ignore();
+        if let Some(key) = &job.idempotency_key {
+            pipe.persist(self.key(&format!("idem:{}:{key}", job.app))).ignore();
+        }
         let stored: Result<(), _> = pipe.query_async(&mut conn).await;
         if let Err(e) = stored {
             if let Some(key) = &job.idempotency_key {
@@ -465,20 +494,32 @@ impl SharedStore {
     }
 
     pub async fn cancel(&self, app: &str, id: &str, now_ms: i64) -> Result<Option<JobRecord>, StoreError> {
-        if self.job(app, id).await?.is_none() {
-            return Ok(None);
+        let Some(job) = self.job(app, id).await? else { return Ok(None) };
+        if job.finished_ms.is_some() {
+            return Ok(Some(job)); // nothing left to drop; a finished job keeps its state
         }
-        let _: i64 =
-            self.script(&self.scripts.cancel, &[], &[self.prefix.clone(), id.to_owned(), now_ms.to_string()]).await?;
+        let args = |from: i64, to: i64| {
+            [self.prefix.clone(), id.to_owned(), now_ms.to_string(), from.to_string(), to.to_string()]
+        };
+        for from in (0..job.counts.total).step_by(CANCEL_CHUNK) {
+            let to = (from + CANCEL_CHUNK as i64).min(job.counts.total) - 1;
+            let _: i64 = self.script(&self.scripts.cancel, &self.routing(), &args(from, to)).await?;
+        }
+        let settle = [self.prefix.clone(), id.to_owned(), now_ms.to_string()];
+        let _: i64 = self.script(&self.scripts.settle, &self.routing(), &settle).await?;
         self.job(app, id).await
+    }
+
+    /// The key every script names for Redis Cluster's routing: all the jobs' keys share its hash tag.
+    fn routing(&self) -> [String; 1] {
+        [self.key("seq")]
     }
 
     /// Claims up to `limit` operations due at `now_ms` for this replica, each leased for `jobs.lease`.
     pub async fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<Due>, StoreError> {
-        let until = now_ms + self.lease.as_millis() as i64;
         let mut keys: Vec<String> = Route::ALL.iter().map(|route| self.key(&format!("due:{}", route.name()))).collect();
         keys.push(self.key("leases"));
-        let args = [now_ms.to_string(), limit.to_string(), until.to_string()];
+        let args = [now_ms.to_string(), limit.to_string(), self.lease.as_millis().to_string()];
         let claimed: Vec<String> = self.script(&self.scripts.claim, &keys, &args).await?;
         let mut out = Vec::with_capacity(claimed.len());
         let mut jobs: HashMap<String, Option<HashMap<String, String>>> = HashMap::new();
@@ -514,11 +555,12 @@ impl SharedStore {
         Ok(out)
     }
 
-    pub async fn next_due(&self) -> Result<Option<i64>, StoreError> {
+    pub async fn next_due(&self, now_ms: i64) -> Result<Option<i64>, StoreError> {
         let mut next: Option<i64> = None;
         for route in Route::ALL {
+            let key = self.key(&format!("due:{}", route.name()));
             let first: Vec<(String, f64)> =
-                self.conn().zrange_withscores(self.key(&format!("due:{}", route.name())), 0, 0).await?;
+                self.conn().zrangebyscore_limit_withscores(key, format!("({now_ms}"), "+inf", 0, 1).await?;
             if let Some((_, at)) = first.first() {
                 next = Some(next.map_or(*at as i64, |n| n.min(*at as i64)));
             }
@@ -529,14 +571,15 @@ impl SharedStore {
     /// Gives a claimed operation back, due again at `until_ms`.
     pub async fn release(&self, due: &Due, until_ms: i64) -> Result<(), StoreError> {
         let member = format!("{}:{}", due.job_id, due.n);
-        let _: i64 =
-            self.script(&self.scripts.release, &[], &[self.prefix.clone(), member, until_ms.to_string()]).await?;
+        let _: i64 = self
+            .script(&self.scripts.release, &self.routing(), &[self.prefix.clone(), member, until_ms.to_string()])
+            .await?;
         Ok(())
     }
 
     /// Puts the operations of expired leases (a replica died holding them) back in the queue.
-    pub async fn reap(&self, now_ms: i64) -> Result<usize, StoreError> {
-        let n: i64 = self.script(&self.scripts.reap, &[], &[self.prefix.clone(), now_ms.to_string()]).await?;
+    pub async fn reap(&self) -> Result<usize, StoreError> {
+        let n: i64 = self.script(&self.scripts.reap, &self.routing(), std::slice::from_ref(&self.prefix)).await?;
         Ok(n as usize)
     }
 
@@ -563,7 +606,7 @@ impl SharedStore {
                 at,
             ]);
         }
-        self.script(&self.scripts.record, &[], &args).await
+        self.script(&self.scripts.record, &self.routing(), &args).await
     }
 
     pub async fn remaining(&self, job: &JobRecord) -> Result<Remaining, StoreError> {

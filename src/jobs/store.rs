@@ -427,7 +427,8 @@ impl LocalStore {
                 params![seq, now_ms],
             )? as i64;
             tx.execute(
-                "UPDATE jobs SET cancel_requested = 1, pending = pending - ?2, cancelled = cancelled + ?2,
+                "UPDATE jobs SET cancel_requested = CASE WHEN finished_ms IS NULL THEN 1 ELSE cancel_requested END,
+                     pending = pending - ?2, cancelled = cancelled + ?2,
                      state = CASE WHEN pending - ?2 = 0 AND finished_ms IS NULL THEN 'cancelled' ELSE state END,
                      finished_ms = CASE WHEN pending - ?2 = 0 THEN COALESCE(finished_ms, ?3) ELSE finished_ms END
                  WHERE seq = ?1",
@@ -476,14 +477,16 @@ impl LocalStore {
         .await
     }
 
-    /// When the next pending operation falls due, if any is pending.
-    pub async fn next_due(&self) -> Result<Option<i64>, StoreError> {
-        self.run(Access::Read, |conn| {
-            let mut first = conn
-                .prepare_cached("SELECT MIN(not_before_ms) FROM operations WHERE state = 'pending' AND route = ?1")?;
+    /// When the next pending operation falls due after `now_ms`, if one does (those due already are being sent).
+    pub async fn next_due(&self, now_ms: i64) -> Result<Option<i64>, StoreError> {
+        self.run(Access::Read, move |conn| {
+            let mut first = conn.prepare_cached(
+                "SELECT MIN(not_before_ms) FROM operations
+                 WHERE state = 'pending' AND route = ?1 AND not_before_ms > ?2",
+            )?;
             let mut next: Option<i64> = None;
             for route in Route::ALL {
-                let at: Option<i64> = first.query_row([route.name()], |row| row.get(0))?;
+                let at: Option<i64> = first.query_row(params![route.name(), now_ms], |row| row.get(0))?;
                 next = match (next, at) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
@@ -813,7 +816,8 @@ mod tests {
             next: Next::RetryAt(7_000),
         };
         store.record(vec![retry], 1_500).await.unwrap();
-        assert_eq!(store.next_due().await.unwrap(), Some(5_000));
+        assert_eq!(store.next_due(1_500).await.unwrap(), Some(5_000));
+        assert_eq!(store.next_due(6_000).await.unwrap(), Some(7_000), "what is due already is not next");
         let due: Vec<(i64, u32)> = store.due(7_000, 10).await.unwrap().iter().map(|d| (d.n, d.attempts)).collect();
         assert_eq!(due, [(0, 0), (1, 1)]);
         assert_eq!(store.job("o#a", "j1").await.unwrap().unwrap().state, JobState::Running);

@@ -185,6 +185,8 @@ async fn a_cancelled_job_stops_sending() {
     let succeeded = counts["succeeded"].as_u64().unwrap();
     assert_eq!(succeeded + counts["cancelled"].as_u64().unwrap(), 100, "{counts}");
     assert_eq!(sim.business_requests().await, succeeded, "nothing sent after the cancel but what was in flight");
+    let again = send(Method::POST, &format!("{}{location}/cancel", gw.data), &[], "").await;
+    assert_eq!((again.status, again.json()["state"].as_str()), (200, Some("cancelled")), "{}", again.text());
 }
 
 /// The figure with 10,000 operations and three kills is `bench/jobs`; here, the same wiring at 2,000.

@@ -177,7 +177,7 @@ async fn replicas_share_a_job_through_redis_and_finish_a_killed_replicas_work() 
     let mut gateways = Vec::new();
     for _ in 0..REPLICAS {
         let mut options = on_redis(&redis, "", "timeout = \"200ms\"\nexpected_replicas = 3");
-        options.shared_jobs = Some("lease = \"8s\"".into());
+        options.shared_jobs = Some("lease = \"13s\"".into());
         gateways.push(Gateway::ready_with(&sim, options).await);
     }
     let operations: Vec<serde_json::Value> = users
@@ -278,6 +278,10 @@ async fn the_jobs_api_works_the_same_with_jobs_in_redis() {
     assert!(page["next"].as_str().unwrap().contains("operations=cancelled"), "{page}");
     let listed = send(Method::GET, &gw.url("/_gateway/jobs?state=cancelled"), &[], "").await.json();
     assert_eq!(listed["jobs"][0]["location"], location.as_str());
+    // Cancelling again changes nothing, and the store stays healthy.
+    let again = send(Method::POST, &format!("{}{location}/cancel", gw.data), &[], "").await;
+    assert_eq!((again.status, again.json()["state"].as_str()), (200, Some("cancelled")), "{}", again.text());
+    assert_eq!(gw.readyz().await.status, 200);
 }
 
 /// A managed Redis: TLS with a private CA and a password from a file. The shared quota works through it (not this
