@@ -37,6 +37,19 @@ pub struct Config {
     pub callers: Vec<CallerConfig>,
     #[serde(default)]
     pub apps: Vec<AppConfig>,
+    /// The values as the file and the environment wrote them, so the effective config shows durations as written.
+    #[serde(skip)]
+    pub written: Written,
+}
+
+/// The values a config was read from, kept only to print durations as written; never printed themselves.
+#[derive(Clone, Default)]
+pub struct Written(Option<config::Value>);
+
+impl fmt::Debug for Written {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Written(..)")
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -591,6 +604,74 @@ mod defaults {
     }
 }
 
+/// Where the effective config holds a duration the sources wrote too, it takes the sources' spelling ("1500ms"
+/// rather than "1s 500ms"). Only durations: a value is replaced only if both read as the same duration, so no
+/// redacted value can come back.
+fn durations_as_written(effective: &mut toml::Value, written: &config::Value) {
+    match (effective, &written.kind) {
+        (toml::Value::Table(table), config::ValueKind::Table(sources)) => {
+            for (key, value) in table.iter_mut() {
+                if let Some(source) = sources.get(key) {
+                    durations_as_written(value, source);
+                }
+            }
+        }
+        (toml::Value::Array(items), config::ValueKind::Array(sources)) => {
+            for (item, source) in items.iter_mut().zip(sources) {
+                durations_as_written(item, source);
+            }
+        }
+        (toml::Value::String(shown), config::ValueKind::String(source)) => {
+            let same = humantime::parse_duration(shown).ok().zip(humantime::parse_duration(source).ok());
+            if same.is_some_and(|(a, b)| a == b) {
+                *shown = source.clone();
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A TOML syntax error with its line and the text it is about (`duplicate key` names the key).
+fn toml_problem(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else { return one_line(e.message()) };
+    let line = text[..span.start].matches('\n').count() + 1;
+    let at = text.get(span).map(str::trim).filter(|t| !t.is_empty() && t.len() <= 80);
+    match at {
+        Some(at) => format!("line {line}: {} (at `{at}`)", one_line(e.message())),
+        None => format!("line {line}: {}", one_line(e.message())),
+    }
+}
+
+/// The `EASEMOB_GW__…` variable that set `key` (`upstream.timeout`), if one is set.
+fn override_of(key: &str) -> Option<String> {
+    let var = format!("{ENV_PREFIX}{ENV_SEPARATOR}{}", key.to_ascii_uppercase().replace('.', ENV_SEPARATOR));
+    std::env::var_os(&var).map(|_| var)
+}
+
+/// Removes the value at `key` (dotted, as serde_path_to_error names it); false if there is none.
+fn set_aside(values: &mut config::Value, key: &str) -> bool {
+    let mut parts: Vec<&str> = key.split('.').filter(|p| !p.is_empty()).collect();
+    let Some(last) = parts.pop() else { return false };
+    let mut at = values;
+    for part in parts {
+        let next = match &mut at.kind {
+            config::ValueKind::Table(table) => table.get_mut(part),
+            config::ValueKind::Array(items) => {
+                part.trim_matches(['[', ']']).parse::<usize>().ok().and_then(|i| items.get_mut(i))
+            }
+            _ => None,
+        };
+        match next {
+            Some(next) => at = next,
+            None => return false,
+        }
+    }
+    match &mut at.kind {
+        config::ValueKind::Table(table) => table.remove(last).is_some(),
+        _ => false,
+    }
+}
+
 /// Parser errors span several lines (a source excerpt with a caret): keep the words, drop the excerpt.
 fn one_line(message: &str) -> String {
     message.lines().map(str::trim).filter(|l| !l.is_empty() && !l.contains('|')).collect::<Vec<_>>().join(": ")
@@ -605,13 +686,42 @@ pub enum SecretPolicy {
 
 impl Config {
     /// Reads `path` (TOML), applies `EASEMOB_GW__…` overrides and deserializes. One line on failure.
+    ///
+    /// Every problem is reported, one line each, naming its key (or, for an `EASEMOB_GW__…` override, the
+    /// variable): a value that does not fit is set aside and the rest checked on.
     pub fn load(path: &Path) -> Result<Config, String> {
+        let file = path.display();
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{file}: {e}"))?;
+        toml::from_str::<toml::Table>(&text).map_err(|e| format!("{file}: {}", toml_problem(&text, &e)))?;
         let source = config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Toml))
             .add_source(config::Environment::with_prefix(ENV_PREFIX).separator(ENV_SEPARATOR))
             .build()
-            .map_err(|e| format!("{}: {}", path.display(), one_line(&e.to_string())))?;
-        source.try_deserialize().map_err(|e| format!("{}: {}", path.display(), one_line(&e.to_string())))
+            .map_err(|e| format!("{file}: {}", one_line(&e.to_string())))?;
+        let mut values: config::Value =
+            source.try_deserialize().map_err(|e| format!("{file}: {}", one_line(&e.to_string())))?;
+        let mut problems = Vec::new();
+        loop {
+            match serde_path_to_error::deserialize::<_, Config>(values.clone()) {
+                Ok(config) if problems.is_empty() => return Ok(Config { written: Written(Some(values)), ..config }),
+                Ok(_) => break,
+                Err(e) => {
+                    let key = e.path().to_string();
+                    let message = one_line(&e.into_inner().to_string());
+                    let message = message.split(" for key `").next().unwrap_or_default().to_owned();
+                    problems.push(match override_of(&key) {
+                        Some(var) => format!("{var} (overriding {key}): {message}"),
+                        None if key == "." || key.is_empty() => format!("{file}: {message}"),
+                        None => format!("{file}: {key}: {message}"),
+                    });
+                    // A missing key cannot be set aside; anything else can, to check the rest.
+                    if message.starts_with("missing field") || !set_aside(&mut values, &key) {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(problems.join("\n"))
     }
 
     /// Every problem with this config, one line each; empty when it can run.
@@ -779,7 +889,11 @@ impl Config {
 
     /// The effective config as TOML, with every secret redacted.
     pub fn to_redacted_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("config serializes to TOML")
+        let mut effective = toml::Value::try_from(self).expect("config serializes to TOML");
+        if let Some(written) = &self.written.0 {
+            durations_as_written(&mut effective, written);
+        }
+        toml::to_string_pretty(&effective).expect("config serializes to TOML")
     }
 }
 
@@ -894,6 +1008,23 @@ mod tests {
         assert!(problems(&c).iter().any(|p| p.contains("ca_file is for rediss://")), "{:?}", problems(&c));
         c.rate_limit.redis.ca_file = None;
         assert!(problems(&c).iter().all(|p| !p.contains("rate_limit")), "{:?}", problems(&c));
+    }
+
+    #[test]
+    fn every_problem_names_its_key_and_durations_print_as_written() {
+        let toml = MINIMAL.replace("[upstream]", "[upstream]\ntimeout = \"10 parsecs\"\nconnect_timeout = \"1500ms\"")
+            + "\n[server]\nlisten_addr = \"x\"\nmax_in_flight = \"lots\"\n";
+        let e = Config::load(write(&toml).path()).unwrap_err();
+        for key in ["upstream.timeout: invalid value", "server.listen_addr: unknown field", "server.max_in_flight"] {
+            assert!(e.contains(key), "{key} in {e}");
+        }
+        assert_eq!(e.lines().count(), 3, "{e}");
+        let e = Config::load(write(&format!("{MINIMAL}\n[log]\nlevel = \"info\"\nlevel = \"debug\"\n")).path())
+            .unwrap_err();
+        assert!(e.contains("duplicate key (at `level`)"), "{e}");
+        let fine = MINIMAL.replace("[upstream]", "[upstream]\nconnect_timeout = \"1500ms\"");
+        let printed = Config::load(write(&fine).path()).unwrap().to_redacted_toml();
+        assert!(printed.contains("connect_timeout = \"1500ms\""), "{printed}");
     }
 
     #[test]
