@@ -386,6 +386,10 @@ pub struct TokenConfig {
     pub retry_min: Duration,
     #[serde(with = "humantime_serde")]
     pub retry_max: Duration,
+    /// How often every `client_secret_file` is checked for a rotated secret (Kubernetes updates a mounted Secret
+    /// in place); `0s`: only on SIGHUP.
+    #[serde(with = "humantime_serde")]
+    pub secret_file_poll: Duration,
 }
 
 impl Default for TokenConfig {
@@ -397,6 +401,7 @@ impl Default for TokenConfig {
             min_interval: Duration::from_secs(1),
             retry_min: Duration::from_millis(500),
             retry_max: Duration::from_secs(60),
+            secret_file_poll: Duration::from_secs(10),
         }
     }
 }

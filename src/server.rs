@@ -230,7 +230,7 @@ impl Server {
             Connections { limit: Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS)), open: None },
         ));
 
-        let reload = tokio::spawn(reload_secrets_on_sighup(config.clone(), shared.apps.clone()));
+        let reload = tokio::spawn(reload_secrets(config.clone(), shared.apps.clone()));
         // Jobs run on this runtime with a client pool of their own. At shutdown the scheduler simply stops: an
         // operation in flight then is still pending in the store and runs again after the restart.
         let scheduler = shared.jobs.clone().map(|jobs| {
@@ -327,22 +327,55 @@ where
     }
 }
 
-/// On SIGHUP, re-reads every `client_secret_file` (Kubernetes updates mounted secrets in place) and fetches a
-/// fresh token with each secret that changed; a file that cannot be read keeps the old secret.
-async fn reload_secrets_on_sighup(config: Config, apps: Apps) {
-    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-        warn!("SIGHUP handler unavailable: client secrets are read at start-up only");
-        return;
+/// Re-reads every `client_secret_file` on SIGHUP, and checks them every `token.secret_file_poll` (Kubernetes
+/// updates a mounted Secret in place, and a distroless sidecar cannot easily be signalled): a secret that changed
+/// is used for a fresh token. A file that cannot be read keeps the old secret.
+async fn reload_secrets(config: Config, apps: Apps) {
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .inspect_err(|_| warn!("SIGHUP handler unavailable: client secret files are only polled"))
+        .ok();
+    let poll = config.token.secret_file_poll;
+    let mut tick = (!poll.is_zero()).then(|| {
+        let mut tick = tokio::time::interval(poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick
+    });
+    // Each file secret as last read (a digest: the secret itself is kept only where it is used).
+    let digest = |secret: &secrecy::SecretString| {
+        use secrecy::ExposeSecret;
+        use sha2::Digest;
+        sha2::Sha256::digest(secret.expose_secret().as_bytes()).to_vec()
     };
-    while hangups.recv().await.is_some() {
-        info!("SIGHUP received: re-reading client secret files");
-        for (app, runtime) in config.apps.iter().zip(apps.iter()) {
+    let mut seen: Vec<Option<Vec<u8>>> = config
+        .apps
+        .iter()
+        .map(|app| app.resolve_secret().ok().filter(|_| app.client_secret_file.is_some()).map(|s| digest(&s)))
+        .collect();
+    loop {
+        let hangup = tokio::select! {
+            Some(()) = async { hangups.as_mut()?.recv().await } => true,
+            _ = async { tick.as_mut()?.tick().await; Some(()) }, if tick.is_some() => false,
+            else => return,
+        };
+        if hangup {
+            info!("SIGHUP received: re-reading client secret files");
+        }
+        for ((app, runtime), seen) in config.apps.iter().zip(apps.iter()).zip(seen.iter_mut()) {
             if app.client_secret_file.is_none() {
                 continue;
             }
             match app.resolve_secret() {
-                Ok(secret) => runtime.token.replace_secret(secret),
-                Err(e) => warn!(app = %runtime.key, error = %e, "client secret not reloaded; keeping the current one"),
+                Ok(secret) => {
+                    let now = digest(&secret);
+                    if hangup || seen.as_ref() != Some(&now) {
+                        *seen = Some(now);
+                        runtime.token.replace_secret(secret);
+                    }
+                }
+                Err(e) if hangup => {
+                    warn!(app = %runtime.key, error = %e, "client secret not reloaded; keeping the current one")
+                }
+                Err(_) => {} // between the writes of a rotation, perhaps; looked at again at the next tick
             }
         }
     }

@@ -160,6 +160,26 @@ async fn sighup_rereads_a_rotated_secret_and_fetches_a_fresh_token() {
 }
 
 #[tokio::test]
+async fn a_secret_file_rotated_in_place_is_picked_up_without_a_signal() {
+    let sim = Sim::start().await;
+    let options = GatewayOptions { extra: "[token]\nsecret_file_poll = \"200ms\"\n".into(), ..Default::default() };
+    let gw = Gateway::ready_with(&sim, options).await;
+    // As Kubernetes does for a mounted Secret: the file changes, nobody tells the gateway.
+    let rotated = "YXA6rotated-secret-0043";
+    let url = format!("{}/_sim/apps/{ORG}/{APP}/secret", sim.url);
+    assert_eq!(send(Method::PUT, &url, &[], &json!({"client_secret": rotated}).to_string()).await.status, 200);
+    std::fs::write(gw.secret_file(), format!("{rotated}\n")).unwrap();
+    eventually(Duration::from_secs(10), "a token fetched with the new secret", || async {
+        sim.stats().await["tokens_issued"] == 2
+    })
+    .await;
+    sim.expire_tokens().await;
+    assert_eq!(clear(&gw).await.status, 200, "the new secret serves the fetch after a 401 too");
+    assert_eq!(gw.log().matches("client secret reloaded").count(), 1, "once, for the one change");
+    assert!(!gw.log().contains(rotated), "the secret is never logged");
+}
+
+#[tokio::test]
 async fn a_token_endpoint_that_hangs_at_start_up_gets_a_definite_503_then_recovers() {
     let sim = Sim::start().await;
     sim.faults(json!({"token_delay_ms": 60_000})).await;
