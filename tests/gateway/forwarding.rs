@@ -174,3 +174,22 @@ async fn several_apps_are_each_their_own_appkey() {
     a.assert_error(404, "service_resource_not_found");
     assert_eq!(sim.token_requests().await, 2, "one token per app");
 }
+
+/// deploy/example/caller.py, an unmodified Easemob caller (token first, then the call), pointed at the gateway by
+/// its base URL alone.
+#[tokio::test]
+async fn the_example_caller_works_unchanged_through_the_sidecar() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/example/caller.py");
+    let out = tokio::process::Command::new("python3")
+        .args([script, "alice", "bob", "1100000000000000001"])
+        .env("EASEMOB_BASE_URL", gw.url(""))
+        .output()
+        .await
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && printed.starts_with("200 "), "{printed} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!sim.messages(APP, "alice", "bob").await.contains(&"1100000000000000001".to_owned()));
+    assert_eq!(sim.token_requests().await, 1, "only the gateway's own fetch reached Easemob");
+}
