@@ -37,7 +37,7 @@ use crate::routes::validate::Call;
 /// Operations fetched ahead of dispatch, at most.
 const BATCH: usize = 256;
 /// Even with nothing to wake it, the scheduler looks at the store this often (another process may have added work).
-const IDLE_POLL: Duration = Duration::from_secs(5);
+const IDLE_POLL: Duration = Duration::from_secs(1);
 /// Finished jobs past their retention are deleted this often.
 const EXPIRY_EVERY: Duration = Duration::from_secs(60);
 /// Even with a full queue, the store is looked at this often for other routes' operations that fell due.

@@ -189,7 +189,7 @@ async fn replicas_share_a_job_through_redis_and_finish_a_killed_replicas_work() 
     let created = send(Method::POST, &gateways[0].url("/_gateway/jobs"), &[], &body).await;
     assert_eq!(created.status, 202, "{}", created.text());
     let location = created.header("location").unwrap().to_owned();
-    // Every replica works on it (the others find it at their next look at the queue, within 5 s); then one dies
+    // Every replica works on it (the others find it at their next look at the queue, within a second); then one dies
     // holding the operations it claimed.
     for gw in &gateways {
         eventually(Duration::from_secs(30), "every replica at work on the job", || async {
