@@ -1,9 +1,11 @@
 //! The client towards Easemob: hyper-util's pooled client over rustls, with a connect timeout, a total timeout
 //! per exchange, and answers read whole (they are small JSON) so a cut-off answer becomes a definite 502.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Method, Request, Response, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
@@ -14,6 +16,14 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
 use crate::config::{BaseUrl, UpstreamConfig};
+
+/// The scheme, host and path prefix (without its trailing slash) of a base URL.
+fn origin(base_url: &BaseUrl) -> (Scheme, Authority, String) {
+    let uri: Uri = base_url.as_str().parse().expect("checked when the config was read");
+    let parts = uri.into_parts();
+    let prefix = parts.path_and_query.map(|p| p.path().trim_end_matches('/').to_owned()).unwrap_or_default();
+    (parts.scheme.expect("checked: http or https"), parts.authority.expect("checked: a host"), prefix)
+}
 
 pub mod forward;
 
@@ -52,7 +62,8 @@ pub struct Upstream {
     connector: Connector,
     pool_idle_timeout: Duration,
     pool_max_idle_per_host: usize,
-    base_url: BaseUrl,
+    /// `base_url`'s scheme, host and path prefix, parsed once.
+    origin: Arc<(Scheme, Authority, String)>,
     /// `Host` for every call, worked out once (hyper would format it again for each request).
     host: HeaderValue,
     timeout: Duration,
@@ -93,7 +104,7 @@ impl Upstream {
             pool_idle_timeout: config.pool_idle_timeout,
             pool_max_idle_per_host: config.pool_max_idle_per_host,
             host: config.base_url.host_header(),
-            base_url: config.base_url.clone(),
+            origin: Arc::new(origin(&config.base_url)),
             timeout: config.timeout,
         })
     }
@@ -107,18 +118,23 @@ impl Upstream {
         }
     }
 
-    /// `base_url` + `/{org}/{app}` + what `tail` appends (a path and query), built in one buffer and handed to
-    /// `Uri` without a copy.
-    pub fn uri(&self, org: &str, app: &str, tail: impl FnOnce(&mut String)) -> Result<Uri, http::uri::InvalidUri> {
-        let base = self.base_url.as_str();
-        let mut url = String::with_capacity(base.len() + org.len() + app.len() + 160);
-        url.push_str(base);
-        url.push('/');
-        url.push_str(org);
-        url.push('/');
-        url.push_str(app);
-        tail(&mut url);
-        Uri::try_from(url)
+    /// `base_url` + `/{org}/{app}` + what `tail` appends (a path and query). The scheme and the host were parsed
+    /// once, with the base URL; only the path and query are built (in one buffer, handed over without a copy) and
+    /// checked for each call.
+    pub fn uri(&self, org: &str, app: &str, tail: impl FnOnce(&mut String)) -> Result<Uri, http::Error> {
+        let (scheme, authority, base_path) = &*self.origin;
+        let mut path = String::with_capacity(base_path.len() + org.len() + app.len() + 160);
+        path.push_str(base_path);
+        path.push('/');
+        path.push_str(org);
+        path.push('/');
+        path.push_str(app);
+        tail(&mut path);
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(scheme.clone());
+        parts.authority = Some(authority.clone());
+        parts.path_and_query = Some(PathAndQuery::from_maybe_shared(Bytes::from(path))?);
+        Ok(Uri::from_parts(parts)?)
     }
 
     /// A request to Easemob with the headers every call carries; the caller adds `Authorization`.
@@ -189,4 +205,29 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_uri_is_the_base_url_then_org_app_and_the_tail() {
+        for (base, want) in [
+            ("https://a1.easemob.com", "https://a1.easemob.com/o/a/rest/x?y=1"),
+            ("http://127.0.0.1:8081/prefix/", "http://127.0.0.1:8081/prefix/o/a/rest/x?y=1"),
+        ] {
+            let config = UpstreamConfig {
+                base_url: BaseUrl::parse(base).unwrap(),
+                connect_timeout: Duration::from_secs(1),
+                timeout: Duration::from_secs(1),
+                ca_file: None,
+                pool_idle_timeout: Duration::from_secs(1),
+                pool_max_idle_per_host: 1,
+            };
+            let upstream = Upstream::new(&config).unwrap();
+            let uri = upstream.uri("o", "a", |path| path.push_str("/rest/x?y=1")).unwrap();
+            assert_eq!(uri.to_string(), want);
+        }
+    }
 }
