@@ -7,7 +7,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::Full;
-use serde::Serialize;
 
 use crate::exchange::{Answer, Marks};
 use crate::ratelimit::{RATELIMIT, RATELIMIT_POLICY, retry_after_secs};
@@ -267,17 +266,10 @@ fn retry_after_value(wait: Duration) -> HeaderValue {
     }
 }
 
-/// Easemob's error envelope: `{"error","exception","timestamp","duration","error_description"}`.
-#[derive(Serialize)]
-struct Envelope<'a> {
-    error: &'a str,
-    exception: &'a str,
-    timestamp: u64,
-    duration: u64,
-    error_description: &'a str,
-}
-
-/// A JSON answer made by the gateway itself; `origin` is the value of the `x-easemob-gateway` header.
+/// A JSON answer made by the gateway itself in Easemob's error envelope,
+/// `{"error","exception","timestamp","duration","error_description"}`; `origin` is the value of the
+/// `x-easemob-gateway` header. Written field by field, in Easemob's order: a string with nothing to escape (every
+/// fixed text, and most details) is copied as it is, any other is escaped by serde_json; the numbers by itoa.
 pub fn envelope(
     status: StatusCode,
     error: &str,
@@ -285,16 +277,31 @@ pub fn envelope(
     started: Instant,
     origin: &'static str,
 ) -> Response<Full<Bytes>> {
-    let mut body = Vec::with_capacity(ENVELOPE_BYTES + description.len());
-    let envelope = Envelope {
-        error,
-        exception: EXCEPTION,
-        timestamp: unix_millis(),
-        duration: started.elapsed().as_millis() as u64,
-        error_description: description,
-    };
-    serde_json::to_writer(&mut body, &envelope).expect("envelope serializes");
+    let mut body = Vec::with_capacity(ENVELOPE_BYTES + error.len() + description.len());
+    let mut number = itoa::Buffer::new();
+    body.extend_from_slice(b"{\"error\":");
+    json_string(&mut body, error);
+    body.extend_from_slice(b",\"exception\":\"");
+    body.extend_from_slice(EXCEPTION.as_bytes());
+    body.extend_from_slice(b"\",\"timestamp\":");
+    body.extend_from_slice(number.format(unix_millis()).as_bytes());
+    body.extend_from_slice(b",\"duration\":");
+    body.extend_from_slice(number.format(started.elapsed().as_millis() as u64).as_bytes());
+    body.extend_from_slice(b",\"error_description\":");
+    json_string(&mut body, description);
+    body.push(b'}');
     json_response(status, body, origin)
+}
+
+/// `s` as a JSON string.
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        serde_json::to_writer(&mut *out, s).expect("a string serializes");
+    }
 }
 
 /// A gateway-made JSON response with the marker header.
@@ -318,6 +325,30 @@ pub fn unix_millis() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_envelope_is_what_serde_json_would_write() {
+        for description in ["This request has reached api limit", "quote \" backslash \\ newline \n tab \t 日本 \u{1}"]
+        {
+            let answer = envelope(StatusCode::BAD_REQUEST, "illegal_argument", description, Instant::now(), "rejected");
+            let body = futures_util::FutureExt::now_or_never(http_body_util::BodyExt::collect(answer.into_body()))
+                .unwrap()
+                .unwrap()
+                .to_bytes();
+            let parsed: serde_json::Value = serde_json::from_slice(&body).expect("valid JSON");
+            let keys: Vec<&String> = parsed.as_object().unwrap().keys().collect();
+            assert_eq!(parsed["error_description"], description);
+            assert_eq!(parsed["error"], "illegal_argument");
+            assert_eq!(parsed["exception"], EXCEPTION);
+            assert!(parsed["timestamp"].as_u64().unwrap() > 1_700_000_000_000);
+            assert_eq!(parsed["duration"], 0);
+            let text = String::from_utf8(body.to_vec()).unwrap();
+            assert!(
+                text.starts_with("{\"error\":") && text.find("\"error_description\"") > text.find("\"duration\""),
+                "{text} {keys:?}"
+            );
+        }
+    }
     use http_body_util::BodyExt;
 
     async fn body_json(r: Response<Full<Bytes>>) -> serde_json::Value {
