@@ -40,6 +40,8 @@ pub struct Audit {
 pub struct Event {
     pub time: String,
     pub request_id: String,
+    /// The W3C trace id of the request (the caller's, or the one the gateway started).
+    pub trace_id: String,
     pub caller: String,
     pub app: String,
     pub route: &'static str,
@@ -67,10 +69,17 @@ pub struct Event {
 }
 
 impl Event {
-    pub fn new(call: &Call, app: &str, request_id: &str, caller: &str, upstream_status: Option<u16>) -> Event {
+    pub fn new(
+        call: &Call,
+        app: &str,
+        (request_id, trace_id): (&str, &str),
+        caller: &str,
+        upstream_status: Option<u16>,
+    ) -> Event {
         let mut event = Event {
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             request_id: request_id.to_owned(),
+            trace_id: trace_id.to_owned(),
             caller: caller.to_owned(),
             app: app.to_owned(),
             route: call.route().name(),
@@ -230,8 +239,10 @@ where
             };
             if let Some(upstream_status) = upstream_status {
                 let request_id = sent.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("");
+                let trace_id = sent.trace.trace_id_hex();
                 let caller = audit.caller(sent.caller.as_deref());
-                audit.record(Event::new(&sent.call, sent.app.key.as_str(), request_id, caller, upstream_status)).await;
+                let ids = (request_id, trace_id.as_str());
+                audit.record(Event::new(&sent.call, sent.app.key.as_str(), ids, caller, upstream_status)).await;
             }
             Ok(answer)
         }))

@@ -13,6 +13,7 @@ use crate::apps::{App, Lane};
 use crate::routes::Route;
 use crate::routes::validate::Call;
 use crate::token::Token;
+use crate::trace::TraceContext;
 
 /// Every answer the data plane gives: small, whole JSON bodies.
 pub type Answer = Response<Full<Bytes>>;
@@ -45,6 +46,8 @@ pub struct Validated {
     pub caller: Option<Arc<str>>,
     /// The caller sent `Prefer: respond-async`: run it as a job if jobs are on.
     pub respond_async: bool,
+    /// The W3C trace the request belongs to; the call to Easemob carries a child of it.
+    pub trace: TraceContext,
 }
 
 impl Exchange {
@@ -94,6 +97,8 @@ pub struct UnusedSlot {
 pub struct Labels {
     pub app: Option<Arc<App>>,
     pub route: Option<Route>,
+    /// The trace id, once the request reached validation.
+    pub trace_id: Option<u128>,
 }
 
 impl Labels {

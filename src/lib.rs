@@ -50,6 +50,7 @@ pub mod stack;
 #[cfg(test)]
 mod testing;
 pub mod token;
+pub mod trace;
 pub mod upstream;
 
 /// Sent to Easemob on every call, so its logs can tell the gateway's traffic apart.

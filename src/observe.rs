@@ -14,6 +14,7 @@ use tracing::info;
 
 use crate::exchange::{Labels, Marks};
 use crate::metrics::{Metrics, NONE};
+use crate::trace::TraceHex;
 
 pub const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
@@ -130,8 +131,11 @@ impl Seen {
             None => metrics.request_duration.with_label_values(&[app, route]).observe(elapsed.as_secs_f64()),
         }
         let upstream_status = stamp.is_some_and(|s| s.from_easemob).then_some(status.as_u16());
+        // Written out only if the line is.
+        let trace_id = labels.and_then(|l| l.trace_id).map(|id| tracing::field::display(TraceHex(id)));
         info!(
             request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
+            trace_id,
             app,
             route,
             status = status.as_u16(),
@@ -173,7 +177,8 @@ mod tests {
         let metrics = Metrics::new();
         let app = testing::measured_app(&ScriptedFetch::granting(3600), &testing::quota(Default::default()), &metrics);
         let labelled = move |mut answer: Answer| {
-            answer.stamp_mut().labels = Labels { app: Some(Arc::clone(&app)), route: Some(Route::ClearUserMessages) };
+            answer.stamp_mut().labels =
+                Labels { app: Some(Arc::clone(&app)), route: Some(Route::ClearUserMessages), trace_id: None };
             answer
         };
         let in_flight = metrics.in_flight.clone();

@@ -107,6 +107,7 @@ pub fn exchange(app: &Arc<App>, call: Call) -> Exchange {
         request_id: None,
         caller: None,
         respond_async: false,
+        trace: crate::trace::TraceContext::start(),
     })
 }
 

@@ -143,7 +143,9 @@ impl Upstream {
         *request.method_mut() = method;
         *request.uri_mut() = uri;
         let headers = request.headers_mut();
-        headers.reserve(6);
+        // Room for these four, the token, the request id, the trace context (two) and the length hyper adds,
+        // so that no insert grows the map.
+        headers.reserve(9);
         headers.insert(header::HOST, self.host.clone());
         headers.insert(header::CONTENT_TYPE, APPLICATION_JSON);
         headers.insert(header::ACCEPT, APPLICATION_JSON);

@@ -33,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::ratelimit::{QuotaSet, Scope};
 use crate::routes::Route;
 use crate::routes::validate::Call;
+use crate::trace::TraceContext;
 
 /// Operations fetched ahead of dispatch, at most.
 const BATCH: usize = 256;
@@ -351,6 +352,8 @@ where
             request_id: HeaderValue::try_from(format!("job-{}.{}", due.job_id, due.n)).ok(),
             caller: due.caller.as_deref().map(Arc::from),
             respond_async: false,
+            // Each attempt a trace of its own: the request that made the job has long been answered.
+            trace: TraceContext::start(),
         })
     };
     let Ok(answer) = send.oneshot(exchange).await;

@@ -25,6 +25,7 @@ use crate::error::{GatewayError, json_response, unix_millis};
 use crate::exchange::{Answer, Exchange, Labels, Marks, Validated, Waiting};
 use crate::observe::X_REQUEST_ID;
 use crate::ratelimit::RATELIMIT_POLICY;
+use crate::trace::TraceContext;
 
 const PREFER: http::HeaderName = http::HeaderName::from_static("prefer");
 
@@ -97,9 +98,12 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let started = Instant::now();
         let (parts, body) = request.into_parts();
-        let mut labels = Labels::default();
-        let respond_async = self.respond_async && prefers_async(&parts.headers);
-        let answer = match edge(&parts, &self.apps, started, respond_async, &mut labels) {
+        let asked = Asked {
+            trace: TraceContext::from_headers(&parts.headers),
+            respond_async: self.respond_async && prefers_async(&parts.headers),
+        };
+        let mut labels = Labels { trace_id: Some(asked.trace.trace_id), ..Labels::default() };
+        let answer = match edge(&parts, &self.apps, started, &asked, &mut labels) {
             Err(e) => Either::Left(Either::Right(ready(Ok(e.into_response(started))))),
             Ok(Edge::Answer(answer)) => Either::Left(Either::Right(ready(Ok(answer)))),
             Ok(Edge::Call(exchange)) => Either::Left(Either::Left(self.inner.call(exchange))),
@@ -108,7 +112,7 @@ where
                 let app = labels.app.clone().expect("named before the body is read");
                 Either::Right(Box::pin(async move {
                     let exchange = read_body(body, timeout, MAX_BODY_BYTES).await.and_then(|body| {
-                        call(&parts, route, &owner, &body, &app, started, respond_async).map_err(GatewayError::from)
+                        call(&parts, route, &owner, &body, &app, started, asked).map_err(GatewayError::from)
                     });
                     match exchange {
                         Ok(exchange) => inner.oneshot(exchange).await,
@@ -138,7 +142,7 @@ fn edge(
     parts: &Parts,
     apps: &Apps,
     started: Instant,
-    respond_async: bool,
+    asked: &Asked,
     labels: &mut Labels,
 ) -> Result<Edge, GatewayError> {
     let resolved = resolve(parts.uri.path()).ok_or(GatewayError::UnknownRoute { hint: "no route has this path" })?;
@@ -162,8 +166,17 @@ fn edge(
     match route {
         Route::DeleteConversation => Ok(Edge::Body(route, owner.to_owned())),
         // The five roaming routes take no body: whatever was sent is ignored, never forwarded.
-        _ => Ok(Edge::Call(call(parts, route, owner, b"", app, started, respond_async)?)),
+        _ => Ok(Edge::Call(call(parts, route, owner, b"", app, started, asked.clone())?)),
     }
+}
+
+/// What a request's headers ask of its exchange besides the call.
+#[derive(Clone)]
+struct Asked {
+    /// The W3C trace it belongs to (its own, or a new one).
+    trace: TraceContext,
+    /// `Prefer: respond-async`, with jobs on.
+    respond_async: bool,
 }
 
 /// The app the request names, or why there is none.
@@ -184,7 +197,7 @@ fn call(
     body: &[u8],
     app: &Arc<App>,
     started: Instant,
-    respond_async: bool,
+    asked: Asked,
 ) -> Result<Exchange, ValidationError> {
     let call = Call::parse(route, owner, parts.uri.query(), body, unix_millis() as i64)?;
     let Caller(caller) = parts.extensions.get::<Caller>().cloned().unwrap_or_default();
@@ -194,7 +207,8 @@ fn call(
         started,
         request_id: parts.headers.get(X_REQUEST_ID).cloned(),
         caller,
-        respond_async,
+        respond_async: asked.respond_async,
+        trace: asked.trace,
     }))
 }
 

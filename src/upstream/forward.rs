@@ -16,6 +16,7 @@ use crate::error::GatewayError;
 use crate::exchange::{Answer, Exchange, Marks, Waiting};
 use crate::metrics::Metrics;
 use crate::observe::X_REQUEST_ID;
+use crate::trace::{TRACEPARENT, TRACESTATE};
 
 /// The innermost service: sends one exchange to Easemob and hands back its answer unchanged but for hop-by-hop
 /// headers, or the gateway's answer for the failure to get one. Every answer carries the deadline it ran under.
@@ -64,6 +65,10 @@ impl Service<Exchange> for Forward {
             }
             if let Some(id) = &exchange.request_id {
                 headers.insert(X_REQUEST_ID, id.clone());
+            }
+            headers.insert(TRACEPARENT, exchange.trace.child());
+            if let Some(state) = &exchange.trace.state {
+                headers.insert(TRACESTATE, state.clone());
             }
             // One deadline for the request's exchanges with Easemob, from the first send: a retry never stretches
             // the caller's wait, and waiting for the token or the quota does not eat into Easemob's time.

@@ -193,3 +193,44 @@ async fn the_example_caller_works_unchanged_through_the_sidecar() {
     assert!(!sim.messages(APP, "alice", "bob").await.contains(&"1100000000000000001".to_owned()));
     assert_eq!(sim.token_requests().await, 1, "only the gateway's own fetch reached Easemob");
 }
+
+/// W3C Trace Context: Easemob receives a child of the caller's trace, or of one the gateway starts when the caller
+/// sent none or a bad one; the trace id is in the request's log line.
+#[tokio::test]
+async fn easemob_receives_a_child_of_the_callers_trace() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    let url = gw.url("/rest/message/roaming/user/dave/delete/all");
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let cases: [&[(&str, &str)]; 3] = [
+        &[("traceparent", parent), ("tracestate", "congo=t61rcWkgMzE")],
+        &[],
+        &[("traceparent", "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"), ("tracestate", "congo=x")],
+    ];
+    for headers in cases {
+        assert_eq!(send(Method::POST, &url, headers, "").await.status, 200);
+    }
+    let requests = sim.requests().await;
+    let header = |i: usize, name: &str| {
+        requests[i]["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h[0] == name)
+            .map(|h| h[1].as_str().unwrap().to_owned())
+    };
+    let continued = header(0, "traceparent").unwrap();
+    assert!(continued.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && continued.ends_with("-01"), "{continued}");
+    assert_ne!(&continued[36..52], "00f067aa0ba902b7", "a span of the gateway's own");
+    assert_eq!(header(0, "tracestate").as_deref(), Some("congo=t61rcWkgMzE"));
+    for i in [1, 2] {
+        let started = header(i, "traceparent").unwrap();
+        assert_eq!(started.len(), 55, "{started}");
+        assert!(
+            !started.contains("4bf92f3577b34da6a3ce929d0e0e4736") && !started.contains("4BF9"),
+            "never echoed: {started}"
+        );
+        assert_eq!(header(i, "tracestate"), None, "a tracestate goes only with a valid traceparent");
+    }
+    assert!(gw.log().contains("4bf92f3577b34da6a3ce929d0e0e4736"), "the trace id in the log line");
+}

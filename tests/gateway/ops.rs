@@ -16,7 +16,12 @@ async fn every_deletion_sent_to_easemob_is_audited_and_nothing_else() {
     let gw = Gateway::ready_with(&sim, GatewayOptions { extra, ..Default::default() }).await;
 
     let chat = gw.url("/rest/message/roaming/chat/user/alice?userId=bob&msgIdList=1100000000000000001,1100000000000000002&isNotify=false");
-    let a = send(Method::DELETE, &chat, &[("x-caller", "billing"), ("x-request-id", "audit-1")], "").await;
+    let traced = [
+        ("x-caller", "billing"),
+        ("x-request-id", "audit-1"),
+        ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+    ];
+    let a = send(Method::DELETE, &chat, &traced, "").await;
     assert_eq!(a.status, 200);
     let body = json!({"channel": "carol", "type": "chat", "delete_roam": true}).to_string();
     assert_eq!(send(Method::DELETE, &gw.url("/users/alice/user_channel"), &[], &body).await.status, 200);
@@ -31,6 +36,8 @@ async fn every_deletion_sent_to_easemob_is_audited_and_nothing_else() {
     assert_eq!(events.len(), 4, "{text}");
     let first = &events[0];
     assert_eq!(first["request_id"], "audit-1");
+    assert_eq!(first["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736", "the caller's trace");
+    assert_eq!(events[1]["trace_id"].as_str().unwrap().len(), 32, "a trace the gateway started");
     assert_eq!(first["caller"], "billing");
     assert_eq!(first["app"], "1122161011178276#demo");
     assert_eq!(first["route"], "delete_chat_messages");
