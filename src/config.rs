@@ -1032,6 +1032,85 @@ mod tests {
         assert!(printed.contains("connect_timeout = \"1500ms\""), "{printed}");
     }
 
+    /// Every key of the config, as `section.key` (`apps.org_name` for `[[apps]] org_name`); a `{ rate, burst }`
+    /// limit and a map of them are one key each (`rate_limit.routes.<route>`).
+    fn keys(value: &toml::Value, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
+        let toml::Value::Table(table) = value else { return };
+        for (key, value) in table {
+            let key = match prefix {
+                "" => key.clone(),
+                "rate_limit.routes" => "rate_limit.routes.<route>".to_owned(),
+                prefix => format!("{prefix}.{key}"),
+            };
+            match value {
+                toml::Value::Table(_) if !matches!(key.as_str(), "rate_limit.route" | "rate_limit.app") => {
+                    if key == "rate_limit.routes" {
+                        out.insert("rate_limit.routes.<route>".to_owned());
+                    } else {
+                        keys(value, &key, out);
+                    }
+                }
+                toml::Value::Array(items) if items.first().is_some_and(toml::Value::is_table) => {
+                    items.iter().for_each(|item| keys(item, &key, out));
+                }
+                _ => {
+                    out.insert(key);
+                }
+            }
+        }
+    }
+
+    /// The keys the README's configuration table names: `section.key`, with the bare names that follow in a cell
+    /// taking the first one's section (`` `[[apps]] org_name`, `app_name` ``).
+    fn documented() -> std::collections::BTreeSet<String> {
+        let readme = include_str!("../README.md");
+        let table = readme.split("\n## Configuration\n").nth(1).unwrap().split("\n## ").next().unwrap();
+        let mut out = std::collections::BTreeSet::new();
+        for row in table.lines().filter(|l| l.starts_with("| `")) {
+            let cell = row.split('|').nth(1).unwrap();
+            let mut section = String::new();
+            for (i, name) in cell.split('`').skip(1).step_by(2).enumerate() {
+                let name = match name.strip_prefix("[[").and_then(|n| n.split_once("]] ")) {
+                    Some((array, key)) => format!("{array}.{key}"),
+                    None => name.to_owned(),
+                };
+                let key = if i > 0 && !name.contains('.') { format!("{section}.{name}") } else { name };
+                section = key.rsplit_once('.').map_or(String::new(), |(s, _)| s.to_owned());
+                out.insert(key);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_readme_documents_every_config_key_and_no_other() {
+        let mut c = Config::load(write(MINIMAL).path()).unwrap();
+        // Every optional key set, so that each shows in the effective config.
+        c.server.allow_from = vec!["10.0.0.0/8".parse().unwrap()];
+        c.upstream.ca_file = Some(PathBuf::from("ca.pem"));
+        c.token.ttl = Some(Duration::from_secs(60));
+        c.rate_limit.routes.insert("delete_chat_messages".to_owned(), c.rate_limit.route);
+        c.rate_limit.app = Some(c.rate_limit.route);
+        let redis = &mut c.rate_limit.redis;
+        (redis.username, redis.password_env) = (Some("u".to_owned()), Some("P".to_owned()));
+        (redis.password_file, redis.ca_file) = (Some(PathBuf::from("p")), Some(PathBuf::from("c")));
+        (c.audit.file, c.audit.default_caller) = (Some(PathBuf::from("a")), Some("x".to_owned()));
+        c.jobs.store = Some(PathBuf::from("jobs.db"));
+        c.callers = vec![CallerConfig { name: "n".to_owned(), key_sha256: "0".repeat(64) }];
+        let app = &mut c.apps[0];
+        (app.client_secret_env, app.client_secret) =
+            (Some("S".to_owned()), Some(InlineSecret(SecretString::from("s"))));
+        let mut code = std::collections::BTreeSet::new();
+        keys(&toml::Value::try_from(&c).unwrap(), "", &mut code);
+        let readme = documented();
+        let undocumented: Vec<_> = code.difference(&readme).collect();
+        let unknown: Vec<_> = readme.difference(&code).collect();
+        assert!(
+            undocumented.is_empty() && unknown.is_empty(),
+            "not in the README: {undocumented:?}; not in the code: {unknown:?}"
+        );
+    }
+
     #[test]
     fn bad_base_url_is_refused() {
         for url in ["a1.easemob.com", "ftp://x", "https://x/?a=b"] {
