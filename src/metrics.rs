@@ -40,6 +40,8 @@ pub struct Metrics {
     pub job_operations_pending: IntGauge,
     pub job_oldest_pending: IntGauge,
     pub job_duration: Histogram,
+    /// Every family's name, as exported.
+    families: std::sync::Arc<[String]>,
 }
 
 /// A job's time from acceptance to completion: seconds to days.
@@ -48,7 +50,11 @@ const JOB_BUCKETS: &[f64] = &[1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4.0 * 
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new_custom(Some(PREFIX.to_owned()), None).expect("valid prefix");
-        let register = |metric: Box<dyn prometheus::core::Collector>| registry.register(metric).expect("unique metric");
+        let families = std::cell::RefCell::new(Vec::new());
+        let register = |metric: Box<dyn prometheus::core::Collector>| {
+            families.borrow_mut().extend(metric.desc().iter().map(|desc| format!("{PREFIX}_{}", desc.fq_name)));
+            registry.register(metric).expect("unique metric")
+        };
         let counter = |name: &str, help: &str| {
             let c = IntCounter::new(name, help).expect("valid counter");
             register(Box::new(c.clone()));
@@ -150,7 +156,13 @@ impl Metrics {
                 h
             },
             registry,
+            families: families.take().into(),
         }
+    }
+
+    /// Every metric family's name, as exported (with or without series yet).
+    pub fn families(&self) -> &[String] {
+        &self.families
     }
 
     /// The series every request of one (app, route) lane touches, looked up once: `with_label_values` hashes the
@@ -193,5 +205,31 @@ pub struct LaneMetrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    #[test]
+    fn the_readme_documents_every_metric_and_no_other() {
+        let readme = include_str!("../README.md");
+        let table = readme.split("\n### Metrics\n").nth(1).unwrap().split("\n### ").next().unwrap();
+        let documented: BTreeSet<&str> = table
+            .lines()
+            .filter_map(|row| row.strip_prefix("| `")?.split('`').next())
+            .filter(|name| name.starts_with(PREFIX))
+            .collect();
+        let metrics = Metrics::new();
+        let exported: BTreeSet<&str> = metrics.families().iter().map(String::as_str).collect();
+        let undocumented: Vec<_> = exported.difference(&documented).collect();
+        let unknown: Vec<_> = documented.difference(&exported).collect();
+        assert!(
+            undocumented.is_empty() && unknown.is_empty(),
+            "not in the README: {undocumented:?}; not exported: {unknown:?}"
+        );
     }
 }
