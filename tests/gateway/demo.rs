@@ -6,6 +6,8 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
+use crate::support::eventually;
+
 #[tokio::test]
 async fn the_printed_curl_lines_work_as_printed() {
     let mut demo = Command::new(env!("CARGO_BIN_EXE_easemob-gateway"))
@@ -28,11 +30,8 @@ async fn the_printed_curl_lines_work_as_printed() {
     assert!(curls.len() >= 4, "{curls:?}");
     // The gateway serves at once but fetches its token in the background: wait for /readyz like a user would.
     let readyz = curls.iter().find(|c| c.contains("/readyz")).unwrap().split(';').next().unwrap().to_owned();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !run(&readyz).contains("\"ready\":true") {
-        assert!(tokio::time::Instant::now() < deadline, "demo never ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(Duration::from_secs(20), "the demo to be ready", || async { run(&readyz).contains("\"ready\":true") })
+        .await;
     let answers: Vec<String> = curls[..6].iter().map(|c| run(c)).collect();
     assert!(answers[0].contains("1100000000000000001"), "alice starts with the message: {}", answers[0]);
     assert!(answers[1].contains("\"requestStatusCode\":\"ok\""), "{}", answers[1]);
@@ -46,16 +45,12 @@ async fn the_printed_curl_lines_work_as_printed() {
     // The spam cleanup job: accepted, then done within seconds, and the spam gone from dave's view.
     let job = run(&curls[6]);
     assert!(job.contains("\"state\":\"queued\"") && job.contains("\"total\":4"), "{job}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (jobs, dave) = run(&curls[7]).split_once('\n').map(|(j, d)| (j.to_owned(), d.to_owned())).unwrap();
-        if jobs.contains("\"state\":\"done\"") {
-            assert!(dave.contains("\"user\":\"dave\"") && !dave.contains("1100000000000000099"), "spam gone: {dave}");
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the job never finished: {jobs}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(Duration::from_secs(20), "the spam cleanup job to finish", || async {
+        run(&curls[7]).lines().next().is_some_and(|jobs| jobs.contains("\"state\":\"done\""))
+    })
+    .await;
+    let dave = run(&curls[7]).lines().nth(1).unwrap_or_default().to_owned();
+    assert!(dave.contains("\"user\":\"dave\"") && !dave.contains("1100000000000000099"), "spam gone: {dave}");
 }
 
 fn run(line: &str) -> String {
