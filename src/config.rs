@@ -827,7 +827,7 @@ impl Config {
             problems.push("server.listen and server.admin_listen must differ".to_owned());
         }
         for name in self.rate_limit.routes.keys() {
-            if !crate::routes::Route::ALL.iter().any(|r| r.name() == name) {
+            if crate::routes::Route::named(name).is_none() {
                 problems.push(format!("rate_limit.routes.{name}: no such route"));
             }
         }

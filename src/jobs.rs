@@ -123,7 +123,7 @@ impl Jobs {
         let quota = &self.0.quota;
         let mut longest = Duration::ZERO;
         for (route, count) in &remaining.by_route {
-            let Some(route) = Route::ALL.into_iter().find(|r| r.name() == route) else { continue };
+            let Some(route) = Route::named(route) else { continue };
             let per_second = f64::from(quota.jobs_rate(app.index, route).max(1));
             longest = longest.max(Duration::from_secs_f64(*count as f64 / per_second));
         }

@@ -80,6 +80,13 @@ impl RateLimitHeaders {
     }
 }
 
+/// Easemob's `Retry-After` in seconds (Easemob does not document one, but honour it if it comes), at most
+/// `at_most`.
+pub fn easemob_retry_after(headers: &http::HeaderMap, at_most: Duration) -> Option<Duration> {
+    let secs: u64 = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs).min(at_most))
+}
+
 /// Whole seconds for `Retry-After`, never 0 (which would invite an immediate retry storm).
 pub fn retry_after_secs(d: Duration) -> u64 {
     d.as_secs_f64().ceil().max(1.0) as u64

@@ -33,6 +33,11 @@ impl Route {
         self as usize
     }
 
+    /// The route a name (as in config keys and stored jobs) stands for.
+    pub fn named(name: &str) -> Option<Route> {
+        Route::ALL.into_iter().find(|route| route.name() == name)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Route::DeleteChatMessages => "delete_chat_messages",

@@ -30,7 +30,7 @@ use crate::apps::{App, Apps};
 use crate::config::JobsConfig;
 use crate::exchange::{Answer, Exchange, Marks, UnusedSlot, Validated};
 use crate::metrics::Metrics;
-use crate::ratelimit::{QuotaSet, Scope};
+use crate::ratelimit::{QuotaSet, Scope, easemob_retry_after};
 use crate::routes::Route;
 use crate::routes::validate::Call;
 use crate::trace::TraceContext;
@@ -366,7 +366,10 @@ where
     let next = match status {
         StatusCode::OK => Next::Done(OpState::Succeeded),
         _ if !retryable(&answer) || attempts >= config.max_attempts => Next::Done(OpState::Failed),
-        _ => Next::RetryAt(clock.now_ms() + backoff(&config, attempts, retry_after(&answer)).as_millis() as i64),
+        _ => Next::RetryAt(
+            clock.now_ms()
+                + backoff(&config, attempts, easemob_retry_after(answer.headers(), MAX_RETRY_AFTER)).as_millis() as i64,
+        ),
     };
     let outcome = match next {
         Next::Done(OpState::Succeeded) => "succeeded",
@@ -421,10 +424,8 @@ fn envelope(body: &http_body_util::Full<bytes::Bytes>) -> (Option<String>, Optio
     }
 }
 
-fn retry_after(answer: &Answer) -> Option<Duration> {
-    let secs: u64 = answer.headers().get(http::header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
-    Some(Duration::from_secs(secs.min(3600)))
-}
+/// The longest wait Easemob's `Retry-After` may put before an operation's next attempt.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// `retry_min` doubled for each attempt made, up to `retry_max`, at a random point in its upper half; never before
 /// Easemob's `Retry-After`.

@@ -656,7 +656,7 @@ pub struct Totals {
 
 /// The method of a stored operation's route, for submitting it again.
 pub fn method_of(route: &str) -> &'static str {
-    match Route::ALL.iter().find(|r| r.name() == route).map(|r| r.method()) {
+    match Route::named(route).map(Route::method) {
         Some(http::Method::POST) => "POST",
         _ => "DELETE",
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures_util::future::Either;
 use tower::ServiceExt;
 
-use super::{AppIndex, QuotaSet, RateLimitHeaders, Refused};
+use super::{AppIndex, QuotaSet, RateLimitHeaders, Refused, easemob_retry_after};
 use crate::error::GatewayError;
 use crate::exchange::{Answer, Exchange, Marks, UnusedSlot, Waiting};
 use crate::routes::Route;
@@ -106,7 +106,7 @@ impl Sent {
     fn settle(self, mut answer: Answer) -> Answer {
         if answer.is_from_easemob() {
             if answer.status() == http::StatusCode::TOO_MANY_REQUESTS {
-                self.quota.upstream_throttled(self.app, self.route, retry_after(answer.headers()));
+                self.quota.upstream_throttled(self.app, self.route, easemob_retry_after(answer.headers(), MAX_PAUSE));
             }
             self.slot.insert_into(answer.headers_mut());
         } else if answer.rejection() == Some("upstream_unreachable") {
@@ -143,11 +143,8 @@ where
     }
 }
 
-/// Easemob's `Retry-After` in seconds (Easemob does not document one, but honour it if it comes).
-fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
-    let secs: u64 = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
-    Some(Duration::from_secs(secs.min(300)))
-}
+/// The longest pause Easemob's `Retry-After` may put on a lane.
+const MAX_PAUSE: Duration = Duration::from_secs(300);
 
 #[cfg(test)]
 mod tests {
