@@ -225,11 +225,7 @@ impl RedisConfig {
     /// The password, from `password_env` or `password_file`; `None` when neither is set.
     pub fn password(&self) -> Result<Option<SecretString>, String> {
         let secret = |value: String, from: String| {
-            let value = value.trim().to_owned();
-            match value.is_empty() {
-                true => Err(format!("rate_limit.redis: {from} is empty")),
-                false => Ok(Some(SecretString::from(value))),
-            }
+            trimmed_secret(&value).map(Some).ok_or_else(|| format!("rate_limit.redis: {from} is empty"))
         };
         match (&self.password_env, &self.password_file) {
             (None, None) => Ok(None),
@@ -454,18 +450,14 @@ impl AppConfig {
     /// Reads the client secret from wherever it is configured.
     pub fn resolve_secret(&self) -> Result<SecretString, SecretError> {
         let app = self.app_key();
-        let secret = |value: String| {
-            let value = value.trim();
-            (!value.is_empty()).then(|| SecretString::from(value.to_owned()))
-        };
         match (&self.client_secret, &self.client_secret_env, &self.client_secret_file) {
             (Some(inline), None, None) => Ok(inline.0.clone()),
             (None, Some(var), None) => match std::env::var(var) {
-                Ok(value) => secret(value).ok_or(SecretError::EmptyEnv { app, var: var.clone() }),
+                Ok(value) => trimmed_secret(&value).ok_or(SecretError::EmptyEnv { app, var: var.clone() }),
                 Err(_) => Err(SecretError::UnsetEnv { app, var: var.clone() }),
             },
             (None, None, Some(path)) => match std::fs::read_to_string(path) {
-                Ok(value) => secret(value).ok_or(SecretError::EmptyFile { app, path: path.clone() }),
+                Ok(value) => trimmed_secret(&value).ok_or(SecretError::EmptyFile { app, path: path.clone() }),
                 Err(source) => Err(SecretError::UnreadableFile { app, path: path.clone(), source }),
             },
             (None, None, None) => Err(SecretError::Missing { app }),
@@ -510,6 +502,12 @@ pub enum SecretError {
     Missing { app: AppKey },
     #[error("apps[{app}]: set exactly one of client_secret_env, client_secret_file (and client_secret only in demo)")]
     Ambiguous { app: AppKey },
+}
+
+/// A secret as a variable or a file holds it, trailing newline and spaces trimmed; `None` if that leaves nothing.
+fn trimmed_secret(value: &str) -> Option<SecretString> {
+    let value = value.trim();
+    (!value.is_empty()).then(|| SecretString::from(value.to_owned()))
 }
 
 /// A secret written in the config file: deserializes from a string, serializes and prints as `<redacted>`.

@@ -336,7 +336,8 @@ async fn reload_secrets(config: Config, apps: Apps) {
         .ok();
     let poll = config.token.secret_file_poll;
     let mut tick = (!poll.is_zero()).then(|| {
-        let mut tick = tokio::time::interval(poll);
+        // The first look one period from now: the secrets were just read.
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + poll, poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick
     });
