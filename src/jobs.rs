@@ -141,9 +141,8 @@ impl Jobs {
     /// What the API says of a job: its record, where to read it, and the estimated time to finish.
     pub async fn describe(&self, app: &App, job: &JobRecord) -> Result<serde_json::Value, StoreError> {
         let left = self.estimate(app, job).await?;
-        let mut view = serde_json::to_value(job).expect("a job record serializes");
-        let fields = view.as_object_mut().expect("a job record is an object");
-        fields.insert("location".to_owned(), location(app, &job.id).into());
+        let mut view = view(app, job);
+        let fields = view.as_object_mut().expect("a job view is an object");
         if job.counts.pending > 0 {
             fields.insert("estimated_seconds".to_owned(), (left.as_secs_f64().ceil() as u64).into());
             let done_ms = self.0.clock.now_ms() + left.as_millis() as i64;
@@ -153,9 +152,21 @@ impl Jobs {
     }
 }
 
-/// Where a job of `app` is read: under the app's own base path, where Easemob has no route (`_` never starts one).
+/// A job's record and where to read it.
+pub fn view(app: &App, job: &JobRecord) -> serde_json::Value {
+    let mut view = serde_json::to_value(job).expect("a job record serializes");
+    view["location"] = location(app, &job.id).into();
+    view
+}
+
+/// Where `app`'s jobs are: under the app's own base path, where Easemob has no route (`_` never starts one).
+pub fn collection(app: &App) -> String {
+    format!("/{}/{}/_gateway/jobs", app.org, app.app)
+}
+
+/// Where a job of `app` is read.
 pub fn location(app: &App, id: &str) -> String {
-    format!("/{}/{}/_gateway/jobs/{id}", app.org, app.app)
+    format!("{}/{id}", collection(app))
 }
 
 /// Where jobs are kept: the embedded store of one process, or Redis, shared by every replica.

@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use tower::{BoxError, Layer, Service};
 use tracing::warn;
 
-use super::store::{Created, JobRecord, JobState, OpState, StoreError};
+use super::store::{Created, JobState, OpState, StoreError};
 use super::{Jobs, OperationRequest};
 use crate::access::Caller;
 use crate::apps::{App, Apps};
@@ -187,10 +187,7 @@ impl JobsApiLayer {
             Created::Existing { job, same_request: true } => (StatusCode::OK, job),
             Created::Existing { same_request: false, .. } => return Err(GatewayError::IdempotencyConflict),
         };
-        let mut answer = json(status, &jobs.describe(app, &job).await.map_err(unavailable(app))?);
-        let location = HeaderValue::try_from(super::location(app, &job.id)).expect("a job location is a header value");
-        answer.headers_mut().insert(header::LOCATION, location);
-        Ok(answer)
+        Ok(located(status, app, &job.id, &jobs.describe(app, &job).await.map_err(unavailable(app))?))
     }
 }
 
@@ -237,19 +234,11 @@ async fn list(jobs: &Jobs, app: &App, query: &Query) -> Result<Answer, GatewayEr
     let page = jobs.store().list(app.key.as_str(), state, before, limit + 1).await.map_err(unavailable(app))?;
     let more = page.len() > limit as usize;
     let page = &page[..page.len().min(limit as usize)];
-    let views: Vec<serde_json::Value> = page
-        .iter()
-        .map(|job: &JobRecord| {
-            let mut view = serde_json::to_value(job).expect("a job record serializes");
-            view["location"] = super::location(app, &job.id).into();
-            view
-        })
-        .collect();
+    let views: Vec<serde_json::Value> = page.iter().map(|job| super::view(app, job)).collect();
     let mut body = serde_json::json!({ "jobs": views });
     if more && let Some(last) = page.last() {
         let filter = state.map(|s| format!("&state={}", s.as_str())).unwrap_or_default();
-        let base = format!("/{}/{}/_gateway/jobs", app.org, app.app);
-        body["next"] = format!("{base}?before={}&limit={limit}{filter}", last.seq).into();
+        body["next"] = format!("{}?before={}&limit={limit}{filter}", super::collection(app), last.seq).into();
     }
     Ok(json(StatusCode::OK, &body))
 }
@@ -327,6 +316,14 @@ fn unavailable(app: &App) -> impl Fn(StoreError) -> GatewayError + '_ {
 
 fn json(status: StatusCode, value: &serde_json::Value) -> Answer {
     json_response(status, value.to_string().into_bytes(), "local")
+}
+
+/// A job's answer: its view, with `Location` saying where to read it again.
+pub fn located(status: StatusCode, app: &App, id: &str, view: &serde_json::Value) -> Answer {
+    let mut answer = json(status, view);
+    let location = HeaderValue::try_from(super::location(app, id)).expect("a job location is a header value");
+    answer.headers_mut().insert(header::LOCATION, location);
+    answer
 }
 
 #[cfg(test)]

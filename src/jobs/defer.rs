@@ -7,13 +7,14 @@ use std::convert::Infallible;
 use std::task::{Context, Poll};
 
 use futures_util::future::Either;
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderValue, StatusCode};
 use tower::{Layer, Service};
 use tracing::warn;
 
 use super::Jobs;
+use super::api::located;
 use super::store::Created;
-use crate::error::{GatewayError, json_response};
+use crate::error::GatewayError;
 use crate::exchange::{Answer, Exchange, Waiting};
 
 const PREFERENCE_APPLIED: http::HeaderName = http::HeaderName::from_static("preference-applied");
@@ -75,14 +76,9 @@ async fn accept(jobs: Jobs, exchange: Exchange) -> Result<Answer, Infallible> {
             return Ok(GatewayError::JobsUnavailable.into_response(exchange.started));
         }
     };
-    let body = match jobs.describe(app, &job).await {
-        Ok(view) => view,
-        Err(_) => serde_json::to_value(&job).expect("a job record serializes"),
-    };
-    let mut answer = json_response(StatusCode::ACCEPTED, body.to_string().into_bytes(), "local");
-    let headers = answer.headers_mut();
-    let location = super::location(app, &job.id);
-    headers.insert(header::LOCATION, HeaderValue::try_from(location).expect("a job location is a header value"));
-    headers.insert(PREFERENCE_APPLIED, HeaderValue::from_static("respond-async"));
+    // The job is stored: it is accepted even if its estimate cannot be read just now.
+    let view = jobs.describe(app, &job).await.unwrap_or_else(|_| super::view(app, &job));
+    let mut answer = located(StatusCode::ACCEPTED, app, &job.id, &view);
+    answer.headers_mut().insert(PREFERENCE_APPLIED, HeaderValue::from_static("respond-async"));
     Ok(answer)
 }
