@@ -42,6 +42,9 @@ impl From<redis::RedisError> for StoreError {
     }
 }
 
+/// What a claimed operation needs of its job: its `seq`, app and caller.
+type JobFields = (Option<i64>, Option<String>, Option<String>);
+
 /// One operation as it is kept in Redis.
 #[derive(Serialize, Deserialize)]
 struct Op {
@@ -517,33 +520,44 @@ impl SharedStore {
 
     /// Claims up to `limit` operations due at `now_ms` for this replica, each leased for `jobs.lease`.
     pub async fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<Due>, StoreError> {
-        let mut keys: Vec<String> = Route::ALL.iter().map(|route| self.key(&format!("due:{}", route.name()))).collect();
+        let mut keys = self.due_keys();
         keys.push(self.key("leases"));
         let args = [now_ms.to_string(), limit.to_string(), self.lease.as_millis().to_string()];
         let claimed: Vec<String> = self.script(&self.scripts.claim, &keys, &args).await?;
+        let claimed: Vec<(&str, i64)> = claimed
+            .iter()
+            .filter_map(|member| member.rsplit_once(':').and_then(|(id, n)| Some((id, n.parse().ok()?))))
+            .collect();
+        if claimed.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Two round trips for the whole claim: the jobs it touches, then its operations.
+        let ids: Vec<&str> =
+            claimed.iter().map(|(id, _)| *id).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let mut jobs_read = redis::pipe();
+        for id in &ids {
+            jobs_read.cmd("HMGET").arg(self.key(&format!("job:{id}"))).arg("seq").arg("app").arg("caller");
+        }
+        let fields: Vec<(Option<i64>, Option<String>, Option<String>)> =
+            jobs_read.query_async(&mut self.conn()).await?;
+        let jobs: HashMap<&str, JobFields> = ids.into_iter().zip(fields).collect();
+        let mut ops_read = redis::pipe();
+        for (id, n) in &claimed {
+            ops_read.hget(self.key(&format!("ops:{id}")), n);
+        }
+        let ops: Vec<Option<String>> = ops_read.query_async(&mut self.conn()).await?;
         let mut out = Vec::with_capacity(claimed.len());
-        let mut jobs: HashMap<String, Option<HashMap<String, String>>> = HashMap::new();
-        for member in claimed {
-            let Some((id, n)) = member.rsplit_once(':') else { continue };
-            let Ok(n) = n.parse::<i64>() else { continue };
-            if !jobs.contains_key(id) {
-                let fields: HashMap<String, String> = self.conn().hgetall(self.key(&format!("job:{id}"))).await?;
-                jobs.insert(id.to_owned(), (!fields.is_empty()).then_some(fields));
-            }
-            let (Some(Some(job)), Some(op)) = (
-                jobs.get(id),
-                self.conn()
-                    .hget::<_, _, Option<String>>(self.key(&format!("ops:{id}")), n)
-                    .await?
-                    .and_then(|raw| serde_json::from_str::<Op>(&raw).ok()),
-            ) else {
-                continue;
+        for ((id, n), op) in claimed.into_iter().zip(ops) {
+            let (Some((Some(seq), Some(app), caller)), Some(op)) =
+                (jobs.get(id), op.and_then(|raw| serde_json::from_str::<Op>(&raw).ok()))
+            else {
+                continue; // the job expired meanwhile
             };
             out.push(Due {
-                job: job.get("seq").and_then(|s| s.parse().ok()).unwrap_or_default(),
+                job: *seq,
                 job_id: id.to_owned(),
-                app: job.get("app").cloned().unwrap_or_default(),
-                caller: job.get("caller").filter(|c| !c.is_empty()).cloned(),
+                app: app.clone(),
+                caller: caller.clone().filter(|c| !c.is_empty()),
                 n,
                 route: op.route,
                 path: op.path,
@@ -556,16 +570,17 @@ impl SharedStore {
     }
 
     pub async fn next_due(&self, now_ms: i64) -> Result<Option<i64>, StoreError> {
-        let mut next: Option<i64> = None;
-        for route in Route::ALL {
-            let key = self.key(&format!("due:{}", route.name()));
-            let first: Vec<(String, f64)> =
-                self.conn().zrangebyscore_limit_withscores(key, format!("({now_ms}"), "+inf", 0, 1).await?;
-            if let Some((_, at)) = first.first() {
-                next = Some(next.map_or(*at as i64, |n| n.min(*at as i64)));
-            }
+        let mut firsts = redis::pipe();
+        for key in self.due_keys() {
+            firsts.zrangebyscore_limit_withscores(key, format!("({now_ms}"), "+inf", 0, 1);
         }
-        Ok(next)
+        let firsts: Vec<Vec<(String, f64)>> = firsts.query_async(&mut self.conn()).await?;
+        Ok(firsts.iter().filter_map(|first| first.first()).map(|(_, at)| *at as i64).min())
+    }
+
+    /// Each route's set of operations due to run.
+    fn due_keys(&self) -> Vec<String> {
+        Route::ALL.iter().map(|route| self.key(&format!("due:{}", route.name()))).collect()
     }
 
     /// Gives a claimed operation back, due again at `until_ms`.
@@ -623,10 +638,11 @@ impl SharedStore {
     pub async fn totals(&self) -> Result<Totals, StoreError> {
         let mut conn = self.conn();
         let states: HashMap<String, i64> = conn.hgetall(self.key("states")).await?;
-        let mut due: i64 = 0;
-        for route in Route::ALL {
-            due += conn.zcard::<_, i64>(self.key(&format!("due:{}", route.name()))).await?;
+        let mut sizes = redis::pipe();
+        for key in self.due_keys() {
+            sizes.zcard(key);
         }
+        let due: i64 = sizes.query_async::<Vec<i64>>(&mut conn).await?.iter().sum();
         let leased: i64 = conn.zcard(self.key("leases")).await?;
         let oldest: Vec<(String, f64)> = conn.zrange_withscores(self.key("open"), 0, 0).await?;
         Ok(Totals {
