@@ -538,8 +538,7 @@ impl SharedStore {
         for id in &ids {
             jobs_read.cmd("HMGET").arg(self.key(&format!("job:{id}"))).arg("seq").arg("app").arg("caller");
         }
-        let fields: Vec<(Option<i64>, Option<String>, Option<String>)> =
-            jobs_read.query_async(&mut self.conn()).await?;
+        let fields: Vec<JobFields> = jobs_read.query_async(&mut self.conn()).await?;
         let jobs: HashMap<&str, JobFields> = ids.into_iter().zip(fields).collect();
         let mut ops_read = redis::pipe();
         for (id, n) in &claimed {
