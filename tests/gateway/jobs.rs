@@ -8,30 +8,15 @@ use serde_json::{Value, json};
 
 use crate::support::*;
 
+/// How long a job in these tests may take to finish.
+const JOB_LIMIT: Duration = Duration::from_secs(120);
+
 fn with_jobs() -> GatewayOptions {
     GatewayOptions { jobs: Some(String::new()), ..Default::default() }
 }
 
 async fn create(gw: &Gateway, body: &Value, headers: &[(&str, &str)]) -> Answer {
     send(Method::POST, &gw.url("/_gateway/jobs"), headers, &body.to_string()).await
-}
-
-/// Reads the job at `location` until it has finished.
-async fn finished(gw: &Gateway, location: &str) -> Value {
-    let url = format!("{}{location}", gw.data);
-    let job = std::sync::Mutex::new(Value::Null);
-    eventually(Duration::from_secs(120), "the job to finish", || async {
-        let read = send(Method::GET, &url, &[], "").await.json();
-        let done = !read["finished_ms"].is_null();
-        *job.lock().unwrap() = read;
-        done
-    })
-    .await;
-    job.into_inner().unwrap()
-}
-
-fn clear_op(user: &str) -> Value {
-    json!({"method": "POST", "path": format!("/rest/message/roaming/user/{user}/delete/all")})
 }
 
 #[tokio::test]
@@ -60,7 +45,7 @@ async fn a_spam_message_is_removed_from_every_recipient_by_one_job() {
     assert_eq!(created.json()["location"], location.as_str());
     assert_eq!(created.json()["counts"]["total"], 30);
 
-    let job = finished(&gw, &location).await;
+    let job = finished(&gw, JOB_LIMIT, &location).await;
     assert_eq!(job["state"], "done", "{}", job["counts"]);
     assert_eq!(job["counts"]["succeeded"], 30);
     assert_eq!(job["caller"], "moderation");
@@ -98,7 +83,7 @@ async fn prefer_respond_async_runs_a_valid_call_as_a_job_and_refuses_an_invalid_
     let accepted = send(Method::POST, &clear_url(&gw, "dave"), &prefer, "").await;
     assert_eq!(accepted.status, 202, "{}", accepted.text());
     assert_eq!(accepted.header("preference-applied"), Some("respond-async"));
-    let job = finished(&gw, accepted.header("location").unwrap()).await;
+    let job = finished(&gw, JOB_LIMIT, accepted.header("location").unwrap()).await;
     assert_eq!((job["state"].as_str(), job["counts"]["succeeded"].as_u64()), (Some("done"), Some(1)));
     assert_eq!(sim.business_requests().await, 1);
 
@@ -162,7 +147,7 @@ async fn an_idempotency_key_makes_a_retried_create_return_the_first_job() {
     assert_eq!(again.status, 200, "{}", again.text());
     assert_eq!(again.header("location"), first.header("location"));
     create(&gw, &json!({"operations": [clear_op("bob")]}), &key).await.assert_error(422, "idempotency_key_reused");
-    finished(&gw, first.header("location").unwrap()).await;
+    finished(&gw, JOB_LIMIT, first.header("location").unwrap()).await;
     assert_eq!(sim.business_requests().await, 1, "one job, run once");
 }
 
@@ -179,7 +164,7 @@ async fn a_cancelled_job_stops_sending() {
     eventually(Duration::from_secs(30), "a few operations sent", || async { sim.business_requests().await >= 3 }).await;
     let cancelled = send(Method::POST, &format!("{}{location}/cancel", gw.data), &[], "").await;
     assert_eq!(cancelled.status, 200, "{}", cancelled.text());
-    let job = finished(&gw, &location).await;
+    let job = finished(&gw, JOB_LIMIT, &location).await;
     let counts = &job["counts"];
     assert_eq!(job["state"], "cancelled", "{counts}");
     let succeeded = counts["succeeded"].as_u64().unwrap();
@@ -210,7 +195,7 @@ async fn kill_9_during_a_job_loses_no_operation_and_records_each_once() {
         .await;
         gw.kill_and_restart().await;
     }
-    let job = finished(&gw, &location).await;
+    let job = finished(&gw, JOB_LIMIT, &location).await;
     assert_eq!(job["state"], "done", "{}", job["counts"]);
     assert_eq!(
         job["counts"],

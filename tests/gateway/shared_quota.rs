@@ -180,10 +180,7 @@ async fn replicas_share_a_job_through_redis_and_finish_a_killed_replicas_work() 
         options.shared_jobs = Some("lease = \"13s\"".into());
         gateways.push(Gateway::ready_with(&sim, options).await);
     }
-    let operations: Vec<serde_json::Value> = users
-        .iter()
-        .map(|u| serde_json::json!({"method": "POST", "path": format!("/rest/message/roaming/user/{u}/delete/all")}))
-        .collect();
+    let operations: Vec<serde_json::Value> = users.iter().map(|u| clear_op(u)).collect();
     let body = serde_json::json!({ "operations": operations }).to_string();
     let started = std::time::Instant::now();
     let created = send(Method::POST, &gateways[0].url("/_gateway/jobs"), &[], &body).await;
@@ -202,12 +199,8 @@ async fn replicas_share_a_job_through_redis_and_finish_a_killed_replicas_work() 
     }
     gateways[2].kill().await;
 
-    let url = format!("{}{location}?limit=1", gateways[1].data);
-    eventually(Duration::from_secs(60), "the job to finish on the replicas left", || async {
-        !send(Method::GET, &url, &[], "").await.json()["finished_ms"].is_null()
-    })
-    .await;
-    let job = send(Method::GET, &url, &[], "").await.json();
+    // Read through a replica left.
+    let job = finished(&gateways[1], Duration::from_secs(60), &location).await;
     assert_eq!(job["state"], "done", "{}", job["counts"]);
     assert_eq!(job["counts"]["succeeded"], OPERATIONS, "each operation recorded once: {}", job["counts"]);
     let received = sim.received().await;
@@ -241,10 +234,7 @@ async fn the_jobs_api_works_the_same_with_jobs_in_redis() {
     let mut options = on_redis(&redis, "route = { rate = 5 }", "timeout = \"200ms\"");
     options.shared_jobs = Some(String::new());
     let gw = Gateway::ready_with(&sim, options).await;
-    let operations: Vec<serde_json::Value> = users
-        .iter()
-        .map(|u| serde_json::json!({"method": "POST", "path": format!("/rest/message/roaming/user/{u}/delete/all")}))
-        .collect();
+    let operations: Vec<serde_json::Value> = users.iter().map(|u| clear_op(u)).collect();
     let body = serde_json::json!({ "operations": operations }).to_string();
     let key = [("Idempotency-Key", "cleanup-1")];
     let created = send(Method::POST, &gw.url("/_gateway/jobs"), &key, &body).await;
@@ -262,10 +252,7 @@ async fn the_jobs_api_works_the_same_with_jobs_in_redis() {
     let cancelled = send(Method::POST, &format!("{}{location}/cancel", gw.data), &[], "").await;
     assert_eq!(cancelled.status, 200, "{}", cancelled.text());
     let url = format!("{}{location}", gw.data);
-    eventually(Duration::from_secs(30), "the cancel to settle", || async {
-        !send(Method::GET, &url, &[], "").await.json()["finished_ms"].is_null()
-    })
-    .await;
+    finished(&gw, Duration::from_secs(30), &location).await;
     let job = send(Method::GET, &format!("{url}?operations=succeeded&limit=1000"), &[], "").await.json();
     let succeeded = job["counts"]["succeeded"].as_u64().unwrap();
     assert_eq!(job["state"], "cancelled", "{}", job["counts"]);

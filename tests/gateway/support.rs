@@ -468,3 +468,22 @@ pub async fn raw_until_closed(addr: &str, request: &[u8], wait: Duration) -> Opt
 pub async fn delete(url: &str) -> Answer {
     send(Method::DELETE, url, &[], "").await
 }
+
+/// A `clear_user_messages` operation of a deletion job.
+pub fn clear_op(user: &str) -> Value {
+    serde_json::json!({"method": "POST", "path": format!("/rest/message/roaming/user/{user}/delete/all")})
+}
+
+/// Reads the job at `location` (through `gw`) until it has finished, for at most `limit`.
+pub async fn finished(gw: &Gateway, limit: Duration, location: &str) -> Value {
+    let url = format!("{}{location}", gw.data);
+    let job = std::sync::Mutex::new(Value::Null);
+    eventually(limit, "the job to finish", || async {
+        let read = send(Method::GET, &url, &[], "").await.json();
+        let done = !read["finished_ms"].is_null();
+        *job.lock().unwrap() = read;
+        done
+    })
+    .await;
+    job.into_inner().unwrap()
+}
