@@ -49,9 +49,7 @@ impl TraceContext {
 
     /// The trace id as 32 lowercase hex digits, for the audit trail.
     pub fn trace_id_hex(&self) -> TraceId {
-        let mut out = [0u8; 32];
-        hex(&self.trace_id.to_be_bytes(), &mut out);
-        TraceId(out)
+        TraceId::of(self.trace_id)
     }
 }
 
@@ -60,7 +58,7 @@ pub struct TraceHex(pub u128);
 
 impl std::fmt::Display for TraceHex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:032x}", self.0)
+        f.write_str(TraceId::of(self.0).as_str())
     }
 }
 
@@ -69,6 +67,12 @@ impl std::fmt::Display for TraceHex {
 pub struct TraceId([u8; 32]);
 
 impl TraceId {
+    fn of(trace_id: u128) -> TraceId {
+        let mut out = [0u8; 32];
+        hex(&trace_id.to_be_bytes(), &mut out);
+        TraceId(out)
+    }
+
     pub fn as_str(&self) -> &str {
         std::str::from_utf8(&self.0).expect("hex digits")
     }
