@@ -7,10 +7,11 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 
-use crate::apps::Apps;
+use tokio::sync::watch;
+
 use crate::error::json_response;
 use crate::jobs::Jobs;
-use crate::metrics::Metrics;
+use crate::stack::Shared;
 
 /// The data plane's contract, served on the admin listener (and kept true by tests/schemathesis).
 const OPENAPI: &str = include_str!("../docs/openapi.yaml");
@@ -20,11 +21,10 @@ pub const ADMIN_MAX_CONNECTIONS: usize = 64;
 /// `/healthz`, `/readyz`, `/metrics`, `/openapi.yaml`: the admin listener, never the data plane.
 #[derive(Clone)]
 pub struct AdminService {
-    pub apps: Apps,
-    pub metrics: Metrics,
+    /// The config in force.
+    pub live: watch::Receiver<Arc<Shared>>,
     /// Set once shutdown has begun: `/readyz` turns 503.
     pub draining: Arc<AtomicBool>,
-    pub jobs: Option<Jobs>,
 }
 
 impl AdminService {
@@ -41,7 +41,7 @@ impl AdminService {
                 .expect("static response parts are valid"),
             "/metrics" => Response::builder()
                 .header(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)
-                .body(Full::new(Bytes::from(self.metrics.render())))
+                .body(Full::new(Bytes::from(self.live.borrow().metrics.render())))
                 .expect("static response parts are valid"),
             _ => text(StatusCode::NOT_FOUND, "not found: /healthz, /readyz, /metrics, /openapi.yaml\n"),
         }
@@ -51,15 +51,16 @@ impl AdminService {
     /// no secrets.
     fn readiness(&self) -> Response<Full<Bytes>> {
         let draining = self.draining.load(Ordering::SeqCst);
-        let apps: serde_json::Map<String, serde_json::Value> = self
+        let live = Arc::clone(&self.live.borrow());
+        let apps: serde_json::Map<String, serde_json::Value> = live
             .apps
             .iter()
             .map(|app| (app.key.to_string(), serde_json::to_value(app.token.status()).expect("status serializes")))
             .collect();
-        let jobs_ready = self.jobs.as_ref().is_none_or(Jobs::is_ready);
-        let ready = !draining && jobs_ready && self.apps.iter().all(|app| app.token.is_ready());
+        let jobs_ready = live.jobs.as_ref().is_none_or(Jobs::is_ready);
+        let ready = !draining && jobs_ready && live.apps.iter().all(|app| app.token.is_ready());
         let mut body = serde_json::json!({ "ready": ready, "draining": draining, "apps": apps });
-        if self.jobs.is_some() {
+        if live.jobs.is_some() {
             body["jobs_store"] = if jobs_ready { "ok" } else { "failing" }.into();
         }
         let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };

@@ -1,23 +1,33 @@
 //! The configured apps, each with its AppKey, its App Token and one [`Lane`] per route: the table every layer
-//! reads (the quota by the app's index, metrics and `RateLimit-Policy` by lane).
+//! reads (the quota by the app's index, metrics and `RateLimit-Policy` by lane). Built at start-up and again by
+//! each reload, which keeps the token of every app whose credentials did not change.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::HeaderValue;
+use secrecy::ExposeSecret;
+use sha2::{Digest, Sha256};
 
-use crate::config::AppKey;
+use crate::config::{AppKey, Config};
 use crate::metrics::{LaneMetrics, Metrics};
 use crate::ratelimit::{AppIndex, QuotaSet};
 use crate::routes::Route;
-use crate::token::TokenSource;
+use crate::token::{Credentials, EasemobFetch, TokenSource};
+use crate::upstream::Upstream;
 
 pub struct App {
-    /// Position in the config, which is also its index in the quota set.
+    /// Position in the config, which is also its index in `quota`.
     pub index: AppIndex,
     pub org: String,
     pub app: String,
     pub key: AppKey,
     pub token: Arc<TokenSource>,
+    /// The quota set the app's lanes belong to (the one built with it, by start-up or a reload).
+    pub quota: Arc<QuotaSet>,
+    /// A digest of what the token was fetched with (client ID, secret, token settings): a reload keeps the token
+    /// when it is unchanged. Never the secret itself.
+    fetched_with: [u8; 32],
     lanes: [Lane; Route::ALL.len()],
 }
 
@@ -34,7 +44,8 @@ impl App {
         index: AppIndex,
         (org, app): (&str, &str),
         token: Arc<TokenSource>,
-        quota: &QuotaSet,
+        fetched_with: [u8; 32],
+        quota: &Arc<QuotaSet>,
         metrics: &Metrics,
     ) -> App {
         let key = AppKey::new(org, app);
@@ -43,7 +54,16 @@ impl App {
             policy: quota.policy(index, route),
             metrics: metrics.lane(key.as_str(), route),
         });
-        App { index, org: org.to_owned(), app: app.to_owned(), key, token, lanes }
+        App {
+            index,
+            org: org.to_owned(),
+            app: app.to_owned(),
+            key,
+            token,
+            quota: Arc::clone(quota),
+            fetched_with,
+            lanes,
+        }
     }
 
     pub fn lane(&self, route: Route) -> &Lane {
@@ -58,6 +78,64 @@ pub struct Apps(Arc<[Arc<App>]>);
 impl Apps {
     pub fn new(apps: Vec<Arc<App>>) -> Apps {
         Apps(apps.into())
+    }
+
+    /// The apps `config` names, on `quota`. An app that `previous` served with the same credentials and token
+    /// settings keeps its token source, and so its token; any other gets a new source, fetching at once. With
+    /// `verify_within`, every new source must have been granted a token within that time, or nothing is kept and
+    /// the reasons are returned: a reload adds an app, or new credentials, only once Easemob accepts them.
+    pub async fn assemble(
+        config: &Config,
+        quota: &Arc<QuotaSet>,
+        upstream: &Upstream,
+        metrics: &Metrics,
+        previous: Option<&Apps>,
+        verify_within: Option<Duration>,
+    ) -> Result<Apps, Vec<String>> {
+        let mut apps = Vec::with_capacity(config.apps.len());
+        let mut fresh = Vec::new();
+        for (index, app) in config.apps.iter().enumerate() {
+            let secret = app.resolve_secret().map_err(|e| vec![e.to_string()])?;
+            let mut digest = Sha256::new();
+            for part in [app.client_id.as_bytes(), secret.expose_secret().as_bytes()] {
+                digest.update((part.len() as u64).to_le_bytes());
+                digest.update(part);
+            }
+            digest.update(format!("{:?}", config.token).as_bytes());
+            let fetched_with: [u8; 32] = digest.finalize().into();
+            let key = app.app_key();
+            let kept = previous.and_then(|apps| apps.iter().find(|a| a.key == key && a.fetched_with == fetched_with));
+            let token = match kept {
+                Some(kept) => Arc::clone(&kept.token),
+                None => {
+                    let credentials = Credentials {
+                        org: app.org_name.clone(),
+                        app: app.app_name.clone(),
+                        client_id: app.client_id.clone(),
+                        client_secret: secret,
+                    };
+                    let fetch = EasemobFetch { credentials, upstream: upstream.clone(), ttl: config.token.ttl };
+                    let token = TokenSource::spawn(key.clone(), fetch, config.token.clone(), metrics.clone());
+                    fresh.push((key, Arc::clone(&token)));
+                    token
+                }
+            };
+            let names = (app.org_name.as_str(), app.app_name.as_str());
+            apps.push(Arc::new(App::new(AppIndex(index), names, token, fetched_with, quota, metrics)));
+        }
+        if let Some(within) = verify_within {
+            // The sources fetch side by side; waiting for each in turn waits for the slowest.
+            let mut refused = Vec::new();
+            for (key, token) in &fresh {
+                if let Err(reason) = token.first_outcome(within).await {
+                    refused.push(format!("apps[{key}]: no App Token with these credentials: {reason}"));
+                }
+            }
+            if !refused.is_empty() {
+                return Err(refused);
+            }
+        }
+        Ok(Apps::new(apps))
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<App>> {

@@ -61,7 +61,7 @@ pub struct CallerConfig {
     pub key_sha256: String,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
     /// Append-only JSON-lines file with one event per deletion sent to Easemob; absent: no audit trail.
@@ -74,7 +74,7 @@ pub struct AuditConfig {
     pub default_caller: Option<String>,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JobsConfig {
     /// Deletion jobs: the jobs API and `Prefer: respond-async`. Off: neither (calls are answered as always).
@@ -195,7 +195,7 @@ pub enum RateLimitBackend {
     Redis,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     /// `redis://host:port[/db]`, or `rediss://…` for TLS (a managed Redis); never with a password in it.
@@ -310,6 +310,11 @@ pub struct ServerConfig {
     /// Data-plane threads, each serving its own connections start to finish; 0 = one per CPU the process may use.
     /// At most 256.
     pub workers: usize,
+    /// How often the config file, and every `client_secret_file` it names, is checked for a change (Kubernetes
+    /// updates a mounted ConfigMap or Secret in place); a change reloads the whole config, as SIGHUP does.
+    /// `0s`: only on SIGHUP.
+    #[serde(with = "humantime_serde")]
+    pub reload_poll: Duration,
 }
 
 /// Far beyond any CPU count a sidecar gets; above it, a typo (threads are not free).
@@ -339,6 +344,7 @@ impl Default for ServerConfig {
             // Kubernetes' default terminationGracePeriodSeconds is 30 s; finish before it kills us.
             shutdown_grace: Duration::from_secs(25),
             workers: 0,
+            reload_poll: Duration::from_secs(10),
         }
     }
 }
@@ -362,7 +368,7 @@ pub struct UpstreamConfig {
     pub pool_max_idle_per_host: usize,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TokenConfig {
     /// Requested token lifetime, sent as `ttl`; absent means the console's setting. `0s` asks for a token that
@@ -382,10 +388,6 @@ pub struct TokenConfig {
     pub retry_min: Duration,
     #[serde(with = "humantime_serde")]
     pub retry_max: Duration,
-    /// How often every `client_secret_file` is checked for a rotated secret (Kubernetes updates a mounted Secret
-    /// in place); `0s`: only on SIGHUP.
-    #[serde(with = "humantime_serde")]
-    pub secret_file_poll: Duration,
 }
 
 impl Default for TokenConfig {
@@ -397,7 +399,6 @@ impl Default for TokenConfig {
             min_interval: Duration::from_secs(1),
             retry_min: Duration::from_millis(500),
             retry_max: Duration::from_secs(60),
-            secret_file_poll: Duration::from_secs(10),
         }
     }
 }
@@ -890,6 +891,41 @@ impl Config {
         problems
     }
 
+    /// Takes from `running` every setting a running gateway cannot change (its sockets, threads, pools, stores),
+    /// and returns the keys of those this config had changed: a reload applies the rest, and reports these as
+    /// waiting for a restart.
+    pub fn keep_restart_only(&mut self, running: &Config) -> Vec<&'static str> {
+        let mut waiting = Vec::new();
+        macro_rules! keep {
+            ($($key:literal => $($field:ident).+;)*) => {$(
+                if self.$($field).+ != running.$($field).+ {
+                    waiting.push($key);
+                    self.$($field).+ = running.$($field).+.clone();
+                }
+            )*};
+        }
+        keep! {
+            "server.listen" => server.listen;
+            "server.admin_listen" => server.admin_listen;
+            "server.header_read_timeout" => server.header_read_timeout;
+            "server.max_in_flight" => server.max_in_flight;
+            "server.max_connections" => server.max_connections;
+            "server.shutdown_grace" => server.shutdown_grace;
+            "server.workers" => server.workers;
+            "upstream.base_url" => upstream.base_url;
+            "upstream.connect_timeout" => upstream.connect_timeout;
+            "upstream.ca_file" => upstream.ca_file;
+            "upstream.pool_idle_timeout" => upstream.pool_idle_timeout;
+            "upstream.pool_max_idle_per_host" => upstream.pool_max_idle_per_host;
+            "rate_limit.backend" => rate_limit.backend;
+            "rate_limit.redis" => rate_limit.redis;
+            "log.format" => log.format;
+            "audit" => audit;
+            "jobs" => jobs;
+        }
+        waiting
+    }
+
     /// The effective config as TOML, with every secret redacted.
     pub fn to_redacted_toml(&self) -> String {
         let mut effective = toml::Value::try_from(self).expect("config serializes to TOML");
@@ -932,6 +968,22 @@ mod tests {
         client_id = "YXA6id"
         client_secret_file = "/nonexistent/secret"
     "#;
+
+    #[test]
+    fn a_reload_keeps_the_settings_that_need_a_restart_and_names_them() {
+        let running = Config::load(write(MINIMAL).path()).unwrap();
+        let mut new = running.clone();
+        new.server.listen = "127.0.0.1:1".parse().unwrap();
+        new.jobs.concurrency = 7;
+        new.rate_limit.route.rate = NonZeroU32::new(50).unwrap();
+        new.upstream.timeout = Duration::from_secs(3);
+        assert_eq!(new.keep_restart_only(&running), ["server.listen", "jobs"]);
+        assert_eq!(new.server.listen, running.server.listen);
+        assert_eq!(new.jobs, running.jobs);
+        assert_eq!(new.rate_limit.route.rate.get(), 50, "a quota is reloaded");
+        assert_eq!(new.upstream.timeout, Duration::from_secs(3), "and so is the upstream timeout");
+        assert!(new.clone().keep_restart_only(&new).is_empty());
+    }
 
     #[test]
     fn defaults_fill_everything_but_upstream_and_apps() {

@@ -21,7 +21,6 @@ use tokio::sync::Notify;
 
 use crate::apps::App;
 use crate::config::JobsConfig;
-use crate::ratelimit::QuotaSet;
 use crate::routes::validate::{Call, ValidationError};
 use crate::routes::{Endpoint, Route, resolve};
 
@@ -42,7 +41,6 @@ struct JobsInner {
     store: Store,
     config: JobsConfig,
     clock: Clock,
-    quota: Arc<QuotaSet>,
     /// New work or a cancellation: the scheduler looks again.
     wake: Notify,
     /// Jobs cancelled since start-up (by `seq`): what the scheduler already holds of them is dropped.
@@ -50,15 +48,8 @@ struct JobsInner {
 }
 
 impl Jobs {
-    pub fn new(store: Store, config: JobsConfig, quota: Arc<QuotaSet>, clock: Clock) -> Jobs {
-        Jobs(Arc::new(JobsInner {
-            store,
-            config,
-            clock,
-            quota,
-            wake: Notify::new(),
-            cancelled: Mutex::new(HashSet::new()),
-        }))
+    pub fn new(store: Store, config: JobsConfig, clock: Clock) -> Jobs {
+        Jobs(Arc::new(JobsInner { store, config, clock, wake: Notify::new(), cancelled: Mutex::new(HashSet::new()) }))
     }
 
     pub fn store(&self) -> &Store {
@@ -120,7 +111,7 @@ impl Jobs {
             return Ok(Duration::ZERO);
         }
         let remaining = self.0.store.remaining(job).await?;
-        let quota = &self.0.quota;
+        let quota = &app.quota;
         let mut longest = Duration::ZERO;
         for (route, count) in &remaining.by_route {
             let Some(route) = Route::named(route) else { continue };

@@ -41,6 +41,7 @@ pub mod metrics;
 pub mod observe;
 pub mod ratelimit;
 pub mod redis_conn;
+pub mod reload;
 pub mod retry;
 pub mod routes;
 pub mod server;

@@ -7,7 +7,24 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
 
-pub fn init(config: &LogConfig) {
+/// Changes the level filter of the subscriber [`init`] installed: `log.level` on reload.
+pub struct LogLevel(Box<SetLevel>);
+
+/// The subscriber's reload handle, whose type depends on the log format.
+type SetLevel = dyn Fn(&str) -> Result<(), String> + Send + Sync;
+
+impl LogLevel {
+    /// Applies `level`, unless `RUST_LOG` is set (it wins, as at start-up); says whether it was applied.
+    pub fn set(&self, level: &str) -> Result<bool, String> {
+        if std::env::var_os(EnvFilter::DEFAULT_ENV).is_some() {
+            return Ok(false);
+        }
+        (self.0)(level).map(|()| true)
+    }
+}
+
+/// Installs the subscriber; `None` if one was installed already (tests start several gateways in one process).
+pub fn init(config: &LogConfig) -> Option<LogLevel> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
@@ -16,8 +33,20 @@ pub fn init(config: &LogConfig) {
         .with_writer(std::io::stderr)
         // Colour only for a person at a terminal: escape codes in collected logs are noise.
         .with_ansi(std::io::stderr().is_terminal());
-    let _ = match config.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
+    macro_rules! install {
+        ($builder:expr) => {{
+            // Last, once the subscriber's type is settled.
+            let builder = $builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.try_init().ok()?;
+            LogLevel(Box::new(move |level| {
+                let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+                handle.reload(filter).map_err(|e| e.to_string())
+            }))
+        }};
+    }
+    Some(match config.format {
+        LogFormat::Json => install!(builder.json().flatten_event(true)),
+        LogFormat::Text => install!(builder),
+    })
 }

@@ -156,8 +156,9 @@ fn main() -> ExitCode {
 
 async fn serve(path: PathBuf) -> Result<(), String> {
     let config = Config::load(&path)?;
-    logging::init(&config.log);
+    let log = logging::init(&config.log);
     let server = Server::bind(config, SecretPolicy::ExternalOnly).await.map_err(|e| e.to_string())?;
+    let server = server.reloading_from(path, log);
     // Scripts and tests read this line to find ports bound as :0.
     println!("listening data=http://{} admin=http://{}", server.data_addr(), server.admin_addr());
     server.serve(shutdown_signal()).await;

@@ -40,6 +40,9 @@ pub struct Metrics {
     pub job_operations_pending: IntGauge,
     pub job_oldest_pending: IntGauge,
     pub job_duration: Histogram,
+    pub config_reloads: IntCounterVec,
+    pub config_last_reload_successful: IntGauge,
+    pub config_restart_required: IntGauge,
     /// Every family's name, as exported.
     families: std::sync::Arc<[String]>,
 }
@@ -155,6 +158,21 @@ impl Metrics {
                 register(Box::new(h.clone()));
                 h
             },
+            config_reloads: {
+                let c = counters("config_reloads_total", "Config reloads by result: applied, rejected.", &["result"]);
+                c.with_label_values(&["applied"]);
+                c.with_label_values(&["rejected"]);
+                c
+            },
+            config_last_reload_successful: {
+                let g = gauge("config_last_reload_successful", "0 while the last reload was rejected, else 1.");
+                g.set(1);
+                g
+            },
+            config_restart_required: gauge(
+                "config_restart_required",
+                "1 while the config file changes settings that take effect only after a restart.",
+            ),
             registry,
             families: families.take().into(),
         }

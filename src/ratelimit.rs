@@ -13,7 +13,7 @@
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 pub mod layer;
@@ -149,16 +149,20 @@ struct Adaptive {
     paused_until: Option<Instant>,
 }
 
+/// Every lane's state is shared (`Arc`), so that a reload can carry what it has counted into the set that
+/// replaces this one.
 pub struct QuotaSet {
-    lanes: Vec<Lane>,
+    /// The AppKeys in config order: an [`AppIndex`] indexes them.
+    keys: Vec<AppKey>,
+    lanes: Vec<Arc<Lane>>,
     /// Per app, its optional cap across routes.
-    apps: Vec<Option<Pace>>,
+    apps: Vec<Option<Arc<Pace>>>,
     /// Per app, `delete_conversation`'s per-user windows.
-    users: Vec<WindowLog>,
+    users: Vec<Arc<WindowLog>>,
     user_limit: NonZeroU32,
     max_wait: Duration,
     /// Per app, the jobs' share of its cap (when both exist and the share is less than the whole).
-    app_jobs: Vec<Option<Pace>>,
+    app_jobs: Vec<Option<Arc<Pace>>>,
     adaptive: bool,
     metrics: Metrics,
     shared: Option<Shared>,
@@ -166,7 +170,7 @@ pub struct QuotaSet {
 
 /// The Redis backend, and the local quota at this replica's share used while Redis is unavailable.
 struct Shared {
-    quota: SharedQuota,
+    quota: Arc<SharedQuota>,
     fallback: Arc<QuotaSet>,
 }
 
@@ -207,29 +211,47 @@ fn header(value: String) -> HeaderValue {
 impl QuotaSet {
     /// One lane per configured app and route; `apps` are AppKeys in config order.
     pub fn new(config: &RateLimitConfig, apps: &[AppKey], metrics: Metrics) -> Result<Arc<QuotaSet>, RedisError> {
-        let shared = match config.backend {
+        let redis = match config.backend {
             RateLimitBackend::Local => None,
-            RateLimitBackend::Redis => {
-                let replicas = config.redis.expected_replicas.get();
-                let mut local_share = config.clone();
-                local_share.backend = RateLimitBackend::Local;
-                local_share.route = share(config.route, replicas);
-                local_share.routes.values_mut().for_each(|limit| *limit = share(*limit, replicas));
-                local_share.app = config.app.map(|cap| share(cap, replicas));
-                local_share.user_conversation_per_minute =
-                    share(Limit { rate: config.user_conversation_per_minute, burst: NonZeroU32::MIN }, replicas).rate;
-                Some(Shared {
-                    quota: SharedQuota::new(&config.redis, metrics.clone())?,
-                    fallback: QuotaSet::build(&local_share, apps, metrics.clone(), None, false),
-                })
-            }
+            RateLimitBackend::Redis => Some(Arc::new(SharedQuota::new(&config.redis, metrics.clone())?)),
         };
+        Ok(QuotaSet::assemble(config, apps, metrics, redis, None))
+    }
+
+    /// The set a reloaded config asks for, keeping what this one has counted: a lane whose limit is unchanged
+    /// is carried over as it is, one whose limit changed starts with its burst spent, and the per-user windows
+    /// keep their calls. So a reload never hands out a fresh burst. The Redis connection is kept too (its
+    /// settings need a restart).
+    pub fn reloaded(&self, config: &RateLimitConfig, apps: &[AppKey]) -> Arc<QuotaSet> {
+        let redis = self.shared.as_ref().map(|shared| Arc::clone(&shared.quota));
+        QuotaSet::assemble(config, apps, self.metrics.clone(), redis, Some(self))
+    }
+
+    fn assemble(
+        config: &RateLimitConfig,
+        apps: &[AppKey],
+        metrics: Metrics,
+        redis: Option<Arc<SharedQuota>>,
+        previous: Option<&QuotaSet>,
+    ) -> Arc<QuotaSet> {
+        let shared = redis.map(|quota| {
+            let replicas = config.redis.expected_replicas.get();
+            let mut local_share = config.clone();
+            local_share.backend = RateLimitBackend::Local;
+            local_share.route = share(config.route, replicas);
+            local_share.routes.values_mut().for_each(|limit| *limit = share(*limit, replicas));
+            local_share.app = config.app.map(|cap| share(cap, replicas));
+            local_share.user_conversation_per_minute =
+                share(Limit { rate: config.user_conversation_per_minute, burst: NonZeroU32::MIN }, replicas).rate;
+            let previous = previous.and_then(|p| p.shared.as_ref()).map(|shared| &*shared.fallback);
+            Shared { quota, fallback: QuotaSet::build(&local_share, apps, metrics.clone(), None, false, previous) }
+        });
         // With Redis, each replica's jobs keep to their part of the jobs' share, so that together they keep to it.
         let mut main = config.clone();
         if shared.is_some() && main.jobs_share < 1.0 {
             main.jobs_share /= f64::from(config.redis.expected_replicas.get());
         }
-        Ok(QuotaSet::build(&main, apps, metrics, shared, true))
+        QuotaSet::build(&main, apps, metrics, shared, true, previous)
     }
 
     /// `report`: this set's rates are the ones the `rate_limit_rate` gauge shows (not the fallback's).
@@ -239,7 +261,10 @@ impl QuotaSet {
         metrics: Metrics,
         shared: Option<Shared>,
         report: bool,
+        previous: Option<&QuotaSet>,
     ) -> Arc<QuotaSet> {
+        // What the previous set counted for the same AppKey, if it had it.
+        let before = |app: &AppKey| previous.and_then(|p| Some((p, p.keys.iter().position(|k| k == app)?)));
         let mut lanes = Vec::with_capacity(apps.len() * Route::ALL.len());
         for app in apps {
             for route in Route::ALL {
@@ -251,6 +276,16 @@ impl QuotaSet {
                 if route == Route::DeleteConversation {
                     policy.push_str(&format!(", \"user\";q={};w=60", config.user_conversation_per_minute));
                 }
+                let jobs = jobs_pace(limit, config.jobs_share);
+                let kept = before(app).map(|(p, i)| &p.lanes[i * Route::ALL.len() + route.index()]);
+                if let Some(lane) = kept.filter(|lane| {
+                    lane.configured == limit
+                        && lane.policy == policy.as_str()
+                        && lane.jobs.as_ref().map(Pace::rate) == jobs.as_ref().map(Pace::rate)
+                }) {
+                    lanes.push(Arc::clone(lane));
+                    continue;
+                }
                 if report {
                     metrics
                         .rate_limit_rate
@@ -260,11 +295,15 @@ impl QuotaSet {
                     metrics.upstream_throttled.with_label_values(&[app.as_str(), route.name()]);
                     metrics.upstream_retries.with_label_values(&[app.as_str(), route.name()]);
                 }
-                lanes.push(Lane {
+                let pace = match kept {
+                    Some(_) => Pace::spent(limit.rate, limit.burst, SECOND),
+                    None => Pace::new(limit.rate, limit.burst, SECOND),
+                };
+                lanes.push(Arc::new(Lane {
                     app: app.clone(),
                     route,
                     configured: limit,
-                    pace: RwLock::new(Arc::new(Pace::new(limit.rate, limit.burst, SECOND))),
+                    pace: RwLock::new(Arc::new(pace)),
                     adaptive: Mutex::new(Adaptive {
                         factor: 1.0,
                         last_decrease: None,
@@ -277,22 +316,49 @@ impl QuotaSet {
                     wait: metrics.rate_limit_wait.with_label_values(&[app.as_str(), route.name()]),
                     refused_for_a_second: refusal_field(route.name(), 1),
                     admitted_none_left: header(format!("\"{}\";r=0;t=1", route.name())),
-                    jobs: jobs_pace(limit, config.jobs_share),
-                });
+                    jobs,
+                }));
             }
         }
+        // An app's cap and the jobs' share of it: kept when unchanged, otherwise new, its burst spent if the app
+        // was already being served.
+        let paced = |app: &AppKey, limit: Option<Limit>, of: fn(&QuotaSet) -> &Vec<Option<Arc<Pace>>>| {
+            let limit = limit?;
+            match before(app) {
+                None => Some(Arc::new(Pace::new(limit.rate, limit.burst, SECOND))),
+                Some((p, i)) => match &of(p)[i] {
+                    Some(pace) if pace.rate() == limit.rate.get() && pace.burst() == limit.burst => {
+                        Some(Arc::clone(pace))
+                    }
+                    _ => Some(Arc::new(Pace::spent(limit.rate, limit.burst, SECOND))),
+                },
+            }
+        };
+        let jobs_cap = config.app.and_then(|cap| {
+            (config.jobs_share < 1.0).then(|| Limit { rate: scaled(cap, config.jobs_share), burst: NonZeroU32::MIN })
+        });
+        let user_limit = config.user_conversation_per_minute;
         let set = Arc::new(QuotaSet {
             lanes,
-            apps: apps.iter().map(|_| config.app.map(|cap| Pace::new(cap.rate, cap.burst, SECOND))).collect(),
-            users: apps.iter().map(|_| WindowLog::new(config.user_conversation_per_minute, MINUTE)).collect(),
-            user_limit: config.user_conversation_per_minute,
+            apps: apps.iter().map(|app| paced(app, config.app, |p| &p.apps)).collect(),
+            users: apps
+                .iter()
+                .map(|app| match before(app) {
+                    Some((p, i)) if p.user_limit == user_limit => Arc::clone(&p.users[i]),
+                    Some((p, i)) => Arc::new(p.users[i].with_limit(user_limit)),
+                    None => Arc::new(WindowLog::new(user_limit, MINUTE)),
+                })
+                .collect(),
+            user_limit,
             max_wait: config.max_wait,
-            app_jobs: apps.iter().map(|_| config.app.and_then(|cap| jobs_pace(cap, config.jobs_share))).collect(),
+            app_jobs: apps.iter().map(|app| paced(app, jobs_cap, |p| &p.app_jobs)).collect(),
+            keys: apps.to_vec(),
             adaptive: config.adaptive && report,
             metrics,
             shared,
         });
-        tokio::spawn(Arc::clone(&set).housekeeping());
+        // The set's own task: it ends with the set (a reload replaces it once its requests are done).
+        tokio::spawn(QuotaSet::housekeeping(Arc::downgrade(&set)));
         set
     }
 
@@ -380,7 +446,7 @@ impl QuotaSet {
         let ahead = lane.waiting.load(Ordering::Acquire) as u32;
         let pause = lane.pause_left();
         let (scope, first) = match (ahead, pause) {
-            (0, None) => match (Gates { lane, app: self.apps[app.0].as_ref() }).check() {
+            (0, None) => match (Gates { lane, app: self.apps[app.0].as_deref() }).check() {
                 Ok(remaining) => return Some(Ok(remaining)),
                 Err(refusal) => refusal,
             },
@@ -422,7 +488,7 @@ impl QuotaSet {
         if let Some(decided) = self.lane_now(app, lane, deadline) {
             return decided;
         }
-        let gates = Gates { lane, app: self.apps[app.0].as_ref() };
+        let gates = Gates { lane, app: self.apps[app.0].as_deref() };
         let interval = lane.current().interval();
         let _waiter = Waiter::enter(&lane.waiting);
         let ahead = lane.waiting.load(Ordering::Acquire).saturating_sub(1) as u32;
@@ -573,25 +639,26 @@ impl QuotaSet {
     }
 
     /// Recovers throttled lanes step by step, and forgets idle per-user windows so memory stays bounded.
-    async fn housekeeping(self: Arc<Self>) {
+    async fn housekeeping(set: Weak<QuotaSet>) {
         let mut tick = tokio::time::interval(RECOVERY_STEP);
         loop {
             tick.tick().await;
+            let Some(set) = set.upgrade() else { return };
             let now = Instant::now();
-            for lane in &self.lanes {
+            for lane in &set.lanes {
                 let mut adaptive = lane.adaptive.lock().expect("adaptive lock");
                 let quiet = adaptive.last_throttle.is_none_or(|t| now.duration_since(t) >= RECOVERY_QUIET);
                 if adaptive.factor < 1.0 && quiet {
                     adaptive.factor = (adaptive.factor + 0.1).min(1.0);
                     let rate = lane.set_factor(adaptive.factor);
-                    self.metrics
+                    set.metrics
                         .rate_limit_rate
                         .with_label_values(&[lane.app.as_str(), lane.route.name()])
                         .set(rate as i64);
                     info!(app = %lane.app, route = lane.route.name(), rate, "route rate recovering");
                 }
             }
-            self.users.iter().for_each(WindowLog::evict_idle);
+            set.users.iter().for_each(|users| users.evict_idle());
         }
     }
 }
@@ -792,6 +859,53 @@ mod tests {
         for caller in waiting {
             assert!(caller.await.unwrap());
         }
+    }
+
+    /// A burst of `n` calls at once for user `u`: how many were admitted.
+    fn burst(quota: &QuotaSet, n: usize, call: fn(&str) -> Call) -> usize {
+        (0..n).filter(|_| quota.try_acquire(A, &call("u")).is_some_and(|d| d.is_ok())).count()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_keeps_what_unchanged_lanes_counted() {
+        let config = RateLimitConfig { route: limit(10, 10), max_wait: Duration::ZERO, ..RateLimitConfig::default() };
+        let before = quota(config.clone());
+        assert_eq!(burst(&before, 12, clear), 10, "the burst, then refusals");
+        let after = before.reloaded(&config, &[AppKey::new("o", "a")]);
+        assert_eq!(burst(&after, 5, clear), 0, "no fresh burst: the lane was carried over");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(burst(&after, 12, clear), 10, "and it refills as before");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_that_changes_a_limit_starts_it_spent_and_keeps_the_users_calls() {
+        let config = RateLimitConfig { route: limit(10, 10), max_wait: Duration::ZERO, ..RateLimitConfig::default() };
+        let before = quota(config.clone());
+        assert_eq!(burst(&before, 10, conversation), 5, "the user's 5 a minute");
+        let raised = RateLimitConfig {
+            route: limit(20, 20),
+            user_conversation_per_minute: NonZeroU32::new(6).unwrap(),
+            ..config
+        };
+        let after = before.reloaded(&raised, &[AppKey::new("o", "a")]);
+        assert_eq!(burst(&after, 10, conversation), 0, "the new route limit starts spent: no burst");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(burst(&after, 10, conversation), 1, "the user's 5 calls still count: one more of 6");
+        let paced = burst(&after, 20, clear);
+        assert!((3..=5).contains(&paced), "another changed lane: 200 ms at 20/s, not a burst of 20: {paced}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_drops_a_removed_apps_lanes_and_ends_the_old_sets_task() {
+        let before = quota(RateLimitConfig::default());
+        let weak = Arc::downgrade(&before);
+        let config = RateLimitConfig::default();
+        let after = before.reloaded(&config, &[AppKey::new("o", "b"), AppKey::new("o", "a")]);
+        assert_eq!(after.keys, [AppKey::new("o", "b"), AppKey::new("o", "a")]);
+        assert!(Arc::ptr_eq(&after.lanes[Route::ALL.len()], &before.lanes[0]), "o#a's lanes, now second");
+        drop(before);
+        tokio::time::sleep(RECOVERY_STEP * 2).await;
+        assert!(weak.upgrade().is_none(), "nothing holds the replaced set: its housekeeping ended");
     }
 
     #[tokio::test(start_paused = true)]

@@ -5,6 +5,7 @@ use std::cell::RefCell;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Waker};
@@ -25,18 +26,19 @@ use tracing::{debug, info, warn};
 
 use crate::access::Access;
 use crate::admin::{ADMIN_MAX_CONNECTIONS, AdminService};
-use crate::apps::{App, Apps};
+use crate::apps::Apps;
 use crate::audit::{Audit, AuditOpenError};
-use crate::config::{AppKey, Config, SecretError, SecretPolicy};
-use crate::jobs::runner::Runner;
+use crate::config::{AppKey, Config, SecretPolicy};
+use crate::jobs::runner::{Plane, Runner};
 use crate::jobs::shared::SharedStore;
 use crate::jobs::store::{LocalStore, StoreError};
 use crate::jobs::{Clock, Jobs, Store};
+use crate::logging::LogLevel;
 use crate::metrics::Metrics;
-use crate::ratelimit::{AppIndex, QuotaSet, RedisError};
+use crate::ratelimit::{QuotaSet, RedisError};
+use crate::reload::Reloader;
 use crate::retry::SafeRetry;
 use crate::stack::{Shared, data_plane, job_plane};
-use crate::token::{Credentials, EasemobFetch, TokenSource};
 use crate::upstream::forward::Forward;
 use crate::upstream::{Upstream, UpstreamSetupError};
 
@@ -46,8 +48,6 @@ pub enum StartError {
     /// Every problem the configuration has, one per line.
     #[error("{}", .0.join("\n"))]
     Config(Vec<String>),
-    #[error(transparent)]
-    Secret(#[from] SecretError),
     #[error(transparent)]
     Upstream(#[from] UpstreamSetupError),
     #[error("rate_limit.redis: {0}")]
@@ -63,6 +63,11 @@ pub enum StartError {
 /// A gateway whose listeners are bound and whose token fetches have started.
 pub struct Server {
     config: Config,
+    policy: SecretPolicy,
+    /// The config file, re-read on reload.
+    path: Option<PathBuf>,
+    /// The log filter, which a reload may change.
+    log: Option<LogLevel>,
     shared: Shared,
     upstream: Upstream,
     /// Shared by the data-plane workers: each accepts from it on its own thread.
@@ -84,22 +89,9 @@ impl Server {
         let upstream = Upstream::new(&config.upstream)?;
         let keys: Vec<AppKey> = config.apps.iter().map(|app| app.app_key()).collect();
         let quota = QuotaSet::new(&config.rate_limit, &keys, metrics.clone()).map_err(StartError::Redis)?;
-        let apps = config
-            .apps
-            .iter()
-            .enumerate()
-            .map(|(index, app)| {
-                let credentials = Credentials {
-                    org: app.org_name.clone(),
-                    app: app.app_name.clone(),
-                    client_id: app.client_id.clone(),
-                    client_secret: std::sync::RwLock::new(app.resolve_secret()?),
-                };
-                let fetch = EasemobFetch { credentials, upstream: upstream.clone(), ttl: config.token.ttl };
-                let token = TokenSource::spawn(app.app_key(), fetch, config.token.clone(), metrics.clone());
-                Ok(Arc::new(App::new(AppIndex(index), (&app.org_name, &app.app_name), token, &quota, &metrics)))
-            })
-            .collect::<Result<Vec<_>, StartError>>()?;
+        // Readiness waits for the first tokens; start-up does not.
+        let apps =
+            Apps::assemble(&config, &quota, &upstream, &metrics, None, None).await.map_err(StartError::Config)?;
         let bind = |setting, addr| move |source| StartError::Bind { setting, addr, source };
         let data = TcpListener::bind(config.server.listen)
             .await
@@ -123,10 +115,10 @@ impl Server {
                     .map_err(|source| StartError::Jobs { store: "redis".to_owned(), source })?,
             )),
         };
-        let jobs = store.map(|store| Jobs::new(store, config.jobs.clone(), Arc::clone(&quota), Clock::new()));
+        let jobs = store.map(|store| Jobs::new(store, config.jobs.clone(), Clock::new()));
         let shared = Shared {
             jobs,
-            apps: Apps::new(apps),
+            apps,
             access: Arc::new(Access::new(&config)),
             in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
             quota,
@@ -135,7 +127,13 @@ impl Server {
             metrics,
             body_read_timeout: config.server.body_read_timeout,
         };
-        Ok(Server { config, shared, upstream, data, admin })
+        Ok(Server { config, policy, path: None, log: None, shared, upstream, data, admin })
+    }
+
+    /// Reloads the whole config from `path` on SIGHUP, and when it (or a secret file it names) changes.
+    /// `log` is the log filter's handle, for `log.level`.
+    pub fn reloading_from(self, path: PathBuf, log: Option<LogLevel>) -> Server {
+        Server { path: Some(path), log, ..self }
     }
 
     pub fn data_addr(&self) -> SocketAddr {
@@ -154,7 +152,9 @@ impl Server {
     /// without leaving its thread (nginx's worker model). Quota, tokens, metrics and limits are shared. The admin
     /// listener, token refreshes, Redis and signals run on the calling runtime.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
-        let Server { config, shared, upstream, data, admin } = self;
+        let Server { config, policy, path, log, shared, upstream, data, admin } = self;
+        // The config in force, swapped whole by a reload; every connection builds its stack from the latest.
+        let live = watch::Sender::new(Arc::new(shared.clone()));
         let draining = Arc::new(AtomicBool::new(false));
         let (stop_data, data_stopped) = watch::channel(false);
         let (stop_admin, admin_stopped) = watch::channel(false);
@@ -192,7 +192,7 @@ impl Server {
             let worker = DataWorker {
                 listener,
                 forward: Forward::new(upstream.with_own_pool(), &shared.metrics),
-                shared: shared.clone(),
+                live: live.subscribe(),
                 http: http.clone(),
                 graceful: Arc::clone(&data_graceful),
                 stop: data_stopped.clone(),
@@ -209,12 +209,7 @@ impl Server {
         drop((data, accepting));
         info!(workers = workers.len(), "data plane running");
 
-        let admin_service = AdminService {
-            jobs: shared.jobs.clone(),
-            apps: shared.apps.clone(),
-            metrics: shared.metrics.clone(),
-            draining: Arc::clone(&draining),
-        };
+        let admin_service = AdminService { live: live.subscribe(), draining: Arc::clone(&draining) };
         let admin_loop = tokio::spawn(accept_loop(
             admin,
             http,
@@ -230,18 +225,29 @@ impl Server {
             Connections { limit: Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS)), open: None },
         ));
 
-        let reload = tokio::spawn(reload_secrets(config.clone(), shared.apps.clone()));
-        // Jobs run on this runtime with a client pool of their own. At shutdown the scheduler simply stops: an
-        // operation in flight then is still pending in the store and runs again after the restart.
+        // Jobs run on this runtime with a client pool of their own, through the config in force. At shutdown the
+        // scheduler simply stops: an operation in flight then is still pending in the store and runs again after
+        // the restart.
         let scheduler = shared.jobs.clone().map(|jobs| {
-            let send = job_plane(&shared, &Forward::new(upstream.with_own_pool(), &shared.metrics));
-            let runner =
-                Runner::new(jobs, shared.apps.clone(), Arc::clone(&shared.quota), send, shared.metrics.clone());
-            tokio::spawn(runner.run())
+            let forward = Forward::new(upstream.with_own_pool(), &shared.metrics);
+            let plane_of =
+                move |shared: &Shared| Plane { apps: shared.apps.clone(), send: job_plane(shared, &forward) };
+            let (planes, plane) = watch::channel(plane_of(&shared));
+            let mut reloads = live.subscribe();
+            let follow = tokio::spawn(async move {
+                while reloads.changed().await.is_ok() {
+                    let shared = Arc::clone(&reloads.borrow_and_update());
+                    planes.send_replace(plane_of(&shared));
+                }
+            });
+            (follow, tokio::spawn(Runner::new(jobs, plane, shared.metrics.clone()).run()))
         });
+        let reload = Reloader { path, policy, current: config.clone(), live, upstream: upstream.clone(), log };
+        let reload = tokio::spawn(reload.run());
         shutdown.await;
         reload.abort();
-        if let Some(scheduler) = scheduler {
+        if let Some((follow, scheduler)) = scheduler {
+            follow.abort();
             scheduler.abort();
         }
         info!(grace = ?config.server.shutdown_grace, "shutting down: refusing new connections, draining in-flight requests");
@@ -272,7 +278,8 @@ impl Server {
 struct DataWorker {
     /// The shared listening socket, registered with this worker's runtime.
     listener: TcpListener,
-    shared: Shared,
+    /// The config in force: each connection builds its stack from the latest.
+    live: watch::Receiver<Arc<Shared>>,
     /// The stack's innermost service, with this worker's own connection pool to Easemob.
     forward: Forward,
     http: http1::Builder,
@@ -287,10 +294,13 @@ struct DataWorker {
 
 impl DataWorker {
     async fn run(self) {
-        let DataWorker { listener, shared, forward, http, graceful, stop, connections, mut released, accepting } = self;
+        let DataWorker { listener, live, forward, http, graceful, stop, connections, mut released, accepting } = self;
         // Built per connection: the access layer knows its peer (for server.allow_from) without a per-request
         // extension.
-        let make_service = move |peer: SocketAddr| PerConnection::new(data_plane(&shared, &forward, peer.ip()));
+        let make_service = move |peer: SocketAddr| {
+            let forward = forward.clone();
+            PerConnection::new(live.clone(), move |shared: &Shared| data_plane(shared, &forward, peer.ip()))
+        };
         accept_loop(listener, http, make_service, graceful, stop, connections).await;
         drop(accepting);
         // This thread's connections are still draining: keep driving them until the grace is over.
@@ -301,83 +311,39 @@ impl DataWorker {
 /// A connection's stack as hyper's service. hyper calls a service through `&self`; an HTTP/1 connection's requests
 /// are handled one at a time, so the stack is borrowed for each call instead of cloned (hyper-util's adapter
 /// clones the whole stack per request) whenever it is ready at once, which load shedding makes the usual case;
-/// otherwise a clone waits for readiness.
-struct PerConnection<S>(RefCell<S>);
+/// otherwise a clone waits for readiness. After a reload, the next request is served by a stack built anew from
+/// the new config (one atomic load per request tells); a request in flight keeps the stack it started with.
+struct PerConnection<S, F> {
+    service: RefCell<S>,
+    live: RefCell<watch::Receiver<Arc<Shared>>>,
+    build: F,
+}
 
-impl<S> PerConnection<S> {
-    fn new(service: S) -> PerConnection<S> {
-        PerConnection(RefCell::new(service))
+impl<S, F: Fn(&Shared) -> S> PerConnection<S, F> {
+    fn new(mut live: watch::Receiver<Arc<Shared>>, build: F) -> PerConnection<S, F> {
+        let service = build(&live.borrow_and_update());
+        PerConnection { service: RefCell::new(service), live: RefCell::new(live), build }
     }
 }
 
-impl<S, R> hyper::service::Service<R> for PerConnection<S>
+impl<S, F, R> hyper::service::Service<R> for PerConnection<S, F>
 where
     S: tower::Service<R> + Clone,
+    F: Fn(&Shared) -> S,
 {
     type Response = S::Response;
     type Error = S::Error;
     type Future = Either<S::Future, Oneshot<S, R>>;
 
     fn call(&self, request: R) -> Self::Future {
-        let mut service = self.0.borrow_mut();
+        let mut service = self.service.borrow_mut();
+        let mut live = self.live.borrow_mut();
+        if live.has_changed().unwrap_or(false) {
+            *service = (self.build)(&live.borrow_and_update());
+        }
         match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(Ok(())) => Either::Left(service.call(request)),
             _ => Either::Right(service.clone().oneshot(request)),
-        }
-    }
-}
-
-/// Re-reads every `client_secret_file` on SIGHUP, and checks them every `token.secret_file_poll` (Kubernetes
-/// updates a mounted Secret in place, and a distroless sidecar cannot easily be signalled): a secret that changed
-/// is used for a fresh token. A file that cannot be read keeps the old secret.
-async fn reload_secrets(config: Config, apps: Apps) {
-    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .inspect_err(|_| warn!("SIGHUP handler unavailable: client secret files are only polled"))
-        .ok();
-    let poll = config.token.secret_file_poll;
-    let mut tick = (!poll.is_zero()).then(|| {
-        // The first look one period from now: the secrets were just read.
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + poll, poll);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick
-    });
-    // Each file secret as last read (a digest: the secret itself is kept only where it is used).
-    let digest = |secret: &secrecy::SecretString| {
-        use secrecy::ExposeSecret;
-        use sha2::Digest;
-        sha2::Sha256::digest(secret.expose_secret().as_bytes()).to_vec()
-    };
-    let mut seen: Vec<Option<Vec<u8>>> = config
-        .apps
-        .iter()
-        .map(|app| app.resolve_secret().ok().filter(|_| app.client_secret_file.is_some()).map(|s| digest(&s)))
-        .collect();
-    loop {
-        let hangup = tokio::select! {
-            Some(()) = async { hangups.as_mut()?.recv().await } => true,
-            _ = async { tick.as_mut()?.tick().await; Some(()) }, if tick.is_some() => false,
-            else => return,
-        };
-        if hangup {
-            info!("SIGHUP received: re-reading client secret files");
-        }
-        for ((app, runtime), seen) in config.apps.iter().zip(apps.iter()).zip(seen.iter_mut()) {
-            if app.client_secret_file.is_none() {
-                continue;
-            }
-            match app.resolve_secret() {
-                Ok(secret) => {
-                    let now = digest(&secret);
-                    if hangup || seen.as_ref() != Some(&now) {
-                        *seen = Some(now);
-                        runtime.token.replace_secret(secret);
-                    }
-                }
-                Err(e) if hangup => {
-                    warn!(app = %runtime.key, error = %e, "client secret not reloaded; keeping the current one")
-                }
-                Err(_) => {} // between the writes of a rotation, perhaps; looked at again at the next tick
-            }
         }
     }
 }

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use http::{Response, StatusCode};
 use http_body_util::Full;
-use secrecy::SecretString;
 use tokio::time::Instant;
 
 use crate::apps::App;
@@ -62,8 +61,6 @@ impl Fetch for ScriptedFetch {
     fn timeout(&self) -> Duration {
         Duration::from_secs(10)
     }
-
-    fn replace_secret(&self, _: SecretString) {}
 }
 
 pub fn grant(token: &str, expires_in: u64) -> Grant {
@@ -87,7 +84,7 @@ pub fn app(fetch: &ScriptedFetch, quota: &Arc<QuotaSet>) -> Arc<App> {
 /// [`app`], its lanes counted in `metrics`.
 pub fn measured_app(fetch: &ScriptedFetch, quota: &Arc<QuotaSet>, metrics: &Metrics) -> Arc<App> {
     let token = TokenSource::spawn(AppKey::new("o", "a"), fetch.clone(), TokenConfig::default(), metrics.clone());
-    Arc::new(App::new(AppIndex(0), ("o", "a"), token, quota, metrics))
+    Arc::new(App::new(AppIndex(0), ("o", "a"), token, [0; 32], quota, metrics))
 }
 
 pub fn quota(config: RateLimitConfig) -> Arc<QuotaSet> {

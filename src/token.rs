@@ -6,8 +6,8 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -126,6 +126,8 @@ struct State {
     generation: u64,
     /// The next token replaces one Easemob refused.
     replacing_refused: bool,
+    /// Why the last fetch failed, while it is the last word: for a reload that waits for a new app's first token.
+    last_error: Option<String>,
 }
 
 impl State {
@@ -140,8 +142,7 @@ pub struct Credentials {
     pub org: String,
     pub app: String,
     pub client_id: String,
-    /// Replaceable at run time: Kubernetes rotates mounted secrets, and SIGHUP re-reads them.
-    pub client_secret: std::sync::RwLock<SecretString>,
+    pub client_secret: SecretString,
 }
 
 /// What a token endpoint granted, before the source turns it into a usable [`Token`].
@@ -159,8 +160,6 @@ pub trait Fetch: Send + Sync + 'static {
     fn fetch(&self) -> Fetching<'_>;
     /// How long one fetch may take.
     fn timeout(&self) -> Duration;
-    /// A rotated client secret (SIGHUP), used from the next fetch on.
-    fn replace_secret(&self, secret: SecretString);
 }
 
 /// Client credentials sent to `POST /{org}/{app}/token`.
@@ -180,7 +179,8 @@ pub struct TokenSource {
 }
 
 impl TokenSource {
-    /// Creates the source and starts its background task, which fetches the first token at once.
+    /// Creates the source and starts its background task, which fetches the first token at once and ends once
+    /// the source is dropped (a reload removed the app or changed its credentials).
     pub fn spawn(app_key: AppKey, fetcher: impl Fetch, config: TokenConfig, metrics: Metrics) -> Arc<Self> {
         // Series exist from the start at 0, so rate() and alerts work before the first event.
         metrics.token_replays.with_label_values(&[app_key.as_str()]);
@@ -194,7 +194,7 @@ impl TokenSource {
             metrics,
             state: watch::Sender::new(State { wanted: true, ..State::default() }),
         });
-        tokio::spawn(Arc::clone(&source).run());
+        tokio::spawn(TokenSource::run(Arc::downgrade(&source), source.state.subscribe()));
         source
     }
 
@@ -260,12 +260,17 @@ impl TokenSource {
         replace
     }
 
-    /// Takes a new client secret (SIGHUP after a rotation) and fetches a fresh token with it. The current token
-    /// keeps serving meanwhile: a secret rotation does not revoke tokens already issued.
-    pub fn replace_secret(&self, secret: SecretString) {
-        self.fetcher.replace_secret(secret);
-        info!(app = %self.app_key, "client secret reloaded; fetching a fresh token");
-        self.state.send_if_modified(|s| !std::mem::replace(&mut s.wanted, true));
+    /// Waits for the first fetch's outcome, at most `within`: `Err` with the reason when it failed. A reload
+    /// applies a new app or new credentials only once Easemob has granted a token with them.
+    pub async fn first_outcome(&self, within: Duration) -> Result<(), String> {
+        let mut rx = self.state.subscribe();
+        let outcome = rx.wait_for(|s| s.token.is_some() || s.failed_until.is_some());
+        match tokio::time::timeout(within, outcome).await {
+            Ok(Ok(state)) if state.token.is_some() => Ok(()),
+            Ok(Ok(state)) => Err(state.last_error.clone().unwrap_or_else(|| "the token fetch failed".to_owned())),
+            Ok(Err(_)) => unreachable!("the sender lives in self"),
+            Err(_) => Err(format!("no answer from the token endpoint within {within:?}")),
+        }
     }
 
     pub fn is_ready(&self) -> bool {
@@ -290,48 +295,53 @@ impl TokenSource {
         self.state.borrow().token.as_ref().and_then(|t| t.application.clone())
     }
 
-    async fn run(self: Arc<Self>) {
-        let mut rx = self.state.subscribe();
-        let mut backoff = self.config.retry_min;
+    /// The background task. Holds the source only while it fetches, so that dropping the source ends it.
+    async fn run(source: Weak<Self>, mut rx: watch::Receiver<State>) {
+        let Some(config) = source.upgrade().map(|s| s.config.clone()) else { return };
+        let mut backoff = config.retry_min;
         let mut last_fetch: Option<Instant> = None;
         loop {
             if let Some(last) = last_fetch {
-                tokio::time::sleep_until(last + self.config.min_interval).await;
+                tokio::time::sleep_until(last + config.min_interval).await;
             }
-            self.state.send_modify(|s| {
+            let Some(this) = source.upgrade() else { return };
+            this.state.send_modify(|s| {
                 s.fetching = true;
                 s.wanted = false;
             });
             last_fetch = Some(Instant::now());
-            let next_fetch = match self.fetch().await {
+            let next_fetch = match this.fetch().await {
                 Ok(token) => {
-                    backoff = self.config.retry_min;
+                    backoff = config.retry_min;
                     let refresh_at = token.refresh_at;
-                    self.state.send_modify(|s| {
+                    this.state.send_modify(|s| {
                         s.token = Some(Arc::new(token));
                         s.fetching = false;
                         s.failed_until = None;
+                        s.last_error = None;
                     });
                     refresh_at
                 }
                 Err(e) => {
-                    self.metrics.token_fetches.with_label_values(&[self.app_key.as_str(), e.result_label()]).inc();
+                    this.metrics.token_fetches.with_label_values(&[this.app_key.as_str(), e.result_label()]).inc();
                     // Equal jitter: half fixed, half random, so replicas that failed together spread out.
                     let delay = backoff / 2 + backoff.mul_f64(fastrand::f64() / 2.0);
-                    backoff = (backoff * 2).min(self.config.retry_max);
+                    backoff = (backoff * 2).min(config.retry_max);
                     let retry_at = Instant::now() + delay;
-                    let still_serving = self.is_ready();
-                    warn!(app = %self.app_key, error = %e, retry_in = ?delay, still_serving, "app token fetch failed");
-                    self.state.send_modify(|s| {
+                    let still_serving = this.is_ready();
+                    warn!(app = %this.app_key, error = %e, retry_in = ?delay, still_serving, "app token fetch failed");
+                    this.state.send_modify(|s| {
                         s.fetching = false;
                         s.failed_until = Some(retry_at);
+                        s.last_error = Some(e.to_string());
                     });
                     retry_at
                 }
             };
+            drop(this);
             tokio::select! {
                 _ = tokio::time::sleep_until(next_fetch) => {}
-                _ = rx.wait_for(|s| s.wanted) => {}
+                wanted = rx.wait_for(|s| s.wanted) => if wanted.is_err() { return },
             }
         }
     }
@@ -387,7 +397,7 @@ impl Fetch for EasemobFetch {
             let mut body = serde_json::json!({
                 "grant_type": "client_credentials",
                 "client_id": c.client_id,
-                "client_secret": c.client_secret.read().expect("secret lock").expose_secret(),
+                "client_secret": c.client_secret.expose_secret(),
             });
             if let Some(ttl) = self.ttl {
                 body["ttl"] = ttl.as_secs().into();
@@ -419,10 +429,6 @@ impl Fetch for EasemobFetch {
 
     fn timeout(&self) -> Duration {
         self.upstream.timeout()
-    }
-
-    fn replace_secret(&self, secret: SecretString) {
-        *self.credentials.client_secret.write().expect("secret lock") = secret;
     }
 }
 
@@ -501,6 +507,27 @@ mod tests {
         assert_eq!(asked.elapsed(), Duration::ZERO, "a fast 503, not a wait");
         assert!(no_token.retry_after > Duration::ZERO && no_token.retry_after <= Duration::from_secs(4));
         assert_eq!(source.status().state, "failing");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_source_stops_fetching() {
+        let fetch = ScriptedFetch::granting(100);
+        let source = testing::source(&fetch, config());
+        assert_eq!(source.first_outcome(Duration::from_secs(1)).await, Ok(()));
+        drop(source);
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(fetch.count(), 1, "no refresh for an app a reload removed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_outcome_says_why_no_token_was_granted() {
+        let fetch = ScriptedFetch::new(Duration::ZERO, |_| Err(refused()));
+        let source = testing::source(&fetch, config());
+        let reason = source.first_outcome(Duration::from_secs(1)).await.unwrap_err();
+        assert!(reason.contains("401") && reason.contains("invalid_grant"), "{reason}");
+        let slow = ScriptedFetch::new(Duration::from_secs(5), |_| Ok(grant("t", 100)));
+        let source = testing::source(&slow, config());
+        assert!(source.first_outcome(Duration::from_secs(1)).await.unwrap_err().contains("within"));
     }
 
     #[tokio::test(start_paused = true)]

@@ -2,6 +2,7 @@
 //! per exchange, and answers read whole (they are small JSON) so a cut-off answer becomes a definite 502.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -66,7 +67,8 @@ pub struct Upstream {
     origin: Arc<(Scheme, Authority, String)>,
     /// `Host` for every call, worked out once (hyper would format it again for each request).
     host: HeaderValue,
-    timeout: Duration,
+    /// `upstream.timeout` in nanoseconds, shared by every clone: a reload changes it for calls not yet sent.
+    timeout: Arc<AtomicU64>,
 }
 
 impl Upstream {
@@ -105,7 +107,7 @@ impl Upstream {
             pool_max_idle_per_host: config.pool_max_idle_per_host,
             host: config.base_url.host_header(),
             origin: Arc::new(origin(&config.base_url)),
-            timeout: config.timeout,
+            timeout: Arc::new(AtomicU64::new(config.timeout.as_nanos() as u64)),
         })
     }
 
@@ -154,12 +156,17 @@ impl Upstream {
     }
 
     pub fn timeout(&self) -> Duration {
-        self.timeout
+        Duration::from_nanos(self.timeout.load(Ordering::Relaxed))
+    }
+
+    /// A reloaded `upstream.timeout`, for every clone of this upstream (every worker's and the token fetches').
+    pub fn set_timeout(&self, timeout: Duration) {
+        self.timeout.store(timeout.as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// Sends one request and reads the whole answer, all within the configured timeout.
     pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<Bytes>, UpstreamError> {
-        self.send_until(request, tokio::time::Instant::now() + self.timeout).await
+        self.send_until(request, tokio::time::Instant::now() + self.timeout()).await
     }
 
     /// Sends one request and reads the whole answer, all before `deadline`.
@@ -184,7 +191,7 @@ impl Upstream {
                 .to_bytes();
             Ok(Response::from_parts(parts, body))
         };
-        tokio::time::timeout_at(deadline, exchange).await.unwrap_or(Err(UpstreamError::Timeout(self.timeout)))
+        tokio::time::timeout_at(deadline, exchange).await.unwrap_or(Err(UpstreamError::Timeout(self.timeout())))
     }
 }
 

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderValue, StatusCode};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tower::{Service, ServiceExt};
@@ -30,7 +31,7 @@ use crate::apps::{App, Apps};
 use crate::config::JobsConfig;
 use crate::exchange::{Answer, Exchange, Marks, UnusedSlot, Validated};
 use crate::metrics::Metrics;
-use crate::ratelimit::{QuotaSet, Scope, easemob_retry_after};
+use crate::ratelimit::{Scope, easemob_retry_after};
 use crate::routes::Route;
 use crate::routes::validate::Call;
 use crate::trace::TraceContext;
@@ -52,11 +53,18 @@ const STORE_RETRY: Duration = Duration::from_secs(1);
 
 pub struct Runner<S> {
     jobs: Jobs,
-    apps: Apps,
-    quota: Arc<QuotaSet>,
-    /// The stack below validation, as a direct call goes through it: audit, token, quota, client.
-    send: S,
+    /// The config in force, replaced by a reload.
+    plane: watch::Receiver<Plane<S>>,
+    current: Plane<S>,
     metrics: Metrics,
+}
+
+/// What the scheduler sends through, as the config in force has it.
+#[derive(Clone)]
+pub struct Plane<S> {
+    pub apps: Apps,
+    /// The stack below validation, as a direct call goes through it: audit, token, quota, client.
+    pub send: S,
 }
 
 /// An operation fetched from the store, ready to send.
@@ -73,11 +81,12 @@ where
     S: Service<Exchange, Response = Answer, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send,
 {
-    pub fn new(jobs: Jobs, apps: Apps, quota: Arc<QuotaSet>, send: S, metrics: Metrics) -> Runner<S> {
-        Runner { jobs, apps, quota, send, metrics }
+    pub fn new(jobs: Jobs, mut plane: watch::Receiver<Plane<S>>, metrics: Metrics) -> Runner<S> {
+        let current = plane.borrow_and_update().clone();
+        Runner { jobs, plane, current, metrics }
     }
 
-    pub async fn run(self) {
+    pub async fn run(mut self) {
         let config = self.jobs.config().clone();
         let store = self.jobs.store().clone();
         let clock = self.jobs.clock();
@@ -99,6 +108,17 @@ where
         let mut last_fetch = Instant::now();
         loop {
             let now = Instant::now();
+            if self.plane.has_changed().unwrap_or(false) {
+                // A reload: what is queued goes back to the store, to be fetched again under the new config (an
+                // app may be gone, a quota changed). What is in flight finishes under the old one.
+                self.current = self.plane.borrow_and_update().clone();
+                for op in queue.drain(..) {
+                    self.release(&op.due, clock.now_ms()).await;
+                    held.remove(&op.due.key());
+                }
+                lanes_full.clear();
+                new_work = true;
+            }
             if now >= next_expiry {
                 let before = clock.now_ms() - config.retention.as_millis() as i64;
                 match store.expire(before).await {
@@ -205,9 +225,9 @@ where
                     waiting.push_back(op);
                     continue;
                 }
-                match self.quota.background(op.app.index, &op.call).await {
+                match op.app.quota.background(op.app.index, &op.call).await {
                     Ok(slot) => {
-                        let send = self.send.clone();
+                        let send = self.current.send.clone();
                         let slot = UnusedSlot { policy: slot.policy, limit: slot.limit };
                         let counted = self.metrics.job_operations.clone();
                         let if_it_panics = Outcome {
@@ -319,7 +339,7 @@ where
             error_description: Some(description),
             next: Next::Done(OpState::Failed),
         };
-        let Some(app) = self.apps.iter().find(|app| app.key.as_str() == due.app).cloned() else {
+        let Some(app) = self.current.apps.iter().find(|app| app.key.as_str() == due.app).cloned() else {
             return Err(fail("app_not_configured", format!("{} is no longer configured here", due.app)));
         };
         match call_of(&due.path, due.body.as_deref(), clock.now_ms()) {
@@ -481,9 +501,9 @@ mod tests {
             .layer(TokenLayer::new(&Metrics::new()))
             .layer(QuotaLayer::new(Arc::clone(&quota)))
             .service(easemob);
-        let jobs = Jobs::new(store, jobs_config, Arc::clone(&quota), Clock::new());
-        let apps = Apps::new(vec![Arc::clone(&app)]);
-        tokio::spawn(Runner::new(jobs.clone(), apps, quota, send, Metrics::new()).run());
+        let jobs = Jobs::new(store, jobs_config, Clock::new());
+        let (_, plane) = watch::channel(Plane { apps: Apps::new(vec![Arc::clone(&app)]), send });
+        tokio::spawn(Runner::new(jobs.clone(), plane, Metrics::new()).run());
         Harness { jobs, app, sent, _dir: dir }
     }
 

@@ -91,6 +91,10 @@ impl Pace {
         self.rate
     }
 
+    pub fn burst(&self) -> NonZeroU32 {
+        self.burst
+    }
+
     /// The spacing of calls.
     pub fn interval(&self) -> Duration {
         self.cell * self.cells.get()

@@ -24,6 +24,13 @@ impl WindowLog {
         WindowLog { limit: limit.get() as usize, window: guarded(window), keys: Mutex::default() }
     }
 
+    /// A log with another limit holding the calls this one counted: a reload that changes the limit must not
+    /// forget the calls already made in the window.
+    pub fn with_limit(&self, limit: NonZeroU32) -> WindowLog {
+        let keys = self.keys.lock().expect("window lock").clone();
+        WindowLog { limit: limit.get() as usize, window: self.window, keys: Mutex::new(keys) }
+    }
+
     /// Takes a place for `key` now, or says how long until the window frees one. The place is given back if the
     /// [`Place`] is dropped before it is [`sent`](Place::sent): a call refused by a later gate costs nothing here.
     pub fn reserve(&self, key: &str) -> Result<Place<'_>, Duration> {

@@ -72,7 +72,7 @@ impl Service<Exchange> for Forward {
             }
             // One deadline for the request's exchanges with Easemob, from the first send: a retry never stretches
             // the caller's wait, and waiting for the token or the quota does not eat into Easemob's time.
-            let deadline = exchange.deadline.unwrap_or_else(|| tokio::time::Instant::now() + upstream.timeout);
+            let deadline = exchange.deadline.unwrap_or_else(|| tokio::time::Instant::now() + upstream.timeout());
             let sent = std::time::Instant::now();
             let result = upstream.send_until(request, deadline).await;
             let lane = exchange.lane();

@@ -1,0 +1,172 @@
+//! Whole-config reload. On SIGHUP, or when the config file or a secret file it names changes, the config is read
+//! again and checked in full: as `check-config` checks it, then every new app's (or changed credentials') first
+//! App Token. A config with any problem changes nothing; its problems are logged with `check-config`'s messages
+//! and counted. A good one is applied at once: each connection serves its next request with a stack built from
+//! it, while requests in flight finish under the config they started with. A reload keeps the token of every app
+//! whose credentials are unchanged, what the quota has counted (`QuotaSet::reloaded`: no fresh burst), every
+//! connection, the jobs and the audit trail. Settings it cannot change (sockets, threads, pools, stores) keep
+//! their values and are reported as waiting for a restart.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::access::Access;
+use crate::apps::Apps;
+use crate::config::{Config, SecretPolicy};
+use crate::logging::LogLevel;
+use crate::stack::Shared;
+use crate::upstream::Upstream;
+
+/// Watches for reasons to reload, and reloads.
+pub struct Reloader {
+    /// The config file; without one (`demo`) there is nothing to reload.
+    pub path: Option<PathBuf>,
+    pub policy: SecretPolicy,
+    /// The config in force, its restart-only settings as the gateway started with them.
+    pub current: Config,
+    /// What every connection's stack is built from.
+    pub live: watch::Sender<Arc<Shared>>,
+    /// Every worker's upstream shares its timeout with this one.
+    pub upstream: Upstream,
+    pub log: Option<LogLevel>,
+}
+
+/// Why a reload changed nothing: every problem, one per line.
+#[derive(Debug)]
+pub struct Rejected {
+    pub problems: Vec<String>,
+    /// Easemob did not grant a token with new credentials (perhaps only for now): tried again at the next poll.
+    pub credentials: bool,
+}
+
+impl Reloader {
+    /// Reloads on SIGHUP, and whenever `server.reload_poll` finds the config file or a secret file changed.
+    pub async fn run(mut self) {
+        let mut hangups = signal(SignalKind::hangup())
+            .inspect_err(|e| warn!(error = %e, "no SIGHUP handler: reload by signal is off"))
+            .ok();
+        let Some(path) = self.path.clone() else {
+            // SIGHUP's default action would end the process.
+            while let Some(hangups) = hangups.as_mut() {
+                hangups.recv().await;
+                warn!("SIGHUP received, but there is no config file to reload (demo mode)");
+            }
+            return;
+        };
+        let mut seen = inputs(&path, &self.current);
+        loop {
+            let poll = self.current.server.reload_poll;
+            let hangup = tokio::select! {
+                Some(()) = async { hangups.as_mut()?.recv().await } => true,
+                _ = tokio::time::sleep(poll), if !poll.is_zero() => false,
+                else => return,
+            };
+            let now = inputs(&path, &self.current);
+            if hangup {
+                info!(config = %path.display(), "SIGHUP received: reloading the config");
+            } else if now == seen {
+                continue;
+            } else {
+                info!(config = %path.display(), "the config file or a secret file changed: reloading the config");
+            }
+            seen = now;
+            if let Err(rejected) = self.reload().await
+                && rejected.credentials
+            {
+                seen = None;
+            }
+        }
+    }
+
+    /// Reads, checks and applies the config file; logged and counted either way.
+    pub async fn reload(&mut self) -> Result<(), Rejected> {
+        let metrics = self.live.borrow().metrics.clone();
+        let result = self.apply().await;
+        match &result {
+            Ok(restart) => {
+                metrics.config_reloads.with_label_values(&["applied"]).inc();
+                metrics.config_last_reload_successful.set(1);
+                metrics.config_restart_required.set(i64::from(!restart.is_empty()));
+                if !restart.is_empty() {
+                    warn!(settings = restart.join(", "), "config reloaded; these settings take effect after a restart");
+                }
+            }
+            Err(rejected) => {
+                metrics.config_reloads.with_label_values(&["rejected"]).inc();
+                metrics.config_last_reload_successful.set(0);
+                for problem in &rejected.problems {
+                    warn!(problem = %problem, "config not reloaded; the running config stays in force");
+                }
+            }
+        }
+        result.map(drop)
+    }
+
+    /// Returns the settings that changed but wait for a restart.
+    async fn apply(&mut self) -> Result<Vec<&'static str>, Rejected> {
+        let path = self.path.as_ref().expect("a config file to reload");
+        let problems = |problems, credentials| Rejected { problems, credentials };
+        let mut config = Config::load(path).map_err(|e| problems(e.lines().map(str::to_owned).collect(), false))?;
+        let found = config.problems(self.policy);
+        if !found.is_empty() {
+            return Err(problems(found, false));
+        }
+        let restart = config.keep_restart_only(&self.current);
+        let previous = Arc::clone(&self.live.borrow());
+        let keys: Vec<_> = config.apps.iter().map(|app| app.app_key()).collect();
+        let quota = previous.quota.reloaded(&config.rate_limit, &keys);
+        // A new token source's first fetch answers within the upstream timeout; a moment more for its task to run.
+        let verify_within = config.upstream.timeout + Duration::from_secs(1);
+        let metrics = &previous.metrics;
+        let apps = Apps::assemble(&config, &quota, &self.upstream, metrics, Some(&previous.apps), Some(verify_within))
+            .await
+            .map_err(|found| problems(found, true))?;
+
+        // Checked in full: from here on nothing fails.
+        let kept = apps.iter().filter(|app| previous.apps.iter().any(|p| Arc::ptr_eq(&p.token, &app.token))).count();
+        let (added, removed) = (
+            apps.iter().filter(|app| previous.apps.iter().all(|p| p.key != app.key)).count(),
+            previous.apps.iter().filter(|p| apps.iter().all(|app| app.key != p.key)).count(),
+        );
+        self.upstream.set_timeout(config.upstream.timeout);
+        if config.log.level != self.current.log.level
+            && let Some(log) = &self.log
+        {
+            match log.set(&config.log.level) {
+                Ok(true) => {}
+                Ok(false) => warn!("log.level changed, but RUST_LOG is set and wins"),
+                Err(e) => warn!(error = %e, "log.level could not be applied"),
+            }
+        }
+        let shared = Shared {
+            apps,
+            access: Arc::new(Access::new(&config)),
+            quota,
+            body_read_timeout: config.server.body_read_timeout,
+            ..Shared::clone(&previous)
+        };
+        self.live.send_replace(Arc::new(shared));
+        info!(apps = config.apps.len(), added, removed, tokens_kept = kept, "config reloaded");
+        self.current = config;
+        Ok(restart)
+    }
+}
+
+/// A digest of what a reload reads from files: the config file and every `client_secret_file` it names. `None`
+/// when one cannot be read (a reload will say why).
+fn inputs(path: &std::path::Path, config: &Config) -> Option<[u8; 32]> {
+    let mut digest = Sha256::new();
+    let files = std::iter::once(path).chain(config.apps.iter().filter_map(|app| app.client_secret_file.as_deref()));
+    for file in files {
+        let bytes = std::fs::read(file).ok()?;
+        digest.update((bytes.len() as u64).to_le_bytes());
+        digest.update(&bytes);
+    }
+    Some(digest.finalize().into())
+}
