@@ -118,6 +118,11 @@ impl Reloader {
             return Err(problems(found, false));
         }
         let restart = config.keep_restart_only(&self.current);
+        // The settings kept must agree with the new ones (a data plane beyond loopback still needs `allow_from`).
+        let found = config.problems(self.policy);
+        if !found.is_empty() {
+            return Err(problems(found, false));
+        }
         let previous = Arc::clone(&self.live.borrow());
         let keys: Vec<_> = config.apps.iter().map(|app| app.app_key()).collect();
         let quota = previous.quota.reloaded(&config.rate_limit, &keys);

@@ -8,6 +8,7 @@ mod jobs;
 mod lifecycle;
 mod ops;
 mod quota;
+mod reload;
 mod resilience;
 mod routes;
 mod seeds;

@@ -162,7 +162,7 @@ async fn sighup_rereads_a_rotated_secret_and_fetches_a_fresh_token() {
 #[tokio::test]
 async fn a_secret_file_rotated_in_place_is_picked_up_without_a_signal() {
     let sim = Sim::start().await;
-    let options = GatewayOptions { extra: "[token]\nsecret_file_poll = \"200ms\"\n".into(), ..Default::default() };
+    let options = GatewayOptions { server: "reload_poll = \"200ms\"".into(), ..Default::default() };
     let gw = Gateway::ready_with(&sim, options).await;
     // As Kubernetes does for a mounted Secret: the file changes, nobody tells the gateway.
     let rotated = "YXA6rotated-secret-0043";
@@ -175,7 +175,7 @@ async fn a_secret_file_rotated_in_place_is_picked_up_without_a_signal() {
     .await;
     sim.expire_tokens().await;
     assert_eq!(clear(&gw).await.status, 200, "the new secret serves the fetch after a 401 too");
-    assert_eq!(gw.log().matches("client secret reloaded").count(), 1, "once, for the one change");
+    assert_eq!(gw.log().matches("config reloaded").count(), 1, "once, for the one change");
     assert!(!gw.log().contains(rotated), "the secret is never logged");
 }
 
