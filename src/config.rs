@@ -1110,11 +1110,12 @@ mod tests {
         }
     }
 
-    /// The keys the README's configuration table names: `section.key`, with the bare names that follow in a cell
-    /// taking the first one's section (`` `[[apps]] org_name`, `app_name` ``).
+    /// The keys the configuration reference's table names (docs/configuration.md, under `## Keys`):
+    /// `section.key`, with the bare names that follow in a cell taking the first one's section
+    /// (`` `[[apps]] org_name`, `app_name` ``).
     fn documented() -> std::collections::BTreeSet<String> {
-        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-        let table = readme.split("\n## Configuration\n").nth(1).unwrap().split("\n## ").next().unwrap();
+        let page = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/configuration.md")).unwrap();
+        let table = page.split("\n## Keys\n").nth(1).expect("a `## Keys` section").split("\n## ").next().unwrap();
         let mut out = std::collections::BTreeSet::new();
         for row in table.lines().filter(|l| l.starts_with("| `")) {
             let cell = row.split('|').nth(1).unwrap();
@@ -1133,7 +1134,7 @@ mod tests {
     }
 
     #[test]
-    fn the_readme_documents_every_config_key_and_no_other() {
+    fn the_configuration_reference_documents_every_key_and_no_other() {
         let mut c = Config::load(write(MINIMAL).path()).unwrap();
         // Every optional key set, so that each shows in the effective config.
         c.server.allow_from = vec!["10.0.0.0/8".parse().unwrap()];
@@ -1152,12 +1153,12 @@ mod tests {
             (Some("S".to_owned()), Some(InlineSecret(SecretString::from("s"))));
         let mut code = std::collections::BTreeSet::new();
         keys(&toml::Value::try_from(&c).unwrap(), "", &mut code);
-        let readme = documented();
-        let undocumented: Vec<_> = code.difference(&readme).collect();
-        let unknown: Vec<_> = readme.difference(&code).collect();
+        let documented = documented();
+        let undocumented: Vec<_> = code.difference(&documented).collect();
+        let unknown: Vec<_> = documented.difference(&code).collect();
         assert!(
             undocumented.is_empty() && unknown.is_empty(),
-            "not in the README: {undocumented:?}; not in the code: {unknown:?}"
+            "not in docs/configuration.md: {undocumented:?}; not in the code: {unknown:?}"
         );
     }
 
