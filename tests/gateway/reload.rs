@@ -23,7 +23,12 @@ async fn reloads(gw: &Gateway, result: &str) -> f64 {
 
 /// One caller on one keep-alive connection, sending `clear_user_messages` every `every` until `stop`: each
 /// answer's status and `RateLimit-Policy`, or the error that ended the connection.
-async fn caller(data: String, path: String, every: Duration, stop: Arc<AtomicBool>) -> Result<Vec<(u16, String)>, String> {
+async fn caller(
+    data: String,
+    path: String,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> Result<Vec<(u16, String)>, String> {
     let stream = TcpStream::connect(data.trim_start_matches("http://")).await.map_err(|e| e.to_string())?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
