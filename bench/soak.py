@@ -21,7 +21,7 @@ import time
 from collections import Counter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "easemob-gateway")
+BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "easemob-gateway")
 ORG, APP, GROUP = "1122161011178276", "demo", "172839405612345"
 
 
