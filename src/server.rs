@@ -191,7 +191,7 @@ impl Server {
                 .expect("the data listener registered with a worker's runtime");
             let worker = DataWorker {
                 listener,
-                forward: Forward::new(upstream.with_own_pool(), &shared.metrics),
+                forward: Forward::new(upstream.clone(), &shared.metrics),
                 live: live.subscribe(),
                 http: http.clone(),
                 graceful: Arc::clone(&data_graceful),
@@ -229,7 +229,7 @@ impl Server {
         // scheduler simply stops: an operation in flight then is still pending in the store and runs again after
         // the restart.
         let scheduler = shared.jobs.clone().map(|jobs| {
-            let forward = Forward::new(upstream.with_own_pool(), &shared.metrics);
+            let forward = Forward::new(upstream.clone(), &shared.metrics);
             let plane_of =
                 move |shared: &Shared| Plane { apps: shared.apps.clone(), send: job_plane(shared, &forward) };
             let (planes, plane) = watch::channel(plane_of(&shared));

@@ -58,6 +58,9 @@ pub struct Faults {
     /// This many business answers are cut off after their first bytes (the connection is reset mid-answer),
     /// after the operation was applied.
     pub reset_count: u32,
+    /// Connections accepted from now on are closed once idle this long, as a server closes keep-alive
+    /// connections it no longer wants.
+    pub idle_close_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -74,6 +77,10 @@ pub struct Stats {
     /// Calls refused with 429 for being over one of Easemob's limits: a gateway let too much through.
     pub over_limit: u64,
     pub over_limit_by_route: BTreeMap<&'static str, u64>,
+    /// Connections accepted, open now (this request's own included), and closed by `idle_close_ms`.
+    pub connections: u64,
+    pub connections_open: u64,
+    pub connections_closed_idle: u64,
 }
 
 /// A business request as the simulator received it, for tests to check what the gateway sent.
@@ -109,6 +116,20 @@ pub struct Simulator {
 }
 
 impl Simulator {
+    /// A connection was accepted: how long it may stay idle, if the faults say.
+    fn connection_accepted(&self) -> Option<Duration> {
+        let mut world = self.world.lock().expect("world lock");
+        world.stats.connections += 1;
+        world.stats.connections_open += 1;
+        world.faults.idle_close_ms.map(Duration::from_millis)
+    }
+
+    fn connection_closed(&self, idle: bool) {
+        let stats = &mut self.world.lock().expect("world lock").stats;
+        stats.connections_open -= 1;
+        stats.connections_closed_idle += u64::from(idle);
+    }
+
     /// The demo world: two apps (`demo`, `demo2`) with the demo credentials, each seeded by [`state::seed`].
     pub fn demo() -> Simulator {
         let now = now_ms();

@@ -1,29 +1,38 @@
-//! The client towards Easemob: hyper-util's pooled client over rustls, with a connect timeout, a total timeout
-//! per exchange, and answers read whole (they are small JSON) so a cut-off answer becomes a definite 502.
+//! The client towards Easemob: one host, reached from a handful of threads, so a pool of hyper's own HTTP/1
+//! connections (`hyper::client::conn::http1`) per thread rather than a general-purpose client for many hosts. A
+//! request and the connection that carries it are driven by the same thread: no lock, no cross-thread wake-up, no
+//! key hashed per request. TLS by rustls, a connect timeout, a total timeout per exchange, and answers read whole
+//! (they are small JSON) so a cut-off answer becomes a definite 502.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{Authority, PathAndQuery};
 use http::{HeaderValue, Method, Request, Response, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
 use rustls::RootCertStore;
-use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use thread_local::ThreadLocal;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use tracing::debug;
 
 use crate::config::{BaseUrl, UpstreamConfig};
 
-/// The scheme, host and path prefix (without its trailing slash) of a base URL.
-fn origin(base_url: &BaseUrl) -> (Scheme, Authority, String) {
+/// The host and path prefix (without its trailing slash) of a base URL, and whether it is `https`.
+fn origin(base_url: &BaseUrl) -> (Authority, String, bool) {
     let uri: Uri = base_url.as_str().parse().expect("checked when the config was read");
     let parts = uri.into_parts();
+    let tls = parts.scheme.as_ref().is_some_and(|s| s.as_str() == "https");
     let prefix = parts.path_and_query.map(|p| p.path().trim_end_matches('/').to_owned()).unwrap_or_default();
-    (parts.scheme.expect("checked: http or https"), parts.authority.expect("checked: a host"), prefix)
+    (parts.authority.expect("checked: a host"), prefix, tls)
 }
 
 pub mod forward;
@@ -41,6 +50,8 @@ pub enum UpstreamSetupError {
     CaFile { path: std::path::PathBuf, reason: String },
     #[error("TLS setup: {0}")]
     Tls(rustls::Error),
+    #[error("upstream.base_url: not a TLS server name: {0}")]
+    Name(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,88 +66,100 @@ pub enum UpstreamError {
     Failed(String),
 }
 
-type Connector = HttpsConnector<HttpConnector>;
-
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Upstream {
-    client: Client<Connector, Full<Bytes>>,
-    connector: Connector,
-    pool_idle_timeout: Duration,
-    pool_max_idle_per_host: usize,
-    /// `base_url`'s scheme, host and path prefix, parsed once.
-    origin: Arc<(Scheme, Authority, String)>,
-    /// `Host` for every call, worked out once (hyper would format it again for each request).
+    pool: Arc<Pool>,
+    /// The path prefix of `base_url`, without its trailing slash.
+    prefix: Arc<str>,
+    /// `Host` for every call, worked out once.
     host: HeaderValue,
     /// `upstream.timeout` in nanoseconds, shared by every clone: a reload changes it for calls not yet sent.
     timeout: Arc<AtomicU64>,
 }
 
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream").field("host", &self.host).finish_non_exhaustive()
+    }
+}
+
+/// Connections to Easemob: each thread keeps its own idle ones.
+struct Pool {
+    idle: ThreadLocal<RefCell<Vec<Idle>>>,
+    /// `host:port` to connect to.
+    address: String,
+    /// For `https`: the TLS connector and the name the certificate must carry.
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle: usize,
+}
+
+/// A connection waiting for its next request.
+struct Idle {
+    sender: SendRequest<Full<Bytes>>,
+    since: Instant,
+}
+
 impl Upstream {
     pub fn new(config: &UpstreamConfig) -> Result<Upstream, UpstreamSetupError> {
-        let mut roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-        if let Some(path) = &config.ca_file {
-            let ca_file = |reason| UpstreamSetupError::CaFile { path: path.clone(), reason };
-            let certs: Vec<CertificateDer<'static>> =
-                CertificateDer::pem_file_iter(path).and_then(|it| it.collect()).map_err(|e| ca_file(e.to_string()))?;
-            if certs.is_empty() {
-                return Err(ca_file("no PEM certificate found".to_owned()));
+        let (authority, prefix, https) = origin(&config.base_url);
+        let tls = match https {
+            false => None,
+            true => {
+                let mut roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+                if let Some(path) = &config.ca_file {
+                    let ca_file = |reason| UpstreamSetupError::CaFile { path: path.clone(), reason };
+                    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                        .and_then(|it| it.collect())
+                        .map_err(|e| ca_file(e.to_string()))?;
+                    if certs.is_empty() {
+                        return Err(ca_file("no PEM certificate found".to_owned()));
+                    }
+                    for cert in certs {
+                        roots.add(cert).map_err(|e| ca_file(e.to_string()))?;
+                    }
+                }
+                let mut tls =
+                    rustls::ClientConfig::builder_with_provider(rustls::crypto::ring::default_provider().into())
+                        .with_safe_default_protocol_versions()
+                        .map_err(UpstreamSetupError::Tls)?
+                        .with_root_certificates(roots)
+                        .with_no_client_auth();
+                tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+                let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_owned();
+                let name = ServerName::try_from(host).map_err(|e| UpstreamSetupError::Name(e.to_string()))?;
+                Some((TlsConnector::from(Arc::new(tls)), name))
             }
-            for cert in certs {
-                roots.add(cert).map_err(|e| ca_file(e.to_string()))?;
-            }
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(rustls::crypto::ring::default_provider().into())
-            .with_safe_default_protocol_versions()
-            .map_err(UpstreamSetupError::Tls)?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(config.connect_timeout));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = pooled_client(&connector, config.pool_idle_timeout, config.pool_max_idle_per_host);
+        };
+        let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let pool = Pool {
+            idle: ThreadLocal::new(),
+            address: format!("{}:{port}", authority.host()),
+            tls,
+            connect_timeout: config.connect_timeout,
+            idle_timeout: config.pool_idle_timeout,
+            max_idle: config.pool_max_idle_per_host,
+        };
         Ok(Upstream {
-            client,
-            connector,
-            pool_idle_timeout: config.pool_idle_timeout,
-            pool_max_idle_per_host: config.pool_max_idle_per_host,
+            pool: Arc::new(pool),
+            prefix: prefix.into(),
             host: config.base_url.host_header(),
-            origin: Arc::new(origin(&config.base_url)),
             timeout: Arc::new(AtomicU64::new(config.timeout.as_nanos() as u64)),
         })
     }
 
-    /// The same upstream with a connection pool of its own. Each data-plane worker uses one, so a request and the
-    /// connection that carries it are driven by the same thread (no cross-thread wake-ups per request).
-    pub fn with_own_pool(&self) -> Upstream {
-        Upstream {
-            client: pooled_client(&self.connector, self.pool_idle_timeout, self.pool_max_idle_per_host),
-            ..self.clone()
-        }
-    }
-
-    /// `base_url` + `/{org}/{app}` + what `tail` appends (a path and query). The scheme and the host were parsed
-    /// once, with the base URL; only the path and query are built (in one buffer, handed over without a copy) and
-    /// checked for each call.
+    /// `base_url`'s path + `/{org}/{app}` + what `tail` appends (a path and query), in origin form: the host goes
+    /// in `Host`. Built in one buffer, handed over without a copy, and checked.
     pub fn uri(&self, org: &str, app: &str, tail: impl FnOnce(&mut String)) -> Result<Uri, http::Error> {
-        let (scheme, authority, base_path) = &*self.origin;
-        let mut path = String::with_capacity(base_path.len() + org.len() + app.len() + 160);
-        path.push_str(base_path);
+        let mut path = String::with_capacity(self.prefix.len() + org.len() + app.len() + 160);
+        path.push_str(&self.prefix);
         path.push('/');
         path.push_str(org);
         path.push('/');
         path.push_str(app);
         tail(&mut path);
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(scheme.clone());
-        parts.authority = Some(authority.clone());
-        parts.path_and_query = Some(PathAndQuery::from_maybe_shared(Bytes::from(path))?);
-        Ok(Uri::from_parts(parts)?)
+        Ok(Uri::from(PathAndQuery::from_maybe_shared(Bytes::from(path))?))
     }
 
     /// A request to Easemob with the headers every call carries; the caller adds `Authorization`.
@@ -166,42 +189,109 @@ impl Upstream {
 
     /// Sends one request and reads the whole answer, all within the configured timeout.
     pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<Bytes>, UpstreamError> {
-        self.send_until(request, tokio::time::Instant::now() + self.timeout()).await
+        self.send_until(request, Instant::now() + self.timeout()).await
     }
 
-    /// Sends one request and reads the whole answer, all before `deadline`.
+    /// Sends one request and reads the whole answer, all before `deadline`. On a pooled connection that turns out
+    /// to have closed before the request was written (Easemob closes idle connections), the request goes again on
+    /// another: nothing was sent, so nothing can happen twice.
     pub async fn send_until(
         &self,
-        request: Request<Full<Bytes>>,
-        deadline: tokio::time::Instant,
+        mut request: Request<Full<Bytes>>,
+        deadline: Instant,
     ) -> Result<Response<Bytes>, UpstreamError> {
         let exchange = async {
-            let response = self.client.request(request).await.map_err(|e| {
-                if e.is_connect() {
-                    UpstreamError::Connect(error_chain(&e))
-                } else {
-                    UpstreamError::Failed(error_chain(&e))
+            loop {
+                let (mut sender, pooled) = match self.pool.checkout() {
+                    Some(sender) => (sender, true),
+                    None => (self.pool.connect().await?, false),
+                };
+                match sender.try_send_request(request).await {
+                    Ok(response) => {
+                        let (parts, body) = response.into_parts();
+                        let body = Limited::new(body, MAX_ANSWER_BYTES)
+                            .collect()
+                            .await
+                            .map_err(|e| UpstreamError::Failed(format!("reading the answer: {e}")))?
+                            .to_bytes();
+                        self.pool.checkin(sender);
+                        return Ok(Response::from_parts(parts, body));
+                    }
+                    Err(mut failed) => match failed.take_message() {
+                        Some(unsent) if pooled => {
+                            debug!(error = %failed.error(), "a pooled connection to Easemob had closed; sending on another");
+                            request = unsent;
+                        }
+                        Some(_) => return Err(UpstreamError::Connect(error_chain(failed.error()))),
+                        None => return Err(UpstreamError::Failed(error_chain(failed.error()))),
+                    },
                 }
-            })?;
-            let (parts, body) = response.into_parts();
-            let body = Limited::new(body, MAX_ANSWER_BYTES)
-                .collect()
-                .await
-                .map_err(|e| UpstreamError::Failed(format!("reading the answer: {e}")))?
-                .to_bytes();
-            Ok(Response::from_parts(parts, body))
+            }
         };
         tokio::time::timeout_at(deadline, exchange).await.unwrap_or(Err(UpstreamError::Timeout(self.timeout())))
     }
 }
 
-fn pooled_client(connector: &Connector, idle_timeout: Duration, max_idle: usize) -> Client<Connector, Full<Bytes>> {
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(idle_timeout)
-        .pool_max_idle_per_host(max_idle)
-        .build(connector.clone())
+impl Pool {
+    /// This thread's most recently used connection that can take a request now; closed and expired ones are
+    /// dropped on the way.
+    fn checkout(&self) -> Option<SendRequest<Full<Bytes>>> {
+        let mut idle = self.idle.get_or_default().borrow_mut();
+        while let Some(Idle { sender, since }) = idle.pop() {
+            if sender.is_ready() && since.elapsed() < self.idle_timeout {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    /// Keeps a connection whose exchange is over for the next request, up to `pool_max_idle_per_host`.
+    fn checkin(&self, sender: SendRequest<Full<Bytes>>) {
+        let mut idle = self.idle.get_or_default().borrow_mut();
+        if !sender.is_closed() && idle.len() < self.max_idle {
+            idle.push(Idle { sender, since: Instant::now() });
+        }
+    }
+
+    /// A new connection, its I/O driven by a task on this thread.
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, UpstreamError> {
+        let connect = async {
+            let tcp = TcpStream::connect(&self.address).await.map_err(|e| format!("{}: {e}", self.address))?;
+            let _ = tcp.set_nodelay(true);
+            let sender = match &self.tls {
+                None => spawn_connection(tcp).await,
+                Some((tls, name)) => {
+                    let tls = tls.connect(name.clone(), tcp).await.map_err(|e| format!("TLS: {e}"))?;
+                    spawn_connection(tls).await
+                }
+            };
+            sender.map_err(|e| error_chain(&e))
+        };
+        match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(connected) => {
+                debug!(address = %self.address, ok = connected.is_ok(), "new connection to Easemob");
+                connected.map_err(UpstreamError::Connect)
+            }
+            Err(_) => Err(UpstreamError::Connect(format!(
+                "{}: no connection within {:?}",
+                self.address, self.connect_timeout
+            ))),
+        }
+    }
+}
+
+/// The HTTP/1 handshake on `io`; the connection's task runs until it closes.
+async fn spawn_connection<T>(io: T) -> hyper::Result<SendRequest<Full<Bytes>>>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, connection) = http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            debug!(error = %e, "connection to Easemob ended with an error");
+        }
+    });
+    Ok(sender)
 }
 
 /// An error and its sources on one line: hyper's top-level messages alone ("client error (Connect)") say little.
@@ -221,11 +311,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_call_uri_is_the_base_url_then_org_app_and_the_tail() {
-        for (base, want) in [
-            ("https://a1.easemob.com", "https://a1.easemob.com/o/a/rest/x?y=1"),
-            ("http://127.0.0.1:8081/prefix/", "http://127.0.0.1:8081/prefix/o/a/rest/x?y=1"),
-        ] {
+    fn a_call_uri_is_the_base_urls_path_then_org_app_and_the_tail() {
+        for (base, want) in
+            [("https://a1.easemob.com", "/o/a/rest/x?y=1"), ("http://127.0.0.1:8081/prefix/", "/prefix/o/a/rest/x?y=1")]
+        {
             let config = UpstreamConfig {
                 base_url: BaseUrl::parse(base).unwrap(),
                 connect_timeout: Duration::from_secs(1),

@@ -68,9 +68,17 @@ impl Simulator {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let idle_close = self.connection_accepted();
+        // Requests in flight on this connection, and when the last one finished.
+        let activity = Arc::new(std::sync::Mutex::new((0usize, tokio::time::Instant::now())));
+        let sim = self.clone();
+        let busy = Arc::clone(&activity);
         let service = hyper::service::service_fn(move |req| {
-            let sim = self.clone();
+            let sim = sim.clone();
+            let busy = Arc::clone(&busy);
+            busy.lock().expect("activity lock").0 += 1;
             async move {
+                let _done = Finished(busy);
                 let response = sim.handle(req).await;
                 Ok::<_, Infallible>(match response.extensions().get::<CutOff>() {
                     None => response.map(SimBody::Whole),
@@ -83,7 +91,42 @@ impl Simulator {
                 })
             }
         });
-        let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
+        let builder = auto::Builder::new(TokioExecutor::new());
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        let Some(idle_close) = idle_close else {
+            let _ = connection.await;
+            self.connection_closed(false);
+            return;
+        };
+        tokio::pin!(connection);
+        loop {
+            let (in_flight, last) = *activity.lock().expect("activity lock");
+            let close_at = last + idle_close;
+            if in_flight == 0 && tokio::time::Instant::now() >= close_at {
+                // An idle HTTP/1 connection closes at once.
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
+                self.connection_closed(true);
+                return;
+            }
+            tokio::select! {
+                _ = connection.as_mut() => {
+                    self.connection_closed(false);
+                    return;
+                }
+                _ = tokio::time::sleep_until(close_at.max(tokio::time::Instant::now() + Duration::from_millis(5))) => {}
+            }
+        }
+    }
+}
+
+/// Marks a request's end on its connection, however the request ends.
+struct Finished(Arc<std::sync::Mutex<(usize, tokio::time::Instant)>>);
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        let mut activity = self.0.lock().expect("activity lock");
+        *activity = (activity.0 - 1, tokio::time::Instant::now());
     }
 }
 

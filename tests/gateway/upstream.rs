@@ -61,3 +61,34 @@ async fn an_answer_cut_off_mid_body_is_502_and_not_retried() {
     assert_eq!(sim.business_requests().await, 1, "the deletion may have happened: never retried");
     assert_eq!(send(Method::POST, &gw.url("/rest/message/roaming/user/dave/delete/all"), &[], "").await.status, 200);
 }
+
+#[tokio::test]
+async fn connections_easemob_closed_while_idle_fail_no_request() {
+    let sim = Sim::start().await;
+    // Easemob closes a keep-alive connection it no longer wants; the gateway's pool still holds it.
+    sim.faults(json!({"idle_close_ms": 50})).await;
+    let gw = Gateway::ready(&sim).await;
+    // Open: only the one asking.
+    let all_closed = || async { sim.stats().await["connections_open"] == 1 };
+    let mut sent = 0;
+    for round in 0..5 {
+        // Every pooled connection is stale now: each request must still be answered by Easemob, once.
+        eventually(Duration::from_secs(10), "Easemob closed every idle connection", all_closed).await;
+        let answers = burst(&clear_url(&gw, "dave"), 1 + round * 4).await;
+        sent += answers.len();
+        for a in &answers {
+            assert_eq!(a.status, 200, "round {round}: {}", a.text());
+            assert!(!a.gateway_made());
+        }
+    }
+    assert_eq!(sim.business_requests().await, sent as u64, "each sent once: none lost, none twice");
+    let retries: f64 = gw
+        .metrics()
+        .await
+        .lines()
+        .filter(|l| l.starts_with("easemob_gateway_upstream_retries_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(retries, 0.0, "a stale connection is the pool's to handle, not the retry budget's");
+    assert!(sim.stats().await["connections_closed_idle"].as_u64().unwrap() >= 5);
+}
