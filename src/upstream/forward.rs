@@ -16,7 +16,7 @@ use crate::error::GatewayError;
 use crate::exchange::{Answer, Exchange, Marks, Waiting};
 use crate::metrics::Metrics;
 use crate::observe::X_REQUEST_ID;
-use crate::trace::{TRACEPARENT, TRACESTATE};
+use crate::trace::{TRACEPARENT, TRACESTATE, new_span_id};
 
 /// The innermost service: sends one exchange to Easemob and hands back its answer unchanged but for hop-by-hop
 /// headers, or the gateway's answer for the failure to get one. Every answer carries the deadline it ran under.
@@ -66,7 +66,7 @@ impl Service<Exchange> for Forward {
             if let Some(id) = &exchange.request_id {
                 headers.insert(X_REQUEST_ID, id.clone());
             }
-            headers.insert(TRACEPARENT, exchange.trace.child());
+            headers.insert(TRACEPARENT, exchange.trace.child(new_span_id()));
             if let Some(state) = &exchange.trace.state {
                 headers.insert(TRACESTATE, state.clone());
             }
