@@ -40,6 +40,8 @@ pub struct Metrics {
     pub job_operations_pending: IntGauge,
     pub job_oldest_pending: IntGauge,
     pub job_duration: Histogram,
+    pub spans_exported: IntCounter,
+    pub spans_dropped: IntCounterVec,
     /// Every family's name, as exported.
     families: std::sync::Arc<[String]>,
 }
@@ -155,6 +157,12 @@ impl Metrics {
                 register(Box::new(h.clone()));
                 h
             },
+            spans_exported: counter("spans_exported_total", "Spans the OTLP collector accepted."),
+            spans_dropped: counters(
+                "spans_dropped_total",
+                "Spans not exported, by reason: queue_full (more than the export queue holds), export_failed.",
+                &["reason"],
+            ),
             registry,
             families: families.take().into(),
         }

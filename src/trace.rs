@@ -1,7 +1,9 @@
 //! W3C Trace Context: a caller's `traceparent` is checked, never echoed blindly, and the call to Easemob carries
 //! a child of it (or of a trace the gateway starts when the caller sent none, or a bad one); a `tracestate`
 //! travels with a valid `traceparent` only. The trace id is in the request's log line and its audit event.
-//! Whether the gateway records spans of a request is the [`Sampler`]'s decision.
+//! Whether the gateway records spans of a request is the [`Sampler`]'s decision; `export.rs` sends them.
+
+pub mod export;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
