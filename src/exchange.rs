@@ -100,8 +100,9 @@ pub struct UnusedSlot {
 pub struct Labels {
     pub app: Option<Arc<App>>,
     pub route: Option<Route>,
-    /// The trace id, once the request reached validation.
-    pub trace_id: Option<u128>,
+    /// The trace id, once the request reached validation. Never 0, so the `Option` takes no room of its own: every
+    /// answer's stamp stays the size it was before `spans` joined it.
+    pub trace_id: Option<std::num::NonZeroU128>,
     /// The request's spans, exported with its final answer (when export is on and the trace sampled).
     pub spans: Option<Arc<Recording>>,
 }

@@ -140,7 +140,7 @@ impl Seen {
         }
         let upstream_status = stamp.is_some_and(|s| s.from_easemob).then_some(status.as_u16());
         // Written out only if the line is.
-        let trace_id = labels.and_then(|l| l.trace_id).map(|id| tracing::field::display(TraceHex(id)));
+        let trace_id = labels.and_then(|l| l.trace_id).map(|id| tracing::field::display(TraceHex(id.get())));
         info!(
             request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
             trace_id,

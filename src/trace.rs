@@ -18,8 +18,6 @@ const MAX_TRACESTATE_MEMBERS: usize = 32;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TraceContext {
     pub trace_id: u128,
-    /// The caller's span (the `parent-id` of its `traceparent`); 0 when the gateway started the trace.
-    pub parent_id: u64,
     /// The `trace-flags` (bit 0: sampled), kept from the caller.
     pub flags: u8,
     pub state: Option<HeaderValue>,
@@ -28,16 +26,23 @@ pub struct TraceContext {
 impl TraceContext {
     /// The caller's trace if its `traceparent` is valid, else a new one.
     pub fn from_headers(headers: &HeaderMap) -> TraceContext {
-        let Some((trace_id, parent_id, flags)) = headers.get(TRACEPARENT).and_then(|v| parse(v.as_bytes())) else {
+        let Some((trace_id, _, flags)) = headers.get(TRACEPARENT).and_then(|v| parse(v.as_bytes())) else {
             return TraceContext::start();
         };
         let state = headers.get(TRACESTATE).filter(|v| valid_state(v.as_bytes())).cloned();
-        TraceContext { trace_id, parent_id, flags, state }
+        TraceContext { trace_id, flags, state }
     }
 
     /// A new trace, not sampled unless a [`Sampler`] decides otherwise.
     pub fn start() -> TraceContext {
-        TraceContext { trace_id: fastrand::u128(1..), parent_id: 0, flags: 0, state: None }
+        TraceContext { trace_id: fastrand::u128(1..), flags: 0, state: None }
+    }
+
+    /// The caller's span, the parent id of a valid `traceparent`: `Some` when [`TraceContext::from_headers`]
+    /// continues the caller's trace. Read again only for span export, so that this context, which every request
+    /// carries, does not grow for it.
+    pub fn caller_span(headers: &HeaderMap) -> Option<u64> {
+        headers.get(TRACEPARENT).and_then(|v| parse(v.as_bytes())).map(|(_, parent_id, _)| parent_id)
     }
 
     /// The `traceparent` of a call this request makes as span `span_id` (see [`new_span_id`]): the same trace, the
@@ -88,10 +93,10 @@ impl Sampler {
         Sampler { threshold: (ratio.clamp(0.0, 1.0) * (1u64 << 63) as f64) as u64 }
     }
 
-    /// Decides for `trace` (a trace the gateway started gets its `sampled` flag here, which Easemob then receives)
-    /// and says whether its spans are recorded.
-    pub fn sample(&self, trace: &mut TraceContext) -> bool {
-        if trace.parent_id == 0 && ((trace.trace_id as u64) >> 1) < self.threshold {
+    /// Decides for `trace`, `continued` from a caller or started by the gateway (which then sets its `sampled`
+    /// flag here, for Easemob to receive), and says whether its spans are recorded.
+    pub fn sample(&self, trace: &mut TraceContext, continued: bool) -> bool {
+        if !continued && ((trace.trace_id as u64) >> 1) < self.threshold {
             trace.flags |= SAMPLED;
         }
         trace.sampled()
@@ -187,7 +192,7 @@ mod tests {
         let trace = TraceContext::from_headers(&headers(VALID, Some("congo=t61rcWkgMzE")));
         assert_eq!(trace.trace_id_hex().as_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!((trace.flags, trace.state.as_ref().map(|s| s.to_str().unwrap())), (1, Some("congo=t61rcWkgMzE")));
-        assert_eq!(trace.parent_id, 0x00f067aa0ba902b7);
+        assert_eq!(TraceContext::caller_span(&headers(VALID, None)), Some(0x00f067aa0ba902b7));
         let child = trace.child(0xb7ad6b7169203331);
         assert_eq!(child, "00-4bf92f3577b34da6a3ce929d0e0e4736-b7ad6b7169203331-01", "a span of its own");
         assert_eq!(parse(child.as_bytes()), Some((trace.trace_id, 0xb7ad6b7169203331, 1)));
@@ -208,7 +213,8 @@ mod tests {
         ] {
             let trace = TraceContext::from_headers(&headers(bad, Some("congo=t61rcWkgMzE")));
             assert_ne!(trace.trace_id_hex().as_str(), "4bf92f3577b34da6a3ce929d0e0e4736", "{bad}");
-            assert_eq!((trace.flags, trace.parent_id, trace.state), (0, 0, None), "{bad}");
+            assert_eq!((trace.flags, trace.state), (0, None), "{bad}");
+            assert_eq!(TraceContext::caller_span(&headers(bad, None)), None, "{bad}");
         }
         let fresh = TraceContext::from_headers(&HeaderMap::new());
         assert!(parse(fresh.child(new_span_id()).as_bytes()).is_some());
@@ -229,7 +235,7 @@ mod tests {
             let traceparent = format!("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{flags}");
             for sampler in [all, none, half] {
                 let mut trace = TraceContext::from_headers(&headers(&traceparent, None));
-                assert_eq!(sampler.sample(&mut trace), sampled, "{traceparent} {sampler:?}");
+                assert_eq!(sampler.sample(&mut trace, true), sampled, "{traceparent} {sampler:?}");
                 assert!(trace.child(1).to_str().unwrap().ends_with(flags), "the caller's flags go on");
             }
         }
@@ -237,7 +243,7 @@ mod tests {
             (0..10_000)
                 .filter(|_| {
                     let mut trace = TraceContext::start();
-                    let sampled = sampler.sample(&mut trace);
+                    let sampled = sampler.sample(&mut trace, false);
                     assert_eq!(trace.child(1).to_str().unwrap().ends_with("-01"), sampled, "Easemob is told");
                     sampled
                 })
@@ -249,6 +255,6 @@ mod tests {
         // Decided on the trace id alone (the low half's upper 63 bits), as OpenTelemetry's TraceIdRatioBased does.
         let mut low = TraceContext { trace_id: 0x4bf9_0000_0000_0000_3fff_ffff_ffff_ffff, ..TraceContext::start() };
         let mut high = TraceContext { trace_id: 0x4bf9_0000_0000_0000_8000_0000_0000_0000, ..TraceContext::start() };
-        assert!(half.sample(&mut low) && !half.sample(&mut high));
+        assert!(half.sample(&mut low, false) && !half.sample(&mut high, false));
     }
 }

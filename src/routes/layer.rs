@@ -5,6 +5,7 @@
 
 use std::convert::Infallible;
 use std::future::{Future, Ready, ready};
+use std::num::NonZeroU128;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -108,11 +109,19 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let started = Instant::now();
         let (parts, body) = request.into_parts();
-        let mut trace = TraceContext::from_headers(&parts.headers);
-        let spans = self.export.as_ref().and_then(|export| export.record(&mut trace, started));
-        let asked = Asked { trace, spans, respond_async: self.respond_async && prefers_async(&parts.headers) };
-        let mut labels =
-            Labels { trace_id: Some(asked.trace.trace_id), spans: asked.spans.clone(), ..Labels::default() };
+        let mut asked = Asked {
+            trace: TraceContext::from_headers(&parts.headers),
+            spans: None,
+            respond_async: self.respond_async && prefers_async(&parts.headers),
+        };
+        if let Some(export) = &self.export {
+            asked.spans = export.record(&mut asked.trace, &parts.headers, started);
+        }
+        let mut labels = Labels {
+            trace_id: NonZeroU128::new(asked.trace.trace_id),
+            spans: asked.spans.clone(),
+            ..Labels::default()
+        };
         let answer = match edge(&parts, &self.apps, started, &asked, &mut labels) {
             Err(e) => Either::Left(Either::Right(ready(Ok(e.into_response(started))))),
             Ok(Edge::Answer(answer)) => Either::Left(Either::Right(ready(Ok(answer)))),

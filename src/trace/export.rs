@@ -11,6 +11,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use http::HeaderMap;
 use hyper_util::client::legacy::connect::HttpConnector;
 use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState};
 use opentelemetry::{InstrumentationScope, KeyValue};
@@ -79,14 +80,19 @@ impl Export {
         Ok(Some(Export(Arc::new(pipeline))))
     }
 
-    /// The recording of the spans of a request that arrived at `arrived`, if its trace is sampled: the sampler
-    /// decides here for a trace the gateway started (and Easemob is told, in `traceparent`).
-    pub fn record(&self, trace: &mut TraceContext, arrived: Instant) -> Option<Arc<Recording>> {
-        self.0.sampler.sample(trace).then(|| {
+    /// The recording of the spans of a request that arrived at `arrived` with `headers`, if its trace is sampled:
+    /// the sampler decides here for a trace the gateway started (and Easemob is told, in `traceparent`).
+    ///
+    /// Never inlined, like the recording's methods: the layers' code stays as it is without export, but for the
+    /// `Option` they check.
+    #[inline(never)]
+    pub fn record(&self, trace: &mut TraceContext, headers: &HeaderMap, arrived: Instant) -> Option<Arc<Recording>> {
+        let caller_span = TraceContext::caller_span(headers);
+        self.0.sampler.sample(trace, caller_span.is_some()).then(|| {
             Arc::new(Recording {
                 pipeline: Arc::clone(&self.0),
                 trace_id: trace.trace_id,
-                parent_id: trace.parent_id,
+                parent_id: caller_span.unwrap_or(0),
                 span_id: new_span_id(),
                 clock: (arrived, SystemTime::now()),
                 steps: Mutex::new(Vec::new()),
@@ -307,16 +313,19 @@ pub struct Answered<'a> {
 
 impl Recording {
     /// A wait for a quota slot that began at `since` and ended now.
+    #[inline(never)]
     pub fn quota(&self, since: Instant, outcome: QuotaWait) {
         self.note(since, Instant::now(), What::Quota(outcome));
     }
 
     /// A wait for the token that began at `since` and ended now.
+    #[inline(never)]
     pub fn token(&self, since: Instant, outcome: TokenWait) {
         self.note(since, Instant::now(), What::Token(outcome));
     }
 
     /// A call to Easemob sent at `sent` as span `span_id` (the parent id in its `traceparent`), which took `took`.
+    #[inline(never)]
     pub fn upstream(&self, span_id: u64, sent: Instant, took: Duration, answer: Result<u16, &'static str>) {
         self.note(sent, sent + took, What::Upstream { span_id, answer });
     }
@@ -326,6 +335,7 @@ impl Recording {
     }
 
     /// Builds the request's spans from its final answer and queues them for export.
+    #[inline(never)]
     pub fn finish(&self, answered: &Answered<'_>) {
         // Only the six routes' requests have spans: named after the route, span names stay a closed set.
         let Some(route) = answered.route else { return };
@@ -471,11 +481,17 @@ mod tests {
         (Export(Arc::new(Pipeline::new(Sampler::new(ratio), queue, metrics))), queued)
     }
 
-    fn continued(flags: &str) -> TraceContext {
-        let mut headers = http::HeaderMap::new();
+    /// The headers of a caller continuing its trace, sampled (`01`) or not (`00`).
+    fn continued(flags: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
         let traceparent = format!("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{flags}");
         headers.insert(super::super::TRACEPARENT, traceparent.parse().unwrap());
-        TraceContext::from_headers(&headers)
+        headers
+    }
+
+    /// The recording of a request with these headers, if its trace is sampled.
+    fn record(export: &Export, headers: &HeaderMap) -> Option<Arc<Recording>> {
+        export.record(&mut TraceContext::from_headers(headers), headers, Instant::now())
     }
 
     fn answered(
@@ -496,8 +512,9 @@ mod tests {
         let metrics = Metrics::new();
         let (export, mut queued) = export(1.0, 8, &metrics);
         let arrived = Instant::now();
-        let mut trace = continued("01");
-        let recording = export.record(&mut trace, arrived).expect("the caller sampled it");
+        let headers = continued("01");
+        let recording =
+            export.record(&mut TraceContext::from_headers(&headers), &headers, arrived).expect("the caller sampled it");
         recording.token(Instant::now(), TokenWait::Cached);
         recording.quota(Instant::now(), QuotaWait::Waited);
         recording.upstream(0xaa, Instant::now(), Duration::from_millis(2), Err("connect_error"));
@@ -548,19 +565,20 @@ mod tests {
         let metrics = Metrics::new();
         let (export, mut queued) = export(1.0, 8, &metrics);
         let mut started = TraceContext::start();
-        let recording = export.record(&mut started, Instant::now()).expect("a ratio of 1 samples every trace");
+        let recording =
+            export.record(&mut started, &HeaderMap::new(), Instant::now()).expect("a ratio of 1 samples every trace");
         assert!(started.sampled(), "Easemob is told it is sampled");
         recording.finish(&answered(Some(Route::DeleteConversation), 429, Some("rate_limited"), Instant::now()));
         let spans = queued.try_recv().unwrap();
         assert_eq!((spans.len(), spans[0].parent_span_id, spans[0].parent_span_is_remote), (1, SpanId::INVALID, false));
         assert_eq!(spans[0].status, Status::Unset, "a 429 is the caller's, not the gateway's error");
 
-        assert!(export.record(&mut continued("00"), Instant::now()).is_none(), "the caller's decision stands");
+        assert!(record(&export, &continued("00")).is_none(), "the caller's decision stands");
         let (none, _) = self::export(0.0, 8, &metrics);
-        assert!(none.record(&mut TraceContext::start(), Instant::now()).is_none());
-        assert!(none.record(&mut continued("01"), Instant::now()).is_some(), "the ratio is for started traces");
+        assert!(record(&none, &HeaderMap::new()).is_none());
+        assert!(record(&none, &continued("01")).is_some(), "the ratio is for started traces");
 
-        let unnamed = export.record(&mut TraceContext::start(), Instant::now()).unwrap();
+        let unnamed = record(&export, &HeaderMap::new()).unwrap();
         unnamed.finish(&answered(None, 404, Some("unknown_route"), Instant::now()));
         assert!(queued.try_recv().is_err(), "a request that named no route has no span");
     }
@@ -569,10 +587,10 @@ mod tests {
     fn attributes_come_from_closed_sets_and_5xx_are_errors() {
         let metrics = Metrics::new();
         let (export, mut queued) = export(1.0, 8, &metrics);
-        let recording = export.record(&mut continued("01"), Instant::now()).unwrap();
+        let recording = record(&export, &continued("01")).unwrap();
         recording.token(Instant::now(), TokenWait::Unavailable);
         recording.finish(&answered(Some(Route::DeleteChatMessages), 503, Some("no_token"), Instant::now()));
-        let recording = export.record(&mut continued("01"), Instant::now()).unwrap();
+        let recording = record(&export, &continued("01")).unwrap();
         recording.token(Instant::now(), TokenWait::Fetched);
         recording.quota(Instant::now(), QuotaWait::Refused);
         recording.upstream(1, Instant::now(), Duration::ZERO, Ok(404));
@@ -608,7 +626,7 @@ mod tests {
         let metrics = Metrics::new();
         let (export, _queued) = export(1.0, 1, &metrics);
         for _ in 0..3 {
-            let recording = export.record(&mut continued("01"), Instant::now()).unwrap();
+            let recording = record(&export, &continued("01")).unwrap();
             recording.quota(Instant::now(), QuotaWait::Admitted);
             recording.finish(&answered(Some(Route::ClearUserMessages), 200, None, Instant::now()));
         }
