@@ -29,6 +29,8 @@ pub struct Config {
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
+    pub trace: TraceConfig,
+    #[serde(default)]
     pub audit: AuditConfig,
     #[serde(default)]
     pub jobs: JobsConfig,
@@ -414,6 +416,59 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig { level: "info".to_owned(), format: LogFormat::Text }
+    }
+}
+
+/// Span export over OTLP: off unless `otlp_endpoint` is set.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TraceConfig {
+    /// Where spans are sent: OTLP over HTTP with protobuf bodies, the whole URL (a collector's is usually
+    /// `http://127.0.0.1:4318/v1/traces`). Absent: no spans are recorded or sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` the spans are exported under.
+    pub service_name: String,
+    /// The share of the traces the gateway starts (the caller sent no valid `traceparent`) whose spans are
+    /// exported, from 0 to 1. A caller's trace follows the caller's own decision, its W3C `sampled` flag.
+    pub sample_ratio: f64,
+}
+
+impl Default for TraceConfig {
+    fn default() -> Self {
+        // All of them, as OpenTelemetry's default sampler does: the gateway's own traffic is bounded by the quota,
+        // and the export queue bounds the rest (refusal floods), counting what it drops.
+        TraceConfig { otlp_endpoint: None, service_name: "easemob-gateway".to_owned(), sample_ratio: 1.0 }
+    }
+}
+
+impl TraceConfig {
+    /// What is wrong with these settings, one line each.
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Some(endpoint) = &self.otlp_endpoint {
+            match endpoint.parse::<Uri>() {
+                Ok(uri) if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() => problems
+                    .push(format!("trace.otlp_endpoint {endpoint:?} must be an http:// or https:// URL with a host")),
+                // It is printed by check-config; a collector's credentials belong in OTEL_EXPORTER_OTLP_HEADERS.
+                Ok(uri) if uri.authority().is_some_and(|a| a.as_str().contains('@')) || uri.query().is_some() => {
+                    problems.push(
+                        "trace.otlp_endpoint must hold no credentials or query: set headers (an API key) in \
+                         OTEL_EXPORTER_OTLP_HEADERS"
+                            .to_owned(),
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => problems.push(format!("trace.otlp_endpoint {endpoint:?} is not a URL: {e}")),
+            }
+        }
+        if self.service_name.trim().is_empty() {
+            problems.push("trace.service_name is empty".to_owned());
+        }
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            problems.push(format!("trace.sample_ratio {} must be from 0 to 1", self.sample_ratio));
+        }
+        problems
     }
 }
 
@@ -888,6 +943,7 @@ impl Config {
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             problems.push(format!("log.level {:?} is not a valid tracing filter", self.log.level));
         }
+        problems.extend(self.trace.problems());
         problems
     }
 
@@ -922,6 +978,7 @@ impl Config {
             "log.format" => log.format;
             "audit" => audit;
             "jobs" => jobs;
+            "trace" => trace;
         }
         waiting
     }
@@ -1147,6 +1204,7 @@ mod tests {
         (redis.password_file, redis.ca_file) = (Some(PathBuf::from("p")), Some(PathBuf::from("c")));
         (c.audit.file, c.audit.default_caller) = (Some(PathBuf::from("a")), Some("x".to_owned()));
         c.jobs.store = Some(PathBuf::from("jobs.db"));
+        c.trace.otlp_endpoint = Some("http://127.0.0.1:4318/v1/traces".to_owned());
         c.callers = vec![CallerConfig { name: "n".to_owned(), key_sha256: "0".repeat(64) }];
         let app = &mut c.apps[0];
         (app.client_secret_env, app.client_secret) =
@@ -1160,6 +1218,36 @@ mod tests {
             undocumented.is_empty() && unknown.is_empty(),
             "not in docs/configuration.md: {undocumented:?}; not in the code: {unknown:?}"
         );
+    }
+
+    #[test]
+    fn span_export_is_off_by_default_and_its_settings_are_checked() {
+        let mut c = Config::load(write(MINIMAL).path()).unwrap();
+        assert_eq!((&c.trace.otlp_endpoint, c.trace.sample_ratio), (&None, 1.0));
+        let problems = |c: &Config| c.problems(SecretPolicy::InlineAllowed);
+        assert!(problems(&c).iter().all(|p| !p.starts_with("trace.")), "{:?}", problems(&c));
+        c.trace.otlp_endpoint = Some("https://otel.example:4318/v1/traces".to_owned());
+        assert!(problems(&c).iter().all(|p| !p.starts_with("trace.")), "{:?}", problems(&c));
+        for (endpoint, problem) in [
+            ("127.0.0.1:4318", "must be an http:// or https:// URL"),
+            ("grpc://127.0.0.1:4317", "must be an http:// or https:// URL"),
+            ("https://user:hunter2@otel.example/v1/traces", "no credentials"),
+            ("https://otel.example/v1/traces?api_key=hunter2", "no credentials"),
+            ("http://exa mple", "is not a URL"),
+        ] {
+            c.trace.otlp_endpoint = Some(endpoint.to_owned());
+            let problems = problems(&c);
+            assert!(
+                problems.iter().any(|p| p.starts_with("trace.otlp_endpoint") && p.contains(problem)),
+                "{problems:?}"
+            );
+        }
+        (c.trace.service_name, c.trace.sample_ratio) = (" ".to_owned(), 1.5);
+        let problems = problems(&c);
+        for key in ["trace.service_name is empty", "trace.sample_ratio 1.5 must be from 0 to 1"] {
+            assert!(problems.iter().any(|p| p == key), "{key} in {problems:?}");
+        }
+        assert!(!problems.iter().any(|p| p.contains("hunter2")), "never printed back: {problems:?}");
     }
 
     #[test]

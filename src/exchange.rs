@@ -14,6 +14,7 @@ use crate::routes::Route;
 use crate::routes::validate::Call;
 use crate::token::Token;
 use crate::trace::TraceContext;
+use crate::trace::export::Recording;
 
 /// Every answer the data plane gives: small, whole JSON bodies.
 pub type Answer = Response<Full<Bytes>>;
@@ -48,6 +49,8 @@ pub struct Validated {
     pub respond_async: bool,
     /// The W3C trace the request belongs to; the call to Easemob carries a child of it.
     pub trace: TraceContext,
+    /// Where the layers note the request's spans, when they are exported and its trace is sampled.
+    pub spans: Option<Arc<Recording>>,
 }
 
 impl Exchange {
@@ -97,8 +100,11 @@ pub struct UnusedSlot {
 pub struct Labels {
     pub app: Option<Arc<App>>,
     pub route: Option<Route>,
-    /// The trace id, once the request reached validation.
-    pub trace_id: Option<u128>,
+    /// The trace id, once the request reached validation. Never 0, so the `Option` takes no room of its own: every
+    /// answer's stamp stays the size it was before `spans` joined it.
+    pub trace_id: Option<std::num::NonZeroU128>,
+    /// The request's spans, exported with its final answer (when export is on and the trace sampled).
+    pub spans: Option<Arc<Recording>>,
 }
 
 impl Labels {

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub config_last_reload_successful: IntGauge,
     pub config_restart_required: IntGauge,
+    pub spans_exported: IntCounter,
+    pub spans_dropped: IntCounterVec,
     /// Every family's name, as exported.
     families: std::sync::Arc<[String]>,
 }
@@ -172,6 +174,12 @@ impl Metrics {
             config_restart_required: gauge(
                 "config_restart_required",
                 "1 while the config file changes settings that take effect only after a restart.",
+            ),
+            spans_exported: counter("spans_exported_total", "Spans the OTLP collector accepted."),
+            spans_dropped: counters(
+                "spans_dropped_total",
+                "Spans not exported, by reason: queue_full (more than the export queue holds), export_failed.",
+                &["reason"],
             ),
             registry,
             families: families.take().into(),

@@ -1,5 +1,6 @@
 //! One log line and one set of metrics per request, read off the final answer (its status and the marks the
-//! layers below left on it: who made it, why, for which app and route), whichever layer produced it.
+//! layers below left on it: who made it, why, for which app and route), whichever layer produced it. A sampled
+//! request's spans are finished here too, when spans are exported.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,6 +16,7 @@ use tracing::info;
 use crate::exchange::{Labels, Marks};
 use crate::metrics::{Metrics, NONE};
 use crate::trace::TraceHex;
+use crate::trace::export::Answered;
 
 pub const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
@@ -130,9 +132,15 @@ impl Seen {
             Some(lane) => lane.metrics.request_duration.observe(elapsed.as_secs_f64()),
             None => metrics.request_duration.with_label_values(&[app, route]).observe(elapsed.as_secs_f64()),
         }
+        if let Some(spans) = labels.and_then(|l| l.spans.as_deref()) {
+            let (route, app) = (labels.and_then(|l| l.route), labels.and_then(|l| l.app.as_deref()));
+            let (started, ended) = (self.started, self.started + elapsed);
+            let app = app.map(|app| app.key.as_str());
+            spans.finish(&Answered { route, app, status: status.as_u16(), rejection: reason, started, ended });
+        }
         let upstream_status = stamp.is_some_and(|s| s.from_easemob).then_some(status.as_u16());
         // Written out only if the line is.
-        let trace_id = labels.and_then(|l| l.trace_id).map(|id| tracing::field::display(TraceHex(id)));
+        let trace_id = labels.and_then(|l| l.trace_id).map(|id| tracing::field::display(TraceHex(id.get())));
         info!(
             request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
             trace_id,
@@ -178,7 +186,7 @@ mod tests {
         let app = testing::measured_app(&ScriptedFetch::granting(3600), &testing::quota(Default::default()), &metrics);
         let labelled = move |mut answer: Answer| {
             answer.stamp_mut().labels =
-                Labels { app: Some(Arc::clone(&app)), route: Some(Route::ClearUserMessages), trace_id: None };
+                Labels { app: Some(Arc::clone(&app)), route: Some(Route::ClearUserMessages), ..Labels::default() };
             answer
         };
         let in_flight = metrics.in_flight.clone();

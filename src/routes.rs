@@ -49,6 +49,18 @@ impl Route {
         }
     }
 
+    /// The path as Easemob documents it, placeholders and all (`http.route` in the gateway's spans): never an ID.
+    pub fn template(self) -> &'static str {
+        match self {
+            Route::DeleteChatMessages => "/{org_name}/{app_name}/rest/message/roaming/chat/user/{userId}",
+            Route::DeleteGroupMessages => "/{org_name}/{app_name}/rest/message/roaming/group/user/{userId}",
+            Route::ClearUserMessages => "/{org_name}/{app_name}/rest/message/roaming/user/{userId}/delete/all",
+            Route::ClearChatMessagesBefore => "/{org_name}/{app_name}/rest/message/roaming/chat/user/{userId}/time",
+            Route::ClearGroupMessagesBefore => "/{org_name}/{app_name}/rest/message/roaming/group/user/{userId}/time",
+            Route::DeleteConversation => "/{org_name}/{app_name}/users/{username}/user_channel",
+        }
+    }
+
     pub fn method(self) -> Method {
         match self {
             Route::ClearUserMessages => Method::POST,
@@ -142,6 +154,9 @@ mod tests {
             assert_eq!(op(tail), Some((None, route, "u1")), "{tail}");
             let full = format!("/org/app{tail}");
             assert_eq!(op(&full), Some((Some(("org", "app")), route, "u1")), "{full}");
+            let template = route.template().replace("{org_name}/{app_name}", "org/app");
+            let template = template.replace("{userId}", "u1").replace("{username}", "u1");
+            assert_eq!(template, full, "the template is the route's own path");
         }
         assert_eq!(Route::ALL.len(), 6);
         assert!(Route::ALL.iter().enumerate().all(|(i, route)| route.index() == i));

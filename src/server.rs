@@ -39,6 +39,7 @@ use crate::ratelimit::{QuotaSet, RedisError};
 use crate::reload::Reloader;
 use crate::retry::SafeRetry;
 use crate::stack::{Shared, data_plane, job_plane};
+use crate::trace::export::{Export, ExportSetupError};
 use crate::upstream::forward::Forward;
 use crate::upstream::{Upstream, UpstreamSetupError};
 
@@ -58,6 +59,8 @@ pub enum StartError {
     Audit(#[from] AuditOpenError),
     #[error("jobs ({store}): {source}")]
     Jobs { store: String, source: StoreError },
+    #[error(transparent)]
+    Export(#[from] ExportSetupError),
 }
 
 /// A gateway whose listeners are bound and whose token fetches have started.
@@ -116,8 +119,10 @@ impl Server {
             )),
         };
         let jobs = store.map(|store| Jobs::new(store, config.jobs.clone(), Clock::new()));
+        let export = Export::start(&config.trace, &metrics)?;
         let shared = Shared {
             jobs,
+            export,
             apps,
             access: Arc::new(Access::new(&config)),
             in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
@@ -267,6 +272,9 @@ impl Server {
         if let Some(audit) = &shared.audit {
             audit.sync();
         }
+        if let Some(export) = &shared.export {
+            export.shutdown(SPANS_GRACE).await;
+        }
         let _ = stop_admin.send(true);
         let _ = admin_loop.await;
         let admin_graceful = Arc::into_inner(admin_graceful).expect("the admin accept loop has ended");
@@ -407,6 +415,8 @@ struct Connections {
     open: Option<prometheus::IntGauge>,
 }
 
+/// At shutdown, how long the last spans may take to be sent.
+const SPANS_GRACE: Duration = Duration::from_secs(5);
 /// The request line and headers of one request: far above what the six routes need, far below a memory risk.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Completes on SIGTERM or SIGINT.

@@ -32,6 +32,7 @@ use crate::retry::SafeRetry;
 use crate::routes::layer::ValidateLayer;
 use crate::shed::ShedLayer;
 use crate::token::layer::TokenLayer;
+use crate::trace::export::Export;
 use crate::upstream::forward::Forward;
 
 /// What every connection's stack shares, process-wide: built once at start-up.
@@ -49,6 +50,8 @@ pub struct Shared {
     pub body_read_timeout: Duration,
     /// Deletion jobs, when `jobs.store` is set.
     pub jobs: Option<Jobs>,
+    /// Span export, when `trace.otlp_endpoint` is set.
+    pub export: Option<Export>,
 }
 
 /// The data plane for one connection from `peer`, forwarding through `worker` (its worker's pool).
@@ -83,8 +86,13 @@ pub fn data_plane(
         .layer(ShedLayer::new(Arc::clone(&shared.in_flight)))
         // The jobs API has paths of its own (`…/_gateway/jobs`), under the same access rules and load shedding.
         .layer(JobsApiLayer::new(shared.apps.clone(), shared.jobs.clone(), shared.body_read_timeout))
-        // Parse once: from here down a request is a typed Call; nothing below sees the raw path, query or body.
-        .layer(ValidateLayer::new(shared.apps.clone(), shared.body_read_timeout).respond_async(shared.jobs.is_some()))
+        // Parse once: from here down a request is a typed Call; nothing below sees the raw path, query or body. A
+        // sampled request's spans start here, where its route is known (they are finished by the observe layer).
+        .layer(
+            ValidateLayer::new(shared.apps.clone(), shared.body_read_timeout)
+                .respond_async(shared.jobs.is_some())
+                .export(shared.export.clone()),
+        )
         // A valid call sent with `Prefer: respond-async` is stored as a job here, and runs through `job_plane`.
         .layer(DeferLayer::new(shared.jobs.clone()))
         // The audit event of a deletion sent to Easemob, once per request, with the final outcome.

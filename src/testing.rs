@@ -105,6 +105,7 @@ pub fn exchange(app: &Arc<App>, call: Call) -> Exchange {
         caller: None,
         respond_async: false,
         trace: crate::trace::TraceContext::start(),
+        spans: None,
     })
 }
 

@@ -1,6 +1,9 @@
 //! W3C Trace Context: a caller's `traceparent` is checked, never echoed blindly, and the call to Easemob carries
 //! a child of it (or of a trace the gateway starts when the caller sent none, or a bad one); a `tracestate`
 //! travels with a valid `traceparent` only. The trace id is in the request's log line and its audit event.
+//! Whether the gateway records spans of a request is the [`Sampler`]'s decision; `export.rs` sends them.
+
+pub mod export;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -23,25 +26,33 @@ pub struct TraceContext {
 impl TraceContext {
     /// The caller's trace if its `traceparent` is valid, else a new one.
     pub fn from_headers(headers: &HeaderMap) -> TraceContext {
-        let Some((trace_id, flags)) = headers.get(TRACEPARENT).and_then(|v| parse(v.as_bytes())) else {
+        let Some((trace_id, _, flags)) = headers.get(TRACEPARENT).and_then(|v| parse(v.as_bytes())) else {
             return TraceContext::start();
         };
         let state = headers.get(TRACESTATE).filter(|v| valid_state(v.as_bytes())).cloned();
         TraceContext { trace_id, flags, state }
     }
 
-    /// A new trace, not sampled (the gateway records no spans of its own).
+    /// A new trace, not sampled unless a [`Sampler`] decides otherwise.
     pub fn start() -> TraceContext {
         TraceContext { trace_id: fastrand::u128(1..), flags: 0, state: None }
     }
 
-    /// The `traceparent` of a call this request makes: the same trace, a new span.
-    pub fn child(&self) -> HeaderValue {
+    /// The caller's span, the parent id of a valid `traceparent`: `Some` when [`TraceContext::from_headers`]
+    /// continues the caller's trace. Read again only for span export, so that this context, which every request
+    /// carries, does not grow for it.
+    pub fn caller_span(headers: &HeaderMap) -> Option<u64> {
+        headers.get(TRACEPARENT).and_then(|v| parse(v.as_bytes())).map(|(_, parent_id, _)| parent_id)
+    }
+
+    /// The `traceparent` of a call this request makes as span `span_id` (see [`new_span_id`]): the same trace, the
+    /// same flags.
+    pub fn child(&self, span_id: u64) -> HeaderValue {
         let mut out = [0u8; 55];
         out[..3].copy_from_slice(b"00-");
         hex(&self.trace_id.to_be_bytes(), &mut out[3..35]);
         out[35] = b'-';
-        hex(&fastrand::u64(1..).to_be_bytes(), &mut out[36..52]);
+        hex(&span_id.to_be_bytes(), &mut out[36..52]);
         out[52] = b'-';
         hex(&[self.flags], &mut out[53..55]);
         HeaderValue::from_bytes(&out).expect("hex digits and dashes")
@@ -50,6 +61,45 @@ impl TraceContext {
     /// The trace id as 32 lowercase hex digits, for the audit trail.
     pub fn trace_id_hex(&self) -> TraceId {
         TraceId::of(self.trace_id)
+    }
+
+    /// The `sampled` flag: whoever decided wants this trace's spans recorded.
+    pub fn sampled(&self) -> bool {
+        self.flags & SAMPLED != 0
+    }
+}
+
+/// `trace-flags` bit 0.
+const SAMPLED: u8 = 0x01;
+
+/// A span id of the gateway's own: random, never 0 (the W3C "invalid" id).
+pub fn new_span_id() -> u64 {
+    fastrand::u64(1..)
+}
+
+/// Which traces the gateway records spans of: for a trace it continues, the caller's decision (the W3C `sampled`
+/// flag, so the caller's and the gateway's spans are kept or dropped together); for one it starts, `ratio` of
+/// them, decided on the trace id as OpenTelemetry's `TraceIdRatioBased` does, so a service downstream that
+/// samples by the same rule keeps the same traces.
+#[derive(Clone, Copy, Debug)]
+pub struct Sampler {
+    /// A started trace is sampled when the lower 63 bits of the low half of its id are below this.
+    threshold: u64,
+}
+
+impl Sampler {
+    /// `ratio` from 0 (none of the traces the gateway starts) to 1 (all of them).
+    pub fn new(ratio: f64) -> Sampler {
+        Sampler { threshold: (ratio.clamp(0.0, 1.0) * (1u64 << 63) as f64) as u64 }
+    }
+
+    /// Decides for `trace`, `continued` from a caller or started by the gateway (which then sets its `sampled`
+    /// flag here, for Easemob to receive), and says whether its spans are recorded.
+    pub fn sample(&self, trace: &mut TraceContext, continued: bool) -> bool {
+        if !continued && ((trace.trace_id as u64) >> 1) < self.threshold {
+            trace.flags |= SAMPLED;
+        }
+        trace.sampled()
     }
 }
 
@@ -87,8 +137,8 @@ fn hex(bytes: &[u8], out: &mut [u8]) {
 }
 
 /// `version-traceid-parentid-flags` as the W3C specifies it: lowercase hex, neither id all zeros, version `ff`
-/// invalid, and a later version read by its first four fields. Returns the trace id and the flags.
-fn parse(value: &[u8]) -> Option<(u128, u8)> {
+/// invalid, and a later version read by its first four fields. Returns the trace id, the parent id and the flags.
+fn parse(value: &[u8]) -> Option<(u128, u64, u8)> {
     if value.len() < 55 || (value.len() > 55 && value[55] != b'-') {
         return None;
     }
@@ -100,9 +150,9 @@ fn parse(value: &[u8]) -> Option<(u128, u8)> {
         return None;
     }
     let trace_id = field(&value[3..35])?;
-    let parent_id = field(&value[36..52])?;
+    let parent_id = field(&value[36..52])? as u64;
     let flags = field(&value[53..55])? as u8;
-    (trace_id != 0 && parent_id != 0).then_some((trace_id, flags))
+    (trace_id != 0 && parent_id != 0).then_some((trace_id, parent_id, flags))
 }
 
 /// Lowercase hex digits (at most 32) as a number.
@@ -142,11 +192,10 @@ mod tests {
         let trace = TraceContext::from_headers(&headers(VALID, Some("congo=t61rcWkgMzE")));
         assert_eq!(trace.trace_id_hex().as_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!((trace.flags, trace.state.as_ref().map(|s| s.to_str().unwrap())), (1, Some("congo=t61rcWkgMzE")));
-        let child = trace.child();
-        let child = child.to_str().unwrap();
-        assert!(child.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && child.ends_with("-01"), "{child}");
-        assert_ne!(&child[36..52], "00f067aa0ba902b7", "a span of its own");
-        assert_eq!(parse(child.as_bytes()).map(|(id, _)| id), Some(trace.trace_id));
+        assert_eq!(TraceContext::caller_span(&headers(VALID, None)), Some(0x00f067aa0ba902b7));
+        let child = trace.child(0xb7ad6b7169203331);
+        assert_eq!(child, "00-4bf92f3577b34da6a3ce929d0e0e4736-b7ad6b7169203331-01", "a span of its own");
+        assert_eq!(parse(child.as_bytes()), Some((trace.trace_id, 0xb7ad6b7169203331, 1)));
         let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-the-future-holds";
         assert_eq!(TraceContext::from_headers(&headers(later, None)).trace_id, trace.trace_id);
     }
@@ -165,9 +214,10 @@ mod tests {
             let trace = TraceContext::from_headers(&headers(bad, Some("congo=t61rcWkgMzE")));
             assert_ne!(trace.trace_id_hex().as_str(), "4bf92f3577b34da6a3ce929d0e0e4736", "{bad}");
             assert_eq!((trace.flags, trace.state), (0, None), "{bad}");
+            assert_eq!(TraceContext::caller_span(&headers(bad, None)), None, "{bad}");
         }
         let fresh = TraceContext::from_headers(&HeaderMap::new());
-        assert!(parse(fresh.child().as_bytes()).is_some());
+        assert!(parse(fresh.child(new_span_id()).as_bytes()).is_some());
     }
 
     #[test]
@@ -176,5 +226,35 @@ mod tests {
         for state in [many.as_str(), "novalue", &"k=".repeat(300)] {
             assert_eq!(TraceContext::from_headers(&headers(VALID, Some(state))).state, None, "{state}");
         }
+    }
+
+    #[test]
+    fn a_continued_trace_keeps_the_callers_decision_and_a_started_one_follows_the_ratio() {
+        let (all, none, half) = (Sampler::new(1.0), Sampler::new(0.0), Sampler::new(0.5));
+        for (flags, sampled) in [("01", true), ("00", false)] {
+            let traceparent = format!("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{flags}");
+            for sampler in [all, none, half] {
+                let mut trace = TraceContext::from_headers(&headers(&traceparent, None));
+                assert_eq!(sampler.sample(&mut trace, true), sampled, "{traceparent} {sampler:?}");
+                assert!(trace.child(1).to_str().unwrap().ends_with(flags), "the caller's flags go on");
+            }
+        }
+        let started = |sampler: Sampler| {
+            (0..10_000)
+                .filter(|_| {
+                    let mut trace = TraceContext::start();
+                    let sampled = sampler.sample(&mut trace, false);
+                    assert_eq!(trace.child(1).to_str().unwrap().ends_with("-01"), sampled, "Easemob is told");
+                    sampled
+                })
+                .count()
+        };
+        assert_eq!((started(all), started(none)), (10_000, 0));
+        let halved = started(half);
+        assert!((4_500..5_500).contains(&halved), "{halved} of 10,000 at 0.5");
+        // Decided on the trace id alone (the low half's upper 63 bits), as OpenTelemetry's TraceIdRatioBased does.
+        let mut low = TraceContext { trace_id: 0x4bf9_0000_0000_0000_3fff_ffff_ffff_ffff, ..TraceContext::start() };
+        let mut high = TraceContext { trace_id: 0x4bf9_0000_0000_0000_8000_0000_0000_0000, ..TraceContext::start() };
+        assert!(half.sample(&mut low, false) && !half.sample(&mut high, false));
     }
 }

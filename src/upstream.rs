@@ -66,6 +66,17 @@ pub enum UpstreamError {
     Failed(String),
 }
 
+impl UpstreamError {
+    /// A stable label for the failure: `upstream_requests_total`'s code, a span's `error.type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect(_) => "connect_error",
+            UpstreamError::Timeout(_) => "timeout",
+            UpstreamError::Failed(_) => "failed",
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Upstream {
     pool: Arc<Pool>,

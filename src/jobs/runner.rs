@@ -374,6 +374,7 @@ where
             respond_async: false,
             // Each attempt a trace of its own: the request that made the job has long been answered.
             trace: TraceContext::start(),
+            spans: None,
         })
     };
     let Ok(answer) = send.oneshot(exchange).await;

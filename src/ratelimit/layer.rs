@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::Either;
 use tower::ServiceExt;
@@ -15,6 +15,7 @@ use super::{AppIndex, QuotaSet, RateLimitHeaders, Refused, easemob_retry_after};
 use crate::error::GatewayError;
 use crate::exchange::{Answer, Exchange, Marks, UnusedSlot, Waiting};
 use crate::routes::Route;
+use crate::trace::export::QuotaWait;
 
 /// Takes a slot for every call sent to Easemob (a replay or retry pays for its own: Easemob counts it), or answers
 /// 429 with `Retry-After` naming the limit. After validation, so a bad request costs no slot; inside the token,
@@ -60,6 +61,7 @@ where
 
     fn call(&mut self, mut exchange: Exchange) -> Self::Future {
         let (app, route) = (exchange.app.index, exchange.route());
+        let since = exchange.spans.is_some().then(Instant::now);
         // A retry after a failed connection uses the slot nothing used.
         let decided = match exchange.slot.take() {
             Some(UnusedSlot { policy, limit }) => Some(Ok(RateLimitHeaders { policy, limit })),
@@ -67,23 +69,40 @@ where
         };
         let quota = Arc::clone(&self.quota);
         match decided {
-            Some(Ok(slot)) => Either::Left(Slotted::Sent {
-                answer: self.inner.call(exchange),
-                sent: Some(Sent { slot, quota, app, route }),
-            }),
-            Some(Err(refused)) => Either::Left(Slotted::Refused { answer: Some(refusal(refused, exchange.started)) }),
+            Some(Ok(slot)) => {
+                note(&exchange, since, QuotaWait::Admitted);
+                Either::Left(Slotted::Sent {
+                    answer: self.inner.call(exchange),
+                    sent: Some(Sent { slot, quota, app, route }),
+                })
+            }
+            Some(Err(refused)) => {
+                note(&exchange, since, QuotaWait::Refused);
+                Either::Left(Slotted::Refused { answer: Some(refusal(refused, exchange.started)) })
+            }
             None => {
                 let inner = self.inner.clone();
                 Either::Right(Box::pin(async move {
                     let slot = match quota.acquire(app, &exchange.call).await {
                         Ok(admitted) => admitted.headers,
-                        Err(refused) => return Ok(refusal(refused, exchange.started)),
+                        Err(refused) => {
+                            note(&exchange, since, QuotaWait::Refused);
+                            return Ok(refusal(refused, exchange.started));
+                        }
                     };
+                    note(&exchange, since, QuotaWait::Waited);
                     let answer = inner.oneshot(exchange).await?;
                     Ok(Sent { slot, quota, app, route }.settle(answer))
                 }))
             }
         }
+    }
+}
+
+/// Notes a wait for a slot that began at `since` on the request's spans, when they are recorded.
+fn note(exchange: &Exchange, since: Option<Instant>, outcome: QuotaWait) {
+    if let (Some(spans), Some(since)) = (&exchange.spans, since) {
+        spans.quota(since, outcome);
     }
 }
 

@@ -5,6 +5,7 @@
 
 use std::convert::Infallible;
 use std::future::{Future, Ready, ready};
+use std::num::NonZeroU128;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -26,6 +27,7 @@ use crate::exchange::{Answer, Exchange, Labels, Marks, Validated, Waiting};
 use crate::observe::X_REQUEST_ID;
 use crate::ratelimit::RATELIMIT_POLICY;
 use crate::trace::TraceContext;
+use crate::trace::export::{Export, Recording};
 
 const PREFER: http::HeaderName = http::HeaderName::from_static("prefer");
 
@@ -44,16 +46,23 @@ pub struct ValidateLayer {
     body_read_timeout: Duration,
     /// Deletion jobs are on: a call's `Prefer: respond-async` is noted (otherwise not even looked up).
     respond_async: bool,
+    /// Spans are exported: a sampled request gets a [`Recording`] (otherwise nothing is decided or noted).
+    export: Option<Export>,
 }
 
 impl ValidateLayer {
     pub fn new(apps: Apps, body_read_timeout: Duration) -> ValidateLayer {
-        ValidateLayer { apps, body_read_timeout, respond_async: false }
+        ValidateLayer { apps, body_read_timeout, respond_async: false, export: None }
     }
 
     /// Notes `Prefer: respond-async` when `enabled` (deletion jobs are on).
     pub fn respond_async(self, enabled: bool) -> ValidateLayer {
         ValidateLayer { respond_async: enabled, ..self }
+    }
+
+    /// Records the spans of sampled requests for `export`, when spans are exported.
+    pub fn export(self, export: Option<Export>) -> ValidateLayer {
+        ValidateLayer { export, ..self }
     }
 }
 
@@ -66,6 +75,7 @@ impl<S> Layer<S> for ValidateLayer {
             apps: self.apps.clone(),
             body_read_timeout: self.body_read_timeout,
             respond_async: self.respond_async,
+            export: self.export.clone(),
         }
     }
 }
@@ -76,6 +86,7 @@ pub struct Validate<S> {
     apps: Apps,
     body_read_timeout: Duration,
     respond_async: bool,
+    export: Option<Export>,
 }
 
 impl<S, B> Service<Request<B>> for Validate<S>
@@ -98,11 +109,19 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let started = Instant::now();
         let (parts, body) = request.into_parts();
-        let asked = Asked {
+        let mut asked = Asked {
             trace: TraceContext::from_headers(&parts.headers),
+            spans: None,
             respond_async: self.respond_async && prefers_async(&parts.headers),
         };
-        let mut labels = Labels { trace_id: Some(asked.trace.trace_id), ..Labels::default() };
+        if let Some(export) = &self.export {
+            asked.spans = export.record(&mut asked.trace, &parts.headers, started);
+        }
+        let mut labels = Labels {
+            trace_id: NonZeroU128::new(asked.trace.trace_id),
+            spans: asked.spans.clone(),
+            ..Labels::default()
+        };
         let answer = match edge(&parts, &self.apps, started, &asked, &mut labels) {
             Err(e) => Either::Left(Either::Right(ready(Ok(e.into_response(started))))),
             Ok(Edge::Answer(answer)) => Either::Left(Either::Right(ready(Ok(answer)))),
@@ -175,6 +194,8 @@ fn edge(
 struct Asked {
     /// The W3C trace it belongs to (its own, or a new one).
     trace: TraceContext,
+    /// Where its spans are noted, when they are exported and the trace is sampled.
+    spans: Option<Arc<Recording>>,
     /// `Prefer: respond-async`, with jobs on.
     respond_async: bool,
 }
@@ -209,6 +230,7 @@ fn call(
         caller,
         respond_async: asked.respond_async,
         trace: asked.trace,
+        spans: asked.spans,
     }))
 }
 

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use futures_util::future::Either;
 use http::StatusCode;
@@ -16,6 +17,7 @@ use crate::error::GatewayError;
 use crate::exchange::{Answer, Exchange, Marks, Waiting};
 use crate::metrics::Metrics;
 use crate::token::Token;
+use crate::trace::export::TokenWait;
 
 /// Puts the app's token on every call, and when Easemob refuses it (401) replaces it once and replays the call;
 /// a second 401 goes to the caller. Sits outside the quota: a call that cannot get a token costs no slot, and a
@@ -62,6 +64,9 @@ where
     fn call(&mut self, mut exchange: Exchange) -> Self::Future {
         let replays = self.replays.clone();
         if let Some(token) = exchange.app.token.try_get() {
+            if let Some(spans) = &exchange.spans {
+                spans.token(Instant::now(), TokenWait::Cached);
+            }
             exchange.token = Some(Arc::clone(&token));
             // The ready service takes this call; a replay readies a clone of it.
             let replay = Replay { inner: self.inner.clone(), exchange: exchange.clone(), token, replays };
@@ -69,12 +74,15 @@ where
         }
         let inner = self.inner.clone();
         Either::Right(Box::pin(async move {
+            let since = exchange.spans.is_some().then(Instant::now);
             let token = match exchange.app.token.get().await {
                 Ok(token) => token,
                 Err(e) => {
+                    note(&exchange, since, TokenWait::Unavailable);
                     return Ok(GatewayError::NoToken { retry_after: e.retry_after }.into_response(exchange.started));
                 }
             };
+            note(&exchange, since, TokenWait::Fetched);
             exchange.token = Some(Arc::clone(&token));
             let mut first = inner.clone();
             let answer = first.ready().await?.call(exchange.clone());
@@ -145,12 +153,15 @@ where
         }
         replays.with_label_values(&[exchange.app.key.as_str()]).inc();
         Err(Box::pin(async move {
+            let since = exchange.spans.is_some().then(Instant::now);
             let token = match source.get().await {
                 Ok(token) => token,
                 Err(e) => {
+                    note(&exchange, since, TokenWait::Unavailable);
                     return Ok(GatewayError::NoToken { retry_after: e.retry_after }.into_response(exchange.started));
                 }
             };
+            note(&exchange, since, TokenWait::Fetched);
             exchange.token = Some(Arc::clone(&token));
             exchange.deadline = answer.deadline();
             let replayed = inner.ready().await?.call(exchange).await?;
@@ -165,6 +176,13 @@ where
                 }
             }
         }))
+    }
+}
+
+/// Notes a wait for the token that began at `since` on the request's spans, when they are recorded.
+fn note(exchange: &Exchange, since: Option<Instant>, outcome: TokenWait) {
+    if let (Some(spans), Some(since)) = (&exchange.spans, since) {
+        spans.token(since, outcome);
     }
 }
 

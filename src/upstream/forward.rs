@@ -16,7 +16,7 @@ use crate::error::GatewayError;
 use crate::exchange::{Answer, Exchange, Marks, Waiting};
 use crate::metrics::Metrics;
 use crate::observe::X_REQUEST_ID;
-use crate::trace::{TRACEPARENT, TRACESTATE};
+use crate::trace::{TRACEPARENT, TRACESTATE, new_span_id};
 
 /// The innermost service: sends one exchange to Easemob and hands back its answer unchanged but for hop-by-hop
 /// headers, or the gateway's answer for the failure to get one. Every answer carries the deadline it ran under.
@@ -66,7 +66,9 @@ impl Service<Exchange> for Forward {
             if let Some(id) = &exchange.request_id {
                 headers.insert(X_REQUEST_ID, id.clone());
             }
-            headers.insert(TRACEPARENT, exchange.trace.child());
+            // This call's span: its id is the one its spans are exported under, when they are.
+            let span_id = new_span_id();
+            headers.insert(TRACEPARENT, exchange.trace.child(span_id));
             if let Some(state) = &exchange.trace.state {
                 headers.insert(TRACESTATE, state.clone());
             }
@@ -75,15 +77,17 @@ impl Service<Exchange> for Forward {
             let deadline = exchange.deadline.unwrap_or_else(|| tokio::time::Instant::now() + upstream.timeout());
             let sent = std::time::Instant::now();
             let result = upstream.send_until(request, deadline).await;
+            let took = sent.elapsed();
             let lane = exchange.lane();
-            lane.metrics.upstream_duration.observe(sent.elapsed().as_secs_f64());
+            lane.metrics.upstream_duration.observe(took.as_secs_f64());
             let status = result.as_ref().map(|response| response.status());
+            if let Some(spans) = &exchange.spans {
+                spans.upstream(span_id, sent, took, status.map(|s| s.as_u16()).map_err(|e| e.kind()));
+            }
             let code = match &status {
                 Ok(StatusCode::OK) => None,
                 Ok(status) => Some(status.as_str()),
-                Err(UpstreamError::Connect(_)) => Some("connect_error"),
-                Err(UpstreamError::Timeout(_)) => Some("timeout"),
-                Err(UpstreamError::Failed(_)) => Some("failed"),
+                Err(e) => Some(e.kind()),
             };
             match code {
                 None => lane.metrics.upstream_ok.inc(),

@@ -7,6 +7,7 @@ mod forwarding;
 mod jobs;
 mod lifecycle;
 mod ops;
+mod otlp;
 mod quota;
 mod reload;
 mod resilience;

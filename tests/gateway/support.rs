@@ -211,7 +211,8 @@ pub struct Gateway {
     pub data: String,
     pub admin: String,
     pub dir: tempfile::TempDir,
-    rust_log: String,
+    /// The process's environment besides the test's own: `RUST_LOG` and [`GatewayOptions::env`].
+    env: Vec<(String, String)>,
 }
 
 #[derive(Default)]
@@ -223,6 +224,8 @@ pub struct GatewayOptions {
     pub server: String,
     /// `RUST_LOG` for the gateway (default `easemob_gateway=debug`).
     pub rust_log: Option<String>,
+    /// More environment variables for the gateway.
+    pub env: Vec<(String, String)>,
     /// Configure `demo2` as well as `demo`.
     pub two_apps: bool,
     /// Deletion jobs on, with a store in the gateway's directory (kept across [`Gateway::kill_and_restart`]) and
@@ -274,16 +277,18 @@ impl Gateway {
         );
         std::fs::write(dir.path().join("gateway.toml"), config).unwrap();
         let rust_log = options.rust_log.unwrap_or_else(|| "easemob_gateway=debug".to_owned());
-        let (child, line) = Gateway::spawn(&dir, &rust_log).await;
-        Gateway { _child: child, data: field(&line, "data"), admin: field(&line, "admin"), dir, rust_log }
+        let mut env = vec![("RUST_LOG".to_owned(), rust_log)];
+        env.extend(options.env);
+        let (child, line) = Gateway::spawn(&dir, &env).await;
+        Gateway { _child: child, data: field(&line, "data"), admin: field(&line, "admin"), dir, env }
     }
 
-    async fn spawn(dir: &tempfile::TempDir, rust_log: &str) -> (Child, String) {
+    async fn spawn(dir: &tempfile::TempDir, env: &[(String, String)]) -> (Child, String) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.path().join("gateway.log")).unwrap();
         let mut command = Command::new(BIN);
         command
             .args(["serve", "--config", dir.path().join("gateway.toml").to_str().unwrap()])
-            .env("RUST_LOG", rust_log)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stderr(Stdio::from(log));
         spawn(&mut command).await
     }
@@ -296,7 +301,7 @@ impl Gateway {
     /// `kill -9`, then the same gateway (config, store, secret) started again, on new ports.
     pub async fn kill_and_restart(&mut self) {
         self._child.kill().await.unwrap();
-        let (child, line) = Gateway::spawn(&self.dir, &self.rust_log).await;
+        let (child, line) = Gateway::spawn(&self.dir, &self.env).await;
         (self._child, self.data, self.admin) = (child, field(&line, "data"), field(&line, "admin"));
         self.wait_ready().await;
     }
