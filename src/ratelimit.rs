@@ -134,8 +134,9 @@ struct Lane {
     /// The `RateLimit` field of a refusal by this lane that may retry in a second: a flood's usual answer, built
     /// once.
     refused_for_a_second: HeaderValue,
-    /// The `RateLimit` field of an admission that leaves nothing at once (a burst of 1): the usual one.
-    admitted_none_left: HeaderValue,
+    /// The `RateLimit` field of an admission, by the calls it leaves at once (up to the burst, or
+    /// [`PREBUILT_ADMISSIONS`]): built once, as every admitted call carries one.
+    admitted: Box<[HeaderValue]>,
     /// The jobs' share of the lane (`jobs.quota_share`), when it is less than the whole.
     jobs: Option<Pace>,
 }
@@ -201,6 +202,17 @@ fn jobs_pace(limit: Limit, share: f64) -> Option<Pace> {
 /// The `RateLimit` field of a refusal: nothing left under the limit `name`, retry in `secs`.
 fn refusal_field(name: &str, secs: u64) -> HeaderValue {
     header(format!("\"{name}\";r=0;t={secs}"))
+}
+
+/// Admissions whose `RateLimit` field is built in advance, per lane: far above Easemob's bursts.
+const PREBUILT_ADMISSIONS: u32 = 1024;
+
+/// The `RateLimit` field of an admission that leaves `left` calls at once (none: the next in a second at most).
+fn admission_field(route: Route, left: u32) -> HeaderValue {
+    match left {
+        0 => header(format!("\"{}\";r=0;t=1", route.name())),
+        n => header(format!("\"{}\";r={n};t=0", route.name())),
+    }
 }
 
 fn header(value: String) -> HeaderValue {
@@ -315,7 +327,9 @@ impl QuotaSet {
                     policy: header(policy),
                     wait: metrics.rate_limit_wait.with_label_values(&[app.as_str(), route.name()]),
                     refused_for_a_second: refusal_field(route.name(), 1),
-                    admitted_none_left: header(format!("\"{}\";r=0;t=1", route.name())),
+                    admitted: (0..=limit.burst.get().min(PREBUILT_ADMISSIONS))
+                        .map(|left| admission_field(route, left))
+                        .collect(),
                     jobs,
                 }));
             }
@@ -666,9 +680,9 @@ impl QuotaSet {
 impl Lane {
     /// The fields of an admission that leaves `remaining` calls at once.
     fn admitted(&self, remaining: u32) -> RateLimitHeaders {
-        let limit = match remaining {
-            0 => self.admitted_none_left.clone(),
-            n => header(format!("\"{}\";r={n};t=0", self.route.name())),
+        let limit = match self.admitted.get(remaining as usize) {
+            Some(field) => field.clone(),
+            None => admission_field(self.route, remaining),
         };
         RateLimitHeaders { policy: self.policy.clone(), limit }
     }

@@ -177,17 +177,18 @@ impl MsgIds {
 }
 
 /// `msgIdList` as sent upstream: the IDs, percent-encoded, comma-separated.
-struct EncodedIds<'a>(&'a MsgIds);
+/// Appends `value` percent-encoded as a path segment or query value: the encoder's pieces, without formatting.
+fn push_encoded(out: &mut String, value: &str) {
+    out.extend(utf8_percent_encode(value, COMPONENT));
+}
 
-impl fmt::Display for EncodedIds<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, id) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(",")?;
-            }
-            write!(f, "{}", utf8_percent_encode(id, COMPONENT))?;
+/// Appends message IDs as Easemob takes them: comma-separated, each encoded.
+fn push_ids(out: &mut String, ids: &MsgIds) {
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
         }
-        Ok(())
+        push_encoded(out, id);
     }
 }
 
@@ -421,41 +422,45 @@ impl Call {
 
     /// Appends the canonical path and query to `out` (no intermediate strings: this runs on every request).
     pub fn write_upstream_path_and_query(&self, out: &mut String) {
-        let owner = utf8_percent_encode(self.owner().as_str(), COMPONENT);
-        fn encode(v: &str) -> impl fmt::Display + '_ {
-            utf8_percent_encode(v, COMPONENT)
-        }
-        // `write!` into a String cannot fail.
-        let _ = match self {
-            Call::DeleteChatMessages { peer, msg_ids, .. } => write!(
-                out,
-                "/rest/message/roaming/chat/user/{owner}?userId={}&msgIdList={}",
-                encode(peer.as_str()),
-                EncodedIds(msg_ids)
-            ),
-            Call::DeleteGroupMessages { group, msg_ids, .. } => write!(
-                out,
-                "/rest/message/roaming/group/user/{owner}?groupId={}&msgIdList={}",
-                encode(group.as_str()),
-                EncodedIds(msg_ids)
-            ),
-            Call::ClearUserMessages { .. } => write!(out, "/rest/message/roaming/user/{owner}/delete/all"),
-            Call::ClearChatMessagesBefore { peer, del_time, .. } => write!(
-                out,
-                "/rest/message/roaming/chat/user/{owner}/time?userId={}&delTime={}",
-                encode(peer.as_str()),
-                del_time.millis()
-            ),
-            Call::ClearGroupMessagesBefore { group, del_time, .. } => write!(
-                out,
-                "/rest/message/roaming/group/user/{owner}/time?groupId={}&delTime={}",
-                encode(group.as_str()),
-                del_time.millis()
-            ),
-            Call::DeleteConversation { .. } => write!(out, "/users/{owner}/user_channel"),
+        // Pushed piece by piece: this runs for every forwarded call, and `write!` costs more than the pieces.
+        let owner = self.owner().as_str();
+        let mut segments = |before: &str, after: &str| {
+            out.push_str(before);
+            push_encoded(out, owner);
+            out.push_str(after);
         };
-        if let Some(notify) = self.notify() {
-            let _ = write!(out, "&isNotify={notify}");
+        match self {
+            Call::DeleteChatMessages { peer, msg_ids, .. } => {
+                segments("/rest/message/roaming/chat/user/", "?userId=");
+                push_encoded(out, peer.as_str());
+                out.push_str("&msgIdList=");
+                push_ids(out, msg_ids);
+            }
+            Call::DeleteGroupMessages { group, msg_ids, .. } => {
+                segments("/rest/message/roaming/group/user/", "?groupId=");
+                push_encoded(out, group.as_str());
+                out.push_str("&msgIdList=");
+                push_ids(out, msg_ids);
+            }
+            Call::ClearUserMessages { .. } => segments("/rest/message/roaming/user/", "/delete/all"),
+            Call::ClearChatMessagesBefore { peer, del_time, .. } => {
+                segments("/rest/message/roaming/chat/user/", "/time?userId=");
+                push_encoded(out, peer.as_str());
+                out.push_str("&delTime=");
+                out.push_str(itoa::Buffer::new().format(del_time.millis()));
+            }
+            Call::ClearGroupMessagesBefore { group, del_time, .. } => {
+                segments("/rest/message/roaming/group/user/", "/time?groupId=");
+                push_encoded(out, group.as_str());
+                out.push_str("&delTime=");
+                out.push_str(itoa::Buffer::new().format(del_time.millis()));
+            }
+            Call::DeleteConversation { .. } => segments("/users/", "/user_channel"),
+        }
+        match self.notify() {
+            Some(true) => out.push_str("&isNotify=true"),
+            Some(false) => out.push_str("&isNotify=false"),
+            None => {}
         }
     }
 

@@ -148,10 +148,11 @@ async fn sighup_rereads_a_rotated_secret_and_fetches_a_fresh_token() {
     assert_eq!(send(Method::PUT, &url, &[], &json!({"client_secret": rotated}).to_string()).await.status, 200);
     std::fs::write(gw.secret_file(), format!("{rotated}\n")).unwrap();
     gw.signal("HUP");
-    eventually(Duration::from_secs(10), "a token fetched with the new secret", || async {
-        sim.stats().await["tokens_issued"] == 2
+    eventually(Duration::from_secs(10), "the config reloaded with the new secret", || async {
+        gw.metrics().await.contains("easemob_gateway_config_reloads_total{result=\"applied\"} 1")
     })
     .await;
+    assert_eq!(sim.stats().await["tokens_issued"], 2, "a token fetched with the new secret");
     // The old tokens are revoked too: the fresh one carries on.
     sim.expire_tokens().await;
     let a = clear(&gw).await;
@@ -169,10 +170,11 @@ async fn a_secret_file_rotated_in_place_is_picked_up_without_a_signal() {
     let url = format!("{}/_sim/apps/{ORG}/{APP}/secret", sim.url);
     assert_eq!(send(Method::PUT, &url, &[], &json!({"client_secret": rotated}).to_string()).await.status, 200);
     std::fs::write(gw.secret_file(), format!("{rotated}\n")).unwrap();
-    eventually(Duration::from_secs(10), "a token fetched with the new secret", || async {
-        sim.stats().await["tokens_issued"] == 2
+    eventually(Duration::from_secs(10), "the config reloaded with the new secret", || async {
+        gw.metrics().await.contains("easemob_gateway_config_reloads_total{result=\"applied\"} 1")
     })
     .await;
+    assert_eq!(sim.stats().await["tokens_issued"], 2, "a token fetched with the new secret");
     sim.expire_tokens().await;
     assert_eq!(clear(&gw).await.status, 200, "the new secret serves the fetch after a 401 too");
     assert_eq!(gw.log().matches("config reloaded").count(), 1, "once, for the one change");
