@@ -154,3 +154,31 @@ async fn settings_that_need_a_restart_are_reported_not_ignored() {
     assert_eq!(metric(&gw.metrics().await, "easemob_gateway_config_restart_required"), 1.0);
     assert!(gw.log().contains("server.shutdown_grace"), "{}", gw.log());
 }
+
+#[tokio::test]
+async fn caller_keys_and_allow_from_apply_to_the_next_request_after_a_reload() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    let file = gw.dir.path().join("gateway.toml");
+    let original = std::fs::read_to_string(&file).unwrap();
+    let url = clear_url(&gw, "dave");
+    assert_eq!(send(Method::POST, &url, &[], "").await.status, 200);
+
+    // Caller keys: from now on a request needs one.
+    let key_sha256 = easemob_gateway::access::hash_key("billing-key-123");
+    let keyed = format!("{original}\n[[callers]]\nname = \"billing\"\nkey_sha256 = \"{key_sha256}\"\n");
+    std::fs::write(&file, &keyed).unwrap();
+    gw.signal("HUP");
+    eventually(Duration::from_secs(10), "the reload applied", || async { reloads(&gw, "applied").await == 1.0 }).await;
+    send(Method::POST, &url, &[], "").await.assert_error(401, "gateway_key_required");
+    assert_eq!(send(Method::POST, &url, &[("x-gateway-key", "billing-key-123")], "").await.status, 200);
+
+    // allow_from: loopback is no longer among the callers' networks.
+    let fenced = keyed.replacen("[server]\n", "[server]\nallow_from = [\"10.0.0.0/8\"]\n", 1);
+    std::fs::write(&file, &fenced).unwrap();
+    gw.signal("HUP");
+    eventually(Duration::from_secs(10), "the second reload applied", || async { reloads(&gw, "applied").await == 2.0 })
+        .await;
+    send(Method::POST, &url, &[("x-gateway-key", "billing-key-123")], "").await.assert_error(403, "forbidden");
+    assert!(gw.readyz().await.status == 200, "the admin listener is not fenced");
+}
