@@ -256,11 +256,16 @@ impl Pool {
         None
     }
 
-    /// Keeps a connection whose exchange is over for the next request, up to `pool_max_idle_per_host`.
+    /// Keeps a connection whose exchange is over for the next request, up to `pool_max_idle_per_host`. The oldest
+    /// idle connections are at the front: once the first has expired, every expired one is closed.
     fn checkin(&self, sender: SendRequest<Full<Bytes>>) {
         let mut idle = self.idle.get_or_default().borrow_mut();
+        let now = Instant::now();
+        if idle.first().is_some_and(|oldest| now - oldest.since >= self.idle_timeout) {
+            idle.retain(|entry| now - entry.since < self.idle_timeout);
+        }
         if !sender.is_closed() && idle.len() < self.max_idle {
-            idle.push(Idle { sender, since: Instant::now() });
+            idle.push(Idle { sender, since: now });
         }
     }
 
