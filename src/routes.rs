@@ -101,14 +101,7 @@ pub struct Resolved<'a> {
 
 /// Resolves a request path, with or without the `/{org}/{app}` prefix. `None` means no such route.
 pub fn resolve(path: &str) -> Option<Resolved<'_>> {
-    let rest = path.strip_prefix('/')?;
-    // The longest route is `/{org}/{app}` plus seven segments; a longer path matches nothing.
-    let mut split = [""; MAX_SEGMENTS];
-    let mut count = 0;
-    for segment in rest.split('/') {
-        *split.get_mut(count)? = segment;
-        count += 1;
-    }
+    let (split, count) = segments(path.strip_prefix('/')?)?;
     let segments = &split[..count];
     if let [org, app, tail @ ..] = segments
         && let Some(endpoint) = endpoint(tail)
@@ -119,6 +112,21 @@ pub fn resolve(path: &str) -> Option<Resolved<'_>> {
 }
 
 const MAX_SEGMENTS: usize = 9;
+
+/// `rest` split at each '/', as `str::split` would: `None` past [`MAX_SEGMENTS`] (the longest route is
+/// `/{org}/{app}` plus seven segments; a longer path matches nothing). A '/' byte is always a character boundary,
+/// and for a handful of short segments this loop costs less than `str::split`'s searcher.
+fn segments(rest: &str) -> Option<([&str; MAX_SEGMENTS], usize)> {
+    let mut split = [""; MAX_SEGMENTS];
+    let mut count = 0;
+    let mut start = 0;
+    for end in rest.bytes().enumerate().filter_map(|(i, b)| (b == b'/').then_some(i)).chain([rest.len()]) {
+        *split.get_mut(count)? = &rest[start..end];
+        count += 1;
+        start = end + 1;
+    }
+    Some((split, count))
+}
 
 fn endpoint<'a>(segments: &[&'a str]) -> Option<Endpoint<'a>> {
     if segments == ["token"] {
@@ -137,6 +145,17 @@ mod tests {
         match resolve(path)? {
             Resolved { app, endpoint: Endpoint::Operation { route, owner } } => Some((app, route, owner)),
             Resolved { endpoint: Endpoint::Token, .. } => None,
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn segments_are_what_str_split_gives(rest in "[a-z/é]{0,24}") {
+            let expected: Vec<&str> = rest.split('/').collect();
+            match segments(&rest) {
+                Some((split, count)) => proptest::prop_assert_eq!(&split[..count], &expected[..]),
+                None => proptest::prop_assert!(expected.len() > MAX_SEGMENTS),
+            }
         }
     }
 
