@@ -196,13 +196,7 @@ async fn a_sampled_request_is_one_span_tree_under_the_callers_span_joined_by_eas
         assert_eq!(attribute(attributes, "service.name").as_deref(), Some("gateway-under-test"));
     }
     // No user ID and no token anywhere in what was exported, attributes or otherwise.
-    let token = sim.requests().await[0]["headers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h[0] == "authorization")
-        .map(|h| h[1].as_str().unwrap().trim_start_matches("Bearer ").to_owned())
-        .unwrap();
+    let token = sim.tokens().await.remove(0);
     let raw = collector.raw();
     assert!(raw.contains("clear_user_messages") && raw.contains(ORG), "the text of what was exported is searched");
     for secret in [user, &token, "msgIdList"] {

@@ -21,6 +21,21 @@ async fn reloads(gw: &Gateway, result: &str) -> f64 {
     metric(&gw.metrics().await, &format!("easemob_gateway_config_reloads_total{{result=\"{result}\"}}"))
 }
 
+/// The gateway's config file.
+fn config_file(gw: &Gateway) -> std::path::PathBuf {
+    gw.dir.path().join("gateway.toml")
+}
+
+/// Writes `config` as the gateway's file, sends SIGHUP, and waits until `count` reloads ended with `result`.
+async fn reload(gw: &Gateway, config: &str, result: &str, count: f64) {
+    std::fs::write(config_file(gw), config).unwrap();
+    gw.signal("HUP");
+    eventually(Duration::from_secs(10), &format!("reload number {count} {result}"), || async {
+        reloads(gw, result).await == count
+    })
+    .await;
+}
+
 /// One caller on one keep-alive connection, sending `clear_user_messages` every `every` until `stop`: each
 /// answer's status and `RateLimit-Policy`, or the error that ended the connection.
 async fn caller(
@@ -60,8 +75,7 @@ async fn caller(
 async fn reloads_under_load_change_a_quota_add_an_app_and_refuse_a_broken_file_without_a_failed_request() {
     let sim = Sim::start().await;
     let gw = Gateway::ready(&sim).await;
-    let file = gw.dir.path().join("gateway.toml");
-    let original = std::fs::read_to_string(&file).unwrap();
+    let original = std::fs::read_to_string(config_file(&gw)).unwrap();
     let path = format!("/{ORG}/{APP}/rest/message/roaming/user/dave/delete/all");
 
     // Four callers on their own keep-alive connections, about 60 calls a second together: under Easemob's 100.
@@ -73,10 +87,7 @@ async fn reloads_under_load_change_a_quota_add_an_app_and_refuse_a_broken_file_w
 
     // 1. A changed quota: the next answers on the same connections state it.
     let lowered = format!("{original}\n[rate_limit.routes.clear_user_messages]\nrate = 90\n");
-    std::fs::write(&file, &lowered).unwrap();
-    gw.signal("HUP");
-    eventually(Duration::from_secs(10), "the first reload applied", || async { reloads(&gw, "applied").await == 1.0 })
-        .await;
+    reload(&gw, &lowered, "applied", 1.0).await;
     let answer = send(Method::POST, &clear_url(&gw, "erin"), &[], "").await;
     assert_eq!(answer.header("ratelimit-policy"), Some("\"clear_user_messages\";q=90;w=1"));
 
@@ -86,22 +97,16 @@ async fn reloads_under_load_change_a_quota_add_an_app_and_refuse_a_broken_file_w
          client_secret_file = \"{}\"\n",
         gw.secret_file().display()
     );
-    std::fs::write(&file, &added).unwrap();
-    gw.signal("HUP");
-    eventually(Duration::from_secs(10), "the second reload applied", || async { reloads(&gw, "applied").await == 2.0 })
-        .await;
+    reload(&gw, &added, "applied", 2.0).await;
     let other = format!("{}/{ORG}/{APP2}/rest/message/roaming/user/dave/delete/all", gw.data);
     assert_eq!(send(Method::POST, &other, &[], "").await.status, 200);
     assert_eq!(sim.stats().await["tokens_issued"], 2, "one token per app: the first app's was kept");
 
     // 3. A broken file: nothing changes, the problem is logged as check-config states it, and counted.
-    std::fs::write(&file, added.replace("rate = 90", "rate = 0")).unwrap();
-    gw.signal("HUP");
-    eventually(Duration::from_secs(10), "the broken file rejected", || async { reloads(&gw, "rejected").await == 1.0 })
-        .await;
+    reload(&gw, &added.replace("rate = 90", "rate = 0"), "rejected", 1.0).await;
     assert_eq!(metric(&gw.metrics().await, "easemob_gateway_config_last_reload_successful"), 0.0);
     let check = std::process::Command::new(env!("CARGO_BIN_EXE_easemob-gateway"))
-        .args(["check-config", "--config", file.to_str().unwrap()])
+        .args(["check-config", "--config", config_file(&gw).to_str().unwrap()])
         .output()
         .unwrap();
     let problem = String::from_utf8(check.stderr).unwrap();
@@ -146,11 +151,9 @@ async fn a_reload_with_credentials_easemob_refuses_changes_nothing() {
 async fn settings_that_need_a_restart_are_reported_not_ignored() {
     let sim = Sim::start().await;
     let gw = Gateway::ready(&sim).await;
-    let file = gw.dir.path().join("gateway.toml");
-    let config = std::fs::read_to_string(&file).unwrap().replace("shutdown_grace = \"5s\"", "shutdown_grace = \"7s\"");
-    std::fs::write(&file, config).unwrap();
-    gw.signal("HUP");
-    eventually(Duration::from_secs(10), "the reload applied", || async { reloads(&gw, "applied").await == 1.0 }).await;
+    let config = std::fs::read_to_string(config_file(&gw)).unwrap();
+    let config = config.replace("shutdown_grace = \"5s\"", "shutdown_grace = \"7s\"");
+    reload(&gw, &config, "applied", 1.0).await;
     assert_eq!(metric(&gw.metrics().await, "easemob_gateway_config_restart_required"), 1.0);
     assert!(gw.log().contains("server.shutdown_grace"), "{}", gw.log());
 }
@@ -159,26 +162,20 @@ async fn settings_that_need_a_restart_are_reported_not_ignored() {
 async fn caller_keys_and_allow_from_apply_to_the_next_request_after_a_reload() {
     let sim = Sim::start().await;
     let gw = Gateway::ready(&sim).await;
-    let file = gw.dir.path().join("gateway.toml");
-    let original = std::fs::read_to_string(&file).unwrap();
+    let original = std::fs::read_to_string(config_file(&gw)).unwrap();
     let url = clear_url(&gw, "dave");
     assert_eq!(send(Method::POST, &url, &[], "").await.status, 200);
 
     // Caller keys: from now on a request needs one.
     let key_sha256 = easemob_gateway::access::hash_key("billing-key-123");
     let keyed = format!("{original}\n[[callers]]\nname = \"billing\"\nkey_sha256 = \"{key_sha256}\"\n");
-    std::fs::write(&file, &keyed).unwrap();
-    gw.signal("HUP");
-    eventually(Duration::from_secs(10), "the reload applied", || async { reloads(&gw, "applied").await == 1.0 }).await;
+    reload(&gw, &keyed, "applied", 1.0).await;
     send(Method::POST, &url, &[], "").await.assert_error(401, "gateway_key_required");
     assert_eq!(send(Method::POST, &url, &[("x-gateway-key", "billing-key-123")], "").await.status, 200);
 
     // allow_from: loopback is no longer among the callers' networks.
     let fenced = keyed.replacen("[server]\n", "[server]\nallow_from = [\"10.0.0.0/8\"]\n", 1);
-    std::fs::write(&file, &fenced).unwrap();
-    gw.signal("HUP");
-    eventually(Duration::from_secs(10), "the second reload applied", || async { reloads(&gw, "applied").await == 2.0 })
-        .await;
+    reload(&gw, &fenced, "applied", 2.0).await;
     send(Method::POST, &url, &[("x-gateway-key", "billing-key-123")], "").await.assert_error(403, "forbidden");
     assert!(gw.readyz().await.status == 200, "the admin listener is not fenced");
 }

@@ -81,6 +81,17 @@ impl Sim {
     }
 
     /// Every business request received, as `METHOD path?query`, with how many times.
+    /// Every App Token the simulator received in `Authorization`, in the order of its recorded requests.
+    pub async fn tokens(&self) -> Vec<String> {
+        self.requests()
+            .await
+            .iter()
+            .flat_map(|r| r["headers"].as_array().unwrap().clone())
+            .filter(|h| h[0] == "authorization")
+            .map(|h| h[1].as_str().unwrap().trim_start_matches("Bearer ").to_owned())
+            .collect()
+    }
+
     pub async fn received(&self) -> serde_json::Map<String, Value> {
         send(Method::GET, &format!("{}/_sim/received", self.url), &[], "").await.json().as_object().unwrap().clone()
     }
