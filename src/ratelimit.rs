@@ -231,7 +231,21 @@ impl QuotaSet {
             RateLimitBackend::Local => None,
             RateLimitBackend::Redis => Some(Arc::new(SharedQuota::new(&config.redis, metrics.clone())?)),
         };
-        Ok(QuotaSet::assemble(config, apps, metrics, redis, None))
+        let set = QuotaSet::assemble(config, apps, metrics, redis, None);
+        set.report();
+        Ok(set)
+    }
+
+    /// Shows this set's rates in `rate_limit_rate`, and creates its lanes' other series at 0 so that rate() and
+    /// alerts work before the first event: at start-up, and when a reload puts the set in force (not before: a
+    /// reload may yet be rejected).
+    pub fn report(&self) {
+        for lane in &self.lanes {
+            let labels = [lane.app.as_str(), lane.route.name()];
+            self.metrics.rate_limit_rate.with_label_values(&labels).set(i64::from(lane.current().rate()));
+            self.metrics.upstream_throttled.with_label_values(&labels);
+            self.metrics.upstream_retries.with_label_values(&labels);
+        }
     }
 
     /// The set a reloaded config asks for, keeping what this one has counted: a lane whose limit is unchanged
@@ -270,13 +284,14 @@ impl QuotaSet {
         QuotaSet::build(&main, apps, metrics, shared, true, previous)
     }
 
-    /// `report`: this set's rates are the ones the `rate_limit_rate` gauge shows (not the fallback's).
+    /// `main`: the set in force, whose rates adapt to Easemob's 429s and show in `rate_limit_rate` (not the
+    /// Redis fallback).
     fn build(
         config: &RateLimitConfig,
         apps: &[AppKey],
         metrics: Metrics,
         shared: Option<Shared>,
-        report: bool,
+        main: bool,
         previous: Option<&QuotaSet>,
     ) -> Arc<QuotaSet> {
         // What the previous set counted for the same AppKey, if it had it.
@@ -301,15 +316,6 @@ impl QuotaSet {
                 }) {
                     lanes.push(Arc::clone(lane));
                     continue;
-                }
-                if report {
-                    metrics
-                        .rate_limit_rate
-                        .with_label_values(&[app.as_str(), route.name()])
-                        .set(limit.rate.get() as i64);
-                    // Series exist from the start at 0, so rate() and alerts work before the first event.
-                    metrics.upstream_throttled.with_label_values(&[app.as_str(), route.name()]);
-                    metrics.upstream_retries.with_label_values(&[app.as_str(), route.name()]);
                 }
                 let pace = match kept {
                     Some(_) => Pace::spent(limit.rate, limit.burst, SECOND),
@@ -371,7 +377,7 @@ impl QuotaSet {
             max_wait: config.max_wait,
             app_jobs: apps.iter().map(|app| paced(app, jobs_cap, |p| &p.app_jobs)).collect(),
             keys: apps.to_vec(),
-            adaptive: config.adaptive && report,
+            adaptive: config.adaptive && main,
             metrics,
             shared,
         });

@@ -156,6 +156,7 @@ impl Reloader {
             body_read_timeout: config.server.body_read_timeout,
             ..Shared::clone(&previous)
         };
+        shared.quota.report();
         self.live.send_replace(Arc::new(shared));
         info!(apps = config.apps.len(), added, removed, tokens_kept = kept, "config reloaded");
         self.current = config;

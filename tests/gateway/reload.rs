@@ -90,6 +90,8 @@ async fn reloads_under_load_change_a_quota_add_an_app_and_refuse_a_broken_file_w
     reload(&gw, &lowered, "applied", 1.0).await;
     let answer = send(Method::POST, &clear_url(&gw, "erin"), &[], "").await;
     assert_eq!(answer.header("ratelimit-policy"), Some("\"clear_user_messages\";q=90;w=1"));
+    let rate = format!("easemob_gateway_rate_limit_rate{{app=\"{ORG}#{APP}\",route=\"clear_user_messages\"}}");
+    assert_eq!(metric(&gw.metrics().await, &rate), 90.0);
 
     // 2. An added app: served once its token is granted, the first app's token kept.
     let added = format!(
