@@ -43,6 +43,7 @@ pub mod observe;
 pub mod ratelimit;
 pub mod redis_conn;
 pub mod reload;
+pub mod request_id;
 pub mod retry;
 pub mod routes;
 pub mod server;

@@ -15,10 +15,9 @@ use tracing::info;
 
 use crate::exchange::{Labels, Marks};
 use crate::metrics::{Metrics, NONE};
+use crate::request_id::X_REQUEST_ID;
 use crate::trace::TraceHex;
 use crate::trace::export::Answered;
-
-pub const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 #[derive(Clone)]
 pub struct ObserveLayer {

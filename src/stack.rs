@@ -6,28 +6,27 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::sync::Semaphore;
 use tower::retry::RetryLayer;
 use tower::{BoxError, Service, ServiceBuilder};
 use tower_http::body::UnsyncBoxBody;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 use crate::access::{Access, AccessLayer};
 use crate::apps::Apps;
 use crate::audit::{Audit, AuditLayer};
-use crate::config::is_plain_label;
 use crate::error::GatewayError;
 use crate::exchange::{Answer, Exchange};
 use crate::jobs::Jobs;
 use crate::jobs::api::JobsApiLayer;
 use crate::jobs::defer::DeferLayer;
 use crate::metrics::Metrics;
-use crate::observe::{ObserveLayer, X_REQUEST_ID};
+use crate::observe::ObserveLayer;
 use crate::ratelimit::QuotaSet;
 use crate::ratelimit::layer::QuotaLayer;
+use crate::request_id::RequestIdLayer;
 use crate::retry::SafeRetry;
 use crate::routes::layer::ValidateLayer;
 use crate::shed::ShedLayer;
@@ -70,11 +69,8 @@ pub fn data_plane(
 + 'static
 + use<> {
     ServiceBuilder::new()
-        // A caller's request id is kept only if short and plain (it is logged and forwarded to Easemob); then one
-        // is set before anything can answer, so every answer, refusals included, carries one.
-        .map_request(drop_unfit_request_id)
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .layer(PropagateRequestIdLayer::x_request_id())
+        // A request id before anything can answer, so every answer, refusals included, carries one.
+        .layer(RequestIdLayer)
         // Observe the final answer once, whichever layer made it: one log line and the metrics. Outside the panic
         // guard, so that a panic's 500 is logged and counted too.
         .layer(ObserveLayer::new(shared.metrics.clone()))
@@ -119,14 +115,4 @@ pub fn job_plane(
         .layer(TokenLayer::new(&shared.metrics))
         .layer(QuotaLayer::new(Arc::clone(&shared.quota)))
         .service(forward.clone())
-}
-
-/// A caller's `X-Request-Id` is logged and forwarded to Easemob: keep it only if it is 1–128 characters of
-/// `A-Z a-z 0-9 - _ . :`, otherwise drop it so a fresh one is generated.
-fn drop_unfit_request_id<B>(mut request: Request<B>) -> Request<B> {
-    let fit = |v: &HeaderValue| v.to_str().is_ok_and(|v| is_plain_label(v, 128));
-    if request.headers().get(X_REQUEST_ID).is_some_and(|v| !fit(v)) {
-        request.headers_mut().remove(X_REQUEST_ID);
-    }
-    request
 }

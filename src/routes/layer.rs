@@ -24,8 +24,8 @@ use crate::access::Caller;
 use crate::apps::{App, Apps, Unfound};
 use crate::error::{GatewayError, json_response, unix_millis};
 use crate::exchange::{Answer, Exchange, Labels, Marks, Validated, Waiting};
-use crate::observe::X_REQUEST_ID;
 use crate::ratelimit::RATELIMIT_POLICY;
+use crate::request_id::X_REQUEST_ID;
 use crate::trace::TraceContext;
 use crate::trace::export::{Export, Recording};
 

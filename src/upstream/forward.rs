@@ -15,7 +15,7 @@ use super::{Upstream, UpstreamError};
 use crate::error::GatewayError;
 use crate::exchange::{Answer, Exchange, Marks, Waiting};
 use crate::metrics::Metrics;
-use crate::observe::X_REQUEST_ID;
+use crate::request_id::X_REQUEST_ID;
 use crate::trace::{TRACEPARENT, TRACESTATE, new_span_id};
 
 /// The innermost service: sends one exchange to Easemob and hands back its answer unchanged but for hop-by-hop
