@@ -215,7 +215,9 @@ impl Upstream {
             loop {
                 let (mut sender, pooled) = match self.pool.checkout() {
                     Some(sender) => (sender, true),
-                    None => (self.pool.connect().await?, false),
+                    // Boxed: connecting (DNS, TCP, a TLS session) is a large future and a rare one; inline, its size
+                    // would be every request's future's size, moved into the forward layer's box each time.
+                    None => (Box::pin(self.pool.connect()).await?, false),
                 };
                 match sender.try_send_request(request).await {
                     Ok(response) => {
