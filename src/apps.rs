@@ -25,8 +25,8 @@ pub struct App {
     pub token: Arc<TokenSource>,
     /// The quota set the app's lanes belong to (the one built with it, by start-up or a reload).
     pub quota: Arc<QuotaSet>,
-    /// A digest of what the token was fetched with (client ID, secret, token settings): a reload keeps the token
-    /// when it is unchanged. Never the secret itself.
+    /// A digest of the credentials the token was fetched with (client ID, secret): a reload keeps the token when
+    /// they and the token settings are unchanged. Never the secret itself.
     fetched_with: [u8; 32],
     lanes: [Lane; Route::ALL.len()],
 }
@@ -101,10 +101,12 @@ impl Apps {
                 digest.update((part.len() as u64).to_le_bytes());
                 digest.update(part);
             }
-            digest.update(format!("{:?}", config.token).as_bytes());
             let fetched_with: [u8; 32] = digest.finalize().into();
             let key = app.app_key();
-            let kept = previous.and_then(|apps| apps.iter().find(|a| a.key == key && a.fetched_with == fetched_with));
+            let kept = previous.and_then(|apps| {
+                apps.iter()
+                    .find(|a| a.key == key && a.fetched_with == fetched_with && *a.token.config() == config.token)
+            });
             let token = match kept {
                 Some(kept) => Arc::clone(&kept.token),
                 None => {

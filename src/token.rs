@@ -273,6 +273,11 @@ impl TokenSource {
         }
     }
 
+    /// The settings the source refreshes by.
+    pub fn config(&self) -> &TokenConfig {
+        &self.config
+    }
+
     pub fn is_ready(&self) -> bool {
         self.state.borrow().usable(Instant::now()).is_some()
     }
