@@ -230,9 +230,9 @@ impl Server {
             Connections { limit: Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS)), open: None },
         ));
 
-        // Jobs run on this runtime with a client pool of their own, through the config in force. At shutdown the
-        // scheduler simply stops: an operation in flight then is still pending in the store and runs again after
-        // the restart.
+        // Jobs run on this runtime (with this thread's connections to Easemob), through the config in force. At
+        // shutdown the scheduler simply stops: an operation in flight then is still pending in the store and runs
+        // again after the restart.
         let scheduler = shared.jobs.clone().map(|jobs| {
             let forward = Forward::new(upstream.clone(), &shared.metrics);
             let plane_of =
@@ -288,7 +288,7 @@ struct DataWorker {
     listener: TcpListener,
     /// The config in force: each connection builds its stack from the latest.
     live: watch::Receiver<Arc<Shared>>,
-    /// The stack's innermost service, with this worker's own connection pool to Easemob.
+    /// The stack's innermost service; its connections to Easemob are this thread's own (`upstream.rs`).
     forward: Forward,
     http: http1::Builder,
     graceful: Arc<GracefulShutdown>,
