@@ -83,7 +83,18 @@ async fn reloads_under_load_change_a_quota_add_an_app_and_refuse_a_broken_file_w
     let callers: Vec<_> = (0..4)
         .map(|_| tokio::spawn(caller(gw.data.clone(), path.clone(), Duration::from_millis(60), Arc::clone(&stop))))
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Calls on the wire before the first reload (counted where they land, not waited for by the clock).
+    let load_seen = |more: u64| {
+        let sim = &sim;
+        async move {
+            let from = sim.business_requests().await;
+            eventually(Duration::from_secs(10), "the callers' calls", || async {
+                sim.business_requests().await >= from + more
+            })
+            .await;
+        }
+    };
+    load_seen(8).await;
 
     // 1. A changed quota: the next answers on the same connections state it.
     let lowered = format!("{original}\n[rate_limit.routes.clear_user_messages]\nrate = 90\n");
@@ -119,7 +130,8 @@ async fn reloads_under_load_change_a_quota_add_an_app_and_refuse_a_broken_file_w
     let answer = send(Method::POST, &clear_url(&gw, "erin"), &[], "").await;
     assert_eq!(answer.header("ratelimit-policy"), Some("\"clear_user_messages\";q=90;w=1"));
 
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // And calls after the last reload, on the same connections.
+    load_seen(8).await;
     stop.store(true, Ordering::Relaxed);
     let mut total = 0;
     for caller in callers {
