@@ -8,9 +8,11 @@ use std::borrow::Cow;
 use std::fmt::{self, Write as _};
 
 use bytes::Bytes;
+use compact_str::CompactString;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 use serde::Serialize;
 use serde_json::{Map, Value};
+use smallvec::SmallVec;
 
 use super::Route;
 
@@ -92,13 +94,13 @@ macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
         #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-        pub struct $name(String);
+        pub struct $name(CompactString);
 
         impl $name {
             /// `what` names the parameter in the error, e.g. "query parameter userId (the peer)".
             pub fn parse(what: &str, value: &str) -> Result<Self, ValidationError> {
                 check_id(&what, value)?;
-                Ok(Self(value.to_owned()))
+                Ok(Self(CompactString::from(value)))
             }
             pub fn as_str(&self) -> &str {
                 &self.0
@@ -133,9 +135,9 @@ impl Serialize for Channel {
     }
 }
 
-/// 1 to 50 distinct message IDs, in the caller's order.
+/// 1 to 50 distinct message IDs, in the caller's order. A single ID (the usual call) takes no allocation.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MsgIds(Vec<String>);
+pub struct MsgIds(SmallVec<[CompactString; 1]>);
 
 impl MsgIds {
     /// Parses Easemob's comma-separated `msgIdList`: items are trimmed, duplicates dropped, empty items refused.
@@ -143,7 +145,7 @@ impl MsgIds {
         if list.trim().is_empty() {
             return Err(ValidationError::new("Bad Request", "required query parameter msgIdList is empty"));
         }
-        let mut ids: Vec<String> = Vec::new();
+        let mut ids: SmallVec<[CompactString; 1]> = SmallVec::new();
         for (position, item) in list.split(',').enumerate() {
             let id = item.trim();
             if id.is_empty() {
@@ -154,7 +156,7 @@ impl MsgIds {
             }
             check_id(&format_args!("message ID {} of msgIdList", position + 1), id)?;
             if !ids.iter().any(|seen| seen == id) {
-                ids.push(id.to_owned());
+                ids.push(CompactString::from(id));
             }
         }
         if ids.len() > MAX_MSG_IDS {
@@ -172,7 +174,7 @@ impl MsgIds {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &str> {
-        self.0.iter().map(String::as_str)
+        self.0.iter().map(CompactString::as_str)
     }
 }
 
@@ -488,7 +490,8 @@ impl Call {
 /// The query parameters of one request: each allowed key at most once, unknown keys refused. Values borrow from
 /// the query string unless they had to be percent-decoded.
 struct Query<'a> {
-    values: Vec<(&'static str, Cow<'a, str>)>,
+    /// At most the route's three keys, and `isNotify` split back out of a glued value: no allocation.
+    values: SmallVec<[(&'static str, Cow<'a, str>); 4]>,
 }
 
 impl<'a> Query<'a> {
@@ -500,7 +503,7 @@ impl<'a> Query<'a> {
             Route::ClearGroupMessagesBefore => &["groupId", "delTime", "isNotify"],
             Route::ClearUserMessages | Route::DeleteConversation => &[],
         };
-        let mut values: Vec<(&'static str, Cow<'a, str>)> = Vec::with_capacity(allowed.len());
+        let mut values = SmallVec::new();
         for (key, value) in pairs(raw) {
             let Some(&key) = allowed.iter().find(|k| **k == key) else {
                 return Err(ValidationError::unknown("query parameter", &[&*key], route, allowed));
