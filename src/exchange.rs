@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Response};
 use http_body_util::Full;
 
@@ -43,6 +44,9 @@ pub struct Validated {
     /// When the request arrived (for the envelope's `duration`).
     pub started: Instant,
     pub request_id: Option<HeaderValue>,
+    /// The request's path and query as the caller sent them: what Easemob gets, shared, when it already is the
+    /// canonical form (`Upstream::uri`). `None` for a job's operations.
+    pub received: Option<PathAndQuery>,
     /// The calling service for the audit trail: a caller key's name, or the caller's own `X-Caller`.
     pub caller: Option<Arc<str>>,
     /// The caller sent `Prefer: respond-async`: run it as a job if jobs are on.

@@ -102,6 +102,7 @@ pub fn exchange(app: &Arc<App>, call: Call) -> Exchange {
         call,
         started: std::time::Instant::now(),
         request_id: None,
+        received: None,
         caller: None,
         respond_async: false,
         trace: crate::trace::TraceContext::start(),

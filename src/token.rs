@@ -409,7 +409,7 @@ impl Fetch for EasemobFetch {
             }
             let uri = self
                 .upstream
-                .uri(&c.org, &c.app, |url| url.push_str("/token"))
+                .uri(&c.org, &c.app, None, |url| url.push_str("/token"))
                 .map_err(|e| TokenError::Malformed(format!("building the request: {e}")))?;
             let response =
                 self.upstream.send(self.upstream.request(Method::POST, uri, Bytes::from(body.to_string()))).await?;

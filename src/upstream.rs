@@ -161,16 +161,33 @@ impl Upstream {
     }
 
     /// `base_url`'s path + `/{org}/{app}` + what `tail` appends (a path and query), in origin form: the host goes
-    /// in `Host`. Built in one buffer, handed over without a copy, and checked.
-    pub fn uri(&self, org: &str, app: &str, tail: impl FnOnce(&mut String)) -> Result<Uri, http::Error> {
-        let mut path = String::with_capacity(self.prefix.len() + org.len() + app.len() + 160);
-        path.push_str(&self.prefix);
-        path.push('/');
-        path.push_str(org);
-        path.push('/');
-        path.push_str(app);
-        tail(&mut path);
-        Ok(Uri::from(PathAndQuery::from_maybe_shared(Bytes::from(path))?))
+    /// in `Host`. When that is exactly what the caller sent (`received`: the usual case, a caller that already
+    /// writes the canonical form), the received one is shared, neither copied nor checked again; otherwise it is
+    /// copied out of this thread's scratch buffer and checked.
+    pub fn uri(
+        &self,
+        org: &str,
+        app: &str,
+        received: Option<&PathAndQuery>,
+        tail: impl FnOnce(&mut String),
+    ) -> Result<Uri, http::Error> {
+        thread_local! {
+            static SCRATCH: RefCell<String> = RefCell::new(String::with_capacity(256));
+        }
+        SCRATCH.with_borrow_mut(|path| {
+            path.clear();
+            path.push_str(&self.prefix);
+            path.push('/');
+            path.push_str(org);
+            path.push('/');
+            path.push_str(app);
+            tail(path);
+            let path_and_query = match received {
+                Some(received) if received.as_str() == path.as_str() => received.clone(),
+                _ => PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(path.as_bytes()))?,
+            };
+            Ok(Uri::from(path_and_query))
+        })
     }
 
     /// A request to Easemob with the headers every call carries; the caller adds `Authorization`.
@@ -342,8 +359,30 @@ mod tests {
                 pool_max_idle_per_host: 1,
             };
             let upstream = Upstream::new(&config).unwrap();
-            let uri = upstream.uri("o", "a", |path| path.push_str("/rest/x?y=1")).unwrap();
+            let uri = upstream.uri("o", "a", None, |path| path.push_str("/rest/x?y=1")).unwrap();
             assert_eq!(uri.to_string(), want);
+        }
+    }
+
+    #[test]
+    fn a_received_path_that_is_already_canonical_is_shared_and_any_other_is_rebuilt() {
+        let config = UpstreamConfig {
+            base_url: BaseUrl::parse("https://a1.easemob.com").unwrap(),
+            connect_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            ca_file: None,
+            pool_idle_timeout: Duration::from_secs(1),
+            pool_max_idle_per_host: 1,
+        };
+        let upstream = Upstream::new(&config).unwrap();
+        let canonical = |path: &mut String| path.push_str("/rest/x?y=1");
+        let received = PathAndQuery::from_static("/o/a/rest/x?y=1");
+        let uri = upstream.uri("o", "a", Some(&received), canonical).unwrap();
+        assert_eq!(uri.path_and_query().unwrap().as_str().as_ptr(), received.as_str().as_ptr(), "shared");
+        for other in ["/rest/x?y=1", "/o/a/rest/x?y=%31", "/o/a/rest/x?y=1&"] {
+            let received = PathAndQuery::try_from(other).unwrap();
+            let uri = upstream.uri("o", "a", Some(&received), canonical).unwrap();
+            assert_eq!(uri.path_and_query().unwrap(), "/o/a/rest/x?y=1", "{other} is rebuilt");
         }
     }
 }

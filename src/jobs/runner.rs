@@ -370,6 +370,7 @@ where
             call,
             started: std::time::Instant::now(),
             request_id: HeaderValue::try_from(format!("job-{}.{}", due.job_id, due.n)).ok(),
+            received: None,
             caller: due.caller.as_deref().map(Arc::from),
             respond_async: false,
             // Each attempt a trace of its own: the request that made the job has long been answered.

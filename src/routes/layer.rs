@@ -227,6 +227,7 @@ fn call(
         call,
         started,
         request_id: parts.headers.get(X_REQUEST_ID).cloned(),
+        received: parts.uri.path_and_query().cloned(),
         caller,
         respond_async: asked.respond_async,
         trace: asked.trace,

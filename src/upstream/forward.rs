@@ -54,7 +54,9 @@ impl Service<Exchange> for Forward {
             let upstream = &inner.upstream;
             let app = &exchange.app;
             let route = exchange.route();
-            let Ok(uri) = upstream.uri(&app.org, &app.app, |url| exchange.call.write_upstream_path_and_query(url))
+            let received = exchange.received.as_ref();
+            let Ok(uri) =
+                upstream.uri(&app.org, &app.app, received, |url| exchange.call.write_upstream_path_and_query(url))
             else {
                 return Ok(GatewayError::Internal.into_response(exchange.started));
             };
