@@ -10,6 +10,7 @@ use http_body_util::Full;
 use tokio::sync::watch;
 
 use crate::error::json_response;
+use crate::exchange::Stamped;
 use crate::jobs::Jobs;
 use crate::stack::Shared;
 
@@ -64,7 +65,7 @@ impl AdminService {
             body["jobs_store"] = if jobs_ready { "ok" } else { "failing" }.into();
         }
         let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-        json_response(status, body.to_string().into_bytes(), "local")
+        json_response(status, body.to_string().into_bytes(), "local").map(Stamped::into_full)
     }
 }
 

@@ -6,9 +6,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Response, StatusCode, header};
-use http_body_util::Full;
 
-use crate::exchange::{Answer, Marks};
+use crate::exchange::{Answer, Marks, Stamped};
 use crate::ratelimit::{RATELIMIT, RATELIMIT_POLICY, retry_after_secs};
 use crate::routes::validate::ValidationError;
 
@@ -270,13 +269,7 @@ fn retry_after_value(wait: Duration) -> HeaderValue {
 /// `{"error","exception","timestamp","duration","error_description"}`; `origin` is the value of the
 /// `x-easemob-gateway` header. Written field by field, in Easemob's order: a string with nothing to escape (every
 /// fixed text, and most details) is copied as it is, any other is escaped by serde_json; the numbers by itoa.
-pub fn envelope(
-    status: StatusCode,
-    error: &str,
-    description: &str,
-    started: Instant,
-    origin: &'static str,
-) -> Response<Full<Bytes>> {
+pub fn envelope(status: StatusCode, error: &str, description: &str, started: Instant, origin: &'static str) -> Answer {
     let mut body = Vec::with_capacity(ENVELOPE_BYTES + error.len() + description.len());
     let mut number = itoa::Buffer::new();
     body.extend_from_slice(b"{\"error\":");
@@ -305,8 +298,8 @@ fn json_string(out: &mut Vec<u8>, s: &str) {
 }
 
 /// A gateway-made JSON response with the marker header.
-pub fn json_response(status: StatusCode, body: Vec<u8>, origin: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+pub fn json_response(status: StatusCode, body: Vec<u8>, origin: &'static str) -> Answer {
+    let mut response = Response::new(Stamped::new(Bytes::from(body)));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, JSON_UTF8);
@@ -351,7 +344,7 @@ mod tests {
     }
     use http_body_util::BodyExt;
 
-    async fn body_json(r: Response<Full<Bytes>>) -> serde_json::Value {
+    async fn body_json(r: Answer) -> serde_json::Value {
         let bytes = r.into_body().collect().await.unwrap().to_bytes();
         serde_json::from_slice(&bytes).unwrap()
     }

@@ -1,6 +1,7 @@
 //! One log line and one set of metrics per request, read off the final answer (its status and the marks the
 //! layers below left on it: who made it, why, for which app and route), whichever layer produced it. A sampled
-//! request's spans are finished here too, when spans are exported.
+//! request's spans are finished here too, when spans are exported. A request whose handling panics is recorded
+//! as the 500 the panic guard above answers it with.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -9,11 +10,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Request, StatusCode};
 use tower::{Layer, Service};
 use tracing::info;
 
-use crate::exchange::{Labels, Marks};
+use crate::error::GatewayError;
+use crate::exchange::{Answer, Labels, Marks, Stamp};
 use crate::metrics::{Metrics, NONE};
 use crate::request_id::X_REQUEST_ID;
 use crate::trace::TraceHex;
@@ -44,11 +46,11 @@ pub struct Observe<S> {
     metrics: Arc<Metrics>,
 }
 
-impl<S, B, ResBody> Service<Request<B>> for Observe<S>
+impl<S, B> Service<Request<B>> for Observe<S>
 where
-    S: Service<Request<B>, Response = Response<ResBody>, Error = Infallible>,
+    S: Service<Request<B>, Response = Answer, Error = Infallible>,
 {
-    type Response = Response<ResBody>;
+    type Response = Answer;
     type Error = Infallible;
     type Future = Observed<S::Future>;
 
@@ -57,13 +59,17 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let seen = Seen {
+        let mut seen = Some(Seen {
             started: Instant::now(),
             request_id: request.headers().get(X_REQUEST_ID).cloned(),
             _in_flight: InFlight::enter(&self.metrics),
             metrics: Arc::clone(&self.metrics),
+        });
+        let inner = {
+            let _guard = IfItPanics(&mut seen);
+            self.inner.call(request)
         };
-        Observed { inner: self.inner.call(request), seen: Some(seen) }
+        Observed { inner, seen }
     }
 }
 
@@ -84,32 +90,49 @@ struct Seen {
     metrics: Arc<Metrics>,
 }
 
-impl<F, ResBody> Future for Observed<F>
+impl<F> Future for Observed<F>
 where
-    F: Future<Output = Result<Response<ResBody>, Infallible>>,
+    F: Future<Output = Result<Answer, Infallible>>,
 {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let Ok(answer) = ready!(this.inner.poll(cx));
+        let polled = {
+            let _guard = IfItPanics(this.seen);
+            this.inner.poll(cx)
+        };
+        let Ok(answer) = ready!(polled);
         if let Some(seen) = this.seen.take() {
-            seen.record(&answer);
+            seen.record(answer.status(), answer.stamp());
         }
         Poll::Ready(Ok(answer))
     }
 }
 
+/// While the layers below run: should they panic, the request is recorded as the 500 the panic guard above this
+/// layer answers it with (a panic unwinds through here before the guard catches it).
+struct IfItPanics<'a>(&'a mut Option<Seen>);
+
+impl Drop for IfItPanics<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(seen) = self.0.take()
+        {
+            let answer = GatewayError::Internal.into_response(seen.started);
+            seen.record(answer.status(), answer.stamp());
+        }
+    }
+}
+
 impl Seen {
-    fn record<B>(self, answer: &Response<B>) {
+    fn record(self, status: StatusCode, stamp: &Stamp) {
         let elapsed = self.started.elapsed();
-        let status = answer.status();
-        let stamp = answer.stamp();
-        let labels = stamp.map(|s| &s.labels);
+        let labels = Some(&stamp.labels);
         let lane = labels.and_then(Labels::lane);
         let app = labels.and_then(|l| l.app.as_deref()).map_or(NONE, |app| app.key.as_str());
         let route = labels.and_then(|l| l.route).map_or(NONE, |route| route.name());
-        let reason = stamp.and_then(|s| s.rejection);
+        let reason = stamp.rejection;
         // A lane's common series are resolved once (see `Metrics::lane`); anything else is looked up by label.
         let metrics = &self.metrics;
         if let Some(reason) = reason {
@@ -137,7 +160,7 @@ impl Seen {
             let app = app.map(|app| app.key.as_str());
             spans.finish(&Answered { route, app, status: status.as_u16(), rejection: reason, started, ended });
         }
-        let upstream_status = stamp.is_some_and(|s| s.from_easemob).then_some(status.as_u16());
+        let upstream_status = stamp.from_easemob.then_some(status.as_u16());
         // Written out only if the line is.
         let trace_id = labels.and_then(|l| l.trace_id).map(|id| tracing::field::display(TraceHex(id.get())));
         info!(
@@ -208,6 +231,33 @@ mod tests {
             format!("easemob_gateway_requests_total{{app=\"o#a\",code=\"200\",{route}}} 1"),
             format!("easemob_gateway_requests_total{{app=\"o#a\",code=\"504\",{route}}} 1"),
             format!("easemob_gateway_rejected_total{{app=\"o#a\",reason=\"upstream_timeout\",{route}}} 1"),
+        ] {
+            assert!(text.contains(&series), "{series} in {text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panic_below_is_recorded_as_the_500_the_guard_above_answers() {
+        let metrics = Metrics::new();
+        let panics_in = |in_call: bool| {
+            let inner = service_fn(move |_: Request<()>| {
+                assert!(!in_call, "a bug in a layer's call");
+                async { panic!("a bug in a layer's future") }
+            });
+            tower_http::catch_panic::CatchPanicLayer::custom(|_| {
+                GatewayError::Internal.into_response(std::time::Instant::now())
+            })
+            .layer(ObserveLayer::new(metrics.clone()).layer(inner))
+        };
+        for in_call in [true, false] {
+            let answer = panics_in(in_call).oneshot(Request::new(())).await.unwrap();
+            assert_eq!(answer.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        }
+        assert_eq!(metrics.in_flight.get(), 0);
+        let text = String::from_utf8(metrics.render()).unwrap();
+        for series in [
+            format!("easemob_gateway_requests_total{{app=\"{NONE}\",code=\"500\",route=\"{NONE}\"}} 2"),
+            format!("easemob_gateway_rejected_total{{app=\"{NONE}\",reason=\"internal\",route=\"{NONE}\"}} 2"),
         ] {
             assert!(text.contains(&series), "{series} in {text}");
         }

@@ -71,11 +71,12 @@ pub fn data_plane(
     ServiceBuilder::new()
         // A request id before anything can answer, so every answer, refusals included, carries one.
         .layer(RequestIdLayer)
-        // Observe the final answer once, whichever layer made it: one log line and the metrics. Outside the panic
-        // guard, so that a panic's 500 is logged and counted too.
-        .layer(ObserveLayer::new(shared.metrics.clone()))
         // A panic becomes an enveloped 500, not a dropped connection.
         .layer(CatchPanicLayer::custom(|_| GatewayError::Internal.into_response(Instant::now())))
+        // Observe the final answer once, whichever layer made it: one log line and the metrics (a panic below is
+        // recorded as the 500 the guard above answers it with). Inside the guard, so answers reach it with their
+        // stamp beside the body, before the guard boxes the body.
+        .layer(ObserveLayer::new(shared.metrics.clone()))
         // Who may call, before anything costs work.
         .layer(AccessLayer::new(Arc::clone(&shared.access), peer))
         // Shed load before reading a body or waiting for quota: a fast 503 beyond server.max_in_flight.

@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Response, StatusCode};
-use http_body_util::Full;
 use tokio::time::Instant;
 
 use crate::apps::App;
@@ -112,7 +111,12 @@ pub fn exchange(app: &Arc<App>, call: Call) -> Exchange {
 
 /// An answer as Easemob's would come up the stack.
 pub fn easemob(status: u16) -> Answer {
-    let mut answer = Response::new(Full::default());
+    easemob_with_body(status, bytes::Bytes::new())
+}
+
+/// An answer as Easemob's would come up the stack, with this body.
+pub fn easemob_with_body(status: u16, body: bytes::Bytes) -> Answer {
+    let mut answer = Response::new(crate::exchange::Stamped::new(body));
     *answer.status_mut() = StatusCode::from_u16(status).unwrap();
     answer.stamp_mut().from_easemob = true;
     answer

@@ -430,7 +430,7 @@ fn retryable(answer: &Answer) -> bool {
 }
 
 /// Easemob's (or the gateway's) `error` and `error_description`, if the body is an error envelope.
-fn envelope(body: &http_body_util::Full<bytes::Bytes>) -> (Option<String>, Option<String>) {
+fn envelope(body: &crate::exchange::Stamped) -> (Option<String>, Option<String>) {
     #[derive(serde::Deserialize)]
     struct Envelope {
         error: Option<String>,
@@ -602,9 +602,8 @@ mod tests {
     }
 
     fn envelope(status: u16, error: &str, retry_after: Option<&str>) -> Answer {
-        let mut answer = testing::easemob(status);
         let body = serde_json::json!({"error": error, "error_description": format!("{error} happened")});
-        *answer.body_mut() = http_body_util::Full::new(bytes::Bytes::from(body.to_string()));
+        let mut answer = testing::easemob_with_body(status, bytes::Bytes::from(body.to_string()));
         if let Some(secs) = retry_after {
             answer.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_str(secs).unwrap());
         }

@@ -6,14 +6,13 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, Response, StatusCode, header};
-use http_body_util::Full;
 use prometheus::IntCounterVec;
 use tower::Service;
 use tracing::warn;
 
 use super::{Upstream, UpstreamError};
 use crate::error::GatewayError;
-use crate::exchange::{Answer, Exchange, Marks, Waiting};
+use crate::exchange::{Answer, Exchange, Marks, Stamped, Waiting};
 use crate::metrics::Metrics;
 use crate::request_id::X_REQUEST_ID;
 use crate::trace::{TRACEPARENT, TRACESTATE, new_span_id};
@@ -119,7 +118,7 @@ impl Service<Exchange> for Forward {
 fn pass_through(response: Response<Bytes>) -> Answer {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let mut answer = Response::from_parts(parts, Full::new(body));
+    let mut answer = Response::from_parts(parts, Stamped::new(body));
     answer.stamp_mut().from_easemob = true;
     answer
 }
