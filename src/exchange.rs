@@ -72,8 +72,9 @@ pub struct Exchange {
     pub token: Option<Arc<Token>>,
     /// The end of the time Easemob has for this request, replay and retry included: set by the first send.
     pub deadline: Option<tokio::time::Instant>,
-    /// A quota slot the previous attempt took but never used (its connection failed): the retry's.
-    pub slot: Option<UnusedSlot>,
+    /// A quota slot the previous attempt took but never used (its connection failed): the retry's. Boxed: it is
+    /// rare, and every layer's future that keeps an exchange would otherwise carry its room.
+    pub slot: Option<Box<UnusedSlot>>,
 }
 
 /// What validation fixed about a request, for every attempt at it.

@@ -80,7 +80,7 @@ impl Policy<Exchange, Answer, Infallible> for SafeRetry {
         self.retried = true;
         self.retries.with_label_values(&[exchange.app.key.as_str(), exchange.route().name()]).inc();
         exchange.deadline = Some(deadline);
-        exchange.slot = answer.extensions_mut().remove::<UnusedSlot>();
+        exchange.slot = answer.extensions_mut().remove::<UnusedSlot>().map(Box::new);
         if answer.is_from_easemob() {
             self.previous = Some(std::mem::take(answer));
         }

@@ -364,7 +364,7 @@ where
     let Held { due, app, call, .. } = op;
     let labels = (Arc::clone(&app), call.route());
     let exchange = Exchange {
-        slot: Some(slot),
+        slot: Some(Box::new(slot)),
         ..Exchange::new(Validated {
             app,
             call,

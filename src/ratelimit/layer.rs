@@ -64,7 +64,7 @@ where
         let since = exchange.spans.is_some().then(Instant::now);
         // A retry after a failed connection uses the slot nothing used.
         let decided = match exchange.slot.take() {
-            Some(UnusedSlot { policy, limit }) => Some(Ok(RateLimitHeaders { policy, limit })),
+            Some(slot) => Some(Ok(RateLimitHeaders { policy: slot.policy, limit: slot.limit })),
             None => self.quota.try_acquire(app, &exchange.call).map(|decided| decided.map(|a| a.headers)),
         };
         let quota = Arc::clone(&self.quota);
@@ -201,7 +201,7 @@ mod tests {
         let service = QuotaLayer::new(Arc::clone(&quota)).layer(easemob);
         let mut failed = service.clone().oneshot(testing::exchange(&app, clear("u"))).await.unwrap();
         let slot = failed.extensions_mut().remove::<UnusedSlot>().expect("the slot comes back up");
-        let retry = Exchange { slot: Some(slot), ..testing::exchange(&app, clear("u")) };
+        let retry = Exchange { slot: Some(Box::new(slot)), ..testing::exchange(&app, clear("u")) };
         let answer = service.clone().oneshot(retry).await.unwrap();
         assert_eq!((answer.status().as_u16(), calls.load(Ordering::SeqCst)), (429, 2), "sent without a new slot");
         assert!(answer.is_from_easemob());
