@@ -172,7 +172,10 @@ impl Server {
         http.timer(TokioTimer::new())
             .header_read_timeout(config.server.header_read_timeout)
             // Request line and headers together; the six routes need a fraction of this.
-            .max_buf_size(MAX_HEADER_BYTES);
+            .max_buf_size(MAX_HEADER_BYTES)
+            // Answers are a few hundred bytes: copied behind the head and written at once, which costs less (about
+            // 500 instructions a side, by bench/instructions) than queueing both for one vectored write.
+            .writev(false);
 
         // Each worker holds a sender; the channel closes once every accept loop has ended.
         let (accepting, mut accept_loops_ended) = tokio::sync::mpsc::channel::<()>(1);

@@ -320,7 +320,8 @@ async fn spawn_connection<T>(io: T) -> hyper::Result<SendRequest<Full<Bytes>>>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
-    let (sender, connection) = http1::handshake(TokioIo::new(io)).await?;
+    // Flattened writes, as on the data plane's side (`server.rs`): requests are small.
+    let (sender, connection) = http1::Builder::new().writev(false).handshake(TokioIo::new(io)).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             debug!(error = %e, "connection to Easemob ended with an error");
