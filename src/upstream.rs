@@ -346,20 +346,24 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
 
+    fn upstream(base_url: &str) -> Upstream {
+        let config = UpstreamConfig {
+            base_url: BaseUrl::parse(base_url).unwrap(),
+            connect_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            ca_file: None,
+            pool_idle_timeout: Duration::from_secs(1),
+            pool_max_idle_per_host: 1,
+        };
+        Upstream::new(&config).unwrap()
+    }
+
     #[test]
     fn a_call_uri_is_the_base_urls_path_then_org_app_and_the_tail() {
         for (base, want) in
             [("https://a1.easemob.com", "/o/a/rest/x?y=1"), ("http://127.0.0.1:8081/prefix/", "/prefix/o/a/rest/x?y=1")]
         {
-            let config = UpstreamConfig {
-                base_url: BaseUrl::parse(base).unwrap(),
-                connect_timeout: Duration::from_secs(1),
-                timeout: Duration::from_secs(1),
-                ca_file: None,
-                pool_idle_timeout: Duration::from_secs(1),
-                pool_max_idle_per_host: 1,
-            };
-            let upstream = Upstream::new(&config).unwrap();
+            let upstream = upstream(base);
             let uri = upstream.uri("o", "a", None, |path| path.push_str("/rest/x?y=1")).unwrap();
             assert_eq!(uri.to_string(), want);
         }
@@ -367,15 +371,7 @@ mod tests {
 
     #[test]
     fn a_received_path_that_is_already_canonical_is_shared_and_any_other_is_rebuilt() {
-        let config = UpstreamConfig {
-            base_url: BaseUrl::parse("https://a1.easemob.com").unwrap(),
-            connect_timeout: Duration::from_secs(1),
-            timeout: Duration::from_secs(1),
-            ca_file: None,
-            pool_idle_timeout: Duration::from_secs(1),
-            pool_max_idle_per_host: 1,
-        };
-        let upstream = Upstream::new(&config).unwrap();
+        let upstream = upstream("https://a1.easemob.com");
         let canonical = |path: &mut String| path.push_str("/rest/x?y=1");
         let received = PathAndQuery::from_static("/o/a/rest/x?y=1");
         let uri = upstream.uri("o", "a", Some(&received), canonical).unwrap();
