@@ -15,7 +15,7 @@ use tower::{Layer, Service};
 use tracing::info;
 
 use crate::error::GatewayError;
-use crate::exchange::{Answer, Labels, Marks, Stamp};
+use crate::exchange::{Answer, Marks, Stamp};
 use crate::metrics::{Metrics, NONE};
 use crate::request_id::X_REQUEST_ID;
 use crate::trace::TraceHex;
@@ -128,10 +128,10 @@ impl Drop for IfItPanics<'_> {
 impl Seen {
     fn record(self, status: StatusCode, stamp: &Stamp) {
         let elapsed = self.started.elapsed();
-        let labels = Some(&stamp.labels);
-        let lane = labels.and_then(Labels::lane);
-        let app = labels.and_then(|l| l.app.as_deref()).map_or(NONE, |app| app.key.as_str());
-        let route = labels.and_then(|l| l.route).map_or(NONE, |route| route.name());
+        let labels = &stamp.labels;
+        let lane = labels.lane();
+        let app = labels.app.as_deref().map_or(NONE, |app| app.key.as_str());
+        let route = labels.route.map_or(NONE, |route| route.name());
         let reason = stamp.rejection;
         // A lane's common series are resolved once (see `Metrics::lane`); anything else is looked up by label.
         let metrics = &self.metrics;
@@ -154,15 +154,15 @@ impl Seen {
             Some(lane) => lane.metrics.request_duration.observe(elapsed.as_secs_f64()),
             None => metrics.request_duration.with_label_values(&[app, route]).observe(elapsed.as_secs_f64()),
         }
-        if let Some(spans) = labels.and_then(|l| l.spans.as_deref()) {
-            let (route, app) = (labels.and_then(|l| l.route), labels.and_then(|l| l.app.as_deref()));
+        if let Some(spans) = labels.spans.as_deref() {
+            let (route, app) = (labels.route, labels.app.as_deref());
             let (started, ended) = (self.started, self.started + elapsed);
             let app = app.map(|app| app.key.as_str());
             spans.finish(&Answered { route, app, status: status.as_u16(), rejection: reason, started, ended });
         }
         let upstream_status = stamp.from_easemob.then_some(status.as_u16());
         // Written out only if the line is.
-        let trace_id = labels.and_then(|l| l.trace_id).map(|id| tracing::field::display(TraceHex(id.get())));
+        let trace_id = labels.trace_id.map(|id| tracing::field::display(TraceHex(id.get())));
         info!(
             request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
             trace_id,
@@ -198,7 +198,7 @@ mod tests {
 
     use super::*;
     use crate::error::GatewayError;
-    use crate::exchange::Answer;
+    use crate::exchange::{Answer, Labels};
     use crate::routes::Route;
     use crate::testing::{self, ScriptedFetch};
 
