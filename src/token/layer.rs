@@ -74,15 +74,10 @@ where
         }
         let inner = self.inner.clone();
         Either::Right(Box::pin(async move {
-            let since = exchange.spans.is_some().then(Instant::now);
-            let token = match exchange.app.token.get().await {
+            let token = match wait_for_token(&exchange).await {
                 Ok(token) => token,
-                Err(e) => {
-                    note(&exchange, since, TokenWait::Unavailable);
-                    return Ok(GatewayError::NoToken { retry_after: e.retry_after }.into_response(exchange.started));
-                }
+                Err(no_token) => return Ok(no_token),
             };
-            note(&exchange, since, TokenWait::Fetched);
             exchange.token = Some(Arc::clone(&token));
             let mut first = inner.clone();
             let answer = first.ready().await?.call(exchange.clone());
@@ -153,15 +148,10 @@ where
         }
         replays.with_label_values(&[exchange.app.key.as_str()]).inc();
         Err(Box::pin(async move {
-            let since = exchange.spans.is_some().then(Instant::now);
-            let token = match source.get().await {
+            let token = match wait_for_token(&exchange).await {
                 Ok(token) => token,
-                Err(e) => {
-                    note(&exchange, since, TokenWait::Unavailable);
-                    return Ok(GatewayError::NoToken { retry_after: e.retry_after }.into_response(exchange.started));
-                }
+                Err(no_token) => return Ok(no_token),
             };
-            note(&exchange, since, TokenWait::Fetched);
             exchange.token = Some(Arc::clone(&token));
             exchange.deadline = answer.deadline();
             let replayed = inner.ready().await?.call(exchange).await?;
@@ -179,11 +169,15 @@ where
     }
 }
 
-/// Notes a wait for the token that began at `since` on the request's spans, when they are recorded.
-fn note(exchange: &Exchange, since: Option<Instant>, outcome: TokenWait) {
+/// Waits for the app's token (the first one, or the replacement of one Easemob refused), noting the wait on the
+/// request's spans when they are recorded; without a valid token, the gateway's 503.
+async fn wait_for_token(exchange: &Exchange) -> Result<Arc<Token>, Answer> {
+    let since = exchange.spans.is_some().then(Instant::now);
+    let token = exchange.app.token.get().await;
     if let (Some(spans), Some(since)) = (&exchange.spans, since) {
-        spans.token(since, outcome);
+        spans.token(since, if token.is_ok() { TokenWait::Fetched } else { TokenWait::Unavailable });
     }
+    token.map_err(|e| GatewayError::NoToken { retry_after: e.retry_after }.into_response(exchange.started))
 }
 
 #[cfg(test)]
