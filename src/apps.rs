@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use http::HeaderValue;
 use secrecy::ExposeSecret;
-use sha2::{Digest, Sha256};
 
-use crate::config::{AppKey, Config};
+use crate::config::{AppKey, Config, digest_parts};
 use crate::metrics::{LaneMetrics, Metrics};
 use crate::ratelimit::{AppIndex, QuotaSet};
 use crate::routes::Route;
@@ -96,12 +95,7 @@ impl Apps {
         let mut fresh = Vec::new();
         for (index, app) in config.apps.iter().enumerate() {
             let secret = app.resolve_secret().map_err(|e| vec![e.to_string()])?;
-            let mut digest = Sha256::new();
-            for part in [app.client_id.as_bytes(), secret.expose_secret().as_bytes()] {
-                digest.update((part.len() as u64).to_le_bytes());
-                digest.update(part);
-            }
-            let fetched_with: [u8; 32] = digest.finalize().into();
+            let fetched_with = digest_parts([app.client_id.as_bytes(), secret.expose_secret().as_bytes()]);
             let key = app.app_key();
             let kept = previous.and_then(|apps| {
                 apps.iter()

@@ -560,6 +560,18 @@ pub enum SecretError {
     Ambiguous { app: AppKey },
 }
 
+/// A SHA-256 digest of `parts`, each prefixed with its length (so that no two lists of parts digest alike): how a
+/// reload tells that credentials or files changed without keeping them.
+pub fn digest_parts<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> [u8; 32] {
+    use sha2::Digest;
+    let mut digest = sha2::Sha256::new();
+    for part in parts {
+        digest.update((part.len() as u64).to_le_bytes());
+        digest.update(part);
+    }
+    digest.finalize().into()
+}
+
 /// A secret as a variable or a file holds it, trailing newline and spaces trimmed; `None` if that leaves nothing.
 fn trimmed_secret(value: &str) -> Option<SecretString> {
     let value = value.trim();

@@ -11,14 +11,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::access::Access;
 use crate::apps::Apps;
-use crate::config::{Config, SecretPolicy};
+use crate::config::{Config, SecretPolicy, digest_parts};
 use crate::logging::LogLevel;
 use crate::stack::Shared;
 use crate::upstream::Upstream;
@@ -167,12 +166,7 @@ impl Reloader {
 /// A digest of what a reload reads from files: the config file and every `client_secret_file` it names. `None`
 /// when one cannot be read (a reload will say why).
 fn inputs(path: &std::path::Path, config: &Config) -> Option<[u8; 32]> {
-    let mut digest = Sha256::new();
     let files = std::iter::once(path).chain(config.apps.iter().filter_map(|app| app.client_secret_file.as_deref()));
-    for file in files {
-        let bytes = std::fs::read(file).ok()?;
-        digest.update((bytes.len() as u64).to_le_bytes());
-        digest.update(&bytes);
-    }
-    Some(digest.finalize().into())
+    let contents: Vec<Vec<u8>> = files.map(std::fs::read).collect::<Result<_, _>>().ok()?;
+    Some(digest_parts(contents.iter().map(Vec::as_slice)))
 }

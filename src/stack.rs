@@ -34,7 +34,7 @@ use crate::token::layer::TokenLayer;
 use crate::trace::export::Export;
 use crate::upstream::forward::Forward;
 
-/// What every connection's stack shares, process-wide: built once at start-up.
+/// What every connection's stack shares, process-wide: built at start-up, and again by each reload (`reload.rs`).
 #[derive(Clone)]
 pub struct Shared {
     pub apps: Apps,
