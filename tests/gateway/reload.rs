@@ -12,12 +12,7 @@ use tokio::net::TcpStream;
 
 use crate::support::*;
 
-/// A metric's value in the gateway's exposition, 0 if absent.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0.0)
-}
-
-async fn reloads(gw: &Gateway, result: &str) -> f64 {
+async fn reloads(gw: &Gateway, result: &str) -> u64 {
     metric(&gw.metrics().await, &format!("easemob_gateway_config_reloads_total{{result=\"{result}\"}}"))
 }
 
@@ -27,7 +22,7 @@ fn config_file(gw: &Gateway) -> std::path::PathBuf {
 }
 
 /// Writes `config` as the gateway's file, sends SIGHUP, and waits until `count` reloads ended with `result`.
-async fn reload(gw: &Gateway, config: &str, result: &str, count: f64) {
+async fn reload(gw: &Gateway, config: &str, result: &str, count: u64) {
     std::fs::write(config_file(gw), config).unwrap();
     gw.signal("HUP");
     eventually(Duration::from_secs(10), &format!("reload number {count} {result}"), || async {
@@ -98,11 +93,11 @@ async fn reloads_under_load_change_a_quota_add_an_app_and_refuse_a_broken_file_w
 
     // 1. A changed quota: the next answers on the same connections state it.
     let lowered = format!("{original}\n[rate_limit.routes.clear_user_messages]\nrate = 90\n");
-    reload(&gw, &lowered, "applied", 1.0).await;
+    reload(&gw, &lowered, "applied", 1).await;
     let answer = send(Method::POST, &clear_url(&gw, "erin"), &[], "").await;
     assert_eq!(answer.header("ratelimit-policy"), Some("\"clear_user_messages\";q=90;w=1"));
     let rate = format!("easemob_gateway_rate_limit_rate{{app=\"{ORG}#{APP}\",route=\"clear_user_messages\"}}");
-    assert_eq!(metric(&gw.metrics().await, &rate), 90.0);
+    assert_eq!(metric(&gw.metrics().await, &rate), 90);
 
     // 2. An added app: served once its token is granted, the first app's token kept.
     let added = format!(
@@ -110,14 +105,14 @@ async fn reloads_under_load_change_a_quota_add_an_app_and_refuse_a_broken_file_w
          client_secret_file = \"{}\"\n",
         gw.secret_file().display()
     );
-    reload(&gw, &added, "applied", 2.0).await;
+    reload(&gw, &added, "applied", 2).await;
     let other = format!("{}/{ORG}/{APP2}/rest/message/roaming/user/dave/delete/all", gw.data);
     assert_eq!(send(Method::POST, &other, &[], "").await.status, 200);
     assert_eq!(sim.stats().await["tokens_issued"], 2, "one token per app: the first app's was kept");
 
     // 3. A broken file: nothing changes, the problem is logged as check-config states it, and counted.
-    reload(&gw, &added.replace("rate = 90", "rate = 0"), "rejected", 1.0).await;
-    assert_eq!(metric(&gw.metrics().await, "easemob_gateway_config_last_reload_successful"), 0.0);
+    reload(&gw, &added.replace("rate = 90", "rate = 0"), "rejected", 1).await;
+    assert_eq!(metric(&gw.metrics().await, "easemob_gateway_config_last_reload_successful"), 0);
     let check = std::process::Command::new(env!("CARGO_BIN_EXE_easemob-gateway"))
         .args(["check-config", "--config", config_file(&gw).to_str().unwrap()])
         .output()
@@ -152,8 +147,7 @@ async fn a_reload_with_credentials_easemob_refuses_changes_nothing() {
     let gw = Gateway::ready_with(&sim, options).await;
     // The secret file changes to a secret Easemob does not know: the reload waits for a token and gets none.
     std::fs::write(gw.secret_file(), "YXA6wrong-secret\n").unwrap();
-    eventually(Duration::from_secs(10), "the reload rejected", || async { reloads(&gw, "rejected").await >= 1.0 })
-        .await;
+    eventually(Duration::from_secs(10), "the reload rejected", || async { reloads(&gw, "rejected").await >= 1 }).await;
     assert!(gw.log().contains("no App Token with these credentials"), "{}", gw.log());
     sim.expire_tokens().await;
     // The old token was revoked: the app's source still holds the good secret and fetches again with it.
@@ -167,8 +161,8 @@ async fn settings_that_need_a_restart_are_reported_not_ignored() {
     let gw = Gateway::ready(&sim).await;
     let config = std::fs::read_to_string(config_file(&gw)).unwrap();
     let config = config.replace("shutdown_grace = \"5s\"", "shutdown_grace = \"7s\"");
-    reload(&gw, &config, "applied", 1.0).await;
-    assert_eq!(metric(&gw.metrics().await, "easemob_gateway_config_restart_required"), 1.0);
+    reload(&gw, &config, "applied", 1).await;
+    assert_eq!(metric(&gw.metrics().await, "easemob_gateway_config_restart_required"), 1);
     assert!(gw.log().contains("server.shutdown_grace"), "{}", gw.log());
 }
 
@@ -183,13 +177,13 @@ async fn caller_keys_and_allow_from_apply_to_the_next_request_after_a_reload() {
     // Caller keys: from now on a request needs one.
     let key_sha256 = easemob_gateway::access::hash_key("billing-key-123");
     let keyed = format!("{original}\n[[callers]]\nname = \"billing\"\nkey_sha256 = \"{key_sha256}\"\n");
-    reload(&gw, &keyed, "applied", 1.0).await;
+    reload(&gw, &keyed, "applied", 1).await;
     send(Method::POST, &url, &[], "").await.assert_error(401, "gateway_key_required");
     assert_eq!(send(Method::POST, &url, &[("x-gateway-key", "billing-key-123")], "").await.status, 200);
 
     // allow_from: loopback is no longer among the callers' networks.
     let fenced = keyed.replacen("[server]\n", "[server]\nallow_from = [\"10.0.0.0/8\"]\n", 1);
-    reload(&gw, &fenced, "applied", 2.0).await;
+    reload(&gw, &fenced, "applied", 2).await;
     send(Method::POST, &url, &[("x-gateway-key", "billing-key-123")], "").await.assert_error(403, "forbidden");
     assert!(gw.readyz().await.status == 200, "the admin listener is not fenced");
 }

@@ -7,11 +7,6 @@ use serde_json::json;
 
 use crate::support::*;
 
-/// The sum of every series of a family whose line starts with `prefix`.
-fn metric(metrics: &str, prefix: &str) -> u64 {
-    metrics.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
-}
-
 #[tokio::test]
 async fn a_503_from_easemob_is_retried_once_and_then_succeeds() {
     let sim = Sim::start().await;

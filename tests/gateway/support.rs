@@ -80,7 +80,6 @@ impl Sim {
         send(Method::GET, &format!("{}/_sim/requests", self.url), &[], "").await.json().as_array().unwrap().clone()
     }
 
-    /// Every business request received, as `METHOD path?query`, with how many times.
     /// Every App Token the simulator received in `Authorization`, in the order of its recorded requests.
     pub async fn tokens(&self) -> Vec<String> {
         self.requests()
@@ -92,6 +91,7 @@ impl Sim {
             .collect()
     }
 
+    /// Every business request received, as `METHOD path?query`, with how many times.
     pub async fn received(&self) -> serde_json::Map<String, Value> {
         send(Method::GET, &format!("{}/_sim/received", self.url), &[], "").await.json().as_object().unwrap().clone()
     }
@@ -483,6 +483,16 @@ pub async fn raw_until_closed(addr: &str, request: &[u8], wait: Duration) -> Opt
 
 pub async fn delete(url: &str) -> Answer {
     send(Method::DELETE, url, &[], "").await
+}
+
+/// The sum of every series in the gateway's exposition `metrics` whose line starts with `prefix` (one series, or
+/// every series of a family); 0 if there is none.
+pub fn metric(metrics: &str, prefix: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap_or_else(|e| panic!("{l}: {e}")))
+        .sum()
 }
 
 /// A `clear_user_messages` operation of a deletion job.
