@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode, header};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
@@ -61,6 +61,8 @@ pub struct Faults {
     /// Connections accepted from now on are closed once idle this long, as a server closes keep-alive
     /// connections it no longer wants.
     pub idle_close_ms: Option<u64>,
+    /// Headers added to every business answer (a front that adds its own, or one that imitates the gateway's).
+    pub answer_headers: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -272,6 +274,11 @@ impl Simulator {
             (Some(status), Some(n)) if n > 0 => forced(status, started),
             _ => self.apply(parts, org, app_name, route, rest, body, faults.roaming_disabled, started),
         };
+        for (name, value) in &faults.answer_headers {
+            if let (Ok(name), Ok(value)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {
+                response.headers_mut().append(name, value);
+            }
+        }
         if faults.reset_count > 0 {
             let mut world = self.world();
             world.faults.reset_count = world.faults.reset_count.saturating_sub(1);
@@ -476,6 +483,15 @@ fn error(status: StatusCode, error: &str, description: &str, started: Instant) -
 /// An injected answer: Easemob's body for that status where it has one.
 fn forced(status: u16, started: Instant) -> Response<Full<Bytes>> {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        // A broken front switching a deletion's connection to another protocol: no final answer follows.
+        return Response::builder()
+            .status(status)
+            .header(header::UPGRADE, "evil")
+            .header(header::CONNECTION, "Upgrade")
+            .body(Full::new(Bytes::new()))
+            .expect("static response parts are valid");
+    }
     let (error_type, description) = match status.as_u16() {
         401 => ("unauthorized", "Unable to authenticate due to expired access token"),
         429 => ("reach_limit", "This request has reached api limit"),

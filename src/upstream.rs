@@ -238,6 +238,14 @@ impl Upstream {
                 };
                 match sender.try_send_request(request).await {
                     Ok(response) => {
+                        // hyper hands up a 101 as if final (other 1xx it skips): a deletion's connection switched
+                        // to another protocol has no answer, and its outcome is unknown. The connection is dropped.
+                        if response.status().is_informational() {
+                            return Err(UpstreamError::Failed(format!(
+                                "answered {} instead of a final answer",
+                                response.status()
+                            )));
+                        }
                         let (parts, body) = response.into_parts();
                         let body = Limited::new(body, MAX_ANSWER_BYTES)
                             .collect()

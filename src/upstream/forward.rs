@@ -11,7 +11,7 @@ use tower::Service;
 use tracing::warn;
 
 use super::{Upstream, UpstreamError};
-use crate::error::GatewayError;
+use crate::error::{GATEWAY_HEADER, GatewayError};
 use crate::exchange::{Answer, Exchange, Marks, Stamped, Waiting};
 use crate::metrics::Metrics;
 use crate::request_id::X_REQUEST_ID;
@@ -117,16 +117,17 @@ impl Service<Exchange> for Forward {
 /// Easemob's answer as the caller's: status, headers (minus hop-by-hop ones) and body unchanged.
 fn pass_through(response: Response<Bytes>) -> Answer {
     let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    strip_not_passed(&mut parts.headers);
     let mut answer = Response::from_parts(parts, Stamped::new(body));
     answer.stamp_mut().from_easemob = true;
     answer
 }
 
-/// RFC 9110 §7.6.1: `Connection` and the headers it names, plus the classic hop-by-hop set.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// RFC 9110 §7.6.1: `Connection` and the headers it names, plus the classic hop-by-hop set; and the gateway's own
+/// marker, which only the gateway may set: an answer from Easemob never passes as one the gateway made.
+fn strip_not_passed(headers: &mut HeaderMap) {
     // Usually there are none (and the headers `Connection` names only count if it is there): look before removing.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    if !headers.keys().any(|name| NOT_PASSED.contains(name)) {
         return;
     }
     let named: Vec<HeaderName> = headers
@@ -136,12 +137,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    for name in named.iter().chain(&HOP_BY_HOP) {
+    for name in named.iter().chain(&NOT_PASSED) {
         headers.remove(name);
     }
 }
 
-const HOP_BY_HOP: [HeaderName; 8] = [
+const NOT_PASSED: [HeaderName; 9] = [
+    HeaderName::from_static(GATEWAY_HEADER),
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
@@ -166,7 +168,8 @@ mod tests {
         headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        strip_hop_by_hop(&mut headers);
+        headers.insert(GATEWAY_HEADER, HeaderValue::from_static("rejected"));
+        strip_not_passed(&mut headers);
         assert_eq!(headers.len(), 1, "{headers:?}");
         assert_eq!(headers[header::CONTENT_TYPE], "application/json");
 
@@ -174,7 +177,7 @@ mod tests {
         end_to_end.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         end_to_end.insert("x-trace-hop", HeaderValue::from_static("1"));
         let before = end_to_end.clone();
-        strip_hop_by_hop(&mut end_to_end);
+        strip_not_passed(&mut end_to_end);
         assert_eq!(end_to_end, before, "without Connection, other headers pass");
     }
 }

@@ -86,3 +86,42 @@ async fn connections_easemob_closed_while_idle_fail_no_request() {
     assert_eq!(retries, 0, "a stale connection is the pool's to handle, not the retry budget's");
     assert!(sim.stats().await["connections_closed_idle"].as_u64().unwrap() >= 5);
 }
+
+#[tokio::test]
+async fn a_1xx_handed_up_as_final_is_502_of_unknown_outcome_and_the_next_call_is_served() {
+    let sim = Sim::start().await;
+    let audit_dir = tempfile::tempdir().unwrap();
+    let audit_file = audit_dir.path().join("audit.jsonl");
+    let extra = format!("[audit]\nfile = \"{}\"\n", audit_file.display());
+    let gw = Gateway::ready_with(&sim, GatewayOptions { extra, ..Default::default() }).await;
+    // Easemob (or a front before it) switches the deletion's connection to another protocol: no final answer.
+    sim.faults(json!({"status": 101, "status_count": 1})).await;
+    let a = send(Method::POST, &clear_url(&gw, "dave"), &[], "").await;
+    a.assert_error(502, "upstream_failed");
+    assert_eq!(a.header("x-easemob-gateway"), Some("upstream-error"));
+    assert_eq!(a.header("upgrade"), None);
+    assert_eq!(sim.business_requests().await, 1, "the deletion may have happened: never retried");
+    let events = std::fs::read_to_string(&audit_file).unwrap();
+    let event: serde_json::Value = serde_json::from_str(events.trim()).unwrap();
+    assert_eq!((event["outcome"].as_str(), &event["upstream_status"]), (Some("unknown"), &serde_json::Value::Null));
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric(&metrics, "easemob_gateway_upstream_requests_total{app=\"1122161011178276#demo\",code=\"failed\""),
+        1
+    );
+    // The switched connection is not reused: the next deletion is Easemob's answer.
+    let next = send(Method::POST, &clear_url(&gw, "dave"), &[], "").await;
+    assert_eq!(next.status, 200, "{}", next.text());
+}
+
+#[tokio::test]
+async fn easemobs_answer_never_carries_the_gateways_own_marker() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    sim.faults(json!({"answer_headers": {"x-easemob-gateway": "rejected", "x-front": "kept"}})).await;
+    let a = send(Method::POST, &clear_url(&gw, "dave"), &[], "").await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert!(!a.gateway_made(), "Easemob's answer passed as the gateway's");
+    assert_eq!(a.header("x-easemob-gateway"), None);
+    assert_eq!(a.header("x-front"), Some("kept"), "other end-to-end headers pass");
+}
