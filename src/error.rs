@@ -29,6 +29,8 @@ pub enum GatewayError {
     Invalid(#[from] ValidationError),
     #[error("request body larger than {limit} bytes")]
     BodyTooLarge { limit: usize },
+    #[error("request line and headers larger than {limit} bytes")]
+    HeadTooLarge { limit: usize },
     #[error("request body could not be read")]
     BodyUnreadable,
     #[error("request body not received in time")]
@@ -75,6 +77,7 @@ impl GatewayError {
             GatewayError::UnknownApp => "unknown_app",
             GatewayError::Invalid(_) => "invalid",
             GatewayError::BodyTooLarge { .. } => "body_too_large",
+            GatewayError::HeadTooLarge { .. } => "head_too_large",
             GatewayError::BodyUnreadable => "body_unreadable",
             GatewayError::BodyTimeout => "body_timeout",
             GatewayError::RateLimited { .. } => "rate_limited",
@@ -126,6 +129,11 @@ impl GatewayError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request_entity_too_large",
                 format!("request body is larger than {limit} bytes").into(),
+            ),
+            GatewayError::HeadTooLarge { limit } => rejected(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request_header_fields_too_large",
+                format!("the request line and headers are larger than {limit} bytes").into(),
             ),
             GatewayError::BodyUnreadable => rejected(
                 StatusCode::BAD_REQUEST,

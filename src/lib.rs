@@ -4,6 +4,7 @@
 //! The data plane is a tower middleware stack, built in `stack.rs`; each layer lives in the module that owns its
 //! concern, outermost first:
 //! - `observe`   one log line and the metrics per answer, read off the final answer
+//! - `head`      the request head's 64 KiB cap, measured on the parsed head
 //! - `access`    who may call: source networks and optional per-caller keys
 //! - `shed`      the in-flight limit: a fast 503 past `server.max_in_flight`
 //! - `routes`    the six routes; `routes/layer.rs` resolves and validates (`routes/validate.rs`) into a typed `Call`
@@ -36,6 +37,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod exchange;
+pub mod head;
 pub mod jobs;
 pub mod logging;
 pub mod metrics;

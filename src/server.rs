@@ -29,6 +29,7 @@ use crate::admin::{ADMIN_MAX_CONNECTIONS, AdminService};
 use crate::apps::Apps;
 use crate::audit::{Audit, AuditOpenError};
 use crate::config::{AppKey, Config, SecretPolicy};
+use crate::head::READ_BUFFER_BYTES;
 use crate::jobs::runner::{Plane, Runner};
 use crate::jobs::shared::SharedStore;
 use crate::jobs::store::{LocalStore, StoreError};
@@ -171,8 +172,8 @@ impl Server {
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(config.server.header_read_timeout)
-            // Request line and headers together; the six routes need a fraction of this.
-            .max_buf_size(MAX_HEADER_BYTES)
+            // A bound on each connection's read buffer; the head's own cap is the head layer's (head.rs).
+            .max_buf_size(READ_BUFFER_BYTES)
             // Answers are a few hundred bytes: copied behind the head and written at once, which costs less than
             // queueing both for one vectored write (with the pool's side, about 1,000 instructions per forwarded
             // request, by bench/instructions).
@@ -421,8 +422,6 @@ struct Connections {
 
 /// At shutdown, how long the last spans may take to be sent.
 const SPANS_GRACE: Duration = Duration::from_secs(5);
-/// The request line and headers of one request: far above what the six routes need, far below a memory risk.
-const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Completes on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");

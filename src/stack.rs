@@ -19,6 +19,7 @@ use crate::apps::Apps;
 use crate::audit::{Audit, AuditLayer};
 use crate::error::GatewayError;
 use crate::exchange::{Answer, Exchange};
+use crate::head::{HeadLimitLayer, MeasureHeadLayer};
 use crate::jobs::Jobs;
 use crate::jobs::api::JobsApiLayer;
 use crate::jobs::defer::DeferLayer;
@@ -69,6 +70,8 @@ pub fn data_plane(
 + 'static
 + use<> {
     ServiceBuilder::new()
+        // The head measured as it arrived, before a layer adds to it; refused below observe.
+        .layer(MeasureHeadLayer)
         // A request id before anything can answer, so every answer, refusals included, carries one.
         .layer(RequestIdLayer)
         // A panic becomes an enveloped 500, not a dropped connection.
@@ -77,6 +80,8 @@ pub fn data_plane(
         // recorded as the 500 the guard above answers it with). Inside the guard, so answers reach it with their
         // stamp beside the body, before the guard boxes the body.
         .layer(ObserveLayer::new(shared.metrics.clone()))
+        // A head over the cap (as measured above) is refused before anything reads it further.
+        .layer(HeadLimitLayer)
         // Who may call, before anything costs work.
         .layer(AccessLayer::new(Arc::clone(&shared.access), peer))
         // Shed load before reading a body or waiting for quota: a fast 503 beyond server.max_in_flight.

@@ -92,3 +92,51 @@ async fn slow_or_foreign_clients_cannot_hold_a_connection() {
     assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 431"), "{answer}");
     assert_eq!(sim.business_requests().await, 0);
 }
+
+/// A deletion whose request line and headers are exactly `size` bytes, padded by one header.
+fn head_of(size: usize) -> Vec<u8> {
+    let start = format!(
+        "POST /{ORG}/{APP}/rest/message/roaming/user/dave/delete/all HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\
+         content-length: 0\r\nx-pad: "
+    );
+    let pad = size - start.len() - "\r\n\r\n".len();
+    format!("{start}{}\r\n\r\n", "a".repeat(pad)).into_bytes()
+}
+
+/// Writes `request` to `addr` in pieces of `piece` bytes, each its own write, and reads the answer to its end.
+async fn in_pieces(addr: &str, request: &[u8], piece: usize) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr.trim_start_matches("http://")).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    for chunk in request.chunks(piece) {
+        if stream.write_all(chunk).await.is_err() {
+            break; // refused before the end: the answer is already there to read
+        }
+        // Let each piece arrive as a read of its own.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(15), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn the_head_cap_is_64_kib_in_one_write_or_many() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    const CAP: usize = 64 * 1024;
+    let mut served = 0;
+    for piece in [usize::MAX, 4096] {
+        let at_cap = in_pieces(&gw.data, &head_of(CAP), piece).await;
+        assert!(at_cap.starts_with("HTTP/1.1 200"), "{piece}: {at_cap}");
+        served += 1;
+        let over = in_pieces(&gw.data, &head_of(CAP + 1), piece).await;
+        assert!(over.starts_with("HTTP/1.1 431"), "{piece}: {over}");
+        let (head, body) = over.split_once("\r\n\r\n").unwrap();
+        assert!(head.to_ascii_lowercase().contains("x-easemob-gateway: rejected"), "{head}");
+        let envelope: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(envelope["error"], "request_header_fields_too_large", "{body}");
+    }
+    assert_eq!(sim.business_requests().await, served);
+    assert!(gw.metrics().await.contains("reason=\"head_too_large\""));
+}
