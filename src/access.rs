@@ -119,8 +119,7 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let key = request.headers().get(X_GATEWAY_KEY).map(|v| v.as_bytes());
-        let caller = match self.access.check(self.peer, key) {
+        let caller = match self.access.check(self.peer, one_key(request.headers())) {
             Ok(Some(name)) => Some(Arc::clone(name)),
             Ok(None) => request.headers().get(X_CALLER).and_then(|v| v.to_str().ok()).map(Arc::from),
             Err(denied) => {
@@ -137,6 +136,16 @@ where
             request.extensions_mut().insert(Caller(caller));
         }
         Either::Right(self.inner.call(request))
+    }
+}
+
+/// The `X-Gateway-Key` presented, if exactly one was: with two, which one counts would be a guess, so a request
+/// carrying several presents none.
+fn one_key(headers: &http::HeaderMap) -> Option<&[u8]> {
+    let mut keys = headers.get_all(X_GATEWAY_KEY).iter();
+    match (keys.next(), keys.next()) {
+        (Some(key), None) => Some(key.as_bytes()),
+        _ => None,
     }
 }
 
@@ -206,6 +215,20 @@ mod tests {
         assert_eq!((unknown.status().as_u16(), unknown.rejection()), (401, Some("unauthenticated")));
         let known = through(keys(), "127.0.0.1", &[("x-gateway-key", "k-billing"), ("x-caller", "spoof")]).await;
         assert_eq!(known.headers()["caller"], "billing", "a key's name is authoritative");
+        for presented in [["k-billing", "nope"], ["nope", "k-billing"], ["k-billing", "k-billing"]] {
+            let mut request = Request::new(());
+            for key in presented {
+                request.headers_mut().append(X_GATEWAY_KEY, key.parse().unwrap());
+            }
+            let layer = AccessLayer::new(Arc::new(keys()), "127.0.0.1".parse().unwrap());
+            let answer = tower::ServiceExt::oneshot(
+                layer.layer(tower::service_fn(|_: Request<()>| async { Ok::<_, Infallible>(Answer::default()) })),
+                request,
+            )
+            .await
+            .unwrap();
+            assert_eq!(answer.status(), 401, "two keys are ambiguous, whichever order: {presented:?}");
+        }
         let open = through(access(&[], &[]), "127.0.0.1", &[("x-caller", "orders")]).await;
         assert_eq!(open.headers()["caller"], "orders", "without keys, the caller's own X-Caller");
     }

@@ -16,8 +16,12 @@ use crate::stack::Shared;
 
 /// The data plane's contract, served on the admin listener (and kept true by tests/schemathesis).
 const OPENAPI: &str = include_str!("../docs/openapi.yaml");
-/// Probes and a scraper or two.
-pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+/// Probes and a scraper or two: few connections, and none kept waiting for a request for long, so that idle
+/// connections piling up (a leaky client, a port scan) free their places before a probe's own timeout runs out.
+pub const ADMIN_MAX_CONNECTIONS: usize = 32;
+/// How long an admin connection may take to send a request's head, or stay idle between requests. A kubelet
+/// probe times out after 1 s by default; a probe or a scraper sends its request at once.
+pub const ADMIN_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// `/healthz`, `/readyz`, `/metrics`, `/openapi.yaml`: the admin listener, never the data plane.
 #[derive(Clone)]

@@ -158,7 +158,7 @@ impl GatewayError {
             GatewayError::Unauthenticated => rejected(
                 StatusCode::UNAUTHORIZED,
                 "gateway_key_required",
-                "send a known key in the X-Gateway-Key header".into(),
+                "send a known key in one X-Gateway-Key header".into(),
             ),
             GatewayError::Overloaded => Shape {
                 retry_after: Some(Duration::from_secs(1)),

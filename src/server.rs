@@ -25,7 +25,7 @@ use tokio::sync::{Semaphore, watch};
 use tracing::{debug, info, warn};
 
 use crate::access::Access;
-use crate::admin::{ADMIN_MAX_CONNECTIONS, AdminService};
+use crate::admin::{ADMIN_HEADER_READ_TIMEOUT, ADMIN_MAX_CONNECTIONS, AdminService};
 use crate::apps::Apps;
 use crate::audit::{Audit, AuditOpenError};
 use crate::config::{AppKey, Config, SecretPolicy};
@@ -220,9 +220,13 @@ impl Server {
         info!(workers = workers.len(), "data plane running");
 
         let admin_service = AdminService { live: live.subscribe(), draining: Arc::clone(&draining) };
+        // The admin listener's own limits, not the data plane's: probes must be answered while idle connections
+        // pile up, which a short header timeout and a small cap of its own ensure.
+        let mut admin_http = http1::Builder::new();
+        admin_http.timer(TokioTimer::new()).header_read_timeout(ADMIN_HEADER_READ_TIMEOUT);
         let admin_loop = tokio::spawn(accept_loop(
             admin,
-            http,
+            admin_http,
             move |_| {
                 let admin = admin_service.clone();
                 hyper::service::service_fn(move |req| {

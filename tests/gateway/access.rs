@@ -45,6 +45,11 @@ async fn configured_keys_are_required_and_name_the_caller_in_the_audit() {
     let url = gw.url("/rest/message/roaming/user/dave/delete/all");
     send(Method::POST, &url, &[], "").await.assert_error(401, "gateway_key_required");
     send(Method::POST, &url, &[("x-gateway-key", "wrong")], "").await.assert_error(401, "gateway_key_required");
+    // Two keys are ambiguous, whichever comes first.
+    for (first, second) in [("wrong", "billing-key-123"), ("billing-key-123", "wrong")] {
+        let keys = [("x-gateway-key", first), ("x-gateway-key", second)];
+        send(Method::POST, &url, &keys, "").await.assert_error(401, "gateway_key_required");
+    }
     assert_eq!(sim.business_requests().await, 0);
     let a = send(Method::POST, &url, &[("x-gateway-key", "billing-key-123"), ("x-caller", "impostor")], "").await;
     assert_eq!(a.status, 200, "{}", a.text());

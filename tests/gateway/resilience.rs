@@ -140,3 +140,24 @@ async fn the_head_cap_is_64_kib_in_one_write_or_many() {
     assert_eq!(sim.business_requests().await, served);
     assert!(gw.metrics().await.contains("reason=\"head_too_large\""));
 }
+
+#[tokio::test]
+async fn probes_are_answered_while_idle_connections_pile_up_on_the_admin_port() {
+    let sim = Sim::start().await;
+    // The data plane's header timeout is long; the admin port must not inherit it.
+    let options = GatewayOptions { server: "header_read_timeout = \"30s\"".into(), ..Default::default() };
+    let gw = Gateway::ready_with(&sim, options).await;
+    let admin = gw.admin.trim_start_matches("http://").to_owned();
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        idle.push(tokio::net::TcpStream::connect(&admin).await.unwrap());
+    }
+    // Past the admin's own connection cap, these connections send nothing; a probe still gets its answer, well
+    // within the 30 s they could otherwise hold it.
+    let healthz = format!("{}/healthz", gw.admin);
+    for _ in 0..3 {
+        let probe = tokio::time::timeout(Duration::from_secs(10), send(Method::GET, &healthz, &[], "")).await;
+        assert_eq!(probe.expect("the probe answered while idle connections are held").status, 200);
+    }
+    drop(idle);
+}
