@@ -49,6 +49,11 @@ pub struct Metrics {
     families: std::sync::Arc<[String]>,
 }
 
+/// The `state` label values of `jobs` (the jobs store's job states), exported at 0 from the start.
+pub const JOB_STATES: [&str; 5] = ["queued", "running", "done", "failed", "cancelled"];
+/// The `outcome` label values of `job_operations_total`.
+pub const JOB_OUTCOMES: [&str; 3] = ["succeeded", "failed", "retried"];
+
 /// A job's time from acceptance to completion: seconds to days.
 const JOB_BUCKETS: &[f64] = &[1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4.0 * 3600.0, 86400.0, 4.0 * 86400.0];
 
@@ -142,7 +147,13 @@ impl Metrics {
             audit_write_errors: counter("audit_write_errors_total", "Audit events that could not be written."),
             in_flight: gauge("in_flight_requests", "Requests being handled now."),
             open_connections: gauge("open_connections", "Data-plane client connections open now."),
-            jobs: gauges("jobs", "Deletion jobs in the store, by state.", &["state"]),
+            jobs: {
+                let g = gauges("jobs", "Deletion jobs in the store, by state.", &["state"]);
+                for state in JOB_STATES {
+                    g.with_label_values(&[state]);
+                }
+                g
+            },
             job_operations: counters(
                 "job_operations_total",
                 "Attempts at job operations by outcome: succeeded, failed (final), retried.",
@@ -176,11 +187,17 @@ impl Metrics {
                 "1 while the config file changes settings that take effect only after a restart.",
             ),
             spans_exported: counter("spans_exported_total", "Spans the OTLP collector accepted."),
-            spans_dropped: counters(
-                "spans_dropped_total",
-                "Spans not exported, by reason: queue_full (more than the export queue holds), export_failed.",
-                &["reason"],
-            ),
+            spans_dropped: {
+                let c = counters(
+                    "spans_dropped_total",
+                    "Spans not exported, by reason: queue_full (more than the export queue holds), export_failed.",
+                    &["reason"],
+                );
+                for reason in ["queue_full", "export_failed"] {
+                    c.with_label_values(&[reason]);
+                }
+                c
+            },
             registry,
             families: families.take().into(),
         }
@@ -195,6 +212,10 @@ impl Metrics {
     /// labels and takes a lock on each call.
     pub fn lane(&self, app: &str, route: Route) -> LaneMetrics {
         let labels = [app, route.name()];
+        // Exported at 0 from the start, so that a dashboard or an alert sees the series before the first event.
+        for outcome in JOB_OUTCOMES {
+            self.job_operations.with_label_values(&[app, route.name(), outcome]);
+        }
         LaneMetrics {
             request_duration: self.request_duration.with_label_values(&labels),
             upstream_duration: self.upstream_duration.with_label_values(&labels),

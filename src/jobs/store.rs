@@ -689,6 +689,11 @@ fn job_record(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_job_states_are_the_ones_the_metrics_export_from_the_start() {
+        assert_eq!(JobState::ALL.map(JobState::as_str), crate::metrics::JOB_STATES);
+    }
+
     fn op(user: Option<&str>) -> NewOperation {
         NewOperation {
             route: "clear_user_messages",

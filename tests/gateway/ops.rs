@@ -96,6 +96,33 @@ async fn metrics_pass_promtool() {
 }
 
 #[tokio::test]
+async fn every_documented_family_is_exported_from_the_start() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    // No request yet, no job, no span export: a dashboard or an alert still finds every family.
+    let metrics = gw.metrics().await;
+    let page = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md")).unwrap();
+    let table = page.split("\n## Metrics\n").nth(1).unwrap().split("\n## ").next().unwrap();
+    let documented: Vec<&str> = table
+        .lines()
+        .filter_map(|row| row.strip_prefix("| `")?.split('`').next())
+        .filter(|name| name.starts_with("easemob_gateway_"))
+        .collect();
+    assert!(documented.len() > 20, "{documented:?}");
+    let missing: Vec<_> = documented.iter().filter(|name| !metrics.contains(&format!("# TYPE {name} "))).collect();
+    assert!(missing.is_empty(), "documented but not exported at start: {missing:?}");
+    // Labelled counters start at 0 for their known label values.
+    for series in [
+        "easemob_gateway_spans_dropped_total{reason=\"queue_full\"} 0",
+        "easemob_gateway_spans_dropped_total{reason=\"export_failed\"} 0",
+        "easemob_gateway_jobs{state=\"cancelled\"} 0",
+        "easemob_gateway_job_operations_total{app=\"1122161011178276#demo\",outcome=\"retried\",route=\"delete_conversation\"} 0",
+    ] {
+        assert!(metrics.contains(series), "{series} missing");
+    }
+}
+
+#[tokio::test]
 async fn json_logs_have_one_structured_line_per_request() {
     let sim = Sim::start().await;
     let gw =
