@@ -26,7 +26,7 @@ use crate::access::Caller;
 use crate::apps::{App, Apps};
 use crate::config::is_plain_label;
 use crate::error::{GatewayError, json_response};
-use crate::exchange::{Answer, Waiting};
+use crate::exchange::{Answer, Marks, Waiting};
 use crate::routes::layer::{find, read_body};
 
 const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
@@ -81,10 +81,7 @@ where
             _ => return Either::Left(self.inner.call(request)),
         };
         let api = self.api.clone();
-        Either::Right(Box::pin(async move {
-            let started = Instant::now();
-            Ok(api.handle(&jobs, request).await.unwrap_or_else(|e| e.into_response(started)))
-        }))
+        Either::Right(Box::pin(async move { Ok(api.handle(&jobs, request).await) }))
     }
 }
 
@@ -94,23 +91,44 @@ fn is_jobs_path(path: &str) -> bool {
 }
 
 impl JobsApiLayer {
-    async fn handle<B>(&self, jobs: &Jobs, request: Request<B>) -> Result<Answer, GatewayError>
+    /// The answer to a jobs API request, labelled with its app once the path named a configured one, so that its
+    /// log line and metrics (refusals included) count under that app.
+    async fn handle<B>(&self, jobs: &Jobs, request: Request<B>) -> Answer
     where
         B: http_body::Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
+        let started = Instant::now();
         let path = request.uri().path().to_owned();
         let segments: Vec<&str> = path[1..].split('/').collect();
         let (named, rest) = match segments.as_slice() {
             ["_gateway", "jobs", rest @ ..] => (None, rest),
             [org, app, "_gateway", "jobs", rest @ ..] => (Some((*org, *app)), rest),
             _ => {
-                return Err(GatewayError::UnknownRoute {
-                    hint: "the jobs API is at /{org_name}/{app_name}/_gateway/jobs",
-                });
+                let hint = "the jobs API is at /{org_name}/{app_name}/_gateway/jobs";
+                return GatewayError::UnknownRoute { hint }.into_response(started);
             }
         };
-        let app = find(&self.apps, named)?;
+        let app = match find(&self.apps, named) {
+            Ok(app) => app,
+            Err(e) => return e.into_response(started),
+        };
+        let mut answer = self.serve(jobs, app, rest, request).await.unwrap_or_else(|e| e.into_response(started));
+        answer.stamp_mut().labels.app = Some(Arc::clone(app));
+        answer
+    }
+
+    async fn serve<B>(
+        &self,
+        jobs: &Jobs,
+        app: &Arc<App>,
+        rest: &[&str],
+        request: Request<B>,
+    ) -> Result<Answer, GatewayError>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
         let query = Query::parse(request.uri().query())?;
         match (request.method(), rest) {
             (&Method::POST, []) => self.create(jobs, app, request).await,

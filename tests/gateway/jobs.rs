@@ -132,6 +132,13 @@ async fn a_bad_job_is_refused_whole_with_each_bad_operation_named_and_nothing_re
     send(Method::GET, &gw.url("/_gateway/jobs/nope"), &[], "").await.assert_error(404, "job_not_found");
     send(Method::DELETE, &gw.url("/_gateway/jobs"), &[], "").await.assert_error(405, "method_not_allowed");
     assert_eq!(sim.business_requests().await, 0);
+    // Refusals on a configured app's jobs path count under that app, not under `none`.
+    let metrics = gw.metrics().await;
+    for reason in ["invalid_job", "too_many_operations", "job_not_found", "method_not_allowed"] {
+        let series =
+            format!("easemob_gateway_rejected_total{{app=\"{ORG}#{APP}\",reason=\"{reason}\",route=\"none\"}}");
+        assert!(metric(&metrics, &series) > 0, "{series} in\n{metrics}");
+    }
 }
 
 #[tokio::test]
