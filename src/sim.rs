@@ -47,6 +47,10 @@ pub struct Faults {
     pub token_status: Option<u16>,
     /// The token endpoint waits this long before answering.
     pub token_delay_ms: u64,
+    /// The token endpoint refuses every fetch (401 `invalid_grant`) and repeats in its `error_description`
+    /// everything it received: method, path, headers and body, and the body's fields as a form would carry them
+    /// (URL-encoded), as a careless server's error page does.
+    pub token_echo: bool,
     /// Business routes answer this status with Easemob's matching error body …
     pub status: Option<u16>,
     /// … for this many requests (absent: until the faults change).
@@ -169,13 +173,20 @@ impl Simulator {
         }
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         match segments.as_slice() {
-            [org, app, "token"] if parts.method == Method::POST => self.token(org, app, &body, started).await,
+            [org, app, "token"] if parts.method == Method::POST => self.token(&parts, org, app, &body, started).await,
             [org, app, rest @ ..] => self.business(&parts, org, app, rest, &body, started).await,
             _ => error(StatusCode::NOT_FOUND, "service_resource_not_found", "Service resource not found", started),
         }
     }
 
-    async fn token(&self, org: &str, app: &str, body: &[u8], started: Instant) -> Response<Full<Bytes>> {
+    async fn token(
+        &self,
+        parts: &http::request::Parts,
+        org: &str,
+        app: &str,
+        body: &[u8],
+        started: Instant,
+    ) -> Response<Full<Bytes>> {
         let faults = {
             let mut world = self.world();
             world.stats.token_requests += 1;
@@ -186,6 +197,10 @@ impl Simulator {
         }
         if let Some(status) = faults.token_status {
             return forced(status, started);
+        }
+        if faults.token_echo {
+            let text = format!("invalid client credentials for request {}", echo(parts, body));
+            return error(StatusCode::UNAUTHORIZED, "invalid_grant", &text, started);
         }
         let mut world = self.world();
         let Some(app) = find_app(&mut world.apps, org, app) else {
@@ -438,6 +453,30 @@ fn route_name(method: &Method, rest: &[&str]) -> Option<&'static str> {
     };
     let expected = if name == "clear_user_messages" { Method::POST } else { Method::DELETE };
     (*method == expected).then_some(name)
+}
+
+/// Everything a request carried, as one line: method, path, headers, the body as received, and its JSON fields
+/// URL-encoded as a form body would carry them.
+fn echo(parts: &http::request::Parts, body: &[u8]) -> String {
+    let headers: Vec<String> =
+        parts.headers.iter().map(|(k, v)| format!("{k}: {}", String::from_utf8_lossy(v.as_bytes()))).collect();
+    let form = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(fields)) => {
+            let mut form = form_urlencoded::Serializer::new(String::new());
+            for (name, value) in &fields {
+                form.append_pair(name, &value.as_str().map_or_else(|| value.to_string(), str::to_owned));
+            }
+            form.finish()
+        }
+        _ => String::new(),
+    };
+    format!(
+        "{} {} headers {} body {} form {form}",
+        parts.method,
+        parts.uri,
+        headers.join("; "),
+        String::from_utf8_lossy(body)
+    )
 }
 
 fn header_host(parts: &http::request::Parts) -> String {

@@ -199,3 +199,67 @@ async fn a_token_endpoint_that_hangs_at_start_up_gets_a_definite_503_then_recove
     gw.wait_ready().await;
     assert_eq!(clear(&gw).await.status, 200);
 }
+
+/// The ways a secret can appear in text that echoes a request: as it is, JSON-escaped (once, and once more inside
+/// a JSON string), URL-encoded (as a form or a query carries it).
+fn encodings(secret: &str) -> Vec<String> {
+    let json = |s: &str| serde_json::to_string(s).unwrap().trim_matches('"').to_owned();
+    let url: String = form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+    let percent = percent_encoding::utf8_percent_encode(secret, percent_encoding::NON_ALPHANUMERIC).to_string();
+    vec![secret.to_owned(), json(secret), json(&json(secret)), url, percent]
+}
+
+#[tokio::test]
+async fn secrets_the_token_endpoint_echoes_reach_no_log_answer_metric_or_audit_line() {
+    for format in ["text", "json"] {
+        let sim = Sim::start().await;
+        sim.faults(json!({"token_echo": true})).await;
+        let audit = tempfile::tempdir().unwrap();
+        let audit_file = audit.path().join("audit.jsonl");
+        let extra = format!(
+            "[token]\nretry_min = \"100ms\"\nretry_max = \"200ms\"\nmin_interval = \"50ms\"\n\n[log]\nformat = \
+             \"{format}\"\n\n[audit]\nfile = \"{}\"\n",
+            audit_file.display()
+        );
+        // Every target at trace level: hyper's, the gateway's, everything.
+        let options = GatewayOptions { extra, rust_log: Some("trace".into()), ..Default::default() };
+        let gw = Gateway::start(&sim, options).await;
+        eventually(Duration::from_secs(20), "a refused fetch", || async {
+            gw.log().contains("app token fetch failed")
+        })
+        .await;
+        let mut answers = vec![clear(&gw).await, gw.readyz().await];
+        answers[0].assert_error(503, "service_unavailable");
+
+        // Rotated mid-run, to a secret with characters that every encoding changes: the new one is redacted too.
+        let rotated = "YXA6rot\"ated\\secret/+&= %42";
+        let url = format!("{}/_sim/apps/{ORG}/{APP}/secret", sim.url);
+        assert_eq!(send(Method::PUT, &url, &[], &json!({"client_secret": rotated}).to_string()).await.status, 200);
+        std::fs::write(gw.secret_file(), format!("{rotated}\n")).unwrap();
+        gw.signal("HUP");
+        eventually(Duration::from_secs(20), "the reload refused for the refused fetch", || async {
+            gw.metrics().await.contains("easemob_gateway_config_reloads_total{result=\"rejected\"} 1")
+        })
+        .await;
+        answers.push(clear(&gw).await);
+        answers.push(gw.readyz().await);
+        let log = gw.log();
+        let bodies: String = answers.iter().map(Answer::text).collect();
+        let outputs = [
+            ("log", log),
+            ("answers", bodies),
+            ("metrics", gw.metrics().await),
+            ("audit", std::fs::read_to_string(&audit_file).unwrap_or_default()),
+        ];
+        for secret in [CLIENT_SECRET, rotated] {
+            for encoded in encodings(secret) {
+                for (name, text) in &outputs {
+                    assert!(!text.contains(&encoded), "{format}: {encoded:?} in the {name}");
+                }
+            }
+        }
+        let log = &outputs[0].1;
+        assert!(log.contains("invalid_grant") && log.contains("[redacted]"), "the refusal is logged, redacted");
+        assert!(log.contains("config not reloaded"), "the rotated secret was tried and refused");
+    }
+}
