@@ -57,6 +57,9 @@ pub struct Faults {
     pub status_count: Option<u32>,
     /// Business routes wait this long before answering.
     pub delay_ms: u64,
+    /// The answers `status` forces repeat in their `error_description` everything the request carried (as
+    /// `token_echo` does), its `Authorization` header included.
+    pub echo: bool,
     /// Business routes answer `service open exception`, as for an app without message roaming.
     pub roaming_disabled: bool,
     /// This many business answers are cut off after their first bytes (the connection is reset mid-answer),
@@ -196,7 +199,7 @@ impl Simulator {
             tokio::time::sleep(Duration::from_millis(faults.token_delay_ms)).await;
         }
         if let Some(status) = faults.token_status {
-            return forced(status, started);
+            return forced(status, None, started);
         }
         if faults.token_echo {
             let text = format!("invalid client credentials for request {}", echo(parts, body));
@@ -282,9 +285,10 @@ impl Simulator {
         if faults.delay_ms > 0 {
             tokio::time::sleep(Duration::from_millis(faults.delay_ms)).await;
         }
+        let echoed = faults.echo.then(|| echo(parts, body));
         let mut response = match (faults.status, faults.status_count) {
-            (Some(status), None) => forced(status, started),
-            (Some(status), Some(n)) if n > 0 => forced(status, started),
+            (Some(status), None) => forced(status, echoed, started),
+            (Some(status), Some(n)) if n > 0 => forced(status, echoed, started),
             _ => self.apply(parts, org, app_name, route, rest, body, faults.roaming_disabled, started),
         };
         if faults.reset_count > 0 {
@@ -412,7 +416,7 @@ impl Simulator {
         if !app.meter.admit(limits, route, &owner, Instant::now()) {
             stats.over_limit += 1;
             *stats.over_limit_by_route.entry(route).or_default() += 1;
-            return forced(StatusCode::TOO_MANY_REQUESTS.as_u16(), started);
+            return forced(StatusCode::TOO_MANY_REQUESTS.as_u16(), None, started);
         }
         match deletion {
             Deletion::Messages(conversation, ids) => app.delete_messages(&owner, conversation, &ids),
@@ -512,8 +516,8 @@ fn error(status: StatusCode, error: &str, description: &str, started: Instant) -
     response
 }
 
-/// An injected answer: Easemob's body for that status where it has one.
-fn forced(status: u16, started: Instant) -> Response<Full<Bytes>> {
+/// An injected answer: Easemob's body for that status where it has one, repeating `echo` (the request) if given.
+fn forced(status: u16, echo: Option<String>, started: Instant) -> Response<Full<Bytes>> {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let (error_type, description) = match status.as_u16() {
         401 => ("unauthorized", "Unable to authenticate due to expired access token"),
@@ -522,5 +526,8 @@ fn forced(status: u16, started: Instant) -> Response<Full<Bytes>> {
         s if s >= 500 => ("internal_server_error", "Internal server error"),
         _ => ("Bad Request", "Bad Request"),
     };
-    error(status, error_type, description, started)
+    match echo {
+        Some(echo) => error(status, error_type, &format!("{description} for request {echo}"), started),
+        None => error(status, error_type, description, started),
+    }
 }
