@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use aho_corasick::{AhoCorasick, MatchKind};
 use bytes::Bytes;
@@ -80,27 +80,44 @@ impl Redactor {
         known.short = short;
     }
 
+    /// What is held now, to scrub one answer's body and headers with.
+    pub fn scrubber(&self) -> Scrubber<'_> {
+        Scrubber { known: self.known.read().unwrap_or_else(|poisoned| poisoned.into_inner()) }
+    }
+}
+
+/// The secrets held when an answer arrived, to scrub all of it with.
+pub struct Scrubber<'a> {
+    known: RwLockReadGuard<'a, Known>,
+}
+
+impl Scrubber<'_> {
     /// `body` with every held secret, in each of its encodings, replaced by [`REDACTED`]; withheld whole when it
     /// holds a secret too short to replace in place. Unchanged (not copied) when it holds none: the usual case.
     pub fn scrub(&self, body: Bytes) -> Bytes {
-        let known = self.known.read().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let Some(matcher) = &known.matcher else { return body };
-        let mut found = matcher.find_iter(&body[..]).peekable();
-        if found.peek().is_none() {
-            return body;
+        match self.scrub_slice(&body) {
+            Some(scrubbed) => Bytes::from(scrubbed),
+            None => body,
         }
-        let mut scrubbed = Vec::with_capacity(body.len());
+    }
+
+    /// `text` scrubbed as [`Scrubber::scrub`] does; `None` when it holds no secret.
+    pub fn scrub_slice(&self, text: &[u8]) -> Option<Vec<u8>> {
+        let matcher = self.known.matcher.as_ref()?;
+        let mut found = matcher.find_iter(text).peekable();
+        found.peek()?;
+        let mut scrubbed = Vec::with_capacity(text.len());
         let mut from = 0;
         for m in found {
-            if known.short[m.pattern().as_usize()] {
-                return Bytes::from_static(WITHHELD.as_bytes());
+            if self.known.short[m.pattern().as_usize()] {
+                return Some(WITHHELD.as_bytes().to_vec());
             }
-            scrubbed.extend_from_slice(&body[from..m.start()]);
+            scrubbed.extend_from_slice(&text[from..m.start()]);
             scrubbed.extend_from_slice(REDACTED.as_bytes());
             from = m.end();
         }
-        scrubbed.extend_from_slice(&body[from..]);
-        Bytes::from(scrubbed)
+        scrubbed.extend_from_slice(&text[from..]);
+        Some(scrubbed)
     }
 }
 
@@ -150,7 +167,7 @@ mod tests {
     use super::*;
 
     fn scrub(redactor: &Redactor, text: &str) -> String {
-        String::from_utf8(redactor.scrub(Bytes::copy_from_slice(text.as_bytes())).to_vec()).unwrap()
+        String::from_utf8(redactor.scrubber().scrub(Bytes::copy_from_slice(text.as_bytes())).to_vec()).unwrap()
     }
 
     #[test]
@@ -175,9 +192,9 @@ mod tests {
     fn text_without_a_secret_is_passed_as_it_is() {
         let redactor = Redactor::default();
         let body = Bytes::from_static(b"{\"error\":\"unauthorized\"}");
-        assert_eq!(redactor.scrub(body.clone()).as_ptr(), body.as_ptr(), "nothing held: not even looked at");
+        assert_eq!(redactor.scrubber().scrub(body.clone()).as_ptr(), body.as_ptr(), "nothing held: not looked at");
         redactor.hold("YXA6long-enough-secret");
-        assert_eq!(redactor.scrub(body.clone()).as_ptr(), body.as_ptr(), "no secret in it: not copied");
+        assert_eq!(redactor.scrubber().scrub(body.clone()).as_ptr(), body.as_ptr(), "no secret in it: not copied");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 use crate::config::{BaseUrl, UpstreamConfig};
-use crate::redact::Redactor;
+use crate::redact::{REDACTED, Redactor};
 
 /// The host and path prefix (without its trailing slash) of a base URL, and whether it is `https`.
 fn origin(base_url: &BaseUrl) -> (Authority, String, bool) {
@@ -232,8 +232,8 @@ impl Upstream {
 
     /// Sends one request and reads the whole answer, all before `deadline`. On a pooled connection that turns out
     /// to have closed before the request was written (Easemob closes idle connections), the request goes again on
-    /// another: nothing was sent, so nothing can happen twice. The answer's body is scrubbed of every held secret
-    /// (`redact.rs`) here, the one door through which Easemob's words come in: no reader of it can forget to.
+    /// another: nothing was sent, so nothing can happen twice. The answer's body and headers are scrubbed of every held
+    /// secret (`redact.rs`) here, the one door through which Easemob's words come in: no reader of it can forget to.
     pub async fn send_until(
         &self,
         mut request: Request<Full<Bytes>>,
@@ -272,11 +272,18 @@ impl Upstream {
         tokio::time::timeout_at(deadline, exchange).await.unwrap_or(Err(UpstreamError::Timeout(self.timeout())))
     }
 
-    /// `answer` with its body scrubbed of every held secret; a body that changed length says its new one.
+    /// `answer` with its body and header values scrubbed of every held secret; a body that changed length says
+    /// its new one.
     fn scrubbed(&self, answer: Response<Bytes>) -> Response<Bytes> {
         let (mut parts, body) = answer.into_parts();
+        let scrubber = self.redactor.scrubber();
+        for value in parts.headers.values_mut() {
+            if let Some(scrubbed) = scrubber.scrub_slice(value.as_bytes()) {
+                *value = HeaderValue::from_bytes(&scrubbed).unwrap_or(HeaderValue::from_static(REDACTED));
+            }
+        }
         let length = body.len();
-        let body = self.redactor.scrub(body);
+        let body = scrubber.scrub(body);
         if body.len() != length {
             parts.headers.insert(header::CONTENT_LENGTH, body.len().into());
         }
@@ -403,5 +410,21 @@ mod tests {
             let uri = upstream.uri("o", "a", Some(&received), canonical).unwrap();
             assert_eq!(uri.path_and_query().unwrap(), "/o/a/rest/x?y=1", "{other} is rebuilt");
         }
+    }
+
+    #[test]
+    fn an_answer_that_repeats_a_held_secret_arrives_scrubbed_in_its_body_and_headers() {
+        let upstream = upstream("https://a1.easemob.com");
+        upstream.redactor().hold("YWMt-the-app-token");
+        let body = Bytes::from_static(b"{\"error_description\":\"Bearer YWMt-the-app-token refused\"}");
+        let answer = Response::builder()
+            .header(header::CONTENT_LENGTH, body.len())
+            .header(header::WWW_AUTHENTICATE, "Bearer error=\"invalid_token\", token=YWMt-the-app-token")
+            .body(body)
+            .unwrap();
+        let answer = upstream.scrubbed(answer);
+        assert_eq!(answer.body(), "{\"error_description\":\"Bearer [redacted] refused\"}");
+        assert_eq!(answer.headers()[header::CONTENT_LENGTH], answer.body().len().to_string().as_str());
+        assert_eq!(answer.headers()[header::WWW_AUTHENTICATE], "Bearer error=\"invalid_token\", token=[redacted]");
     }
 }
