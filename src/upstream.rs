@@ -232,8 +232,8 @@ impl Upstream {
 
     /// Sends one request and reads the whole answer, all before `deadline`. On a pooled connection that turns out
     /// to have closed before the request was written (Easemob closes idle connections), the request goes again on
-    /// another: nothing was sent, so nothing can happen twice. The answer's body and headers are scrubbed of every held
-    /// secret (`redact.rs`) here, the one door through which Easemob's words come in: no reader of it can forget to.
+    /// another: nothing was sent, so nothing can happen twice. The answer's body and headers are scrubbed of every
+    /// held secret (`redact.rs`) here, the one door through which Easemob's words come in: no reader can forget to.
     pub async fn send_until(
         &self,
         mut request: Request<Full<Bytes>>,
