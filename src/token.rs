@@ -431,7 +431,8 @@ impl Fetch for EasemobFetch {
                     description: envelope.error_description,
                 });
             }
-            // serde's message can quote the answer: only where it went wrong is reported.
+            // serde's message can quote the answer, and a grant that does not parse holds a token not held yet: only
+            // where it went wrong is reported.
             let grant: Grant = serde_json::from_slice(response.body()).map_err(|e| {
                 TokenError::Malformed(format!(
                     "unexpected JSON ({:?} error at line {} column {})",
