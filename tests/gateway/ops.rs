@@ -66,7 +66,8 @@ async fn every_attempt_sent_to_easemob_is_audited_retries_and_token_replays_incl
     let audit_dir = tempfile::tempdir().unwrap();
     let audit_file = audit_dir.path().join("audit.jsonl");
     let options = GatewayOptions {
-        extra: format!("[audit]\nfile = \"{}\"\n", audit_file.display()),
+        // Token replays close together: no wait for the token endpoint's minimum interval.
+        extra: format!("[audit]\nfile = \"{}\"\n\n[token]\nmin_interval = \"50ms\"\n", audit_file.display()),
         jobs: Some(String::new()),
         ..Default::default()
     };
@@ -82,6 +83,9 @@ async fn every_attempt_sent_to_easemob_is_audited_retries_and_token_replays_incl
     // A 401: a new token, and the call replayed with it.
     sim.faults(json!({"status": 401, "status_count": 1})).await;
     assert_eq!(clear("r-401").await.status, 200);
+    // An answer cut off after the deletion was applied: not retried, audited as of unknown outcome.
+    sim.faults(json!({"reset_count": 1})).await;
+    assert_eq!(clear("r-cut").await.status, 502);
     // A job's operation under a 401: the job's attempt and its replay.
     sim.faults(json!({"status": 401, "status_count": 1})).await;
     let created =
@@ -123,11 +127,18 @@ async fn every_attempt_sent_to_easemob_is_audited_retries_and_token_replays_incl
             })
             .collect()
     };
-    let row = |n, kind: &str, status, outcome: &str| (n, kind.to_owned(), Some(status), outcome.to_owned());
-    assert_eq!(attempts("r-503"), [row(1, "first", 503, "refused"), row(2, "retry", 200, "accepted")]);
-    assert_eq!(attempts("r-401"), [row(1, "first", 401, "refused"), row(2, "token_replay", 200, "accepted")]);
+    let row = |n, kind: &str, status: Option<u64>, outcome: &str| (n, kind.to_owned(), status, outcome.to_owned());
+    assert_eq!(attempts("r-503"), [row(1, "first", Some(503), "refused"), row(2, "retry", Some(200), "accepted")]);
+    assert_eq!(
+        attempts("r-401"),
+        [row(1, "first", Some(401), "refused"), row(2, "token_replay", Some(200), "accepted")]
+    );
+    assert_eq!(attempts("r-cut"), [row(1, "first", None, "unknown")]);
     let job_id = events.iter().map(|e| e["request_id"].as_str().unwrap()).find(|id| id.starts_with("job-")).unwrap();
-    assert_eq!(attempts(job_id), [row(1, "job", 401, "refused"), row(2, "token_replay", 200, "accepted")]);
+    assert_eq!(attempts(job_id), [row(1, "job", Some(401), "refused"), row(2, "token_replay", Some(200), "accepted")]);
+    let job_attempts: Vec<&Value> =
+        events.iter().filter(|e| e["request_id"] == job_id).map(|e| &e["job_attempt"]).collect();
+    assert_eq!(job_attempts, [1, 1], "both in the scheduler's first attempt");
 }
 
 #[tokio::test]
