@@ -1,11 +1,14 @@
-//! The audit trail: one JSON line per deletion sent to Easemob (accepted, refused, or of unknown outcome when
-//! Easemob's answer was lost), appended to a file before the caller gets its answer, so that a user's erasure can
-//! be proven later. Only validated fields are written: never a token, a secret or a raw request.
+//! The audit trail: one JSON line per attempt at a deletion that reached Easemob (a request's first attempt, its
+//! retry, its replay with a new token, a job's attempt), each with its own outcome (accepted, refused, or unknown
+//! when Easemob's answer was lost), appended to a file before the answer goes back, so that a user's erasure can be
+//! proven later and every call Easemob received has its line. Only validated fields are written: never a token, a
+//! secret or a raw request.
 
 use std::convert::Infallible;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::SystemTime;
@@ -16,7 +19,7 @@ use tower::{Layer, Service};
 use tracing::error;
 
 use crate::config::{AuditConfig, is_plain_label};
-use crate::exchange::{Answer, Exchange, Marks, Waiting};
+use crate::exchange::{Answer, AttemptKind, Exchange, Marks, Waiting};
 use crate::metrics::Metrics;
 use crate::routes::validate::{Call, ConversationType};
 
@@ -35,7 +38,7 @@ pub struct Audit {
     metrics: Metrics,
 }
 
-/// One deletion, as written to the audit file.
+/// One attempt at a deletion, as written to the audit file.
 #[derive(Debug, Serialize)]
 pub struct Event {
     pub time: String,
@@ -66,22 +69,27 @@ pub struct Event {
     pub upstream_status: Option<u16>,
     /// `accepted` (2xx), `refused` (any other status) or `unknown` (no answer).
     pub outcome: &'static str,
+    /// The attempt's number among its request's attempts that reached Easemob (1, 2, …): with `request_id`, it
+    /// orders the events of one request.
+    pub attempt: u32,
+    /// Why it was sent: `first`, `retry`, `token_replay` or `job`.
+    pub attempt_kind: AttemptKind,
+    /// For a job's operation: which of the scheduler's attempts at it this is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job_attempt: Option<u32>,
 }
 
 impl Event {
-    pub fn new(
-        call: &Call,
-        app: &str,
-        (request_id, trace_id): (&str, &str),
-        caller: &str,
-        upstream_status: Option<u16>,
-    ) -> Event {
+    /// The event of `sent`, the `attempt`-th of its request to reach Easemob, which answered `upstream_status`
+    /// (`None`: the answer was lost).
+    pub fn new(sent: &Exchange, caller: &str, attempt: u32, upstream_status: Option<u16>) -> Event {
+        let call = &sent.call;
         let mut event = Event {
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            request_id: request_id.to_owned(),
-            trace_id: trace_id.to_owned(),
+            request_id: sent.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("").to_owned(),
+            trace_id: sent.trace.trace_id_hex().as_str().to_owned(),
             caller: caller.to_owned(),
-            app: app.to_owned(),
+            app: sent.app.key.as_str().to_owned(),
             route: call.route().name(),
             owner: call.owner().to_string(),
             peer: None,
@@ -98,6 +106,9 @@ impl Event {
                 Some(_) => "refused",
                 None => "unknown",
             },
+            attempt,
+            attempt_kind: sent.kind,
+            job_attempt: sent.job_attempt,
         };
         match call {
             Call::DeleteChatMessages { peer, msg_ids, notify, .. } => {
@@ -181,9 +192,10 @@ fn open_append(path: &Path) -> std::io::Result<File> {
     OpenOptions::new().create(true).append(true).open(path)
 }
 
-/// Writes the audit event of every deletion sent to Easemob, once per request and before its answer: with
-/// Easemob's final status, or with no status when the answer was lost (the deletion may have happened). Nothing
-/// is written for a request that never reached Easemob (refused by the quota, no token, connection failed).
+/// Writes the audit event of every attempt sent to Easemob, before its answer goes up: with Easemob's status for
+/// it, or with no status when the answer was lost (the deletion may have happened). It sits right above the
+/// call's forwarding, beneath the retry and the token replay, so each of their attempts is seen on its own. Nothing
+/// is written for an attempt that never reached Easemob (refused by the quota, no token, connection failed).
 #[derive(Clone)]
 pub struct AuditLayer {
     audit: Option<Arc<Audit>>,
@@ -238,11 +250,9 @@ where
                 _ => None,
             };
             if let Some(upstream_status) = upstream_status {
-                let request_id = sent.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("");
-                let trace_id = sent.trace.trace_id_hex();
                 let caller = audit.caller(sent.caller.as_deref());
-                let ids = (request_id, trace_id.as_str());
-                audit.record(Event::new(&sent.call, sent.app.key.as_str(), ids, caller, upstream_status)).await;
+                let attempt = sent.audited.fetch_add(1, Ordering::Relaxed) + 1;
+                audit.record(Event::new(&sent, caller, attempt, upstream_status)).await;
             }
             Ok(answer)
         }))
@@ -258,7 +268,7 @@ mod tests {
     use crate::testing::{self, ScriptedFetch};
 
     #[tokio::test]
-    async fn one_event_per_request_that_reached_easemob_and_none_for_one_that_did_not() {
+    async fn one_event_per_attempt_that_reached_easemob_and_none_for_one_that_did_not() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("audit.jsonl");
         let config = AuditConfig { file: Some(file.clone()), fsync: false, default_caller: Some("svc".into()) };
@@ -281,5 +291,6 @@ mod tests {
         assert_eq!((&lines[0]["outcome"], &lines[0]["upstream_status"]), (&"accepted".into(), &200.into()));
         assert_eq!((&lines[1]["outcome"], &lines[1]["upstream_status"]), (&"unknown".into(), &serde_json::Value::Null));
         assert_eq!((&lines[0]["owner"], &lines[0]["caller"]), (&"dave".into(), &"svc".into()));
+        assert_eq!((&lines[0]["attempt"], &lines[0]["attempt_kind"]), (&1.into(), &"first".into()));
     }
 }

@@ -3,6 +3,7 @@
 //! app and route), so that outer layers observe the final answer instead of sharing mutable state.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -75,6 +76,23 @@ pub struct Exchange {
     /// A quota slot the previous attempt took but never used (its connection failed): the retry's. Boxed: it is
     /// rare, and every layer's future that keeps an exchange would otherwise carry its room.
     pub slot: Option<Box<UnusedSlot>>,
+    /// Why this attempt is sent: set by whoever sends it again (the retry, the token replay), for its audit event.
+    pub kind: AttemptKind,
+}
+
+/// Why an attempt at a call is sent, as its audit event says.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptKind {
+    /// A request's first attempt.
+    #[default]
+    First,
+    /// The safe retry after a 502/503 or a failed connection.
+    Retry,
+    /// Sent again with a new token after Easemob refused the previous one (401).
+    TokenReplay,
+    /// One of the scheduler's attempts at a job's operation.
+    Job,
 }
 
 /// What validation fixed about a request, for every attempt at it.
@@ -95,11 +113,15 @@ pub struct Validated {
     pub trace: TraceContext,
     /// Where the layers note the request's spans, when they are exported and its trace is sampled.
     pub spans: Option<Arc<Recording>>,
+    /// For a job's operation: which of the scheduler's attempts at it this is (1, 2, …).
+    pub job_attempt: Option<u32>,
+    /// How many of its attempts reached Easemob so far: each audit event takes the next number.
+    pub audited: AtomicU32,
 }
 
 impl Exchange {
     pub fn new(validated: Validated) -> Exchange {
-        Exchange { validated: Arc::new(validated), token: None, deadline: None, slot: None }
+        Exchange { validated: Arc::new(validated), token: None, deadline: None, slot: None, kind: AttemptKind::First }
     }
 
     pub fn route(&self) -> Route {

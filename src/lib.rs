@@ -18,6 +18,7 @@
 //! - `exchange`  what the layers pass: the validated `Exchange`, the `Answer` and the marks it carries up
 //! - `apps`      the configured apps and their lanes (metric handles, `RateLimit-Policy`)
 //! - `trace`     W3C trace context and the sampler; `trace/export.rs` exports a sampled request's spans over OTLP
+//! - `redact`    the secrets held, scrubbed from every answer Easemob gives before anything shows it
 //! - `error`     the gateway's own errors and the one place that turns them into Easemob-shaped answers
 //! - `config`    typed configuration (TOML + `EASEMOB_GW__…` env), parsed once, checked as a whole
 //! - `metrics`   the Prometheus registry and every metric family
@@ -43,6 +44,7 @@ pub mod logging;
 pub mod metrics;
 pub mod observe;
 pub mod ratelimit;
+pub mod redact;
 pub mod redis_conn;
 pub mod reload;
 pub mod request_id;

@@ -13,7 +13,7 @@ use prometheus::IntCounterVec;
 use tower::retry::Policy;
 use tower::retry::budget::{Budget, TpsBudget};
 
-use crate::exchange::{Answer, Exchange, Marks, UnusedSlot};
+use crate::exchange::{Answer, AttemptKind, Exchange, Marks, UnusedSlot};
 use crate::metrics::Metrics;
 
 /// A retry needs at least this much of the request's deadline left to be worth sending.
@@ -80,6 +80,7 @@ impl Policy<Exchange, Answer, Infallible> for SafeRetry {
         self.retried = true;
         self.retries.with_label_values(&[exchange.app.key.as_str(), exchange.route().name()]).inc();
         exchange.deadline = Some(deadline);
+        exchange.kind = AttemptKind::Retry;
         exchange.slot = answer.extensions_mut().remove::<UnusedSlot>().map(Box::new);
         if answer.is_from_easemob() {
             self.previous = Some(std::mem::take(answer));

@@ -47,12 +47,19 @@ pub struct Faults {
     pub token_status: Option<u16>,
     /// The token endpoint waits this long before answering.
     pub token_delay_ms: u64,
+    /// The token endpoint refuses every fetch (401 `invalid_grant`) and repeats in its `error_description`
+    /// everything it received: method, path, headers and body, and the body's fields as a form would carry them
+    /// (URL-encoded), as a careless server's error page does.
+    pub token_echo: bool,
     /// Business routes answer this status with Easemob's matching error body …
     pub status: Option<u16>,
     /// … for this many requests (absent: until the faults change).
     pub status_count: Option<u32>,
     /// Business routes wait this long before answering.
     pub delay_ms: u64,
+    /// The answers `status` forces repeat in their `error_description` everything the request carried (as
+    /// `token_echo` does), its `Authorization` header included.
+    pub echo: bool,
     /// Business routes answer `service open exception`, as for an app without message roaming.
     pub roaming_disabled: bool,
     /// This many business answers are cut off after their first bytes (the connection is reset mid-answer),
@@ -171,13 +178,20 @@ impl Simulator {
         }
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         match segments.as_slice() {
-            [org, app, "token"] if parts.method == Method::POST => self.token(org, app, &body, started).await,
+            [org, app, "token"] if parts.method == Method::POST => self.token(&parts, org, app, &body, started).await,
             [org, app, rest @ ..] => self.business(&parts, org, app, rest, &body, started).await,
             _ => error(StatusCode::NOT_FOUND, "service_resource_not_found", "Service resource not found", started),
         }
     }
 
-    async fn token(&self, org: &str, app: &str, body: &[u8], started: Instant) -> Response<Full<Bytes>> {
+    async fn token(
+        &self,
+        parts: &http::request::Parts,
+        org: &str,
+        app: &str,
+        body: &[u8],
+        started: Instant,
+    ) -> Response<Full<Bytes>> {
         let faults = {
             let mut world = self.world();
             world.stats.token_requests += 1;
@@ -187,7 +201,11 @@ impl Simulator {
             tokio::time::sleep(Duration::from_millis(faults.token_delay_ms)).await;
         }
         if let Some(status) = faults.token_status {
-            return forced(status, started);
+            return forced(status, None, started);
+        }
+        if faults.token_echo {
+            let text = format!("invalid client credentials for request {}", echo(parts, body));
+            return error(StatusCode::UNAUTHORIZED, "invalid_grant", &text, started);
         }
         let mut world = self.world();
         let Some(app) = find_app(&mut world.apps, org, app) else {
@@ -269,9 +287,10 @@ impl Simulator {
         if faults.delay_ms > 0 {
             tokio::time::sleep(Duration::from_millis(faults.delay_ms)).await;
         }
+        let echoed = faults.echo.then(|| echo(parts, body));
         let mut response = match (faults.status, faults.status_count) {
-            (Some(status), None) => forced(status, started),
-            (Some(status), Some(n)) if n > 0 => forced(status, started),
+            (Some(status), None) => forced(status, echoed, started),
+            (Some(status), Some(n)) if n > 0 => forced(status, echoed, started),
             _ => self.apply(parts, org, app_name, route, rest, body, faults.roaming_disabled, started),
         };
         for (name, value) in &faults.answer_headers {
@@ -404,7 +423,7 @@ impl Simulator {
         if !app.meter.admit(limits, route, &owner, Instant::now()) {
             stats.over_limit += 1;
             *stats.over_limit_by_route.entry(route).or_default() += 1;
-            return forced(StatusCode::TOO_MANY_REQUESTS.as_u16(), started);
+            return forced(StatusCode::TOO_MANY_REQUESTS.as_u16(), None, started);
         }
         match deletion {
             Deletion::Messages(conversation, ids) => app.delete_messages(&owner, conversation, &ids),
@@ -447,6 +466,30 @@ fn route_name(method: &Method, rest: &[&str]) -> Option<&'static str> {
     (*method == expected).then_some(name)
 }
 
+/// Everything a request carried, as one line: method, path, headers, the body as received, and its JSON fields
+/// URL-encoded as a form body would carry them.
+fn echo(parts: &http::request::Parts, body: &[u8]) -> String {
+    let headers: Vec<String> =
+        parts.headers.iter().map(|(k, v)| format!("{k}: {}", String::from_utf8_lossy(v.as_bytes()))).collect();
+    let form = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(fields)) => {
+            let mut form = form_urlencoded::Serializer::new(String::new());
+            for (name, value) in &fields {
+                form.append_pair(name, &value.as_str().map_or_else(|| value.to_string(), str::to_owned));
+            }
+            form.finish()
+        }
+        _ => String::new(),
+    };
+    format!(
+        "{} {} headers {} body {} form {form}",
+        parts.method,
+        parts.uri,
+        headers.join("; "),
+        String::from_utf8_lossy(body)
+    )
+}
+
 fn header_host(parts: &http::request::Parts) -> String {
     parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost").to_owned()
 }
@@ -480,8 +523,8 @@ fn error(status: StatusCode, error: &str, description: &str, started: Instant) -
     response
 }
 
-/// An injected answer: Easemob's body for that status where it has one.
-fn forced(status: u16, started: Instant) -> Response<Full<Bytes>> {
+/// An injected answer: Easemob's body for that status where it has one, repeating `echo` (the request) if given.
+fn forced(status: u16, echo: Option<String>, started: Instant) -> Response<Full<Bytes>> {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     if status == StatusCode::SWITCHING_PROTOCOLS {
         // A broken front switching a deletion's connection to another protocol: no final answer follows.
@@ -499,5 +542,8 @@ fn forced(status: u16, started: Instant) -> Response<Full<Bytes>> {
         s if s >= 500 => ("internal_server_error", "Internal server error"),
         _ => ("Bad Request", "Bad Request"),
     };
-    error(status, error_type, description, started)
+    match echo {
+        Some(echo) => error(status, error_type, &format!("{description} for request {echo}"), started),
+        None => error(status, error_type, description, started),
+    }
 }

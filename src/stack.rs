@@ -97,8 +97,6 @@ pub fn data_plane(
         )
         // A valid call sent with `Prefer: respond-async` is stored as a job here, and runs through `job_plane`.
         .layer(DeferLayer::new(shared.jobs.clone()))
-        // The audit event of a deletion sent to Easemob, once per request, with the final outcome.
-        .layer(AuditLayer::new(shared.audit.clone()))
         // The token outside the quota: a call that cannot get a token costs no slot. Its 401 replay goes through
         // the retry and the quota below, as a call of its own.
         .layer(TokenLayer::new(&shared.metrics))
@@ -106,6 +104,9 @@ pub fn data_plane(
         .layer(RetryLayer::new(shared.retry.clone()))
         // Every call that leaves for Easemob takes a slot, as Easemob counts them.
         .layer(QuotaLayer::new(Arc::clone(&shared.quota)))
+        // The audit event of every attempt that leaves for Easemob, first, retry or replay, with its own outcome:
+        // right above the forwarding, where each is seen, and after the quota, which sends nothing it refuses.
+        .layer(AuditLayer::new(shared.audit.clone()))
         .service(worker.clone())
 }
 
@@ -117,8 +118,8 @@ pub fn job_plane(
 ) -> impl Service<Exchange, Response = Answer, Error = Infallible, Future: Send + 'static> + Clone + Send + 'static + use<>
 {
     ServiceBuilder::new()
-        .layer(AuditLayer::new(shared.audit.clone()))
         .layer(TokenLayer::new(&shared.metrics))
         .layer(QuotaLayer::new(Arc::clone(&shared.quota)))
+        .layer(AuditLayer::new(shared.audit.clone()))
         .service(forward.clone())
 }

@@ -106,6 +106,8 @@ pub fn exchange(app: &Arc<App>, call: Call) -> Exchange {
         respond_async: false,
         trace: crate::trace::TraceContext::start(),
         spans: None,
+        job_attempt: None,
+        audited: Default::default(),
     })
 }
 

@@ -399,6 +399,9 @@ impl Fetch for EasemobFetch {
     fn fetch(&self) -> Fetching<'_> {
         Box::pin(async move {
             let c = &self.credentials;
+            let redactor = self.upstream.redactor();
+            // Held before it is sent: an answer that repeats it is scrubbed as it arrives.
+            redactor.hold(c.client_secret.expose_secret());
             let mut body = serde_json::json!({
                 "grant_type": "client_credentials",
                 "client_id": c.client_id,
@@ -428,7 +431,19 @@ impl Fetch for EasemobFetch {
                     description: envelope.error_description,
                 });
             }
-            serde_json::from_slice(response.body()).map_err(|e| TokenError::Malformed(format!("unexpected JSON: {e}")))
+            // serde's message can quote the answer, and a grant that does not parse holds a token not held yet: only
+            // where it went wrong is reported.
+            let grant: Grant = serde_json::from_slice(response.body()).map_err(|e| {
+                TokenError::Malformed(format!(
+                    "unexpected JSON ({:?} error at line {} column {})",
+                    e.classify(),
+                    e.line(),
+                    e.column()
+                ))
+            })?;
+            // Held before any call carries it: an answer that echoes it (`Authorization`) is scrubbed.
+            redactor.hold(&grant.access_token);
+            Ok(grant)
         })
     }
 

@@ -25,6 +25,7 @@ use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 use crate::config::{BaseUrl, UpstreamConfig};
+use crate::redact::{REDACTED, Redactor};
 
 /// The host and path prefix (without its trailing slash) of a base URL, and whether it is `https`.
 fn origin(base_url: &BaseUrl) -> (Authority, String, bool) {
@@ -86,6 +87,9 @@ pub struct Upstream {
     host: HeaderValue,
     /// `upstream.timeout` in nanoseconds, shared by every clone: a reload changes it for calls not yet sent.
     timeout: Arc<AtomicU64>,
+    /// The secrets every answer is scrubbed of, shared by every clone (the workers' and the token fetches'): one
+    /// for the process, across reloads, so a rotated-out secret is still scrubbed.
+    redactor: Redactor,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -157,6 +161,7 @@ impl Upstream {
             prefix: prefix.into(),
             host: config.base_url.host_header(),
             timeout: Arc::new(AtomicU64::new(config.timeout.as_nanos() as u64)),
+            redactor: Redactor::default(),
         })
     }
 
@@ -215,6 +220,11 @@ impl Upstream {
         self.timeout.store(timeout.as_nanos() as u64, Ordering::Relaxed);
     }
 
+    /// What every answer is scrubbed of: whoever sends a secret to Easemob holds it here first.
+    pub fn redactor(&self) -> &Redactor {
+        &self.redactor
+    }
+
     /// Sends one request and reads the whole answer, all within the configured timeout.
     pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<Bytes>, UpstreamError> {
         self.send_until(request, Instant::now() + self.timeout()).await
@@ -222,7 +232,8 @@ impl Upstream {
 
     /// Sends one request and reads the whole answer, all before `deadline`. On a pooled connection that turns out
     /// to have closed before the request was written (Easemob closes idle connections), the request goes again on
-    /// another: nothing was sent, so nothing can happen twice.
+    /// another: nothing was sent, so nothing can happen twice. The answer's body and headers are scrubbed of every
+    /// held secret (`redact.rs`) here, the one door through which Easemob's words come in: no reader can forget to.
     pub async fn send_until(
         &self,
         mut request: Request<Full<Bytes>>,
@@ -253,7 +264,7 @@ impl Upstream {
                             .map_err(|e| UpstreamError::Failed(format!("reading the answer: {e}")))?
                             .to_bytes();
                         self.pool.checkin(sender);
-                        return Ok(Response::from_parts(parts, body));
+                        return Ok(self.scrubbed(Response::from_parts(parts, body)));
                     }
                     Err(mut failed) => match failed.take_message() {
                         Some(unsent) if pooled => {
@@ -267,6 +278,24 @@ impl Upstream {
             }
         };
         tokio::time::timeout_at(deadline, exchange).await.unwrap_or(Err(UpstreamError::Timeout(self.timeout())))
+    }
+
+    /// `answer` with its body and header values scrubbed of every held secret; a body that changed length says
+    /// its new one.
+    fn scrubbed(&self, answer: Response<Bytes>) -> Response<Bytes> {
+        let (mut parts, body) = answer.into_parts();
+        let scrubber = self.redactor.scrubber();
+        for value in parts.headers.values_mut() {
+            if let Some(scrubbed) = scrubber.scrub_slice(value.as_bytes()) {
+                *value = HeaderValue::from_bytes(&scrubbed).unwrap_or(HeaderValue::from_static(REDACTED));
+            }
+        }
+        let length = body.len();
+        let body = scrubber.scrub(body);
+        if body.len() != length {
+            parts.headers.insert(header::CONTENT_LENGTH, body.len().into());
+        }
+        Response::from_parts(parts, body)
     }
 }
 
@@ -389,5 +418,21 @@ mod tests {
             let uri = upstream.uri("o", "a", Some(&received), canonical).unwrap();
             assert_eq!(uri.path_and_query().unwrap(), "/o/a/rest/x?y=1", "{other} is rebuilt");
         }
+    }
+
+    #[test]
+    fn an_answer_that_repeats_a_held_secret_arrives_scrubbed_in_its_body_and_headers() {
+        let upstream = upstream("https://a1.easemob.com");
+        upstream.redactor().hold("YWMt-the-app-token");
+        let body = Bytes::from_static(b"{\"error_description\":\"Bearer YWMt-the-app-token refused\"}");
+        let answer = Response::builder()
+            .header(header::CONTENT_LENGTH, body.len())
+            .header(header::WWW_AUTHENTICATE, "Bearer error=\"invalid_token\", token=YWMt-the-app-token")
+            .body(body)
+            .unwrap();
+        let answer = upstream.scrubbed(answer);
+        assert_eq!(answer.body(), "{\"error_description\":\"Bearer [redacted] refused\"}");
+        assert_eq!(answer.headers()[header::CONTENT_LENGTH], answer.body().len().to_string().as_str());
+        assert_eq!(answer.headers()[header::WWW_AUTHENTICATE], "Bearer error=\"invalid_token\", token=[redacted]");
     }
 }

@@ -29,7 +29,7 @@ use super::store::{Due, JobState, Next, OpState, Outcome};
 use super::{Jobs, call_of};
 use crate::apps::{App, Apps};
 use crate::config::JobsConfig;
-use crate::exchange::{Answer, Exchange, Marks, UnusedSlot, Validated};
+use crate::exchange::{Answer, AttemptKind, Exchange, Marks, UnusedSlot, Validated};
 use crate::metrics::Metrics;
 use crate::ratelimit::{Scope, easemob_retry_after};
 use crate::routes::Route;
@@ -365,6 +365,7 @@ where
     let labels = (Arc::clone(&app), call.route());
     let exchange = Exchange {
         slot: Some(Box::new(slot)),
+        kind: AttemptKind::Job,
         ..Exchange::new(Validated {
             app,
             call,
@@ -376,6 +377,8 @@ where
             // Each attempt a trace of its own: the request that made the job has long been answered.
             trace: TraceContext::start(),
             spans: None,
+            job_attempt: Some(due.attempts + 1),
+            audited: Default::default(),
         })
     };
     let Ok(answer) = send.oneshot(exchange).await;

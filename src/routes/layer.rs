@@ -232,6 +232,8 @@ fn call(
         respond_async: asked.respond_async,
         trace: asked.trace,
         spans: asked.spans,
+        job_attempt: None,
+        audited: Default::default(),
     }))
 }
 

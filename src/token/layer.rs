@@ -14,7 +14,7 @@ use prometheus::IntCounterVec;
 use tower::{Layer, Service, ServiceExt};
 
 use crate::error::GatewayError;
-use crate::exchange::{Answer, Exchange, Marks, Waiting};
+use crate::exchange::{Answer, AttemptKind, Exchange, Marks, Waiting};
 use crate::metrics::Metrics;
 use crate::token::Token;
 use crate::trace::export::TokenWait;
@@ -154,6 +154,7 @@ where
             };
             exchange.token = Some(Arc::clone(&token));
             exchange.deadline = answer.deadline();
+            exchange.kind = AttemptKind::TokenReplay;
             let replayed = inner.ready().await?.call(exchange).await?;
             match replayed.rejection() {
                 // The quota had no slot for the replay in time: Easemob's own answer stands.

@@ -1,6 +1,7 @@
 //! Operations: the audit trail, and metrics that Prometheus's own linter accepts.
 
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use http::Method;
 use serde_json::{Value, json};
@@ -55,6 +56,89 @@ async fn every_deletion_sent_to_easemob_is_audited_and_nothing_else() {
         assert!(!gw.log().contains(secret), "a secret in the log");
         assert!(!gw.metrics().await.contains(secret), "a secret in the metrics");
     }
+}
+
+/// Every attempt that reaches Easemob has its own event, with its own outcome, linked to its request by the
+/// request id: the audit file and what the simulator received agree one for one, retries and replays included.
+#[tokio::test]
+async fn every_attempt_sent_to_easemob_is_audited_retries_and_token_replays_included() {
+    let sim = Sim::start().await;
+    let audit_dir = tempfile::tempdir().unwrap();
+    let audit_file = audit_dir.path().join("audit.jsonl");
+    let options = GatewayOptions {
+        // Token replays close together: no wait for the token endpoint's minimum interval.
+        extra: format!("[audit]\nfile = \"{}\"\n\n[token]\nmin_interval = \"50ms\"\n", audit_file.display()),
+        jobs: Some(String::new()),
+        ..Default::default()
+    };
+    let gw = Gateway::ready_with(&sim, options).await;
+    let url = clear_url(&gw, "dave");
+    let clear = |id: &'static str| {
+        let url = url.clone();
+        async move { send(Method::POST, &url, &[("x-request-id", id)], "").await }
+    };
+    // A 503, retried: the retry succeeds.
+    sim.faults(json!({"status": 503, "status_count": 1})).await;
+    assert_eq!(clear("r-503").await.status, 200);
+    // A 401: a new token, and the call replayed with it.
+    sim.faults(json!({"status": 401, "status_count": 1})).await;
+    assert_eq!(clear("r-401").await.status, 200);
+    // An answer cut off after the deletion was applied: not retried, audited as of unknown outcome.
+    sim.faults(json!({"reset_count": 1})).await;
+    assert_eq!(clear("r-cut").await.status, 502);
+    // A job's operation under a 401: the job's attempt and its replay.
+    sim.faults(json!({"status": 401, "status_count": 1})).await;
+    let created =
+        send(Method::POST, &gw.url("/_gateway/jobs"), &[], &json!({"operations": [clear_op("dave")]}).to_string())
+            .await;
+    assert_eq!(created.status, 202, "{}", created.text());
+    let job = finished(&gw, Duration::from_secs(60), created.header("location").unwrap()).await;
+    assert_eq!(job["operations"][0]["status"], 200, "{job}");
+
+    let events: Vec<Value> =
+        std::fs::read_to_string(&audit_file).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    // One for one: each call the simulator received, by its request id, is one event.
+    let mut sent: Vec<String> = sim
+        .requests()
+        .await
+        .iter()
+        .map(|r| {
+            let headers = r["headers"].as_array().unwrap();
+            let id = headers.iter().find(|h| h[0] == "x-request-id").expect("a request id");
+            id[1].as_str().unwrap().to_owned()
+        })
+        .collect();
+    let mut audited: Vec<String> = events.iter().map(|e| e["request_id"].as_str().unwrap().to_owned()).collect();
+    sent.sort();
+    audited.sort();
+    assert_eq!(audited, sent, "{events:#?}");
+    let attempts = |id: &str| -> Vec<(u64, String, Option<u64>, String)> {
+        events
+            .iter()
+            .filter(|e| e["request_id"] == id)
+            .map(|e| {
+                let kind = e["attempt_kind"].as_str().unwrap().to_owned();
+                (
+                    e["attempt"].as_u64().unwrap(),
+                    kind,
+                    e["upstream_status"].as_u64(),
+                    e["outcome"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let row = |n, kind: &str, status: Option<u64>, outcome: &str| (n, kind.to_owned(), status, outcome.to_owned());
+    assert_eq!(attempts("r-503"), [row(1, "first", Some(503), "refused"), row(2, "retry", Some(200), "accepted")]);
+    assert_eq!(
+        attempts("r-401"),
+        [row(1, "first", Some(401), "refused"), row(2, "token_replay", Some(200), "accepted")]
+    );
+    assert_eq!(attempts("r-cut"), [row(1, "first", None, "unknown")]);
+    let job_id = events.iter().map(|e| e["request_id"].as_str().unwrap()).find(|id| id.starts_with("job-")).unwrap();
+    assert_eq!(attempts(job_id), [row(1, "job", Some(401), "refused"), row(2, "token_replay", Some(200), "accepted")]);
+    let job_attempts: Vec<&Value> =
+        events.iter().filter(|e| e["request_id"] == job_id).map(|e| &e["job_attempt"]).collect();
+    assert_eq!(job_attempts, [1, 1], "both in the scheduler's first attempt");
 }
 
 #[tokio::test]

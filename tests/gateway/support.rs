@@ -352,6 +352,15 @@ impl Gateway {
         self.dir.path().join("secret")
     }
 
+    /// Rotates the demo app's client secret as Kubernetes does: Easemob (`sim`) now wants `secret`, and the mounted
+    /// file holds it; nobody tells the gateway.
+    pub async fn rotate_secret(&self, sim: &Sim, secret: &str) {
+        let url = format!("{}/_sim/apps/{ORG}/{APP}/secret", sim.url);
+        let body = serde_json::json!({ "client_secret": secret }).to_string();
+        assert_eq!(send(Method::PUT, &url, &[], &body).await.status, 200);
+        std::fs::write(self.secret_file(), format!("{secret}\n")).unwrap();
+    }
+
     /// Waits for the process to exit and returns its exit code.
     pub async fn exit_code(&mut self) -> Option<i32> {
         tokio::time::timeout(Duration::from_secs(30), self._child.wait()).await.expect("exits in time").unwrap().code()

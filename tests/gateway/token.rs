@@ -144,9 +144,7 @@ async fn sighup_rereads_a_rotated_secret_and_fetches_a_fresh_token() {
     let gw = Gateway::ready(&sim).await;
     // Kubernetes rotates the Secret: Easemob now wants the new one, and the mounted file holds it.
     let rotated = "YXA6rotated-secret-0042";
-    let url = format!("{}/_sim/apps/{ORG}/{APP}/secret", sim.url);
-    assert_eq!(send(Method::PUT, &url, &[], &json!({"client_secret": rotated}).to_string()).await.status, 200);
-    std::fs::write(gw.secret_file(), format!("{rotated}\n")).unwrap();
+    gw.rotate_secret(&sim, rotated).await;
     gw.signal("HUP");
     eventually(Duration::from_secs(10), "the config reloaded with the new secret", || async {
         gw.metrics().await.contains("easemob_gateway_config_reloads_total{result=\"applied\"} 1")
@@ -167,9 +165,7 @@ async fn a_secret_file_rotated_in_place_is_picked_up_without_a_signal() {
     let gw = Gateway::ready_with(&sim, options).await;
     // As Kubernetes does for a mounted Secret: the file changes, nobody tells the gateway.
     let rotated = "YXA6rotated-secret-0043";
-    let url = format!("{}/_sim/apps/{ORG}/{APP}/secret", sim.url);
-    assert_eq!(send(Method::PUT, &url, &[], &json!({"client_secret": rotated}).to_string()).await.status, 200);
-    std::fs::write(gw.secret_file(), format!("{rotated}\n")).unwrap();
+    gw.rotate_secret(&sim, rotated).await;
     eventually(Duration::from_secs(10), "the config reloaded with the new secret", || async {
         gw.metrics().await.contains("easemob_gateway_config_reloads_total{result=\"applied\"} 1")
     })
@@ -198,4 +194,96 @@ async fn a_token_endpoint_that_hangs_at_start_up_gets_a_definite_503_then_recove
     sim.faults(json!({})).await;
     gw.wait_ready().await;
     assert_eq!(clear(&gw).await.status, 200);
+}
+
+/// The ways a secret can appear in text that echoes a request: as it is, JSON-escaped (once, and once more inside
+/// a JSON string), URL-encoded (as a form or a query carries it).
+fn encodings(secret: &str) -> Vec<String> {
+    let json = |s: &str| serde_json::to_string(s).unwrap().trim_matches('"').to_owned();
+    let url: String = form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+    let percent = percent_encoding::utf8_percent_encode(secret, percent_encoding::NON_ALPHANUMERIC).to_string();
+    vec![secret.to_owned(), json(secret), json(&json(secret)), url, percent]
+}
+
+#[tokio::test]
+async fn secrets_the_token_endpoint_echoes_reach_no_log_answer_metric_or_audit_line() {
+    for format in ["text", "json"] {
+        let sim = Sim::start().await;
+        sim.faults(json!({"token_echo": true})).await;
+        let audit = tempfile::tempdir().unwrap();
+        let audit_file = audit.path().join("audit.jsonl");
+        let extra = format!(
+            "[token]\nretry_min = \"100ms\"\nretry_max = \"200ms\"\nmin_interval = \"50ms\"\n\n[log]\nformat = \
+             \"{format}\"\n\n[audit]\nfile = \"{}\"\n",
+            audit_file.display()
+        );
+        // Every target at trace level: hyper's, the gateway's, everything.
+        let options = GatewayOptions { extra, rust_log: Some("trace".into()), ..Default::default() };
+        let gw = Gateway::start(&sim, options).await;
+        eventually(Duration::from_secs(20), "a refused fetch", || async {
+            gw.log().contains("app token fetch failed")
+        })
+        .await;
+        let mut answers = vec![clear(&gw).await, gw.readyz().await];
+        answers[0].assert_error(503, "service_unavailable");
+
+        // Rotated mid-run, to a secret with characters that every encoding changes: the new one is redacted too.
+        let rotated = "YXA6rot\"ated\\secret/+&= %42";
+        gw.rotate_secret(&sim, rotated).await;
+        gw.signal("HUP");
+        eventually(Duration::from_secs(20), "the reload refused for the refused fetch", || async {
+            gw.metrics().await.contains("easemob_gateway_config_reloads_total{result=\"rejected\"} 1")
+        })
+        .await;
+        answers.push(clear(&gw).await);
+        answers.push(gw.readyz().await);
+        let log = gw.log();
+        let bodies: String = answers.iter().map(Answer::text).collect();
+        let outputs = [
+            ("log", log),
+            ("answers", bodies),
+            ("metrics", gw.metrics().await),
+            ("audit", std::fs::read_to_string(&audit_file).unwrap_or_default()),
+        ];
+        for secret in [CLIENT_SECRET, rotated] {
+            for encoded in encodings(secret) {
+                for (name, text) in &outputs {
+                    assert!(!text.contains(&encoded), "{format}: {encoded:?} in the {name}");
+                }
+            }
+        }
+        let log = &outputs[0].1;
+        assert!(log.contains("invalid_grant") && log.contains("[redacted]"), "the refusal is logged, redacted");
+        assert!(log.contains("config not reloaded"), "the rotated secret was tried and refused");
+    }
+}
+
+#[tokio::test]
+async fn app_tokens_a_route_echoes_are_scrubbed_from_answers_job_results_and_logs() {
+    let sim = Sim::start().await;
+    // One attempt per operation: the job's result is Easemob's answer to it.
+    let jobs = Some("max_attempts = 1".to_owned());
+    let options = GatewayOptions { rust_log: Some("trace".into()), jobs, ..Default::default() };
+    let gw = Gateway::ready_with(&sim, options).await;
+    // Easemob refuses the token and repeats the request, `Authorization: Bearer …` included: the replay's new token
+    // is refused and echoed too, and that answer goes to the caller.
+    sim.faults(json!({"status": 401, "echo": true})).await;
+    let refused = clear(&gw).await;
+    let description = refused.assert_error(401, "unauthorized");
+    assert!(description.contains("authorization: Bearer [redacted]"), "{description}");
+    let job = json!({"operations": [clear_op("dave")]}).to_string();
+    let created = send(Method::POST, &gw.url("/_gateway/jobs"), &[], &job).await;
+    assert_eq!(created.status, 202, "{}", created.text());
+    let job = finished(&gw, Duration::from_secs(60), created.header("location").unwrap()).await;
+    let job_description = job["operations"][0]["error_description"].as_str().unwrap().to_owned();
+    assert!(job_description.contains("[redacted]"), "{job}");
+
+    let tokens = sim.tokens().await;
+    assert!(tokens.len() >= 3, "the first token, its replacement, and the job's: {tokens:?}");
+    let log = gw.log();
+    for token in &tokens {
+        for (name, text) in [("answer", &refused.text()), ("job", &job.to_string()), ("log", &log)] {
+            assert!(!text.contains(token.as_str()), "a token in the {name}");
+        }
+    }
 }
