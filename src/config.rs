@@ -46,7 +46,7 @@ pub struct Config {
 
 /// The values a config was read from, kept only to print durations as written; never printed themselves.
 #[derive(Clone, Default)]
-pub struct Written(Option<config::Value>);
+pub struct Written(Option<toml::Value>);
 
 impl fmt::Debug for Written {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -678,21 +678,21 @@ mod defaults {
 /// Where the effective config holds a duration the sources wrote too, it takes the sources' spelling ("1500ms"
 /// rather than "1s 500ms"). Only durations: a value is replaced only if both read as the same duration, so no
 /// redacted value can come back.
-fn durations_as_written(effective: &mut toml::Value, written: &config::Value) {
-    match (effective, &written.kind) {
-        (toml::Value::Table(table), config::ValueKind::Table(sources)) => {
+fn durations_as_written(effective: &mut toml::Value, written: &toml::Value) {
+    match (effective, written) {
+        (toml::Value::Table(table), toml::Value::Table(sources)) => {
             for (key, value) in table.iter_mut() {
                 if let Some(source) = sources.get(key) {
                     durations_as_written(value, source);
                 }
             }
         }
-        (toml::Value::Array(items), config::ValueKind::Array(sources)) => {
+        (toml::Value::Array(items), toml::Value::Array(sources)) => {
             for (item, source) in items.iter_mut().zip(sources) {
                 durations_as_written(item, source);
             }
         }
-        (toml::Value::String(shown), config::ValueKind::String(source)) => {
+        (toml::Value::String(shown), toml::Value::String(source)) => {
             let same = humantime::parse_duration(shown).ok().zip(humantime::parse_duration(source).ok());
             if same.is_some_and(|(a, b)| a == b) {
                 *shown = source.clone();
@@ -713,39 +713,230 @@ fn toml_problem(text: &str, e: &toml::de::Error) -> String {
     }
 }
 
-/// The `EASEMOB_GW__…` variable that set `key` (`upstream.timeout`), if one is set.
-fn override_of(key: &str) -> Option<String> {
+/// The `EASEMOB_GW__…` variable that set `key` (`upstream.timeout`), if `env` has one.
+fn override_of(key: &str, env: &config::Map<String, String>) -> Option<String> {
     let var = format!("{ENV_PREFIX}{ENV_SEPARATOR}{}", key.to_ascii_uppercase().replace('.', ENV_SEPARATOR));
-    std::env::var_os(&var).map(|_| var)
+    env.contains_key(&var).then_some(var)
 }
 
-/// Removes the value at `key` (dotted, as serde_path_to_error names it); false if there is none.
-fn set_aside(values: &mut config::Value, key: &str) -> bool {
-    let mut parts: Vec<&str> = key.split('.').filter(|p| !p.is_empty()).collect();
-    let Some(last) = parts.pop() else { return false };
-    let mut at = values;
-    for part in parts {
-        let next = match &mut at.kind {
-            config::ValueKind::Table(table) => table.get_mut(part),
-            config::ValueKind::Array(items) => {
-                part.trim_matches(['[', ']']).parse::<usize>().ok().and_then(|i| items.get_mut(i))
-            }
-            _ => None,
-        };
-        match next {
-            Some(next) => at = next,
-            None => return false,
+/// The merged values as TOML: the file's values keep their TOML types, and an override is the string the
+/// environment holds (see `retype_override`). Nothing is coerced.
+fn as_toml(value: config::Value) -> Option<toml::Value> {
+    use config::ValueKind;
+    Some(match value.kind {
+        ValueKind::Nil => return None,
+        ValueKind::Boolean(b) => toml::Value::Boolean(b),
+        ValueKind::I64(n) => toml::Value::Integer(n),
+        ValueKind::I128(n) => toml::Value::Integer(i64::try_from(n).ok()?),
+        ValueKind::U64(n) => toml::Value::Integer(i64::try_from(n).ok()?),
+        ValueKind::U128(n) => toml::Value::Integer(i64::try_from(n).ok()?),
+        ValueKind::Float(x) => toml::Value::Float(x),
+        ValueKind::String(s) => toml::Value::String(s),
+        ValueKind::Table(table) => {
+            toml::Value::Table(table.into_iter().filter_map(|(k, v)| Some((k, as_toml(v)?))).collect())
         }
+        ValueKind::Array(items) => toml::Value::Array(items.into_iter().filter_map(as_toml).collect()),
+    })
+}
+
+/// One step of a key as serde_path_to_error names it: `apps[0].client_id` is `apps`, `[0]`, `client_id`.
+enum Step<'k> {
+    Key(&'k str),
+    Index(usize),
+}
+
+fn steps(key: &str) -> Vec<Step<'_>> {
+    let mut steps = Vec::new();
+    for part in key.split('.').filter(|p| !p.is_empty()) {
+        let mut pieces = part.split('[');
+        steps.extend(pieces.next().filter(|name| !name.is_empty()).map(Step::Key));
+        steps.extend(pieces.filter_map(|i| i.trim_end_matches(']').parse().ok()).map(Step::Index));
     }
-    match &mut at.kind {
-        config::ValueKind::Table(table) => table.remove(last).is_some(),
+    steps
+}
+
+/// The value at `steps`, if there is one.
+fn value_at<'v>(mut at: &'v mut toml::Value, steps: &[Step]) -> Option<&'v mut toml::Value> {
+    for step in steps {
+        at = match (at, step) {
+            (toml::Value::Table(table), Step::Key(key)) => table.get_mut(*key)?,
+            (toml::Value::Array(items), Step::Index(i)) => items.get_mut(*i)?,
+            _ => return None,
+        };
+    }
+    Some(at)
+}
+
+/// Removes the value at `key`, so that its default stands in for it; false if there is none.
+fn set_aside(values: &mut toml::Value, key: &str) -> bool {
+    let steps = steps(key);
+    let Some((last, parent)) = steps.split_last() else { return false };
+    match (value_at(values, parent), last) {
+        (Some(toml::Value::Table(table)), Step::Key(key)) => table.remove(*key).is_some(),
+        (Some(toml::Value::Array(items)), Step::Index(i)) if *i < items.len() => {
+            items.remove(*i);
+            true
+        }
         _ => false,
     }
+}
+
+/// An override is a string by nature; where its key takes another type it is read as a TOML value, so that
+/// `2` is an integer and `2.5` a float (and refused where an integer is expected). False if it reads as no
+/// other type.
+fn retype_override(values: &mut toml::Value, key: &str) -> bool {
+    let Some(value) = value_at(values, &steps(key)) else { return false };
+    let toml::Value::String(text) = value else { return false };
+    let read = toml::from_str::<toml::Table>(&format!("v = {text}")).ok().filter(|t| t.len() == 1);
+    match read.and_then(|mut t| t.remove("v")) {
+        Some(typed) if !typed.is_str() => {
+            *value = typed;
+            true
+        }
+        _ => false,
+    }
+}
+
+/// serde's `invalid type: floating point `2.5`, expected usize` as `expected an integer from 0, found a float
+/// (2.5)`: TOML's names for what was found, plain words for what was expected, and for a duration, an address
+/// or a size, the value to write instead (`example`). `None` for other messages (an unknown key, a bad URL).
+fn type_problem(message: &str, key: &str, found: &toml::Value) -> Option<(String, Option<toml::Value>)> {
+    let rest = message.strip_prefix("invalid type: ").or_else(|| message.strip_prefix("invalid value: "))?;
+    let (_, expected) = rest.rsplit_once(", expected ")?;
+    let expected = match expected {
+        "usize" | "u64" | "u32" | "u16" | "u8" => "an integer from 0",
+        e if e.starts_with("a nonzero u") => "an integer above 0",
+        "isize" | "i64" | "i32" => "an integer",
+        "f64" | "f32" => "a number",
+        "socket address" => "a socket address",
+        e if e.ends_with("network address") => "a network address in CIDR form",
+        e if e.starts_with("struct ") || e == "a map" => "a table",
+        "a sequence" => "an array",
+        e => e,
+    };
+    // The literal is left out for a secret written inline: it may be the secret itself.
+    let literal = match found {
+        _ if key.ends_with("client_secret") => String::new(),
+        toml::Value::String(s) => format!(" ({s:?})"),
+        toml::Value::Table(_) | toml::Value::Array(_) => String::new(),
+        other => format!(" ({other})"),
+    };
+    let found_type = match found {
+        toml::Value::String(_) => "a string",
+        toml::Value::Integer(_) => "an integer",
+        toml::Value::Float(_) => "a float",
+        toml::Value::Boolean(_) => "a boolean",
+        toml::Value::Datetime(_) => "a date-time",
+        toml::Value::Array(_) => "an array",
+        toml::Value::Table(_) => "a table",
+    };
+    let example = example(key, expected, found);
+    Some((format!("expected {expected}, found {found_type}{literal}"), example))
+}
+
+/// The value to write for a duration, an address or a size given in the wrong form: the one meant where it can
+/// be told (`10` seconds, port `8080`, `"64MiB"`), else a sample of the form.
+fn example(key: &str, expected: &str, found: &toml::Value) -> Option<toml::Value> {
+    let number = match found {
+        toml::Value::Integer(n) => Some(*n as f64),
+        toml::Value::Float(x) => Some(*x),
+        toml::Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+    .filter(|n: &f64| n.is_finite() && *n >= 0.0);
+    let example = match expected {
+        "a duration" => {
+            let duration = number.map_or(Duration::from_secs(10), Duration::from_secs_f64);
+            toml::Value::String(format_duration(duration))
+        }
+        "a socket address" => {
+            let port = number.filter(|n| n.fract() == 0.0 && *n <= f64::from(u16::MAX)).unwrap_or(8080.0);
+            toml::Value::String(format!("127.0.0.1:{port}"))
+        }
+        e if e.starts_with("an integer") && key.ends_with("_bytes") => {
+            let bytes = match found {
+                toml::Value::String(s) => bytes_of(s),
+                _ => number.map(|n| n.round() as u64),
+            };
+            toml::Value::Integer(bytes.unwrap_or(1024 * 1024) as i64)
+        }
+        _ => return None,
+    };
+    Some(example)
+}
+
+/// `64MiB`, `64MB`, `512KiB`: the bytes a size written with a unit means.
+fn bytes_of(size: &str) -> Option<u64> {
+    let size = size.trim();
+    let digits = size.find(|c: char| !c.is_ascii_digit()).unwrap_or(size.len());
+    let (number, unit) = size.split_at(digits);
+    let unit: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1000,
+        "KiB" => 1 << 10,
+        "MB" => 1000 * 1000,
+        "MiB" => 1 << 20,
+        "GB" => 1000 * 1000 * 1000,
+        "GiB" => 1 << 30,
+        _ => return None,
+    };
+    number.parse::<u64>().ok()?.checked_mul(unit)
+}
+
+/// How the config prints a duration, everywhere: in the largest unit that holds it whole (`1500ms`, `5m`, `7d`),
+/// as the configuration reference writes defaults; humantime reads each back.
+pub fn format_duration(d: Duration) -> String {
+    const UNITS: [(&str, u128); 7] = [
+        ("d", 86_400_000_000_000),
+        ("h", 3_600_000_000_000),
+        ("m", 60_000_000_000),
+        ("s", 1_000_000_000),
+        ("ms", 1_000_000),
+        ("us", 1_000),
+        ("ns", 1),
+    ];
+    let nanos = d.as_nanos();
+    if nanos == 0 {
+        return "0s".to_owned();
+    }
+    let (unit, size) =
+        UNITS.iter().find(|(_, size)| nanos.is_multiple_of(*size)).expect("a whole number of nanoseconds");
+    format!("{}{unit}", nanos / size)
 }
 
 /// Parser errors span several lines (a source excerpt with a caret): keep the words, drop the excerpt.
 fn one_line(message: &str) -> String {
     message.lines().map(str::trim).filter(|l| !l.is_empty() && !l.contains('|')).collect::<Vec<_>>().join(": ")
+}
+
+/// What reading a config file gave: the config, with the default of any key that did not fit in its place
+/// (none when a required key did not fit), and the problems found so far, one line each.
+pub struct Loaded {
+    config: Option<Config>,
+    problems: Vec<String>,
+}
+
+impl Loaded {
+    /// The config, if every value fit its key; the checks of `Config::problems` are left to the caller.
+    pub fn parsed(self) -> Result<Config, String> {
+        match self.config {
+            Some(config) if self.problems.is_empty() => Ok(config),
+            _ => Err(self.problems.join("\n")),
+        }
+    }
+
+    /// The config, if every value fit its key and it passes `Config::problems`; else every problem of both,
+    /// one per line, in one run: a key that did not fit hides none of the other checks.
+    pub fn checked(self, policy: SecretPolicy) -> Result<Config, String> {
+        let mut problems = self.problems;
+        if let Some(config) = &self.config {
+            problems.extend(config.problems(policy));
+        }
+        match self.config {
+            Some(config) if problems.is_empty() => Ok(config),
+            _ => Err(problems.join("\n")),
+        }
+    }
 }
 
 /// Where secrets may come from: `demo` builds its config in code with an inline secret; files may not.
@@ -756,43 +947,92 @@ pub enum SecretPolicy {
 }
 
 impl Config {
-    /// Reads `path` (TOML), applies `EASEMOB_GW__…` overrides and deserializes. One line on failure.
-    ///
-    /// Every problem is reported, one line each, naming its key (or, for an `EASEMOB_GW__…` override, the
-    /// variable): a value that does not fit is set aside and the rest checked on.
+    /// Reads `path` (TOML) with the process's `EASEMOB_GW__…` overrides: the types only, as `Loaded::parsed`.
     pub fn load(path: &Path) -> Result<Config, String> {
+        Config::read(path, std::env::vars()).parsed()
+    }
+
+    /// Reads `path` with the process's overrides and checks it in full, as `Loaded::checked`: what `serve`,
+    /// `check-config` and a reload use.
+    pub fn load_checked(path: &Path, policy: SecretPolicy) -> Result<Config, String> {
+        Config::read(path, std::env::vars()).checked(policy)
+    }
+
+    /// Reads `path` (TOML), applies the `EASEMOB_GW__…` overrides among `env` and deserializes, strictly: a value
+    /// of another TOML type than its key's is a problem (a float is no integer, a string no number or boolean),
+    /// and an override is read by its key's type. Every such problem is reported, naming its key (or, for an
+    /// override, the variable); the key's default stands in for it, so that the checks of `problems` still run.
+    pub fn read(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Loaded {
         let file = path.display();
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{file}: {e}"))?;
-        toml::from_str::<toml::Table>(&text).map_err(|e| format!("{file}: {}", toml_problem(&text, &e)))?;
-        let source = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml))
-            .add_source(config::Environment::with_prefix(ENV_PREFIX).separator(ENV_SEPARATOR))
-            .build()
-            .map_err(|e| format!("{file}: {}", one_line(&e.to_string())))?;
-        let mut values: config::Value =
-            source.try_deserialize().map_err(|e| format!("{file}: {}", one_line(&e.to_string())))?;
-        let mut problems = Vec::new();
-        loop {
-            match serde_path_to_error::deserialize::<_, Config>(values.clone()) {
-                Ok(config) if problems.is_empty() => return Ok(Config { written: Written(Some(values)), ..config }),
-                Ok(_) => break,
-                Err(e) => {
-                    let key = e.path().to_string();
-                    let message = one_line(&e.into_inner().to_string());
-                    let message = message.split(" for key `").next().unwrap_or_default().to_owned();
-                    problems.push(match override_of(&key) {
-                        Some(var) => format!("{var} (overriding {key}): {message}"),
-                        None if key == "." || key.is_empty() => format!("{file}: {message}"),
-                        None => format!("{file}: {key}: {message}"),
-                    });
-                    // A missing key cannot be set aside; anything else can, to check the rest.
-                    if message.starts_with("missing field") || !set_aside(&mut values, &key) {
-                        break;
-                    }
-                }
-            }
+        let failed = |problem| Loaded { config: None, problems: vec![problem] };
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) => return failed(format!("{file}: {e}")),
+        };
+        if let Err(e) = toml::from_str::<toml::Table>(&text) {
+            return failed(format!("{file}: {}", toml_problem(&text, &e)));
         }
-        Err(problems.join("\n"))
+        let env: config::Map<String, String> = env.into_iter().collect();
+        let merged = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(config::Environment::with_prefix(ENV_PREFIX).separator(ENV_SEPARATOR).source(Some(env.clone())))
+            .build()
+            .and_then(|source| source.try_deserialize::<config::Value>());
+        let mut values = match merged {
+            Ok(merged) => as_toml(merged).unwrap_or_else(|| toml::Value::Table(toml::Table::new())),
+            Err(e) => return failed(format!("{file}: {}", one_line(&e.to_string()))),
+        };
+        let mut problems = Vec::new();
+        let mut set_aside_keys = Vec::new();
+        let config = loop {
+            let error = match serde_path_to_error::deserialize::<_, Config>(values.clone()) {
+                Ok(config) => break Some(config),
+                Err(error) => error,
+            };
+            let key = error.path().to_string();
+            // The message alone: the error's `Display` adds the key, which the problem names itself.
+            let message = one_line(error.into_inner().message());
+            let var = override_of(&key, &env);
+            if var.is_some() && message.starts_with("invalid type: string") && retype_override(&mut values, &key) {
+                continue;
+            }
+            if let Some(field) = message.strip_prefix("missing field `").and_then(|m| m.strip_suffix('`')) {
+                // A required key set aside has been reported already; without it there is no config to check.
+                let missing = if key == "." { field.to_owned() } else { format!("{key}.{field}") };
+                if !set_aside_keys.contains(&missing) {
+                    problems.push(if key == "." {
+                        format!("{file}: {message}")
+                    } else {
+                        format!("{file}: {key}: {message}")
+                    });
+                }
+                break None;
+            }
+            let found = value_at(&mut values, &steps(&key)).cloned();
+            let typed = found.as_ref().and_then(|found| type_problem(&message, &key, found));
+            problems.push(match (var, typed) {
+                (Some(var), Some((problem, example))) => {
+                    let example = example.map(|e| match e {
+                        toml::Value::String(s) => format!(": write {var}={s}"),
+                        other => format!(": write {var}={other}"),
+                    });
+                    format!("{var} (overriding {key}): {problem}{}", example.unwrap_or_default())
+                }
+                (Some(var), None) => format!("{var} (overriding {key}): {message}"),
+                (None, Some((problem, example))) => {
+                    let example = example.map(|e| format!(": write {key} = {e}"));
+                    format!("{file}: {key}: {problem}{}", example.unwrap_or_default())
+                }
+                (None, None) if key == "." => format!("{file}: {message}"),
+                (None, None) => format!("{file}: {key}: {message}"),
+            });
+            if !set_aside(&mut values, &key) {
+                break None;
+            }
+            set_aside_keys.push(key);
+        };
+        let config = config.map(|config| Config { written: Written(Some(values)), ..config });
+        Loaded { config, problems }
     }
 
     /// Every problem with this config, one line each; empty when it can run.
@@ -1139,7 +1379,11 @@ mod tests {
         let toml = MINIMAL.replace("[upstream]", "[upstream]\ntimeout = \"10 parsecs\"\nconnect_timeout = \"1500ms\"")
             + "\n[server]\nlisten_addr = \"x\"\nmax_in_flight = \"lots\"\n";
         let e = Config::load(write(&toml).path()).unwrap_err();
-        for key in ["upstream.timeout: invalid value", "server.listen_addr: unknown field", "server.max_in_flight"] {
+        for key in [
+            "upstream.timeout: expected a duration, found a string (\"10 parsecs\"): write upstream.timeout = \"10s\"",
+            "server.listen_addr: unknown field",
+            "server.max_in_flight",
+        ] {
             assert!(e.contains(key), "{key} in {e}");
         }
         assert_eq!(e.lines().count(), 3, "{e}");
@@ -1149,6 +1393,126 @@ mod tests {
         let fine = MINIMAL.replace("[upstream]", "[upstream]\nconnect_timeout = \"1500ms\"");
         let printed = Config::load(write(&fine).path()).unwrap().to_redacted_toml();
         assert!(printed.contains("connect_timeout = \"1500ms\""), "{printed}");
+    }
+
+    /// `MINIMAL` with `extra` added, read with `env` as the environment and checked in full (an inline secret
+    /// allowed, so that only the problems the test makes are reported).
+    fn check(extra: &str, env: &[(&str, &str)]) -> Result<Config, String> {
+        let toml = MINIMAL.replace("client_secret_file = \"/nonexistent/secret\"", "client_secret = \"s\"");
+        let file = write(&format!("{extra}\n{toml}"));
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::read(file.path(), env).checked(SecretPolicy::InlineAllowed)
+    }
+
+    #[test]
+    fn a_float_is_not_an_integer() {
+        for key in ["workers", "max_in_flight"] {
+            let e = check(&format!("[server]\n{key} = 2.5"), &[]).unwrap_err();
+            assert_eq!(
+                e.lines().collect::<Vec<_>>(),
+                [format!(
+                    "{}: server.{key}: expected an integer from 0, found a float (2.5)",
+                    e.split(": ").next().unwrap()
+                )]
+            );
+        }
+        assert_eq!(check("[server]\nworkers = 3", &[]).unwrap().server.workers, 3);
+    }
+
+    #[test]
+    fn a_string_is_neither_a_number_nor_a_boolean() {
+        let e = check("[server]\nworkers = \"2\"", &[]).unwrap_err();
+        assert!(e.ends_with("server.workers: expected an integer from 0, found a string (\"2\")"), "{e}");
+        let e = check("[jobs]\nenabled = \"no\"", &[]).unwrap_err();
+        assert!(e.ends_with("jobs.enabled: expected a boolean, found a string (\"no\")"), "{e}");
+        let e = check("[token]\nrefresh_at = \"0.5\"", &[]).unwrap_err();
+        assert!(e.ends_with("token.refresh_at: expected a number, found a string (\"0.5\")"), "{e}");
+    }
+
+    #[test]
+    fn durations_sizes_and_addresses_of_the_wrong_type_show_the_form_to_write() {
+        for (extra, message) in [
+            (
+                "[server]\nheader_read_timeout = 10",
+                "server.header_read_timeout: expected a duration, found an integer (10): write \
+                 server.header_read_timeout = \"10s\"",
+            ),
+            (
+                "[rate_limit]\nmax_wait = 1.5",
+                "rate_limit.max_wait: expected a duration, found a float (1.5): write rate_limit.max_wait = \"1500ms\"",
+            ),
+            (
+                "[server]\nlisten = 8080",
+                "server.listen: expected a socket address, found an integer (8080): write \
+                 server.listen = \"127.0.0.1:8080\"",
+            ),
+            (
+                "[jobs]\nmax_body_bytes = \"64MiB\"",
+                "jobs.max_body_bytes: expected an integer from 0, found a string (\"64MiB\"): write \
+                 jobs.max_body_bytes = 67108864",
+            ),
+        ] {
+            let e = check(extra, &[]).unwrap_err();
+            assert!(e.ends_with(message), "{message} in {e}");
+        }
+        let toml = MINIMAL.replace("[upstream]", "[upstream]\ntimeout = 10");
+        let e = Config::load(write(&toml).path()).unwrap_err();
+        assert!(e.ends_with(
+            "upstream.timeout: expected a duration, found an integer (10): write upstream.timeout = \"10s\""
+        ));
+    }
+
+    #[test]
+    fn one_run_reports_a_misspelt_key_a_wrong_type_and_an_unreadable_secret_file() {
+        let toml = format!("[server]\nlisten_adr = \"127.0.0.1:8080\"\nworkers = 2.5\n{MINIMAL}");
+        let file = write(&toml);
+        let e = Config::read(file.path(), []).checked(SecretPolicy::ExternalOnly).unwrap_err();
+        let lines: Vec<_> = e.lines().collect();
+        assert_eq!(lines.len(), 3, "{e}");
+        assert!(
+            lines[0].ends_with(
+                "server.listen_adr: unknown field `listen_adr`, expected one of `listen`, \
+             `admin_listen`, `header_read_timeout`, `body_read_timeout`, `allow_from`, `max_in_flight`, \
+             `max_connections`, `shutdown_grace`, `workers`, `reload_poll`"
+            ),
+            "{e}"
+        );
+        assert!(lines[1].ends_with("server.workers: expected an integer from 0, found a float (2.5)"), "{e}");
+        assert!(
+            lines[2].starts_with("apps[1122161011178276#demo]: client_secret_file /nonexistent/secret cannot be read"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_override_is_read_by_its_key_s_type_and_a_bad_one_names_its_variable() {
+        let c = check(
+            "",
+            &[
+                ("EASEMOB_GW__SERVER__WORKERS", "2"),
+                ("EASEMOB_GW__JOBS__ENABLED", "true"),
+                ("EASEMOB_GW__JOBS__STORE", "/tmp/jobs.db"),
+                ("EASEMOB_GW__RATE_LIMIT__REDIS__KEY_PREFIX", "123"),
+                ("EASEMOB_GW__TOKEN__REFRESH_AT", "0.25"),
+                ("EASEMOB_GW__UPSTREAM__TIMEOUT", "7s"),
+            ],
+        )
+        .unwrap();
+        assert_eq!((c.server.workers, c.jobs.enabled, c.token.refresh_at), (2, true, 0.25));
+        assert_eq!((c.rate_limit.redis.key_prefix.as_str(), c.upstream.timeout), ("123", Duration::from_secs(7)));
+        for (var, value, message) in [
+            ("EASEMOB_GW__SERVER__WORKERS", "2.5", "expected an integer from 0, found a float (2.5)"),
+            ("EASEMOB_GW__JOBS__ENABLED", "no", "expected a boolean, found a string (\"no\")"),
+            (
+                "EASEMOB_GW__UPSTREAM__TIMEOUT",
+                "10",
+                "expected a duration, found a string (\"10\"): write EASEMOB_GW__UPSTREAM__TIMEOUT=10s",
+            ),
+        ] {
+            let e = check("", &[(var, value)]).unwrap_err();
+            let key = var.trim_start_matches("EASEMOB_GW__").replace("__", ".").to_ascii_lowercase();
+            assert_eq!(e, format!("{var} (overriding {key}): {message}"));
+        }
     }
 
     /// Every key of the config, as `section.key` (`apps.org_name` for `[[apps]] org_name`); a `{ rate, burst }`
