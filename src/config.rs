@@ -88,7 +88,7 @@ pub struct JobsConfig {
     /// How long a replica may hold an operation it claimed from the shared (Redis) queue; past it, another
     /// replica takes the operation over. More than twice one attempt (`upstream.timeout` and a token wait): an
     /// operation may wait half its lease before it is sent.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub lease: Duration,
     /// Operations one job may hold (after splitting long message ID lists).
     pub max_operations: usize,
@@ -100,12 +100,12 @@ pub struct JobsConfig {
     pub max_attempts: u32,
     /// The first retry delay after a 429, 5xx, timeout or connection error; doubles (with jitter) up to
     /// `retry_max`. Easemob's `Retry-After` wins when longer.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub retry_min: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub retry_max: Duration,
     /// Finished jobs are deleted this long after they finish, so the store cannot grow without bound.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub retention: Duration,
 }
 
@@ -144,7 +144,7 @@ pub struct RateLimitConfig {
     /// `local`: each replica enforces the whole quota; `redis`: all replicas share one quota.
     pub backend: RateLimitBackend,
     /// How long a request over quota may wait for its slot, in arrival order; `0s` refuses at once.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub max_wait: Duration,
     /// Per AppKey and route: Easemob's published default.
     pub route: Limit,
@@ -215,7 +215,7 @@ pub struct RedisConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
     /// Every Redis call must answer within this, or the replica falls back to its local share.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub timeout: Duration,
     /// Keys are `{key_prefix}:{{org#app}}:{route}` (and `:app`, `:user:{id}`); the braces are a Redis Cluster hash tag.
     pub key_prefix: String,
@@ -294,10 +294,10 @@ pub struct ServerConfig {
     /// `/metrics`, `/healthz`, `/readyz`.
     pub admin_listen: SocketAddr,
     /// A client must finish sending request headers within this time (slow-loris guard).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub header_read_timeout: Duration,
     /// A client must finish sending a request body (only `delete_conversation` has one) within this.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub body_read_timeout: Duration,
     /// Networks that may call the data plane; required when `listen` is not a loopback address.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -307,7 +307,7 @@ pub struct ServerConfig {
     /// Client connections open at once; more wait in the kernel's accept queue.
     pub max_connections: usize,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub shutdown_grace: Duration,
     /// Data-plane threads, each serving its own connections start to finish; 0 = one per CPU the process may use.
     /// At most 256.
@@ -315,7 +315,7 @@ pub struct ServerConfig {
     /// How often the config file, and every `client_secret_file` it names, is checked for a change (Kubernetes
     /// updates a mounted ConfigMap or Secret in place); a change reloads the whole config, as SIGHUP does.
     /// `0s`: only on SIGHUP.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub reload_poll: Duration,
 }
 
@@ -356,15 +356,15 @@ impl Default for ServerConfig {
 pub struct UpstreamConfig {
     /// Easemob's REST host, e.g. `https://a1.easemob.com`; `/{org}/{app}/…` is appended.
     pub base_url: BaseUrl,
-    #[serde(with = "humantime_serde", default = "defaults::connect_timeout")]
+    #[serde(with = "duration", default = "defaults::connect_timeout")]
     pub connect_timeout: Duration,
     /// The whole exchange with Easemob (connect, send, complete answer), from the first send, retry included.
-    #[serde(with = "humantime_serde", default = "defaults::timeout")]
+    #[serde(with = "duration", default = "defaults::timeout")]
     pub timeout: Duration,
     /// Extra PEM root certificates, for private deployments and tests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
-    #[serde(with = "humantime_serde", default = "defaults::pool_idle_timeout")]
+    #[serde(with = "duration", default = "defaults::pool_idle_timeout")]
     pub pool_idle_timeout: Duration,
     #[serde(default = "defaults::pool_max_idle_per_host")]
     pub pool_max_idle_per_host: usize,
@@ -375,20 +375,20 @@ pub struct UpstreamConfig {
 pub struct TokenConfig {
     /// Requested token lifetime, sent as `ttl`; absent means the console's setting. `0s` asks for a token that
     /// never expires.
-    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(with = "duration::option", skip_serializing_if = "Option::is_none")]
     pub ttl: Option<Duration>,
     /// Refresh once this fraction of the token's lifetime has passed.
     pub refresh_at: f64,
     /// How often a token that never expires (`expires_in: 0`) is replaced anyway.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub permanent_refresh: Duration,
     /// Never call the token endpoint more often than this per app: Easemob may ban accounts that do.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub min_interval: Duration,
     /// First retry delay after a failed fetch; doubles (with jitter) up to `retry_max`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub retry_min: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub retry_max: Duration,
 }
 
@@ -647,6 +647,34 @@ impl<'de> Deserialize<'de> for BaseUrl {
 impl Serialize for BaseUrl {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.0)
+    }
+}
+
+/// Durations in the config: read as humantime reads them (`"1500ms"`, `"1s 500ms"`), printed by `format_duration`.
+mod duration {
+    use std::time::Duration;
+
+    use serde::Serializer;
+
+    pub use humantime_serde::deserialize;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&crate::config::format_duration(*d))
+    }
+
+    pub mod option {
+        use std::time::Duration;
+
+        use serde::Serializer;
+
+        pub use humantime_serde::deserialize;
+
+        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => s.serialize_some(&crate::config::format_duration(*d)),
+                None => s.serialize_none(),
+            }
+        }
     }
 }
 
@@ -1168,10 +1196,11 @@ impl Config {
         }
         if j.lease <= 2 * upstream_attempt(&self.upstream) {
             problems.push(format!(
-                "jobs.lease {:?} must be longer than twice one attempt at an operation (upstream.timeout plus a token \
-                 wait: {:?}): an operation may wait half its lease before it is sent",
-                j.lease,
-                upstream_attempt(&self.upstream)
+                "jobs.lease {} must be more than 2 × (upstream.timeout + {}) = {}: one attempt at an operation is a \
+                 token wait then the exchange, and an operation may wait half its lease before it is sent",
+                format_duration(j.lease),
+                format_duration(MAX_TOKEN_WAIT),
+                format_duration(2 * upstream_attempt(&self.upstream))
             ));
         }
         if !(1..=1_000_000).contains(&j.max_operations) {
@@ -1245,9 +1274,12 @@ impl Config {
     }
 }
 
-/// The longest one attempt at a job's operation can take: a token wait (at most 3 s), then the exchange.
+/// The longest a request waits for an app's first token (then it is answered 503 like any tokenless request).
+pub const MAX_TOKEN_WAIT: Duration = Duration::from_secs(3);
+
+/// The longest one attempt at a job's operation can take: a token wait, then the exchange.
 fn upstream_attempt(upstream: &UpstreamConfig) -> Duration {
-    upstream.timeout + Duration::from_secs(3)
+    upstream.timeout + MAX_TOKEN_WAIT
 }
 
 /// 1 to `max_len` characters of `A-Z a-z 0-9 - _ . :`: safe to log, forward and record as a label, whether it
@@ -1348,9 +1380,13 @@ mod tests {
         let problems = c.problems(SecretPolicy::InlineAllowed);
         assert!(problems.iter().any(|p| p.starts_with("jobs.store: with rate_limit.backend")), "{problems:?}");
         c.jobs.store = None;
-        c.jobs.lease = Duration::from_secs(5);
+        c.jobs.lease = Duration::from_secs(26);
         let problems = c.problems(SecretPolicy::InlineAllowed);
-        assert!(problems.iter().any(|p| p.starts_with("jobs.lease 5s must be longer")), "{problems:?}");
+        let lease = "jobs.lease 26s must be more than 2 × (upstream.timeout + 3s) = 26s:";
+        assert!(problems.iter().any(|p| p.starts_with(lease)), "{problems:?}");
+        c.jobs.lease = Duration::from_secs(27);
+        let problems = c.problems(SecretPolicy::InlineAllowed);
+        assert!(!problems.iter().any(|p| p.starts_with("jobs.lease")), "{problems:?}");
     }
 
     #[test]
@@ -1594,6 +1630,43 @@ mod tests {
             undocumented.is_empty() && unknown.is_empty(),
             "not in docs/configuration.md: {undocumented:?}; not in the code: {unknown:?}"
         );
+    }
+
+    /// The defaults the configuration reference's table states, by key: the backquoted values of a row's
+    /// second cell, paired with its keys (`token.retry_min`, `token.retry_max` | `500ms`, `60s`).
+    fn documented_defaults() -> Vec<(String, String)> {
+        let page = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/configuration.md")).unwrap();
+        let table = page.split("\n## Keys\n").nth(1).unwrap().split("\n## ").next().unwrap();
+        let quoted = |cell: &str| cell.split('`').skip(1).step_by(2).map(str::to_owned).collect::<Vec<_>>();
+        let mut out = Vec::new();
+        for row in table.lines().filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = row.split('|').collect();
+            let (keys, defaults) = (quoted(cells[1]), quoted(cells[2]));
+            if keys.len() == defaults.len() {
+                let section = keys[0].rsplit_once('.').map_or("", |(s, _)| s).to_owned();
+                let keys = keys.iter().map(|k| if k.contains('.') { k.clone() } else { format!("{section}.{k}") });
+                out.extend(keys.zip(defaults));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_effective_config_prints_each_default_as_the_configuration_reference_states_it() {
+        let printed = Config::load(write(MINIMAL).path()).unwrap().to_redacted_toml();
+        let effective: toml::Value = toml::from_str(&printed).unwrap();
+        let mut compared = 0;
+        for (key, default) in documented_defaults() {
+            let at = key.split('.').try_fold(&effective, |at, part| at.get(part));
+            let shown = match at {
+                Some(toml::Value::String(s)) => s.clone(),
+                Some(toml::Value::Table(_)) | None => continue,
+                Some(other) => other.to_string(),
+            };
+            assert_eq!(shown, default, "{key} in the effective config and in docs/configuration.md");
+            compared += 1;
+        }
+        assert!(compared >= 40, "only {compared} defaults compared");
     }
 
     #[test]
