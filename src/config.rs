@@ -825,10 +825,20 @@ fn retype_override(values: &mut toml::Value, key: &str) -> bool {
     }
 }
 
+/// Where a problem is (the file and the key, or the variable that overrode the key), then what it is.
+fn located(file: &str, key: &str, var: Option<&str>, what: &str) -> String {
+    match var {
+        Some(var) => format!("{var} (overriding {key}): {what}"),
+        None if key == "." => format!("{file}: {what}"),
+        None => format!("{file}: {key}: {what}"),
+    }
+}
+
 /// serde's `invalid type: floating point `2.5`, expected usize` as `expected an integer from 0, found a float
 /// (2.5)`: TOML's names for what was found, plain words for what was expected, and for a duration, an address
-/// or a size, the value to write instead (`example`). `None` for other messages (an unknown key, a bad URL).
-fn type_problem(message: &str, key: &str, found: &toml::Value) -> Option<(String, Option<toml::Value>)> {
+/// or a size, the value to write instead, as the file or the variable `var` would hold it. `None` for other
+/// messages (an unknown key, a bad URL).
+fn type_problem(message: &str, key: &str, var: Option<&str>, found: &toml::Value) -> Option<String> {
     let expected = match message {
         // How std's address parsers refuse a string.
         "invalid socket address syntax" => "socket address",
@@ -866,8 +876,13 @@ fn type_problem(message: &str, key: &str, found: &toml::Value) -> Option<(String
         toml::Value::Array(_) => "an array",
         toml::Value::Table(_) => "a table",
     };
-    let example = example(key, expected, found);
-    Some((format!("expected {expected}, found {found_type}{literal}"), example))
+    let write = match (example(key, expected, found), var) {
+        (None, _) => String::new(),
+        (Some(toml::Value::String(example)), Some(var)) => format!(": write {var}={example}"),
+        (Some(example), Some(var)) => format!(": write {var}={example}"),
+        (Some(example), None) => format!(": write {key} = {example}"),
+    };
+    Some(format!("expected {expected}, found {found_type}{literal}{write}"))
 }
 
 /// The value to write for a duration, an address or a size given in the wrong form: the one meant where it can
@@ -999,7 +1014,7 @@ impl Config {
     /// and an override is read by its key's type. Every such problem is reported, naming its key (or, for an
     /// override, the variable); the key's default stands in for it, so that the checks of `problems` still run.
     pub fn read(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Loaded {
-        let file = path.display();
+        let file = path.display().to_string();
         let failed = |problem| Loaded { config: None, problems: vec![problem] };
         let text = match std::fs::read_to_string(path) {
             Ok(text) => text,
@@ -1036,11 +1051,7 @@ impl Config {
                 // A required key set aside has been reported already.
                 let missing = if key == "." { field.to_owned() } else { format!("{key}.{field}") };
                 if !set_aside_keys.contains(&missing) {
-                    problems.push(if key == "." {
-                        format!("{file}: {message}")
-                    } else {
-                        format!("{file}: {key}: {message}")
-                    });
+                    problems.push(located(&file, &key, None, &message));
                 }
                 // Without a required key its table cannot be built: the table is set aside in turn (its default,
                 // or an `[[apps]]` entry fewer, stands in) so that the other keys are still checked.
@@ -1051,23 +1062,8 @@ impl Config {
                 continue;
             }
             let found = value_at(&mut values, &steps(&key)).cloned();
-            let typed = found.as_ref().and_then(|found| type_problem(&message, &key, found));
-            problems.push(match (var, typed) {
-                (Some(var), Some((problem, example))) => {
-                    let example = example.map(|e| match e {
-                        toml::Value::String(s) => format!(": write {var}={s}"),
-                        other => format!(": write {var}={other}"),
-                    });
-                    format!("{var} (overriding {key}): {problem}{}", example.unwrap_or_default())
-                }
-                (Some(var), None) => format!("{var} (overriding {key}): {message}"),
-                (None, Some((problem, example))) => {
-                    let example = example.map(|e| format!(": write {key} = {e}"));
-                    format!("{file}: {key}: {problem}{}", example.unwrap_or_default())
-                }
-                (None, None) if key == "." => format!("{file}: {message}"),
-                (None, None) => format!("{file}: {key}: {message}"),
-            });
+            let what = found.and_then(|found| type_problem(&message, &key, var.as_deref(), &found));
+            problems.push(located(&file, &key, var.as_deref(), &what.unwrap_or(message)));
             if !set_aside(&mut values, &key) {
                 break None;
             }
