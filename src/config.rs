@@ -1542,6 +1542,24 @@ mod tests {
     }
 
     #[test]
+    fn the_problems_the_configuration_reference_shows_are_the_ones_printed() {
+        let page = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/configuration.md")).unwrap();
+        let shown = page.split("## Checking a file").nth(1).unwrap().split("```text\n").nth(1).unwrap();
+        let shown: Vec<&str> = shown.split("```").next().unwrap().lines().collect();
+        let toml = MINIMAL
+            .replace("[upstream]", "[server]\nmax_in_flight = \"lots\"\n[upstream]\ntimeout = 10")
+            .replace("client_secret_file = \"/nonexistent/secret\"", "client_secret_env = \"EASEMOB_CLIENT_SECRET\"");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, toml).unwrap();
+        let env = [("EASEMOB_GW__JOBS__ENABLED".to_owned(), "no".to_owned())];
+        let e = Config::read(&path, env).checked(SecretPolicy::ExternalOnly).unwrap_err();
+        let printed: Vec<String> =
+            e.replace(&path.display().to_string(), "gateway.toml").lines().map(|l| format!("error: {l}")).collect();
+        assert_eq!(printed, shown);
+    }
+
+    #[test]
     fn an_override_is_read_by_its_key_s_type_and_a_bad_one_names_its_variable() {
         let c = check(
             "",
