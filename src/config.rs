@@ -1641,8 +1641,8 @@ mod tests {
         out
     }
 
-    #[test]
-    fn the_configuration_reference_documents_every_key_and_no_other() {
+    /// `MINIMAL` with every optional key set, so that each shows in the effective config.
+    fn every_key_set() -> Config {
         let mut c = Config::load(write(MINIMAL).path()).unwrap();
         // Every optional key set, so that each shows in the effective config.
         c.server.allow_from = vec!["10.0.0.0/8".parse().unwrap()];
@@ -1660,8 +1660,13 @@ mod tests {
         let app = &mut c.apps[0];
         (app.client_secret_env, app.client_secret) =
             (Some("S".to_owned()), Some(InlineSecret(SecretString::from("s"))));
+        c
+    }
+
+    #[test]
+    fn the_configuration_reference_documents_every_key_and_no_other() {
         let mut code = std::collections::BTreeSet::new();
-        keys(&toml::Value::try_from(&c).unwrap(), "", &mut code);
+        keys(&toml::Value::try_from(every_key_set()).unwrap(), "", &mut code);
         let documented = documented();
         let undocumented: Vec<_> = code.difference(&documented).collect();
         let unknown: Vec<_> = documented.difference(&code).collect();
@@ -1706,6 +1711,67 @@ mod tests {
             compared += 1;
         }
         assert!(compared >= 40, "only {compared} defaults compared");
+    }
+
+    /// What a page names as waiting for a restart, in its list between `after` and `before`: keys
+    /// (`server.listen`), key prefixes (`upstream.pool_`, from `upstream.pool_*`) and sections (`jobs`, from `[jobs]`).
+    fn documented_restart_only(page: &str, after: &str, before: &str) -> Vec<String> {
+        let page = std::fs::read_to_string(format!("{}/docs/{page}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let list = page.split(after).nth(1).unwrap().split(before).next().unwrap();
+        list.split('`').skip(1).step_by(2).map(|name| name.trim_matches(['[', ']', '*']).to_owned()).collect()
+    }
+
+    /// Every key of `value` that holds no table, as `section.key` (arrays left out).
+    fn leaves(value: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+        let toml::Value::Table(table) = value else { return };
+        for (key, value) in table {
+            let key = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+            match value {
+                toml::Value::Table(_) => leaves(value, &key, out),
+                toml::Value::Array(_) => {}
+                _ => out.push(key),
+            }
+        }
+    }
+
+    #[test]
+    fn the_configuration_reference_names_exactly_the_settings_a_reload_keeps_for_a_restart() {
+        let written = toml::Value::try_from(every_key_set()).unwrap();
+        let running = Config::deserialize(written.clone()).unwrap();
+        let documented = documented_restart_only("configuration.md", "named in the log:", ". See");
+        let operations = documented_restart_only("operations.md", "**What needs a restart.**", ". A reload");
+        assert_eq!(documented, operations, "configuration.md and operations.md name the same settings");
+        let mut keys = Vec::new();
+        leaves(&written, "", &mut keys);
+        for key in keys {
+            let steps: Vec<Step> = key.split('.').map(Step::Key).collect();
+            let mut values = written.clone();
+            let old = value_at(&mut values, &steps).unwrap().clone();
+            // Another value the key accepts: the first of these that the config reads.
+            let candidates = match &old {
+                toml::Value::Integer(n) => vec![toml::Value::Integer(n + 1)],
+                toml::Value::Float(x) => vec![toml::Value::Float(x / 2.0)],
+                toml::Value::Boolean(b) => vec![toml::Value::Boolean(!b)],
+                toml::Value::String(s) => {
+                    let duration =
+                        humantime::parse_duration(s).ok().map(|d| format_duration(d + Duration::from_secs(1)));
+                    let addr = s.parse::<SocketAddr>().ok().map(|a| SocketAddr::new(a.ip(), a.port() + 1).to_string());
+                    let others = ["redis".to_owned(), "json".to_owned(), format!("{s}x")];
+                    duration.into_iter().chain(addr).chain(others).map(toml::Value::String).collect()
+                }
+                other => panic!("{key} = {other}: no other value to try"),
+            };
+            let changed = candidates.into_iter().find_map(|candidate| {
+                *value_at(&mut values, &steps).unwrap() = candidate;
+                Config::deserialize(values.clone()).ok()
+            });
+            let mut changed = changed.unwrap_or_else(|| panic!("no other value of {key} reads"));
+            let waits = !changed.keep_restart_only(&running).is_empty();
+            let named = documented.iter().any(|d| {
+                key == *d || key.starts_with(&format!("{d}.")) || (d.ends_with('_') && key.starts_with(d.as_str()))
+            });
+            assert_eq!(waits, named, "{key}: waits for a restart, and configuration.md says so");
+        }
     }
 
     #[test]
