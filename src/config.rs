@@ -1366,6 +1366,10 @@ mod tests {
         assert!(c.problems(SecretPolicy::InlineAllowed).is_empty());
         assert!(!c.to_redacted_toml().contains("hunter2"));
         assert!(!format!("{c:?}").contains("hunter2"));
+        // Of the wrong type, it is refused without being shown.
+        let toml = MINIMAL.replace("client_secret_file = \"/nonexistent/secret\"", "client_secret = 20240607");
+        let e = Config::load(write(&toml).path()).unwrap_err();
+        assert!(e.ends_with("apps[0].client_secret: expected a string, found an integer"), "{e}");
     }
 
     #[test]
