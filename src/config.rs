@@ -46,7 +46,7 @@ pub struct Config {
 
 /// The values a config was read from, kept only to print durations as written; never printed themselves.
 #[derive(Clone, Default)]
-pub struct Written(Option<config::Value>);
+pub struct Written(Option<toml::Value>);
 
 impl fmt::Debug for Written {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -88,7 +88,7 @@ pub struct JobsConfig {
     /// How long a replica may hold an operation it claimed from the shared (Redis) queue; past it, another
     /// replica takes the operation over. More than twice one attempt (`upstream.timeout` and a token wait): an
     /// operation may wait half its lease before it is sent.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub lease: Duration,
     /// Operations one job may hold (after splitting long message ID lists).
     pub max_operations: usize,
@@ -100,12 +100,12 @@ pub struct JobsConfig {
     pub max_attempts: u32,
     /// The first retry delay after a 429, 5xx, timeout or connection error; doubles (with jitter) up to
     /// `retry_max`. Easemob's `Retry-After` wins when longer.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub retry_min: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub retry_max: Duration,
     /// Finished jobs are deleted this long after they finish, so the store cannot grow without bound.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub retention: Duration,
 }
 
@@ -144,7 +144,7 @@ pub struct RateLimitConfig {
     /// `local`: each replica enforces the whole quota; `redis`: all replicas share one quota.
     pub backend: RateLimitBackend,
     /// How long a request over quota may wait for its slot, in arrival order; `0s` refuses at once.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub max_wait: Duration,
     /// Per AppKey and route: Easemob's published default.
     pub route: Limit,
@@ -215,7 +215,7 @@ pub struct RedisConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
     /// Every Redis call must answer within this, or the replica falls back to its local share.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub timeout: Duration,
     /// Keys are `{key_prefix}:{{org#app}}:{route}` (and `:app`, `:user:{id}`); the braces are a Redis Cluster hash tag.
     pub key_prefix: String,
@@ -294,10 +294,10 @@ pub struct ServerConfig {
     /// `/metrics`, `/healthz`, `/readyz`.
     pub admin_listen: SocketAddr,
     /// A client must finish sending request headers within this time (slow-loris guard).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub header_read_timeout: Duration,
     /// A client must finish sending a request body (only `delete_conversation` has one) within this.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub body_read_timeout: Duration,
     /// Networks that may call the data plane; required when `listen` is not a loopback address.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -307,7 +307,7 @@ pub struct ServerConfig {
     /// Client connections open at once; more wait in the kernel's accept queue.
     pub max_connections: usize,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub shutdown_grace: Duration,
     /// Data-plane threads, each serving its own connections start to finish; 0 = one per CPU the process may use.
     /// At most 256.
@@ -315,7 +315,7 @@ pub struct ServerConfig {
     /// How often the config file, and every `client_secret_file` it names, is checked for a change (Kubernetes
     /// updates a mounted ConfigMap or Secret in place); a change reloads the whole config, as SIGHUP does.
     /// `0s`: only on SIGHUP.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub reload_poll: Duration,
 }
 
@@ -356,15 +356,15 @@ impl Default for ServerConfig {
 pub struct UpstreamConfig {
     /// Easemob's REST host, e.g. `https://a1.easemob.com`; `/{org}/{app}/…` is appended.
     pub base_url: BaseUrl,
-    #[serde(with = "humantime_serde", default = "defaults::connect_timeout")]
+    #[serde(with = "duration", default = "defaults::connect_timeout")]
     pub connect_timeout: Duration,
     /// The whole exchange with Easemob (connect, send, complete answer), from the first send, retry included.
-    #[serde(with = "humantime_serde", default = "defaults::timeout")]
+    #[serde(with = "duration", default = "defaults::timeout")]
     pub timeout: Duration,
     /// Extra PEM root certificates, for private deployments and tests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
-    #[serde(with = "humantime_serde", default = "defaults::pool_idle_timeout")]
+    #[serde(with = "duration", default = "defaults::pool_idle_timeout")]
     pub pool_idle_timeout: Duration,
     #[serde(default = "defaults::pool_max_idle_per_host")]
     pub pool_max_idle_per_host: usize,
@@ -375,20 +375,20 @@ pub struct UpstreamConfig {
 pub struct TokenConfig {
     /// Requested token lifetime, sent as `ttl`; absent means the console's setting. `0s` asks for a token that
     /// never expires.
-    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(with = "duration::option", skip_serializing_if = "Option::is_none")]
     pub ttl: Option<Duration>,
     /// Refresh once this fraction of the token's lifetime has passed.
     pub refresh_at: f64,
     /// How often a token that never expires (`expires_in: 0`) is replaced anyway.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub permanent_refresh: Duration,
     /// Never call the token endpoint more often than this per app: Easemob may ban accounts that do.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub min_interval: Duration,
     /// First retry delay after a failed fetch; doubles (with jitter) up to `retry_max`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub retry_min: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub retry_max: Duration,
 }
 
@@ -650,6 +650,34 @@ impl Serialize for BaseUrl {
     }
 }
 
+/// Durations in the config: read as humantime reads them (`"1500ms"`, `"1s 500ms"`), printed by `format_duration`.
+mod duration {
+    use std::time::Duration;
+
+    use serde::Serializer;
+
+    pub use humantime_serde::deserialize;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&crate::config::format_duration(*d))
+    }
+
+    pub mod option {
+        use std::time::Duration;
+
+        use serde::Serializer;
+
+        pub use humantime_serde::deserialize;
+
+        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => s.serialize_some(&crate::config::format_duration(*d)),
+                None => s.serialize_none(),
+            }
+        }
+    }
+}
+
 mod defaults {
     use std::num::NonZeroU32;
     use std::time::Duration;
@@ -678,21 +706,21 @@ mod defaults {
 /// Where the effective config holds a duration the sources wrote too, it takes the sources' spelling ("1500ms"
 /// rather than "1s 500ms"). Only durations: a value is replaced only if both read as the same duration, so no
 /// redacted value can come back.
-fn durations_as_written(effective: &mut toml::Value, written: &config::Value) {
-    match (effective, &written.kind) {
-        (toml::Value::Table(table), config::ValueKind::Table(sources)) => {
+fn durations_as_written(effective: &mut toml::Value, written: &toml::Value) {
+    match (effective, written) {
+        (toml::Value::Table(table), toml::Value::Table(sources)) => {
             for (key, value) in table.iter_mut() {
                 if let Some(source) = sources.get(key) {
                     durations_as_written(value, source);
                 }
             }
         }
-        (toml::Value::Array(items), config::ValueKind::Array(sources)) => {
+        (toml::Value::Array(items), toml::Value::Array(sources)) => {
             for (item, source) in items.iter_mut().zip(sources) {
                 durations_as_written(item, source);
             }
         }
-        (toml::Value::String(shown), config::ValueKind::String(source)) => {
+        (toml::Value::String(shown), toml::Value::String(source)) => {
             let same = humantime::parse_duration(shown).ok().zip(humantime::parse_duration(source).ok());
             if same.is_some_and(|(a, b)| a == b) {
                 *shown = source.clone();
@@ -713,39 +741,253 @@ fn toml_problem(text: &str, e: &toml::de::Error) -> String {
     }
 }
 
-/// The `EASEMOB_GW__…` variable that set `key` (`upstream.timeout`), if one is set.
-fn override_of(key: &str) -> Option<String> {
+/// The `EASEMOB_GW__…` variable that set `key` (`upstream.timeout`), if `env` has one.
+fn override_of(key: &str, env: &config::Map<String, String>) -> Option<String> {
     let var = format!("{ENV_PREFIX}{ENV_SEPARATOR}{}", key.to_ascii_uppercase().replace('.', ENV_SEPARATOR));
-    std::env::var_os(&var).map(|_| var)
+    env.contains_key(&var).then_some(var)
 }
 
-/// Removes the value at `key` (dotted, as serde_path_to_error names it); false if there is none.
-fn set_aside(values: &mut config::Value, key: &str) -> bool {
-    let mut parts: Vec<&str> = key.split('.').filter(|p| !p.is_empty()).collect();
-    let Some(last) = parts.pop() else { return false };
-    let mut at = values;
-    for part in parts {
-        let next = match &mut at.kind {
-            config::ValueKind::Table(table) => table.get_mut(part),
-            config::ValueKind::Array(items) => {
-                part.trim_matches(['[', ']']).parse::<usize>().ok().and_then(|i| items.get_mut(i))
-            }
-            _ => None,
-        };
-        match next {
-            Some(next) => at = next,
-            None => return false,
+/// The merged values as TOML: the file's values keep their TOML types, and an override is the string the
+/// environment holds (see `retype_override`). Nothing is coerced.
+fn as_toml(value: config::Value) -> Option<toml::Value> {
+    use config::ValueKind;
+    Some(match value.kind {
+        ValueKind::Nil => return None,
+        ValueKind::Boolean(b) => toml::Value::Boolean(b),
+        ValueKind::I64(n) => toml::Value::Integer(n),
+        ValueKind::I128(n) => toml::Value::Integer(i64::try_from(n).ok()?),
+        ValueKind::U64(n) => toml::Value::Integer(i64::try_from(n).ok()?),
+        ValueKind::U128(n) => toml::Value::Integer(i64::try_from(n).ok()?),
+        ValueKind::Float(x) => toml::Value::Float(x),
+        ValueKind::String(s) => toml::Value::String(s),
+        ValueKind::Table(table) => {
+            toml::Value::Table(table.into_iter().filter_map(|(k, v)| Some((k, as_toml(v)?))).collect())
         }
+        ValueKind::Array(items) => toml::Value::Array(items.into_iter().filter_map(as_toml).collect()),
+    })
+}
+
+/// One step of a key as serde_path_to_error names it: `apps[0].client_id` is `apps`, `[0]`, `client_id`.
+enum Step<'k> {
+    Key(&'k str),
+    Index(usize),
+}
+
+fn steps(key: &str) -> Vec<Step<'_>> {
+    let mut steps = Vec::new();
+    for part in key.split('.').filter(|p| !p.is_empty()) {
+        let mut pieces = part.split('[');
+        steps.extend(pieces.next().filter(|name| !name.is_empty()).map(Step::Key));
+        steps.extend(pieces.filter_map(|i| i.trim_end_matches(']').parse().ok()).map(Step::Index));
     }
-    match &mut at.kind {
-        config::ValueKind::Table(table) => table.remove(last).is_some(),
+    steps
+}
+
+/// The value at `steps`, if there is one.
+fn value_at<'v>(mut at: &'v mut toml::Value, steps: &[Step]) -> Option<&'v mut toml::Value> {
+    for step in steps {
+        at = match (at, step) {
+            (toml::Value::Table(table), Step::Key(key)) => table.get_mut(*key)?,
+            (toml::Value::Array(items), Step::Index(i)) => items.get_mut(*i)?,
+            _ => return None,
+        };
+    }
+    Some(at)
+}
+
+/// Removes the value at `key`, so that its default stands in for it; false if there is none.
+fn set_aside(values: &mut toml::Value, key: &str) -> bool {
+    let steps = steps(key);
+    let Some((last, parent)) = steps.split_last() else { return false };
+    match (value_at(values, parent), last) {
+        (Some(toml::Value::Table(table)), Step::Key(key)) => table.remove(*key).is_some(),
+        (Some(toml::Value::Array(items)), Step::Index(i)) if *i < items.len() => {
+            items.remove(*i);
+            true
+        }
         _ => false,
     }
+}
+
+/// An override is a string by nature; where its key takes another type it is read as a TOML value, so that
+/// `2` is an integer and `2.5` a float (and refused where an integer is expected). False if it reads as no
+/// other type.
+fn retype_override(values: &mut toml::Value, key: &str) -> bool {
+    let Some(value) = value_at(values, &steps(key)) else { return false };
+    let toml::Value::String(text) = value else { return false };
+    let read = toml::from_str::<toml::Table>(&format!("v = {text}")).ok().filter(|t| t.len() == 1);
+    match read.and_then(|mut t| t.remove("v")) {
+        Some(typed) if !typed.is_str() => {
+            *value = typed;
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Where a problem is (the file and the key, or the variable that overrode the key), then what it is.
+fn located(file: &str, key: &str, var: Option<&str>, what: &str) -> String {
+    match var {
+        Some(var) => format!("{var} (overriding {key}): {what}"),
+        None if key == "." => format!("{file}: {what}"),
+        None => format!("{file}: {key}: {what}"),
+    }
+}
+
+/// serde's `invalid type: floating point `2.5`, expected usize` as `expected an integer from 0, found a float
+/// (2.5)`: TOML's names for what was found, plain words for what was expected, and for a duration, an address
+/// or a size, the value to write instead, as the file or the variable `var` would hold it. `None` for other
+/// messages (an unknown key, a bad URL).
+fn type_problem(message: &str, key: &str, var: Option<&str>, found: &toml::Value) -> Option<String> {
+    let expected = match message {
+        // How std's address parsers refuse a string.
+        "invalid socket address syntax" => "socket address",
+        _ => {
+            let rest = message.strip_prefix("invalid type: ").or_else(|| message.strip_prefix("invalid value: "))?;
+            rest.rsplit_once(", expected ")?.1
+        }
+    };
+    let expected = match expected {
+        "usize" | "u64" | "u32" | "u16" | "u8" => "an integer from 0",
+        e if e.starts_with("a nonzero u") => "an integer above 0",
+        "isize" | "i64" | "i32" => "an integer",
+        "f64" | "f32" => "a number",
+        "socket address" => "a socket address",
+        e if e.ends_with("network address") => "a network address in CIDR form",
+        e if e.starts_with("struct ") || e == "a map" => "a table",
+        // An enum's name (`rate_limit.backend`): the unknown-variant message lists the names.
+        "string only" => "a string",
+        "a sequence" => "an array",
+        e => e,
+    };
+    // The literal is left out for a secret written inline: it may be the secret itself.
+    let literal = match found {
+        _ if key.ends_with("client_secret") => String::new(),
+        toml::Value::String(s) => format!(" ({s:?})"),
+        toml::Value::Table(_) | toml::Value::Array(_) => String::new(),
+        other => format!(" ({other})"),
+    };
+    let found_type = match found {
+        toml::Value::String(_) => "a string",
+        toml::Value::Integer(_) => "an integer",
+        toml::Value::Float(_) => "a float",
+        toml::Value::Boolean(_) => "a boolean",
+        toml::Value::Datetime(_) => "a date-time",
+        toml::Value::Array(_) => "an array",
+        toml::Value::Table(_) => "a table",
+    };
+    let write = match (example(key, expected, found), var) {
+        (None, _) => String::new(),
+        (Some(toml::Value::String(example)), Some(var)) => format!(": write {var}={example}"),
+        (Some(example), Some(var)) => format!(": write {var}={example}"),
+        (Some(example), None) => format!(": write {key} = {example}"),
+    };
+    Some(format!("expected {expected}, found {found_type}{literal}{write}"))
+}
+
+/// The value to write for a duration, an address or a size given in the wrong form: the one meant where it can
+/// be told (`10` seconds, port `8080`, `"64MiB"`), else a sample of the form.
+fn example(key: &str, expected: &str, found: &toml::Value) -> Option<toml::Value> {
+    let number = match found {
+        toml::Value::Integer(n) => Some(*n as f64),
+        toml::Value::Float(x) => Some(*x),
+        toml::Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+    .filter(|n: &f64| n.is_finite() && *n >= 0.0);
+    let example = match expected {
+        "a duration" => {
+            let duration = number.and_then(|n| Duration::try_from_secs_f64(n).ok()).unwrap_or(Duration::from_secs(10));
+            toml::Value::String(format_duration(duration))
+        }
+        "a socket address" => {
+            let port = number.filter(|n| n.fract() == 0.0 && *n <= f64::from(u16::MAX)).unwrap_or(8080.0);
+            toml::Value::String(format!("127.0.0.1:{port}"))
+        }
+        e if e.starts_with("an integer") && key.ends_with("_bytes") => {
+            let bytes = match found {
+                toml::Value::String(s) => bytes_of(s),
+                _ => number.map(|n| n.round() as u64),
+            };
+            toml::Value::Integer(bytes.unwrap_or(1024 * 1024) as i64)
+        }
+        _ => return None,
+    };
+    Some(example)
+}
+
+/// `64MiB`, `64MB`, `512KiB`: the bytes a size written with a unit means.
+fn bytes_of(size: &str) -> Option<u64> {
+    let size = size.trim();
+    let digits = size.find(|c: char| !c.is_ascii_digit()).unwrap_or(size.len());
+    let (number, unit) = size.split_at(digits);
+    let unit: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1000,
+        "KiB" => 1 << 10,
+        "MB" => 1000 * 1000,
+        "MiB" => 1 << 20,
+        "GB" => 1000 * 1000 * 1000,
+        "GiB" => 1 << 30,
+        _ => return None,
+    };
+    number.parse::<u64>().ok()?.checked_mul(unit)
+}
+
+/// How the config prints a duration, everywhere: in the largest unit that holds it whole (`1500ms`, `5m`, `7d`),
+/// as the configuration reference writes defaults; humantime reads each back.
+pub fn format_duration(d: Duration) -> String {
+    const UNITS: [(&str, u128); 7] = [
+        ("d", 86_400_000_000_000),
+        ("h", 3_600_000_000_000),
+        ("m", 60_000_000_000),
+        ("s", 1_000_000_000),
+        ("ms", 1_000_000),
+        ("us", 1_000),
+        ("ns", 1),
+    ];
+    let nanos = d.as_nanos();
+    if nanos == 0 {
+        return "0s".to_owned();
+    }
+    let (unit, size) =
+        UNITS.iter().find(|(_, size)| nanos.is_multiple_of(*size)).expect("a whole number of nanoseconds");
+    format!("{}{unit}", nanos / size)
 }
 
 /// Parser errors span several lines (a source excerpt with a caret): keep the words, drop the excerpt.
 fn one_line(message: &str) -> String {
     message.lines().map(str::trim).filter(|l| !l.is_empty() && !l.contains('|')).collect::<Vec<_>>().join(": ")
+}
+
+/// What reading a config file gave: the config, with the default of any key that did not fit in its place
+/// (none when a required key did not fit), and the problems found so far, one line each.
+pub struct Loaded {
+    config: Option<Config>,
+    problems: Vec<String>,
+}
+
+impl Loaded {
+    /// The config, if every value fit its key; the checks of `Config::problems` are left to the caller.
+    pub fn parsed(self) -> Result<Config, String> {
+        match self.config {
+            Some(config) if self.problems.is_empty() => Ok(config),
+            _ => Err(self.problems.join("\n")),
+        }
+    }
+
+    /// The config, if every value fit its key and it passes `Config::problems`; else every problem of both,
+    /// one per line, in one run: a key that did not fit hides none of the other checks.
+    pub fn checked(self, policy: SecretPolicy) -> Result<Config, String> {
+        let mut problems = self.problems;
+        if let Some(config) = &self.config {
+            problems.extend(config.problems(policy));
+        }
+        match self.config {
+            Some(config) if problems.is_empty() => Ok(config),
+            _ => Err(problems.join("\n")),
+        }
+    }
 }
 
 /// Where secrets may come from: `demo` builds its config in code with an inline secret; files may not.
@@ -756,43 +998,79 @@ pub enum SecretPolicy {
 }
 
 impl Config {
-    /// Reads `path` (TOML), applies `EASEMOB_GW__…` overrides and deserializes. One line on failure.
-    ///
-    /// Every problem is reported, one line each, naming its key (or, for an `EASEMOB_GW__…` override, the
-    /// variable): a value that does not fit is set aside and the rest checked on.
+    /// Reads `path` (TOML) with the process's `EASEMOB_GW__…` overrides: the types only, as `Loaded::parsed`.
     pub fn load(path: &Path) -> Result<Config, String> {
-        let file = path.display();
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{file}: {e}"))?;
-        toml::from_str::<toml::Table>(&text).map_err(|e| format!("{file}: {}", toml_problem(&text, &e)))?;
-        let source = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml))
-            .add_source(config::Environment::with_prefix(ENV_PREFIX).separator(ENV_SEPARATOR))
-            .build()
-            .map_err(|e| format!("{file}: {}", one_line(&e.to_string())))?;
-        let mut values: config::Value =
-            source.try_deserialize().map_err(|e| format!("{file}: {}", one_line(&e.to_string())))?;
-        let mut problems = Vec::new();
-        loop {
-            match serde_path_to_error::deserialize::<_, Config>(values.clone()) {
-                Ok(config) if problems.is_empty() => return Ok(Config { written: Written(Some(values)), ..config }),
-                Ok(_) => break,
-                Err(e) => {
-                    let key = e.path().to_string();
-                    let message = one_line(&e.into_inner().to_string());
-                    let message = message.split(" for key `").next().unwrap_or_default().to_owned();
-                    problems.push(match override_of(&key) {
-                        Some(var) => format!("{var} (overriding {key}): {message}"),
-                        None if key == "." || key.is_empty() => format!("{file}: {message}"),
-                        None => format!("{file}: {key}: {message}"),
-                    });
-                    // A missing key cannot be set aside; anything else can, to check the rest.
-                    if message.starts_with("missing field") || !set_aside(&mut values, &key) {
-                        break;
-                    }
-                }
-            }
+        Config::read(path, std::env::vars()).parsed()
+    }
+
+    /// Reads `path` with the process's overrides and checks it in full, as `Loaded::checked`: what `serve`,
+    /// `check-config` and a reload use.
+    pub fn load_checked(path: &Path, policy: SecretPolicy) -> Result<Config, String> {
+        Config::read(path, std::env::vars()).checked(policy)
+    }
+
+    /// Reads `path` (TOML), applies the `EASEMOB_GW__…` overrides among `env` and deserializes, strictly: a value
+    /// of another TOML type than its key's is a problem (a float is no integer, a string no number or boolean),
+    /// and an override is read by its key's type. Every such problem is reported, naming its key (or, for an
+    /// override, the variable); the key's default stands in for it, so that the checks of `problems` still run.
+    pub fn read(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Loaded {
+        let file = path.display().to_string();
+        let failed = |problem| Loaded { config: None, problems: vec![problem] };
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) => return failed(format!("{file}: {e}")),
+        };
+        if let Err(e) = toml::from_str::<toml::Table>(&text) {
+            return failed(format!("{file}: {}", toml_problem(&text, &e)));
         }
-        Err(problems.join("\n"))
+        let env: config::Map<String, String> = env.into_iter().collect();
+        let merged = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(config::Environment::with_prefix(ENV_PREFIX).separator(ENV_SEPARATOR).source(Some(env.clone())))
+            .build()
+            .and_then(|source| source.try_deserialize::<config::Value>());
+        let mut values = match merged {
+            Ok(merged) => as_toml(merged).unwrap_or_else(|| toml::Value::Table(toml::Table::new())),
+            Err(e) => return failed(format!("{file}: {}", one_line(&e.to_string()))),
+        };
+        let mut problems = Vec::new();
+        let mut set_aside_keys = Vec::new();
+        let config = loop {
+            let error = match serde_path_to_error::deserialize::<_, Config>(values.clone()) {
+                Ok(config) => break Some(config),
+                Err(error) => error,
+            };
+            let key = error.path().to_string();
+            // The message alone: the error's `Display` adds the key, which the problem names itself.
+            let message = one_line(error.into_inner().message());
+            let var = override_of(&key, &env);
+            if var.is_some() && message.starts_with("invalid type: string") && retype_override(&mut values, &key) {
+                continue;
+            }
+            if let Some(field) = message.strip_prefix("missing field `").and_then(|m| m.strip_suffix('`')) {
+                // A required key set aside has been reported already.
+                let missing = if key == "." { field.to_owned() } else { format!("{key}.{field}") };
+                if !set_aside_keys.contains(&missing) {
+                    problems.push(located(&file, &key, None, &message));
+                }
+                // Without a required key its table cannot be built: the table is set aside in turn (its default,
+                // or an `[[apps]]` entry fewer, stands in) so that the other keys are still checked.
+                if key == "." || !set_aside(&mut values, &key) {
+                    break None;
+                }
+                set_aside_keys.push(key);
+                continue;
+            }
+            let found = value_at(&mut values, &steps(&key)).cloned();
+            let what = found.and_then(|found| type_problem(&message, &key, var.as_deref(), &found));
+            problems.push(located(&file, &key, var.as_deref(), &what.unwrap_or(message)));
+            if !set_aside(&mut values, &key) {
+                break None;
+            }
+            set_aside_keys.push(key);
+        };
+        let config = config.map(|config| Config { written: Written(Some(values)), ..config });
+        Loaded { config, problems }
     }
 
     /// Every problem with this config, one line each; empty when it can run.
@@ -928,10 +1206,11 @@ impl Config {
         }
         if j.lease <= 2 * upstream_attempt(&self.upstream) {
             problems.push(format!(
-                "jobs.lease {:?} must be longer than twice one attempt at an operation (upstream.timeout plus a token \
-                 wait: {:?}): an operation may wait half its lease before it is sent",
-                j.lease,
-                upstream_attempt(&self.upstream)
+                "jobs.lease {} must be more than 2 × (upstream.timeout + {}) = {}: one attempt at an operation is a \
+                 token wait then the exchange, and an operation may wait half its lease before it is sent",
+                format_duration(j.lease),
+                format_duration(MAX_TOKEN_WAIT),
+                format_duration(2 * upstream_attempt(&self.upstream))
             ));
         }
         if !(1..=1_000_000).contains(&j.max_operations) {
@@ -1005,9 +1284,12 @@ impl Config {
     }
 }
 
-/// The longest one attempt at a job's operation can take: a token wait (at most 3 s), then the exchange.
+/// The longest a request waits for an app's first token (then it is answered 503 like any tokenless request).
+pub const MAX_TOKEN_WAIT: Duration = Duration::from_secs(3);
+
+/// The longest one attempt at a job's operation can take: a token wait, then the exchange.
 fn upstream_attempt(upstream: &UpstreamConfig) -> Duration {
-    upstream.timeout + Duration::from_secs(3)
+    upstream.timeout + MAX_TOKEN_WAIT
 }
 
 /// 1 to `max_len` characters of `A-Z a-z 0-9 - _ . :`: safe to log, forward and record as a label, whether it
@@ -1084,6 +1366,10 @@ mod tests {
         assert!(c.problems(SecretPolicy::InlineAllowed).is_empty());
         assert!(!c.to_redacted_toml().contains("hunter2"));
         assert!(!format!("{c:?}").contains("hunter2"));
+        // Of the wrong type, it is refused without being shown.
+        let toml = MINIMAL.replace("client_secret_file = \"/nonexistent/secret\"", "client_secret = 20240607");
+        let e = Config::load(write(&toml).path()).unwrap_err();
+        assert!(e.ends_with("apps[0].client_secret: expected a string, found an integer"), "{e}");
     }
 
     #[test]
@@ -1108,9 +1394,13 @@ mod tests {
         let problems = c.problems(SecretPolicy::InlineAllowed);
         assert!(problems.iter().any(|p| p.starts_with("jobs.store: with rate_limit.backend")), "{problems:?}");
         c.jobs.store = None;
-        c.jobs.lease = Duration::from_secs(5);
+        c.jobs.lease = Duration::from_secs(26);
         let problems = c.problems(SecretPolicy::InlineAllowed);
-        assert!(problems.iter().any(|p| p.starts_with("jobs.lease 5s must be longer")), "{problems:?}");
+        let lease = "jobs.lease 26s must be more than 2 × (upstream.timeout + 3s) = 26s:";
+        assert!(problems.iter().any(|p| p.starts_with(lease)), "{problems:?}");
+        c.jobs.lease = Duration::from_secs(27);
+        let problems = c.problems(SecretPolicy::InlineAllowed);
+        assert!(!problems.iter().any(|p| p.starts_with("jobs.lease")), "{problems:?}");
     }
 
     #[test]
@@ -1139,7 +1429,11 @@ mod tests {
         let toml = MINIMAL.replace("[upstream]", "[upstream]\ntimeout = \"10 parsecs\"\nconnect_timeout = \"1500ms\"")
             + "\n[server]\nlisten_addr = \"x\"\nmax_in_flight = \"lots\"\n";
         let e = Config::load(write(&toml).path()).unwrap_err();
-        for key in ["upstream.timeout: invalid value", "server.listen_addr: unknown field", "server.max_in_flight"] {
+        for key in [
+            "upstream.timeout: expected a duration, found a string (\"10 parsecs\"): write upstream.timeout = \"10s\"",
+            "server.listen_addr: unknown field",
+            "server.max_in_flight",
+        ] {
             assert!(e.contains(key), "{key} in {e}");
         }
         assert_eq!(e.lines().count(), 3, "{e}");
@@ -1149,6 +1443,155 @@ mod tests {
         let fine = MINIMAL.replace("[upstream]", "[upstream]\nconnect_timeout = \"1500ms\"");
         let printed = Config::load(write(&fine).path()).unwrap().to_redacted_toml();
         assert!(printed.contains("connect_timeout = \"1500ms\""), "{printed}");
+    }
+
+    /// `MINIMAL` with `extra` added, read with `env` as the environment and checked in full (an inline secret
+    /// allowed, so that only the problems the test makes are reported).
+    fn check(extra: &str, env: &[(&str, &str)]) -> Result<Config, String> {
+        let toml = MINIMAL.replace("client_secret_file = \"/nonexistent/secret\"", "client_secret = \"s\"");
+        let file = write(&format!("{extra}\n{toml}"));
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::read(file.path(), env).checked(SecretPolicy::InlineAllowed)
+    }
+
+    #[test]
+    fn a_float_is_not_an_integer() {
+        for key in ["workers", "max_in_flight"] {
+            let e = check(&format!("[server]\n{key} = 2.5"), &[]).unwrap_err();
+            assert_eq!(e.lines().count(), 1, "{e}");
+            assert!(e.ends_with(&format!("server.{key}: expected an integer from 0, found a float (2.5)")), "{e}");
+        }
+        assert_eq!(check("[server]\nworkers = 3", &[]).unwrap().server.workers, 3);
+    }
+
+    #[test]
+    fn a_string_is_neither_a_number_nor_a_boolean() {
+        let e = check("[server]\nworkers = \"2\"", &[]).unwrap_err();
+        assert!(e.ends_with("server.workers: expected an integer from 0, found a string (\"2\")"), "{e}");
+        let e = check("[jobs]\nenabled = \"no\"", &[]).unwrap_err();
+        assert!(e.ends_with("jobs.enabled: expected a boolean, found a string (\"no\")"), "{e}");
+        let e = check("[token]\nrefresh_at = \"0.5\"", &[]).unwrap_err();
+        assert!(e.ends_with("token.refresh_at: expected a number, found a string (\"0.5\")"), "{e}");
+    }
+
+    #[test]
+    fn durations_sizes_and_addresses_of_the_wrong_type_show_the_form_to_write() {
+        for (extra, message) in [
+            (
+                "[server]\nheader_read_timeout = 10",
+                "server.header_read_timeout: expected a duration, found an integer (10): write \
+                 server.header_read_timeout = \"10s\"",
+            ),
+            (
+                "[rate_limit]\nmax_wait = 1.5",
+                "rate_limit.max_wait: expected a duration, found a float (1.5): write rate_limit.max_wait = \"1500ms\"",
+            ),
+            (
+                "[server]\nlisten = 8080",
+                "server.listen: expected a socket address, found an integer (8080): write \
+                 server.listen = \"127.0.0.1:8080\"",
+            ),
+            (
+                "[server]\nlisten = \"localhost\"",
+                "server.listen: expected a socket address, found a string (\"localhost\"): write \
+                 server.listen = \"127.0.0.1:8080\"",
+            ),
+            (
+                "[jobs]\nmax_body_bytes = \"64MiB\"",
+                "jobs.max_body_bytes: expected an integer from 0, found a string (\"64MiB\"): write \
+                 jobs.max_body_bytes = 67108864",
+            ),
+        ] {
+            let e = check(extra, &[]).unwrap_err();
+            assert!(e.ends_with(message), "{message} in {e}");
+        }
+        let toml = MINIMAL.replace("[upstream]", "[upstream]\ntimeout = 10");
+        let e = Config::load(write(&toml).path()).unwrap_err();
+        assert!(e.ends_with(
+            "upstream.timeout: expected a duration, found an integer (10): write upstream.timeout = \"10s\""
+        ));
+    }
+
+    #[test]
+    fn one_run_reports_a_misspelt_key_a_wrong_type_and_an_unreadable_secret_file() {
+        let toml = format!("[server]\nlisten_adr = \"127.0.0.1:8080\"\nworkers = 2.5\n{MINIMAL}");
+        let file = write(&toml);
+        let e = Config::read(file.path(), []).checked(SecretPolicy::ExternalOnly).unwrap_err();
+        let lines: Vec<_> = e.lines().collect();
+        assert_eq!(lines.len(), 3, "{e}");
+        assert!(
+            lines[0].ends_with(
+                "server.listen_adr: unknown field `listen_adr`, expected one of `listen`, \
+             `admin_listen`, `header_read_timeout`, `body_read_timeout`, `allow_from`, `max_in_flight`, \
+             `max_connections`, `shutdown_grace`, `workers`, `reload_poll`"
+            ),
+            "{e}"
+        );
+        assert!(lines[1].ends_with("server.workers: expected an integer from 0, found a float (2.5)"), "{e}");
+        assert!(
+            lines[2].starts_with("apps[1122161011178276#demo]: client_secret_file /nonexistent/secret cannot be read"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_required_key_that_does_not_fit_hides_no_other_key() {
+        let e =
+            check("[rate_limit.route]\nrate = 0\n[server]\nworkers = 2.5\n[token]\nrefresh_at = 2.0", &[]).unwrap_err();
+        let lines: Vec<_> = e.lines().collect();
+        assert_eq!(lines.len(), 3, "{e}");
+        assert!(lines[0].ends_with("rate_limit.route.rate: expected an integer above 0, found an integer (0)"), "{e}");
+        assert!(lines[1].ends_with("server.workers: expected an integer from 0, found a float (2.5)"), "{e}");
+        assert!(lines[2].starts_with("token.refresh_at 2 must be between 0 and 1"), "{e}");
+    }
+
+    #[test]
+    fn the_problems_the_configuration_reference_shows_are_the_ones_printed() {
+        let page = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/configuration.md")).unwrap();
+        let shown = page.split("## Checking a file").nth(1).unwrap().split("```text\n").nth(1).unwrap();
+        let shown: Vec<&str> = shown.split("```").next().unwrap().lines().collect();
+        let toml = MINIMAL
+            .replace("[upstream]", "[server]\nmax_in_flight = \"lots\"\n[upstream]\ntimeout = 10")
+            .replace("client_secret_file = \"/nonexistent/secret\"", "client_secret_env = \"EASEMOB_CLIENT_SECRET\"");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, toml).unwrap();
+        let env = [("EASEMOB_GW__JOBS__ENABLED".to_owned(), "no".to_owned())];
+        let e = Config::read(&path, env).checked(SecretPolicy::ExternalOnly).unwrap_err();
+        let printed: Vec<String> =
+            e.replace(&path.display().to_string(), "gateway.toml").lines().map(|l| format!("error: {l}")).collect();
+        assert_eq!(printed, shown);
+    }
+
+    #[test]
+    fn an_override_is_read_by_its_key_s_type_and_a_bad_one_names_its_variable() {
+        let c = check(
+            "",
+            &[
+                ("EASEMOB_GW__SERVER__WORKERS", "2"),
+                ("EASEMOB_GW__JOBS__ENABLED", "true"),
+                ("EASEMOB_GW__JOBS__STORE", "/tmp/jobs.db"),
+                ("EASEMOB_GW__RATE_LIMIT__REDIS__KEY_PREFIX", "123"),
+                ("EASEMOB_GW__TOKEN__REFRESH_AT", "0.25"),
+                ("EASEMOB_GW__UPSTREAM__TIMEOUT", "7s"),
+            ],
+        )
+        .unwrap();
+        assert_eq!((c.server.workers, c.jobs.enabled, c.token.refresh_at), (2, true, 0.25));
+        assert_eq!((c.rate_limit.redis.key_prefix.as_str(), c.upstream.timeout), ("123", Duration::from_secs(7)));
+        for (var, value, message) in [
+            ("EASEMOB_GW__SERVER__WORKERS", "2.5", "expected an integer from 0, found a float (2.5)"),
+            ("EASEMOB_GW__JOBS__ENABLED", "no", "expected a boolean, found a string (\"no\")"),
+            (
+                "EASEMOB_GW__UPSTREAM__TIMEOUT",
+                "10",
+                "expected a duration, found a string (\"10\"): write EASEMOB_GW__UPSTREAM__TIMEOUT=10s",
+            ),
+        ] {
+            let e = check("", &[(var, value)]).unwrap_err();
+            let key = var.trim_start_matches("EASEMOB_GW__").replace("__", ".").to_ascii_lowercase();
+            assert_eq!(e, format!("{var} (overriding {key}): {message}"));
+        }
     }
 
     /// Every key of the config, as `section.key` (`apps.org_name` for `[[apps]] org_name`); a `{ rate, burst }`
@@ -1202,8 +1645,8 @@ mod tests {
         out
     }
 
-    #[test]
-    fn the_configuration_reference_documents_every_key_and_no_other() {
+    /// `MINIMAL` with every optional key set, so that each shows in the effective config.
+    fn every_key_set() -> Config {
         let mut c = Config::load(write(MINIMAL).path()).unwrap();
         // Every optional key set, so that each shows in the effective config.
         c.server.allow_from = vec!["10.0.0.0/8".parse().unwrap()];
@@ -1221,8 +1664,13 @@ mod tests {
         let app = &mut c.apps[0];
         (app.client_secret_env, app.client_secret) =
             (Some("S".to_owned()), Some(InlineSecret(SecretString::from("s"))));
+        c
+    }
+
+    #[test]
+    fn the_configuration_reference_documents_every_key_and_no_other() {
         let mut code = std::collections::BTreeSet::new();
-        keys(&toml::Value::try_from(&c).unwrap(), "", &mut code);
+        keys(&toml::Value::try_from(every_key_set()).unwrap(), "", &mut code);
         let documented = documented();
         let undocumented: Vec<_> = code.difference(&documented).collect();
         let unknown: Vec<_> = documented.difference(&code).collect();
@@ -1230,6 +1678,104 @@ mod tests {
             undocumented.is_empty() && unknown.is_empty(),
             "not in docs/configuration.md: {undocumented:?}; not in the code: {unknown:?}"
         );
+    }
+
+    /// The defaults the configuration reference's table states, by key: the backquoted values of a row's
+    /// second cell, paired with its keys (`token.retry_min`, `token.retry_max` | `500ms`, `60s`).
+    fn documented_defaults() -> Vec<(String, String)> {
+        let page = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/configuration.md")).unwrap();
+        let table = page.split("\n## Keys\n").nth(1).unwrap().split("\n## ").next().unwrap();
+        let quoted = |cell: &str| cell.split('`').skip(1).step_by(2).map(str::to_owned).collect::<Vec<_>>();
+        let mut out = Vec::new();
+        for row in table.lines().filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = row.split('|').collect();
+            let (keys, defaults) = (quoted(cells[1]), quoted(cells[2]));
+            if keys.len() == defaults.len() {
+                let section = keys[0].rsplit_once('.').map_or("", |(s, _)| s).to_owned();
+                let keys = keys.iter().map(|k| if k.contains('.') { k.clone() } else { format!("{section}.{k}") });
+                out.extend(keys.zip(defaults));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_effective_config_prints_each_default_as_the_configuration_reference_states_it() {
+        let printed = Config::load(write(MINIMAL).path()).unwrap().to_redacted_toml();
+        let effective: toml::Value = toml::from_str(&printed).unwrap();
+        let mut compared = 0;
+        for (key, default) in documented_defaults() {
+            let at = key.split('.').try_fold(&effective, |at, part| at.get(part));
+            let shown = match at {
+                Some(toml::Value::String(s)) => s.clone(),
+                Some(toml::Value::Table(_)) | None => continue,
+                Some(other) => other.to_string(),
+            };
+            assert_eq!(shown, default, "{key} in the effective config and in docs/configuration.md");
+            compared += 1;
+        }
+        assert!(compared >= 40, "only {compared} defaults compared");
+    }
+
+    /// What a page names as waiting for a restart, in its list between `after` and `before`: keys
+    /// (`server.listen`), key prefixes (`upstream.pool_`, from `upstream.pool_*`) and sections (`jobs`, from `[jobs]`).
+    fn documented_restart_only(page: &str, after: &str, before: &str) -> Vec<String> {
+        let page = std::fs::read_to_string(format!("{}/docs/{page}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let list = page.split(after).nth(1).unwrap().split(before).next().unwrap();
+        list.split('`').skip(1).step_by(2).map(|name| name.trim_matches(['[', ']', '*']).to_owned()).collect()
+    }
+
+    /// Every key of `value` that holds no table, as `section.key` (arrays left out).
+    fn leaves(value: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+        let toml::Value::Table(table) = value else { return };
+        for (key, value) in table {
+            let key = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+            match value {
+                toml::Value::Table(_) => leaves(value, &key, out),
+                toml::Value::Array(_) => {}
+                _ => out.push(key),
+            }
+        }
+    }
+
+    #[test]
+    fn the_configuration_reference_names_exactly_the_settings_a_reload_keeps_for_a_restart() {
+        let written = toml::Value::try_from(every_key_set()).unwrap();
+        let running = Config::deserialize(written.clone()).unwrap();
+        let documented = documented_restart_only("configuration.md", "named in the log:", ". See");
+        let operations = documented_restart_only("operations.md", "**What needs a restart.**", ". A reload");
+        assert_eq!(documented, operations, "configuration.md and operations.md name the same settings");
+        let mut keys = Vec::new();
+        leaves(&written, "", &mut keys);
+        for key in keys {
+            let steps: Vec<Step> = key.split('.').map(Step::Key).collect();
+            let mut values = written.clone();
+            let old = value_at(&mut values, &steps).unwrap().clone();
+            // Another value the key accepts: the first of these that the config reads.
+            let candidates = match &old {
+                toml::Value::Integer(n) => vec![toml::Value::Integer(n + 1)],
+                toml::Value::Float(x) => vec![toml::Value::Float(x / 2.0)],
+                toml::Value::Boolean(b) => vec![toml::Value::Boolean(!b)],
+                toml::Value::String(s) => {
+                    let duration =
+                        humantime::parse_duration(s).ok().map(|d| format_duration(d + Duration::from_secs(1)));
+                    let addr = s.parse::<SocketAddr>().ok().map(|a| SocketAddr::new(a.ip(), a.port() + 1).to_string());
+                    let others = ["redis".to_owned(), "json".to_owned(), format!("{s}x")];
+                    duration.into_iter().chain(addr).chain(others).map(toml::Value::String).collect()
+                }
+                other => panic!("{key} = {other}: no other value to try"),
+            };
+            let changed = candidates.into_iter().find_map(|candidate| {
+                *value_at(&mut values, &steps).unwrap() = candidate;
+                Config::deserialize(values.clone()).ok()
+            });
+            let mut changed = changed.unwrap_or_else(|| panic!("no other value of {key} reads"));
+            let waits = !changed.keep_restart_only(&running).is_empty();
+            let named = documented.iter().any(|d| {
+                key == *d || key.starts_with(&format!("{d}.")) || (d.ends_with('_') && key.starts_with(d.as_str()))
+            });
+            assert_eq!(waits, named, "{key}: waits for a restart, and configuration.md says so");
+        }
     }
 
     #[test]

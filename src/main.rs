@@ -155,7 +155,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(path: PathBuf) -> Result<(), String> {
-    let config = Config::load(&path)?;
+    let config = Config::load_checked(&path, SecretPolicy::ExternalOnly)?;
     let log = logging::init(&config.log);
     let server = Server::bind(config, SecretPolicy::ExternalOnly).await.map_err(|e| e.to_string())?;
     let server = server.reloading_from(path, log);
@@ -205,11 +205,7 @@ async fn jobs(gateway: &str, app: Option<&str>, key: Option<String>, command: Jo
 }
 
 fn check_config(path: PathBuf) -> Result<(), String> {
-    let config = Config::load(&path)?;
-    let problems = config.problems(SecretPolicy::ExternalOnly);
-    if !problems.is_empty() {
-        return Err(problems.join("\n"));
-    }
+    let config = Config::load_checked(&path, SecretPolicy::ExternalOnly)?;
     print!("{}", config.to_redacted_toml());
     eprintln!("config OK");
     Ok(())

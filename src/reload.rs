@@ -111,11 +111,8 @@ impl Reloader {
     async fn apply(&mut self) -> Result<Vec<&'static str>, Rejected> {
         let path = self.path.as_ref().expect("a config file to reload");
         let problems = |problems, credentials| Rejected { problems, credentials };
-        let mut config = Config::load(path).map_err(|e| problems(e.lines().map(str::to_owned).collect(), false))?;
-        let found = config.problems(self.policy);
-        if !found.is_empty() {
-            return Err(problems(found, false));
-        }
+        let mut config = Config::load_checked(path, self.policy)
+            .map_err(|e| problems(e.lines().map(str::to_owned).collect(), false))?;
         let restart = config.keep_restart_only(&self.current);
         // The settings kept must agree with the new ones (a data plane beyond loopback still needs `allow_from`).
         let found = config.problems(self.policy);

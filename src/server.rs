@@ -28,7 +28,7 @@ use crate::access::Access;
 use crate::admin::{ADMIN_HEADER_READ_TIMEOUT, ADMIN_MAX_CONNECTIONS, AdminService};
 use crate::apps::Apps;
 use crate::audit::{Audit, AuditOpenError};
-use crate::config::{AppKey, Config, SecretPolicy};
+use crate::config::{AppKey, Config, SecretPolicy, format_duration};
 use crate::head::READ_BUFFER_BYTES;
 use crate::jobs::runner::{Plane, Runner};
 use crate::jobs::shared::SharedStore;
@@ -264,7 +264,8 @@ impl Server {
             follow.abort();
             scheduler.abort();
         }
-        info!(grace = ?config.server.shutdown_grace, "shutting down: refusing new connections, draining in-flight requests");
+        let grace = format_duration(config.server.shutdown_grace);
+        info!(grace = %grace, "shutting down: refusing new connections, draining in-flight requests");
         // The admin listener stays up while draining, so probes see /readyz turn 503 rather than a refused port.
         draining.store(true, Ordering::SeqCst);
         let _ = stop_data.send(true);

@@ -34,7 +34,8 @@ const MAX_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 /// banned. Meanwhile the 401s go to the callers.
 const REFETCH_GUARD: Duration = Duration::from_secs(30);
 /// A request waits at most this long for a first fetch in flight, then gets 503 like any tokenless request.
-const MAX_FETCH_WAIT: Duration = Duration::from_secs(3);
+/// The jobs' lease is checked against it (`config::MAX_TOKEN_WAIT`).
+const MAX_FETCH_WAIT: Duration = crate::config::MAX_TOKEN_WAIT;
 
 /// A token Easemob issued. Holds only the ready `Authorization` value, marked sensitive; `Debug` shows no secret.
 pub struct Token {

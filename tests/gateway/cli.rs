@@ -95,3 +95,25 @@ fn listening_beyond_loopback_requires_allow_from() {
     let (ok, _, err) = check(&config, &[("TEST_EASEMOB_SECRET", "x")]);
     assert!(ok, "{err}");
 }
+
+#[test]
+fn one_run_lists_every_problem_of_every_phase_with_the_types_and_the_variable() {
+    // A misspelt key, a float for an integer, a number for a duration, a bad override and a missing secret file.
+    let config = GOOD
+        .replace("client_secret_env = \"TEST_EASEMOB_SECRET\"", "client_secret_file = \"/nonexistent/s\"")
+        .replace("[upstream]", "[server]\nlisten_adr = \"127.0.0.1:8080\"\nworkers = 2.5\n\n[upstream]\ntimeout = 10");
+    let (ok, out, err) = check(&config, &[("EASEMOB_GW__JOBS__ENABLED", "no")]);
+    assert!(!ok, "{out}");
+    assert!(out.is_empty(), "{out}");
+    for needle in [
+        "server.listen_adr: unknown field",
+        "server.workers: expected an integer from 0, found a float (2.5)",
+        "upstream.timeout: expected a duration, found an integer (10): write upstream.timeout = \"10s\"",
+        "EASEMOB_GW__JOBS__ENABLED (overriding jobs.enabled): expected a boolean, found a string (\"no\")",
+        "client_secret_file /nonexistent/s cannot be read",
+    ] {
+        assert!(err.contains(needle), "{needle} missing from {err}");
+    }
+    assert_eq!(err.lines().count(), 5, "{err}");
+    assert!(err.lines().all(|l| l.starts_with("error: ")), "{err}");
+}
