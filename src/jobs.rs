@@ -26,8 +26,8 @@ use crate::routes::{Endpoint, Route, resolve};
 
 use self::shared::SharedStore;
 use self::store::{
-    Created, Due, JobRecord, JobState, LocalStore, NewJob, NewOperation, OpRecord, OpState, Outcome, Remaining,
-    StoreError, Totals,
+    Created, Due, JobRecord, JobState, LaneUse, LocalStore, NewJob, NewOperation, OpRecord, OpState, Outcome,
+    Remaining, StoreError, Totals,
 };
 
 /// Easemob refuses a `msgIdList` longer than this; a job splits longer ones into batches of this size.
@@ -266,6 +266,16 @@ impl Store {
             Store::Local(_) => Ok(false),
             Store::Shared(store) => store.is_cancelled(job_id).await,
         }
+    }
+
+    /// Records, before any of its calls go, that jobs may send on `app`'s `route` until `until_ms`.
+    pub async fn use_lane(&self, app: &str, route: &str, until_ms: i64) -> Result<(), StoreError> {
+        each!(self, true, store => store.use_lane(app, route, until_ms).await)
+    }
+
+    /// The lanes jobs have used (before a restart, or on another replica), each with the end of its last record.
+    pub async fn lanes_used(&self) -> Result<Vec<LaneUse>, StoreError> {
+        each!(self, false, store => store.lanes_used().await)
     }
 
     pub async fn record(&self, outcomes: Vec<Outcome>, now_ms: i64) -> Result<Vec<i64>, StoreError> {

@@ -637,6 +637,24 @@ impl QuotaSet {
         Some(self.app_jobs[app.0].as_ref().map_or(cap, |share| share.rate().min(cap)))
     }
 
+    /// Resumes app number `app`'s lanes after a restart: each route in `used` as if its last calls went the time
+    /// given ago (the AppKey cap, the jobs' share and the Redis fallback too, the cap by its latest route), so
+    /// that calls made before the restart keep their place in Easemob's window.
+    pub fn resume(&self, app: AppIndex, used: &[(Route, Duration)]) {
+        for (route, ago) in used {
+            let lane = self.lane(app, *route);
+            lane.current().resume(*ago);
+            lane.jobs.iter().for_each(|jobs| jobs.resume(*ago));
+        }
+        if let Some(latest) = used.iter().map(|(_, ago)| *ago).min() {
+            let caps = self.apps[app.0].iter().chain(&self.app_jobs[app.0]);
+            caps.for_each(|cap| cap.resume(latest));
+        }
+        if let Some(shared) = &self.shared {
+            shared.fallback.resume(app, used);
+        }
+    }
+
     /// `delete_conversation` calls per user and minute.
     pub fn user_limit(&self) -> u32 {
         self.user_limit.get()

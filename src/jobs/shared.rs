@@ -19,8 +19,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 
 use super::store::{
-    Counts, Created, Due, JobRecord, JobState, NewJob, Next, OpRecord, OpState, Outcome, Remaining, StoreError, Totals,
-    method_of,
+    Counts, Created, Due, JobRecord, JobState, LaneUse, NewJob, Next, OpRecord, OpState, Outcome, Remaining,
+    StoreError, Totals, method_of,
 };
 use crate::config::RedisConfig;
 use crate::routes::Route;
@@ -595,6 +595,31 @@ impl SharedStore {
     pub async fn reap(&self) -> Result<usize, StoreError> {
         let n: i64 = self.script(&self.scripts.reap, &self.routing(), std::slice::from_ref(&self.prefix)).await?;
         Ok(n as usize)
+    }
+
+    /// Records, before any of its calls go, that jobs may send on `app`'s `route` until `until_ms` (never
+    /// moved back, whichever replica writes).
+    pub async fn use_lane(&self, app: &str, route: &str, until_ms: i64) -> Result<(), StoreError> {
+        let _: i64 = redis::cmd("ZADD")
+            .arg(self.key("lanes"))
+            .arg("GT")
+            .arg(until_ms)
+            .arg(format!("{app} {route}"))
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// The lanes jobs have used on any replica, each with the end of its last record.
+    pub async fn lanes_used(&self) -> Result<Vec<LaneUse>, StoreError> {
+        let lanes: Vec<(String, f64)> = self.conn().zrange_withscores(self.key("lanes"), 0, -1).await?;
+        Ok(lanes
+            .into_iter()
+            .filter_map(|(member, until)| {
+                let (app, route) = member.rsplit_once(' ')?;
+                Some(LaneUse { app: app.to_owned(), route: route.to_owned(), until_ms: until as i64 })
+            })
+            .collect())
     }
 
     pub async fn is_cancelled(&self, job_id: &str) -> Result<bool, StoreError> {

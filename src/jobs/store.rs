@@ -70,6 +70,12 @@ CREATE TABLE IF NOT EXISTS operations (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS operations_due_by_route ON operations(route, not_before_ms, job, n) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS operations_by_user ON operations(user) WHERE state = 'pending' AND user IS NOT NULL;
+CREATE TABLE IF NOT EXISTS lanes (
+    app TEXT NOT NULL,
+    route TEXT NOT NULL,
+    until_ms INTEGER NOT NULL,
+    PRIMARY KEY (app, route)
+) WITHOUT ROWID;
 ";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -497,6 +503,33 @@ impl LocalStore {
         .await
     }
 
+    /// Records, before any of its calls go, that jobs may send on `app`'s `route` until `until_ms`. After a
+    /// restart the scheduler resumes the lane from it ([`LocalStore::lanes_used`]): a call whose outcome died with
+    /// the process is covered too.
+    pub async fn use_lane(&self, app: &str, route: &str, until_ms: i64) -> Result<(), StoreError> {
+        let (app, route) = (app.to_owned(), route.to_owned());
+        self.run(Access::Write, move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO lanes (app, route, until_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (app, route) DO UPDATE SET until_ms = MAX(until_ms, excluded.until_ms)",
+            )?
+            .execute(params![app, route, until_ms])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The lanes jobs have used, each with the end of its last record.
+    pub async fn lanes_used(&self) -> Result<Vec<LaneUse>, StoreError> {
+        self.run(Access::Read, move |conn| {
+            let mut select = conn.prepare_cached("SELECT app, route, until_ms FROM lanes")?;
+            let rows = select
+                .query_map([], |row| Ok(LaneUse { app: row.get(0)?, route: row.get(1)?, until_ms: row.get(2)? }))?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
     /// Holds back every pending operation of `user` (in `app`) until `until_ms`: their per-user window is full.
     pub async fn postpone_user(&self, user: &str, until_ms: i64) -> Result<(), StoreError> {
         let user = user.to_owned();
@@ -645,6 +678,14 @@ impl LocalStore {
 pub struct Remaining {
     pub by_route: Vec<(String, i64)>,
     pub busiest_user: i64,
+}
+
+/// A lane jobs may have sent on until `until_ms`: no call of theirs went on it later.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LaneUse {
+    pub app: String,
+    pub route: String,
+    pub until_ms: i64,
 }
 
 pub struct Totals {
