@@ -318,3 +318,39 @@ async fn the_command_line_client_submits_watches_and_prints_failures_to_resubmit
     assert_eq!(code, Some(1));
     assert!(err.contains("job_not_found"), "{err}");
 }
+
+#[tokio::test]
+async fn a_cancelled_job_exits_3_from_submit_and_watch_and_a_second_cancel_says_it_was_cancelled() {
+    let sim = Sim::start().await;
+    let users: Vec<String> = (0..12).map(|i| format!("u{i}")).collect();
+    sim.add_users(&users).await;
+    let options = GatewayOptions { extra: "[rate_limit]\nroute = { rate = 2 }\n".into(), ..with_jobs() };
+    let gw = Gateway::ready_with(&sim, options).await;
+    let file = users.iter().map(|u| clear_op(u).to_string()).collect::<Vec<_>>().join("\n");
+    let submitting = cli(&gw, &["submit", "-"], Some(&file));
+    let cancelling = async {
+        eventually(Duration::from_secs(30), "a few operations sent", || async { sim.business_requests().await >= 2 })
+            .await;
+        let (_, listed, _) = cli(&gw, &["list", "--state", "running"], None).await;
+        let id = listed.split_whitespace().next().expect("the running job").to_owned();
+        let cancelled = cli(&gw, &["cancel", &id], None).await;
+        (id, cancelled)
+    };
+    let ((code, _, err), (id, (cancel_code, _, cancel_err))) = tokio::join!(submitting, cancelling);
+    assert_eq!(code, Some(3), "a cancelled job has an exit status of its own: {err}");
+    assert!(err.contains(&format!("job {id} cancelled:")), "{err}");
+    assert_eq!(cancel_code, Some(0), "{cancel_err}");
+    // What was not sent, and the one in flight at the cancel if there was one (it is recorded when it answers).
+    let unsent = 12 - sim.business_requests().await;
+    let dropped: u64 = cancel_err
+        .split_once(&format!("job {id} cancelled: "))
+        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{cancel_err}"));
+    assert!((unsent..=unsent + 1).contains(&dropped), "{cancel_err}: {unsent} not sent");
+
+    let (code, _, err) = cli(&gw, &["watch", &id], None).await;
+    assert_eq!(code, Some(3), "{err}");
+    let (code, _, err) = cli(&gw, &["cancel", &id], None).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains(&format!("job {id} was already cancelled: nothing to cancel")), "{err}");
+}
