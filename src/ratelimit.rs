@@ -623,18 +623,20 @@ impl QuotaSet {
         decided.map(|remaining| lane.admitted(remaining))
     }
 
-    /// The rate per second jobs may use on a route: its current rate (lowered while Easemob answers 429), or
-    /// the jobs' share of it.
-    pub fn jobs_rate(&self, app: AppIndex, route: Route) -> u32 {
-        let lane = self.lane(app, route);
-        let rate = lane.current().rate();
-        lane.jobs.as_ref().map_or(rate, |share| share.rate().min(rate))
-    }
-
-    /// The rate per second jobs may use under the app's cap, if it has one.
-    pub fn jobs_app_rate(&self, app: AppIndex) -> Option<u32> {
-        let cap = self.apps[app.0].as_ref()?.rate();
-        Some(self.app_jobs[app.0].as_ref().map_or(cap, |share| share.rate().min(cap)))
+    /// How long app number `app`'s pending job calls need (per route, and per user among them), counted on the
+    /// limits the scheduler's slots come from ([`QuotaSet::background`]): each lane's pause for Easemob's
+    /// `Retry-After`, its current spacing (slower while Easemob answers 429) or the jobs' share's, the app cap,
+    /// and each user's window as it stands.
+    pub fn jobs_time(&self, app: AppIndex, routes: &[(Route, u32)], users: &[(&str, u32)]) -> Duration {
+        let lanes = routes.iter().map(|(route, calls)| {
+            let lane = self.lane(app, *route);
+            let spacing = lane.jobs.as_ref().map_or(lane.interval(), |jobs| jobs.interval().max(lane.interval()));
+            lane.pause_left().unwrap_or_default() + spacing * *calls
+        });
+        let all: u32 = routes.iter().map(|(_, calls)| calls).sum();
+        let cap = self.apps[app.0].iter().chain(&self.app_jobs[app.0]).map(|cap| cap.interval() * all);
+        let windows = users.iter().map(|(user, calls)| self.users[app.0].time_for(user, *calls as usize));
+        lanes.chain(cap).chain(windows).max().unwrap_or_default()
     }
 
     /// Resumes app number `app`'s lanes after a restart: each route in `used` as if its last calls went the time
@@ -653,11 +655,6 @@ impl QuotaSet {
         if let Some(shared) = &self.shared {
             shared.fallback.resume(app, used);
         }
-    }
-
-    /// `delete_conversation` calls per user and minute.
-    pub fn user_limit(&self) -> u32 {
-        self.user_limit.get()
     }
 
     /// Easemob answered 429 on this lane: pause for its `Retry-After`, and (if adaptive) halve the lane's rate.

@@ -741,6 +741,47 @@ mod tests {
         assert!(h.job(&long.id).await.finished_ms.is_none(), "the long job is still running");
     }
 
+    /// The job's estimate now, checked against the time the scheduler then takes to finish it: within a tenth.
+    async fn estimate_holds(h: &Harness, id: &str) -> Duration {
+        let estimate = h.jobs.estimate(&h.app, &h.job(id).await).await.unwrap();
+        let (_, took) = h.finished(id).await;
+        let off = (estimate.as_secs_f64() - took.as_secs_f64()).abs();
+        assert!(off <= took.as_secs_f64() / 10.0, "estimated {estimate:?}, took {took:?}");
+        estimate
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_estimate_counts_what_a_users_window_already_holds() {
+        let h = start(JobsConfig::default(), RateLimitConfig::default(), ok).await;
+        let five = h.submit((0..5).map(|i| conversation("ann", &format!("p{i}"))).collect()).await;
+        h.finished(&five.id).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let two = h.submit((5..7).map(|i| conversation("ann", &format!("p{i}"))).collect()).await;
+        let estimate = estimate_holds(&h, &two.id).await;
+        assert_eq!(estimate.as_secs(), 57, "ann's window frees a minute after her five: {estimate:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_estimate_of_one_users_twelve_counts_the_five_already_sent() {
+        let h = start(JobsConfig::default(), RateLimitConfig::default(), ok).await;
+        let job = h.submit((0..12).map(|i| conversation("ann", &format!("p{i}"))).collect()).await;
+        let at_creation = h.jobs.estimate(&h.app, &job).await.unwrap();
+        assert_eq!(at_creation.as_secs(), 120, "5 now, 5 a minute later, 2 a minute after that: {at_creation:?}");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(h.job(&job.id).await.counts.pending, 7);
+        let estimate = estimate_holds(&h, &job.id).await;
+        assert_eq!(estimate.as_secs(), 117, "{estimate:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_estimate_of_a_thousand_calls_on_one_route_follows_the_lane() {
+        let h = start(JobsConfig::default(), RateLimitConfig::default(), ok).await;
+        let job = h.submit((0..1000).map(|i| clear(&format!("u{i}"))).collect()).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let estimate = estimate_holds(&h, &job.id).await;
+        assert_eq!(estimate.as_secs(), 8, "800 left at 100 a second: {estimate:?}");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn jobs_use_only_their_share_of_a_route() {
         let rate_limit = RateLimitConfig { jobs_share: 0.5, ..RateLimitConfig::default() };

@@ -655,8 +655,12 @@ impl SharedStore {
             .filter_map(|(k, n)| Some((k.strip_prefix("route:")?.to_owned(), *n)))
             .filter(|(_, n)| *n > 0)
             .collect();
-        let busiest_user = left.iter().filter(|(k, _)| k.starts_with("user:")).map(|(_, n)| *n).max().unwrap_or(0);
-        Ok(Remaining { by_route, busiest_user })
+        let by_user = left
+            .iter()
+            .filter_map(|(k, n)| Some((k.strip_prefix("user:")?.to_owned(), *n)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        Ok(Remaining { by_route, by_user })
     }
 
     pub async fn totals(&self) -> Result<Totals, StoreError> {

@@ -624,7 +624,7 @@ impl LocalStore {
         .await
     }
 
-    /// Pending operations of a job by route, and the most any one user has (for the estimate).
+    /// Pending operations of a job by route, and by user (for the estimate).
     pub async fn remaining(&self, job: &JobRecord) -> Result<Remaining, StoreError> {
         let job = job.seq;
         self.run(Access::Read, move |conn| {
@@ -634,16 +634,14 @@ impl LocalStore {
             let by_route = by_route
                 .query_map([job], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))?
                 .collect::<Result<Vec<_>, _>>()?;
-            let busiest_user = conn
-                .query_row(
-                    "SELECT COUNT(*) AS c FROM operations WHERE job = ?1 AND state = 'pending' AND user IS NOT NULL
-                     GROUP BY user ORDER BY c DESC LIMIT 1",
-                    [job],
-                    |row| row.get(0),
-                )
-                .optional()?
-                .unwrap_or(0);
-            Ok(Remaining { by_route, busiest_user })
+            let mut by_user = conn.prepare_cached(
+                "SELECT user, COUNT(*) FROM operations WHERE job = ?1 AND state = 'pending' AND user IS NOT NULL
+                 GROUP BY user",
+            )?;
+            let by_user = by_user
+                .query_map([job], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Remaining { by_route, by_user })
         })
         .await
     }
@@ -675,9 +673,10 @@ impl LocalStore {
     }
 }
 
+/// A job's pending operations by route, and by user (their per-user limit's key) among them.
 pub struct Remaining {
     pub by_route: Vec<(String, i64)>,
-    pub busiest_user: i64,
+    pub by_user: Vec<(String, i64)>,
 }
 
 /// A lane jobs may have sent on until `until_ms`: no call of theirs went on it later.
