@@ -119,7 +119,7 @@ impl Jobs {
         let prefix = user_key(app, "");
         let users: Vec<(&str, u32)> =
             remaining.by_user.iter().filter_map(|(user, n)| Some((user.strip_prefix(&prefix)?, calls(n)))).collect();
-        Ok(app.quota.jobs_time(app.index, &routes, &users))
+        Ok(app.quota.jobs_time(app.index, &routes, &users).await)
     }
 }
 

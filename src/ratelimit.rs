@@ -627,7 +627,7 @@ impl QuotaSet {
     /// limits the scheduler's slots come from ([`QuotaSet::background`]): each lane's pause for Easemob's
     /// `Retry-After`, its current spacing (slower while Easemob answers 429) or the jobs' share's, the app cap,
     /// and each user's window as it stands.
-    pub fn jobs_time(&self, app: AppIndex, routes: &[(Route, u32)], users: &[(&str, u32)]) -> Duration {
+    pub async fn jobs_time(&self, app: AppIndex, routes: &[(Route, u32)], users: &[(&str, u32)]) -> Duration {
         let lanes = routes.iter().map(|(route, calls)| {
             let lane = self.lane(app, *route);
             let spacing = lane.jobs.as_ref().map_or(lane.interval(), |jobs| jobs.interval().max(lane.interval()));
@@ -635,8 +635,30 @@ impl QuotaSet {
         });
         let all: u32 = routes.iter().map(|(_, calls)| calls).sum();
         let cap = self.apps[app.0].iter().chain(&self.app_jobs[app.0]).map(|cap| cap.interval() * all);
-        let windows = users.iter().map(|(user, calls)| self.users[app.0].time_for(user, *calls as usize));
+        let windows = self.users_time(app, users).await;
         lanes.chain(cap).chain(windows).max().unwrap_or_default()
+    }
+
+    /// For each user, how long until their `calls` have all gone through their window: in Redis with the shared
+    /// quota, here otherwise (and while Redis does not answer).
+    async fn users_time(&self, app: AppIndex, users: &[(&str, u32)]) -> Vec<Duration> {
+        if let Some(shared) = &self.shared
+            && !users.is_empty()
+        {
+            let app_key = self.keys[app.0].as_str();
+            let keys: Vec<String> =
+                users.iter().map(|(user, _)| shared.quota.key(app_key, &format!("user:{user}"))).collect();
+            if let Ok(windows) = shared.quota.window_calls(&keys, self.user_limit.get()).await {
+                let limit = self.user_limit.get() as usize;
+                let calls = users.iter().map(|(_, calls)| *calls as usize);
+                return windows
+                    .into_iter()
+                    .zip(calls)
+                    .map(|(t, n)| window::time_for(t, n, guarded(MINUTE), limit))
+                    .collect();
+            }
+        }
+        users.iter().map(|(user, calls)| self.users[app.0].time_for(user, *calls as usize)).collect()
     }
 
     /// Resumes app number `app`'s lanes after a restart: each route in `used` as if its last calls went the time
