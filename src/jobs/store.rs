@@ -836,6 +836,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_lanes_use_is_only_moved_forward_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.db");
+        let store = LocalStore::open(&path).unwrap();
+        store.use_lane("o#a", "delete_conversation", 5_000).await.unwrap();
+        store.use_lane("o#a", "delete_conversation", 4_000).await.unwrap();
+        store.use_lane("o#a", "clear_user_messages", 3_000).await.unwrap();
+        drop(store);
+        let mut used = LocalStore::open(&path).unwrap().lanes_used().await.unwrap();
+        used.sort_by_key(|lane| lane.until_ms);
+        let lane = |route: &str, until_ms| LaneUse { app: "o#a".to_owned(), route: route.to_owned(), until_ms };
+        assert_eq!(used, [lane("clear_user_messages", 3_000), lane("delete_conversation", 5_000)]);
+    }
+
+    #[tokio::test]
     async fn a_retry_waits_and_a_postponed_user_is_not_due() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(&dir.path().join("jobs.db")).unwrap();
