@@ -1,7 +1,7 @@
 //! `easemob-gateway jobs …`: the command-line client of a running gateway's jobs API, for the person running a
 //! bulk erasure by hand. Submit a file of operations, watch it with a progress bar, show, list and cancel jobs.
 //! A job that ends with failed operations makes the command exit 2 and print them on standard output as JSON
-//! lines, ready to be submitted again.
+//! lines, ready to be submitted again; a cancelled job makes it exit 3 ([`Failure::exit_code`]).
 
 use std::io::Read;
 use std::path::Path;
@@ -21,11 +21,26 @@ const POLL: Duration = Duration::from_secs(1);
 /// Operations read per page when listing failures.
 const PAGE: u32 = 1000;
 
-/// What went wrong, for the command's exit status: the job could not be reached or read (1), or it ended with
-/// operations that failed (2).
+/// Why a command did not end well; its exit status says which ([`Failure::exit_code`]).
 pub enum Failure {
+    /// The gateway could not be reached, or refused the request.
     Error(String),
+    /// The job ended with operations that failed (printed on standard output).
     OperationsFailed,
+    /// The job was cancelled before all its operations ran (and none failed).
+    Cancelled,
+}
+
+impl Failure {
+    /// The command's exit status (0 is a job whose every operation succeeded, or a command that did what it was
+    /// asked); docs/jobs.md lists them.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Error(_) => 1,
+            Failure::OperationsFailed => 2,
+            Failure::Cancelled => 3,
+        }
+    }
 }
 
 impl From<String> for Failure {
@@ -182,11 +197,14 @@ impl Client {
             counts["cancelled"],
             took as f64 / 1000.0
         );
-        if counts["failed"].as_u64().unwrap_or(0) == 0 {
-            return Ok(());
+        if counts["failed"].as_u64().unwrap_or(0) > 0 {
+            self.print_failures(url).await?;
+            return Err(Failure::OperationsFailed);
         }
-        self.print_failures(url).await?;
-        Err(Failure::OperationsFailed)
+        match job["state"].as_str() {
+            Some("cancelled") => Err(Failure::Cancelled),
+            _ => Ok(()),
+        }
     }
 
     /// Every failed operation: why on standard error, the operation itself on standard output.
@@ -251,17 +269,21 @@ impl Client {
         Ok(())
     }
 
+    /// Cancels a job, and says what that dropped: a job cancelled or finished before is left as it was.
     pub async fn cancel(&self, id: &str) -> Result<(), String> {
-        let url = format!("{}/cancel", self.job_url(id));
-        let (status, job) = self.send(Method::POST, &url, None, &[]).await?;
+        let url = self.job_url(id);
+        let before = self.job(&url, "?limit=1").await?;
+        let id = before["id"].as_str().unwrap_or("?");
+        if !before["finished_ms"].is_null() || before["state"] == "cancelled" {
+            eprintln!("job {id} was already {}: nothing to cancel", before["state"].as_str().unwrap_or("?"));
+            return Ok(());
+        }
+        let (status, job) = self.send(Method::POST, &format!("{url}/cancel"), None, &[]).await?;
         if status != StatusCode::OK {
             return Err(Client::refused(status, &job));
         }
-        eprintln!(
-            "job {} cancelled: {} operations dropped",
-            job["id"].as_str().unwrap_or("?"),
-            job["counts"]["cancelled"]
-        );
+        let dropped = |job: &Value| job["counts"]["cancelled"].as_u64().unwrap_or(0);
+        eprintln!("job {id} cancelled: {} operations dropped", dropped(&job).saturating_sub(dropped(&before)));
         Ok(())
     }
 }

@@ -26,8 +26,8 @@ use crate::routes::{Endpoint, Route, resolve};
 
 use self::shared::SharedStore;
 use self::store::{
-    Created, Due, JobRecord, JobState, LocalStore, NewJob, NewOperation, OpRecord, OpState, Outcome, Remaining,
-    StoreError, Totals,
+    Created, Due, JobRecord, JobState, LaneUse, LocalStore, NewJob, NewOperation, OpRecord, OpState, Outcome,
+    Remaining, StoreError, Totals,
 };
 
 /// Easemob refuses a `msgIdList` longer than this; a job splits longer ones into batches of this size.
@@ -105,26 +105,21 @@ impl Jobs {
         self.0.cancelled.lock().expect("cancelled lock").contains(&job)
     }
 
-    /// How long the job's pending operations need at the quotas' pace, on their own.
+    /// How long the job's pending operations need on their own, counted on the lanes and per-user windows the
+    /// scheduler takes their slots from, as they stand now.
     pub async fn estimate(&self, app: &App, job: &JobRecord) -> Result<Duration, StoreError> {
         if job.counts.pending == 0 {
             return Ok(Duration::ZERO);
         }
         let remaining = self.0.store.remaining(job).await?;
-        let quota = &app.quota;
-        let mut longest = Duration::ZERO;
-        for (route, count) in &remaining.by_route {
-            let Some(route) = Route::named(route) else { continue };
-            let per_second = f64::from(quota.jobs_rate(app.index, route).max(1));
-            longest = longest.max(Duration::from_secs_f64(*count as f64 / per_second));
-        }
-        if let Some(cap) = quota.jobs_app_rate(app.index) {
-            longest = longest.max(Duration::from_secs_f64(job.counts.pending as f64 / f64::from(cap.max(1))));
-        }
-        // A user's calls beyond their window's size wait a minute for each further window.
-        let per_user = u64::from(quota.user_limit());
-        let windows = (remaining.busiest_user as u64).saturating_sub(1) / per_user;
-        Ok(longest.max(Duration::from_secs(60 * windows)))
+        let calls = |n: &i64| u32::try_from(*n).unwrap_or(u32::MAX);
+        let routes: Vec<(Route, u32)> =
+            remaining.by_route.iter().filter_map(|(route, n)| Some((Route::named(route)?, calls(n)))).collect();
+        // The store keys a user by app (`user_key`); the app's windows by the user alone.
+        let prefix = user_key(app, "");
+        let users: Vec<(&str, u32)> =
+            remaining.by_user.iter().filter_map(|(user, n)| Some((user.strip_prefix(&prefix)?, calls(n)))).collect();
+        Ok(app.quota.jobs_time(app.index, &routes, &users).await)
     }
 }
 
@@ -266,6 +261,16 @@ impl Store {
             Store::Local(_) => Ok(false),
             Store::Shared(store) => store.is_cancelled(job_id).await,
         }
+    }
+
+    /// Records, before any of its calls go, that jobs may send on `app`'s `route` until `until_ms`.
+    pub async fn use_lane(&self, app: &str, route: &str, until_ms: i64) -> Result<(), StoreError> {
+        each!(self, true, store => store.use_lane(app, route, until_ms).await)
+    }
+
+    /// The lanes jobs have used (before a restart, or on another replica), each with the end of its last record.
+    pub async fn lanes_used(&self) -> Result<Vec<LaneUse>, StoreError> {
+        each!(self, false, store => store.lanes_used().await)
     }
 
     pub async fn record(&self, outcomes: Vec<Outcome>, now_ms: i64) -> Result<Vec<i64>, StoreError> {

@@ -84,7 +84,8 @@ enum JobsCommand {
         #[arg(long)]
         no_watch: bool,
     },
-    /// Follow a job to its end with a progress bar; exit 2 and print its failed operations if any failed.
+    /// Follow a job to its end with a progress bar; exit 2 and print its failed operations if any failed, exit 3 if
+    /// it was cancelled.
     Watch { job: String },
     /// Print a job; with --failed, its failed operations too (as JSON lines that can be submitted again).
     Show {
@@ -125,10 +126,11 @@ fn main() -> ExitCode {
         Command::Jobs { gateway, app, key, command } => {
             return match runtime.block_on(jobs(&gateway, app.as_deref(), key, command)) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(Failure::OperationsFailed) => ExitCode::from(2),
-                Err(Failure::Error(e)) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
+                Err(failure) => {
+                    if let Failure::Error(e) = &failure {
+                        eprintln!("error: {e}");
+                    }
+                    ExitCode::from(failure.exit_code())
                 }
             };
         }

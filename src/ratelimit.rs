@@ -623,23 +623,60 @@ impl QuotaSet {
         decided.map(|remaining| lane.admitted(remaining))
     }
 
-    /// The rate per second jobs may use on a route: its current rate (lowered while Easemob answers 429), or
-    /// the jobs' share of it.
-    pub fn jobs_rate(&self, app: AppIndex, route: Route) -> u32 {
-        let lane = self.lane(app, route);
-        let rate = lane.current().rate();
-        lane.jobs.as_ref().map_or(rate, |share| share.rate().min(rate))
+    /// How long app number `app`'s pending job calls need (per route, and per user among them), counted on the
+    /// limits the scheduler's slots come from ([`QuotaSet::background`]): each lane's pause for Easemob's
+    /// `Retry-After`, its current spacing (slower while Easemob answers 429) or the jobs' share's, the app cap,
+    /// and each user's window as it stands.
+    pub async fn jobs_time(&self, app: AppIndex, routes: &[(Route, u32)], users: &[(&str, u32)]) -> Duration {
+        let lanes = routes.iter().map(|(route, calls)| {
+            let lane = self.lane(app, *route);
+            let spacing = lane.jobs.as_ref().map_or(lane.interval(), |jobs| jobs.interval().max(lane.interval()));
+            lane.pause_left().unwrap_or_default() + spacing * *calls
+        });
+        let all: u32 = routes.iter().map(|(_, calls)| calls).sum();
+        let cap = self.apps[app.0].iter().chain(&self.app_jobs[app.0]).map(|cap| cap.interval() * all);
+        let windows = self.users_time(app, users).await;
+        lanes.chain(cap).chain(windows).max().unwrap_or_default()
     }
 
-    /// The rate per second jobs may use under the app's cap, if it has one.
-    pub fn jobs_app_rate(&self, app: AppIndex) -> Option<u32> {
-        let cap = self.apps[app.0].as_ref()?.rate();
-        Some(self.app_jobs[app.0].as_ref().map_or(cap, |share| share.rate().min(cap)))
+    /// For each user, how long until their `calls` have all gone through their window: in Redis with the shared
+    /// quota, here otherwise (and while Redis does not answer).
+    async fn users_time(&self, app: AppIndex, users: &[(&str, u32)]) -> Vec<Duration> {
+        if let Some(shared) = &self.shared
+            && !users.is_empty()
+        {
+            let app_key = self.keys[app.0].as_str();
+            let keys: Vec<String> =
+                users.iter().map(|(user, _)| shared.quota.key(app_key, &format!("user:{user}"))).collect();
+            if let Ok(windows) = shared.quota.window_calls(&keys, self.user_limit.get()).await {
+                let limit = self.user_limit.get() as usize;
+                let calls = users.iter().map(|(_, calls)| *calls as usize);
+                return windows
+                    .into_iter()
+                    .zip(calls)
+                    .map(|(t, n)| window::time_for(t, n, guarded(MINUTE), limit))
+                    .collect();
+            }
+        }
+        users.iter().map(|(user, calls)| self.users[app.0].time_for(user, *calls as usize)).collect()
     }
 
-    /// `delete_conversation` calls per user and minute.
-    pub fn user_limit(&self) -> u32 {
-        self.user_limit.get()
+    /// Resumes app number `app`'s lanes after a restart: each route in `used` as if its last calls went the time
+    /// given ago (the AppKey cap, the jobs' share and the Redis fallback too, the cap by its latest route), so
+    /// that calls made before the restart keep their place in Easemob's window.
+    pub fn resume(&self, app: AppIndex, used: &[(Route, Duration)]) {
+        for (route, ago) in used {
+            let lane = self.lane(app, *route);
+            lane.current().resume(*ago);
+            lane.jobs.iter().for_each(|jobs| jobs.resume(*ago));
+        }
+        if let Some(latest) = used.iter().map(|(_, ago)| *ago).min() {
+            let caps = self.apps[app.0].iter().chain(&self.app_jobs[app.0]);
+            caps.for_each(|cap| cap.resume(latest));
+        }
+        if let Some(shared) = &self.shared {
+            shared.fallback.resume(app, used);
+        }
     }
 
     /// Easemob answered 429 on this lane: pause for its `Retry-After`, and (if adaptive) halve the lane's rate.

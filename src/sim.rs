@@ -100,6 +100,8 @@ pub struct Recorded {
     pub query: Option<String>,
     pub headers: Vec<(String, String)>,
     pub body: String,
+    /// When it arrived, in microseconds since the Unix epoch: what Easemob's windows are counted on.
+    pub arrived_us: u64,
 }
 
 struct World {
@@ -273,6 +275,7 @@ impl Simulator {
                     .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
                     .collect(),
                 body: String::from_utf8_lossy(body).into_owned(),
+                arrived_us: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64),
             });
             let faults = world.faults.clone();
             if faults.status.is_some() {

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 use tracing::{info, warn};
 
-use super::store::{Due, JobState, Next, OpState, Outcome};
+use super::store::{Due, JobState, LaneUse, Next, OpState, Outcome};
 use super::{Jobs, call_of};
 use crate::apps::{App, Apps};
 use crate::config::JobsConfig;
@@ -50,6 +50,9 @@ const REPORT_EVERY: Duration = Duration::from_secs(5);
 const CANCEL_CHECK: Duration = Duration::from_secs(1);
 /// After a store failure, the scheduler tries again this much later.
 const STORE_RETRY: Duration = Duration::from_secs(1);
+/// How far ahead the store records that jobs may send on a lane, renewed when half is left: one write per busy
+/// lane every half second, and after a restart a lane resumes at worst one call's interval later than it had to.
+const LANE_AHEAD: Duration = Duration::from_secs(1);
 
 pub struct Runner<S> {
     jobs: Jobs,
@@ -90,6 +93,9 @@ where
         let config = self.jobs.config().clone();
         let store = self.jobs.store().clone();
         let clock = self.jobs.clock();
+        self.resume_lanes(&clock).await;
+        // Per lane, until when the store records that jobs may send on it.
+        let mut lanes_recorded: HashMap<(usize, Route), Instant> = HashMap::new();
         let mut queue: VecDeque<Held> = VecDeque::new();
         // Fetched and not yet recorded: in the queue, in flight, or with an outcome not yet committed.
         let mut held: HashSet<(i64, i64)> = HashSet::new();
@@ -117,6 +123,7 @@ where
                     held.remove(&op.due.key());
                 }
                 lanes_full.clear();
+                lanes_recorded.clear();
                 new_work = true;
             }
             if now >= next_expiry {
@@ -225,6 +232,11 @@ where
                     waiting.push_back(op);
                     continue;
                 }
+                if !self.record_lane(&op, &mut lanes_recorded, now, &clock).await {
+                    wake_at = wake_at.min(now + STORE_RETRY);
+                    waiting.push_back(op);
+                    continue;
+                }
                 match op.app.quota.background(op.app.index, &op.call).await {
                     Ok(slot) => {
                         let send = self.current.send.clone();
@@ -306,6 +318,63 @@ where
         cache.retain(|_, (checked, _)| now < *checked + CANCEL_CHECK);
         cache.insert(due.job_id.clone(), (now, cancelled));
         cancelled
+    }
+
+    /// After a start, resumes each lane from the store's record of the jobs' use of it (`record_lane`): as if
+    /// their last calls went when the record ends, or now if it reaches past now, so that what the process before
+    /// sent keeps its place in Easemob's window. Without the record, every lane resumes as if used just now.
+    async fn resume_lanes(&self, clock: &super::Clock) {
+        let now_ms = clock.now_ms();
+        let used = self.jobs.store().lanes_used().await.unwrap_or_else(|e| {
+            warn!(error = %e, "reading the jobs' last use of each lane failed; resuming every lane as if used now");
+            let apps = self.current.apps.iter();
+            apps.flat_map(|app| {
+                Route::ALL.map(|route| LaneUse {
+                    app: app.key.to_string(),
+                    route: route.name().to_owned(),
+                    until_ms: now_ms,
+                })
+            })
+            .collect()
+        });
+        for app in self.current.apps.iter() {
+            let lanes: Vec<(Route, Duration)> = used
+                .iter()
+                .filter(|lane| lane.app == app.key.as_str())
+                .filter_map(|lane| {
+                    let ago = Duration::from_millis((now_ms - lane.until_ms).max(0) as u64);
+                    Some((Route::named(&lane.route)?, ago))
+                })
+                .collect();
+            app.quota.resume(app.index, &lanes);
+        }
+    }
+
+    /// Whether the store records, before `op` goes, that jobs may send on its lane past now: renewed
+    /// [`LANE_AHEAD`] ahead once half of the last record is used. Not when the store cannot write it.
+    async fn record_lane(
+        &self,
+        op: &Held,
+        recorded: &mut HashMap<(usize, Route), Instant>,
+        now: Instant,
+        clock: &super::Clock,
+    ) -> bool {
+        let lane = (op.app.index.0, op.call.route());
+        let until = recorded.get(&lane).copied();
+        if until.is_some_and(|until| until > now + LANE_AHEAD / 2) {
+            return true;
+        }
+        let until_ms = clock.now_ms() + LANE_AHEAD.as_millis() as i64;
+        match self.jobs.store().use_lane(op.app.key.as_str(), lane.1.name(), until_ms).await {
+            Ok(()) => {
+                recorded.insert(lane, now + LANE_AHEAD);
+                true
+            }
+            Err(e) => {
+                warn!(error = %e, "recording a lane's use by jobs failed");
+                until.is_some_and(|until| until > now)
+            }
+        }
     }
 
     /// Gives an operation back to the store, due again at `until_ms`, without an outcome.
@@ -673,6 +742,47 @@ mod tests {
         assert_eq!(done.counts.succeeded, 10);
         assert!(took < Duration::from_secs(1), "at its own route's pace, beside the long job: {took:?}");
         assert!(h.job(&long.id).await.finished_ms.is_none(), "the long job is still running");
+    }
+
+    /// The job's estimate now, checked against the time the scheduler then takes to finish it: within a tenth.
+    async fn estimate_holds(h: &Harness, id: &str) -> Duration {
+        let estimate = h.jobs.estimate(&h.app, &h.job(id).await).await.unwrap();
+        let (_, took) = h.finished(id).await;
+        let off = (estimate.as_secs_f64() - took.as_secs_f64()).abs();
+        assert!(off <= took.as_secs_f64() / 10.0, "estimated {estimate:?}, took {took:?}");
+        estimate
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_estimate_counts_what_a_users_window_already_holds() {
+        let h = start(JobsConfig::default(), RateLimitConfig::default(), ok).await;
+        let five = h.submit((0..5).map(|i| conversation("ann", &format!("p{i}"))).collect()).await;
+        h.finished(&five.id).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let two = h.submit((5..7).map(|i| conversation("ann", &format!("p{i}"))).collect()).await;
+        let estimate = estimate_holds(&h, &two.id).await;
+        assert_eq!(estimate.as_secs(), 57, "ann's window frees a minute after her five: {estimate:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_estimate_of_one_users_twelve_counts_the_five_already_sent() {
+        let h = start(JobsConfig::default(), RateLimitConfig::default(), ok).await;
+        let job = h.submit((0..12).map(|i| conversation("ann", &format!("p{i}"))).collect()).await;
+        let at_creation = h.jobs.estimate(&h.app, &job).await.unwrap();
+        assert_eq!(at_creation.as_secs(), 120, "5 now, 5 a minute later, 2 a minute after that: {at_creation:?}");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(h.job(&job.id).await.counts.pending, 7);
+        let estimate = estimate_holds(&h, &job.id).await;
+        assert_eq!(estimate.as_secs(), 117, "{estimate:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_estimate_of_a_thousand_calls_on_one_route_follows_the_lane() {
+        let h = start(JobsConfig::default(), RateLimitConfig::default(), ok).await;
+        let job = h.submit((0..1000).map(|i| clear(&format!("u{i}"))).collect()).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let estimate = estimate_holds(&h, &job.id).await;
+        assert_eq!(estimate.as_secs(), 8, "800 left at 100 a second: {estimate:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -19,8 +19,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 
 use super::store::{
-    Counts, Created, Due, JobRecord, JobState, NewJob, Next, OpRecord, OpState, Outcome, Remaining, StoreError, Totals,
-    method_of,
+    Counts, Created, Due, JobRecord, JobState, LaneUse, NewJob, Next, OpRecord, OpState, Outcome, Remaining,
+    StoreError, Totals, method_of,
 };
 use crate::config::RedisConfig;
 use crate::routes::Route;
@@ -597,6 +597,31 @@ impl SharedStore {
         Ok(n as usize)
     }
 
+    /// Records, before any of its calls go, that jobs may send on `app`'s `route` until `until_ms` (never
+    /// moved back, whichever replica writes).
+    pub async fn use_lane(&self, app: &str, route: &str, until_ms: i64) -> Result<(), StoreError> {
+        let _: i64 = redis::cmd("ZADD")
+            .arg(self.key("lanes"))
+            .arg("GT")
+            .arg(until_ms)
+            .arg(format!("{app} {route}"))
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// The lanes jobs have used on any replica, each with the end of its last record.
+    pub async fn lanes_used(&self) -> Result<Vec<LaneUse>, StoreError> {
+        let lanes: Vec<(String, f64)> = self.conn().zrange_withscores(self.key("lanes"), 0, -1).await?;
+        Ok(lanes
+            .into_iter()
+            .filter_map(|(member, until)| {
+                let (app, route) = member.rsplit_once(' ')?;
+                Some(LaneUse { app: app.to_owned(), route: route.to_owned(), until_ms: until as i64 })
+            })
+            .collect())
+    }
+
     pub async fn is_cancelled(&self, job_id: &str) -> Result<bool, StoreError> {
         let flag: Option<String> = self.conn().hget(self.key(&format!("job:{job_id}")), "cancel_requested").await?;
         Ok(flag.as_deref() == Some("1"))
@@ -630,8 +655,12 @@ impl SharedStore {
             .filter_map(|(k, n)| Some((k.strip_prefix("route:")?.to_owned(), *n)))
             .filter(|(_, n)| *n > 0)
             .collect();
-        let busiest_user = left.iter().filter(|(k, _)| k.starts_with("user:")).map(|(_, n)| *n).max().unwrap_or(0);
-        Ok(Remaining { by_route, busiest_user })
+        let by_user = left
+            .iter()
+            .filter_map(|(k, n)| Some((k.strip_prefix("user:")?.to_owned(), *n)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        Ok(Remaining { by_route, by_user })
     }
 
     pub async fn totals(&self) -> Result<Totals, StoreError> {

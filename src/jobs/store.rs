@@ -70,6 +70,12 @@ CREATE TABLE IF NOT EXISTS operations (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS operations_due_by_route ON operations(route, not_before_ms, job, n) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS operations_by_user ON operations(user) WHERE state = 'pending' AND user IS NOT NULL;
+CREATE TABLE IF NOT EXISTS lanes (
+    app TEXT NOT NULL,
+    route TEXT NOT NULL,
+    until_ms INTEGER NOT NULL,
+    PRIMARY KEY (app, route)
+) WITHOUT ROWID;
 ";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -497,6 +503,33 @@ impl LocalStore {
         .await
     }
 
+    /// Records, before any of its calls go, that jobs may send on `app`'s `route` until `until_ms`. After a
+    /// restart the scheduler resumes the lane from it ([`LocalStore::lanes_used`]): a call whose outcome died with
+    /// the process is covered too.
+    pub async fn use_lane(&self, app: &str, route: &str, until_ms: i64) -> Result<(), StoreError> {
+        let (app, route) = (app.to_owned(), route.to_owned());
+        self.run(Access::Write, move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO lanes (app, route, until_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (app, route) DO UPDATE SET until_ms = MAX(until_ms, excluded.until_ms)",
+            )?
+            .execute(params![app, route, until_ms])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The lanes jobs have used, each with the end of its last record.
+    pub async fn lanes_used(&self) -> Result<Vec<LaneUse>, StoreError> {
+        self.run(Access::Read, move |conn| {
+            let mut select = conn.prepare_cached("SELECT app, route, until_ms FROM lanes")?;
+            let rows = select
+                .query_map([], |row| Ok(LaneUse { app: row.get(0)?, route: row.get(1)?, until_ms: row.get(2)? }))?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
     /// Holds back every pending operation of `user` (in `app`) until `until_ms`: their per-user window is full.
     pub async fn postpone_user(&self, user: &str, until_ms: i64) -> Result<(), StoreError> {
         let user = user.to_owned();
@@ -591,7 +624,7 @@ impl LocalStore {
         .await
     }
 
-    /// Pending operations of a job by route, and the most any one user has (for the estimate).
+    /// Pending operations of a job by route, and by user (for the estimate).
     pub async fn remaining(&self, job: &JobRecord) -> Result<Remaining, StoreError> {
         let job = job.seq;
         self.run(Access::Read, move |conn| {
@@ -601,16 +634,14 @@ impl LocalStore {
             let by_route = by_route
                 .query_map([job], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))?
                 .collect::<Result<Vec<_>, _>>()?;
-            let busiest_user = conn
-                .query_row(
-                    "SELECT COUNT(*) AS c FROM operations WHERE job = ?1 AND state = 'pending' AND user IS NOT NULL
-                     GROUP BY user ORDER BY c DESC LIMIT 1",
-                    [job],
-                    |row| row.get(0),
-                )
-                .optional()?
-                .unwrap_or(0);
-            Ok(Remaining { by_route, busiest_user })
+            let mut by_user = conn.prepare_cached(
+                "SELECT user, COUNT(*) FROM operations WHERE job = ?1 AND state = 'pending' AND user IS NOT NULL
+                 GROUP BY user",
+            )?;
+            let by_user = by_user
+                .query_map([job], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Remaining { by_route, by_user })
         })
         .await
     }
@@ -642,9 +673,18 @@ impl LocalStore {
     }
 }
 
+/// A job's pending operations by route, and by user (their per-user limit's key) among them.
 pub struct Remaining {
     pub by_route: Vec<(String, i64)>,
-    pub busiest_user: i64,
+    pub by_user: Vec<(String, i64)>,
+}
+
+/// A lane jobs may have sent on until `until_ms`: no call of theirs went on it later.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LaneUse {
+    pub app: String,
+    pub route: String,
+    pub until_ms: i64,
 }
 
 pub struct Totals {
@@ -798,6 +838,21 @@ mod tests {
         store.conn.lock().unwrap().query_row("PRAGMA max_page_count = 1000000", [], |_| Ok(())).unwrap();
         assert!(matches!(store.create(job("j2", None, 1)).await.unwrap(), Created::New(_)));
         assert!(store.is_healthy());
+    }
+
+    #[tokio::test]
+    async fn a_lanes_use_is_only_moved_forward_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.db");
+        let store = LocalStore::open(&path).unwrap();
+        store.use_lane("o#a", "delete_conversation", 5_000).await.unwrap();
+        store.use_lane("o#a", "delete_conversation", 4_000).await.unwrap();
+        store.use_lane("o#a", "clear_user_messages", 3_000).await.unwrap();
+        drop(store);
+        let mut used = LocalStore::open(&path).unwrap().lanes_used().await.unwrap();
+        used.sort_by_key(|lane| lane.until_ms);
+        let lane = |route: &str, until_ms| LaneUse { app: "o#a".to_owned(), route: route.to_owned(), until_ms };
+        assert_eq!(used, [lane("clear_user_messages", 3_000), lane("delete_conversation", 5_000)]);
     }
 
     #[tokio::test]

@@ -79,6 +79,21 @@ impl Pace {
         pace
     }
 
+    /// Takes what calls made `ago` by a process before this one would still hold: as if the whole burst had gone
+    /// then, the most any calls up to that moment can have left taken. A restarted gateway so resumes the pace
+    /// where the last one may have left it, rather than with a fresh burst.
+    pub fn resume(&self, ago: Duration) {
+        let capacity = self.burst.get() * self.cells.get() + 1;
+        let refilled = (ago.as_nanos() / self.cell.as_nanos()).min(u128::from(capacity)) as u32;
+        // Calls this pace admitted since start-up hold cells too: take as much of the rest as still fits.
+        for cells in (1..=capacity - refilled).rev() {
+            let cells = NonZeroU32::new(cells).expect("counting down from above zero");
+            if matches!(self.limiter.check_n(cells), Ok(Ok(_))) {
+                return;
+            }
+        }
+    }
+
     /// Takes a slot now and says how many calls are left at once, or says how long until the next slot.
     pub fn check(&self) -> Result<u32, Duration> {
         match self.limiter.check_n(self.cells).expect("a call fits the capacity") {
@@ -172,6 +187,31 @@ mod tests {
         let wait = pace.check().unwrap_err();
         assert!(wait < pace.interval() && wait >= pace.interval() - LATENESS * 2, "{wait:?}");
         assert!(pace.interval() > Duration::from_millis(10) && pace.interval() < Duration::from_micros(10_100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resumed_pace_keeps_the_window_its_last_call_went_in() {
+        for burst in [1, 4] {
+            // One process saturates the lane for 3 s, then is killed; another resumes it 1 ms later.
+            let before = Pace::new(nz(10), nz(burst), Duration::from_secs(1));
+            let mut times = saturate(&before, 3).await;
+            while before.check().is_err() {
+                tokio::time::advance(Duration::from_millis(1)).await;
+            }
+            times.push(Instant::now());
+            let last = Instant::now();
+            tokio::time::advance(Duration::from_millis(1)).await;
+            let after = Pace::new(nz(10), nz(burst), Duration::from_secs(1));
+            after.resume(Instant::now() - last);
+            times.extend(saturate(&after, 3).await);
+            assert!(
+                busiest(&times, Duration::from_millis(1004)) < 10 + burst as usize,
+                "burst {burst}: rate + burst - 1 at most"
+            );
+        }
+        let idle = Pace::new(nz(10), nz(1), Duration::from_secs(1));
+        idle.resume(Duration::from_secs(2));
+        assert_eq!(idle.check(), Ok(0), "a lane last used more than a window ago is free");
     }
 
     #[tokio::test(start_paused = true)]

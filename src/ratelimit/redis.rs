@@ -231,6 +231,32 @@ impl SharedQuota {
         Ok(Reservation::Admitted { wait, remaining: int(2).max(0) as u32, release })
     }
 
+    /// The calls each window in `keys` holds (its newest `limit`), as instants of this process's clock (Redis
+    /// keeps them on its own). Read for an estimate: a failure here changes nothing else.
+    pub async fn window_calls(&self, keys: &[String], limit: u32) -> Result<Vec<Vec<Instant>>, SharedError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("TIME");
+        for key in keys {
+            pipe.lrange(key, 0, limit as isize - 1);
+        }
+        let mut connection = self.connection.clone();
+        let answer = tokio::time::timeout(self.timeout, pipe.query_async::<Vec<redis::Value>>(&mut connection))
+            .await
+            .map_err(|_| SharedError::Timeout(self.timeout))??;
+        let now = Instant::now();
+        fn parse<T: redis::FromRedisValue>(value: redis::Value) -> Result<T, SharedError> {
+            redis::from_redis_value(value).map_err(|e| SharedError::Redis(e.into()))
+        }
+        let mut answer = answer.into_iter();
+        let (secs, micros): (i64, i64) = parse(answer.next().unwrap_or(redis::Value::Nil))?;
+        let redis_now = secs * 1_000_000 + micros;
+        let at = |call: i64| match call - redis_now {
+            ahead if ahead >= 0 => now + Duration::from_micros(ahead as u64),
+            ago => now.checked_sub(Duration::from_micros(ago.unsigned_abs())).unwrap_or(now),
+        };
+        answer.map(|calls| Ok(parse::<Vec<i64>>(calls)?.into_iter().map(at).collect())).collect()
+    }
+
     fn down(&self, error: SharedError) -> SharedError {
         if self.healthy.swap(false, Ordering::Relaxed) {
             *self.last_probe.lock().expect("probe lock") = Some(Instant::now());

@@ -41,12 +41,18 @@ impl WindowLog {
             None => keys.entry(key.into()).or_default(),
         };
         times.retain(|t| now.saturating_duration_since(*t) < self.window);
-        if times.len() >= self.limit {
-            let oldest = times.iter().min().expect("a full log");
-            return Err(self.window - now.duration_since(*oldest));
+        let wait = room_after(times, now, self.window, self.limit);
+        if !wait.is_zero() {
+            return Err(wait);
         }
         times.push(now);
         Ok(Place { log: self, key: key.into(), at: now, sent: false })
+    }
+
+    /// How long from now until `calls` more calls for `key` have all gone, each as soon as its window has room.
+    pub fn time_for(&self, key: &str, calls: usize) -> Duration {
+        let times = self.keys.lock().expect("window lock").get(key).cloned().unwrap_or_default();
+        time_for(times, calls, self.window, self.limit)
     }
 
     /// Forgets keys with no call left in the window, so memory follows the active users, not all users ever seen.
@@ -74,6 +80,36 @@ impl WindowLog {
             }
         }
     }
+}
+
+/// How long after `at` a window (`limit` calls in any `window`) holding `times` has room for one more call: when
+/// enough of them have left it. What [`WindowLog::reserve`] waits for, and [`time_for`] counts with.
+fn room_after(times: &[Instant], at: Instant, window: Duration, limit: usize) -> Duration {
+    let is_live = |t: &&Instant| at.saturating_duration_since(**t) < window;
+    if times.iter().filter(is_live).count() < limit {
+        return Duration::ZERO;
+    }
+    let mut live: Vec<Instant> = times.iter().filter(is_live).copied().collect();
+    live.sort_unstable();
+    // The call that must leave for the window to hold one less than its limit.
+    (live[live.len() - limit] + window).saturating_duration_since(at)
+}
+
+/// How long from now until `calls` more calls have all gone through a window holding `times`, each as soon as the
+/// window has room (the shared quota's windows in Redis are counted with it too).
+pub fn time_for(mut times: Vec<Instant>, calls: usize, window: Duration, limit: usize) -> Duration {
+    times.sort_unstable();
+    let now = Instant::now();
+    let mut at = now;
+    for _ in 0..calls {
+        at += room_after(&times, at, window, limit);
+        times.push(at);
+        // Only the newest calls can decide when the window has room.
+        if times.len() > limit {
+            times.remove(0);
+        }
+    }
+    at - now
 }
 
 /// A place in a key's window, held while the call waits for its other gates.

@@ -219,6 +219,63 @@ async fn kill_9_during_a_job_loses_no_operation_and_records_each_once() {
     assert_eq!(sim.over_limit().await, 0);
 }
 
+/// The route's limit in the restart tests: small, so that a second is quickly full.
+const RESTART_RATE: usize = 5;
+
+/// A job at its route's full pace, the gateway killed with `kill -9` right after a call reached the simulator and
+/// started again at once, twice: the restarted gateway resumes the lane where the killed one left it, so no second
+/// across a restart holds more than the route's limit. The calls are counted as Easemob counts them, when they
+/// arrive, in windows 50 ms short of a second: room for a trip slowed on a loaded machine (the gateway's own margin
+/// is 5 ms), far less than a restart that forgot the lane gives back (its first call goes as soon as it is up).
+async fn a_restart_mid_job_keeps_the_route_within_its_limit(sim: &Sim, mut gw: Gateway) {
+    let users: Vec<String> = (0..4 * RESTART_RATE).map(|i| format!("u{i}")).collect();
+    sim.add_users(&users).await;
+    let operations: Vec<Value> = users.iter().map(|u| clear_op(u)).collect();
+    let created = create(&gw, &json!({ "operations": operations }), &[]).await;
+    assert_eq!(created.status, 202, "{}", created.text());
+    let location = created.header("location").unwrap().to_owned();
+    for at in [RESTART_RATE as u64 + 1, 2 * RESTART_RATE as u64 + 1] {
+        // Polled without a pause, so the kill follows the call by a millisecond or two.
+        while sim.business_requests().await < at {}
+        gw.kill_and_restart().await;
+    }
+    let job = finished(&gw, JOB_LIMIT, &location).await;
+    assert_eq!(job["counts"]["succeeded"], users.len(), "{}", job["counts"]);
+    let mut arrived: Vec<u64> = sim.requests().await.iter().map(|r| r["arrived_us"].as_u64().unwrap()).collect();
+    arrived.sort_unstable();
+    let window = 950_000;
+    let busiest = (0..arrived.len())
+        .map(|i| arrived[i..].iter().take_while(|t| **t < arrived[i] + window).count())
+        .max()
+        .unwrap();
+    let gaps: Vec<u64> = arrived.windows(2).map(|w| (w[1] - w[0]) / 1000).collect();
+    println!("gaps between calls (ms), two restarts among them: {gaps:?}");
+    assert!(busiest <= RESTART_RATE, "{busiest} calls within 950 ms; gaps between calls (ms): {gaps:?}");
+}
+
+#[tokio::test]
+async fn a_restart_mid_job_keeps_the_route_within_its_limit_with_a_sqlite_store() {
+    let sim = Sim::start().await;
+    let extra = format!("[rate_limit]\nroute = {{ rate = {RESTART_RATE} }}\n");
+    let gw = Gateway::ready_with(&sim, GatewayOptions { extra, ..with_jobs() }).await;
+    a_restart_mid_job_keeps_the_route_within_its_limit(&sim, gw).await;
+}
+
+#[tokio::test]
+async fn a_restart_mid_job_keeps_the_route_within_its_limit_with_jobs_in_redis() {
+    let redis = Redis::start().await;
+    let sim = Sim::start().await;
+    let extra = format!(
+        "[rate_limit]\nbackend = \"redis\"\nroute = {{ rate = {RESTART_RATE} }}\n[rate_limit.redis]\nurl = \"{}\"\n",
+        redis.url()
+    );
+    // Few operations claimed at once, so that the restarted gateway finds most of them free at once rather than
+    // under the killed one's leases.
+    let jobs = "lease = \"13s\"\nconcurrency = 1".to_owned();
+    let gw = Gateway::ready_with(&sim, GatewayOptions { extra, shared_jobs: Some(jobs), ..Default::default() }).await;
+    a_restart_mid_job_keeps_the_route_within_its_limit(&sim, gw).await;
+}
+
 /// `easemob-gateway jobs …` against a running gateway, as a person running a bulk erasure would use it.
 async fn cli(gw: &Gateway, args: &[&str], stdin: Option<&str>) -> (Option<i32>, String, String) {
     use tokio::io::AsyncWriteExt;
@@ -267,4 +324,40 @@ async fn the_command_line_client_submits_watches_and_prints_failures_to_resubmit
     let (code, _, err) = cli(&gw, &["cancel", "nope"], None).await;
     assert_eq!(code, Some(1));
     assert!(err.contains("job_not_found"), "{err}");
+}
+
+#[tokio::test]
+async fn a_cancelled_job_exits_3_from_submit_and_watch_and_a_second_cancel_says_it_was_cancelled() {
+    let sim = Sim::start().await;
+    let users: Vec<String> = (0..12).map(|i| format!("u{i}")).collect();
+    sim.add_users(&users).await;
+    let options = GatewayOptions { extra: "[rate_limit]\nroute = { rate = 2 }\n".into(), ..with_jobs() };
+    let gw = Gateway::ready_with(&sim, options).await;
+    let file = users.iter().map(|u| clear_op(u).to_string()).collect::<Vec<_>>().join("\n");
+    let submitting = cli(&gw, &["submit", "-"], Some(&file));
+    let cancelling = async {
+        eventually(Duration::from_secs(30), "a few operations sent", || async { sim.business_requests().await >= 2 })
+            .await;
+        let (_, listed, _) = cli(&gw, &["list", "--state", "running"], None).await;
+        let id = listed.split_whitespace().next().expect("the running job").to_owned();
+        let cancelled = cli(&gw, &["cancel", &id], None).await;
+        (id, cancelled)
+    };
+    let ((code, _, err), (id, (cancel_code, _, cancel_err))) = tokio::join!(submitting, cancelling);
+    assert_eq!(code, Some(3), "a cancelled job has an exit status of its own: {err}");
+    assert!(err.contains(&format!("job {id} cancelled:")), "{err}");
+    assert_eq!(cancel_code, Some(0), "{cancel_err}");
+    // What was not sent, and the one in flight at the cancel if there was one (it is recorded when it answers).
+    let unsent = 12 - sim.business_requests().await;
+    let dropped: u64 = cancel_err
+        .split_once(&format!("job {id} cancelled: "))
+        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{cancel_err}"));
+    assert!((unsent..=unsent + 1).contains(&dropped), "{cancel_err}: {unsent} not sent");
+
+    let (code, _, err) = cli(&gw, &["watch", &id], None).await;
+    assert_eq!(code, Some(3), "{err}");
+    let (code, _, err) = cli(&gw, &["cancel", &id], None).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains(&format!("job {id} was already cancelled: nothing to cancel")), "{err}");
 }

@@ -315,3 +315,28 @@ async fn a_managed_redis_with_tls_and_a_password_is_used_and_the_password_never_
     let printed = String::from_utf8_lossy(&check.stdout);
     assert!(check.status.success() && printed.contains("password_file") && !printed.contains(PASSWORD), "{printed}");
 }
+
+/// With the shared quota, users' windows live in Redis: a job's estimate reads them there.
+#[tokio::test]
+async fn through_redis_a_jobs_estimate_counts_the_calls_a_users_window_holds() {
+    let (sim, redis) = (Sim::start().await, Redis::start().await);
+    sim.add_users(&["ann".to_owned()]).await;
+    let mut options = on_redis(&redis, "", "timeout = \"500ms\"");
+    options.shared_jobs = Some(String::new());
+    let gw = Gateway::ready_with(&sim, options).await;
+    let conversation =
+        |peer: usize| serde_json::json!({"channel": format!("p{peer}"), "type": "chat", "delete_roam": false});
+    for peer in 0..5 {
+        let direct =
+            send(Method::DELETE, &gw.url("/users/ann/user_channel"), &[], &conversation(peer).to_string()).await;
+        assert_eq!(direct.status, 200, "{}", direct.text());
+    }
+    let operations: Vec<_> = (5..7)
+        .map(|peer| serde_json::json!({"method": "DELETE", "path": "/users/ann/user_channel", "body": conversation(peer)}))
+        .collect();
+    let body = serde_json::json!({ "operations": operations }).to_string();
+    let created = send(Method::POST, &gw.url("/_gateway/jobs"), &[], &body).await;
+    assert_eq!(created.status, 202, "{}", created.text());
+    let estimate = created.json()["estimated_seconds"].as_u64().unwrap();
+    assert!((55..=61).contains(&estimate), "ann's window frees a minute after her five direct calls: {estimate}");
+}
