@@ -211,6 +211,7 @@ fn check_config(path: PathBuf) -> Result<(), String> {
         return Err(problems.join("\n"));
     }
     print!("{}", config.to_redacted_toml());
+    print!("{}", config.rate_limit.per_replica_note());
     eprintln!("config OK");
     Ok(())
 }

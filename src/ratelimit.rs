@@ -183,12 +183,6 @@ fn user_of(call: &Call) -> Option<String> {
     }
 }
 
-/// `limit` divided among `replicas`, never below one call.
-fn share(limit: Limit, replicas: u32) -> Limit {
-    let part = |n: NonZeroU32| NonZeroU32::new(n.get() / replicas).unwrap_or(NonZeroU32::MIN);
-    Limit { rate: part(limit.rate), burst: part(limit.burst) }
-}
-
 /// `factor` of `limit`'s rate, at least one call.
 fn scaled(limit: Limit, factor: f64) -> NonZeroU32 {
     NonZeroU32::new((limit.rate.get() as f64 * factor).round() as u32).unwrap_or(NonZeroU32::MIN)
@@ -264,23 +258,24 @@ impl QuotaSet {
         redis: Option<Arc<SharedQuota>>,
         previous: Option<&QuotaSet>,
     ) -> Arc<QuotaSet> {
+        // This replica's share of every limit: what it enforces on its own, always with the local backend and while
+        // Redis is unavailable with the Redis one, so that the replicas together keep to Easemob's limits.
+        let mine = config.per_replica();
         let shared = redis.map(|quota| {
-            let replicas = config.redis.expected_replicas.get();
-            let mut local_share = config.clone();
-            local_share.backend = RateLimitBackend::Local;
-            local_share.route = share(config.route, replicas);
-            local_share.routes.values_mut().for_each(|limit| *limit = share(*limit, replicas));
-            local_share.app = config.app.map(|cap| share(cap, replicas));
-            local_share.user_conversation_per_minute =
-                share(Limit { rate: config.user_conversation_per_minute, burst: NonZeroU32::MIN }, replicas).rate;
             let previous = previous.and_then(|p| p.shared.as_ref()).map(|shared| &*shared.fallback);
-            Shared { quota, fallback: QuotaSet::build(&local_share, apps, metrics.clone(), None, false, previous) }
+            Shared { quota, fallback: QuotaSet::build(&mine, apps, metrics.clone(), None, false, previous) }
         });
-        // With Redis, each replica's jobs keep to their part of the jobs' share, so that together they keep to it.
-        let mut main = config.clone();
-        if shared.is_some() && main.jobs_share < 1.0 {
-            main.jobs_share /= f64::from(config.redis.expected_replicas.get());
-        }
+        let main = match shared {
+            None => mine,
+            // With Redis, each replica's jobs keep to their part of the jobs' share, so that together they keep to it.
+            Some(_) => {
+                let mut main = config.clone();
+                if main.jobs_share < 1.0 {
+                    main.jobs_share /= f64::from(config.replicas.get());
+                }
+                main
+            }
+        };
         QuotaSet::build(&main, apps, metrics, shared, true, previous)
     }
 
@@ -809,12 +804,6 @@ mod tests {
             .unwrap_or(0)
     }
 
-    #[test]
-    fn a_replicas_share_is_never_zero() {
-        assert_eq!(share(limit(100, 10), 3), limit(33, 3));
-        assert_eq!(share(limit(2, 1), 3), limit(1, 1));
-    }
-
     #[tokio::test(start_paused = true)]
     async fn burst_then_refusal_naming_the_route_with_the_time_to_its_next_slot() {
         let quota = refusing(RateLimitConfig { route: limit(10, 2), ..RateLimitConfig::default() });
@@ -888,6 +877,15 @@ mod tests {
     /// A burst of `n` calls at once for user `u`: how many were admitted.
     fn burst(quota: &QuotaSet, n: usize, call: fn(&str) -> Call) -> usize {
         (0..n).filter(|_| quota.try_acquire(A, &call("u")).is_some_and(|d| d.is_ok())).count()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn on_the_local_backend_each_replica_enforces_its_share_of_every_limit() {
+        let two = NonZeroU32::new(2).unwrap();
+        let quota = refusing(RateLimitConfig { replicas: two, route: limit(100, 10), ..RateLimitConfig::default() });
+        assert_eq!(burst(&quota, 10, clear), 5, "half the route's burst");
+        assert_eq!(burst(&quota, 5, conversation), 2, "5 a minute per user, 2 of them here");
+        assert_eq!(quota.policy(A, Route::DeleteConversation), "\"delete_conversation\";q=50;w=1, \"user\";q=2;w=60");
     }
 
     #[tokio::test(start_paused = true)]
@@ -1061,13 +1059,10 @@ mod tests {
     async fn while_redis_is_unreachable_each_replica_enforces_its_share_of_the_same_rules() {
         // A port nothing listens on (bound, then released): Redis refuses at once, so this replica falls back.
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let redis = crate::config::RedisConfig {
-            url: format!("redis://127.0.0.1:{port}"),
-            expected_replicas: NonZeroU32::new(2).unwrap(),
-            ..Default::default()
-        };
+        let redis = crate::config::RedisConfig { url: format!("redis://127.0.0.1:{port}"), ..Default::default() };
         let config = RateLimitConfig {
             backend: RateLimitBackend::Redis,
+            replicas: NonZeroU32::new(2).unwrap(),
             redis,
             route: limit(100, 4),
             user_conversation_per_minute: NonZeroU32::new(4).unwrap(),

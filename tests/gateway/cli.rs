@@ -95,3 +95,10 @@ fn listening_beyond_loopback_requires_allow_from() {
     let (ok, _, err) = check(&config, &[("TEST_EASEMOB_SECRET", "x")]);
     assert!(ok, "{err}");
 }
+
+#[test]
+fn check_config_prints_what_each_replica_enforces() {
+    let (ok, out, err) = check(&format!("{GOOD}\n[rate_limit]\nreplicas = 2\n"), &[("TEST_EASEMOB_SECRET", "x")]);
+    assert!(ok, "{err}");
+    assert!(out.contains("#   route: 50 calls/s, burst 1\n#   user_conversation_per_minute: 2\n"), "{out}");
+}

@@ -20,10 +20,10 @@ fn on_redis(redis: &Redis, quota: &str, settings: &str) -> GatewayOptions {
 
 /// Three replicas sharing one Redis, with no waiting and a route quota of 6 at once, refilling once a second.
 async fn replicas(sim: &Sim, redis: &Redis) -> Vec<Gateway> {
-    let settings = format!("timeout = \"200ms\"\nexpected_replicas = {REPLICAS}");
+    let quota = format!("replicas = {REPLICAS}\nmax_wait = \"0s\"\nroute = {{ rate = 1, burst = 6 }}");
     let mut gateways = Vec::new();
     for _ in 0..REPLICAS {
-        let options = on_redis(redis, "max_wait = \"0s\"\nroute = { rate = 1, burst = 6 }", &settings);
+        let options = on_redis(redis, &quota, "timeout = \"200ms\"");
         gateways.push(Gateway::ready_with(sim, options).await);
     }
     gateways
@@ -176,7 +176,7 @@ async fn replicas_share_a_job_through_redis_and_finish_a_killed_replicas_work() 
     sim.add_users(&users).await;
     let mut gateways = Vec::new();
     for _ in 0..REPLICAS {
-        let mut options = on_redis(&redis, "", "timeout = \"200ms\"\nexpected_replicas = 3");
+        let mut options = on_redis(&redis, "replicas = 3", "timeout = \"200ms\"");
         options.shared_jobs = Some("lease = \"13s\"".into());
         gateways.push(Gateway::ready_with(&sim, options).await);
     }
@@ -285,14 +285,10 @@ async fn a_managed_redis_with_tls_and_a_password_is_used_and_the_password_never_
     let (sim, redis) = (Sim::start().await, Redis::start_tls(cert.clone(), key, PASSWORD).await);
     assert!(redis.url().starts_with("rediss://"));
     let settings = |password: &std::path::Path| {
-        format!(
-            "timeout = \"500ms\"\nexpected_replicas = 3\npassword_file = \"{}\"\nca_file = \"{}\"",
-            password.display(),
-            cert.display()
-        )
+        format!("timeout = \"500ms\"\npassword_file = \"{}\"\nca_file = \"{}\"", password.display(), cert.display())
     };
     // A burst of 3 through Redis; a replica on its fallback share (3 / 3 replicas) would admit 1.
-    let quota = "max_wait = \"0s\"\nroute = { rate = 1, burst = 3 }";
+    let quota = "replicas = 3\nmax_wait = \"0s\"\nroute = { rate = 1, burst = 3 }";
     let gw = Gateway::ready_with(&sim, on_redis(&redis, quota, &settings(&password))).await;
     let admitted = burst(&clear_url(&gw, "dave"), 6).await.iter().filter(|a| a.status == 200).count();
     assert_eq!(admitted, 3, "the burst the shared quota allows");
