@@ -110,6 +110,9 @@ pub struct JobsConfig {
     /// Finished jobs are deleted this long after they finish, so the store cannot grow without bound.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
+    /// Whether a failing jobs store makes `/readyz` answer 503. Off: direct deletions do not need the store, so a
+    /// replica that can serve them stays in service; the failure shows in `/readyz`'s body, a metric and an alert.
+    pub ready_requires_store: bool,
 }
 
 impl Default for JobsConfig {
@@ -127,6 +130,9 @@ impl Default for JobsConfig {
             retry_min: Duration::from_secs(1),
             retry_max: Duration::from_secs(300),
             retention: Duration::from_secs(7 * 24 * 3600),
+            // A store shared by every replica (Redis) fails for all of them at once: taking them all out of service
+            // would stop the direct deletions that still work.
+            ready_requires_store: false,
         }
     }
 }

@@ -311,3 +311,37 @@ async fn a_managed_redis_with_tls_and_a_password_is_used_and_the_password_never_
     let printed = String::from_utf8_lossy(&check.stdout);
     assert!(check.status.success() && printed.contains("password_file") && !printed.contains(PASSWORD), "{printed}");
 }
+
+/// Jobs in Redis, and Redis killed: the jobs store fails on every replica at once, but direct deletions still work
+/// (each replica's share of the quota), so `/readyz` stays 200 and says the store is failing, as the metric does.
+/// `jobs.ready_requires_store` makes the store count for readiness again.
+#[tokio::test]
+async fn a_failing_jobs_store_shows_in_readyz_and_metrics_but_leaves_the_replica_ready() {
+    let (sim, mut redis) = (Sim::start().await, Redis::start().await);
+    let gateway = |jobs: &str| {
+        let mut options = on_redis(&redis, "replicas = 2", "timeout = \"200ms\"");
+        options.shared_jobs = Some(jobs.to_owned());
+        Gateway::ready_with(&sim, options)
+    };
+    let (serving, strict) = (gateway("").await, gateway("ready_requires_store = true").await);
+    assert!(serving.metrics().await.contains("easemob_gateway_jobs_store_failing 0"));
+    redis.kill().await;
+    eventually(Duration::from_secs(15), "the jobs store to fail", || async {
+        serving.readyz().await.json()["jobs_store"] == "failing"
+    })
+    .await;
+    let ready = serving.readyz().await;
+    assert_eq!((ready.status, &ready.json()["ready"]), (200, &serde_json::json!(true)), "{}", ready.text());
+    assert!(serving.metrics().await.contains("easemob_gateway_jobs_store_failing 1"));
+    assert_eq!(send(Method::POST, &clear_url(&serving, "dave"), &[], "").await.status, 200, "direct calls work");
+    eventually(Duration::from_secs(15), "the strict replica to turn unready", || async {
+        strict.readyz().await.status == 503
+    })
+    .await;
+    redis.restart().await;
+    eventually(Duration::from_secs(15), "the store to write again", || async {
+        serving.readyz().await.json()["jobs_store"] == "ok" && strict.readyz().await.status == 200
+    })
+    .await;
+    assert!(serving.metrics().await.contains("easemob_gateway_jobs_store_failing 0"));
+}
