@@ -32,7 +32,7 @@ use crate::routes::Route;
 use crate::routes::validate::Call;
 
 use self::pace::{Pace, guarded};
-use self::redis::{Gate, Reservation, SharedQuota};
+use self::redis::{Gate, Phase, Reservation, SharedQuota};
 
 use self::window::{Place, WindowLog};
 pub use ::redis::RedisError;
@@ -409,7 +409,7 @@ impl QuotaSet {
         let user = user_of(call);
         let result = match &self.shared {
             Some(shared) => self.shared(shared, app, lane, user.as_deref(), self.max_wait).await,
-            None => self.local(app, lane, user.as_deref()).await,
+            None => self.local(app, lane, user.as_deref(), started + self.max_wait).await,
         };
         self.answer(lane, result, started.elapsed())
     }
@@ -477,8 +477,7 @@ impl QuotaSet {
 
     /// The in-process decision: `Ok(calls left at once)`, or the limit that refused and when it has room. Each
     /// step first decides what it can at once, as [`QuotaSet::decide_now`] does, then waits.
-    async fn local(&self, app: AppIndex, lane: &Lane, user: Option<&str>) -> Result<u32, Refusal> {
-        let deadline = Instant::now() + self.max_wait;
+    async fn local(&self, app: AppIndex, lane: &Lane, user: Option<&str>, deadline: Instant) -> Result<u32, Refusal> {
         let place = match user {
             Some(user) => Some(self.user_place(app, user, deadline).await?),
             None => None,
@@ -531,7 +530,7 @@ impl QuotaSet {
     }
 
     /// The shared decision: one reservation across every gate in Redis, or this replica's share while Redis is
-    /// unavailable.
+    /// unavailable, or both while the replicas return to Redis (see [`Phase`]).
     async fn shared(
         &self,
         shared: &Shared,
@@ -547,6 +546,15 @@ impl QuotaSet {
             }
             tokio::time::sleep(pause).await;
         }
+        let phase = shared.quota.phase(self.max_wait);
+        // Returning: other replicas may still send what only their share granted, so keep to this one's as well.
+        // Fallback: this replica's share is the quota (and a probe below may find Redis back).
+        let mine = match phase {
+            Phase::Shared => None,
+            Phase::Returning | Phase::Fallback { .. } => {
+                Some(self.own_share(shared, app, lane.route, user, phase, deadline).await?)
+            }
+        };
         if shared.quota.should_try() {
             let (emission, tolerance) = lane.current().gcra();
             let mut gates = vec![(
@@ -581,13 +589,39 @@ impl QuotaSet {
                 Err(_) => {} // logged once on the transition; this replica's share applies meanwhile
             }
         }
+        match (phase, mine) {
+            (Phase::Fallback { .. }, Some(remaining)) => Ok(remaining),
+            // Redis failed just now: a slot in the share from the loss on.
+            _ => self.own_share(shared, app, lane.route, user, shared.quota.phase(self.max_wait), deadline).await,
+        }
+    }
+
+    /// A slot in this replica's share of the quota (the Redis fallback set) by `deadline`. After a loss, none
+    /// before every call Redis granted can have gone out (they may lie `max_wait` ahead, for any replica), and one
+    /// interval more, so the share never adds to a window the shared quota already filled.
+    async fn own_share(
+        &self,
+        shared: &Shared,
+        app: AppIndex,
+        route: Route,
+        user: Option<&str>,
+        phase: Phase,
+        deadline: Instant,
+    ) -> Result<u32, Refusal> {
         let fallback = &shared.fallback;
-        let lane = fallback.lane(app, lane.route);
-        match max_wait.is_zero() {
-            true => {
+        let lane = fallback.lane(app, route);
+        if let Phase::Fallback { since } = phase {
+            let (opens, now) = (since + self.max_wait + lane.interval(), Instant::now());
+            if opens > deadline {
+                return Err((Scope::Route, opens.saturating_duration_since(now)));
+            }
+            tokio::time::sleep_until(opens).await;
+        }
+        match deadline > Instant::now() {
+            true => fallback.local(app, lane, user, deadline).await,
+            false => {
                 fallback.decide_now(app, lane, user, Instant::now()).unwrap_or(Err((Scope::Route, lane.interval())))
             }
-            false => fallback.local(app, lane, user).await,
         }
     }
 
@@ -1055,21 +1089,47 @@ mod tests {
         assert_eq!(lane.current().rate(), 100, "recovered step by step after 5 s without a 429");
     }
 
-    #[tokio::test]
-    async fn while_redis_is_unreachable_each_replica_enforces_its_share_of_the_same_rules() {
-        // A port nothing listens on (bound, then released): Redis refuses at once, so this replica falls back.
+    #[tokio::test(start_paused = true)]
+    async fn after_losing_redis_the_share_opens_once_every_call_redis_granted_can_have_gone_out() {
+        let max_wait = Duration::from_millis(300);
+        let quota = without_redis(RateLimitConfig { max_wait, ..Default::default() });
+        let lost = Instant::now();
+        // Redis may have granted slots up to max_wait ahead, to any replica: a slot of the share comes after them,
+        // so this call (which may wait as long) is refused, saying when the share opens.
+        let refused = quota.acquire(A, &clear("u")).await.unwrap_err();
+        assert!(refused.retry_after > max_wait, "{:?}", refused.retry_after);
+        assert!(refused.retry_after < max_wait * 2, "{:?}", refused.retry_after);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        quota.acquire(A, &clear("u")).await.unwrap();
+        assert!(lost.elapsed() > max_wait, "admitted once Redis's grants are gone: {:?}", lost.elapsed());
+    }
+
+    /// A replica whose Redis is unreachable: a port nothing listens on (bound, then released) refuses at once.
+    fn without_redis(config: RateLimitConfig) -> Arc<QuotaSet> {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let redis = crate::config::RedisConfig { url: format!("redis://127.0.0.1:{port}"), ..Default::default() };
         let config = RateLimitConfig {
             backend: RateLimitBackend::Redis,
             replicas: NonZeroU32::new(2).unwrap(),
             redis,
+            ..config
+        };
+        QuotaSet::new(&config, &[AppKey::new("o", "a")], Metrics::new()).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_redis_is_unreachable_each_replica_enforces_its_share_of_the_same_rules() {
+        let quota = without_redis(RateLimitConfig {
             route: limit(100, 4),
             user_conversation_per_minute: NonZeroU32::new(4).unwrap(),
             max_wait: Duration::ZERO,
             ..Default::default()
-        };
-        let quota = QuotaSet::new(&config, &[AppKey::new("o", "a")], Metrics::new()).unwrap();
+        });
+        // The call that finds Redis gone: the share opens an interval after the calls Redis granted.
+        let refused = quota.acquire(A, &clear("u")).await.unwrap_err();
+        assert!(refused.retry_after > Duration::ZERO && refused.retry_after < Duration::from_millis(50));
+        assert_eq!(quota.metrics.rate_limit_backend_fallback.get(), 1);
+        tokio::time::sleep(Duration::from_secs(1)).await;
         // Half the burst (2 of 4), then a refusal naming the route.
         assert!(quota.acquire(A, &clear("u")).await.is_ok());
         assert!(quota.acquire(A, &clear("u")).await.is_ok());
