@@ -550,10 +550,16 @@ impl QuotaSet {
         // Returning: other replicas may still send what only their share granted, so keep to this one's as well.
         // Fallback: this replica's share is the quota (and a probe below may find Redis back).
         let mine = match phase {
-            Phase::Shared => None,
+            Phase::Shared | Phase::UsersReturning => None,
             Phase::Returning | Phase::Fallback { .. } => {
                 Some(self.own_share(shared, app, lane.route, user, phase, deadline).await?)
             }
+        };
+        // For a minute after the return, a user's window in Redis misses what the shares admitted: keep to this
+        // replica's share of it as well (the place is given back if Redis refuses the call).
+        let place = match (phase, user) {
+            (Phase::UsersReturning, Some(user)) => Some(shared.fallback.user_place(app, user, deadline).await?),
+            _ => None,
         };
         if shared.quota.should_try() {
             let (emission, tolerance) = lane.current().gcra();
@@ -583,12 +589,16 @@ impl QuotaSet {
                 Ok(Reservation::Admitted { wait, remaining, release }) => {
                     tokio::time::sleep(wait).await;
                     release.disarm();
+                    if let Some(place) = place {
+                        place.sent();
+                    }
                     return Ok(remaining);
                 }
                 Ok(Reservation::Refused { retry_after, gate }) => return Err((scopes[gate], retry_after)),
                 Err(_) => {} // logged once on the transition; this replica's share applies meanwhile
             }
         }
+        drop(place);
         match (phase, mine) {
             (Phase::Fallback { .. }, Some(remaining)) => Ok(remaining),
             // Redis failed just now: a slot in the share from the loss on.
@@ -598,7 +608,8 @@ impl QuotaSet {
 
     /// A slot in this replica's share of the quota (the Redis fallback set) by `deadline`. After a loss, none
     /// before every call Redis granted can have gone out (they may lie `max_wait` ahead, for any replica), and one
-    /// interval more, so the share never adds to a window the shared quota already filled.
+    /// interval more, so the share never adds to a window the shared quota already filled; for a user, none before
+    /// their window in Redis (which may be full) has passed.
     async fn own_share(
         &self,
         shared: &Shared,
@@ -611,9 +622,13 @@ impl QuotaSet {
         let fallback = &shared.fallback;
         let lane = fallback.lane(app, route);
         if let Phase::Fallback { since } = phase {
-            let (opens, now) = (since + self.max_wait + lane.interval(), Instant::now());
+            let (scope, after) = match user {
+                Some(_) => (Scope::User, guarded(MINUTE)),
+                None => (Scope::Route, lane.interval()),
+            };
+            let (opens, now) = (since + self.max_wait + after, Instant::now());
             if opens > deadline {
-                return Err((Scope::Route, opens.saturating_duration_since(now)));
+                return Err((scope, opens.saturating_duration_since(now)));
             }
             tokio::time::sleep_until(opens).await;
         }
@@ -1136,6 +1151,10 @@ mod tests {
         let refused = quota.acquire(A, &clear("u")).await.unwrap_err();
         assert!(refused.headers.limit.to_str().unwrap().starts_with("\"clear_user_messages\";r=0"));
         assert_eq!(quota.metrics.rate_limit_backend_fallback.get(), 1);
+        // A user's window in Redis may have been full: their share opens once it has passed.
+        let refused = quota.acquire(A, &conversation("ann")).await.unwrap_err();
+        assert!(refused.headers.limit.to_str().unwrap().starts_with("\"user\";r=0;t=6"), "{:?}", refused.headers.limit);
+        tokio::time::sleep(Duration::from_secs(60)).await;
         // Half the per-user window (2 of 4), with its own refusal.
         for user in ["ann", "ANN"] {
             assert!(quota.acquire(A, &conversation(user)).await.is_ok(), "{user}");

@@ -18,6 +18,8 @@ use tracing::{info, warn};
 use crate::config::RedisConfig;
 use crate::metrics::Metrics;
 
+use super::pace::guarded;
+
 /// While in fallback, Redis is tried again at most this often, so requests do not each pay its timeout.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -152,6 +154,9 @@ pub enum Phase {
     /// Redis answers again, but other replicas may still send calls that only their share granted: a call takes a
     /// slot in this replica's share and one in Redis.
     Returning,
+    /// Redis alone for the per-second limits; but for a user window's length after the return, the windows hold
+    /// calls only the replicas' shares counted, so a user's call takes a place in this replica's share as well.
+    UsersReturning,
     /// Redis failed when it was found down at `since`: this replica's share alone, and none of it before the calls
     /// Redis granted (up to `max_wait` ahead, to any replica) have gone out.
     Fallback { since: Instant },
@@ -189,11 +194,13 @@ impl Standing {
 
     /// The phase at `now`. `settle`: after Redis answers again, how long other replicas may still send calls their
     /// share alone granted (they notice the return within a probe interval and a Redis timeout, and their queued
-    /// calls leave within `max_wait`).
-    pub fn phase(&self, now: Instant, settle: Duration) -> Phase {
+    /// calls leave within `max_wait`); the users' windows take `user_window` more.
+    pub fn phase(&self, now: Instant, settle: Duration, user_window: Duration) -> Phase {
+        let back_for = |since: Instant| now.saturating_duration_since(since);
         match (self.answers, self.since) {
             (false, since) => Phase::Fallback { since: since.unwrap_or(now) },
-            (true, Some(since)) if now.saturating_duration_since(since) < settle => Phase::Returning,
+            (true, Some(since)) if back_for(since) < settle => Phase::Returning,
+            (true, Some(since)) if back_for(since) < settle + user_window => Phase::UsersReturning,
             (true, _) => Phase::Shared,
         }
     }
@@ -230,7 +237,7 @@ impl SharedQuota {
     /// Which quota calls take now, for requests that wait at most `max_wait`.
     pub fn phase(&self, max_wait: Duration) -> Phase {
         let settle = PROBE_INTERVAL + self.timeout + max_wait;
-        self.standing.lock().expect("standing lock").phase(Instant::now(), settle)
+        self.standing.lock().expect("standing lock").phase(Instant::now(), settle, guarded(super::MINUTE))
     }
 
     /// Whether to ask Redis now: always while it answers, once per probe interval while it does not.
@@ -356,19 +363,26 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_switches_are_timed_from_the_loss_and_from_the_return() {
         let settle = Duration::from_secs(3);
+        const USERS: Duration = Duration::from_secs(60);
         let mut standing = Standing::new();
-        assert_eq!(standing.phase(Instant::now(), settle), Phase::Shared, "never lost: nothing to settle");
+        assert_eq!(standing.phase(Instant::now(), settle, USERS), Phase::Shared, "never lost: nothing to settle");
         let lost = Instant::now();
         assert!(standing.lost(lost));
         tokio::time::advance(Duration::from_millis(100)).await;
         assert!(!standing.lost(Instant::now()), "a later failure belongs to the same outage");
-        assert_eq!(standing.phase(Instant::now(), settle), Phase::Fallback { since: lost });
+        assert_eq!(standing.phase(Instant::now(), settle, USERS), Phase::Fallback { since: lost });
         tokio::time::advance(Duration::from_secs(15)).await;
         assert!(standing.regained(Instant::now()));
         assert!(!standing.regained(Instant::now()), "one return");
         tokio::time::advance(Duration::from_millis(2999)).await;
-        assert_eq!(standing.phase(Instant::now(), settle), Phase::Returning, "other replicas' shares may still send");
+        assert_eq!(
+            standing.phase(Instant::now(), settle, USERS),
+            Phase::Returning,
+            "other replicas' shares may still send"
+        );
         tokio::time::advance(Duration::from_millis(1)).await;
-        assert_eq!(standing.phase(Instant::now(), settle), Phase::Shared);
+        assert_eq!(standing.phase(Instant::now(), settle, USERS), Phase::UsersReturning, "calls the shares counted");
+        tokio::time::advance(USERS).await;
+        assert_eq!(standing.phase(Instant::now(), settle, USERS), Phase::Shared);
     }
 }

@@ -409,3 +409,33 @@ async fn losing_and_regaining_redis_under_load_never_overspends_a_window() {
     assert!(before > RATE && during > before && after > during + RATE, "the load used the quota in each phase");
     assert_eq!(sim.over_limit().await, 0, "no window held more than {RATE} calls, and one for the trip");
 }
+
+/// One user's five calls a minute taken through Redis by two replicas, then Redis killed: the replicas' shares
+/// of the user's window must not add to what Redis counted in it, so the user waits for that window to pass.
+#[tokio::test]
+async fn after_losing_redis_the_shares_do_not_refill_a_users_window() {
+    let (sim, mut redis) = (Sim::start().await, Redis::start().await);
+    let gateways = [
+        Gateway::ready_with(&sim, on_redis(&redis, "replicas = 2", "timeout = \"500ms\"")).await,
+        Gateway::ready_with(&sim, on_redis(&redis, "replicas = 2", "timeout = \"500ms\"")).await,
+    ];
+    let body = serde_json::json!({"channel": "bob", "type": "chat", "delete_roam": false}).to_string();
+    let urls = gateways.each_ref().map(|gw| gw.url("/users/alice/user_channel"));
+    let call = |i: usize| send(Method::DELETE, &urls[i % 2], &[], &body);
+    for i in 0..5 {
+        assert_eq!(call(i).await.status, 200);
+    }
+    redis.kill().await;
+    let _ = tokio::join!(call(0), call(1));
+    all_in_fallback(&gateways, 1).await;
+    // Past max_wait (1.5 s), when the shares open for the route: not for this user, whose window may be full.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for i in 0..6 {
+        let refused = call(i).await;
+        assert!(refused.gateway_made(), "refused by the gateway, not sent for Easemob to refuse");
+        refused.assert_error(429, "reach_limit");
+        assert!(refused.header("ratelimit").unwrap().starts_with("\"user\";r=0"), "{:?}", refused.header("ratelimit"));
+    }
+    assert_eq!(sim.business_requests().await, 5);
+    assert_eq!(sim.over_limit().await, 0);
+}
