@@ -9,6 +9,8 @@
 //! at once with `Retry-After` and a `RateLimit` field naming the limit that refused it. When Easemob still answers
 //! 429, the lane pauses for Easemob's `Retry-After` and halves its rate, then recovers slowly.
 //! With `backend = "redis"`, `ratelimit/redis.rs` makes all replicas draw from one quota with the same rules.
+//! A replica's share (every limit divided by `rate_limit.replicas`) is its whole quota on the local backend, and
+//! its fallback while Redis is unavailable, entered and left so that no window is overspent (`Phase`).
 //! `ratelimit/layer.rs` puts it in the stack.
 
 use std::num::NonZeroU32;
@@ -622,9 +624,11 @@ impl QuotaSet {
         let fallback = &shared.fallback;
         let lane = fallback.lane(app, route);
         if let Phase::Fallback { since } = phase {
+            let interval =
+                fallback.apps[app.0].as_ref().map_or(lane.interval(), |cap| cap.interval().max(lane.interval()));
             let (scope, after) = match user {
                 Some(_) => (Scope::User, guarded(MINUTE)),
-                None => (Scope::Route, lane.interval()),
+                None => (Scope::Route, interval),
             };
             let (opens, now) = (since + self.max_wait + after, Instant::now());
             if opens > deadline {
