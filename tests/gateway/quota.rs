@@ -198,6 +198,10 @@ async fn two_local_replicas_together_keep_to_easemobs_limits() {
         }
     }
     assert_eq!(admitted, 4, "5 a minute shared by 2 replicas: 2 each");
+    // Each replica keeps its 50 calls within a second and 5 ms (docs/quota.md, "A margin for the trip"); on a
+    // loaded machine a call can arrive later than that, so the simulator allows one call more per replica. Without
+    // the division the replicas send twice the limit.
+    sim.limits(json!({ "route_per_second": 102 })).await;
     let (url_a, url_b) = (clear_url(&a, "dave"), clear_url(&b, "dave"));
     let (to_a, to_b) = tokio::join!(burst(&url_a, 150), burst(&url_b, 150));
     let passed = to_a.iter().chain(&to_b).filter(|answer| answer.status == 200).count();
