@@ -157,7 +157,7 @@ impl Limit {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitConfig {
-    /// `local`: each replica enforces the whole quota; `redis`: all replicas share one quota.
+    /// `local`: each replica enforces its share of the quota (`replicas`); `redis`: all replicas share one quota.
     pub backend: RateLimitBackend,
     /// How long a request over quota may wait for its slot, in arrival order; `0s` refuses at once.
     #[serde(with = "humantime_serde")]
