@@ -44,16 +44,22 @@ impl AdminService {
                 .header(header::CONTENT_TYPE, "application/yaml")
                 .body(Full::new(Bytes::from_static(OPENAPI.as_bytes())))
                 .expect("static response parts are valid"),
-            "/metrics" => Response::builder()
-                .header(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)
-                .body(Full::new(Bytes::from(self.live.borrow().metrics.render())))
-                .expect("static response parts are valid"),
+            "/metrics" => {
+                let live = Arc::clone(&self.live.borrow());
+                // The store keeps its health as a flag; the gauge reads it when scraped.
+                live.metrics.jobs_store_failing.set(i64::from(jobs_store(&live) == Some(false)));
+                Response::builder()
+                    .header(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)
+                    .body(Full::new(Bytes::from(live.metrics.render())))
+                    .expect("static response parts are valid")
+            }
             _ => text(StatusCode::NOT_FOUND, "not found: /healthz, /readyz, /metrics, /openapi.yaml\n"),
         }
     }
 
-    /// Ready when not draining, every app holds a usable token and the jobs store (if any) writes. Per-app detail,
-    /// no secrets.
+    /// Ready when this replica can serve direct deletions: not draining, and every app holds a usable token. A
+    /// failing jobs store shows in the body (and `jobs_store_failing`) but counts only with
+    /// `jobs.ready_requires_store`. Per-app detail, no secrets.
     fn readiness(&self) -> Response<Full<Bytes>> {
         let draining = self.draining.load(Ordering::SeqCst);
         let live = Arc::clone(&self.live.borrow());
@@ -62,15 +68,22 @@ impl AdminService {
             .iter()
             .map(|app| (app.key.to_string(), serde_json::to_value(app.token.status()).expect("status serializes")))
             .collect();
-        let jobs_ready = live.jobs.as_ref().is_none_or(Jobs::is_ready);
-        let ready = !draining && jobs_ready && live.apps.iter().all(|app| app.token.is_ready());
+        let store = jobs_store(&live);
+        let store_counts = live.jobs.as_ref().is_some_and(|jobs| jobs.config().ready_requires_store);
+        let store_blocks = store_counts && store == Some(false);
+        let ready = !draining && !store_blocks && live.apps.iter().all(|app| app.token.is_ready());
         let mut body = serde_json::json!({ "ready": ready, "draining": draining, "apps": apps });
-        if live.jobs.is_some() {
-            body["jobs_store"] = if jobs_ready { "ok" } else { "failing" }.into();
+        if let Some(writes) = store {
+            body["jobs_store"] = if writes { "ok" } else { "failing" }.into();
         }
         let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
         json_response(status, body.to_string().into_bytes(), "local").map(Stamped::into_full)
     }
+}
+
+/// Whether the jobs store writes, when jobs are on.
+fn jobs_store(live: &Shared) -> Option<bool> {
+    live.jobs.as_ref().map(Jobs::is_ready)
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

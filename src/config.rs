@@ -15,6 +15,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// Environment variables with this prefix override file keys: `EASEMOB_GW__UPSTREAM__BASE_URL`.
 pub const ENV_PREFIX: &str = "EASEMOB_GW";
 const ENV_SEPARATOR: &str = "__";
+/// Keys that moved, and where: a config still using one is refused with a line naming the new key.
+const MOVED: [(&str, &str); 1] =
+    [("rate_limit.redis.expected_replicas", "rate_limit.replicas (one setting for the local and the Redis backend)")];
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -107,6 +110,9 @@ pub struct JobsConfig {
     /// Finished jobs are deleted this long after they finish, so the store cannot grow without bound.
     #[serde(with = "duration")]
     pub retention: Duration,
+    /// Whether a failing jobs store makes `/readyz` answer 503. Off: direct deletions do not need the store, so a
+    /// replica that can serve them stays in service; the failure shows in `/readyz`'s body, a metric and an alert.
+    pub ready_requires_store: bool,
 }
 
 impl Default for JobsConfig {
@@ -124,6 +130,9 @@ impl Default for JobsConfig {
             retry_min: Duration::from_secs(1),
             retry_max: Duration::from_secs(300),
             retention: Duration::from_secs(7 * 24 * 3600),
+            // A store shared by every replica (Redis) fails for all of them at once: taking them all out of service
+            // would stop the direct deletions that still work.
+            ready_requires_store: false,
         }
     }
 }
@@ -138,10 +147,17 @@ pub struct Limit {
     pub burst: NonZeroU32,
 }
 
+impl Limit {
+    /// This limit's share for one of `replicas`: rate and burst each divided, never below 1.
+    pub fn divided(self, replicas: u32) -> Limit {
+        Limit { rate: divided(self.rate, replicas), burst: divided(self.burst, replicas) }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitConfig {
-    /// `local`: each replica enforces the whole quota; `redis`: all replicas share one quota.
+    /// `local`: each replica enforces its share of the quota (`replicas`); `redis`: all replicas share one quota.
     pub backend: RateLimitBackend,
     /// How long a request over quota may wait for its slot, in arrival order; `0s` refuses at once.
     #[serde(with = "duration")]
@@ -161,6 +177,9 @@ pub struct RateLimitConfig {
     /// The most of each route's rate (and of the app cap) deletion jobs may use, from 0 to 1. Direct calls go
     /// first whatever it is: a job never takes a slot while a direct call waits for one.
     pub jobs_share: f64,
+    /// How many replicas share the AppKeys. Each enforces every limit divided by this (rounded down, at least 1):
+    /// always with the local backend, and while Redis is unreachable with the Redis one.
+    pub replicas: NonZeroU32,
     pub redis: RedisConfig,
 }
 
@@ -177,6 +196,8 @@ impl Default for RateLimitConfig {
             user_conversation_per_minute: NonZeroU32::new(5).expect("non-zero"),
             adaptive: true,
             jobs_share: 1.0,
+            // One gateway enforces the whole quota; a deployment of several says how many.
+            replicas: NonZeroU32::MIN,
             redis: RedisConfig::default(),
         }
     }
@@ -187,6 +208,47 @@ impl RateLimitConfig {
     pub fn route_limit(&self, route: &str) -> Limit {
         self.routes.get(route).copied().unwrap_or(self.route)
     }
+
+    /// The limits one replica enforces on its own: every Easemob limit divided by `replicas`, so that the replicas
+    /// together never exceed it.
+    pub fn per_replica(&self) -> RateLimitConfig {
+        let n = self.replicas.get();
+        RateLimitConfig {
+            route: self.route.divided(n),
+            routes: self.routes.iter().map(|(name, limit)| (name.clone(), limit.divided(n))).collect(),
+            app: self.app.map(|cap| cap.divided(n)),
+            user_conversation_per_minute: divided(self.user_conversation_per_minute, n),
+            ..self.clone()
+        }
+    }
+
+    /// What `check-config` adds below the effective config: the limits each replica enforces, as TOML comments.
+    pub fn per_replica_note(&self) -> String {
+        let mine = self.per_replica();
+        let when = match self.backend {
+            RateLimitBackend::Local => "",
+            RateLimitBackend::Redis => " while Redis is unreachable",
+        };
+        let mut note = format!(
+            "\n# Each of rate_limit.replicas = {} enforces{when} (every limit divided by the replicas, at least 1):\n",
+            self.replicas
+        );
+        let limit = |l: Limit| format!("{} calls/s, burst {}", l.rate, l.burst);
+        note.push_str(&format!("#   route: {}\n", limit(mine.route)));
+        for (name, l) in &mine.routes {
+            note.push_str(&format!("#   routes.{name}: {}\n", limit(*l)));
+        }
+        if let Some(cap) = mine.app {
+            note.push_str(&format!("#   app: {}\n", limit(cap)));
+        }
+        note.push_str(&format!("#   user_conversation_per_minute: {}\n", mine.user_conversation_per_minute));
+        note
+    }
+}
+
+/// `n` divided among `replicas`, rounding down, never below 1: a replica's share must never be "unlimited" (0).
+fn divided(n: NonZeroU32, replicas: u32) -> NonZeroU32 {
+    NonZeroU32::new(n.get() / replicas).unwrap_or(NonZeroU32::MIN)
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -219,8 +281,6 @@ pub struct RedisConfig {
     pub timeout: Duration,
     /// Keys are `{key_prefix}:{{org#app}}:{route}` (and `:app`, `:user:{id}`); the braces are a Redis Cluster hash tag.
     pub key_prefix: String,
-    /// How many replicas share the AppKey: while Redis is unreachable each enforces quota / this.
-    pub expected_replicas: NonZeroU32,
 }
 
 impl RedisConfig {
@@ -281,7 +341,6 @@ impl Default for RedisConfig {
             ca_file: None,
             timeout: Duration::from_millis(50),
             key_prefix: "easemob-gateway".to_owned(),
-            expected_replicas: NonZeroU32::new(2).expect("non-zero"),
         }
     }
 }
@@ -1043,6 +1102,10 @@ impl Config {
             let key = error.path().to_string();
             // The message alone: the error's `Display` adds the key, which the problem names itself.
             let message = one_line(error.into_inner().message());
+            let message = match MOVED.iter().find(|(old, _)| *old == key) {
+                Some((_, new)) => format!("moved: set {new}"),
+                None => message,
+            };
             let var = override_of(&key, &env);
             if var.is_some() && message.starts_with("invalid type: string") && retype_override(&mut values, &key) {
                 continue;
@@ -1354,6 +1417,33 @@ mod tests {
             .unwrap_err();
         assert!(e.contains("timeout") || e.contains("parsecs"), "{e}");
         assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn each_replica_enforces_every_limit_divided_by_the_replicas_never_below_one() {
+        let toml = format!(
+            "{MINIMAL}\n[rate_limit]\nreplicas = 3\nroute = {{ rate = 100, burst = 10 }}\napp = {{ rate = 2 }}\n\
+             routes.delete_chat_messages = {{ rate = 200 }}\n"
+        );
+        let c = Config::load(write(&toml).path()).unwrap().rate_limit;
+        let mine = c.per_replica();
+        let limit =
+            |rate, burst| Limit { rate: NonZeroU32::new(rate).unwrap(), burst: NonZeroU32::new(burst).unwrap() };
+        assert_eq!(mine.route, limit(33, 3));
+        assert_eq!(mine.route_limit("delete_chat_messages"), limit(66, 1), "an override is divided too");
+        assert_eq!(mine.app, Some(limit(1, 1)), "2 / 3 rounds down, but never to 0 (unlimited)");
+        assert_eq!(mine.user_conversation_per_minute.get(), 1, "5 / 3");
+        let note = c.per_replica_note();
+        assert!(note.contains("#   route: 33 calls/s, burst 3\n"), "{note}");
+        assert!(note.contains("#   user_conversation_per_minute: 1\n"), "{note}");
+        assert!(note.lines().all(|l| l.is_empty() || l.starts_with('#')), "TOML comments only: {note}");
+    }
+
+    #[test]
+    fn the_old_expected_replicas_key_is_refused_with_a_line_naming_its_new_place() {
+        let toml = format!("{MINIMAL}\n[rate_limit.redis]\nexpected_replicas = 2\n");
+        let e = Config::load(write(&toml).path()).unwrap_err();
+        assert!(e.contains("rate_limit.redis.expected_replicas: moved: set rate_limit.replicas"), "{e}");
     }
 
     #[test]

@@ -209,6 +209,7 @@ async fn jobs(gateway: &str, app: Option<&str>, key: Option<String>, command: Jo
 fn check_config(path: PathBuf) -> Result<(), String> {
     let config = Config::load_checked(&path, SecretPolicy::ExternalOnly)?;
     print!("{}", config.to_redacted_toml());
+    print!("{}", config.rate_limit.per_replica_note());
     eprintln!("config OK");
     Ok(())
 }

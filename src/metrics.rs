@@ -40,6 +40,7 @@ pub struct Metrics {
     pub job_operations_pending: IntGauge,
     pub job_oldest_pending: IntGauge,
     pub job_duration: Histogram,
+    pub jobs_store_failing: IntGauge,
     pub config_reloads: IntCounterVec,
     pub config_last_reload_successful: IntGauge,
     pub config_restart_required: IntGauge,
@@ -163,6 +164,10 @@ impl Metrics {
             job_oldest_pending: gauge(
                 "job_oldest_pending_seconds",
                 "Age of the job holding the oldest unfinished operation (0: none pending).",
+            ),
+            jobs_store_failing: gauge(
+                "jobs_store_failing",
+                "1 while the deletion jobs' store cannot be written (SQLite or Redis); read when scraped.",
             ),
             job_duration: {
                 let opts = HistogramOpts::new("job_duration_seconds", "Time from a job's acceptance to its end.")

@@ -9,6 +9,8 @@
 //! at once with `Retry-After` and a `RateLimit` field naming the limit that refused it. When Easemob still answers
 //! 429, the lane pauses for Easemob's `Retry-After` and halves its rate, then recovers slowly.
 //! With `backend = "redis"`, `ratelimit/redis.rs` makes all replicas draw from one quota with the same rules.
+//! A replica's share (every limit divided by `rate_limit.replicas`) is its whole quota on the local backend, and
+//! its fallback while Redis is unavailable, entered and left so that no window is overspent (`Phase`).
 //! `ratelimit/layer.rs` puts it in the stack.
 
 use std::num::NonZeroU32;
@@ -32,7 +34,7 @@ use crate::routes::Route;
 use crate::routes::validate::Call;
 
 use self::pace::{Pace, guarded};
-use self::redis::{Gate, Reservation, SharedQuota};
+use self::redis::{Gate, Phase, Reservation, SharedQuota};
 
 use self::window::{Place, WindowLog};
 pub use ::redis::RedisError;
@@ -183,12 +185,6 @@ fn user_of(call: &Call) -> Option<String> {
     }
 }
 
-/// `limit` divided among `replicas`, never below one call.
-fn share(limit: Limit, replicas: u32) -> Limit {
-    let part = |n: NonZeroU32| NonZeroU32::new(n.get() / replicas).unwrap_or(NonZeroU32::MIN);
-    Limit { rate: part(limit.rate), burst: part(limit.burst) }
-}
-
 /// `factor` of `limit`'s rate, at least one call.
 fn scaled(limit: Limit, factor: f64) -> NonZeroU32 {
     NonZeroU32::new((limit.rate.get() as f64 * factor).round() as u32).unwrap_or(NonZeroU32::MIN)
@@ -264,23 +260,24 @@ impl QuotaSet {
         redis: Option<Arc<SharedQuota>>,
         previous: Option<&QuotaSet>,
     ) -> Arc<QuotaSet> {
+        // This replica's share of every limit: what it enforces on its own, always with the local backend and while
+        // Redis is unavailable with the Redis one, so that the replicas together keep to Easemob's limits.
+        let mine = config.per_replica();
         let shared = redis.map(|quota| {
-            let replicas = config.redis.expected_replicas.get();
-            let mut local_share = config.clone();
-            local_share.backend = RateLimitBackend::Local;
-            local_share.route = share(config.route, replicas);
-            local_share.routes.values_mut().for_each(|limit| *limit = share(*limit, replicas));
-            local_share.app = config.app.map(|cap| share(cap, replicas));
-            local_share.user_conversation_per_minute =
-                share(Limit { rate: config.user_conversation_per_minute, burst: NonZeroU32::MIN }, replicas).rate;
             let previous = previous.and_then(|p| p.shared.as_ref()).map(|shared| &*shared.fallback);
-            Shared { quota, fallback: QuotaSet::build(&local_share, apps, metrics.clone(), None, false, previous) }
+            Shared { quota, fallback: QuotaSet::build(&mine, apps, metrics.clone(), None, false, previous) }
         });
-        // With Redis, each replica's jobs keep to their part of the jobs' share, so that together they keep to it.
-        let mut main = config.clone();
-        if shared.is_some() && main.jobs_share < 1.0 {
-            main.jobs_share /= f64::from(config.redis.expected_replicas.get());
-        }
+        let main = match shared {
+            None => mine,
+            // With Redis, each replica's jobs keep to their part of the jobs' share, so that together they keep to it.
+            Some(_) => {
+                let mut main = config.clone();
+                if main.jobs_share < 1.0 {
+                    main.jobs_share /= f64::from(config.replicas.get());
+                }
+                main
+            }
+        };
         QuotaSet::build(&main, apps, metrics, shared, true, previous)
     }
 
@@ -414,7 +411,7 @@ impl QuotaSet {
         let user = user_of(call);
         let result = match &self.shared {
             Some(shared) => self.shared(shared, app, lane, user.as_deref(), self.max_wait).await,
-            None => self.local(app, lane, user.as_deref()).await,
+            None => self.local(app, lane, user.as_deref(), started + self.max_wait).await,
         };
         self.answer(lane, result, started.elapsed())
     }
@@ -482,8 +479,7 @@ impl QuotaSet {
 
     /// The in-process decision: `Ok(calls left at once)`, or the limit that refused and when it has room. Each
     /// step first decides what it can at once, as [`QuotaSet::decide_now`] does, then waits.
-    async fn local(&self, app: AppIndex, lane: &Lane, user: Option<&str>) -> Result<u32, Refusal> {
-        let deadline = Instant::now() + self.max_wait;
+    async fn local(&self, app: AppIndex, lane: &Lane, user: Option<&str>, deadline: Instant) -> Result<u32, Refusal> {
         let place = match user {
             Some(user) => Some(self.user_place(app, user, deadline).await?),
             None => None,
@@ -536,7 +532,7 @@ impl QuotaSet {
     }
 
     /// The shared decision: one reservation across every gate in Redis, or this replica's share while Redis is
-    /// unavailable.
+    /// unavailable, or both while the replicas return to Redis (see [`Phase`]).
     async fn shared(
         &self,
         shared: &Shared,
@@ -552,6 +548,21 @@ impl QuotaSet {
             }
             tokio::time::sleep(pause).await;
         }
+        let phase = shared.quota.phase(self.max_wait);
+        // Returning: other replicas may still send what only their share granted, so keep to this one's as well.
+        // Fallback: this replica's share is the quota (and a probe below may find Redis back).
+        let mine = match phase {
+            Phase::Shared | Phase::UsersReturning => None,
+            Phase::Returning | Phase::Fallback { .. } => {
+                Some(self.own_share(shared, app, lane.route, user, phase, deadline).await?)
+            }
+        };
+        // For a minute after the return, a user's window in Redis misses what the shares admitted: keep to this
+        // replica's share of it as well (the place is given back if Redis refuses the call).
+        let place = match (phase, user) {
+            (Phase::UsersReturning, Some(user)) => Some(shared.fallback.user_place(app, user, deadline).await?),
+            _ => None,
+        };
         if shared.quota.should_try() {
             let (emission, tolerance) = lane.current().gcra();
             let mut gates = vec![(
@@ -580,19 +591,56 @@ impl QuotaSet {
                 Ok(Reservation::Admitted { wait, remaining, release }) => {
                     tokio::time::sleep(wait).await;
                     release.disarm();
+                    if let Some(place) = place {
+                        place.sent();
+                    }
                     return Ok(remaining);
                 }
                 Ok(Reservation::Refused { retry_after, gate }) => return Err((scopes[gate], retry_after)),
                 Err(_) => {} // logged once on the transition; this replica's share applies meanwhile
             }
         }
+        drop(place);
+        match (phase, mine) {
+            (Phase::Fallback { .. }, Some(remaining)) => Ok(remaining),
+            // Redis failed just now: a slot in the share from the loss on.
+            _ => self.own_share(shared, app, lane.route, user, shared.quota.phase(self.max_wait), deadline).await,
+        }
+    }
+
+    /// A slot in this replica's share of the quota (the Redis fallback set) by `deadline`. After a loss, none
+    /// before every call Redis granted can have gone out (they may lie `max_wait` ahead, for any replica), and one
+    /// interval more, so the share never adds to a window the shared quota already filled; for a user, none before
+    /// their window in Redis (which may be full) has passed.
+    async fn own_share(
+        &self,
+        shared: &Shared,
+        app: AppIndex,
+        route: Route,
+        user: Option<&str>,
+        phase: Phase,
+        deadline: Instant,
+    ) -> Result<u32, Refusal> {
         let fallback = &shared.fallback;
-        let lane = fallback.lane(app, lane.route);
-        match max_wait.is_zero() {
-            true => {
+        let lane = fallback.lane(app, route);
+        if let Phase::Fallback { since } = phase {
+            let interval =
+                fallback.apps[app.0].as_ref().map_or(lane.interval(), |cap| cap.interval().max(lane.interval()));
+            let (scope, after) = match user {
+                Some(_) => (Scope::User, guarded(MINUTE)),
+                None => (Scope::Route, interval),
+            };
+            let (opens, now) = (since + self.max_wait + after, Instant::now());
+            if opens > deadline {
+                return Err((scope, opens.saturating_duration_since(now)));
+            }
+            tokio::time::sleep_until(opens).await;
+        }
+        match deadline > Instant::now() {
+            true => fallback.local(app, lane, user, deadline).await,
+            false => {
                 fallback.decide_now(app, lane, user, Instant::now()).unwrap_or(Err((Scope::Route, lane.interval())))
             }
-            false => fallback.local(app, lane, user).await,
         }
     }
 
@@ -846,12 +894,6 @@ mod tests {
             .unwrap_or(0)
     }
 
-    #[test]
-    fn a_replicas_share_is_never_zero() {
-        assert_eq!(share(limit(100, 10), 3), limit(33, 3));
-        assert_eq!(share(limit(2, 1), 3), limit(1, 1));
-    }
-
     #[tokio::test(start_paused = true)]
     async fn burst_then_refusal_naming_the_route_with_the_time_to_its_next_slot() {
         let quota = refusing(RateLimitConfig { route: limit(10, 2), ..RateLimitConfig::default() });
@@ -925,6 +967,15 @@ mod tests {
     /// A burst of `n` calls at once for user `u`: how many were admitted.
     fn burst(quota: &QuotaSet, n: usize, call: fn(&str) -> Call) -> usize {
         (0..n).filter(|_| quota.try_acquire(A, &call("u")).is_some_and(|d| d.is_ok())).count()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn on_the_local_backend_each_replica_enforces_its_share_of_every_limit() {
+        let two = NonZeroU32::new(2).unwrap();
+        let quota = refusing(RateLimitConfig { replicas: two, route: limit(100, 10), ..RateLimitConfig::default() });
+        assert_eq!(burst(&quota, 10, clear), 5, "half the route's burst");
+        assert_eq!(burst(&quota, 5, conversation), 2, "5 a minute per user, 2 of them here");
+        assert_eq!(quota.policy(A, Route::DeleteConversation), "\"delete_conversation\";q=50;w=1, \"user\";q=2;w=60");
     }
 
     #[tokio::test(start_paused = true)]
@@ -1094,30 +1145,57 @@ mod tests {
         assert_eq!(lane.current().rate(), 100, "recovered step by step after 5 s without a 429");
     }
 
-    #[tokio::test]
-    async fn while_redis_is_unreachable_each_replica_enforces_its_share_of_the_same_rules() {
-        // A port nothing listens on (bound, then released): Redis refuses at once, so this replica falls back.
+    #[tokio::test(start_paused = true)]
+    async fn after_losing_redis_the_share_opens_once_every_call_redis_granted_can_have_gone_out() {
+        let max_wait = Duration::from_millis(300);
+        let quota = without_redis(RateLimitConfig { max_wait, ..Default::default() });
+        let lost = Instant::now();
+        // Redis may have granted slots up to max_wait ahead, to any replica: a slot of the share comes after them,
+        // so this call (which may wait as long) is refused, saying when the share opens.
+        let refused = quota.acquire(A, &clear("u")).await.unwrap_err();
+        assert!(refused.retry_after > max_wait, "{:?}", refused.retry_after);
+        assert!(refused.retry_after < max_wait * 2, "{:?}", refused.retry_after);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        quota.acquire(A, &clear("u")).await.unwrap();
+        assert!(lost.elapsed() > max_wait, "admitted once Redis's grants are gone: {:?}", lost.elapsed());
+    }
+
+    /// A replica whose Redis is unreachable: a port nothing listens on (bound, then released) refuses at once.
+    fn without_redis(config: RateLimitConfig) -> Arc<QuotaSet> {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let redis = crate::config::RedisConfig {
-            url: format!("redis://127.0.0.1:{port}"),
-            expected_replicas: NonZeroU32::new(2).unwrap(),
-            ..Default::default()
-        };
+        let redis = crate::config::RedisConfig { url: format!("redis://127.0.0.1:{port}"), ..Default::default() };
         let config = RateLimitConfig {
             backend: RateLimitBackend::Redis,
+            replicas: NonZeroU32::new(2).unwrap(),
             redis,
+            ..config
+        };
+        QuotaSet::new(&config, &[AppKey::new("o", "a")], Metrics::new()).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_redis_is_unreachable_each_replica_enforces_its_share_of_the_same_rules() {
+        let quota = without_redis(RateLimitConfig {
             route: limit(100, 4),
             user_conversation_per_minute: NonZeroU32::new(4).unwrap(),
             max_wait: Duration::ZERO,
             ..Default::default()
-        };
-        let quota = QuotaSet::new(&config, &[AppKey::new("o", "a")], Metrics::new()).unwrap();
+        });
+        // The call that finds Redis gone: the share opens an interval after the calls Redis granted.
+        let refused = quota.acquire(A, &clear("u")).await.unwrap_err();
+        assert!(refused.retry_after > Duration::ZERO && refused.retry_after < Duration::from_millis(50));
+        assert_eq!(quota.metrics.rate_limit_backend_fallback.get(), 1);
+        tokio::time::sleep(Duration::from_secs(1)).await;
         // Half the burst (2 of 4), then a refusal naming the route.
         assert!(quota.acquire(A, &clear("u")).await.is_ok());
         assert!(quota.acquire(A, &clear("u")).await.is_ok());
         let refused = quota.acquire(A, &clear("u")).await.unwrap_err();
         assert!(refused.headers.limit.to_str().unwrap().starts_with("\"clear_user_messages\";r=0"));
         assert_eq!(quota.metrics.rate_limit_backend_fallback.get(), 1);
+        // A user's window in Redis may have been full: their share opens once it has passed.
+        let refused = quota.acquire(A, &conversation("ann")).await.unwrap_err();
+        assert!(refused.headers.limit.to_str().unwrap().starts_with("\"user\";r=0;t=6"), "{:?}", refused.headers.limit);
+        tokio::time::sleep(Duration::from_secs(60)).await;
         // Half the per-user window (2 of 4), with its own refusal.
         for user in ["ann", "ANN"] {
             assert!(quota.acquire(A, &conversation(user)).await.is_ok(), "{user}");

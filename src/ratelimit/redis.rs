@@ -4,11 +4,11 @@
 //! calls (the same window as the local `WindowLog`). A call is given a slot in every gate at one moment, possibly
 //! in the near future (it then sleeps until it): slots follow the quota's own schedule, not the moment a timer
 //! fired. Calls have a tight timeout; while Redis is slow or down, each replica falls back to a local limiter at
-//! its share of the quota, and probes Redis once a second to return to it.
+//! its share of the quota, and probes Redis once a second to return to it. [`Standing`] times both switches, as
+//! each leaves calls granted under one quota still to go out under the other.
 
 use std::num::NonZeroU32;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -17,6 +17,8 @@ use tracing::{info, warn};
 
 use crate::config::RedisConfig;
 use crate::metrics::Metrics;
+
+use super::pace::guarded;
 
 /// While in fallback, Redis is tried again at most this often, so requests do not each pay its timeout.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
@@ -139,9 +141,69 @@ pub struct SharedQuota {
     release: redis::Script,
     prefix: String,
     timeout: Duration,
-    healthy: AtomicBool,
+    standing: Mutex<Standing>,
     last_probe: Mutex<Option<Instant>>,
     metrics: Metrics,
+}
+
+/// Which quota a replica's calls take, at a moment: see [`Standing::phase`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Redis answers: it alone decides.
+    Shared,
+    /// Redis answers again, but other replicas may still send calls that only their share granted: a call takes a
+    /// slot in this replica's share and one in Redis.
+    Returning,
+    /// Redis alone for the per-second limits; but for a user window's length after the return, the windows hold
+    /// calls only the replicas' shares counted, so a user's call takes a place in this replica's share as well.
+    UsersReturning,
+    /// Redis failed when it was found down at `since`: this replica's share alone, and none of it before the calls
+    /// Redis granted (up to `max_wait` ahead, to any replica) have gone out.
+    Fallback { since: Instant },
+}
+
+/// This replica's standing with Redis: whether it answers, and when that last changed.
+#[derive(Debug)]
+pub struct Standing {
+    answers: bool,
+    since: Option<Instant>,
+}
+
+impl Standing {
+    pub fn new() -> Standing {
+        Standing { answers: true, since: None }
+    }
+
+    /// Redis failed, found at `at`; true if it was answering until then.
+    pub fn lost(&mut self, at: Instant) -> bool {
+        let switched = self.answers;
+        if switched {
+            (self.answers, self.since) = (false, Some(at));
+        }
+        switched
+    }
+
+    /// Redis answered at `at`; true if it was failing until then.
+    pub fn regained(&mut self, at: Instant) -> bool {
+        let switched = !self.answers;
+        if switched {
+            (self.answers, self.since) = (true, Some(at));
+        }
+        switched
+    }
+
+    /// The phase at `now`. `settle`: after Redis answers again, how long other replicas may still send calls their
+    /// share alone granted (they notice the return within a probe interval and a Redis timeout, and their queued
+    /// calls leave within `max_wait`); the users' windows take `user_window` more.
+    pub fn phase(&self, now: Instant, settle: Duration, user_window: Duration) -> Phase {
+        let back_for = |since: Instant| now.saturating_duration_since(since);
+        match (self.answers, self.since) {
+            (false, since) => Phase::Fallback { since: since.unwrap_or(now) },
+            (true, Some(since)) if back_for(since) < settle => Phase::Returning,
+            (true, Some(since)) if back_for(since) < settle + user_window => Phase::UsersReturning,
+            (true, _) => Phase::Shared,
+        }
+    }
 }
 
 impl SharedQuota {
@@ -160,7 +222,7 @@ impl SharedQuota {
             release: redis::Script::new(RELEASE),
             prefix: config.key_prefix.clone(),
             timeout: config.timeout,
-            healthy: AtomicBool::new(true),
+            standing: Mutex::new(Standing::new()),
             last_probe: Mutex::new(None),
             metrics,
         })
@@ -172,9 +234,15 @@ impl SharedQuota {
         format!("{}:{{{app}}}:{name}", self.prefix)
     }
 
-    /// Whether to ask Redis now: always while it is healthy, once per probe interval while it is not.
+    /// Which quota calls take now, for requests that wait at most `max_wait`.
+    pub fn phase(&self, max_wait: Duration) -> Phase {
+        let settle = PROBE_INTERVAL + self.timeout + max_wait;
+        self.standing.lock().expect("standing lock").phase(Instant::now(), settle, guarded(super::MINUTE))
+    }
+
+    /// Whether to ask Redis now: always while it answers, once per probe interval while it does not.
     pub fn should_try(&self) -> bool {
-        if self.healthy.load(Ordering::Relaxed) {
+        if !matches!(self.phase(Duration::ZERO), Phase::Fallback { .. }) {
             return true;
         }
         let mut last = self.last_probe.lock().expect("probe lock");
@@ -258,7 +326,7 @@ impl SharedQuota {
     }
 
     fn down(&self, error: SharedError) -> SharedError {
-        if self.healthy.swap(false, Ordering::Relaxed) {
+        if self.standing.lock().expect("standing lock").lost(Instant::now()) {
             *self.last_probe.lock().expect("probe lock") = Some(Instant::now());
             self.metrics.rate_limit_backend_fallback.set(1);
             warn!(error = %error, "redis unavailable: enforcing this replica's share of the quota locally");
@@ -267,7 +335,7 @@ impl SharedQuota {
     }
 
     fn up(&self) {
-        if !self.healthy.swap(true, Ordering::Relaxed) {
+        if self.standing.lock().expect("standing lock").regained(Instant::now()) {
             self.metrics.rate_limit_backend_fallback.set(0);
             info!("redis answers again: back to the shared quota");
         }
@@ -311,5 +379,36 @@ impl Drop for Release {
             }
             let _: Result<i64, _> = invocation.invoke_async(&mut connection).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_switches_are_timed_from_the_loss_and_from_the_return() {
+        let settle = Duration::from_secs(3);
+        const USERS: Duration = Duration::from_secs(60);
+        let mut standing = Standing::new();
+        assert_eq!(standing.phase(Instant::now(), settle, USERS), Phase::Shared, "never lost: nothing to settle");
+        let lost = Instant::now();
+        assert!(standing.lost(lost));
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(!standing.lost(Instant::now()), "a later failure belongs to the same outage");
+        assert_eq!(standing.phase(Instant::now(), settle, USERS), Phase::Fallback { since: lost });
+        tokio::time::advance(Duration::from_secs(15)).await;
+        assert!(standing.regained(Instant::now()));
+        assert!(!standing.regained(Instant::now()), "one return");
+        tokio::time::advance(Duration::from_millis(2999)).await;
+        assert_eq!(
+            standing.phase(Instant::now(), settle, USERS),
+            Phase::Returning,
+            "other replicas' shares may still send"
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(standing.phase(Instant::now(), settle, USERS), Phase::UsersReturning, "calls the shares counted");
+        tokio::time::advance(USERS).await;
+        assert_eq!(standing.phase(Instant::now(), settle, USERS), Phase::Shared);
     }
 }

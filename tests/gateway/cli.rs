@@ -117,3 +117,10 @@ fn one_run_lists_every_problem_of_every_phase_with_the_types_and_the_variable() 
     assert_eq!(err.lines().count(), 5, "{err}");
     assert!(err.lines().all(|l| l.starts_with("error: ")), "{err}");
 }
+
+#[test]
+fn check_config_prints_what_each_replica_enforces() {
+    let (ok, out, err) = check(&format!("{GOOD}\n[rate_limit]\nreplicas = 2\n"), &[("TEST_EASEMOB_SECRET", "x")]);
+    assert!(ok, "{err}");
+    assert!(out.contains("#   route: 50 calls/s, burst 1\n#   user_conversation_per_minute: 2\n"), "{out}");
+}
