@@ -27,7 +27,7 @@ use crate::routes::{Endpoint, Route, resolve};
 use self::shared::SharedStore;
 use self::store::{
     Created, Due, JobRecord, JobState, LaneUse, LocalStore, NewJob, NewOperation, OpRecord, OpState, Outcome,
-    Remaining, StoreError, Totals,
+    Remaining, StoreError, Totals, UserUse,
 };
 
 /// Easemob refuses a `msgIdList` longer than this; a job splits longer ones into batches of this size.
@@ -271,6 +271,12 @@ impl Store {
     /// The lanes jobs have used (before a restart, or on another replica), each with the end of its last record.
     pub async fn lanes_used(&self) -> Result<Vec<LaneUse>, StoreError> {
         each!(self, false, store => store.lanes_used().await)
+    }
+
+    /// The calls jobs made for each user since `since_ms` (before a restart), where users' windows are this
+    /// process's own (with the SQLite store; in Redis they outlive the process).
+    pub async fn users_sent(&self, since_ms: i64) -> Result<Vec<UserUse>, StoreError> {
+        each!(self, false, store => store.users_sent(since_ms).await)
     }
 
     pub async fn record(&self, outcomes: Vec<Outcome>, now_ms: i64) -> Result<Vec<i64>, StoreError> {

@@ -45,7 +45,7 @@ pub const RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit
 
 /// Easemob's windows: the route and AppKey limits count calls per second, the per-user limit per minute.
 const SECOND: Duration = Duration::from_secs(1);
-const MINUTE: Duration = Duration::from_secs(60);
+pub const MINUTE: Duration = Duration::from_secs(60);
 
 /// A lane never slows below this share of its configured rate, however many 429s Easemob sends.
 const MIN_ADAPTIVE_FACTOR: f64 = 0.1;
@@ -724,6 +724,14 @@ impl QuotaSet {
         }
         if let Some(shared) = &self.shared {
             shared.fallback.resume(app, used);
+        }
+    }
+
+    /// Resumes app number `app`'s per-user windows after a restart: each user in `sent` as if they made a call
+    /// the time given ago, so that a user whose window was full before the restart is not given it again.
+    pub fn resume_users(&self, app: AppIndex, sent: &[(&str, Duration)]) {
+        for (user, ago) in sent {
+            self.users[app.0].resume(user, *ago);
         }
     }
 

@@ -31,7 +31,7 @@ use crate::apps::{App, Apps};
 use crate::config::JobsConfig;
 use crate::exchange::{Answer, AttemptKind, Exchange, Marks, UnusedSlot, Validated};
 use crate::metrics::Metrics;
-use crate::ratelimit::{Scope, easemob_retry_after};
+use crate::ratelimit::{MINUTE, Scope, easemob_retry_after};
 use crate::routes::Route;
 use crate::routes::validate::Call;
 use crate::trace::TraceContext;
@@ -94,6 +94,7 @@ where
         let store = self.jobs.store().clone();
         let clock = self.jobs.clock();
         self.resume_lanes(&clock).await;
+        self.resume_users(&clock).await;
         // Per lane, until when the store records that jobs may send on it.
         let mut lanes_recorded: HashMap<(usize, Route), Instant> = HashMap::new();
         let mut queue: VecDeque<Held> = VecDeque::new();
@@ -350,6 +351,31 @@ where
         }
     }
 
+    /// After a start, counts in each user's window the calls jobs made for them in the last minute (as the store
+    /// recorded them), so that a user whose window the process before filled is not given it again. Calls whose
+    /// outcome died with that process are not among them: they run again (at least once, as documented).
+    async fn resume_users(&self, clock: &super::Clock) {
+        let now_ms = clock.now_ms();
+        let sent = match self.jobs.store().users_sent(now_ms - MINUTE.as_millis() as i64).await {
+            Ok(sent) => sent,
+            Err(e) => {
+                warn!(error = %e, "reading the calls jobs made for each user failed; their windows start empty");
+                return;
+            }
+        };
+        for app in self.current.apps.iter() {
+            let prefix = format!("{}/", app.key);
+            let users: Vec<(&str, Duration)> = sent
+                .iter()
+                .filter_map(|used| {
+                    let user = used.user.strip_prefix(&prefix)?;
+                    Some((user, Duration::from_millis((now_ms - used.at_ms).max(0) as u64)))
+                })
+                .collect();
+            app.quota.resume_users(app.index, &users);
+        }
+    }
+
     /// Whether the store records, before `op` goes, that jobs may send on its lane past now: renewed
     /// [`LANE_AHEAD`] ahead once half of the last record is used. Not when the store cannot write it.
     async fn record_lane(
@@ -552,16 +578,27 @@ mod tests {
         jobs: Jobs,
         app: Arc<App>,
         sent: Sent,
-        _dir: tempfile::TempDir,
+        runner: tokio::task::JoinHandle<()>,
+        dir: tempfile::TempDir,
     }
 
     /// A scheduler over a real store, the real token and quota layers, and a scripted Easemob.
     async fn start(
         jobs_config: JobsConfig,
         rate_limit: RateLimitConfig,
+        script: impl FnMut(usize) -> Answer + Send + 'static,
+    ) -> Harness {
+        launch(tempfile::tempdir().unwrap(), Clock::new(), jobs_config, rate_limit, script).await
+    }
+
+    /// [`start`], over the store in `dir`, on `clock`.
+    async fn launch(
+        dir: tempfile::TempDir,
+        clock: Clock,
+        jobs_config: JobsConfig,
+        rate_limit: RateLimitConfig,
         mut script: impl FnMut(usize) -> Answer + Send + 'static,
     ) -> Harness {
-        let dir = tempfile::tempdir().unwrap();
         let store = Store::Local(LocalStore::open(&dir.path().join("jobs.db")).unwrap());
         let quota = testing::quota(rate_limit);
         let app = testing::app(&ScriptedFetch::granting(3600), &quota);
@@ -575,13 +612,22 @@ mod tests {
             .layer(TokenLayer::new(&Metrics::new()))
             .layer(QuotaLayer::new(Arc::clone(&quota)))
             .service(easemob);
-        let jobs = Jobs::new(store, jobs_config, Clock::new());
+        let jobs = Jobs::new(store, jobs_config, clock);
         let (_, plane) = watch::channel(Plane { apps: Apps::new(vec![Arc::clone(&app)]), send });
-        tokio::spawn(Runner::new(jobs.clone(), plane, Metrics::new()).run());
-        Harness { jobs, app, sent, _dir: dir }
+        let runner = tokio::spawn(Runner::new(jobs.clone(), plane, Metrics::new()).run());
+        Harness { jobs, app, sent, runner, dir }
     }
 
     impl Harness {
+        /// The process stopped at once and started again: a new scheduler, quota and token over the same store.
+        async fn restart(self) -> Harness {
+            self.runner.abort();
+            let _ = self.runner.await;
+            let (config, clock) = (self.jobs.config().clone(), self.jobs.clock());
+            drop(self.jobs);
+            launch(self.dir, clock, config, RateLimitConfig::default(), ok).await
+        }
+
         async fn submit(&self, operations: Vec<OperationRequest>) -> JobRecord {
             let ops: Vec<NewOperation> =
                 operations.iter().flat_map(|op| super::super::operations(&self.app, op, 0).unwrap()).collect();
@@ -671,6 +717,23 @@ mod tests {
         let minute = |m: u64| times.iter().filter(|t| (m * 60..m * 60 + 60).contains(&t.as_secs())).count();
         assert_eq!((minute(0), minute(1), minute(2)), (5, 5, 2), "{times:?}");
         assert_eq!(busiest(&times, Duration::from_secs(60)), 5, "never six in a minute");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_restart_a_users_window_still_holds_the_calls_of_the_last_minute() {
+        let h = start(JobsConfig::default(), RateLimitConfig::default(), ok).await;
+        let five: Vec<_> = (0..5).map(|i| conversation("ann", &format!("p{i}"))).collect();
+        let (done, _) = h.finished(&h.submit(five).await.id).await;
+        assert_eq!(done.counts.succeeded, 5);
+        let first = h.sent.lock().unwrap()[0].0;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+
+        let h = h.restart().await;
+        let (done, _) = h.finished(&h.submit(vec![conversation("ann", "p5")]).await.id).await;
+        assert_eq!(done.counts.succeeded, 1);
+        let sixth = h.sent.lock().unwrap()[0].0;
+        assert!(sixth - first >= Duration::from_secs(60), "a sixth call within the minute: {:?}", sixth - first);
+        assert!(sixth - first < Duration::from_secs(62), "held back no longer than the window: {:?}", sixth - first);
     }
 
     fn envelope(status: u16, error: &str, retry_after: Option<&str>) -> Answer {

@@ -530,6 +530,20 @@ impl LocalStore {
         .await
     }
 
+    /// The calls jobs made for each user since `since_ms` that reached Easemob, with when their outcome was
+    /// recorded (just after the call went): what each user's window held before a restart.
+    pub async fn users_sent(&self, since_ms: i64) -> Result<Vec<UserUse>, StoreError> {
+        self.run(Access::Read, move |conn| {
+            let mut select = conn.prepare_cached(
+                "SELECT user, finished_ms FROM operations
+                 WHERE user IS NOT NULL AND status IS NOT NULL AND finished_ms >= ?1",
+            )?;
+            let rows = select.query_map([since_ms], |row| Ok(UserUse { user: row.get(0)?, at_ms: row.get(1)? }))?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
     /// Holds back every pending operation of `user` (in `app`) until `until_ms`: their per-user window is full.
     pub async fn postpone_user(&self, user: &str, until_ms: i64) -> Result<(), StoreError> {
         let user = user.to_owned();
@@ -685,6 +699,13 @@ pub struct LaneUse {
     pub app: String,
     pub route: String,
     pub until_ms: i64,
+}
+
+/// A call a job made for a user (their key, `app/user`), at `at_ms`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserUse {
+    pub user: String,
+    pub at_ms: i64,
 }
 
 pub struct Totals {

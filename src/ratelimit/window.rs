@@ -55,6 +55,19 @@ impl WindowLog {
         time_for(times, calls, self.window, self.limit)
     }
 
+    /// Counts a call for `key` made `ago` (before a restart): it keeps its place in the window as Easemob counts it.
+    pub fn resume(&self, key: &str, ago: Duration) {
+        let Some(at) = Instant::now().checked_sub(ago).filter(|_| ago < self.window) else { return };
+        let mut keys = self.keys.lock().expect("window lock");
+        let times = keys.entry(key.into()).or_default();
+        times.push(at);
+        // Only the newest `limit` calls can decide when the window has room.
+        if times.len() > self.limit {
+            times.sort_unstable();
+            times.remove(0);
+        }
+    }
+
     /// Forgets keys with no call left in the window, so memory follows the active users, not all users ever seen.
     pub fn evict_idle(&self) {
         let now = Instant::now();
