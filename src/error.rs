@@ -64,6 +64,8 @@ pub enum GatewayError {
     IdempotencyConflict,
     #[error("jobs store unavailable")]
     JobsUnavailable,
+    #[error("deletion jobs are disabled")]
+    JobsDisabled,
 }
 
 impl GatewayError {
@@ -91,6 +93,7 @@ impl GatewayError {
             GatewayError::TooManyOperations { .. } => "too_many_operations",
             GatewayError::IdempotencyConflict => "idempotency_conflict",
             GatewayError::JobsUnavailable => "jobs_unavailable",
+            GatewayError::JobsDisabled => "jobs_disabled",
         }
     }
 
@@ -219,6 +222,12 @@ impl GatewayError {
                     "the jobs store cannot keep new work right now; nothing was accepted".into(),
                 )
             },
+            GatewayError::JobsDisabled => rejected(
+                StatusCode::NOT_FOUND,
+                "jobs_disabled",
+                "deletion jobs are disabled on this gateway; its configuration enables them with jobs.enabled = true"
+                    .into(),
+            ),
         };
         let mut response = envelope(status, error, &description, started, origin);
         let response_headers = response.headers_mut();

@@ -75,15 +75,18 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        // With jobs off, their paths are unknown routes like any other (the validation layer says so).
-        let jobs = match &self.api.jobs {
-            Some(jobs) if is_jobs_path(request.uri().path()) => jobs.clone(),
-            _ => return Either::Left(self.inner.call(request)),
-        };
+        if !is_jobs_path(request.uri().path()) {
+            return Either::Left(self.inner.call(request));
+        }
         let api = self.api.clone();
         Either::Right(Box::pin(async move {
             let started = Instant::now();
-            Ok(api.handle(&jobs, request).await.unwrap_or_else(|e| e.into_response(started)))
+            // With jobs off, their paths say so (and how to turn them on) rather than being unknown routes.
+            let answer = match &api.jobs {
+                Some(jobs) => api.handle(jobs, request).await,
+                None => Err(GatewayError::JobsDisabled),
+            };
+            Ok(answer.unwrap_or_else(|e| e.into_response(started)))
         }))
     }
 }

@@ -261,3 +261,23 @@ async fn the_command_line_client_submits_watches_and_prints_failures_to_resubmit
     assert_eq!(code, Some(1));
     assert!(err.contains("job_not_found"), "{err}");
 }
+
+#[tokio::test]
+async fn with_jobs_off_the_jobs_api_and_the_client_say_so_and_name_the_key() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    for (method, tail) in [
+        (Method::POST, "/_gateway/jobs".to_owned()),
+        (Method::GET, format!("/{ORG}/{APP}/_gateway/jobs/some-id")),
+        (Method::POST, "/_gateway/jobs/some-id/cancel".to_owned()),
+    ] {
+        let answer = send(method, &format!("{}{tail}", gw.data), &[], "{}").await;
+        let description = answer.assert_error(404, "jobs_disabled");
+        assert!(description.contains("jobs.enabled = true"), "{tail}: {description}");
+        assert_eq!(answer.header("x-easemob-gateway"), Some("rejected"), "{tail}");
+    }
+    let (code, _, err) = cli(&gw, &["list"], None).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("jobs_disabled") && err.contains("jobs.enabled = true"), "{err}");
+    assert_eq!(sim.business_requests().await, 0);
+}
