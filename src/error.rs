@@ -60,6 +60,9 @@ pub enum GatewayError {
     InvalidJob { error: &'static str, description: String },
     #[error("job too large")]
     TooManyOperations { max: usize, got: usize },
+    /// One operation of a job request is longer than any can be (`index` counts from 0).
+    #[error("job operation too large")]
+    OperationTooLarge { index: usize, limit: usize },
     #[error("idempotency key reused for a different job")]
     IdempotencyConflict,
     #[error("jobs store unavailable")]
@@ -91,6 +94,7 @@ impl GatewayError {
             GatewayError::JobNotFound => "job_not_found",
             GatewayError::InvalidJob { .. } => "invalid_job",
             GatewayError::TooManyOperations { .. } => "too_many_operations",
+            GatewayError::OperationTooLarge { .. } => "operation_too_large",
             GatewayError::IdempotencyConflict => "idempotency_conflict",
             GatewayError::JobsUnavailable => "jobs_unavailable",
             GatewayError::JobsDisabled => "jobs_disabled",
@@ -207,7 +211,12 @@ impl GatewayError {
             GatewayError::TooManyOperations { max, got } => rejected(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request_entity_too_large",
-                format!("a job holds at most {max} operations (jobs.max_operations), counting each batch of 50 message IDs; this one has {got}").into(),
+                format!("a job holds at most {max} operations (jobs.max_operations), counting each batch of 50 message IDs; this one has at least {got}").into(),
+            ),
+            GatewayError::OperationTooLarge { index, limit } => rejected(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_entity_too_large",
+                format!("operations[{index}] is over {limit} bytes, more than any operation takes").into(),
             ),
             GatewayError::IdempotencyConflict => rejected(
                 StatusCode::UNPROCESSABLE_ENTITY,
