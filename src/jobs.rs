@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Deserialize;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
 use crate::apps::App;
 use crate::config::JobsConfig;
@@ -33,6 +33,10 @@ use self::store::{
 
 /// Easemob refuses a `msgIdList` longer than this; a job splits longer ones into batches of this size.
 pub const MSG_IDS_PER_CALL: usize = 50;
+/// Job requests read at once: each holds up to `jobs.max_operations` operations until they are stored, so this
+/// bounds what they hold together (more wait their turn, their bodies unread). Two, so one slow sender does not hold
+/// up every other.
+const INTAKES_AT_ONCE: usize = 2;
 
 /// The jobs of this process: the store, and what the scheduler must hear about.
 #[derive(Clone)]
@@ -46,11 +50,19 @@ struct JobsInner {
     wake: Notify,
     /// Jobs cancelled since start-up (by `seq`): what the scheduler already holds of them is dropped.
     cancelled: Mutex<HashSet<i64>>,
+    /// Turns to read a job request ([`INTAKES_AT_ONCE`]).
+    intakes: Semaphore,
 }
 
 impl Jobs {
     pub fn new(store: Store, config: JobsConfig, clock: Clock) -> Jobs {
-        Jobs(Arc::new(JobsInner { store, config, clock, wake: Notify::new(), cancelled: Mutex::new(HashSet::new()) }))
+        let (wake, cancelled, intakes) = (Notify::new(), Mutex::new(HashSet::new()), Semaphore::new(INTAKES_AT_ONCE));
+        Jobs(Arc::new(JobsInner { store, config, clock, wake, cancelled, intakes }))
+    }
+
+    /// A turn to read a job request and store its operations: hold it until they are stored.
+    pub async fn intake_turn(&self) -> SemaphorePermit<'_> {
+        self.0.intakes.acquire().await.expect("the intake semaphore is never closed")
     }
 
     pub fn store(&self) -> &Store {

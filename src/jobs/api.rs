@@ -141,10 +141,12 @@ impl JobsApiLayer {
                 ));
             }
         };
+        // Until the operations are stored: what job requests hold together is bounded.
+        let _turn = jobs.intake_turn().await;
         let config = jobs.config();
         let limits = Limits {
             max_operations: config.max_operations,
-            max_body_bytes: config.max_body_bytes,
+            max_body_bytes: config.max_body_bytes(),
             body_read_timeout: self.body_read_timeout,
         };
         let now_ms = jobs.clock().now_ms();

@@ -22,6 +22,7 @@ use tower::BoxError;
 use super::OperationRequest;
 use super::store::NewOperation;
 use crate::apps::App;
+use crate::config::JobsConfig;
 use crate::error::GatewayError;
 use crate::routes::layer::read_chunks;
 
@@ -58,8 +59,13 @@ where
 {
     let (sender, received) = mpsc::channel::<Bytes>(CHUNKS_AHEAD);
     let max_operations = limits.max_operations;
-    let mut parser =
-        tokio::task::spawn_blocking(move || parse(Chunks::new(received, digest), &app, now_ms, max_operations));
+    // As many operations as the declared length can hold, at most the cap: reserved at once, so the list never
+    // moves (doubling would leave each smaller copy behind); pages not yet written are not resident.
+    let room = body.size_hint().upper().map_or(usize::MAX, |n| n as usize / JobsConfig::MIN_OPERATION_BYTES + 1);
+    let operations = Vec::with_capacity(max_operations.min(room));
+    let mut parser = tokio::task::spawn_blocking(move || {
+        parse(Chunks::new(received, digest), &app, now_ms, max_operations, operations)
+    });
     // The sender goes with the reading: once it ends (the body's end, or a failure), the parser sees the end.
     let reading = read_chunks(body, limits.body_read_timeout, limits.max_body_bytes, move |chunk| {
         let sender = sender.clone();
@@ -79,8 +85,14 @@ where
 }
 
 /// The parse, on its blocking thread: the operations, or why the job is refused.
-fn parse(mut chunks: Chunks, app: &App, now_ms: i64, max_operations: usize) -> Result<Intake, GatewayError> {
-    let mut taken = Taken::new(app, now_ms, max_operations, Rc::clone(&chunks.left));
+fn parse(
+    mut chunks: Chunks,
+    app: &App,
+    now_ms: i64,
+    max_operations: usize,
+    operations: Vec<NewOperation>,
+) -> Result<Intake, GatewayError> {
+    let mut taken = Taken::new(app, now_ms, max_operations, Rc::clone(&chunks.left), operations);
     let mut json = serde_json::Deserializer::from_reader(&mut chunks);
     let parsed = Job(&mut taken).deserialize(&mut json).and_then(|()| json.end());
     if let Some(got) = taken.too_many {
@@ -129,7 +141,13 @@ struct Taken<'a> {
 }
 
 impl<'a> Taken<'a> {
-    fn new(app: &'a App, now_ms: i64, max_operations: usize, left: Rc<Cell<usize>>) -> Taken<'a> {
+    fn new(
+        app: &'a App,
+        now_ms: i64,
+        max_operations: usize,
+        left: Rc<Cell<usize>>,
+        operations: Vec<NewOperation>,
+    ) -> Taken<'a> {
         left.set(MAX_OPERATION_BYTES);
         Taken {
             app,
@@ -138,7 +156,7 @@ impl<'a> Taken<'a> {
             left,
             seen: 0,
             counted: 0,
-            operations: Vec::new(),
+            operations,
             bad: 0,
             reported: Vec::new(),
             too_many: None,
@@ -156,7 +174,7 @@ impl<'a> Taken<'a> {
             Ok(batch) => {
                 self.counted += batch.len();
                 // Once one is bad nothing will be accepted: the rest are only checked.
-                if self.bad == 0 {
+                if self.bad == 0 && self.counted <= self.max_operations {
                     self.operations.extend(batch);
                 }
             }

@@ -95,3 +95,13 @@ fn listening_beyond_loopback_requires_allow_from() {
     let (ok, _, err) = check(&config, &[("TEST_EASEMOB_SECRET", "x")]);
     assert!(ok, "{err}");
 }
+
+#[test]
+fn a_job_size_pair_that_contradicts_itself_is_refused() {
+    let config = format!("{GOOD}\n[jobs]\nmax_operations = 100000\nmax_body_bytes = 1048576\n");
+    let (ok, _, err) = check(&config, &[("TEST_EASEMOB_SECRET", "x")]);
+    assert!(!ok);
+    assert!(err.contains("jobs.max_body_bytes 1048576 cannot hold jobs.max_operations 100000 operations"), "{err}");
+    let (ok, _, err) = check(&format!("{GOOD}\n[jobs]\nmax_operations = 1000\n"), &[("TEST_EASEMOB_SECRET", "x")]);
+    assert!(ok, "derived from max_operations: {err}");
+}
