@@ -199,3 +199,26 @@ async fn a_token_endpoint_that_hangs_at_start_up_gets_a_definite_503_then_recove
     gw.wait_ready().await;
     assert_eq!(clear(&gw).await.status, 200);
 }
+
+#[tokio::test]
+async fn a_token_answer_one_byte_over_its_cap_is_refused_and_one_at_its_cap_is_used() {
+    use easemob_gateway::upstream::MAX_ANSWER_BYTES;
+    let sim = Sim::start().await;
+    sim.faults(json!({"answer_bytes": MAX_ANSWER_BYTES + 1})).await;
+    let options = GatewayOptions {
+        extra: "[token]\nretry_min = \"100ms\"\nretry_max = \"400ms\"\nmin_interval = \"50ms\"\n".into(),
+        ..Default::default()
+    };
+    let gw = Gateway::start(&sim, options).await;
+    eventually(Duration::from_secs(20), "a failed fetch", || async {
+        gw.readyz().await.json()["apps"].to_string().contains("failing")
+    })
+    .await;
+    clear(&gw).await.assert_error(503, "service_unavailable");
+    assert_eq!(sim.business_requests().await, 0);
+
+    sim.faults(json!({"answer_bytes": MAX_ANSWER_BYTES})).await;
+    gw.wait_ready().await;
+    let a = clear(&gw).await;
+    assert!(!a.gateway_made(), "{}", a.status);
+}

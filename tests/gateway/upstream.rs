@@ -86,3 +86,19 @@ async fn connections_easemob_closed_while_idle_fail_no_request() {
     assert_eq!(retries, 0, "a stale connection is the pool's to handle, not the retry budget's");
     assert!(sim.stats().await["connections_closed_idle"].as_u64().unwrap() >= 5);
 }
+
+#[tokio::test]
+async fn an_easemob_answer_at_its_cap_is_passed_on_and_one_byte_more_is_502() {
+    use easemob_gateway::upstream::MAX_ANSWER_BYTES;
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    let url = gw.url("/rest/message/roaming/user/dave/delete/all");
+    sim.faults(json!({"answer_bytes": MAX_ANSWER_BYTES})).await;
+    let a = send(Method::POST, &url, &[], "").await;
+    assert!(!a.gateway_made(), "Easemob's own answer: {}", a.status);
+    assert_eq!(a.body.len(), MAX_ANSWER_BYTES);
+    sim.faults(json!({"answer_bytes": MAX_ANSWER_BYTES + 1})).await;
+    let a = send(Method::POST, &url, &[], "").await;
+    a.assert_error(502, "upstream_failed");
+    assert_eq!(a.header("x-easemob-gateway"), Some("upstream-error"));
+}
