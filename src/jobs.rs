@@ -33,10 +33,10 @@ use self::store::{
 
 /// Easemob refuses a `msgIdList` longer than this; a job splits longer ones into batches of this size.
 pub const MSG_IDS_PER_CALL: usize = 50;
-/// Job requests read at once: each holds up to `jobs.max_operations` operations until they are stored, so this
-/// bounds what they hold together (more wait their turn, their bodies unread). Two, so one slow sender does not hold
-/// up every other.
-const INTAKES_AT_ONCE: usize = 2;
+/// Job requests read at once: each holds up to `jobs.max_operations` operations until they are stored (about 40 MB
+/// for 100,000 of the widest), so this bounds what they hold together; the next waits its turn, its body unread. A
+/// slow sender holds up the next for at most `server.body_read_timeout`.
+const INTAKES_AT_ONCE: usize = 1;
 
 /// The jobs of this process: the store, and what the scheduler must hear about.
 #[derive(Clone)]
