@@ -52,12 +52,19 @@ struct JobsInner {
     cancelled: Mutex<HashSet<i64>>,
     /// Turns to read a job request ([`INTAKES_AT_ONCE`]).
     intakes: Semaphore,
+    parser: intake::Parser,
 }
 
 impl Jobs {
     pub fn new(store: Store, config: JobsConfig, clock: Clock) -> Jobs {
         let (wake, cancelled, intakes) = (Notify::new(), Mutex::new(HashSet::new()), Semaphore::new(INTAKES_AT_ONCE));
-        Jobs(Arc::new(JobsInner { store, config, clock, wake, cancelled, intakes }))
+        let parser = intake::Parser::start();
+        Jobs(Arc::new(JobsInner { store, config, clock, wake, cancelled, intakes, parser }))
+    }
+
+    /// Where job requests are parsed.
+    pub fn parser(&self) -> &intake::Parser {
+        &self.0.parser
     }
 
     /// A turn to read a job request and store its operations: hold it until they are stored.

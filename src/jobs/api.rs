@@ -151,7 +151,7 @@ impl JobsApiLayer {
         };
         let now_ms = jobs.clock().now_ms();
         let Intake { operations, sha256 } =
-            intake::read(body, &limits, Arc::clone(app), now_ms, idempotency_key.is_some()).await?;
+            intake::read(jobs.parser(), body, &limits, Arc::clone(app), now_ms, idempotency_key.is_some()).await?;
         let Caller(caller) = parts.extensions.get::<Caller>().cloned().unwrap_or_default();
         let created = jobs
             .submit(app, caller.as_deref(), idempotency_key.as_deref(), sha256, operations)

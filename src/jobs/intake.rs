@@ -49,10 +49,41 @@ pub struct Limits {
     pub body_read_timeout: Duration,
 }
 
+/// The thread job requests are parsed on, one at a time: one thread, so the memory one request's operations took
+/// (which the allocator keeps for the thread that took it) is what the next request reuses, instead of each landing
+/// on another of tokio's blocking threads.
+pub struct Parser(std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>);
+
+impl Parser {
+    /// Starts the thread; it ends when the parser is dropped.
+    pub fn start() -> Parser {
+        let (sender, work) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        std::thread::Builder::new()
+            .name("job-intake".to_owned())
+            .spawn(move || work.iter().for_each(|parse| parse()))
+            .expect("a thread for job requests");
+        Parser(sender)
+    }
+
+    /// Runs `parse` on the thread; its result, or `None` if the thread is gone.
+    async fn run<T: Send + 'static>(&self, parse: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (done, result) = tokio::sync::oneshot::channel();
+        self.0.send(Box::new(move || drop(done.send(parse())))).ok()?;
+        result.await.ok()
+    }
+}
+
 /// Reads and validates a job request for `app`: at most `limits.max_body_bytes` within `limits.body_read_timeout`,
 /// refused (413) as soon as it passes `limits.max_operations`. A failure to read the body wins over what the parser
 /// made of the part it saw.
-pub async fn read<B>(body: B, limits: &Limits, app: Arc<App>, now_ms: i64, digest: bool) -> Result<Intake, GatewayError>
+pub async fn read<B>(
+    parser: &Parser,
+    body: B,
+    limits: &Limits,
+    app: Arc<App>,
+    now_ms: i64,
+    digest: bool,
+) -> Result<Intake, GatewayError>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -63,9 +94,8 @@ where
     // moves (doubling would leave each smaller copy behind); pages not yet written are not resident.
     let room = body.size_hint().upper().map_or(usize::MAX, |n| n as usize / JobsConfig::MIN_OPERATION_BYTES + 1);
     let operations = Vec::with_capacity(max_operations.min(room));
-    let mut parser = tokio::task::spawn_blocking(move || {
-        parse(Chunks::new(received, digest), &app, now_ms, max_operations, operations)
-    });
+    let parsed = parser.run(move || parse(Chunks::new(received, digest), &app, now_ms, max_operations, operations));
+    tokio::pin!(parsed);
     // The sender goes with the reading: once it ends (the body's end, or a failure), the parser sees the end.
     let reading = read_chunks(body, limits.body_read_timeout, limits.max_body_bytes, move |chunk| {
         let sender = sender.clone();
@@ -77,10 +107,10 @@ where
         biased;
         read = &mut reading => {
             read?;
-            parser.await.map_err(|_| GatewayError::Internal)?
+            parsed.await.ok_or(GatewayError::Internal)?
         }
         // The parser ended before the body did: it has its answer (a refusal), and the rest is not read.
-        parsed = &mut parser => parsed.map_err(|_| GatewayError::Internal)?,
+        parsed = &mut parsed => parsed.ok_or(GatewayError::Internal)?,
     }
 }
 
@@ -351,7 +381,7 @@ mod tests {
         let limits =
             Limits { max_operations: 5, max_body_bytes: 4 << 20, body_read_timeout: Duration::from_secs(3600) };
         // Far longer than a parse takes; the body itself would stall for an hour.
-        tokio::time::timeout(Duration::from_secs(120), read(stalled(text), &limits, app, 0, false))
+        tokio::time::timeout(Duration::from_secs(120), read(&Parser::start(), stalled(text), &limits, app, 0, false))
             .await
             .expect("answered before the body ends")
     }
