@@ -26,7 +26,7 @@ use crate::apps::{App, Apps};
 use crate::config::is_plain_label;
 use crate::error::{GatewayError, json_response};
 use crate::exchange::{Answer, Waiting};
-use crate::routes::layer::find;
+use crate::routes::layer::{find, refuse_declared_over};
 
 const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
 
@@ -141,9 +141,11 @@ impl JobsApiLayer {
                 ));
             }
         };
+        let config = jobs.config();
+        // Refused at once, without waiting for a turn.
+        refuse_declared_over(&body, config.max_body_bytes())?;
         // Until the operations are stored: what job requests hold together is bounded.
         let _turn = jobs.intake_turn().await;
-        let config = jobs.config();
         let limits = Limits {
             max_operations: config.max_operations,
             max_body_bytes: config.max_body_bytes(),

@@ -317,9 +317,7 @@ where
     F: FnMut(Bytes) -> Fut,
     Fut: Future<Output = ControlFlow<()>>,
 {
-    if body.size_hint().lower() > limit as u64 {
-        return Err(GatewayError::BodyTooLarge { limit });
-    }
+    refuse_declared_over(&body, limit)?;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut body = std::pin::pin!(body);
     let mut read = 0;
@@ -341,6 +339,14 @@ where
             return Ok(());
         }
         waited += handing.elapsed();
+    }
+}
+
+/// A body whose declared length is over `limit` is refused before any of it is read.
+pub fn refuse_declared_over<B: http_body::Body>(body: &B, limit: usize) -> Result<(), GatewayError> {
+    match body.size_hint().lower() > limit as u64 {
+        true => Err(GatewayError::BodyTooLarge { limit }),
+        false => Ok(()),
     }
 }
 

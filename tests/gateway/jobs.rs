@@ -302,9 +302,13 @@ async fn a_job_request_is_refused_as_soon_as_it_passes_a_limit() {
     };
     let wait = Duration::from_secs(60);
 
+    // A request that stalls holds the one turn to read a job; one declaring too much is refused without waiting.
+    let (addr, stalled) = (gw.data.clone(), format!("{}{{\"operations\": [", head(3_000_000)));
+    let holding = tokio::spawn(async move { raw(&addr, stalled.as_bytes(), Duration::from_secs(300)).await });
     let declared = raw(&gw.data, head(4194305).as_bytes(), wait).await;
     assert!(declared.starts_with("HTTP/1.1 413"), "{declared}");
     assert!(declared.contains("larger than 4194304 bytes"), "{declared}");
+    holding.abort();
 
     let six: Vec<String> = (0..6).map(|i| clear_op(&format!("u{i}")).to_string()).collect();
     let started = format!("{}{{\"operations\": [{},", head(3_000_000), six.join(","));
