@@ -4,7 +4,8 @@
 //! before anything is stored (`msgIdList`s longer than Easemob's 50 are split into batches). A direct call sent
 //! with `Prefer: respond-async` becomes a job of one (`jobs/defer.rs`). Jobs are kept in an embedded store
 //! (`jobs/store.rs`), run by one scheduler per process (`jobs/runner.rs`) through the same token, quota and
-//! client layers as direct calls, and read, listed and cancelled through the jobs API (`jobs/api.rs`).
+//! client layers as direct calls, and read, listed and cancelled through the jobs API (`jobs/api.rs`), which
+//! parses a job request as it arrives (`jobs/intake.rs`).
 
 pub mod api;
 pub mod defer;
@@ -33,7 +34,7 @@ use self::store::{
 
 /// Easemob refuses a `msgIdList` longer than this; a job splits longer ones into batches of this size.
 pub const MSG_IDS_PER_CALL: usize = 50;
-/// Job requests read at once: each holds up to `jobs.max_operations` operations until they are stored (about 40 MB
+/// Job requests read at once: each holds up to `jobs.max_operations` operations until they are stored (about 50 MB
 /// for 100,000 of the widest), so this bounds what they hold together; the next waits its turn, its body unread. A
 /// slow sender holds up the next for at most `server.body_read_timeout`.
 const INTAKES_AT_ONCE: usize = 1;
