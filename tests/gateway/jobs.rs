@@ -305,6 +305,10 @@ async fn a_job_request_is_refused_as_soon_as_it_passes_a_limit() {
     // A request that stalls holds the one turn to read a job; one declaring too much is refused without waiting.
     let (addr, stalled) = (gw.data.clone(), format!("{}{{\"operations\": [", head(3_000_000)));
     let holding = tokio::spawn(async move { raw(&addr, stalled.as_bytes(), Duration::from_secs(300)).await });
+    eventually(Duration::from_secs(30), "the stalled request in flight", || async {
+        metric(&gw.metrics().await, "easemob_gateway_in_flight_requests") >= 1
+    })
+    .await;
     let declared = raw(&gw.data, head(4194305).as_bytes(), wait).await;
     assert!(declared.starts_with("HTTP/1.1 413"), "{declared}");
     assert!(declared.contains("larger than 4194304 bytes"), "{declared}");
