@@ -95,8 +95,10 @@ pub struct JobsConfig {
     pub lease: Duration,
     /// Operations one job may hold (after splitting long message ID lists).
     pub max_operations: usize,
-    /// The largest request that creates a job, in bytes.
-    pub max_body_bytes: usize,
+    /// The largest request that creates a job, in bytes; absent: derived from `max_operations`
+    /// ([`JobsConfig::max_body_bytes`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<usize>,
     /// Job operations in flight to Easemob at once, across all jobs.
     pub concurrency: usize,
     /// Attempts per operation before it fails with its last answer.
@@ -122,8 +124,7 @@ impl Default for JobsConfig {
             store: None,
             lease: Duration::from_secs(60),
             max_operations: 100_000,
-            // 100,000 operations of a few hundred bytes each, with room to spare.
-            max_body_bytes: 64 * 1024 * 1024,
+            max_body_bytes: None,
             // Enough to keep 100 calls/s per route going at Easemob's usual latency, with room for several routes.
             concurrency: 32,
             max_attempts: 10,
@@ -134,6 +135,23 @@ impl Default for JobsConfig {
             // would stop the direct deletions that still work.
             ready_requires_store: false,
         }
+    }
+}
+
+impl JobsConfig {
+    /// Request bytes allowed per operation when `max_body_bytes` is derived: the largest operation on one user or
+    /// conversation, IDs at their 64-character limit, is 238 bytes of compact JSON (a `delete_conversation` with its
+    /// body). Jobs of longer message ID lists hold fewer operations.
+    pub const BYTES_PER_OPERATION: usize = 256;
+    /// The fewest bytes an operation can take (`{"method":"POST","path":"/rest/message/roaming/user/a/delete/all"}`
+    /// is 66): a `max_body_bytes` below `max_operations` of these makes the operation cap unreachable.
+    pub const MIN_OPERATION_BYTES: usize = 64;
+
+    /// The largest request that creates a job: as set, or the largest valid job of `max_operations` operations and
+    /// 64 KiB for the envelope and spacing.
+    pub fn max_body_bytes(&self) -> usize {
+        self.max_body_bytes
+            .unwrap_or_else(|| self.max_operations.saturating_mul(JobsConfig::BYTES_PER_OPERATION) + 64 * 1024)
     }
 }
 
@@ -1279,8 +1297,19 @@ impl Config {
         if !(1..=1_000_000).contains(&j.max_operations) {
             problems.push(format!("jobs.max_operations {} must be from 1 to 1000000", j.max_operations));
         }
-        if j.max_body_bytes < 1024 {
-            problems.push(format!("jobs.max_body_bytes {} must be at least 1024", j.max_body_bytes));
+        match j.max_body_bytes {
+            Some(bytes) if bytes < 1024 => {
+                problems.push(format!("jobs.max_body_bytes {bytes} must be at least 1024"));
+            }
+            Some(bytes) if bytes < j.max_operations.saturating_mul(JobsConfig::MIN_OPERATION_BYTES) => {
+                problems.push(format!(
+                    "jobs.max_body_bytes {bytes} cannot hold jobs.max_operations {} operations (each takes at least \
+                     {} bytes): raise it, or leave it out to derive it from jobs.max_operations",
+                    j.max_operations,
+                    JobsConfig::MIN_OPERATION_BYTES
+                ));
+            }
+            _ => {}
         }
         if !(1..=1024).contains(&j.concurrency) {
             problems.push(format!("jobs.concurrency {} must be from 1 to 1024", j.concurrency));
@@ -1491,6 +1520,28 @@ mod tests {
         c.jobs.lease = Duration::from_secs(27);
         let problems = c.problems(SecretPolicy::InlineAllowed);
         assert!(!problems.iter().any(|p| p.starts_with("jobs.lease")), "{problems:?}");
+    }
+
+    #[test]
+    fn the_largest_job_request_follows_max_operations_unless_set_and_a_pair_that_contradicts_itself_is_refused() {
+        let mut c = Config::load(write(MINIMAL).path()).unwrap();
+        assert_eq!(c.jobs.max_body_bytes(), 100_000 * 256 + 65_536);
+        c.jobs.max_operations = 10;
+        assert_eq!(c.jobs.max_body_bytes(), 10 * 256 + 65_536);
+        let about_size = |c: &Config| {
+            c.problems(SecretPolicy::InlineAllowed)
+                .into_iter()
+                .filter(|p| p.starts_with("jobs.max_"))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(about_size(&c), Vec::<String>::new());
+        c.jobs.max_operations = 100_000;
+        c.jobs.max_body_bytes = Some(1_000_000);
+        assert_eq!(c.jobs.max_body_bytes(), 1_000_000);
+        let cannot = "jobs.max_body_bytes 1000000 cannot hold jobs.max_operations 100000 operations";
+        assert!(about_size(&c).iter().any(|p| p.starts_with(cannot)), "{:?}", about_size(&c));
+        c.jobs.max_body_bytes = Some(6_400_000);
+        assert_eq!(about_size(&c), Vec::<String>::new());
     }
 
     #[test]
@@ -1751,6 +1802,7 @@ mod tests {
         c.jobs.store = Some(PathBuf::from("jobs.db"));
         c.trace.otlp_endpoint = Some("http://127.0.0.1:4318/v1/traces".to_owned());
         c.callers = vec![CallerConfig { name: "n".to_owned(), key_sha256: "0".repeat(64) }];
+        c.jobs.max_body_bytes = Some(1 << 20);
         let app = &mut c.apps[0];
         (app.client_secret_env, app.client_secret) =
             (Some("S".to_owned()), Some(InlineSecret(SecretString::from("s"))));

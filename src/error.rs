@@ -62,10 +62,15 @@ pub enum GatewayError {
     InvalidJob { error: &'static str, description: String },
     #[error("job too large")]
     TooManyOperations { max: usize, got: usize },
+    /// One operation of a job request is longer than any can be (`index` counts from 0).
+    #[error("job operation too large")]
+    OperationTooLarge { index: usize, limit: usize },
     #[error("idempotency key reused for a different job")]
     IdempotencyConflict,
     #[error("jobs store unavailable")]
     JobsUnavailable,
+    #[error("deletion jobs are disabled")]
+    JobsDisabled,
 }
 
 impl GatewayError {
@@ -92,8 +97,10 @@ impl GatewayError {
             GatewayError::JobNotFound => "job_not_found",
             GatewayError::InvalidJob { .. } => "invalid_job",
             GatewayError::TooManyOperations { .. } => "too_many_operations",
+            GatewayError::OperationTooLarge { .. } => "operation_too_large",
             GatewayError::IdempotencyConflict => "idempotency_conflict",
             GatewayError::JobsUnavailable => "jobs_unavailable",
+            GatewayError::JobsDisabled => "jobs_disabled",
         }
     }
 
@@ -212,7 +219,12 @@ impl GatewayError {
             GatewayError::TooManyOperations { max, got } => rejected(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request_entity_too_large",
-                format!("a job holds at most {max} operations (jobs.max_operations), counting each batch of 50 message IDs; this one has {got}").into(),
+                format!("a job holds at most {max} operations (jobs.max_operations), counting each batch of 50 message IDs; this one has at least {got}").into(),
+            ),
+            GatewayError::OperationTooLarge { index, limit } => rejected(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_entity_too_large",
+                format!("operations[{index}] is over {limit} bytes, more than any operation takes").into(),
             ),
             GatewayError::IdempotencyConflict => rejected(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -227,6 +239,12 @@ impl GatewayError {
                     "the jobs store cannot keep new work right now; nothing was accepted".into(),
                 )
             },
+            GatewayError::JobsDisabled => rejected(
+                StatusCode::NOT_FOUND,
+                "jobs_disabled",
+                "deletion jobs are disabled on this gateway; its configuration enables them with jobs.enabled = true"
+                    .into(),
+            ),
         };
         let mut response = envelope(status, error, &description, started, origin);
         let response_headers = response.headers_mut();

@@ -4,10 +4,12 @@
 //! before anything is stored (`msgIdList`s longer than Easemob's 50 are split into batches). A direct call sent
 //! with `Prefer: respond-async` becomes a job of one (`jobs/defer.rs`). Jobs are kept in an embedded store
 //! (`jobs/store.rs`), run by one scheduler per process (`jobs/runner.rs`) through the same token, quota and
-//! client layers as direct calls, and read, listed and cancelled through the jobs API (`jobs/api.rs`).
+//! client layers as direct calls, and read, listed and cancelled through the jobs API (`jobs/api.rs`), which
+//! parses a job request as it arrives (`jobs/intake.rs`).
 
 pub mod api;
 pub mod defer;
+pub mod intake;
 pub mod runner;
 pub mod shared;
 pub mod store;
@@ -17,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Deserialize;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
 use crate::apps::App;
 use crate::config::JobsConfig;
@@ -32,6 +34,10 @@ use self::store::{
 
 /// Easemob refuses a `msgIdList` longer than this; a job splits longer ones into batches of this size.
 pub const MSG_IDS_PER_CALL: usize = 50;
+/// Job requests read at once: each holds up to `jobs.max_operations` operations until they are stored (about 50 MB
+/// for 100,000 of the widest), so this bounds what they hold together; the next waits its turn, its body unread. A
+/// slow sender holds up the next for at most `server.body_read_timeout`.
+const INTAKES_AT_ONCE: usize = 1;
 
 /// The jobs of this process: the store, and what the scheduler must hear about.
 #[derive(Clone)]
@@ -45,11 +51,26 @@ struct JobsInner {
     wake: Notify,
     /// Jobs cancelled since start-up (by `seq`): what the scheduler already holds of them is dropped.
     cancelled: Mutex<HashSet<i64>>,
+    /// Turns to read a job request ([`INTAKES_AT_ONCE`]).
+    intakes: Semaphore,
+    parser: intake::Parser,
 }
 
 impl Jobs {
     pub fn new(store: Store, config: JobsConfig, clock: Clock) -> Jobs {
-        Jobs(Arc::new(JobsInner { store, config, clock, wake: Notify::new(), cancelled: Mutex::new(HashSet::new()) }))
+        let (wake, cancelled, intakes) = (Notify::new(), Mutex::new(HashSet::new()), Semaphore::new(INTAKES_AT_ONCE));
+        let parser = intake::Parser::start();
+        Jobs(Arc::new(JobsInner { store, config, clock, wake, cancelled, intakes, parser }))
+    }
+
+    /// Where job requests are parsed.
+    pub fn parser(&self) -> &intake::Parser {
+        &self.0.parser
+    }
+
+    /// A turn to read a job request and store its operations: hold it until they are stored.
+    pub async fn intake_turn(&self) -> SemaphorePermit<'_> {
+        self.0.intakes.acquire().await.expect("the intake semaphore is never closed")
     }
 
     pub fn store(&self) -> &Store {
@@ -331,9 +352,10 @@ pub struct OperationRequest {
     pub method: String,
     /// The path and query, with or without the `/{org_name}/{app_name}` prefix.
     pub path: String,
-    /// The JSON body (`delete_conversation` only).
+    /// The JSON body (`delete_conversation` only), as it was written: validated by the same code as a direct
+    /// call's body, without a JSON tree in between.
     #[serde(default)]
-    pub body: Option<serde_json::Value>,
+    pub body: Option<Box<serde_json::value::RawValue>>,
 }
 
 /// Validates one requested operation for `app` as a direct call would be, splitting a long `msgIdList` into
@@ -357,14 +379,14 @@ pub fn operations(app: &App, op: &OperationRequest, now_ms: i64) -> Result<Vec<N
         return Err(bad(format!("{} takes {}, not {:?}", route.name(), route.method(), op.method)));
     }
     let body = match (&op.body, route) {
-        (Some(body), Route::DeleteConversation) => serde_json::to_vec(body).expect("a JSON value serializes"),
-        (None, Route::DeleteConversation) => Vec::new(),
+        (Some(body), Route::DeleteConversation) => body.get().as_bytes(),
+        (None, Route::DeleteConversation) => &[],
         (Some(_), _) => return Err(bad(format!("{} takes no body", route.name()))),
-        (None, _) => Vec::new(),
+        (None, _) => &[],
     };
     batches(route, query)
         .iter()
-        .map(|query| Ok(operation(app, &Call::parse(route, owner, query.as_deref(), &body, now_ms)?)))
+        .map(|query| Ok(operation(app, &Call::parse(route, owner, query.as_deref(), body, now_ms)?)))
         .collect()
 }
 
@@ -465,7 +487,7 @@ mod tests {
         let request = OperationRequest {
             method: "DELETE".to_owned(),
             path: "/users/Ann/user_channel".to_owned(),
-            body: Some(serde_json::json!({"channel": "bob", "type": "chat", "delete_roam": true})),
+            body: Some(testing::raw(serde_json::json!({"channel": "bob", "type": "chat", "delete_roam": true}))),
         };
         let [stored] = <[NewOperation; 1]>::try_from(operations(&app, &request, 0).unwrap()).unwrap();
         assert_eq!(stored.user.as_deref(), Some("o#a/ann"));

@@ -70,6 +70,8 @@ pub struct Faults {
     pub idle_close_ms: Option<u64>,
     /// Headers added to every business answer (a front that adds its own, or one that imitates the gateway's).
     pub answer_headers: BTreeMap<String, String>,
+    /// Token and business answers are padded with trailing spaces to this many bytes: the same JSON, longer.
+    pub answer_bytes: Option<usize>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -179,10 +181,15 @@ impl Simulator {
             return self.control(&parts.method, control, &body);
         }
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-        match segments.as_slice() {
+        let answer = match segments.as_slice() {
             [org, app, "token"] if parts.method == Method::POST => self.token(&parts, org, app, &body, started).await,
             [org, app, rest @ ..] => self.business(&parts, org, app, rest, &body, started).await,
             _ => error(StatusCode::NOT_FOUND, "service_resource_not_found", "Service resource not found", started),
+        };
+        let answer_bytes = self.world().faults.answer_bytes;
+        match answer_bytes {
+            Some(length) => padded(answer, length).await,
+            None => answer,
         }
     }
 
@@ -506,6 +513,14 @@ fn ok(body: Value) -> Response<Full<Bytes>> {
         .header(header::CONTENT_TYPE, "application/json;charset=UTF-8")
         .body(Full::new(Bytes::from(body.to_string())))
         .expect("static response parts are valid")
+}
+
+/// `answer` with its body padded with trailing spaces to `length` bytes.
+async fn padded(answer: Response<Full<Bytes>>, length: usize) -> Response<Full<Bytes>> {
+    let (parts, body) = answer.into_parts();
+    let mut body = body.collect().await.map(|c| c.to_bytes().to_vec()).unwrap_or_else(|e| match e {});
+    body.resize(length.max(body.len()), b' ');
+    Response::from_parts(parts, Full::new(Bytes::from(body)))
 }
 
 /// Easemob's error envelope.

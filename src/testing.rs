@@ -95,6 +95,11 @@ pub fn clear(user: &str) -> Call {
     Call::parse(Route::ClearUserMessages, user, None, b"", 0).unwrap()
 }
 
+/// A job operation's body as the jobs API receives it: its JSON text.
+pub fn raw(body: serde_json::Value) -> Box<serde_json::value::RawValue> {
+    serde_json::value::to_raw_value(&body).expect("a JSON value serializes")
+}
+
 pub fn exchange(app: &Arc<App>, call: Call) -> Exchange {
     Exchange::new(Validated {
         app: Arc::clone(app),

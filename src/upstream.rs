@@ -41,8 +41,9 @@ pub mod forward;
 const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
 const USER_AGENT: HeaderValue = HeaderValue::from_static(crate::USER_AGENT);
 
-/// Easemob's answers on these routes are a few hundred bytes; anything this large is not one of them.
-const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+/// Easemob's answers on these routes (and its token endpoint's) are a few hundred bytes; anything larger than this
+/// is not one of them (502).
+pub const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 
 /// Why the client towards Easemob could not be set up.
 #[derive(Debug, thiserror::Error)]

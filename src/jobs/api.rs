@@ -15,23 +15,20 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::future::Either;
 use http::{HeaderValue, Method, Request, StatusCode, header};
-use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use tower::{BoxError, Layer, Service};
 use tracing::warn;
 
+use super::Jobs;
+use super::intake::{self, Intake, Limits};
 use super::store::{Created, JobState, OpState, StoreError};
-use super::{Jobs, OperationRequest};
 use crate::access::Caller;
 use crate::apps::{App, Apps};
 use crate::config::is_plain_label;
 use crate::error::{GatewayError, json_response};
 use crate::exchange::{Answer, Marks, Waiting};
-use crate::routes::layer::{find, read_body};
+use crate::routes::layer::{find, refuse_declared_over};
 
 const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
-/// Bad operations named in one refusal; the count says how many more.
-const MAX_REPORTED: usize = 20;
 
 #[derive(Clone)]
 pub struct JobsApiLayer {
@@ -75,13 +72,17 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        // With jobs off, their paths are unknown routes like any other (the validation layer says so).
-        let jobs = match &self.api.jobs {
-            Some(jobs) if is_jobs_path(request.uri().path()) => jobs.clone(),
-            _ => return Either::Left(self.inner.call(request)),
-        };
+        if !is_jobs_path(request.uri().path()) {
+            return Either::Left(self.inner.call(request));
+        }
         let api = self.api.clone();
-        Either::Right(Box::pin(async move { Ok(api.handle(&jobs, request).await) }))
+        Either::Right(Box::pin(async move {
+            // With jobs off, their paths say so (and how to turn them on) rather than being unknown routes.
+            Ok(match &api.jobs {
+                Some(jobs) => api.handle(jobs, request).await,
+                None => GatewayError::JobsDisabled.into_response(Instant::now()),
+            })
+        }))
     }
 }
 
@@ -160,44 +161,21 @@ impl JobsApiLayer {
             }
         };
         let config = jobs.config();
-        let body = read_body(body, self.body_read_timeout, config.max_body_bytes).await?;
-        let requested: CreateJob = serde_json::from_slice(&body).map_err(|e| {
-            invalid(
-                "invalid_request_body",
-                &format!("a job is {{\"operations\": [{{\"method\", \"path\", \"body\"}}, …]}}: {e}"),
-            )
-        })?;
-        if requested.operations.is_empty() {
-            return Err(invalid("illegal_argument", "a job needs at least one operation"));
-        }
-        if requested.operations.len() > config.max_operations {
-            return Err(GatewayError::TooManyOperations {
-                max: config.max_operations,
-                got: requested.operations.len(),
-            });
-        }
+        // Refused at once, without waiting for a turn.
+        refuse_declared_over(&body, config.max_body_bytes())?;
+        // Until the operations are stored: what job requests hold together is bounded.
+        let _turn = jobs.intake_turn().await;
+        let limits = Limits {
+            max_operations: config.max_operations,
+            max_body_bytes: config.max_body_bytes(),
+            body_read_timeout: self.body_read_timeout,
+        };
         let now_ms = jobs.clock().now_ms();
-        let mut operations = Vec::with_capacity(requested.operations.len());
-        let mut problems = Vec::new();
-        for (index, item) in requested.operations.into_iter().enumerate() {
-            let checked = serde_json::from_value::<OperationRequest>(item)
-                .map_err(|e| format!("not an operation ({{\"method\", \"path\", \"body\"}}): {e}"))
-                .and_then(|op| super::operations(app, &op, now_ms).map_err(|e| e.to_string()));
-            match checked {
-                Ok(batch) => operations.extend(batch),
-                Err(problem) => problems.push((index, problem)),
-            }
-        }
-        if !problems.is_empty() {
-            return Err(GatewayError::InvalidJob { error: "illegal_argument", description: report(&problems) });
-        }
-        if operations.len() > config.max_operations {
-            return Err(GatewayError::TooManyOperations { max: config.max_operations, got: operations.len() });
-        }
+        let Intake { operations, sha256 } =
+            intake::read(jobs.parser(), body, &limits, Arc::clone(app), now_ms, idempotency_key.is_some()).await?;
         let Caller(caller) = parts.extensions.get::<Caller>().cloned().unwrap_or_default();
-        let sha = idempotency_key.as_ref().map(|_| hex::encode(Sha256::digest(&body)));
         let created = jobs
-            .submit(app, caller.as_deref(), idempotency_key.as_deref(), sha, operations)
+            .submit(app, caller.as_deref(), idempotency_key.as_deref(), sha256, operations)
             .await
             .map_err(unavailable(app))?;
         let (status, job) = match created {
@@ -207,12 +185,6 @@ impl JobsApiLayer {
         };
         Ok(located(status, app, &job.id, &jobs.describe(app, &job).await.map_err(unavailable(app))?))
     }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateJob {
-    operations: Vec<serde_json::Value>,
 }
 
 async fn show(jobs: &Jobs, app: &App, id: &str, query: &Query) -> Result<Answer, GatewayError> {
@@ -310,20 +282,6 @@ fn invalid(error: &'static str, description: &str) -> GatewayError {
     GatewayError::InvalidJob { error, description: description.to_owned() }
 }
 
-/// Every bad operation by its index (the first few named, the rest counted).
-fn report(problems: &[(usize, String)]) -> String {
-    let plural = if problems.len() == 1 { "operation is" } else { "operations are" };
-    let mut out = format!("{} {plural} invalid, so nothing was accepted: ", problems.len());
-    for (i, (index, problem)) in problems.iter().take(MAX_REPORTED).enumerate() {
-        let separator = if i > 0 { "; " } else { "" };
-        out.push_str(&format!("{separator}operations[{index}]: {problem}"));
-    }
-    if problems.len() > MAX_REPORTED {
-        out.push_str(&format!("; and {} more", problems.len() - MAX_REPORTED));
-    }
-    out
-}
-
 /// A store failure is logged with its cause and answered 503: nothing is accepted that cannot be kept.
 fn unavailable(app: &App) -> impl Fn(StoreError) -> GatewayError + '_ {
     move |e| {
@@ -356,14 +314,5 @@ mod tests {
         for path in ["/o/a/rest/message/roaming/user/u/delete/all", "/o/_gateway/jobs", "/", "/o/a/_gatewayx"] {
             assert!(!is_jobs_path(path), "{path}");
         }
-    }
-
-    #[test]
-    fn bad_operations_are_reported_by_index_and_bounded() {
-        let problems: Vec<(usize, String)> = (0..25).map(|i| (i * 2, "bad".to_owned())).collect();
-        let report = report(&problems);
-        assert!(report.starts_with("25 operations are invalid"), "{report}");
-        assert!(report.contains("operations[38]: bad") && !report.contains("operations[40]"), "{report}");
-        assert!(report.ends_with("and 5 more"), "{report}");
     }
 }

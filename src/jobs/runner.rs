@@ -672,7 +672,7 @@ mod tests {
         OperationRequest {
             method: "DELETE".to_owned(),
             path: format!("/users/{owner}/user_channel"),
-            body: Some(serde_json::json!({"channel": peer, "type": "chat", "delete_roam": true})),
+            body: Some(testing::raw(serde_json::json!({"channel": peer, "type": "chat", "delete_roam": true}))),
         }
     }
 

@@ -6,16 +6,17 @@
 use std::convert::Infallible;
 use std::future::{Future, Ready, ready};
 use std::num::NonZeroU128;
+use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::future::Either;
 use http::request::Parts;
 use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use tower::{BoxError, Layer, Service, ServiceExt};
 
 use super::validate::{Call, ValidationError};
@@ -286,14 +287,68 @@ where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    if body.size_hint().lower() > limit as u64 {
-        return Err(GatewayError::BodyTooLarge { limit });
+    // One chunk (the usual small body) is kept as it came; more are copied together.
+    let (mut first, mut more) = (None, BytesMut::new());
+    read_chunks(body, timeout, limit, |chunk| {
+        match &first {
+            None => first = Some(chunk),
+            Some(_) => more.extend_from_slice(&chunk),
+        }
+        ready(ControlFlow::Continue(()))
+    })
+    .await?;
+    Ok(match first {
+        None => Bytes::new(),
+        Some(first) if more.is_empty() => first,
+        Some(first) => {
+            let mut whole = BytesMut::with_capacity(first.len() + more.len());
+            whole.extend_from_slice(&first);
+            whole.extend_from_slice(&more);
+            whole.freeze()
+        }
+    })
+}
+
+/// Hands a request body to `each` chunk by chunk as it arrives, until its end or until `each` breaks: at most
+/// `limit` bytes (refused at once when the declared length is larger), all within `timeout` (the time `each` takes
+/// is not the client's and does not count).
+pub async fn read_chunks<B, F, Fut>(body: B, timeout: Duration, limit: usize, mut each: F) -> Result<(), GatewayError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+    F: FnMut(Bytes) -> Fut,
+    Fut: Future<Output = ControlFlow<()>>,
+{
+    refuse_declared_over(&body, limit)?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut body = std::pin::pin!(body);
+    let mut read = 0;
+    let mut waited = Duration::ZERO;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline + waited, body.as_mut().frame()).await {
+            Err(_) => return Err(GatewayError::BodyTimeout),
+            Ok(None) => return Ok(()),
+            Ok(Some(Err(_))) => return Err(GatewayError::BodyUnreadable),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(chunk) = frame.into_data() else { continue };
+        read += chunk.len();
+        if read > limit {
+            return Err(GatewayError::BodyTooLarge { limit });
+        }
+        let handing = tokio::time::Instant::now();
+        if each(chunk).await.is_break() {
+            return Ok(());
+        }
+        waited += handing.elapsed();
     }
-    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
-        Err(_) => Err(GatewayError::BodyTimeout),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(GatewayError::BodyTooLarge { limit }),
-        Ok(Err(_)) => Err(GatewayError::BodyUnreadable),
+}
+
+/// A body whose declared length is over `limit` is refused before any of it is read.
+pub fn refuse_declared_over<B: http_body::Body>(body: &B, limit: usize) -> Result<(), GatewayError> {
+    match body.size_hint().lower() > limit as u64 {
+        true => Err(GatewayError::BodyTooLarge { limit }),
+        false => Ok(()),
     }
 }
 

@@ -124,3 +124,13 @@ fn check_config_prints_what_each_replica_enforces() {
     assert!(ok, "{err}");
     assert!(out.contains("#   route: 50 calls/s, burst 1\n#   user_conversation_per_minute: 2\n"), "{out}");
 }
+
+#[test]
+fn a_job_size_pair_that_contradicts_itself_is_refused() {
+    let config = format!("{GOOD}\n[jobs]\nmax_operations = 100000\nmax_body_bytes = 1048576\n");
+    let (ok, _, err) = check(&config, &[("TEST_EASEMOB_SECRET", "x")]);
+    assert!(!ok);
+    assert!(err.contains("jobs.max_body_bytes 1048576 cannot hold jobs.max_operations 100000 operations"), "{err}");
+    let (ok, _, err) = check(&format!("{GOOD}\n[jobs]\nmax_operations = 1000\n"), &[("TEST_EASEMOB_SECRET", "x")]);
+    assert!(ok, "derived from max_operations: {err}");
+}

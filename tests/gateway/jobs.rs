@@ -19,6 +19,10 @@ async fn create(gw: &Gateway, body: &Value, headers: &[(&str, &str)]) -> Answer 
     send(Method::POST, &gw.url("/_gateway/jobs"), headers, &body.to_string()).await
 }
 
+async fn create_text(gw: &Gateway, body: &str) -> Answer {
+    send(Method::POST, &gw.url("/_gateway/jobs"), &[], body).await
+}
+
 #[tokio::test]
 async fn a_spam_message_is_removed_from_every_recipient_by_one_job() {
     let sim = Sim::start().await;
@@ -96,7 +100,7 @@ async fn prefer_respond_async_runs_a_valid_call_as_a_job_and_refuses_an_invalid_
     let plain = Gateway::ready(&sim).await;
     let direct = send(Method::POST, &clear_url(&plain, "dave"), &prefer, "").await;
     assert_eq!((direct.status, direct.header("preference-applied")), (200, None));
-    send(Method::GET, &plain.url("/_gateway/jobs"), &[], "").await.assert_error(404, "service_resource_not_found");
+    send(Method::GET, &plain.url("/_gateway/jobs"), &[], "").await.assert_error(404, "jobs_disabled");
 }
 
 #[tokio::test]
@@ -360,4 +364,92 @@ async fn a_cancelled_job_exits_3_from_submit_and_watch_and_a_second_cancel_says_
     let (code, _, err) = cli(&gw, &["cancel", &id], None).await;
     assert_eq!(code, Some(0), "{err}");
     assert!(err.contains(&format!("job {id} was already cancelled: nothing to cancel")), "{err}");
+}
+
+#[tokio::test]
+async fn with_jobs_off_the_jobs_api_and_the_client_say_so_and_name_the_key() {
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    for (method, tail) in [
+        (Method::POST, "/_gateway/jobs".to_owned()),
+        (Method::GET, format!("/{ORG}/{APP}/_gateway/jobs/some-id")),
+        (Method::POST, "/_gateway/jobs/some-id/cancel".to_owned()),
+    ] {
+        let answer = send(method, &format!("{}{tail}", gw.data), &[], "{}").await;
+        let description = answer.assert_error(404, "jobs_disabled");
+        assert!(description.contains("jobs.enabled = true"), "{tail}: {description}");
+        assert_eq!(answer.header("x-easemob-gateway"), Some("rejected"), "{tail}");
+    }
+    let (code, _, err) = cli(&gw, &["list"], None).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("jobs_disabled") && err.contains("jobs.enabled = true"), "{err}");
+    assert_eq!(sim.business_requests().await, 0);
+}
+
+/// A job is parsed as it arrives: a request that passes a limit is answered 413 then, without waiting for the rest of
+/// its body (these bodies stall part-way; their declared length is within `jobs.max_body_bytes`).
+#[tokio::test]
+async fn a_job_request_is_refused_as_soon_as_it_passes_a_limit() {
+    let sim = Sim::start().await;
+    let options = GatewayOptions {
+        server: "body_read_timeout = \"120s\"".into(),
+        jobs: Some("max_operations = 5\nmax_body_bytes = 4194304".into()),
+        ..Default::default()
+    };
+    let gw = Gateway::ready_with(&sim, options).await;
+    let head = |length: usize| {
+        format!("POST /{ORG}/{APP}/_gateway/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n")
+    };
+    let wait = Duration::from_secs(60);
+
+    // A request that stalls holds the one turn to read a job; one declaring too much is refused without waiting.
+    let (addr, stalled) = (gw.data.clone(), format!("{}{{\"operations\": [", head(3_000_000)));
+    let holding = tokio::spawn(async move { raw(&addr, stalled.as_bytes(), Duration::from_secs(300)).await });
+    eventually(Duration::from_secs(30), "the stalled request in flight", || async {
+        metric(&gw.metrics().await, "easemob_gateway_in_flight_requests") >= 1
+    })
+    .await;
+    let declared = raw(&gw.data, head(4194305).as_bytes(), wait).await;
+    assert!(declared.starts_with("HTTP/1.1 413"), "{declared}");
+    assert!(declared.contains("larger than 4194304 bytes"), "{declared}");
+    holding.abort();
+
+    let six: Vec<String> = (0..6).map(|i| clear_op(&format!("u{i}")).to_string()).collect();
+    let started = format!("{}{{\"operations\": [{},", head(3_000_000), six.join(","));
+    let answer = raw(&gw.data, started.as_bytes(), wait).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("at most 5 operations") && answer.contains("at least 6"), "{answer}");
+
+    let long =
+        format!("{}{{\"operations\": [{{\"method\": \"POST\", \"path\": \"{}", head(3_000_000), "x".repeat(1 << 20));
+    let answer = raw(&gw.data, long.as_bytes(), wait).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("operations[0] is over 1048576 bytes"), "{answer}");
+    assert_eq!(sim.business_requests().await, 0);
+}
+
+#[tokio::test]
+async fn a_job_request_of_max_body_bytes_is_read_and_one_byte_more_is_refused() {
+    let sim = Sim::start().await;
+    sim.add_users(&["ann".to_owned()]).await;
+    let options =
+        GatewayOptions { jobs: Some("max_operations = 5\nmax_body_bytes = 2048".into()), ..Default::default() };
+    let gw = Gateway::ready_with(&sim, options).await;
+    let padded = |length: usize| {
+        let job = json!({"operations": [clear_op("ann")]}).to_string();
+        format!("{job}{}", " ".repeat(length - job.len()))
+    };
+    let accepted = create_text(&gw, &padded(2048)).await;
+    assert_eq!(accepted.status, 202, "{}", accepted.text());
+    let refused = create_text(&gw, &padded(2049)).await;
+    assert!(refused.assert_error(413, "request_entity_too_large").contains("larger than 2048 bytes"));
+    // Without a declared length, counted as it arrives.
+    let body = padded(2049);
+    let chunked = format!(
+        "POST /{ORG}/{APP}/_gateway/jobs HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+        body.len()
+    );
+    let answer = raw(&gw.data, chunked.as_bytes(), Duration::from_secs(30)).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("larger than 2048 bytes"), "{answer}");
 }

@@ -86,19 +86,25 @@ async fn a_refused_replacement_token_is_not_replaced_in_a_loop() {
     assert_eq!(sim.business_requests().await, 11, "one replay, then no more");
 }
 
-#[tokio::test]
-async fn token_endpoint_down_at_start_up_then_recovering() {
-    let sim = Sim::start().await;
-    sim.faults(json!({"token_status": 503})).await;
+/// A gateway that retries token fetches quickly, once its readiness says a fetch has failed.
+async fn started_after_a_failed_fetch(sim: &Sim) -> Gateway {
     let options = GatewayOptions {
         extra: "[token]\nretry_min = \"100ms\"\nretry_max = \"400ms\"\nmin_interval = \"50ms\"\n".into(),
         ..Default::default()
     };
-    let gw = Gateway::start(&sim, options).await;
+    let gw = Gateway::start(sim, options).await;
     eventually(Duration::from_secs(20), "a failed fetch", || async {
         gw.readyz().await.json()["apps"].to_string().contains("failing")
     })
     .await;
+    gw
+}
+
+#[tokio::test]
+async fn token_endpoint_down_at_start_up_then_recovering() {
+    let sim = Sim::start().await;
+    sim.faults(json!({"token_status": 503})).await;
+    let gw = started_after_a_failed_fetch(&sim).await;
     assert_eq!(gw.readyz().await.status, 503);
     let a = clear(&gw).await;
     a.assert_error(503, "service_unavailable");
@@ -286,4 +292,19 @@ async fn app_tokens_a_route_echoes_are_scrubbed_from_answers_job_results_and_log
             assert!(!text.contains(token.as_str()), "a token in the {name}");
         }
     }
+}
+
+#[tokio::test]
+async fn a_token_answer_one_byte_over_its_cap_is_refused_and_one_at_its_cap_is_used() {
+    use easemob_gateway::upstream::MAX_ANSWER_BYTES;
+    let sim = Sim::start().await;
+    sim.faults(json!({"answer_bytes": MAX_ANSWER_BYTES + 1})).await;
+    let gw = started_after_a_failed_fetch(&sim).await;
+    clear(&gw).await.assert_error(503, "service_unavailable");
+    assert_eq!(sim.business_requests().await, 0);
+
+    sim.faults(json!({"answer_bytes": MAX_ANSWER_BYTES})).await;
+    gw.wait_ready().await;
+    let a = clear(&gw).await;
+    assert!(!a.gateway_made(), "{}", a.status);
 }

@@ -125,3 +125,19 @@ async fn easemobs_answer_never_carries_the_gateways_own_marker() {
     assert_eq!(a.header("x-easemob-gateway"), None);
     assert_eq!(a.header("x-front"), Some("kept"), "other end-to-end headers pass");
 }
+
+#[tokio::test]
+async fn an_easemob_answer_at_its_cap_is_passed_on_and_one_byte_more_is_502() {
+    use easemob_gateway::upstream::MAX_ANSWER_BYTES;
+    let sim = Sim::start().await;
+    let gw = Gateway::ready(&sim).await;
+    let url = gw.url("/rest/message/roaming/user/dave/delete/all");
+    sim.faults(json!({"answer_bytes": MAX_ANSWER_BYTES})).await;
+    let a = send(Method::POST, &url, &[], "").await;
+    assert!(!a.gateway_made(), "Easemob's own answer: {}", a.status);
+    assert_eq!(a.body.len(), MAX_ANSWER_BYTES);
+    sim.faults(json!({"answer_bytes": MAX_ANSWER_BYTES + 1})).await;
+    let a = send(Method::POST, &url, &[], "").await;
+    a.assert_error(502, "upstream_failed");
+    assert_eq!(a.header("x-easemob-gateway"), Some("upstream-error"));
+}
