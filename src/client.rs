@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 use serde_json::{Value, json};
 
 /// How often `watch` reads the job.
@@ -96,11 +96,26 @@ impl Client {
         }
         let request =
             request.body(Full::new(Bytes::from(body.unwrap_or_default()))).map_err(|e| format!("{url}: {e}"))?;
-        let response = self.http.request(request).await.map_err(|e| format!("{url}: {e}"))?;
+        let response = self.http.request(request).await.map_err(|e| self.unreachable(url, &e))?;
         let status = response.status();
         let body = response.into_body().collect().await.map_err(|e| format!("{url}: {e}"))?.to_bytes();
         let value = serde_json::from_slice(&body).unwrap_or_else(|_| json!({ "body": String::from_utf8_lossy(&body) }));
         Ok((status, value))
+    }
+
+    /// A request that got no answer, said so that the person at the terminal knows what to check: the deepest
+    /// cause (`connection refused`), and whether the gateway could be reached at all.
+    fn unreachable(&self, url: &str, e: &hyper_util::client::legacy::Error) -> String {
+        let mut cause: &dyn std::error::Error = e;
+        while let Some(source) = cause.source() {
+            cause = source;
+        }
+        let cause = cause.to_string();
+        let cause = cause.split(" (os error").next().unwrap_or_default().to_lowercase();
+        match e.is_connect() {
+            true => format!("cannot reach the gateway at {}: is it running? ({cause})", self.gateway),
+            false => format!("{url}: the gateway did not answer ({cause})"),
+        }
     }
 
     /// An answer that is not the expected one, as Easemob's envelope says it.
@@ -158,8 +173,11 @@ impl Client {
         let url = self.job_url(id);
         let bar = ProgressBar::new(0);
         bar.set_style(
-            ProgressStyle::with_template("{spinner} [{bar:40}] {pos}/{len} {per_sec} · {msg}")
+            ProgressStyle::with_template("{spinner} [{bar:40}] {pos}/{len} {rate} · {msg}")
                 .expect("a valid template")
+                .with_key("rate", |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = w.write_str(&rate(state.per_sec()));
+                })
                 .progress_chars("=> "),
         );
         let job = loop {
@@ -288,6 +306,15 @@ impl Client {
     }
 }
 
+/// Operations per second as a person reads them: whole numbers, a decimal only below 10.
+fn rate(per_sec: f64) -> String {
+    match per_sec {
+        r if !r.is_finite() || r <= 0.0 => "0/s".to_owned(),
+        r if r < 10.0 => format!("{r:.1}/s"),
+        r => format!("{r:.0}/s"),
+    }
+}
+
 /// JSON lines (blank lines and `#` comments skipped), or one `{"operations": [...]}` document.
 fn operations(text: &str) -> Result<Vec<Value>, String> {
     if let Ok(Value::Object(document)) = serde_json::from_str::<Value>(text)
@@ -301,7 +328,13 @@ fn operations(text: &str) -> Result<Vec<Value>, String> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        operations.push(serde_json::from_str(line).map_err(|e| format!("line {}: {e}", n + 1))?);
+        // The file's line, and where on it: serde's own message would add its line within this one line.
+        let parsed = serde_json::from_str(line).map_err(|e| {
+            let message = e.to_string();
+            let message = message.rsplit_once(" at line ").map_or(message.as_str(), |(m, _)| m);
+            format!("line {}, column {}: {message}", n + 1, e.column())
+        })?;
+        operations.push(parsed);
     }
     if operations.is_empty() {
         return Err("no operations".to_owned());
@@ -318,7 +351,16 @@ mod tests {
         let lines = "# spam cleanup\n{\"method\":\"POST\",\"path\":\"/a\"}\n\n{\"method\":\"POST\",\"path\":\"/b\"}\n";
         assert_eq!(operations(lines).unwrap().len(), 2);
         assert_eq!(operations("{\"operations\": [{\"method\":\"POST\",\"path\":\"/a\"}]}").unwrap().len(), 1);
-        assert!(operations("{\"method\": 1}\nnot json").unwrap_err().starts_with("line 2"));
+        let bad = operations("{\"method\": 1}\nnot json").unwrap_err();
+        assert_eq!(bad, "line 2, column 2: expected ident", "the file's line alone");
         assert_eq!(operations("\n# nothing\n").unwrap_err(), "no operations");
+    }
+
+    #[test]
+    fn rates_are_rounded() {
+        assert_eq!(rate(1201.3282), "1201/s");
+        assert_eq!(rate(99.5), "100/s");
+        assert_eq!(rate(4.26), "4.3/s");
+        assert_eq!(rate(0.0), "0/s");
     }
 }

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use easemob_gateway::client::{Client, Failure};
 use easemob_gateway::config::{Config, LogConfig, SecretPolicy};
 use easemob_gateway::server::{Server, shutdown_signal};
@@ -18,7 +18,11 @@ use easemob_gateway::{demo, logging};
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser)]
-#[command(version, about = "An authenticating gateway for Easemob's one-way deletion REST routes")]
+#[command(
+    name = "easemob-gateway",
+    version,
+    about = "An authenticating gateway for Easemob's one-way deletion REST routes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -27,41 +31,54 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway.
+    #[command(after_long_help = SERVE_HELP)]
     Serve {
-        #[arg(long, short)]
+        /// The config file (TOML); `check-config` shows what it means.
+        #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
     /// Run the gateway in front of the built-in Easemob simulator, seeded with demo data.
     Demo {
+        /// Where the data plane listens.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        /// Where /metrics, /healthz and /readyz are served.
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin_listen: SocketAddr,
     },
     /// Run the Easemob simulator alone (for your own integration tests).
     Sim {
+        /// Where the simulator listens (port 0: any free port, printed on the first line).
         #[arg(long, default_value = "127.0.0.1:8081")]
         listen: SocketAddr,
         /// Serve HTTPS with this PEM certificate chain (and --tls-key).
-        #[arg(long, requires = "tls_key")]
+        #[arg(long, requires = "tls_key", value_name = "FILE")]
         tls_cert: Option<PathBuf>,
-        #[arg(long, requires = "tls_cert")]
+        /// The PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert", value_name = "FILE")]
         tls_key: Option<PathBuf>,
     },
     /// Print the SHA-256 of a caller key read from standard input, for `[[callers]] key_sha256`.
     HashKey,
     /// Check a config file: print the effective config (secrets redacted), or one line per problem.
     CheckConfig {
-        #[arg(long, short)]
+        /// The config file (TOML), read with the EASEMOB_GW__… overrides of this environment.
+        #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
     /// Submit, watch, show, list and cancel deletion jobs on a running gateway.
     Jobs {
         /// The gateway's data plane.
-        #[arg(long, global = true, default_value = "http://127.0.0.1:8080", env = "EASEMOB_GW_URL")]
+        #[arg(
+            long,
+            global = true,
+            default_value = "http://127.0.0.1:8080",
+            env = "EASEMOB_GW_URL",
+            hide_env_values = true
+        )]
         gateway: String,
         /// The app (`org_name#app_name`), when the gateway serves several.
-        #[arg(long, global = true, env = "EASEMOB_GW_APP")]
+        #[arg(long, global = true, env = "EASEMOB_GW_APP", hide_env_values = true)]
         app: Option<String>,
         /// A caller key, when the gateway requires one (sent as X-Gateway-Key).
         #[arg(long, global = true, env = "EASEMOB_GW_KEY", hide_env_values = true)]
@@ -69,13 +86,37 @@ enum Command {
         #[command(subcommand)]
         command: JobsCommand,
     },
+    /// Print a shell completion script: `easemob-gateway completions bash > /etc/bash_completion.d/easemob-gateway`.
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `easemob-gateway man > easemob-gateway.1`.
+    Man,
 }
+
+/// `serve --help`: what the options cannot say.
+const SERVE_HELP: &str = "\
+Reloading:
+  The whole config is read again on SIGHUP, and when server.reload_poll (default 10s; 0s: only on SIGHUP) finds
+  that the file or a client_secret_file it names has changed. It is checked as check-config checks it; a config
+  with any problem changes nothing (its problems are logged and counted). Settings a running gateway cannot
+  change (listen addresses, workers, pools, the quota backend, [jobs], ...) keep their values until the next start
+  and are named in the log and in easemob_gateway_config_restart_required.
+
+Environment overrides:
+  EASEMOB_GW__<SECTION>__<KEY> overrides a key of the file, read as that key's type:
+  EASEMOB_GW__UPSTREAM__TIMEOUT=10s, EASEMOB_GW__RATE_LIMIT__REPLICAS=2. A reload reads them from the environment
+  the process started with. A client secret comes from client_secret_env or client_secret_file.
+
+See docs/configuration.md and docs/operations.md.";
 
 #[derive(Subcommand)]
 enum JobsCommand {
     /// Submit a file of operations (JSON lines of {"method", "path", "body"}; `-` reads standard input) as one
     /// job, then watch it to the end.
     Submit {
+        /// The operations: JSON lines, or one {"operations": [...]} document; `-` for standard input.
         file: PathBuf,
         /// Submitting again with the same key returns the first job instead of making a second.
         #[arg(long)]
@@ -86,10 +127,15 @@ enum JobsCommand {
     },
     /// Follow a job to its end with a progress bar; exit 2 and print its failed operations if any failed, exit 3 if
     /// it was cancelled.
-    Watch { job: String },
+    Watch {
+        /// The job's id, or its URL.
+        job: String,
+    },
     /// Print a job; with --failed, its failed operations too (as JSON lines that can be submitted again).
     Show {
+        /// The job's id, or its URL.
         job: String,
+        /// Also print the failed operations, as JSON lines ready for `jobs submit`.
         #[arg(long)]
         failed: bool,
     },
@@ -100,7 +146,10 @@ enum JobsCommand {
         state: Option<String>,
     },
     /// Cancel a job: what has not been sent is dropped, what is in flight finishes.
-    Cancel { job: String },
+    Cancel {
+        /// The job's id, or its URL.
+        job: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -134,6 +183,13 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "easemob-gateway", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .map_err(|e| format!("writing the man page: {e}")),
         Command::HashKey => {
             let mut key = String::new();
             match std::io::stdin().read_line(&mut key) {
@@ -212,4 +268,29 @@ fn check_config(path: PathBuf) -> Result<(), String> {
     print!("{}", config.rate_limit.per_replica_note());
     eprintln!("config OK");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every argument and option of every command says what it is for.
+    #[test]
+    fn every_argument_has_a_help_text() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in command.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "easemob-gateway", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+        Cli::command().debug_assert();
+    }
 }

@@ -134,3 +134,46 @@ fn a_job_size_pair_that_contradicts_itself_is_refused() {
     let (ok, _, err) = check(&format!("{GOOD}\n[jobs]\nmax_operations = 1000\n"), &[("TEST_EASEMOB_SECRET", "x")]);
     assert!(ok, "derived from max_operations: {err}");
 }
+
+/// Runs the binary with `args`: its exit code, standard output and standard error.
+fn run(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (out.status.code(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+}
+
+#[test]
+fn a_gateway_that_is_not_running_is_named_with_what_to_check() {
+    // A port nothing listens on any more.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let url = format!("http://{closed}");
+    let (code, _, err) = run(&["jobs", "list", "--gateway", &url]);
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.trim(), format!("error: cannot reach the gateway at {url}: is it running? (connection refused)"));
+}
+
+#[test]
+fn a_bad_operations_line_is_named_by_the_files_line_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ops.jsonl");
+    std::fs::write(&file, "# cleanup\n{\"method\": \"POST\", \"path\": \"/a\"}\nnot json\n").unwrap();
+    let (code, _, err) = run(&["jobs", "submit", file.to_str().unwrap(), "--gateway", "http://127.0.0.1:9"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("ops.jsonl: line 3, column 2: expected ident"), "{err}");
+    assert!(!err.contains("line 1"), "one line number, the file's: {err}");
+}
+
+#[test]
+fn completions_and_the_man_page_come_from_the_same_definitions_as_help() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, err) = run(&["completions", shell]);
+        assert_eq!(code, Some(0), "{err}");
+        for word in ["check-config", "submit", "gateway", "idempotency-key"] {
+            assert!(out.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    let (code, man, err) = run(&["man"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(man.starts_with(".ie") || man.contains(".TH easemob-gateway"), "{}", &man[..200.min(man.len())]);
+    let (_, help, _) = run(&["jobs", "--help"]);
+    assert!(!help.contains("EASEMOB_GW_URL=]"), "no stray `=` after an unset variable: {help}");
+}
