@@ -1,4 +1,4 @@
-//! The documentation, kept true: `README.md`, `deploy/README.md` and every `docs/*.md`.
+//! The documentation, kept true: `README.md`, `CHANGELOG.md`, `deploy/README.md` and every `docs/*.md`.
 //!
 //! - Figures. Every measured figure sits in a block `<!-- figures: bench/results/FILE -->` … `<!-- /figures -->`
 //!   that links its results file, and every number in the block appears in that file, written the same way
@@ -52,7 +52,7 @@ impl Page {
     }
 }
 
-/// `README.md`, `deploy/README.md`, then every `docs/*.md` by name.
+/// `README.md`, `CHANGELOG.md`, `deploy/README.md`, then every `docs/*.md` by name.
 fn pages() -> Vec<Page> {
     let mut docs: Vec<String> = std::fs::read_dir(Path::new(ROOT).join("docs"))
         .unwrap()
@@ -61,7 +61,7 @@ fn pages() -> Vec<Page> {
         .map(|name| format!("docs/{name}"))
         .collect();
     docs.sort();
-    ["README.md".to_owned(), "deploy/README.md".to_owned()]
+    ["README.md".to_owned(), "CHANGELOG.md".to_owned(), "deploy/README.md".to_owned()]
         .into_iter()
         .chain(docs)
         .map(|path| Page::read(&path))
