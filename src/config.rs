@@ -16,8 +16,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub const ENV_PREFIX: &str = "EASEMOB_GW";
 const ENV_SEPARATOR: &str = "__";
 /// Keys that moved, and where: a config still using one is refused with a line naming the new key.
-const MOVED: [(&str, &str); 1] =
-    [("rate_limit.redis.expected_replicas", "rate_limit.replicas (one setting for the local and the Redis backend)")];
+const MOVED: [(&str, &str); 2] = [
+    ("rate_limit.redis.expected_replicas", "rate_limit.replicas (one setting for the local and the Redis backend)"),
+    ("token.secret_file_poll", "server.reload_poll (it watches the config file and every client_secret_file)"),
+];
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -1473,6 +1475,13 @@ mod tests {
         let toml = format!("{MINIMAL}\n[rate_limit.redis]\nexpected_replicas = 2\n");
         let e = Config::load(write(&toml).path()).unwrap_err();
         assert!(e.contains("rate_limit.redis.expected_replicas: moved: set rate_limit.replicas"), "{e}");
+    }
+
+    #[test]
+    fn the_old_secret_file_poll_key_is_refused_with_a_line_naming_the_reload_poll() {
+        let toml = format!("{MINIMAL}\n[token]\nsecret_file_poll = \"10s\"\n");
+        let e = Config::load(write(&toml).path()).unwrap_err();
+        assert!(e.contains("token.secret_file_poll: moved: set server.reload_poll"), "{e}");
     }
 
     #[test]

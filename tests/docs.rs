@@ -1,11 +1,12 @@
-//! The documentation, kept true: `README.md`, `deploy/README.md` and every `docs/*.md`.
+//! The documentation, kept true: `README.md`, `CHANGELOG.md`, `deploy/README.md` and every `docs/*.md`.
 //!
 //! - Figures. Every measured figure sits in a block `<!-- figures: bench/results/FILE -->` … `<!-- /figures -->`
 //!   that links its results file, and every number in the block appears in that file, written the same way
 //!   (thousands separators aside). Outside such blocks nothing may read like a measurement.
 //! - Links. Every relative link and image resolves to a file, and an anchor to a heading of that page; the README
 //!   links every page of `docs/`.
-//! - The alerts table of `docs/operations.md` names exactly the alerts of `deploy/prometheus/alerts.yml`.
+//! - The alerts table of `docs/operations.md` names exactly the alerts of `deploy/prometheus/alerts.yml`, and each
+//!   alert's `runbook_url` is its own section of `docs/troubleshooting.md`.
 //! - The README's minimal configuration loads.
 //!
 //! The configuration keys and the metric families are checked beside the code that defines them (`config.rs`,
@@ -51,7 +52,7 @@ impl Page {
     }
 }
 
-/// `README.md`, `deploy/README.md`, then every `docs/*.md` by name.
+/// `README.md`, `CHANGELOG.md`, `deploy/README.md`, then every `docs/*.md` by name.
 fn pages() -> Vec<Page> {
     let mut docs: Vec<String> = std::fs::read_dir(Path::new(ROOT).join("docs"))
         .unwrap()
@@ -60,7 +61,7 @@ fn pages() -> Vec<Page> {
         .map(|name| format!("docs/{name}"))
         .collect();
     docs.sort();
-    ["README.md".to_owned(), "deploy/README.md".to_owned()]
+    ["README.md".to_owned(), "CHANGELOG.md".to_owned(), "deploy/README.md".to_owned()]
         .into_iter()
         .chain(docs)
         .map(|path| Page::read(&path))
@@ -323,11 +324,53 @@ fn the_readme_links_every_page_of_docs() {
     assert!(missing.is_empty(), "pages of docs/ the README does not link: {missing:?}");
 }
 
+/// An alerting rule of `deploy/prometheus/alerts.yml`: its name and its `runbook_url` annotation, if any.
+struct Alert {
+    name: String,
+    runbook_url: Option<String>,
+}
+
+/// The rules of `deploy/prometheus/alerts.yml`, in order. Read line by line: each rule opens with `- alert:` and
+/// its annotations follow before the next one.
+fn alerts() -> Vec<Alert> {
+    let rules = std::fs::read_to_string(Path::new(ROOT).join("deploy/prometheus/alerts.yml")).unwrap();
+    let mut alerts: Vec<Alert> = Vec::new();
+    for line in rules.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("- alert:") {
+            alerts.push(Alert { name: name.trim().to_owned(), runbook_url: None });
+        } else if let (Some(url), Some(alert)) = (line.strip_prefix("runbook_url:"), alerts.last_mut()) {
+            alert.runbook_url = Some(url.trim().trim_matches('"').to_owned());
+        }
+    }
+    alerts
+}
+
+#[test]
+fn every_alert_links_its_own_section_of_the_troubleshooting_page() {
+    let page = Page::read("docs/troubleshooting.md");
+    let headings = anchors(&page.text);
+    let mut problems = Vec::new();
+    let alerts = alerts();
+    assert!(!alerts.is_empty());
+    for Alert { name, runbook_url } in &alerts {
+        // Relative to the repository, so it holds on any host the repository is browsed on.
+        let expected = format!("{}#{}", page.path, slug(name));
+        match runbook_url {
+            None => problems.push(format!("{name}: no runbook_url annotation")),
+            Some(url) if *url != expected => problems.push(format!("{name}: runbook_url {url}, expected {expected}")),
+            Some(_) if !headings.contains(&slug(name)) => {
+                problems.push(format!("{name}: no heading #{} in {}", slug(name), page.path))
+            }
+            Some(_) => {}
+        }
+    }
+    assert!(problems.is_empty(), "alerts without their runbook:\n{}", problems.join("\n"));
+}
+
 #[test]
 fn the_operations_page_lists_every_alert_and_no_other() {
-    let rules = std::fs::read_to_string(Path::new(ROOT).join("deploy/prometheus/alerts.yml")).unwrap();
-    let defined: BTreeSet<&str> =
-        rules.lines().filter_map(|line| line.trim().strip_prefix("- alert:")).map(str::trim).collect();
+    let alerts = alerts();
+    let defined: BTreeSet<&str> = alerts.iter().map(|alert| alert.name.as_str()).collect();
     let page = Page::read("docs/operations.md");
     let table = page.text.split("\n## Alerts\n").nth(1).expect("a `## Alerts` section").split("\n## ").next().unwrap();
     let documented: BTreeSet<&str> =
