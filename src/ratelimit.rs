@@ -43,9 +43,10 @@ pub use ::redis::RedisError;
 pub const RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
 pub const RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
 
-/// Easemob's windows: the route and AppKey limits count calls per second, the per-user limit per minute.
+/// Easemob's windows: the route and AppKey limits count calls per second, the per-user limit per minute
+/// (`window::MINUTE`, where the Redis backend can name it too).
 const SECOND: Duration = Duration::from_secs(1);
-pub const MINUTE: Duration = Duration::from_secs(60);
+pub use window::MINUTE;
 
 /// A lane never slows below this share of its configured rate, however many 429s Easemob sends.
 const MIN_ADAPTIVE_FACTOR: f64 = 0.1;
