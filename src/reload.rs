@@ -17,7 +17,8 @@ use tracing::{info, warn};
 
 use crate::access::Access;
 use crate::apps::Apps;
-use crate::config::{Config, SecretPolicy, digest_parts};
+use crate::apps::digest_parts;
+use crate::config::{Config, SecretPolicy};
 use crate::logging::LogLevel;
 use crate::stack::Shared;
 use crate::upstream::Upstream;
@@ -113,7 +114,7 @@ impl Reloader {
         let problems = |problems, credentials| Rejected { problems, credentials };
         let mut config = Config::load_checked(path, self.policy)
             .map_err(|e| problems(e.lines().map(str::to_owned).collect(), false))?;
-        let restart = config.keep_restart_only(&self.current);
+        let restart = keep_restart_only(&mut config, &self.current);
         // The settings kept must agree with the new ones (a data plane beyond loopback still needs `allow_from`).
         let found = config.problems(self.policy);
         if !found.is_empty() {
@@ -166,4 +167,46 @@ fn inputs(path: &std::path::Path, config: &Config) -> Option<[u8; 32]> {
     let files = std::iter::once(path).chain(config.apps.iter().filter_map(|app| app.client_secret_file.as_deref()));
     let contents: Vec<Vec<u8>> = files.map(std::fs::read).collect::<Result<_, _>>().ok()?;
     Some(digest_parts(contents.iter().map(Vec::as_slice)))
+}
+
+/// Takes from `running` every setting a running gateway cannot change (its sockets, threads, pools, stores) into
+/// `new`, and returns the keys of those `new` had changed: a reload applies the rest, and reports these as waiting
+/// for a restart.
+pub fn keep_restart_only(new: &mut Config, running: &Config) -> Vec<&'static str> {
+    let mut waiting = Vec::new();
+    let mut keep = |key, changed| {
+        if changed {
+            waiting.push(key);
+        }
+    };
+    let (server, was) = (&mut new.server, &running.server);
+    keep("server.listen", kept(&mut server.listen, &was.listen));
+    keep("server.admin_listen", kept(&mut server.admin_listen, &was.admin_listen));
+    keep("server.header_read_timeout", kept(&mut server.header_read_timeout, &was.header_read_timeout));
+    keep("server.max_in_flight", kept(&mut server.max_in_flight, &was.max_in_flight));
+    keep("server.max_connections", kept(&mut server.max_connections, &was.max_connections));
+    keep("server.shutdown_grace", kept(&mut server.shutdown_grace, &was.shutdown_grace));
+    keep("server.workers", kept(&mut server.workers, &was.workers));
+    let (upstream, was) = (&mut new.upstream, &running.upstream);
+    keep("upstream.base_url", kept(&mut upstream.base_url, &was.base_url));
+    keep("upstream.connect_timeout", kept(&mut upstream.connect_timeout, &was.connect_timeout));
+    keep("upstream.ca_file", kept(&mut upstream.ca_file, &was.ca_file));
+    keep("upstream.pool_idle_timeout", kept(&mut upstream.pool_idle_timeout, &was.pool_idle_timeout));
+    keep("upstream.pool_max_idle_per_host", kept(&mut upstream.pool_max_idle_per_host, &was.pool_max_idle_per_host));
+    keep("rate_limit.backend", kept(&mut new.rate_limit.backend, &running.rate_limit.backend));
+    keep("rate_limit.redis", kept(&mut new.rate_limit.redis, &running.rate_limit.redis));
+    keep("log.format", kept(&mut new.log.format, &running.log.format));
+    keep("audit", kept(&mut new.audit, &running.audit));
+    keep("jobs", kept(&mut new.jobs, &running.jobs));
+    keep("trace", kept(&mut new.trace, &running.trace));
+    waiting
+}
+
+/// Puts `running` back in place of `new`; true if they differed.
+fn kept<T: PartialEq + Clone>(new: &mut T, running: &T) -> bool {
+    let changed = new != running;
+    if changed {
+        new.clone_from(running);
+    }
+    changed
 }
