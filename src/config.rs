@@ -4,14 +4,13 @@
 //! Each section owns its type, its defaults and its checks, in a file of its own: `server`, `upstream`, `token`,
 //! `rate_limit` (with Redis), `jobs`, `apps`, `callers`, `audit`, `log`, `trace`. This module only combines them:
 //! the [`Config`] they make up, and [`Config::problems`], every section's problems in one list. Beside them:
-//! `secret` (how a secret is held), `duration` (how durations read and print), `effective` (the effective config
-//! as `check-config` prints it). What a reload may not change is the reload's own rule (`reload.rs`).
+//! `load` (strict reading, which knows no section), `secret` (how a secret is held), `duration` (how durations read
+//! and print). What a reload may not change is the reload's own rule (`reload.rs`).
 
 mod apps;
 mod audit;
 mod callers;
 mod duration;
-mod effective;
 mod jobs;
 mod load;
 mod log;
@@ -22,15 +21,17 @@ mod token;
 mod trace;
 mod upstream;
 
+use std::fmt;
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
 
 pub use apps::{AppConfig, AppKey, SecretError};
 pub use audit::AuditConfig;
 pub use callers::{CallerConfig, is_plain_label};
 pub use duration::format_duration;
-pub use effective::Written;
 pub use jobs::JobsConfig;
-pub use load::{ENV_PREFIX, Loaded};
+pub use load::ENV_PREFIX;
 pub use log::{LogConfig, LogFormat};
 pub use rate_limit::{Limit, RateLimitBackend, RateLimitConfig, RedisConfig};
 pub use secret::{InlineSecret, SecretPolicy};
@@ -67,7 +68,76 @@ pub struct Config {
     pub written: Written,
 }
 
+/// The values a config was read from, kept only to print durations as written; never printed themselves.
+#[derive(Clone, Default)]
+pub struct Written(Option<toml::Value>);
+
+impl fmt::Debug for Written {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Written(..)")
+    }
+}
+
+/// What reading a config file gave: the config, with the default of any key that did not fit in its place
+/// (none when a required key did not fit), and the problems found so far, one line each.
+pub struct Loaded {
+    config: Option<Config>,
+    problems: Vec<String>,
+}
+
+impl Loaded {
+    /// The config, if every value fit its key; the checks of `Config::problems` are left to the caller.
+    pub fn parsed(self) -> Result<Config, String> {
+        match self.config {
+            Some(config) if self.problems.is_empty() => Ok(config),
+            _ => Err(self.problems.join("\n")),
+        }
+    }
+
+    /// The config, if every value fit its key and it passes `Config::problems`; else every problem of both,
+    /// one per line, in one run: a key that did not fit hides none of the other checks.
+    pub fn checked(self, policy: SecretPolicy) -> Result<Config, String> {
+        let mut problems = self.problems;
+        if let Some(config) = &self.config {
+            problems.extend(config.problems(policy));
+        }
+        match self.config {
+            Some(config) if problems.is_empty() => Ok(config),
+            _ => Err(problems.join("\n")),
+        }
+    }
+}
+
 impl Config {
+    /// Reads `path` (TOML) with the process's `EASEMOB_GW__…` overrides: the types only, as `Loaded::parsed`.
+    pub fn load(path: &Path) -> Result<Config, String> {
+        Config::read(path, std::env::vars()).parsed()
+    }
+
+    /// Reads `path` with the process's overrides and checks it in full, as `Loaded::checked`: what `serve`,
+    /// `check-config` and a reload use.
+    pub fn load_checked(path: &Path, policy: SecretPolicy) -> Result<Config, String> {
+        Config::read(path, std::env::vars()).checked(policy)
+    }
+
+    /// Reads `path` (TOML), applies the `EASEMOB_GW__…` overrides among `env` and deserializes, strictly, as
+    /// `load::strictly` says: every value that does not fit its key is a problem, and its key's default stands in
+    /// for it, so that the checks of `problems` still run.
+    pub fn read(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Loaded {
+        let (read, problems) = load::strictly::<Config>(path, env);
+        let config = read.map(|(config, values)| Config { written: Written(Some(values)), ..config });
+        Loaded { config, problems }
+    }
+
+    /// The effective config as TOML, with every secret redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut effective = toml::Value::try_from(self).expect("config serializes to TOML");
+        if let Some(written) = &self.written.0 {
+            duration::as_written(&mut effective, written);
+        }
+        toml::to_string_pretty(&effective).expect("config serializes to TOML")
+    }
+
     /// Every problem with this config, one line each, section by section; empty when it can run. Sections that
     /// name files or environment variables (apps' secrets, CA files, the jobs' store) look for them.
     pub fn problems(&self, policy: SecretPolicy) -> Vec<String> {

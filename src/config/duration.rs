@@ -1,5 +1,5 @@
 //! Durations in the config: read as humantime reads them (`"1500ms"`, `"1s 500ms"`), printed by
-//! [`format_duration`] in the largest unit that holds them whole.
+//! [`format_duration`] in the largest unit that holds them whole, or as the sources wrote them (`as_written`).
 
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ pub mod option {
 
     pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
         match d {
-            Some(d) => s.serialize_some(&super::format_duration(*d)),
+            Some(d) => s.serialize_some(&crate::config::duration::format_duration(*d)),
             None => s.serialize_none(),
         }
     }
@@ -45,4 +45,31 @@ pub fn format_duration(d: Duration) -> String {
     let (unit, size) =
         UNITS.iter().find(|(_, size)| nanos.is_multiple_of(*size)).expect("a whole number of nanoseconds");
     format!("{}{unit}", nanos / size)
+}
+
+/// Where the effective config holds a duration the sources wrote too, it takes the sources' spelling ("1500ms"
+/// rather than "1s 500ms"). Only durations: a value is replaced only if both read as the same duration, so no
+/// redacted value can come back.
+pub(super) fn as_written(effective: &mut toml::Value, written: &toml::Value) {
+    match (effective, written) {
+        (toml::Value::Table(table), toml::Value::Table(sources)) => {
+            for (key, value) in table.iter_mut() {
+                if let Some(source) = sources.get(key) {
+                    as_written(value, source);
+                }
+            }
+        }
+        (toml::Value::Array(items), toml::Value::Array(sources)) => {
+            for (item, source) in items.iter_mut().zip(sources) {
+                as_written(item, source);
+            }
+        }
+        (toml::Value::String(shown), toml::Value::String(source)) => {
+            let same = humantime::parse_duration(shown).ok().zip(humantime::parse_duration(source).ok());
+            if same.is_some_and(|(a, b)| a == b) {
+                *shown = source.clone();
+            }
+        }
+        _ => {}
+    }
 }

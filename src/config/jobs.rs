@@ -5,8 +5,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::duration;
-use super::{MAX_TOKEN_WAIT, RateLimitBackend, UpstreamConfig, format_duration};
+use super::duration::{self, format_duration};
+use super::rate_limit::RateLimitBackend;
+use super::token::MAX_TOKEN_WAIT;
+use super::upstream::UpstreamConfig;
 
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]

@@ -1,11 +1,13 @@
 //! Reading a config: the TOML file, the `EASEMOB_GW__…` overrides, and strict typing. Every value that does not
 //! fit its key is reported on its own line, naming the key (or the variable), and its default stands in for it so
-//! that the sections' own checks (`Config::problems`) still run.
+//! that the sections' own checks (`Config::problems`) still run. Nothing here knows the sections.
 
 use std::path::Path;
 use std::time::Duration;
 
-use super::{Config, SecretPolicy, Written, format_duration};
+use serde::de::DeserializeOwned;
+
+use super::duration::format_duration;
 
 /// Environment variables with this prefix override file keys: `EASEMOB_GW__UPSTREAM__BASE_URL`.
 pub const ENV_PREFIX: &str = "EASEMOB_GW";
@@ -14,115 +16,75 @@ const ENV_SEPARATOR: &str = "__";
 const MOVED: [(&str, &str); 1] =
     [("rate_limit.redis.expected_replicas", "rate_limit.replicas (one setting for the local and the Redis backend)")];
 
-/// What reading a config file gave: the config, with the default of any key that did not fit in its place
-/// (none when a required key did not fit), and the problems found so far, one line each.
-pub struct Loaded {
-    config: Option<Config>,
-    problems: Vec<String>,
-}
-
-impl Loaded {
-    /// The config, if every value fit its key; the checks of `Config::problems` are left to the caller.
-    pub fn parsed(self) -> Result<Config, String> {
-        match self.config {
-            Some(config) if self.problems.is_empty() => Ok(config),
-            _ => Err(self.problems.join("\n")),
-        }
+/// Reads `path` (TOML), applies the `EASEMOB_GW__…` overrides among `env` and deserializes a `T`, strictly: a value
+/// of another TOML type than its key's is a problem (a float is no integer, a string no number or boolean), and an
+/// override is read by its key's type. Every such problem is reported, naming its key (or, for an override, the
+/// variable); the key's default stands in for it, so that the sections' checks still run. Gives the `T` (none when
+/// a required key did not fit) with the values it was read from, and the problems, one line each.
+pub(super) fn strictly<T: DeserializeOwned>(
+    path: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> (Option<(T, toml::Value)>, Vec<String>) {
+    let file = path.display().to_string();
+    let failed = |problem| (None, vec![problem]);
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) => return failed(format!("{file}: {e}")),
+    };
+    if let Err(e) = toml::from_str::<toml::Table>(&text) {
+        return failed(format!("{file}: {}", toml_problem(&text, &e)));
     }
-
-    /// The config, if every value fit its key and it passes `Config::problems`; else every problem of both,
-    /// one per line, in one run: a key that did not fit hides none of the other checks.
-    pub fn checked(self, policy: SecretPolicy) -> Result<Config, String> {
-        let mut problems = self.problems;
-        if let Some(config) = &self.config {
-            problems.extend(config.problems(policy));
-        }
-        match self.config {
-            Some(config) if problems.is_empty() => Ok(config),
-            _ => Err(problems.join("\n")),
-        }
-    }
-}
-
-impl Config {
-    /// Reads `path` (TOML) with the process's `EASEMOB_GW__…` overrides: the types only, as `Loaded::parsed`.
-    pub fn load(path: &Path) -> Result<Config, String> {
-        Config::read(path, std::env::vars()).parsed()
-    }
-
-    /// Reads `path` with the process's overrides and checks it in full, as `Loaded::checked`: what `serve`,
-    /// `check-config` and a reload use.
-    pub fn load_checked(path: &Path, policy: SecretPolicy) -> Result<Config, String> {
-        Config::read(path, std::env::vars()).checked(policy)
-    }
-
-    /// Reads `path` (TOML), applies the `EASEMOB_GW__…` overrides among `env` and deserializes, strictly: a value
-    /// of another TOML type than its key's is a problem (a float is no integer, a string no number or boolean),
-    /// and an override is read by its key's type. Every such problem is reported, naming its key (or, for an
-    /// override, the variable); the key's default stands in for it, so that the checks of `problems` still run.
-    pub fn read(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Loaded {
-        let file = path.display().to_string();
-        let failed = |problem| Loaded { config: None, problems: vec![problem] };
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(e) => return failed(format!("{file}: {e}")),
+    let env: config::Map<String, String> = env.into_iter().collect();
+    let merged = config::Config::builder()
+        .add_source(config::File::from(path).format(config::FileFormat::Toml))
+        .add_source(config::Environment::with_prefix(ENV_PREFIX).separator(ENV_SEPARATOR).source(Some(env.clone())))
+        .build()
+        .and_then(|source| source.try_deserialize::<config::Value>());
+    let mut values = match merged {
+        Ok(merged) => as_toml(merged).unwrap_or_else(|| toml::Value::Table(toml::Table::new())),
+        Err(e) => return failed(format!("{file}: {}", one_line(&e.to_string()))),
+    };
+    let mut problems = Vec::new();
+    let mut set_aside_keys = Vec::new();
+    let config = loop {
+        let error = match serde_path_to_error::deserialize::<_, T>(values.clone()) {
+            Ok(config) => break Some(config),
+            Err(error) => error,
         };
-        if let Err(e) = toml::from_str::<toml::Table>(&text) {
-            return failed(format!("{file}: {}", toml_problem(&text, &e)));
-        }
-        let env: config::Map<String, String> = env.into_iter().collect();
-        let merged = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml))
-            .add_source(config::Environment::with_prefix(ENV_PREFIX).separator(ENV_SEPARATOR).source(Some(env.clone())))
-            .build()
-            .and_then(|source| source.try_deserialize::<config::Value>());
-        let mut values = match merged {
-            Ok(merged) => as_toml(merged).unwrap_or_else(|| toml::Value::Table(toml::Table::new())),
-            Err(e) => return failed(format!("{file}: {}", one_line(&e.to_string()))),
+        let key = error.path().to_string();
+        // The message alone: the error's `Display` adds the key, which the problem names itself.
+        let message = one_line(error.into_inner().message());
+        let message = match MOVED.iter().find(|(old, _)| *old == key) {
+            Some((_, new)) => format!("moved: set {new}"),
+            None => message,
         };
-        let mut problems = Vec::new();
-        let mut set_aside_keys = Vec::new();
-        let config = loop {
-            let error = match serde_path_to_error::deserialize::<_, Config>(values.clone()) {
-                Ok(config) => break Some(config),
-                Err(error) => error,
-            };
-            let key = error.path().to_string();
-            // The message alone: the error's `Display` adds the key, which the problem names itself.
-            let message = one_line(error.into_inner().message());
-            let message = match MOVED.iter().find(|(old, _)| *old == key) {
-                Some((_, new)) => format!("moved: set {new}"),
-                None => message,
-            };
-            let var = override_of(&key, &env);
-            if var.is_some() && message.starts_with("invalid type: string") && retype_override(&mut values, &key) {
-                continue;
+        let var = override_of(&key, &env);
+        if var.is_some() && message.starts_with("invalid type: string") && retype_override(&mut values, &key) {
+            continue;
+        }
+        if let Some(field) = message.strip_prefix("missing field `").and_then(|m| m.strip_suffix('`')) {
+            // A required key set aside has been reported already.
+            let missing = if key == "." { field.to_owned() } else { format!("{key}.{field}") };
+            if !set_aside_keys.contains(&missing) {
+                problems.push(located(&file, &key, None, &message));
             }
-            if let Some(field) = message.strip_prefix("missing field `").and_then(|m| m.strip_suffix('`')) {
-                // A required key set aside has been reported already.
-                let missing = if key == "." { field.to_owned() } else { format!("{key}.{field}") };
-                if !set_aside_keys.contains(&missing) {
-                    problems.push(located(&file, &key, None, &message));
-                }
-                // Without a required key its table cannot be built: the table is set aside in turn (its default,
-                // or an `[[apps]]` entry fewer, stands in) so that the other keys are still checked.
-                if key == "." || !set_aside(&mut values, &key) {
-                    break None;
-                }
-                set_aside_keys.push(key);
-                continue;
-            }
-            let found = value_at(&mut values, &steps(&key)).cloned();
-            let what = found.and_then(|found| type_problem(&message, &key, var.as_deref(), &found));
-            problems.push(located(&file, &key, var.as_deref(), &what.unwrap_or(message)));
-            if !set_aside(&mut values, &key) {
+            // Without a required key its table cannot be built: the table is set aside in turn (its default,
+            // or an `[[apps]]` entry fewer, stands in) so that the other keys are still checked.
+            if key == "." || !set_aside(&mut values, &key) {
                 break None;
             }
             set_aside_keys.push(key);
-        };
-        let config = config.map(|config| Config { written: Written::new(values), ..config });
-        Loaded { config, problems }
-    }
+            continue;
+        }
+        let found = value_at(&mut values, &steps(&key)).cloned();
+        let what = found.and_then(|found| type_problem(&message, &key, var.as_deref(), &found));
+        problems.push(located(&file, &key, var.as_deref(), &what.unwrap_or(message)));
+        if !set_aside(&mut values, &key) {
+            break None;
+        }
+        set_aside_keys.push(key);
+    };
+    (config.map(|config| (config, values)), problems)
 }
 
 /// A TOML syntax error with its line and the text it is about (`duplicate key` names the key).
