@@ -210,3 +210,97 @@ fn kept<T: PartialEq + Clone>(new: &mut T, running: &T) -> bool {
     }
     changed
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::num::NonZeroU32;
+    use std::time::Duration;
+
+    use serde::Deserialize;
+
+    use super::keep_restart_only;
+    use crate::config::fixtures::{MINIMAL, every_key_set, write};
+    use crate::config::{Config, format_duration};
+
+    #[test]
+    fn a_reload_keeps_the_settings_that_need_a_restart_and_names_them() {
+        let running = Config::load(write(MINIMAL).path()).unwrap();
+        let mut new = running.clone();
+        new.server.listen = "127.0.0.1:1".parse().unwrap();
+        new.jobs.concurrency = 7;
+        new.rate_limit.route.rate = NonZeroU32::new(50).unwrap();
+        new.upstream.timeout = Duration::from_secs(3);
+        assert_eq!(keep_restart_only(&mut new, &running), ["server.listen", "jobs"]);
+        assert_eq!(new.server.listen, running.server.listen);
+        assert_eq!(new.jobs, running.jobs);
+        assert_eq!(new.rate_limit.route.rate.get(), 50, "a quota is reloaded");
+        assert_eq!(new.upstream.timeout, Duration::from_secs(3), "and so is the upstream timeout");
+        assert!(keep_restart_only(&mut new.clone(), &new).is_empty());
+    }
+
+    /// What a page names as waiting for a restart, in its list between `after` and `before`: keys
+    /// (`server.listen`), key prefixes (`upstream.pool_`, from `upstream.pool_*`) and sections (`jobs`, from `[jobs]`).
+    fn documented_restart_only(page: &str, after: &str, before: &str) -> Vec<String> {
+        let page = std::fs::read_to_string(format!("{}/docs/{page}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let list = page.split(after).nth(1).unwrap().split(before).next().unwrap();
+        list.split('`').skip(1).step_by(2).map(|name| name.trim_matches(['[', ']', '*']).to_owned()).collect()
+    }
+
+    /// Every key of `value` that holds no table, as `section.key` (arrays left out).
+    fn leaves(value: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+        let toml::Value::Table(table) = value else { return };
+        for (key, value) in table {
+            let key = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+            match value {
+                toml::Value::Table(_) => leaves(value, &key, out),
+                toml::Value::Array(_) => {}
+                _ => out.push(key),
+            }
+        }
+    }
+
+    #[test]
+    fn the_configuration_reference_names_exactly_the_settings_a_reload_keeps_for_a_restart() {
+        let written = toml::Value::try_from(every_key_set()).unwrap();
+        let running = Config::deserialize(written.clone()).unwrap();
+        let documented = documented_restart_only("configuration.md", "named in the log:", ". See");
+        let operations = documented_restart_only("operations.md", "**What needs a restart.**", ". A reload");
+        assert_eq!(documented, operations, "configuration.md and operations.md name the same settings");
+        let mut keys = Vec::new();
+        leaves(&written, "", &mut keys);
+        for key in keys {
+            let mut values = written.clone();
+            let old = at(&mut values, &key).clone();
+            // Another value the key accepts: the first of these that the config reads.
+            let candidates = match &old {
+                toml::Value::Integer(n) => vec![toml::Value::Integer(n + 1)],
+                toml::Value::Float(x) => vec![toml::Value::Float(x / 2.0)],
+                toml::Value::Boolean(b) => vec![toml::Value::Boolean(!b)],
+                toml::Value::String(s) => {
+                    let duration =
+                        humantime::parse_duration(s).ok().map(|d| format_duration(d + Duration::from_secs(1)));
+                    let addr = s.parse::<SocketAddr>().ok().map(|a| SocketAddr::new(a.ip(), a.port() + 1).to_string());
+                    let others = ["redis".to_owned(), "json".to_owned(), format!("{s}x")];
+                    duration.into_iter().chain(addr).chain(others).map(toml::Value::String).collect()
+                }
+                other => panic!("{key} = {other}: no other value to try"),
+            };
+            let changed = candidates.into_iter().find_map(|candidate| {
+                *at(&mut values, &key) = candidate;
+                Config::deserialize(values.clone()).ok()
+            });
+            let mut changed = changed.unwrap_or_else(|| panic!("no other value of {key} reads"));
+            let waits = !keep_restart_only(&mut changed, &running).is_empty();
+            let named = documented.iter().any(|d| {
+                key == *d || key.starts_with(&format!("{d}.")) || (d.ends_with('_') && key.starts_with(d.as_str()))
+            });
+            assert_eq!(waits, named, "{key}: waits for a restart, and configuration.md says so");
+        }
+    }
+
+    /// The value at `key` (`section.key`) in `values`.
+    fn at<'v>(values: &'v mut toml::Value, key: &str) -> &'v mut toml::Value {
+        key.split('.').fold(values, |at, part| at.get_mut(part).expect("a key of the config"))
+    }
+}

@@ -125,7 +125,7 @@ fn as_toml(value: config::Value) -> Option<toml::Value> {
 }
 
 /// One step of a key as serde_path_to_error names it: `apps[0].client_id` is `apps`, `[0]`, `client_id`.
-pub(super) enum Step<'k> {
+enum Step<'k> {
     Key(&'k str),
     Index(usize),
 }
@@ -141,7 +141,7 @@ fn steps(key: &str) -> Vec<Step<'_>> {
 }
 
 /// The value at `steps`, if there is one.
-pub(super) fn value_at<'v>(mut at: &'v mut toml::Value, steps: &[Step]) -> Option<&'v mut toml::Value> {
+fn value_at<'v>(mut at: &'v mut toml::Value, steps: &[Step]) -> Option<&'v mut toml::Value> {
     for step in steps {
         at = match (at, step) {
             (toml::Value::Table(table), Step::Key(key)) => table.get_mut(*key)?,
