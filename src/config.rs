@@ -124,7 +124,7 @@ impl Config {
     /// `load::strictly` says: every value that does not fit its key is a problem, and its key's default stands in
     /// for it, so that the checks of `problems` still run.
     pub fn read(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Loaded {
-        let (read, problems) = load::strictly::<Config>(path, env);
+        let (read, problems) = load::strictly::<Config>(path, env, &rate_limit::MOVED);
         let config = read.map(|(config, values)| Config { written: Written(Some(values)), ..config });
         Loaded { config, problems }
     }

@@ -12,18 +12,17 @@ use super::duration::format_duration;
 /// Environment variables with this prefix override file keys: `EASEMOB_GW__UPSTREAM__BASE_URL`.
 pub const ENV_PREFIX: &str = "EASEMOB_GW";
 const ENV_SEPARATOR: &str = "__";
-/// Keys that moved, and where: a config still using one is refused with a line naming the new key.
-const MOVED: [(&str, &str); 1] =
-    [("rate_limit.redis.expected_replicas", "rate_limit.replicas (one setting for the local and the Redis backend)")];
 
 /// Reads `path` (TOML), applies the `EASEMOB_GW__…` overrides among `env` and deserializes a `T`, strictly: a value
 /// of another TOML type than its key's is a problem (a float is no integer, a string no number or boolean), and an
 /// override is read by its key's type. Every such problem is reported, naming its key (or, for an override, the
-/// variable); the key's default stands in for it, so that the sections' checks still run. Gives the `T` (none when
-/// a required key did not fit) with the values it was read from, and the problems, one line each.
+/// variable); the key's default stands in for it, so that the sections' checks still run. A key among `moved` (old
+/// key, where it went) is refused with a line naming its new place. Gives the `T` (none when a required key did
+/// not fit) with the values it was read from, and the problems, one line each.
 pub(super) fn strictly<T: DeserializeOwned>(
     path: &Path,
     env: impl IntoIterator<Item = (String, String)>,
+    moved: &[(&str, &str)],
 ) -> (Option<(T, toml::Value)>, Vec<String>) {
     let file = path.display().to_string();
     let failed = |problem| (None, vec![problem]);
@@ -54,7 +53,7 @@ pub(super) fn strictly<T: DeserializeOwned>(
         let key = error.path().to_string();
         // The message alone: the error's `Display` adds the key, which the problem names itself.
         let message = one_line(error.into_inner().message());
-        let message = match MOVED.iter().find(|(old, _)| *old == key) {
+        let message = match moved.iter().find(|(old, _)| *old == key) {
             Some((_, new)) => format!("moved: set {new}"),
             None => message,
         };

@@ -28,6 +28,10 @@ impl Limit {
     }
 }
 
+/// Keys that moved, and where: a config still using one is refused with a line naming the new key.
+pub(super) const MOVED: [(&str, &str); 1] =
+    [("rate_limit.redis.expected_replicas", "rate_limit.replicas (one setting for the local and the Redis backend)")];
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitConfig {
