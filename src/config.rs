@@ -17,6 +17,7 @@ mod log;
 mod rate_limit;
 mod secret;
 mod server;
+mod strict;
 mod token;
 mod trace;
 mod upstream;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 use super::duration::format_duration;
+use super::strict::{MisfitKind, Strict};
 
 /// Environment variables with this prefix override file keys: `EASEMOB_GW__UPSTREAM__BASE_URL`.
 pub const ENV_PREFIX: &str = "EASEMOB_GW";
@@ -46,22 +47,22 @@ pub(super) fn strictly<T: DeserializeOwned>(
     let mut problems = Vec::new();
     let mut set_aside_keys = Vec::new();
     let config = loop {
-        let error = match serde_path_to_error::deserialize::<_, T>(values.clone()) {
+        let error = match serde_path_to_error::deserialize::<_, T>(Strict(values.clone())) {
             Ok(config) => break Some(config),
             Err(error) => error,
         };
         let key = error.path().to_string();
         // The message alone: the error's `Display` adds the key, which the problem names itself.
-        let message = one_line(error.into_inner().message());
-        let message = match moved.iter().find(|(old, _)| *old == key) {
-            Some((_, new)) => format!("moved: set {new}"),
-            None => message,
+        let misfit = error.into_inner();
+        let (kind, message) = match moved.iter().find(|(old, _)| *old == key) {
+            Some((_, new)) => (MisfitKind::Other, format!("moved: set {new}")),
+            None => (misfit.kind, one_line(&misfit.message)),
         };
         let var = override_of(&key, &env);
-        if var.is_some() && message.starts_with("invalid type: string") && retype_override(&mut values, &key) {
+        if var.is_some() && kind == MisfitKind::StringOfAnotherType && retype_override(&mut values, &key) {
             continue;
         }
-        if let Some(field) = message.strip_prefix("missing field `").and_then(|m| m.strip_suffix('`')) {
+        if let MisfitKind::MissingField(field) = kind {
             // A required key set aside has been reported already.
             let missing = if key == "." { field.to_owned() } else { format!("{key}.{field}") };
             if !set_aside_keys.contains(&missing) {
