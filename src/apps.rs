@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::HeaderValue;
 use secrecy::ExposeSecret;
 
-use crate::config::{AppKey, Config, digest_parts};
+use crate::config::{AppKey, Config};
 use crate::metrics::{LaneMetrics, Metrics};
 use crate::ratelimit::{AppIndex, QuotaSet};
 use crate::routes::Route;
@@ -162,4 +162,16 @@ pub enum Unfound {
     NotConfigured,
     /// Several apps are configured and the path names none.
     NotNamed,
+}
+
+/// A SHA-256 digest of `parts`, each prefixed with its length (so that no two lists of parts digest alike): how a
+/// reload tells that credentials or files changed without keeping them.
+pub fn digest_parts<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> [u8; 32] {
+    use sha2::Digest;
+    let mut digest = sha2::Sha256::new();
+    for part in parts {
+        digest.update((part.len() as u64).to_le_bytes());
+        digest.update(part);
+    }
+    digest.finalize().into()
 }
