@@ -2,14 +2,15 @@
 //!
 //! A job is a list of operations in the six routes' own terms, each validated by the same code as a direct call
 //! before anything is stored (`msgIdList`s longer than Easemob's 50 are split into batches). A direct call sent
-//! with `Prefer: respond-async` becomes a job of one (`jobs/defer.rs`). Jobs are kept in an embedded store
-//! (`jobs/store.rs`), run by one scheduler per process (`jobs/runner.rs`) through the same token, quota and
+//! with `Prefer: respond-async` becomes a job of one (`jobs/defer.rs`). Jobs (`jobs/records.rs`) are kept in an
+//! embedded store (`jobs/store.rs`) or in Redis (`jobs/shared.rs`, its scripts in `jobs/shared/*.lua`), run by one scheduler per process (`jobs/runner.rs`) through the same token, quota and
 //! client layers as direct calls, and read, listed and cancelled through the jobs API (`jobs/api.rs`), which
 //! parses a job request as it arrives (`jobs/intake.rs`).
 
 pub mod api;
 pub mod defer;
 pub mod intake;
+pub mod records;
 pub mod runner;
 pub mod shared;
 pub mod store;
@@ -26,11 +27,12 @@ use crate::config::JobsConfig;
 use crate::routes::validate::{Call, ValidationError};
 use crate::routes::{Endpoint, Route, resolve};
 
-use self::shared::SharedStore;
-use self::store::{
-    Created, Due, JobRecord, JobState, LaneUse, LocalStore, NewJob, NewOperation, OpRecord, OpState, Outcome,
-    Remaining, StoreError, Totals, UserUse,
+use self::records::{
+    Created, Due, JobRecord, JobState, LaneUse, NewJob, NewOperation, OpRecord, OpState, Outcome, Remaining,
+    StoreError, Totals, UserUse,
 };
+use self::shared::SharedStore;
+use self::store::LocalStore;
 
 /// Easemob refuses a `msgIdList` longer than this; a job splits longer ones into batches of this size.
 pub const MSG_IDS_PER_CALL: usize = 50;

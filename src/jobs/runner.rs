@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 use tracing::{info, warn};
 
-use super::store::{Due, JobState, LaneUse, Next, OpState, Outcome};
+use super::records::{Due, JobState, LaneUse, Next, OpState, Outcome};
 use super::{Jobs, call_of};
 use crate::apps::{App, Apps};
 use crate::config::JobsConfig;
@@ -565,7 +565,8 @@ mod tests {
     use super::*;
     use crate::config::RateLimitConfig;
     use crate::jobs::Store;
-    use crate::jobs::store::{Created, JobRecord, JobState, LocalStore, NewOperation};
+    use crate::jobs::records::{Created, JobRecord, JobState, NewOperation};
+    use crate::jobs::store::LocalStore;
     use crate::jobs::{Clock, OperationRequest};
     use crate::metrics::Metrics;
     use crate::ratelimit::layer::QuotaLayer;

@@ -18,7 +18,7 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 
-use super::store::{
+use super::records::{
     Counts, Created, Due, JobRecord, JobState, LaneUse, NewJob, Next, OpRecord, OpState, Outcome, Remaining,
     StoreError, Totals, UserUse, method_of,
 };
@@ -67,167 +67,33 @@ struct Op {
 }
 
 /// Moves up to ARGV[2] operations of each route due at ARGV[1] from that route's `due` (KEYS but the last) to
-/// `leases` (the last KEY) for ARGV[3] ms, on Redis's own clock (so replicas' clocks do not matter); returns them. Per route, so that one route's long job never holds back
-/// the others.
-const CLAIM: &str = r#"
-local t = redis.call('TIME')
-local lease_until = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[3])
-local leases, claimed = KEYS[#KEYS], {}
-for k = 1, #KEYS - 1 do
-  local due = redis.call('ZRANGEBYSCORE', KEYS[k], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-  for _, m in ipairs(due) do
-    redis.call('ZREM', KEYS[k], m)
-    redis.call('ZADD', leases, lease_until, m)
-    claimed[#claimed + 1] = m
-  end
-end
-return claimed
-"#;
+/// `leases` (the last KEY) for ARGV[3] ms, on Redis's own clock (so replicas' clocks do not matter); returns
+/// them. Per route, so that one route's long job never holds back the others.
+const CLAIM: &str = include_str!("shared/claim.lua");
 
 /// Gives back a claimed operation, due again at ARGV[3], unless it is no longer pending. ARGV[1]: the key prefix,
 /// ARGV[2]: the member `id:n`.
-const RELEASE: &str = r#"
-local p, m = ARGV[1], ARGV[2]
-redis.call('ZREM', p .. ':leases', m)
-local id, n = string.match(m, '^(.*):(%d+)$')
-local raw = redis.call('HGET', p .. ':ops:' .. id, n)
-if raw then
-  local op = cjson.decode(raw)
-  if op.state == 'pending' then redis.call('ZADD', p .. ':due:' .. op.route, ARGV[3], m) end
-end
-return 0
-"#;
+const RELEASE: &str = include_str!("shared/release.lua");
 
 /// Puts every expired lease's operation back in `due` (if still pending), on Redis's own clock. ARGV: the key
 /// prefix.
-const REAP: &str = r#"
-local p = ARGV[1]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local expired = redis.call('ZRANGEBYSCORE', p .. ':leases', '-inf', now)
-for _, m in ipairs(expired) do
-  redis.call('ZREM', p .. ':leases', m)
-  local id, n = string.match(m, '^(.*):(%d+)$')
-  local raw = redis.call('HGET', p .. ':ops:' .. id, n)
-  if raw then
-    local op = cjson.decode(raw)
-    if op.state == 'pending' then redis.call('ZADD', p .. ':due:' .. op.route, 0, m) end
-  end
-end
-return #expired
-"#;
+const REAP: &str = include_str!("shared/reap.lua");
 
 /// The job's state from its counters, kept in the per-state totals; a job whose last operation finished gets its
 /// end time. Returns the job's duration (ms) if it finished here, else -1.
-const SETTLE: &str = r#"
-local function settle(p, id, now)
-  local jobk = p .. ':job:' .. id
-  local j = redis.call('HMGET', jobk, 'state', 'pending', 'cancel_requested', 'failed', 'finished_ms', 'created_ms')
-  local state, pending = j[1], tonumber(j[2])
-  local new
-  if pending > 0 then new = 'running'
-  elseif j[3] == '1' then new = 'cancelled'
-  elseif tonumber(j[4]) > 0 then new = 'failed'
-  else new = 'done' end
-  if new ~= state then
-    redis.call('HSET', jobk, 'state', new)
-    redis.call('HINCRBY', p .. ':states', state, -1)
-    redis.call('HINCRBY', p .. ':states', new, 1)
-  end
-  if pending == 0 and (not j[5] or j[5] == '') then
-    redis.call('HSET', jobk, 'finished_ms', now)
-    redis.call('ZADD', p .. ':finished', now, id)
-    redis.call('ZREM', p .. ':open', id)
-    return now - tonumber(j[6])
-  end
-  return -1
-end
-local function left(p, id, op, by)
-  redis.call('HINCRBY', p .. ':left:' .. id, 'route:' .. op.route, by)
-  if op.user and op.user ~= cjson.null then redis.call('HINCRBY', p .. ':left:' .. id, 'user:' .. op.user, by) end
-end
-"#;
+const SETTLE: &str = include_str!("shared/settle.lua");
 
 /// Records outcomes. ARGV: the key prefix, now, then per outcome: id, n, next (`retry` or a final state),
 /// attempts, status, error, description, due-again time. Returns the durations of the jobs finished here.
-const RECORD: &str = r#"
-local p, now = ARGV[1], tonumber(ARGV[2])
-local finished = {}
-local i = 3
-while i <= #ARGV do
-  local id, n, next, attempts = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
-  local status, err, desc, at = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
-  i = i + 8
-  local member, opsk = id .. ':' .. n, p .. ':ops:' .. id
-  redis.call('ZREM', p .. ':leases', member)
-  local raw = redis.call('HGET', opsk, n)
-  if raw then
-    local op = cjson.decode(raw)
-    local was = op.state
-    local function fill()
-      op.attempts = attempts
-      if status ~= '' then op.status = tonumber(status) else op.status = cjson.null end
-      if err ~= '' then op.error = err else op.error = cjson.null end
-      if desc ~= '' then op.error_description = desc else op.error_description = cjson.null end
-    end
-    if next == 'retry' then
-      if was == 'pending' then
-        fill()
-        redis.call('HSET', opsk, n, cjson.encode(op))
-        redis.call('ZADD', p .. ':due:' .. op.route, at, member)
-      end
-    elseif was == 'pending' or was == 'cancelled' then
-      fill()
-      op.state, op.finished_ms = next, now
-      redis.call('HSET', opsk, n, cjson.encode(op))
-      redis.call('ZREM', p .. ':due:' .. op.route, member)
-      redis.call('HINCRBY', p .. ':job:' .. id, was, -1)
-      redis.call('HINCRBY', p .. ':job:' .. id, next, 1)
-      if was == 'pending' then left(p, id, op, -1) end
-    end
-    if redis.call('EXISTS', p .. ':job:' .. id) == 1 then
-      local took = settle(p, id, now)
-      if took >= 0 then finished[#finished + 1] = took end
-    end
-  end
-end
-return finished
-"#;
+const RECORD: &str = include_str!("shared/record.lua");
 
 /// Cancels a range of a job's operations: those still pending (claimed or not) are dropped. ARGV: the key prefix,
 /// id, now, the first and the last index of the range; a range keeps each call short for a job of any size.
 /// Returns how many were dropped.
-const CANCEL: &str = r#"
-local p, id, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local jobk, opsk = p .. ':job:' .. id, p .. ':ops:' .. id
-if redis.call('EXISTS', jobk) == 0 then return 0 end
-redis.call('HSET', jobk, 'cancel_requested', '1')
-local dropped = 0
-for n = tonumber(ARGV[4]), tonumber(ARGV[5]) do
-  local raw = redis.call('HGET', opsk, tostring(n))
-  if raw then
-    local op = cjson.decode(raw)
-    if op.state == 'pending' then
-      op.state, op.finished_ms = 'cancelled', now
-      redis.call('HSET', opsk, tostring(n), cjson.encode(op))
-      redis.call('ZREM', p .. ':due:' .. op.route, id .. ':' .. n)
-      left(p, id, op, -1)
-      dropped = dropped + 1
-    end
-  end
-end
-if dropped > 0 then
-  redis.call('HINCRBY', jobk, 'pending', 0 - dropped)
-  redis.call('HINCRBY', jobk, 'cancelled', dropped)
-end
-return dropped
-"#;
+const CANCEL: &str = include_str!("shared/cancel.lua");
 
 /// Settles a job's state after a cancel (ARGV: the key prefix, id, now).
-const SETTLE_JOB: &str = r#"
-if redis.call('EXISTS', ARGV[1] .. ':job:' .. ARGV[2]) == 1 then settle(ARGV[1], ARGV[2], tonumber(ARGV[3])) end
-return 0
-"#;
+const SETTLE_JOB: &str = include_str!("shared/settle_job.lua");
 
 /// The jobs store shared by every replica, in Redis.
 #[derive(Clone)]

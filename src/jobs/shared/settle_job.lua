@@ -1,0 +1,2 @@
+if redis.call('EXISTS', ARGV[1] .. ':job:' .. ARGV[2]) == 1 then settle(ARGV[1], ARGV[2], tonumber(ARGV[3])) end
+return 0
