@@ -111,14 +111,14 @@ impl Server {
         }
         let store = match (config.jobs.enabled, &config.jobs.store) {
             (false, _) => None,
-            (true, Some(path)) => Some(Store::Local(
+            (true, Some(path)) => Some(Arc::new(
                 LocalStore::open(path)
                     .map_err(|source| StartError::Jobs { store: path.display().to_string(), source })?,
-            )),
-            (true, None) => Some(Store::Shared(
+            ) as Store),
+            (true, None) => Some(Arc::new(
                 SharedStore::new(&config.rate_limit.redis, config.jobs.lease)
                     .map_err(|source| StartError::Jobs { store: "redis".to_owned(), source })?,
-            )),
+            ) as Store),
         };
         let jobs = store.map(|store| Jobs::new(store, config.jobs.clone(), Clock::new()));
         let export = Export::start(&config.trace, &metrics)?;

@@ -3,15 +3,15 @@
 //!
 //! - A job operation takes a quota slot only when it costs direct calls nothing (`QuotaSet::background`): never
 //!   while a direct call waits in its lane, and within `rate_limit.jobs_share`.
-//! - A route lane that is full holds back that lane only; a user whose per-user window is full has all their
-//!   operations postponed (in the store too) until it frees, so other users go on.
+//! - A route lane that is full holds back that lane only; a user whose per-user window is full has each of their
+//!   operations given back to the store until it frees, so other users go on.
 //! - Easemob's 429 (honouring `Retry-After`), its 5xx, timeouts and connection errors are retried with exponential
 //!   backoff and jitter; an answer that was lost is retried too (the deletions are idempotent upstream); any other
 //!   4xx is final.
-//! - Outcomes are recorded in batches; an operation is held in memory from the moment it is fetched until its
-//!   outcome is committed, so it is never sent twice at once. With a shared store, fetching claims it under a
-//!   lease; one that cannot be sent soon (a full lane, a full user window, a cancelled job) is given back well
-//!   before the lease ends, so no other replica ever sends it at the same time.
+//! - Outcomes are recorded in batches; an operation is held from the moment it is claimed until its outcome is
+//!   committed, so it is never sent twice at once. One that cannot be sent soon (a full lane, a full user window,
+//!   a cancelled job) is given back well before a shared store's lease ends, so no other replica ever sends it at
+//!   the same time.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
@@ -171,13 +171,10 @@ where
             let fresh = std::mem::take(&mut new_work);
             if queue.len() < BATCH / 2 || fresh || now >= last_fetch + REFETCH_EVERY {
                 last_fetch = now;
-                // Embedded: a read, which returns what is held too. Shared: a claim of new operations under a
-                // lease, so only what can be sent soon (the rest stays free for the other replicas).
-                let limit = match store.is_shared() {
-                    false => held.len() + BATCH,
-                    true => (2 * config.concurrency).saturating_sub(queue.len()),
-                };
-                match store.due(clock.now_ms(), limit).await {
+                // A claim of new operations, so only what can be sent soon (with a shared store the rest stays
+                // free for the other replicas).
+                let limit = (2 * config.concurrency).saturating_sub(queue.len());
+                match store.claim(clock.now_ms(), limit).await {
                     Ok(due) => {
                         for due in due {
                             if !held.insert(due.key()) {
@@ -297,7 +294,7 @@ where
                     }
                 }
                 _ = tokio::time::sleep_until(wake_at) => {}
-                _ = self.jobs.0.wake.notified() => new_work = true,
+                _ = self.jobs.woken() => new_work = true,
             }
         }
     }
@@ -306,9 +303,6 @@ where
     async fn cancelled(&self, due: &Due, cache: &mut HashMap<String, (Instant, bool)>, now: Instant) -> bool {
         if self.jobs.is_cancelled(due.job) {
             return true;
-        }
-        if !self.jobs.store().is_shared() {
-            return false;
         }
         if let Some((checked, cancelled)) = cache.get(&due.job_id)
             && now < *checked + CANCEL_CHECK
@@ -600,7 +594,7 @@ mod tests {
         rate_limit: RateLimitConfig,
         mut script: impl FnMut(usize) -> Answer + Send + 'static,
     ) -> Harness {
-        let store = Store::Local(LocalStore::open(&dir.path().join("jobs.db")).unwrap());
+        let store: Store = Arc::new(LocalStore::open(&dir.path().join("jobs.db")).unwrap());
         let quota = testing::quota(rate_limit);
         let app = testing::app(&ScriptedFetch::granting(3600), &quota);
         let sent: Sent = Arc::default();

@@ -10,6 +10,7 @@
 //! (`appendonly yes`; `appendfsync always` for no loss at all if Redis itself dies).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -18,6 +19,7 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 
+use super::queue::{JobStore, Pending};
 use super::records::{
     Counts, Created, Due, JobRecord, JobState, LaneUse, NewJob, Next, OpRecord, OpState, Outcome, Remaining,
     StoreError, Totals, UserUse, method_of,
@@ -40,6 +42,13 @@ impl From<redis::RedisError> for StoreError {
     fn from(e: redis::RedisError) -> StoreError {
         StoreError::new(format!("redis: {e}"))
     }
+}
+
+/// Whether a call reads or writes, for the store's health.
+#[derive(Clone, Copy)]
+enum Access {
+    Read,
+    Write,
 }
 
 /// What a claimed operation needs of its job: its `seq`, app and caller.
@@ -146,13 +155,22 @@ impl SharedStore {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    /// Any failure marks the store unhealthy; only a write that succeeds marks it healthy again.
-    pub fn mark(&self, write: bool, ok: bool) {
-        if !ok {
-            self.healthy.store(false, Ordering::Relaxed);
-        } else if write {
-            self.healthy.store(true, Ordering::Relaxed);
-        }
+    /// `call`, marking the store's health by its result: any failure marks it unhealthy; only a write that
+    /// succeeds marks it healthy again.
+    fn marked<'a, T: 'a>(
+        &'a self,
+        access: Access,
+        call: impl Future<Output = Result<T, StoreError>> + Send + 'a,
+    ) -> Pending<'a, T> {
+        Box::pin(async move {
+            let result = call.await;
+            match (&result, access) {
+                (Err(_), _) => self.healthy.store(false, Ordering::Relaxed),
+                (Ok(_), Access::Write) => self.healthy.store(true, Ordering::Relaxed),
+                (Ok(_), Access::Read) => {}
+            }
+            result
+        })
     }
 
     fn key(&self, name: &str) -> String {
@@ -385,7 +403,7 @@ impl SharedStore {
     }
 
     /// Claims up to `limit` operations due at `now_ms` for this replica, each leased for `jobs.lease`.
-    pub async fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<Due>, StoreError> {
+    pub async fn claim(&self, now_ms: i64, limit: usize) -> Result<Vec<Due>, StoreError> {
         let mut keys = self.due_keys();
         keys.push(self.key("leases"));
         let args = [now_ms.to_string(), limit.to_string(), self.lease.as_millis().to_string()];
@@ -554,7 +572,8 @@ impl SharedStore {
 
     pub async fn expire(&self, before_ms: i64) -> Result<usize, StoreError> {
         let mut conn = self.conn();
-        let ids: Vec<String> = conn.zrangebyscore(self.key("finished"), "-inf", before_ms).await?;
+        // Finished before `before_ms`, not at it (an exclusive bound, as with SQLite).
+        let ids: Vec<String> = conn.zrangebyscore(self.key("finished"), "-inf", format!("({before_ms}")).await?;
         for id in &ids {
             let jobk = self.key(&format!("job:{id}"));
             let fields: HashMap<String, String> = conn.hgetall(&jobk).await?;
@@ -572,6 +591,92 @@ impl SharedStore {
             let _: () = pipe.query_async(&mut conn).await?;
         }
         Ok(ids.len())
+    }
+}
+
+impl JobStore for SharedStore {
+    fn is_healthy(&self) -> bool {
+        SharedStore::is_healthy(self)
+    }
+
+    fn create(&self, job: NewJob) -> Pending<'_, Created> {
+        self.marked(Access::Write, self.create(job))
+    }
+
+    fn job<'a>(&'a self, app: &'a str, id: &'a str) -> Pending<'a, Option<JobRecord>> {
+        self.marked(Access::Read, self.job(app, id))
+    }
+
+    fn operations<'a>(
+        &'a self,
+        job: &'a JobRecord,
+        from: i64,
+        limit: u32,
+        state: Option<OpState>,
+    ) -> Pending<'a, Vec<OpRecord>> {
+        self.marked(Access::Read, self.operations(job, from, limit, state))
+    }
+
+    fn list<'a>(
+        &'a self,
+        app: &'a str,
+        state: Option<JobState>,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Pending<'a, Vec<JobRecord>> {
+        self.marked(Access::Read, self.list(app, state, before, limit))
+    }
+
+    fn cancel<'a>(&'a self, app: &'a str, id: &'a str, now_ms: i64) -> Pending<'a, Option<JobRecord>> {
+        self.marked(Access::Write, self.cancel(app, id, now_ms))
+    }
+
+    fn is_cancelled<'a>(&'a self, job_id: &'a str) -> Pending<'a, bool> {
+        self.marked(Access::Read, self.is_cancelled(job_id))
+    }
+
+    fn claim(&self, now_ms: i64, limit: usize) -> Pending<'_, Vec<Due>> {
+        self.marked(Access::Write, self.claim(now_ms, limit))
+    }
+
+    fn next_due(&self, now_ms: i64) -> Pending<'_, Option<i64>> {
+        self.marked(Access::Read, self.next_due(now_ms))
+    }
+
+    fn release<'a>(&'a self, due: &'a Due, until_ms: i64) -> Pending<'a, ()> {
+        self.marked(Access::Write, self.release(due, until_ms))
+    }
+
+    fn reap(&self) -> Pending<'_, usize> {
+        self.marked(Access::Write, self.reap())
+    }
+
+    fn record(&self, outcomes: Vec<Outcome>, now_ms: i64) -> Pending<'_, Vec<i64>> {
+        self.marked(Access::Write, self.record(outcomes, now_ms))
+    }
+
+    fn use_lane<'a>(&'a self, app: &'a str, route: &'a str, until_ms: i64) -> Pending<'a, ()> {
+        self.marked(Access::Write, self.use_lane(app, route, until_ms))
+    }
+
+    fn lanes_used(&self) -> Pending<'_, Vec<LaneUse>> {
+        self.marked(Access::Read, self.lanes_used())
+    }
+
+    fn users_sent(&self, since_ms: i64) -> Pending<'_, Vec<UserUse>> {
+        self.marked(Access::Read, self.users_sent(since_ms))
+    }
+
+    fn remaining<'a>(&'a self, job: &'a JobRecord) -> Pending<'a, Remaining> {
+        self.marked(Access::Read, self.remaining(job))
+    }
+
+    fn totals(&self) -> Pending<'_, Totals> {
+        self.marked(Access::Read, self.totals())
+    }
+
+    fn expire(&self, before_ms: i64) -> Pending<'_, usize> {
+        self.marked(Access::Write, self.expire(before_ms))
     }
 }
 

@@ -6,12 +6,14 @@
 //! SQLite calls block, so each runs on tokio's blocking pool (which also keeps paused test time from jumping while
 //! one runs); one connection, behind a mutex, serialises them.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
+use super::queue::{JobStore, Pending};
 use super::records::{
     Counts, Created, Due, JobRecord, JobState, LaneUse, NewJob, Next, OpRecord, OpState, Outcome, Remaining,
     StoreError, Totals, UserUse, method_of,
@@ -83,6 +85,9 @@ pub struct LocalStore {
     conn: Arc<Mutex<Connection>>,
     /// The last write succeeded: what readiness reports.
     healthy: Arc<AtomicBool>,
+    /// Operations claimed (by job `seq` and index) and not yet recorded or released. Kept in memory: a claim dies
+    /// with the process, and the next one finds the operation due again.
+    claimed: Arc<Mutex<HashSet<(i64, i64)>>>,
 }
 
 impl LocalStore {
@@ -96,7 +101,11 @@ impl LocalStore {
         }
         conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
         conn.execute_batch(SCHEMA)?;
-        Ok(LocalStore { conn: Arc::new(Mutex::new(conn)), healthy: Arc::new(AtomicBool::new(true)) })
+        Ok(LocalStore {
+            conn: Arc::new(Mutex::new(conn)),
+            healthy: Arc::new(AtomicBool::new(true)),
+            claimed: Arc::default(),
+        })
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -264,11 +273,14 @@ impl LocalStore {
         .await
     }
 
-    /// Up to `limit` operations due at `now_ms`, in order: the earliest due first, then by job and index.
-    /// Up to `limit` operations of each route due at `now_ms`, each route's in order (the earliest due first, then
-    /// by job and index): one route's long job never holds back the other routes, which have quotas of their own.
-    pub async fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<Due>, StoreError> {
+    /// Claims up to `limit` operations of each route due at `now_ms` and not claimed already, each route's in
+    /// order (the earliest due first, then by job and index).
+    pub async fn claim(&self, now_ms: i64, limit: usize) -> Result<Vec<Due>, StoreError> {
+        let claimed = Arc::clone(&self.claimed);
         self.run(Access::Read, move |conn| {
+            let mut claimed = claimed.lock().expect("claims lock");
+            // Enough rows that `limit` of them are not claimed yet, whatever is.
+            let rows = (limit + claimed.len()) as i64;
             let mut select = conn.prepare_cached(
                 "SELECT o.job, j.id, j.app, j.caller, o.n, o.route, o.path, o.body, o.user, o.attempts
                  FROM operations o JOIN jobs j ON j.seq = o.job
@@ -277,7 +289,7 @@ impl LocalStore {
             )?;
             let mut due = Vec::new();
             for route in Route::ALL {
-                let rows = select.query_map(params![route.name(), now_ms, limit as i64], |row| {
+                let found = select.query_map(params![route.name(), now_ms, rows], |row| {
                     Ok(Due {
                         job: row.get(0)?,
                         job_id: row.get(1)?,
@@ -291,8 +303,13 @@ impl LocalStore {
                         attempts: row.get(9)?,
                     })
                 })?;
-                for row in rows {
-                    due.push(row?);
+                let mut taken = 0;
+                for row in found {
+                    let row = row?;
+                    if taken < limit && claimed.insert(row.key()) {
+                        taken += 1;
+                        due.push(row);
+                    }
                 }
             }
             Ok(due)
@@ -361,15 +378,30 @@ impl LocalStore {
         .await
     }
 
-    /// Holds back every pending operation of `user` (in `app`) until `until_ms`: their per-user window is full.
-    pub async fn postpone_user(&self, user: &str, until_ms: i64) -> Result<(), StoreError> {
-        let user = user.to_owned();
-        self.run(Access::Write, move |conn| {
-            conn.execute(
-                "UPDATE operations SET not_before_ms = MAX(not_before_ms, ?2) WHERE user = ?1 AND state = 'pending'",
-                params![user, until_ms],
-            )?;
-            Ok(())
+    /// Gives back a claimed operation, due again at `until_ms` if it is still pending.
+    pub async fn release(&self, due: &Due, until_ms: i64) -> Result<(), StoreError> {
+        let (job, n) = due.key();
+        let result = self
+            .run(Access::Write, move |conn| {
+                conn.prepare_cached(
+                    "UPDATE operations SET not_before_ms = ?3 WHERE job = ?1 AND n = ?2 AND state = 'pending'",
+                )?
+                .execute(params![job, n, until_ms])?;
+                Ok(())
+            })
+            .await;
+        self.claimed.lock().expect("claims lock").remove(&(job, n));
+        result
+    }
+
+    /// Whether the job was cancelled.
+    pub async fn is_cancelled(&self, job_id: &str) -> Result<bool, StoreError> {
+        let id = job_id.to_owned();
+        self.run(Access::Read, move |conn| {
+            let flag: Option<bool> = conn
+                .query_row("SELECT cancel_requested = 1 FROM jobs WHERE id = ?1", [id], |row| row.get(0))
+                .optional()?;
+            Ok(flag.unwrap_or(false))
         })
         .await
     }
@@ -378,60 +410,64 @@ impl LocalStore {
     /// each job finished here took, from acceptance (ms). An operation cancelled while in flight gets its outcome
     /// all the same (it was sent).
     pub async fn record(&self, outcomes: Vec<Outcome>, now_ms: i64) -> Result<Vec<i64>, StoreError> {
-        self.run(Access::Write, move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let mut finished = Vec::new();
-            for o in &outcomes {
-                let Some(was) = tx
-                    .query_row("SELECT state FROM operations WHERE job = ?1 AND n = ?2", params![o.job, o.n], |row| {
-                        row.get::<_, String>(0)
-                    })
-                    .optional()?
-                    .and_then(|s| OpState::parse(&s))
-                else {
-                    continue; // the job expired meanwhile
-                };
-                match o.next {
-                    Next::RetryAt(at) => {
-                        tx.execute(
-                            "UPDATE operations SET attempts = ?3, not_before_ms = ?4, status = ?5, error = ?6,
+        let keys: Vec<(i64, i64)> = outcomes.iter().map(|o| (o.job, o.n)).collect();
+        let recorded = self
+            .run(Access::Write, move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let mut finished = Vec::new();
+                for o in &outcomes {
+                    let Some(was) = tx
+                        .query_row(
+                            "SELECT state FROM operations WHERE job = ?1 AND n = ?2",
+                            params![o.job, o.n],
+                            |row| row.get::<_, String>(0),
+                        )
+                        .optional()?
+                        .and_then(|s| OpState::parse(&s))
+                    else {
+                        continue; // the job expired meanwhile
+                    };
+                    match o.next {
+                        Next::RetryAt(at) => {
+                            tx.execute(
+                                "UPDATE operations SET attempts = ?3, not_before_ms = ?4, status = ?5, error = ?6,
                                  error_description = ?7
                              WHERE job = ?1 AND n = ?2 AND state = 'pending'",
-                            params![o.job, o.n, o.attempts, at, o.status, o.error, o.error_description],
-                        )?;
-                    }
-                    Next::Done(state) => {
-                        let from = match was {
-                            OpState::Pending => "pending",
-                            OpState::Cancelled => "cancelled",
-                            OpState::Succeeded | OpState::Failed => continue, // recorded before
-                        };
-                        tx.execute(
-                            "UPDATE operations SET state = ?3, attempts = ?4, status = ?5, error = ?6,
+                                params![o.job, o.n, o.attempts, at, o.status, o.error, o.error_description],
+                            )?;
+                        }
+                        Next::Done(state) => {
+                            let from = match was {
+                                OpState::Pending => "pending",
+                                OpState::Cancelled => "cancelled",
+                                OpState::Succeeded | OpState::Failed => continue, // recorded before
+                            };
+                            tx.execute(
+                                "UPDATE operations SET state = ?3, attempts = ?4, status = ?5, error = ?6,
                                  error_description = ?7, finished_ms = ?8
                              WHERE job = ?1 AND n = ?2",
-                            params![
-                                o.job,
-                                o.n,
-                                state.as_str(),
-                                o.attempts,
-                                o.status,
-                                o.error,
-                                o.error_description,
-                                now_ms
-                            ],
-                        )?;
-                        let to = state.as_str();
-                        tx.execute(
-                            &format!("UPDATE jobs SET {from} = {from} - 1, {to} = {to} + 1 WHERE seq = ?1"),
-                            [o.job],
-                        )?;
+                                params![
+                                    o.job,
+                                    o.n,
+                                    state.as_str(),
+                                    o.attempts,
+                                    o.status,
+                                    o.error,
+                                    o.error_description,
+                                    now_ms
+                                ],
+                            )?;
+                            let to = state.as_str();
+                            tx.execute(
+                                &format!("UPDATE jobs SET {from} = {from} - 1, {to} = {to} + 1 WHERE seq = ?1"),
+                                [o.job],
+                            )?;
+                        }
                     }
-                }
-                let open: bool =
-                    tx.query_row("SELECT finished_ms IS NULL FROM jobs WHERE seq = ?1", [o.job], |row| row.get(0))?;
-                tx.execute(
-                    "UPDATE jobs SET
+                    let open: bool =
+                        tx.query_row("SELECT finished_ms IS NULL FROM jobs WHERE seq = ?1", [o.job], |row| row.get(0))?;
+                    tx.execute(
+                        "UPDATE jobs SET
                          state = CASE
                              WHEN pending > 0 THEN 'running'
                              WHEN cancel_requested = 1 THEN 'cancelled'
@@ -439,20 +475,27 @@ impl LocalStore {
                              ELSE 'done' END,
                          finished_ms = CASE WHEN pending = 0 THEN COALESCE(finished_ms, ?2) ELSE NULL END
                      WHERE seq = ?1",
-                    params![o.job, now_ms],
-                )?;
-                if open {
-                    let took: Option<i64> =
-                        tx.query_row("SELECT finished_ms - created_ms FROM jobs WHERE seq = ?1", [o.job], |row| {
-                            row.get(0)
-                        })?;
-                    finished.extend(took);
+                        params![o.job, now_ms],
+                    )?;
+                    if open {
+                        let took: Option<i64> =
+                            tx.query_row("SELECT finished_ms - created_ms FROM jobs WHERE seq = ?1", [o.job], |row| {
+                                row.get(0)
+                            })?;
+                        finished.extend(took);
+                    }
                 }
+                tx.commit()?;
+                Ok(finished)
+            })
+            .await;
+        if recorded.is_ok() {
+            let mut claimed = self.claimed.lock().expect("claims lock");
+            for key in &keys {
+                claimed.remove(key);
             }
-            tx.commit()?;
-            Ok(finished)
-        })
-        .await
+        }
+        recorded
     }
 
     /// Pending operations of a job by route, and by user (for the estimate).
@@ -527,6 +570,93 @@ fn job_record(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
     })
 }
 
+impl JobStore for LocalStore {
+    fn is_healthy(&self) -> bool {
+        LocalStore::is_healthy(self)
+    }
+
+    fn create(&self, job: NewJob) -> Pending<'_, Created> {
+        Box::pin(self.create(job))
+    }
+
+    fn job<'a>(&'a self, app: &'a str, id: &'a str) -> Pending<'a, Option<JobRecord>> {
+        Box::pin(self.job(app, id))
+    }
+
+    fn operations<'a>(
+        &'a self,
+        job: &'a JobRecord,
+        from: i64,
+        limit: u32,
+        state: Option<OpState>,
+    ) -> Pending<'a, Vec<OpRecord>> {
+        Box::pin(self.operations(job, from, limit, state))
+    }
+
+    fn list<'a>(
+        &'a self,
+        app: &'a str,
+        state: Option<JobState>,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Pending<'a, Vec<JobRecord>> {
+        Box::pin(self.list(app, state, before, limit))
+    }
+
+    fn cancel<'a>(&'a self, app: &'a str, id: &'a str, now_ms: i64) -> Pending<'a, Option<JobRecord>> {
+        Box::pin(self.cancel(app, id, now_ms))
+    }
+
+    fn is_cancelled<'a>(&'a self, job_id: &'a str) -> Pending<'a, bool> {
+        Box::pin(self.is_cancelled(job_id))
+    }
+
+    fn claim(&self, now_ms: i64, limit: usize) -> Pending<'_, Vec<Due>> {
+        Box::pin(self.claim(now_ms, limit))
+    }
+
+    fn next_due(&self, now_ms: i64) -> Pending<'_, Option<i64>> {
+        Box::pin(self.next_due(now_ms))
+    }
+
+    fn release<'a>(&'a self, due: &'a Due, until_ms: i64) -> Pending<'a, ()> {
+        Box::pin(self.release(due, until_ms))
+    }
+
+    fn reap(&self) -> Pending<'_, usize> {
+        // A claim lives in this process's memory: when the process is gone, so is the claim.
+        Box::pin(std::future::ready(Ok(0)))
+    }
+
+    fn record(&self, outcomes: Vec<Outcome>, now_ms: i64) -> Pending<'_, Vec<i64>> {
+        Box::pin(self.record(outcomes, now_ms))
+    }
+
+    fn use_lane<'a>(&'a self, app: &'a str, route: &'a str, until_ms: i64) -> Pending<'a, ()> {
+        Box::pin(self.use_lane(app, route, until_ms))
+    }
+
+    fn lanes_used(&self) -> Pending<'_, Vec<LaneUse>> {
+        Box::pin(self.lanes_used())
+    }
+
+    fn users_sent(&self, since_ms: i64) -> Pending<'_, Vec<UserUse>> {
+        Box::pin(self.users_sent(since_ms))
+    }
+
+    fn remaining<'a>(&'a self, job: &'a JobRecord) -> Pending<'a, Remaining> {
+        Box::pin(self.remaining(job))
+    }
+
+    fn totals(&self) -> Pending<'_, Totals> {
+        Box::pin(self.totals())
+    }
+
+    fn expire(&self, before_ms: i64) -> Pending<'_, usize> {
+        Box::pin(self.expire(before_ms))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -578,7 +708,7 @@ mod tests {
         let store = LocalStore::open(&path).unwrap();
         let Created::New(record) = store.create(job("j1", None, 3)).await.unwrap() else { panic!("new") };
         assert_eq!((record.state, record.counts.pending), (JobState::Queued, 3));
-        let due = store.due(1_000, 10).await.unwrap();
+        let due = store.claim(1_000, 10).await.unwrap();
         assert_eq!(due.len(), 3);
         store.record(vec![done(record.seq, 0, OpState::Succeeded)], 2_000).await.unwrap();
         drop(store);
@@ -592,7 +722,7 @@ mod tests {
         let finished = store.job("o#a", "j1").await.unwrap().unwrap();
         assert_eq!((finished.state, finished.finished_ms), (JobState::Failed, Some(3_000)));
         assert_eq!(finished.counts, Counts { total: 3, pending: 0, succeeded: 2, failed: 1, cancelled: 0 });
-        assert!(store.due(10_000, 10).await.unwrap().is_empty());
+        assert!(store.claim(10_000, 10).await.unwrap().is_empty());
         assert_eq!(store.expire(3_001).await.unwrap(), 1);
         assert!(store.job("o#a", "j1").await.unwrap().is_none());
     }
@@ -665,8 +795,12 @@ mod tests {
         let mut new = job("j1", None, 0);
         new.operations = vec![op(Some("o#a/ann")), op(Some("o#a/bob"))];
         let Created::New(record) = store.create(new).await.unwrap() else { panic!("new") };
-        store.postpone_user("o#a/ann", 5_000).await.unwrap();
-        let due: Vec<i64> = store.due(1_000, 10).await.unwrap().iter().map(|d| d.n).collect();
+        // Ann's window is full: her operation is given back until it frees; Bob's is given back due now.
+        for due in store.claim(1_000, 10).await.unwrap() {
+            let until_ms = if due.user.as_deref() == Some("o#a/ann") { 5_000 } else { 1_000 };
+            store.release(&due, until_ms).await.unwrap();
+        }
+        let due: Vec<i64> = store.claim(1_000, 10).await.unwrap().iter().map(|d| d.n).collect();
         assert_eq!(due, [1]);
         let retry = Outcome {
             job: record.seq,
@@ -681,7 +815,7 @@ mod tests {
         store.record(vec![retry], 1_500).await.unwrap();
         assert_eq!(store.next_due(1_500).await.unwrap(), Some(5_000));
         assert_eq!(store.next_due(6_000).await.unwrap(), Some(7_000), "what is due already is not next");
-        let due: Vec<(i64, u32)> = store.due(7_000, 10).await.unwrap().iter().map(|d| (d.n, d.attempts)).collect();
+        let due: Vec<(i64, u32)> = store.claim(7_000, 10).await.unwrap().iter().map(|d| (d.n, d.attempts)).collect();
         assert_eq!(due, [(0, 0), (1, 1)]);
         assert_eq!(store.job("o#a", "j1").await.unwrap().unwrap().state, JobState::Running);
     }
