@@ -2,12 +2,15 @@
 //!
 //! A job is a list of operations in the six routes' own terms, each validated by the same code as a direct call
 //! before anything is stored (`msgIdList`s longer than Easemob's 50 are split into batches). A direct call sent
-//! with `Prefer: respond-async` becomes a job of one (`jobs/defer.rs`). Jobs (`jobs/records.rs`) are kept in an
-//! embedded store (`jobs/store.rs`) or in Redis (`jobs/shared.rs`, its scripts in `jobs/shared/*.lua`), run by one scheduler per process (`jobs/runner.rs`) through the same token, quota and
-//! client layers as direct calls, and read, listed and cancelled through the jobs API (`jobs/api.rs`), which
-//! parses a job request as it arrives (`jobs/intake.rs`).
+//! with `Prefer: respond-async` becomes a job of one (`jobs/defer.rs`). Jobs (`jobs/records.rs`) are kept in a
+//! queue with one interface (`jobs/queue.rs`) and two stores: an embedded one (`jobs/store.rs`, SQLite) or Redis
+//! (`jobs/shared.rs`, its scripts in `jobs/shared/*.lua`). One scheduler per process (`jobs/runner.rs`) runs them
+//! through the same token, quota and client layers as direct calls, one attempt at a time per operation
+//! (`jobs/attempt.rs`); the jobs API (`jobs/api.rs`) reads, lists and cancels them, and parses a job request as
+//! it arrives (`jobs/intake.rs`).
 
 pub mod api;
+mod attempt;
 pub mod defer;
 pub mod intake;
 pub mod queue;
