@@ -19,7 +19,7 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 
-use super::queue::{JobStore, Pending};
+use super::queue::Pending;
 use super::records::{
     Counts, Created, Due, JobRecord, JobState, LaneUse, NewJob, Next, OpRecord, OpState, Outcome, Remaining,
     StoreError, Totals, UserUse, method_of,
@@ -46,7 +46,7 @@ impl From<redis::RedisError> for StoreError {
 
 /// Whether a call reads or writes, for the store's health.
 #[derive(Clone, Copy)]
-enum Access {
+pub(super) enum Access {
     Read,
     Write,
 }
@@ -75,35 +75,6 @@ struct Op {
     finished_ms: Option<i64>,
 }
 
-/// Moves up to ARGV[2] operations of each route due at ARGV[1] from that route's `due` (KEYS but the last) to
-/// `leases` (the last KEY) for ARGV[3] ms, on Redis's own clock (so replicas' clocks do not matter); returns
-/// them. Per route, so that one route's long job never holds back the others.
-const CLAIM: &str = include_str!("shared/claim.lua");
-
-/// Gives back a claimed operation, due again at ARGV[3], unless it is no longer pending. ARGV[1]: the key prefix,
-/// ARGV[2]: the member `id:n`.
-const RELEASE: &str = include_str!("shared/release.lua");
-
-/// Puts every expired lease's operation back in `due` (if still pending), on Redis's own clock. ARGV: the key
-/// prefix.
-const REAP: &str = include_str!("shared/reap.lua");
-
-/// The job's state from its counters, kept in the per-state totals; a job whose last operation finished gets its
-/// end time. Returns the job's duration (ms) if it finished here, else -1.
-const SETTLE: &str = include_str!("shared/settle.lua");
-
-/// Records outcomes. ARGV: the key prefix, now, then per outcome: id, n, next (`retry` or a final state),
-/// attempts, status, error, description, due-again time. Returns the durations of the jobs finished here.
-const RECORD: &str = include_str!("shared/record.lua");
-
-/// Cancels a range of a job's operations: those still pending (claimed or not) are dropped. ARGV: the key prefix,
-/// id, now, the first and the last index of the range; a range keeps each call short for a job of any size.
-/// Returns how many were dropped.
-const CANCEL: &str = include_str!("shared/cancel.lua");
-
-/// Settles a job's state after a cancel (ARGV: the key prefix, id, now).
-const SETTLE_JOB: &str = include_str!("shared/settle_job.lua");
-
 /// The jobs store shared by every replica, in Redis.
 #[derive(Clone)]
 pub struct SharedStore {
@@ -116,12 +87,14 @@ pub struct SharedStore {
     scripts: Arc<Scripts>,
 }
 
+/// The Lua scripts, each in `shared/` with what it takes and returns, after the helpers of `shared/settle.lua`.
 struct Scripts {
     claim: redis::Script,
     release: redis::Script,
     reap: redis::Script,
     record: redis::Script,
     cancel: redis::Script,
+    /// Settles a job after a cancel.
     settle: redis::Script,
 }
 
@@ -133,14 +106,14 @@ impl SharedStore {
             .set_response_timeout(Some(TIMEOUT))
             .set_number_of_retries(1);
         let connection = ConnectionManager::new_lazy_with_config(client, manager_config)?;
-        let script = |lua: &str| redis::Script::new(&format!("{SETTLE}\n{lua}"));
+        let script = |lua: &str| redis::Script::new(&format!("{}\n{lua}", include_str!("shared/settle.lua")));
         let scripts = Scripts {
-            claim: script(CLAIM),
-            release: script(RELEASE),
-            reap: script(REAP),
-            record: script(RECORD),
-            cancel: script(CANCEL),
-            settle: script(SETTLE_JOB),
+            claim: script(include_str!("shared/claim.lua")),
+            release: script(include_str!("shared/release.lua")),
+            reap: script(include_str!("shared/reap.lua")),
+            record: script(include_str!("shared/record.lua")),
+            cancel: script(include_str!("shared/cancel.lua")),
+            settle: script(include_str!("shared/settle_job.lua")),
         };
         Ok(SharedStore {
             connection,
@@ -157,7 +130,7 @@ impl SharedStore {
 
     /// `call`, marking the store's health by its result: any failure marks it unhealthy; only a write that
     /// succeeds marks it healthy again.
-    fn marked<'a, T: 'a>(
+    pub(super) fn marked<'a, T: 'a>(
         &'a self,
         access: Access,
         call: impl Future<Output = Result<T, StoreError>> + Send + 'a,
@@ -591,92 +564,6 @@ impl SharedStore {
             let _: () = pipe.query_async(&mut conn).await?;
         }
         Ok(ids.len())
-    }
-}
-
-impl JobStore for SharedStore {
-    fn is_healthy(&self) -> bool {
-        SharedStore::is_healthy(self)
-    }
-
-    fn create(&self, job: NewJob) -> Pending<'_, Created> {
-        self.marked(Access::Write, self.create(job))
-    }
-
-    fn job<'a>(&'a self, app: &'a str, id: &'a str) -> Pending<'a, Option<JobRecord>> {
-        self.marked(Access::Read, self.job(app, id))
-    }
-
-    fn operations<'a>(
-        &'a self,
-        job: &'a JobRecord,
-        from: i64,
-        limit: u32,
-        state: Option<OpState>,
-    ) -> Pending<'a, Vec<OpRecord>> {
-        self.marked(Access::Read, self.operations(job, from, limit, state))
-    }
-
-    fn list<'a>(
-        &'a self,
-        app: &'a str,
-        state: Option<JobState>,
-        before: Option<i64>,
-        limit: u32,
-    ) -> Pending<'a, Vec<JobRecord>> {
-        self.marked(Access::Read, self.list(app, state, before, limit))
-    }
-
-    fn cancel<'a>(&'a self, app: &'a str, id: &'a str, now_ms: i64) -> Pending<'a, Option<JobRecord>> {
-        self.marked(Access::Write, self.cancel(app, id, now_ms))
-    }
-
-    fn is_cancelled<'a>(&'a self, job_id: &'a str) -> Pending<'a, bool> {
-        self.marked(Access::Read, self.is_cancelled(job_id))
-    }
-
-    fn claim(&self, now_ms: i64, limit: usize) -> Pending<'_, Vec<Due>> {
-        self.marked(Access::Write, self.claim(now_ms, limit))
-    }
-
-    fn next_due(&self, now_ms: i64) -> Pending<'_, Option<i64>> {
-        self.marked(Access::Read, self.next_due(now_ms))
-    }
-
-    fn release<'a>(&'a self, due: &'a Due, until_ms: i64) -> Pending<'a, ()> {
-        self.marked(Access::Write, self.release(due, until_ms))
-    }
-
-    fn reap(&self) -> Pending<'_, usize> {
-        self.marked(Access::Write, self.reap())
-    }
-
-    fn record(&self, outcomes: Vec<Outcome>, now_ms: i64) -> Pending<'_, Vec<i64>> {
-        self.marked(Access::Write, self.record(outcomes, now_ms))
-    }
-
-    fn use_lane<'a>(&'a self, app: &'a str, route: &'a str, until_ms: i64) -> Pending<'a, ()> {
-        self.marked(Access::Write, self.use_lane(app, route, until_ms))
-    }
-
-    fn lanes_used(&self) -> Pending<'_, Vec<LaneUse>> {
-        self.marked(Access::Read, self.lanes_used())
-    }
-
-    fn users_sent(&self, since_ms: i64) -> Pending<'_, Vec<UserUse>> {
-        self.marked(Access::Read, self.users_sent(since_ms))
-    }
-
-    fn remaining<'a>(&'a self, job: &'a JobRecord) -> Pending<'a, Remaining> {
-        self.marked(Access::Read, self.remaining(job))
-    }
-
-    fn totals(&self) -> Pending<'_, Totals> {
-        self.marked(Access::Read, self.totals())
-    }
-
-    fn expire(&self, before_ms: i64) -> Pending<'_, usize> {
-        self.marked(Access::Write, self.expire(before_ms))
     }
 }
 

@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
-use super::queue::{JobStore, Pending};
 use super::records::{
     Counts, Created, Due, JobRecord, JobState, LaneUse, NewJob, Next, OpRecord, OpState, Outcome, Remaining,
     StoreError, Totals, UserUse, method_of,
@@ -568,93 +567,6 @@ fn job_record(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
             cancelled: row.get(12)?,
         },
     })
-}
-
-impl JobStore for LocalStore {
-    fn is_healthy(&self) -> bool {
-        LocalStore::is_healthy(self)
-    }
-
-    fn create(&self, job: NewJob) -> Pending<'_, Created> {
-        Box::pin(self.create(job))
-    }
-
-    fn job<'a>(&'a self, app: &'a str, id: &'a str) -> Pending<'a, Option<JobRecord>> {
-        Box::pin(self.job(app, id))
-    }
-
-    fn operations<'a>(
-        &'a self,
-        job: &'a JobRecord,
-        from: i64,
-        limit: u32,
-        state: Option<OpState>,
-    ) -> Pending<'a, Vec<OpRecord>> {
-        Box::pin(self.operations(job, from, limit, state))
-    }
-
-    fn list<'a>(
-        &'a self,
-        app: &'a str,
-        state: Option<JobState>,
-        before: Option<i64>,
-        limit: u32,
-    ) -> Pending<'a, Vec<JobRecord>> {
-        Box::pin(self.list(app, state, before, limit))
-    }
-
-    fn cancel<'a>(&'a self, app: &'a str, id: &'a str, now_ms: i64) -> Pending<'a, Option<JobRecord>> {
-        Box::pin(self.cancel(app, id, now_ms))
-    }
-
-    fn is_cancelled<'a>(&'a self, job_id: &'a str) -> Pending<'a, bool> {
-        Box::pin(self.is_cancelled(job_id))
-    }
-
-    fn claim(&self, now_ms: i64, limit: usize) -> Pending<'_, Vec<Due>> {
-        Box::pin(self.claim(now_ms, limit))
-    }
-
-    fn next_due(&self, now_ms: i64) -> Pending<'_, Option<i64>> {
-        Box::pin(self.next_due(now_ms))
-    }
-
-    fn release<'a>(&'a self, due: &'a Due, until_ms: i64) -> Pending<'a, ()> {
-        Box::pin(self.release(due, until_ms))
-    }
-
-    fn reap(&self) -> Pending<'_, usize> {
-        // A claim lives in this process's memory: when the process is gone, so is the claim.
-        Box::pin(std::future::ready(Ok(0)))
-    }
-
-    fn record(&self, outcomes: Vec<Outcome>, now_ms: i64) -> Pending<'_, Vec<i64>> {
-        Box::pin(self.record(outcomes, now_ms))
-    }
-
-    fn use_lane<'a>(&'a self, app: &'a str, route: &'a str, until_ms: i64) -> Pending<'a, ()> {
-        Box::pin(self.use_lane(app, route, until_ms))
-    }
-
-    fn lanes_used(&self) -> Pending<'_, Vec<LaneUse>> {
-        Box::pin(self.lanes_used())
-    }
-
-    fn users_sent(&self, since_ms: i64) -> Pending<'_, Vec<UserUse>> {
-        Box::pin(self.users_sent(since_ms))
-    }
-
-    fn remaining<'a>(&'a self, job: &'a JobRecord) -> Pending<'a, Remaining> {
-        Box::pin(self.remaining(job))
-    }
-
-    fn totals(&self) -> Pending<'_, Totals> {
-        Box::pin(self.totals())
-    }
-
-    fn expire(&self, before_ms: i64) -> Pending<'_, usize> {
-        Box::pin(self.expire(before_ms))
-    }
 }
 
 #[cfg(test)]

@@ -1,3 +1,6 @@
+-- Cancels a range of a job's operations: those still pending (claimed or not) are dropped. ARGV: the key prefix,
+-- id, now, the first and the last index of the range; a range keeps each call short for a job of any size.
+-- Returns how many were dropped.
 local p, id, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local jobk, opsk = p .. ':job:' .. id, p .. ':ops:' .. id
 if redis.call('EXISTS', jobk) == 0 then return 0 end

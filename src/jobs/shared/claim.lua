@@ -1,3 +1,6 @@
+-- Moves up to ARGV[2] operations of each route due at ARGV[1] from that route's `due` (KEYS but the last) to
+-- `leases` (the last KEY) for ARGV[3] ms, on Redis's own clock (so replicas' clocks do not matter); returns
+-- them. Per route, so that one route's long job never holds back the others.
 local t = redis.call('TIME')
 local lease_until = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[3])
 local leases, claimed = KEYS[#KEYS], {}

@@ -1,3 +1,5 @@
+-- Puts every expired lease's operation back in `due` (if still pending), on Redis's own clock. ARGV: the key
+-- prefix.
 local p = ARGV[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -1,3 +1,5 @@
+-- Records outcomes. ARGV: the key prefix, now, then per outcome: id, n, next (`retry` or a final state),
+-- attempts, status, error, description, due-again time. Returns the durations of the jobs finished here.
 local p, now = ARGV[1], tonumber(ARGV[2])
 local finished = {}
 local i = 3

@@ -1,3 +1,5 @@
+-- Gives back a claimed operation, due again at ARGV[3], unless it is no longer pending. ARGV[1]: the key prefix,
+-- ARGV[2]: the member `id:n`.
 local p, m = ARGV[1], ARGV[2]
 redis.call('ZREM', p .. ':leases', m)
 local id, n = string.match(m, '^(.*):(%d+)$')

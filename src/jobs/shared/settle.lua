@@ -1,3 +1,5 @@
+-- The job's state from its counters, kept in the per-state totals; a job whose last operation finished gets its
+-- end time. Returns the job's duration (ms) if it finished here, else -1.
 local function settle(p, id, now)
   local jobk = p .. ':job:' .. id
   local j = redis.call('HMGET', jobk, 'state', 'pending', 'cancel_requested', 'failed', 'finished_ms', 'created_ms')
