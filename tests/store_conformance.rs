@@ -144,7 +144,7 @@ async fn a_job_runs_to_its_end_and_an_outcome_counts_once(b: &mut Backend) {
 
     let totals = b.store.totals().await.unwrap();
     assert_eq!((totals.pending, totals.oldest_ms), (0, None));
-    assert!(totals.jobs.contains(&("failed".to_owned(), 1)), "{:?}", totals.jobs);
+    assert!(totals.jobs.contains(&(JobState::Failed, 1)), "{:?}", totals.jobs);
     assert_eq!(b.store.expire(6_000).await.unwrap(), 0, "finished at 6 s, not before");
     assert_eq!(b.store.expire(6_001).await.unwrap(), 1);
     assert!(b.store.job("o#a", "j1").await.unwrap().is_none());

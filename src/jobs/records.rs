@@ -212,7 +212,7 @@ pub struct UserUse {
 }
 
 pub struct Totals {
-    pub jobs: Vec<(String, i64)>,
+    pub jobs: Vec<(JobState, i64)>,
     pub pending: i64,
     /// When the job of the oldest pending operation was accepted.
     pub oldest_ms: Option<i64>,

@@ -462,7 +462,7 @@ where
     async fn report(&self) {
         let Ok(totals) = self.jobs.store().totals().await else { return };
         for state in JobState::ALL {
-            let count = totals.jobs.iter().find(|(s, _)| s == state.as_str()).map_or(0, |(_, n)| *n);
+            let count = totals.jobs.iter().find(|(s, _)| *s == state).map_or(0, |(_, n)| *n);
             self.metrics.jobs.with_label_values(&[state.as_str()]).set(count);
         }
         self.metrics.job_operations_pending.set(totals.pending);

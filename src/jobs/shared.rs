@@ -170,33 +170,40 @@ impl SharedStore {
         Ok(invocation.invoke_async(&mut self.conn()).await?)
     }
 
-    pub async fn create(&self, job: NewJob) -> Result<Created, StoreError> {
+    /// Reserves the job's Idempotency-Key, if it has one, for a while first (it expires if this process dies
+    /// before the job is written, and is kept for good with the job); a create retried meanwhile waits for the
+    /// first job to appear, and finds it.
+    async fn reserve_idempotency_key(&self, job: &NewJob) -> Result<Option<Created>, StoreError> {
+        let Some(key) = &job.idempotency_key else { return Ok(None) };
         let mut conn = self.conn();
-        if let Some(key) = &job.idempotency_key {
-            // The key is reserved for a while first (it expires if this process dies before the job is written,
-            // and is kept for good with the job); a create retried meanwhile waits for the first job to appear.
-            let idem = self.key(&format!("idem:{}:{key}", job.app));
-            let reserved: Option<String> = redis::cmd("SET")
-                .arg(&idem)
-                .arg(&job.id)
-                .arg("NX")
-                .arg("PX")
-                .arg(IDEMPOTENCY_RESERVATION.as_millis() as u64)
-                .query_async(&mut conn)
-                .await?;
-            if reserved.is_none() {
-                let first: String = conn.get(&idem).await?;
-                for _ in 0..IDEMPOTENCY_POLLS {
-                    if let Some(record) = self.job(&job.app, &first).await? {
-                        let sha: Option<String> =
-                            conn.hget(self.key(&format!("job:{first}")), "request_sha256").await?;
-                        return Ok(Created::Existing { job: record, same_request: sha == job.request_sha256 });
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                return Err(StoreError::new("a create with this Idempotency-Key is still being stored".into()));
-            }
+        let idem = self.key(&format!("idem:{}:{key}", job.app));
+        let reserved: Option<String> = redis::cmd("SET")
+            .arg(&idem)
+            .arg(&job.id)
+            .arg("NX")
+            .arg("PX")
+            .arg(IDEMPOTENCY_RESERVATION.as_millis() as u64)
+            .query_async(&mut conn)
+            .await?;
+        if reserved.is_some() {
+            return Ok(None);
         }
+        let first: String = conn.get(&idem).await?;
+        for _ in 0..IDEMPOTENCY_POLLS {
+            if let Some(record) = self.job(&job.app, &first).await? {
+                let sha: Option<String> = conn.hget(self.key(&format!("job:{first}")), "request_sha256").await?;
+                return Ok(Some(Created::Existing { job: record, same_request: sha == job.request_sha256 }));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(StoreError::new("a create with this Idempotency-Key is still being stored".into()))
+    }
+
+    pub async fn create(&self, job: NewJob) -> Result<Created, StoreError> {
+        if let Some(existing) = self.reserve_idempotency_key(&job).await? {
+            return Ok(existing);
+        }
+        let mut conn = self.conn();
         let seq: i64 = conn.incr(self.key("seq"), 1).await?;
         let total = job.operations.len() as i64;
         let jobk = self.key(&format!("job:{}", job.id));
@@ -537,7 +544,7 @@ impl SharedStore {
         let leased: i64 = conn.zcard(self.key("leases")).await?;
         let oldest: Vec<(String, f64)> = conn.zrange_withscores(self.key("open"), 0, 0).await?;
         Ok(Totals {
-            jobs: states.into_iter().collect(),
+            jobs: states.into_iter().filter_map(|(state, n)| Some((JobState::parse(&state)?, n))).collect(),
             pending: due + leased,
             oldest_ms: oldest.first().map(|(_, ms)| *ms as i64),
         })

@@ -525,7 +525,10 @@ impl LocalStore {
             let mut by_state = conn.prepare_cached("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
             let jobs = by_state
                 .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))?
-                .collect::<Result<Vec<_>, _>>()?;
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .filter_map(|(state, n)| Some((JobState::parse(&state)?, n)))
+                .collect();
             let (pending, oldest_ms) = conn.query_row(
                 "SELECT COUNT(*), MIN(j.created_ms) FROM operations o JOIN jobs j ON j.seq = o.job
                  WHERE o.state = 'pending'",
