@@ -9,12 +9,22 @@ use http::{HeaderValue, StatusCode};
 use tower::{Service, ServiceExt};
 
 use super::Clock;
-use super::records::{Next, OpState, Outcome};
-use super::runner::Held;
+use super::records::{Due, Next, OpState, Outcome};
+use crate::apps::App;
 use crate::config::JobsConfig;
 use crate::exchange::{Answer, AttemptKind, Exchange, Marks, UnusedSlot, Validated};
 use crate::ratelimit::easemob_retry_after;
+use crate::routes::validate::Call;
 use crate::trace::TraceContext;
+
+/// An operation claimed from the store, ready to send.
+pub(super) struct Held {
+    pub(super) due: Due,
+    pub(super) app: Arc<App>,
+    pub(super) call: Call,
+    /// When it was claimed (with a shared store: under a lease).
+    pub(super) held_since: tokio::time::Instant,
+}
 
 /// Sends one operation with the slot taken for it, and says what comes next.
 pub(super) async fn attempt<S>(

@@ -197,11 +197,11 @@ impl JobStore for SharedStore {
     }
 
     fn create(&self, job: NewJob) -> Pending<'_, Created> {
-        self.marked(Access::Write, self.create(job))
+        Box::pin(self.marked(Access::Write, self.create(job)))
     }
 
     fn job<'a>(&'a self, app: &'a str, id: &'a str) -> Pending<'a, Option<JobRecord>> {
-        self.marked(Access::Read, self.job(app, id))
+        Box::pin(self.marked(Access::Read, self.job(app, id)))
     }
 
     fn operations<'a>(
@@ -211,7 +211,7 @@ impl JobStore for SharedStore {
         limit: u32,
         state: Option<OpState>,
     ) -> Pending<'a, Vec<OpRecord>> {
-        self.marked(Access::Read, self.operations(job, from, limit, state))
+        Box::pin(self.marked(Access::Read, self.operations(job, from, limit, state)))
     }
 
     fn list<'a>(
@@ -221,58 +221,58 @@ impl JobStore for SharedStore {
         before: Option<i64>,
         limit: u32,
     ) -> Pending<'a, Vec<JobRecord>> {
-        self.marked(Access::Read, self.list(app, state, before, limit))
+        Box::pin(self.marked(Access::Read, self.list(app, state, before, limit)))
     }
 
     fn cancel<'a>(&'a self, app: &'a str, id: &'a str, now_ms: i64) -> Pending<'a, Option<JobRecord>> {
-        self.marked(Access::Write, self.cancel(app, id, now_ms))
+        Box::pin(self.marked(Access::Write, self.cancel(app, id, now_ms)))
     }
 
     fn is_cancelled<'a>(&'a self, job_id: &'a str) -> Pending<'a, bool> {
-        self.marked(Access::Read, self.is_cancelled(job_id))
+        Box::pin(self.marked(Access::Read, self.is_cancelled(job_id)))
     }
 
     fn claim(&self, now_ms: i64, limit: usize) -> Pending<'_, Vec<Due>> {
-        self.marked(Access::Write, self.claim(now_ms, limit))
+        Box::pin(self.marked(Access::Write, self.claim(now_ms, limit)))
     }
 
     fn next_due(&self, now_ms: i64) -> Pending<'_, Option<i64>> {
-        self.marked(Access::Read, self.next_due(now_ms))
+        Box::pin(self.marked(Access::Read, self.next_due(now_ms)))
     }
 
     fn release<'a>(&'a self, due: &'a Due, until_ms: i64) -> Pending<'a, ()> {
-        self.marked(Access::Write, self.release(due, until_ms))
+        Box::pin(self.marked(Access::Write, self.release(due, until_ms)))
     }
 
     fn reap(&self) -> Pending<'_, usize> {
-        self.marked(Access::Write, self.reap())
+        Box::pin(self.marked(Access::Write, self.reap()))
     }
 
     fn record(&self, outcomes: Vec<Outcome>, now_ms: i64) -> Pending<'_, Vec<i64>> {
-        self.marked(Access::Write, self.record(outcomes, now_ms))
+        Box::pin(self.marked(Access::Write, self.record(outcomes, now_ms)))
     }
 
     fn use_lane<'a>(&'a self, app: &'a str, route: &'a str, until_ms: i64) -> Pending<'a, ()> {
-        self.marked(Access::Write, self.use_lane(app, route, until_ms))
+        Box::pin(self.marked(Access::Write, self.use_lane(app, route, until_ms)))
     }
 
     fn lanes_used(&self) -> Pending<'_, Vec<LaneUse>> {
-        self.marked(Access::Read, self.lanes_used())
+        Box::pin(self.marked(Access::Read, self.lanes_used()))
     }
 
     fn users_sent(&self, since_ms: i64) -> Pending<'_, Vec<UserUse>> {
-        self.marked(Access::Read, self.users_sent(since_ms))
+        Box::pin(self.marked(Access::Read, self.users_sent(since_ms)))
     }
 
     fn remaining<'a>(&'a self, job: &'a JobRecord) -> Pending<'a, Remaining> {
-        self.marked(Access::Read, self.remaining(job))
+        Box::pin(self.marked(Access::Read, self.remaining(job)))
     }
 
     fn totals(&self) -> Pending<'_, Totals> {
-        self.marked(Access::Read, self.totals())
+        Box::pin(self.marked(Access::Read, self.totals()))
     }
 
     fn expire(&self, before_ms: i64) -> Pending<'_, usize> {
-        self.marked(Access::Write, self.expire(before_ms))
+        Box::pin(self.marked(Access::Write, self.expire(before_ms)))
     }
 }

@@ -15,7 +15,6 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -24,16 +23,15 @@ use tokio::time::Instant;
 use tower::Service;
 use tracing::{info, warn};
 
-use super::attempt::{attempt, backoff};
+use super::attempt::{Held, attempt, backoff};
 use super::records::{Due, JobState, LaneUse, Next, OpState, Outcome};
 use super::{Clock, Jobs, call_of};
-use crate::apps::{App, Apps};
+use crate::apps::Apps;
 use crate::config::JobsConfig;
 use crate::exchange::{Answer, Exchange, UnusedSlot};
 use crate::metrics::Metrics;
 use crate::ratelimit::{MINUTE, Scope};
 use crate::routes::Route;
-use crate::routes::validate::Call;
 
 /// Operations fetched ahead of dispatch, at most.
 const BATCH: usize = 256;
@@ -91,15 +89,6 @@ pub struct Plane<S> {
     pub apps: Apps,
     /// The stack below validation, as a direct call goes through it: audit, token, quota, client.
     pub send: S,
-}
-
-/// An operation claimed from the store, ready to send.
-pub(super) struct Held {
-    pub(super) due: Due,
-    pub(super) app: Arc<App>,
-    pub(super) call: Call,
-    /// When it was claimed (with a shared store: under a lease).
-    held_since: Instant,
 }
 
 impl<S> Runner<S>
@@ -494,12 +483,13 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     use http::HeaderValue;
     use tower::ServiceBuilder;
 
     use super::*;
+    use crate::apps::App;
     use crate::config::RateLimitConfig;
     use crate::jobs::Store;
     use crate::jobs::records::{Created, JobRecord, JobState, NewOperation};
@@ -507,6 +497,7 @@ mod tests {
     use crate::jobs::{Clock, OperationRequest};
     use crate::metrics::Metrics;
     use crate::ratelimit::layer::QuotaLayer;
+    use crate::routes::validate::Call;
     use crate::testing::{self, ScriptedFetch};
     use crate::token::layer::TokenLayer;
 

@@ -19,7 +19,6 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 
-use super::queue::Pending;
 use super::records::{
     Counts, Created, Due, JobRecord, JobState, LaneUse, NewJob, Next, OpRecord, OpState, Outcome, Remaining,
     StoreError, Totals, UserUse, method_of,
@@ -130,20 +129,18 @@ impl SharedStore {
 
     /// `call`, marking the store's health by its result: any failure marks it unhealthy; only a write that
     /// succeeds marks it healthy again.
-    pub(super) fn marked<'a, T: 'a>(
-        &'a self,
+    pub(super) async fn marked<T>(
+        &self,
         access: Access,
-        call: impl Future<Output = Result<T, StoreError>> + Send + 'a,
-    ) -> Pending<'a, T> {
-        Box::pin(async move {
-            let result = call.await;
-            match (&result, access) {
-                (Err(_), _) => self.healthy.store(false, Ordering::Relaxed),
-                (Ok(_), Access::Write) => self.healthy.store(true, Ordering::Relaxed),
-                (Ok(_), Access::Read) => {}
-            }
-            result
-        })
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let result = call.await;
+        match (&result, access) {
+            (Err(_), _) => self.healthy.store(false, Ordering::Relaxed),
+            (Ok(_), Access::Write) => self.healthy.store(true, Ordering::Relaxed),
+            (Ok(_), Access::Read) => {}
+        }
+        result
     }
 
     fn key(&self, name: &str) -> String {
