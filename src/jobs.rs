@@ -2,14 +2,19 @@
 //!
 //! A job is a list of operations in the six routes' own terms, each validated by the same code as a direct call
 //! before anything is stored (`msgIdList`s longer than Easemob's 50 are split into batches). A direct call sent
-//! with `Prefer: respond-async` becomes a job of one (`jobs/defer.rs`). Jobs are kept in an embedded store
-//! (`jobs/store.rs`), run by one scheduler per process (`jobs/runner.rs`) through the same token, quota and
-//! client layers as direct calls, and read, listed and cancelled through the jobs API (`jobs/api.rs`), which
-//! parses a job request as it arrives (`jobs/intake.rs`).
+//! with `Prefer: respond-async` becomes a job of one (`jobs/defer.rs`). Jobs (`jobs/records.rs`) are kept in a
+//! queue with one interface (`jobs/queue.rs`) and two stores: an embedded one (`jobs/store.rs`, SQLite) or Redis
+//! (`jobs/shared.rs`, its scripts in `jobs/shared/*.lua`). One scheduler per process (`jobs/runner.rs`) runs them
+//! through the same token, quota and client layers as direct calls, one attempt at a time per operation
+//! (`jobs/attempt.rs`); the jobs API (`jobs/api.rs`) reads, lists and cancels them, and parses a job request as
+//! it arrives (`jobs/intake.rs`).
 
 pub mod api;
+mod attempt;
 pub mod defer;
 pub mod intake;
+pub mod queue;
+pub mod records;
 pub mod runner;
 pub mod shared;
 pub mod store;
@@ -26,11 +31,8 @@ use crate::config::JobsConfig;
 use crate::routes::validate::{Call, ValidationError};
 use crate::routes::{Endpoint, Route, resolve};
 
-use self::shared::SharedStore;
-use self::store::{
-    Created, Due, JobRecord, JobState, LaneUse, LocalStore, NewJob, NewOperation, OpRecord, OpState, Outcome,
-    Remaining, StoreError, Totals, UserUse,
-};
+pub use self::queue::{JobStore, Store};
+use self::records::{Created, JobRecord, NewJob, NewOperation, StoreError};
 
 /// Easemob refuses a `msgIdList` longer than this; a job splits longer ones into batches of this size.
 pub const MSG_IDS_PER_CALL: usize = 50;
@@ -122,6 +124,11 @@ impl Jobs {
         Ok(cancelled)
     }
 
+    /// Resolves when there is new work or a cancellation: the scheduler looks again.
+    fn woken(&self) -> tokio::sync::futures::Notified<'_> {
+        self.0.wake.notified()
+    }
+
     fn is_cancelled(&self, job: i64) -> bool {
         self.0.cancelled.lock().expect("cancelled lock").contains(&job)
     }
@@ -174,147 +181,6 @@ pub fn collection(app: &App) -> String {
 /// Where a job of `app` is read.
 pub fn location(app: &App, id: &str) -> String {
     format!("{}/{id}", collection(app))
-}
-
-/// Where jobs are kept: the embedded store of one process, or Redis, shared by every replica.
-#[derive(Clone)]
-pub enum Store {
-    Local(LocalStore),
-    Shared(SharedStore),
-}
-
-/// Each store operation, on whichever store this is.
-/// A shared store's health follows its calls (an embedded one tracks its own).
-macro_rules! each {
-    ($self:ident, $write:expr, $store:ident => $call:expr) => {
-        match $self {
-            Store::Local($store) => $call,
-            Store::Shared($store) => {
-                let result = $call;
-                $store.mark($write, result.is_ok());
-                result
-            }
-        }
-    };
-}
-
-impl Store {
-    pub fn is_healthy(&self) -> bool {
-        match self {
-            Store::Local(store) => store.is_healthy(),
-            Store::Shared(store) => store.is_healthy(),
-        }
-    }
-
-    pub fn is_shared(&self) -> bool {
-        matches!(self, Store::Shared(_))
-    }
-
-    pub async fn create(&self, job: NewJob) -> Result<Created, StoreError> {
-        each!(self, true, store => store.create(job).await)
-    }
-
-    pub async fn job(&self, app: &str, id: &str) -> Result<Option<JobRecord>, StoreError> {
-        each!(self, false, store => store.job(app, id).await)
-    }
-
-    pub async fn operations(
-        &self,
-        job: &JobRecord,
-        from: i64,
-        limit: u32,
-        state: Option<OpState>,
-    ) -> Result<Vec<OpRecord>, StoreError> {
-        each!(self, false, store => store.operations(job, from, limit, state).await)
-    }
-
-    pub async fn list(
-        &self,
-        app: &str,
-        state: Option<JobState>,
-        before: Option<i64>,
-        limit: u32,
-    ) -> Result<Vec<JobRecord>, StoreError> {
-        each!(self, false, store => store.list(app, state, before, limit).await)
-    }
-
-    pub async fn cancel(&self, app: &str, id: &str, now_ms: i64) -> Result<Option<JobRecord>, StoreError> {
-        each!(self, true, store => store.cancel(app, id, now_ms).await)
-    }
-
-    /// Operations due at `now_ms`, at most `limit`: read (one process) or claimed under a lease (shared).
-    pub async fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<Due>, StoreError> {
-        each!(self, true, store => store.due(now_ms, limit).await)
-    }
-
-    /// When the next operation falls due after `now_ms` (those due already are being sent or claimed).
-    pub async fn next_due(&self, now_ms: i64) -> Result<Option<i64>, StoreError> {
-        each!(self, false, store => store.next_due(now_ms).await)
-    }
-
-    /// The scheduler gives back an operation it will not send now, due again at `until_ms`: every operation of
-    /// its user when a user's window is full (one process), or the claimed operation itself (shared).
-    pub async fn release(&self, due: &Due, until_ms: i64) -> Result<(), StoreError> {
-        match self {
-            Store::Local(store) => match &due.user {
-                Some(user) => store.postpone_user(user, until_ms).await,
-                None => Ok(()),
-            },
-            Store::Shared(store) => {
-                let result = store.release(due, until_ms).await;
-                store.mark(true, result.is_ok());
-                result
-            }
-        }
-    }
-
-    /// Operations whose lease expired (a replica died holding them) go back in the queue; none in one process.
-    pub async fn reap(&self) -> Result<usize, StoreError> {
-        match self {
-            Store::Local(_) => Ok(0),
-            Store::Shared(store) => store.reap().await,
-        }
-    }
-
-    /// Whether another replica cancelled the job (one process knows its own cancels).
-    pub async fn is_cancelled(&self, job_id: &str) -> Result<bool, StoreError> {
-        match self {
-            Store::Local(_) => Ok(false),
-            Store::Shared(store) => store.is_cancelled(job_id).await,
-        }
-    }
-
-    /// Records, before any of its calls go, that jobs may send on `app`'s `route` until `until_ms`.
-    pub async fn use_lane(&self, app: &str, route: &str, until_ms: i64) -> Result<(), StoreError> {
-        each!(self, true, store => store.use_lane(app, route, until_ms).await)
-    }
-
-    /// The lanes jobs have used (before a restart, or on another replica), each with the end of its last record.
-    pub async fn lanes_used(&self) -> Result<Vec<LaneUse>, StoreError> {
-        each!(self, false, store => store.lanes_used().await)
-    }
-
-    /// The calls jobs made for each user since `since_ms` (before a restart), where users' windows are this
-    /// process's own (with the SQLite store; in Redis they outlive the process).
-    pub async fn users_sent(&self, since_ms: i64) -> Result<Vec<UserUse>, StoreError> {
-        each!(self, false, store => store.users_sent(since_ms).await)
-    }
-
-    pub async fn record(&self, outcomes: Vec<Outcome>, now_ms: i64) -> Result<Vec<i64>, StoreError> {
-        each!(self, true, store => store.record(outcomes, now_ms).await)
-    }
-
-    pub async fn remaining(&self, job: &JobRecord) -> Result<Remaining, StoreError> {
-        each!(self, false, store => store.remaining(job).await)
-    }
-
-    pub async fn totals(&self) -> Result<Totals, StoreError> {
-        each!(self, false, store => store.totals().await)
-    }
-
-    pub async fn expire(&self, before_ms: i64) -> Result<usize, StoreError> {
-        each!(self, true, store => store.expire(before_ms).await)
-    }
 }
 
 /// Wall-clock milliseconds (for what is stored) that follow tokio's time (so paused tests control them too).

@@ -30,9 +30,10 @@ use crate::apps::Apps;
 use crate::audit::{Audit, AuditOpenError};
 use crate::config::{AppKey, Config, SecretPolicy, format_duration};
 use crate::head::READ_BUFFER_BYTES;
+use crate::jobs::records::StoreError;
 use crate::jobs::runner::{Plane, Runner};
 use crate::jobs::shared::SharedStore;
-use crate::jobs::store::{LocalStore, StoreError};
+use crate::jobs::store::LocalStore;
 use crate::jobs::{Clock, Jobs, Store};
 use crate::logging::LogLevel;
 use crate::metrics::Metrics;
@@ -110,14 +111,14 @@ impl Server {
         }
         let store = match (config.jobs.enabled, &config.jobs.store) {
             (false, _) => None,
-            (true, Some(path)) => Some(Store::Local(
+            (true, Some(path)) => Some(Arc::new(
                 LocalStore::open(path)
                     .map_err(|source| StartError::Jobs { store: path.display().to_string(), source })?,
-            )),
-            (true, None) => Some(Store::Shared(
+            ) as Store),
+            (true, None) => Some(Arc::new(
                 SharedStore::new(&config.rate_limit.redis, config.jobs.lease)
                     .map_err(|source| StartError::Jobs { store: "redis".to_owned(), source })?,
-            )),
+            ) as Store),
         };
         let jobs = store.map(|store| Jobs::new(store, config.jobs.clone(), Clock::new()));
         let export = Export::start(&config.trace, &metrics)?;

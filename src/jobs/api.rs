@@ -20,7 +20,7 @@ use tracing::warn;
 
 use super::Jobs;
 use super::intake::{self, Intake, Limits};
-use super::store::{Created, JobState, OpState, StoreError};
+use super::records::{Created, JobState, OpState, StoreError};
 use crate::access::Caller;
 use crate::apps::{App, Apps};
 use crate::config::is_plain_label;

@@ -13,7 +13,7 @@ use tracing::warn;
 
 use super::Jobs;
 use super::api::located;
-use super::store::Created;
+use super::records::Created;
 use crate::error::GatewayError;
 use crate::exchange::{Answer, Exchange, Waiting};
 

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tower::BoxError;
 
 use super::OperationRequest;
-use super::store::NewOperation;
+use super::records::NewOperation;
 use crate::apps::App;
 use crate::config::JobsConfig;
 use crate::error::GatewayError;

@@ -3,38 +3,35 @@
 //!
 //! - A job operation takes a quota slot only when it costs direct calls nothing (`QuotaSet::background`): never
 //!   while a direct call waits in its lane, and within `rate_limit.jobs_share`.
-//! - A route lane that is full holds back that lane only; a user whose per-user window is full has all their
-//!   operations postponed (in the store too) until it frees, so other users go on.
+//! - A route lane that is full holds back that lane only; a user whose per-user window is full has each of their
+//!   operations given back to the store until it frees, so other users go on.
 //! - Easemob's 429 (honouring `Retry-After`), its 5xx, timeouts and connection errors are retried with exponential
 //!   backoff and jitter; an answer that was lost is retried too (the deletions are idempotent upstream); any other
 //!   4xx is final.
-//! - Outcomes are recorded in batches; an operation is held in memory from the moment it is fetched until its
-//!   outcome is committed, so it is never sent twice at once. With a shared store, fetching claims it under a
-//!   lease; one that cannot be sent soon (a full lane, a full user window, a cancelled job) is given back well
-//!   before the lease ends, so no other replica ever sends it at the same time.
+//! - Outcomes are recorded in batches; an operation is held from the moment it is claimed until its outcome is
+//!   committed, so it is never sent twice at once. One that cannot be sent soon (a full lane, a full user window,
+//!   a cancelled job) is given back well before a shared store's lease ends, so no other replica ever sends it at
+//!   the same time.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderValue, StatusCode};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tower::{Service, ServiceExt};
+use tower::Service;
 use tracing::{info, warn};
 
-use super::store::{Due, JobState, LaneUse, Next, OpState, Outcome};
-use super::{Jobs, call_of};
-use crate::apps::{App, Apps};
+use super::attempt::{Held, attempt, backoff};
+use super::records::{Due, JobState, LaneUse, Next, OpState, Outcome};
+use super::{Clock, Jobs, call_of};
+use crate::apps::Apps;
 use crate::config::JobsConfig;
-use crate::exchange::{Answer, AttemptKind, Exchange, Marks, UnusedSlot, Validated};
+use crate::exchange::{Answer, Exchange, UnusedSlot};
 use crate::metrics::Metrics;
-use crate::ratelimit::{MINUTE, Scope, easemob_retry_after};
+use crate::ratelimit::{MINUTE, Scope};
 use crate::routes::Route;
-use crate::routes::validate::Call;
-use crate::trace::TraceContext;
 
 /// Operations fetched ahead of dispatch, at most.
 const BATCH: usize = 256;
@@ -56,10 +53,34 @@ const LANE_AHEAD: Duration = Duration::from_secs(1);
 
 pub struct Runner<S> {
     jobs: Jobs,
+    config: JobsConfig,
+    clock: Clock,
     /// The config in force, replaced by a reload.
     plane: watch::Receiver<Plane<S>>,
     current: Plane<S>,
     metrics: Metrics,
+    /// Claimed and waiting to be sent, in order.
+    queue: VecDeque<Held>,
+    /// Claimed and not yet recorded or given back: in the queue, in flight, or with an outcome not yet committed.
+    held: HashSet<(i64, i64)>,
+    /// Lanes whose quota is full, until when.
+    lanes_full: HashMap<(usize, Route), Instant>,
+    /// Users whose per-user window is full, until when.
+    users_full: HashMap<String, Instant>,
+    /// Per lane, until when the store records that jobs may send on it.
+    lanes_recorded: HashMap<(usize, Route), Instant>,
+    /// Cancellation as another replica may have made it, looked up at most once a second per job.
+    cancels: HashMap<String, (Instant, bool)>,
+    in_flight: JoinSet<Outcome>,
+    /// Each attempt in flight, with the outcome to record should it panic.
+    panicked: HashMap<tokio::task::Id, Outcome>,
+    /// Outcomes not yet committed to the store.
+    unrecorded: Vec<Outcome>,
+    next_expiry: Instant,
+    next_report: Instant,
+    last_claim: Instant,
+    /// New work or a reload: claim at once.
+    new_work: bool,
 }
 
 /// What the scheduler sends through, as the config in force has it.
@@ -70,15 +91,6 @@ pub struct Plane<S> {
     pub send: S,
 }
 
-/// An operation fetched from the store, ready to send.
-struct Held {
-    due: Due,
-    app: Arc<App>,
-    call: Call,
-    /// When it was fetched (with a shared store: claimed under a lease).
-    held_since: Instant,
-}
-
 impl<S> Runner<S>
 where
     S: Service<Exchange, Response = Answer, Error = Infallible> + Clone + Send + 'static,
@@ -86,246 +98,276 @@ where
 {
     pub fn new(jobs: Jobs, mut plane: watch::Receiver<Plane<S>>, metrics: Metrics) -> Runner<S> {
         let current = plane.borrow_and_update().clone();
-        Runner { jobs, plane, current, metrics }
+        let (config, clock, now) = (jobs.config().clone(), jobs.clock(), Instant::now());
+        Runner {
+            jobs,
+            config,
+            clock,
+            plane,
+            current,
+            metrics,
+            queue: VecDeque::new(),
+            held: HashSet::new(),
+            lanes_full: HashMap::new(),
+            users_full: HashMap::new(),
+            lanes_recorded: HashMap::new(),
+            cancels: HashMap::new(),
+            in_flight: JoinSet::new(),
+            panicked: HashMap::new(),
+            unrecorded: Vec::new(),
+            next_expiry: now,
+            next_report: now,
+            last_claim: now,
+            new_work: true,
+        }
     }
 
+    /// The scheduler's loop: housekeeping, record, refill, dispatch, join; for as long as the process runs.
     pub async fn run(mut self) {
-        let config = self.jobs.config().clone();
-        let store = self.jobs.store().clone();
-        let clock = self.jobs.clock();
-        self.resume_lanes(&clock).await;
-        self.resume_users(&clock).await;
-        // Per lane, until when the store records that jobs may send on it.
-        let mut lanes_recorded: HashMap<(usize, Route), Instant> = HashMap::new();
-        let mut queue: VecDeque<Held> = VecDeque::new();
-        // Fetched and not yet recorded: in the queue, in flight, or with an outcome not yet committed.
-        let mut held: HashSet<(i64, i64)> = HashSet::new();
-        let mut lanes_full: HashMap<(usize, Route), Instant> = HashMap::new();
-        let mut users_full: HashMap<String, Instant> = HashMap::new();
-        let mut in_flight: JoinSet<Outcome> = JoinSet::new();
-        let mut unrecorded: Vec<Outcome> = Vec::new();
-        let mut next_expiry = Instant::now();
-        let mut next_report = Instant::now();
-        // Cancellation as another replica may have made it, looked up at most once a second per job.
-        let mut cancels: HashMap<String, (Instant, bool)> = HashMap::new();
-        let lease = config.lease;
-        let mut new_work = true;
-        // Each attempt in flight, with the outcome to record should it panic.
-        let mut panicked: HashMap<tokio::task::Id, Outcome> = HashMap::new();
-        let mut last_fetch = Instant::now();
+        self.resume_lanes().await;
+        self.resume_users().await;
         loop {
             let now = Instant::now();
-            if self.plane.has_changed().unwrap_or(false) {
-                // A reload: what is queued goes back to the store, to be fetched again under the new config (an
-                // app may be gone, a quota changed). What is in flight finishes under the old one.
-                self.current = self.plane.borrow_and_update().clone();
-                for op in queue.drain(..) {
-                    self.release(&op.due, clock.now_ms()).await;
-                    held.remove(&op.due.key());
-                }
-                lanes_full.clear();
-                lanes_recorded.clear();
-                new_work = true;
-            }
-            if now >= next_expiry {
-                let before = clock.now_ms() - config.retention.as_millis() as i64;
-                match store.expire(before).await {
-                    Ok(0) => {}
-                    Ok(n) => info!(jobs = n, "expired finished jobs past jobs.retention"),
-                    Err(e) => warn!(error = %e, "expiring finished jobs failed"),
-                }
-                next_expiry = now + EXPIRY_EVERY;
-            }
-            if now >= next_report {
-                self.report(&clock).await;
-                match store.reap().await {
-                    Ok(0) => {}
-                    Ok(n) => info!(operations = n, "took over job operations whose lease expired (a replica gone)"),
-                    Err(e) => warn!(error = %e, "sweeping expired job leases failed"),
-                }
-                next_report = now + REPORT_EVERY;
-            }
-            if !unrecorded.is_empty() {
-                let outcomes = std::mem::take(&mut unrecorded);
-                match store.record(outcomes.clone(), clock.now_ms()).await {
-                    Ok(finished) => {
-                        for took in finished {
-                            self.metrics.job_duration.observe(took as f64 / 1000.0);
-                        }
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "recording job outcomes failed; trying again");
-                        unrecorded = outcomes;
-                        tokio::time::sleep(STORE_RETRY).await;
-                        continue;
-                    }
-                }
-                for outcome in &outcomes {
-                    held.remove(&(outcome.job, outcome.n));
-                }
-            }
-            let mut wake_at = now + IDLE_POLL;
-            // Topped up when half used (the query returns what is held too, so not on every event), whenever new
-            // work arrived, and at least once a second: another route's job, a retry or a user's freed window must
-            // not wait behind a queue full of one route.
-            let fresh = std::mem::take(&mut new_work);
-            if queue.len() < BATCH / 2 || fresh || now >= last_fetch + REFETCH_EVERY {
-                last_fetch = now;
-                // Embedded: a read, which returns what is held too. Shared: a claim of new operations under a
-                // lease, so only what can be sent soon (the rest stays free for the other replicas).
-                let limit = match store.is_shared() {
-                    false => held.len() + BATCH,
-                    true => (2 * config.concurrency).saturating_sub(queue.len()),
-                };
-                match store.due(clock.now_ms(), limit).await {
-                    Ok(due) => {
-                        for due in due {
-                            if !held.insert(due.key()) {
-                                continue;
-                            }
-                            match self.prepare(due, &clock, now) {
-                                Ok(op) => queue.push_back(op),
-                                Err(outcome) => unrecorded.push(outcome),
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "reading due job operations failed");
-                        wake_at = wake_at.min(now + STORE_RETRY);
-                    }
-                }
-                if queue.is_empty()
-                    && let Ok(Some(next)) = store.next_due(clock.now_ms()).await
-                {
-                    wake_at = wake_at.min(clock.instant(next));
-                }
-            }
-
-            let mut waiting = VecDeque::with_capacity(queue.len());
-            while let Some(op) = queue.pop_front() {
-                if self.cancelled(&op.due, &mut cancels, now).await {
-                    // The store dropped it already; a claim on it is let go.
-                    self.release(&op.due, 0).await;
-                    held.remove(&op.due.key());
-                    continue;
-                }
-                if let Some(until) = op.due.user.as_ref().and_then(|user| users_full.get(user)).filter(|u| **u > now) {
-                    // Due again when the user's window frees, which may be a moment from now.
-                    wake_at = wake_at.min(*until);
-                    self.release(&op.due, clock.now_ms() + (*until - now).as_millis() as i64 + 1).await;
-                    held.remove(&op.due.key());
-                    continue;
-                }
-                if now >= op.held_since + lease / 2 {
-                    // Held too long behind a full lane: given back well before its lease could pass to another
-                    // replica, so that no two ever send it.
-                    self.release(&op.due, clock.now_ms()).await;
-                    held.remove(&op.due.key());
-                    continue;
-                }
-                let lane = (op.app.index.0, op.call.route());
-                if let Some(until) = lanes_full.get(&lane).filter(|until| **until > now) {
-                    wake_at = wake_at.min(*until);
-                    waiting.push_back(op);
-                    continue;
-                }
-                if in_flight.len() >= config.concurrency {
-                    waiting.push_back(op);
-                    continue;
-                }
-                if !self.record_lane(&op, &mut lanes_recorded, now, &clock).await {
-                    wake_at = wake_at.min(now + STORE_RETRY);
-                    waiting.push_back(op);
-                    continue;
-                }
-                match op.app.quota.background(op.app.index, &op.call).await {
-                    Ok(slot) => {
-                        let send = self.current.send.clone();
-                        let slot = UnusedSlot { policy: slot.policy, limit: slot.limit };
-                        let counted = self.metrics.job_operations.clone();
-                        let if_it_panics = Outcome {
-                            job: op.due.job,
-                            job_id: op.due.job_id.clone(),
-                            n: op.due.n,
-                            attempts: op.due.attempts + 1,
-                            status: None,
-                            error: Some("internal_error".to_owned()),
-                            error_description: Some("the attempt failed inside the gateway; see its log".to_owned()),
-                            next: Next::RetryAt(
-                                clock.now_ms() + backoff(&config, op.due.attempts + 1, None).as_millis() as i64,
-                            ),
-                        };
-                        let task = in_flight.spawn(attempt(send, op, slot, config.clone(), clock, counted));
-                        panicked.insert(task.id(), if_it_panics);
-                    }
-                    Err((Scope::User, wait)) => {
-                        let user = op.due.user.clone().expect("only a user's call meets their window");
-                        self.release(&op.due, clock.now_ms() + wait.as_millis() as i64 + 1).await;
-                        users_full.insert(user, now + wait);
-                        wake_at = wake_at.min(now + wait);
-                        held.remove(&op.due.key());
-                    }
-                    Err((_, wait)) => {
-                        lanes_full.insert(lane, now + wait);
-                        wake_at = wake_at.min(now + wait);
-                        waiting.push_back(op);
-                    }
-                }
-            }
-            queue = waiting;
-            users_full.retain(|_, until| *until > now);
-            lanes_full.retain(|_, until| *until > now);
-            if !unrecorded.is_empty() {
+            self.housekeeping(now).await;
+            if !self.record().await {
+                tokio::time::sleep(STORE_RETRY).await;
                 continue;
             }
+            let mut wake_at = now + IDLE_POLL;
+            self.refill(now, &mut wake_at).await;
+            self.dispatch(now, &mut wake_at).await;
+            if self.unrecorded.is_empty() {
+                self.join(wake_at).await;
+            }
+        }
+    }
 
-            tokio::select! {
-                Some(done) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
-                    let mut done = Some(done);
-                    while let Some(result) = done.take().or_else(|| in_flight.try_join_next_with_id()) {
-                        // A bug in an attempt costs that attempt (retried later), not the scheduler.
-                        let (id, outcome) = match result {
-                            Ok(finished) => finished,
-                            Err(e) => {
-                                warn!(error = %e, "a job attempt panicked; the operation will be retried");
-                                let outcome = panicked.get(&e.id()).cloned().expect("every attempt is known");
-                                (e.id(), outcome)
-                            }
-                        };
-                        panicked.remove(&id);
-                        unrecorded.push(outcome);
+    /// A reload, expiring old jobs, the gauges and taking over expired leases, each when it is time.
+    async fn housekeeping(&mut self, now: Instant) {
+        if self.plane.has_changed().unwrap_or(false) {
+            self.reload().await;
+        }
+        if now >= self.next_expiry {
+            let before = self.clock.now_ms() - self.config.retention.as_millis() as i64;
+            match self.jobs.store().expire(before).await {
+                Ok(0) => {}
+                Ok(n) => info!(jobs = n, "expired finished jobs past jobs.retention"),
+                Err(e) => warn!(error = %e, "expiring finished jobs failed"),
+            }
+            self.next_expiry = now + EXPIRY_EVERY;
+        }
+        if now >= self.next_report {
+            self.report().await;
+            match self.jobs.store().reap().await {
+                Ok(0) => {}
+                Ok(n) => info!(operations = n, "took over job operations whose lease expired (a replica gone)"),
+                Err(e) => warn!(error = %e, "sweeping expired job leases failed"),
+            }
+            self.next_report = now + REPORT_EVERY;
+        }
+    }
+
+    /// A reload: what is queued goes back to the store, to be claimed again under the new config (an app may be
+    /// gone, a quota changed). What is in flight finishes under the old one.
+    async fn reload(&mut self) {
+        self.current = self.plane.borrow_and_update().clone();
+        while let Some(op) = self.queue.pop_front() {
+            self.give_back(&op.due, self.clock.now_ms()).await;
+        }
+        self.lanes_full.clear();
+        self.lanes_recorded.clear();
+        self.new_work = true;
+    }
+
+    /// Commits the outcomes not yet recorded; false if the store failed (they are kept, to try again).
+    async fn record(&mut self) -> bool {
+        if self.unrecorded.is_empty() {
+            return true;
+        }
+        let outcomes = std::mem::take(&mut self.unrecorded);
+        match self.jobs.store().record(outcomes.clone(), self.clock.now_ms()).await {
+            Ok(finished) => {
+                for took in finished {
+                    self.metrics.job_duration.observe(took as f64 / 1000.0);
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "recording job outcomes failed; trying again");
+                self.unrecorded = outcomes;
+                return false;
+            }
+        }
+        for outcome in &outcomes {
+            self.held.remove(&(outcome.job, outcome.n));
+        }
+        true
+    }
+
+    /// Claims what can be sent soon: when the queue is half used (the claim is not free, so not on every event),
+    /// whenever new work arrived, and at least once a second: another route's job, a retry or a user's freed
+    /// window must not wait behind a queue full of one route.
+    async fn refill(&mut self, now: Instant, wake_at: &mut Instant) {
+        let fresh = std::mem::take(&mut self.new_work);
+        if self.queue.len() >= BATCH / 2 && !fresh && now < self.last_claim + REFETCH_EVERY {
+            return;
+        }
+        self.last_claim = now;
+        // Only what can be sent soon: with a shared store the rest stays free for the other replicas.
+        let limit = (2 * self.config.concurrency).saturating_sub(self.queue.len());
+        match self.jobs.store().claim(self.clock.now_ms(), limit).await {
+            Ok(due) => {
+                for due in due {
+                    if !self.held.insert(due.key()) {
+                        continue;
+                    }
+                    match self.prepare(due, now) {
+                        Ok(op) => self.queue.push_back(op),
+                        Err(outcome) => self.unrecorded.push(outcome),
                     }
                 }
-                _ = tokio::time::sleep_until(wake_at) => {}
-                _ = self.jobs.0.wake.notified() => new_work = true,
             }
+            Err(e) => {
+                warn!(error = %e, "reading due job operations failed");
+                *wake_at = (*wake_at).min(now + STORE_RETRY);
+            }
+        }
+        if self.queue.is_empty()
+            && let Ok(Some(next)) = self.jobs.store().next_due(self.clock.now_ms()).await
+        {
+            *wake_at = (*wake_at).min(self.clock.instant(next));
+        }
+    }
+
+    /// Sends what may go now, in order; what waits for its lane or a free place stays queued.
+    async fn dispatch(&mut self, now: Instant, wake_at: &mut Instant) {
+        let mut waiting = VecDeque::with_capacity(self.queue.len());
+        while let Some(op) = self.queue.pop_front() {
+            if let Some(op) = self.try_send(op, now, wake_at).await {
+                waiting.push_back(op);
+            }
+        }
+        self.queue = waiting;
+        self.users_full.retain(|_, until| *until > now);
+        self.lanes_full.retain(|_, until| *until > now);
+    }
+
+    /// Sends `op` if it may go now, or gives it back if it cannot go soon; returns it if it waits in the queue.
+    async fn try_send(&mut self, op: Held, now: Instant, wake_at: &mut Instant) -> Option<Held> {
+        if self.cancelled(&op.due, now).await {
+            // The store dropped it already; the claim on it is let go.
+            self.give_back(&op.due, 0).await;
+            return None;
+        }
+        let user_full = op.due.user.as_ref().and_then(|user| self.users_full.get(user)).copied();
+        if let Some(until) = user_full.filter(|until| *until > now) {
+            // Due again when the user's window frees, which may be a moment from now.
+            *wake_at = (*wake_at).min(until);
+            self.give_back(&op.due, self.clock.now_ms() + (until - now).as_millis() as i64 + 1).await;
+            return None;
+        }
+        if now >= op.held_since + self.config.lease / 2 {
+            // Held too long behind a full lane: given back well before its lease could pass to another replica,
+            // so that no two ever send it.
+            self.give_back(&op.due, self.clock.now_ms()).await;
+            return None;
+        }
+        let lane = (op.app.index.0, op.call.route());
+        if let Some(until) = self.lanes_full.get(&lane).filter(|until| **until > now) {
+            *wake_at = (*wake_at).min(*until);
+            return Some(op);
+        }
+        if self.in_flight.len() >= self.config.concurrency {
+            return Some(op);
+        }
+        if !self.record_lane(&op, now).await {
+            *wake_at = (*wake_at).min(now + STORE_RETRY);
+            return Some(op);
+        }
+        match op.app.quota.background(op.app.index, &op.call).await {
+            Ok(slot) => {
+                self.spawn(op, UnusedSlot { policy: slot.policy, limit: slot.limit });
+                None
+            }
+            Err((Scope::User, wait)) => {
+                let user = op.due.user.clone().expect("only a user's call meets their window");
+                self.give_back(&op.due, self.clock.now_ms() + wait.as_millis() as i64 + 1).await;
+                self.users_full.insert(user, now + wait);
+                *wake_at = (*wake_at).min(now + wait);
+                None
+            }
+            Err((_, wait)) => {
+                self.lanes_full.insert(lane, now + wait);
+                *wake_at = (*wake_at).min(now + wait);
+                Some(op)
+            }
+        }
+    }
+
+    /// Starts an attempt at `op` with the slot taken for it.
+    fn spawn(&mut self, op: Held, slot: UnusedSlot) {
+        let attempts = op.due.attempts + 1;
+        let if_it_panics = Outcome {
+            job: op.due.job,
+            job_id: op.due.job_id.clone(),
+            n: op.due.n,
+            attempts,
+            status: None,
+            error: Some("internal_error".to_owned()),
+            error_description: Some("the attempt failed inside the gateway; see its log".to_owned()),
+            next: Next::RetryAt(self.clock.now_ms() + backoff(&self.config, attempts, None).as_millis() as i64),
+        };
+        let (send, counted) = (self.current.send.clone(), self.metrics.job_operations.clone());
+        let task = self.in_flight.spawn(attempt(send, op, slot, self.config.clone(), self.clock, counted));
+        self.panicked.insert(task.id(), if_it_panics);
+    }
+
+    /// Waits until an attempt finishes (then takes every one finished), `wake_at`, or new work.
+    async fn join(&mut self, wake_at: Instant) {
+        let first = tokio::select! {
+            Some(done) = self.in_flight.join_next_with_id(), if !self.in_flight.is_empty() => Some(done),
+            _ = tokio::time::sleep_until(wake_at) => None,
+            _ = self.jobs.woken() => {
+                self.new_work = true;
+                None
+            }
+        };
+        let mut done = first;
+        while let Some(result) = done.take().or_else(|| self.in_flight.try_join_next_with_id()) {
+            // A bug in an attempt costs that attempt (retried later), not the scheduler.
+            let (id, outcome) = match result {
+                Ok(finished) => finished,
+                Err(e) => {
+                    warn!(error = %e, "a job attempt panicked; the operation will be retried");
+                    let outcome = self.panicked.get(&e.id()).cloned().expect("every attempt is known");
+                    (e.id(), outcome)
+                }
+            };
+            self.panicked.remove(&id);
+            self.unrecorded.push(outcome);
         }
     }
 
     /// Whether the operation's job was cancelled: here, or (with a shared store) by another replica.
-    async fn cancelled(&self, due: &Due, cache: &mut HashMap<String, (Instant, bool)>, now: Instant) -> bool {
+    async fn cancelled(&mut self, due: &Due, now: Instant) -> bool {
         if self.jobs.is_cancelled(due.job) {
             return true;
         }
-        if !self.jobs.store().is_shared() {
-            return false;
-        }
-        if let Some((checked, cancelled)) = cache.get(&due.job_id)
+        if let Some((checked, cancelled)) = self.cancels.get(&due.job_id)
             && now < *checked + CANCEL_CHECK
         {
             return *cancelled;
         }
         let cancelled = self.jobs.store().is_cancelled(&due.job_id).await.unwrap_or(false);
-        cache.retain(|_, (checked, _)| now < *checked + CANCEL_CHECK);
-        cache.insert(due.job_id.clone(), (now, cancelled));
+        self.cancels.retain(|_, (checked, _)| now < *checked + CANCEL_CHECK);
+        self.cancels.insert(due.job_id.clone(), (now, cancelled));
         cancelled
     }
 
     /// After a start, resumes each lane from the store's record of the jobs' use of it (`record_lane`): as if
     /// their last calls went when the record ends, or now if it reaches past now, so that what the process before
     /// sent keeps its place in Easemob's window. Without the record, every lane resumes as if used just now.
-    async fn resume_lanes(&self, clock: &super::Clock) {
-        let now_ms = clock.now_ms();
+    async fn resume_lanes(&self) {
+        let now_ms = self.clock.now_ms();
         let used = self.jobs.store().lanes_used().await.unwrap_or_else(|e| {
             warn!(error = %e, "reading the jobs' last use of each lane failed; resuming every lane as if used now");
             let apps = self.current.apps.iter();
@@ -354,8 +396,8 @@ where
     /// After a start, counts in each user's window the calls jobs made for them in the last minute (as the store
     /// recorded them), so that a user whose window the process before filled is not given it again. Calls whose
     /// outcome died with that process are not among them: they run again (at least once, as documented).
-    async fn resume_users(&self, clock: &super::Clock) {
-        let now_ms = clock.now_ms();
+    async fn resume_users(&self) {
+        let now_ms = self.clock.now_ms();
         let sent = match self.jobs.store().users_sent(now_ms - MINUTE.as_millis() as i64).await {
             Ok(sent) => sent,
             Err(e) => {
@@ -378,22 +420,16 @@ where
 
     /// Whether the store records, before `op` goes, that jobs may send on its lane past now: renewed
     /// [`LANE_AHEAD`] ahead once half of the last record is used. Not when the store cannot write it.
-    async fn record_lane(
-        &self,
-        op: &Held,
-        recorded: &mut HashMap<(usize, Route), Instant>,
-        now: Instant,
-        clock: &super::Clock,
-    ) -> bool {
+    async fn record_lane(&mut self, op: &Held, now: Instant) -> bool {
         let lane = (op.app.index.0, op.call.route());
-        let until = recorded.get(&lane).copied();
+        let until = self.lanes_recorded.get(&lane).copied();
         if until.is_some_and(|until| until > now + LANE_AHEAD / 2) {
             return true;
         }
-        let until_ms = clock.now_ms() + LANE_AHEAD.as_millis() as i64;
+        let until_ms = self.clock.now_ms() + LANE_AHEAD.as_millis() as i64;
         match self.jobs.store().use_lane(op.app.key.as_str(), lane.1.name(), until_ms).await {
             Ok(()) => {
-                recorded.insert(lane, now + LANE_AHEAD);
+                self.lanes_recorded.insert(lane, now + LANE_AHEAD);
                 true
             }
             Err(e) => {
@@ -403,27 +439,28 @@ where
         }
     }
 
-    /// Gives an operation back to the store, due again at `until_ms`, without an outcome.
-    async fn release(&self, due: &Due, until_ms: i64) {
+    /// Gives an operation back to the store, due again at `until_ms`, without an outcome; it is held no more.
+    async fn give_back(&mut self, due: &Due, until_ms: i64) {
         if let Err(e) = self.jobs.store().release(due, until_ms).await {
             warn!(error = %e, "giving a job operation back failed; its lease will");
         }
+        self.held.remove(&due.key());
     }
 
     /// Jobs by state, the queue's depth and the age of its oldest operation, for the metrics.
-    async fn report(&self, clock: &super::Clock) {
+    async fn report(&self) {
         let Ok(totals) = self.jobs.store().totals().await else { return };
         for state in JobState::ALL {
-            let count = totals.jobs.iter().find(|(s, _)| s == state.as_str()).map_or(0, |(_, n)| *n);
+            let count = totals.jobs.iter().find(|(s, _)| *s == state).map_or(0, |(_, n)| *n);
             self.metrics.jobs.with_label_values(&[state.as_str()]).set(count);
         }
         self.metrics.job_operations_pending.set(totals.pending);
-        let age = totals.oldest_ms.map_or(0, |oldest| (clock.now_ms() - oldest).max(0) / 1000);
+        let age = totals.oldest_ms.map_or(0, |oldest| (self.clock.now_ms() - oldest).max(0) / 1000);
         self.metrics.job_oldest_pending.set(age);
     }
 
     /// The app and the call of a stored operation; an operation that can no longer run fails at once.
-    fn prepare(&self, due: Due, clock: &super::Clock, now: Instant) -> Result<Held, Outcome> {
+    fn prepare(&self, due: Due, now: Instant) -> Result<Held, Outcome> {
         let fail = |error: &str, description: String| Outcome {
             job: due.job,
             job_id: due.job_id.clone(),
@@ -437,138 +474,30 @@ where
         let Some(app) = self.current.apps.iter().find(|app| app.key.as_str() == due.app).cloned() else {
             return Err(fail("app_not_configured", format!("{} is no longer configured here", due.app)));
         };
-        match call_of(&due.path, due.body.as_deref(), clock.now_ms()) {
+        match call_of(&due.path, due.body.as_deref(), self.clock.now_ms()) {
             Ok(call) => Ok(Held { due, app, call, held_since: now }),
             Err(e) => Err(fail(e.error, e.description)),
         }
     }
 }
 
-/// Sends one operation with the slot taken for it, and says what comes next.
-async fn attempt<S>(
-    send: S,
-    op: Held,
-    slot: UnusedSlot,
-    config: JobsConfig,
-    clock: super::Clock,
-    counted: prometheus::IntCounterVec,
-) -> Outcome
-where
-    S: Service<Exchange, Response = Answer, Error = Infallible>,
-{
-    let Held { due, app, call, .. } = op;
-    let labels = (Arc::clone(&app), call.route());
-    let exchange = Exchange {
-        slot: Some(Box::new(slot)),
-        kind: AttemptKind::Job,
-        ..Exchange::new(Validated {
-            app,
-            call,
-            started: std::time::Instant::now(),
-            request_id: HeaderValue::try_from(format!("job-{}.{}", due.job_id, due.n)).ok(),
-            received: None,
-            caller: due.caller.as_deref().map(Arc::from),
-            respond_async: false,
-            // Each attempt a trace of its own: the request that made the job has long been answered.
-            trace: TraceContext::start(),
-            spans: None,
-            job_attempt: Some(due.attempts + 1),
-            audited: Default::default(),
-        })
-    };
-    let Ok(answer) = send.oneshot(exchange).await;
-    let attempts = due.attempts + 1;
-    let status = answer.status();
-    let (error, error_description) = match status {
-        StatusCode::OK => (None, None),
-        _ => envelope(answer.body()),
-    };
-    let next = match status {
-        StatusCode::OK => Next::Done(OpState::Succeeded),
-        _ if !retryable(&answer) || attempts >= config.max_attempts => Next::Done(OpState::Failed),
-        _ => Next::RetryAt(
-            clock.now_ms()
-                + backoff(&config, attempts, easemob_retry_after(answer.headers(), MAX_RETRY_AFTER)).as_millis() as i64,
-        ),
-    };
-    let outcome = match next {
-        Next::Done(OpState::Succeeded) => "succeeded",
-        Next::Done(_) => "failed",
-        Next::RetryAt(_) => "retried",
-    };
-    counted.with_label_values(&[labels.0.key.as_str(), labels.1.name(), outcome]).inc();
-    Outcome {
-        job: due.job,
-        job_id: due.job_id,
-        n: due.n,
-        attempts,
-        status: Some(status.as_u16()),
-        error,
-        error_description,
-        next,
-    }
-}
-
-/// Worth another attempt: Easemob's 429, 5xx and 401 (the token layer already replaced the token once), and the
-/// gateway's own answers when Easemob could not be reached or answer, no token was at hand, or the quota refused
-/// a replay.
-fn retryable(answer: &Answer) -> bool {
-    let status = answer.status();
-    if answer.is_from_easemob() {
-        return status == StatusCode::TOO_MANY_REQUESTS
-            || status == StatusCode::UNAUTHORIZED
-            || status.is_server_error();
-    }
-    matches!(
-        answer.rejection(),
-        Some(
-            "upstream_unreachable" | "upstream_timeout" | "upstream_failed" | "no_token" | "rate_limited" | "internal"
-        )
-    )
-}
-
-/// Easemob's (or the gateway's) `error` and `error_description`, if the body is an error envelope.
-fn envelope(body: &crate::exchange::Stamped) -> (Option<String>, Option<String>) {
-    #[derive(serde::Deserialize)]
-    struct Envelope {
-        error: Option<String>,
-        error_description: Option<String>,
-    }
-    let bytes = futures_util::FutureExt::now_or_never(http_body_util::BodyExt::collect(body.clone()))
-        .and_then(Result::ok)
-        .map(|collected| collected.to_bytes())
-        .unwrap_or_default();
-    match serde_json::from_slice::<Envelope>(&bytes) {
-        Ok(e) => (e.error, e.error_description.map(|d| d.chars().take(500).collect())),
-        Err(_) => (None, None),
-    }
-}
-
-/// The longest wait Easemob's `Retry-After` may put before an operation's next attempt.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
-
-/// `retry_min` doubled for each attempt made, up to `retry_max`, at a random point in its upper half; never before
-/// Easemob's `Retry-After`.
-fn backoff(config: &JobsConfig, attempts: u32, retry_after: Option<Duration>) -> Duration {
-    let doubled = config.retry_min.saturating_mul(1 << attempts.saturating_sub(1).min(20));
-    let ceiling = doubled.min(config.retry_max);
-    let jittered = ceiling / 2 + ceiling.mul_f64(fastrand::f64() / 2.0);
-    jittered.max(retry_after.unwrap_or_default())
-}
-
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
+    use http::HeaderValue;
     use tower::ServiceBuilder;
 
     use super::*;
+    use crate::apps::App;
     use crate::config::RateLimitConfig;
     use crate::jobs::Store;
-    use crate::jobs::store::{Created, JobRecord, JobState, LocalStore, NewOperation};
+    use crate::jobs::records::{Created, JobRecord, JobState, NewOperation};
+    use crate::jobs::store::LocalStore;
     use crate::jobs::{Clock, OperationRequest};
     use crate::metrics::Metrics;
     use crate::ratelimit::layer::QuotaLayer;
+    use crate::routes::validate::Call;
     use crate::testing::{self, ScriptedFetch};
     use crate::token::layer::TokenLayer;
 
@@ -599,7 +528,7 @@ mod tests {
         rate_limit: RateLimitConfig,
         mut script: impl FnMut(usize) -> Answer + Send + 'static,
     ) -> Harness {
-        let store = Store::Local(LocalStore::open(&dir.path().join("jobs.db")).unwrap());
+        let store: Store = Arc::new(LocalStore::open(&dir.path().join("jobs.db")).unwrap());
         let quota = testing::quota(rate_limit);
         let app = testing::app(&ScriptedFetch::granting(3600), &quota);
         let sent: Sent = Arc::default();

@@ -10,6 +10,7 @@
 //! (`appendonly yes`; `appendfsync always` for no loss at all if Redis itself dies).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -18,7 +19,7 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 
-use super::store::{
+use super::records::{
     Counts, Created, Due, JobRecord, JobState, LaneUse, NewJob, Next, OpRecord, OpState, Outcome, Remaining,
     StoreError, Totals, UserUse, method_of,
 };
@@ -40,6 +41,13 @@ impl From<redis::RedisError> for StoreError {
     fn from(e: redis::RedisError) -> StoreError {
         StoreError::new(format!("redis: {e}"))
     }
+}
+
+/// Whether a call reads or writes, for the store's health.
+#[derive(Clone, Copy)]
+pub(super) enum Access {
+    Read,
+    Write,
 }
 
 /// What a claimed operation needs of its job: its `seq`, app and caller.
@@ -66,169 +74,6 @@ struct Op {
     finished_ms: Option<i64>,
 }
 
-/// Moves up to ARGV[2] operations of each route due at ARGV[1] from that route's `due` (KEYS but the last) to
-/// `leases` (the last KEY) for ARGV[3] ms, on Redis's own clock (so replicas' clocks do not matter); returns them. Per route, so that one route's long job never holds back
-/// the others.
-const CLAIM: &str = r#"
-local t = redis.call('TIME')
-local lease_until = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[3])
-local leases, claimed = KEYS[#KEYS], {}
-for k = 1, #KEYS - 1 do
-  local due = redis.call('ZRANGEBYSCORE', KEYS[k], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-  for _, m in ipairs(due) do
-    redis.call('ZREM', KEYS[k], m)
-    redis.call('ZADD', leases, lease_until, m)
-    claimed[#claimed + 1] = m
-  end
-end
-return claimed
-"#;
-
-/// Gives back a claimed operation, due again at ARGV[3], unless it is no longer pending. ARGV[1]: the key prefix,
-/// ARGV[2]: the member `id:n`.
-const RELEASE: &str = r#"
-local p, m = ARGV[1], ARGV[2]
-redis.call('ZREM', p .. ':leases', m)
-local id, n = string.match(m, '^(.*):(%d+)$')
-local raw = redis.call('HGET', p .. ':ops:' .. id, n)
-if raw then
-  local op = cjson.decode(raw)
-  if op.state == 'pending' then redis.call('ZADD', p .. ':due:' .. op.route, ARGV[3], m) end
-end
-return 0
-"#;
-
-/// Puts every expired lease's operation back in `due` (if still pending), on Redis's own clock. ARGV: the key
-/// prefix.
-const REAP: &str = r#"
-local p = ARGV[1]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local expired = redis.call('ZRANGEBYSCORE', p .. ':leases', '-inf', now)
-for _, m in ipairs(expired) do
-  redis.call('ZREM', p .. ':leases', m)
-  local id, n = string.match(m, '^(.*):(%d+)$')
-  local raw = redis.call('HGET', p .. ':ops:' .. id, n)
-  if raw then
-    local op = cjson.decode(raw)
-    if op.state == 'pending' then redis.call('ZADD', p .. ':due:' .. op.route, 0, m) end
-  end
-end
-return #expired
-"#;
-
-/// The job's state from its counters, kept in the per-state totals; a job whose last operation finished gets its
-/// end time. Returns the job's duration (ms) if it finished here, else -1.
-const SETTLE: &str = r#"
-local function settle(p, id, now)
-  local jobk = p .. ':job:' .. id
-  local j = redis.call('HMGET', jobk, 'state', 'pending', 'cancel_requested', 'failed', 'finished_ms', 'created_ms')
-  local state, pending = j[1], tonumber(j[2])
-  local new
-  if pending > 0 then new = 'running'
-  elseif j[3] == '1' then new = 'cancelled'
-  elseif tonumber(j[4]) > 0 then new = 'failed'
-  else new = 'done' end
-  if new ~= state then
-    redis.call('HSET', jobk, 'state', new)
-    redis.call('HINCRBY', p .. ':states', state, -1)
-    redis.call('HINCRBY', p .. ':states', new, 1)
-  end
-  if pending == 0 and (not j[5] or j[5] == '') then
-    redis.call('HSET', jobk, 'finished_ms', now)
-    redis.call('ZADD', p .. ':finished', now, id)
-    redis.call('ZREM', p .. ':open', id)
-    return now - tonumber(j[6])
-  end
-  return -1
-end
-local function left(p, id, op, by)
-  redis.call('HINCRBY', p .. ':left:' .. id, 'route:' .. op.route, by)
-  if op.user and op.user ~= cjson.null then redis.call('HINCRBY', p .. ':left:' .. id, 'user:' .. op.user, by) end
-end
-"#;
-
-/// Records outcomes. ARGV: the key prefix, now, then per outcome: id, n, next (`retry` or a final state),
-/// attempts, status, error, description, due-again time. Returns the durations of the jobs finished here.
-const RECORD: &str = r#"
-local p, now = ARGV[1], tonumber(ARGV[2])
-local finished = {}
-local i = 3
-while i <= #ARGV do
-  local id, n, next, attempts = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
-  local status, err, desc, at = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
-  i = i + 8
-  local member, opsk = id .. ':' .. n, p .. ':ops:' .. id
-  redis.call('ZREM', p .. ':leases', member)
-  local raw = redis.call('HGET', opsk, n)
-  if raw then
-    local op = cjson.decode(raw)
-    local was = op.state
-    local function fill()
-      op.attempts = attempts
-      if status ~= '' then op.status = tonumber(status) else op.status = cjson.null end
-      if err ~= '' then op.error = err else op.error = cjson.null end
-      if desc ~= '' then op.error_description = desc else op.error_description = cjson.null end
-    end
-    if next == 'retry' then
-      if was == 'pending' then
-        fill()
-        redis.call('HSET', opsk, n, cjson.encode(op))
-        redis.call('ZADD', p .. ':due:' .. op.route, at, member)
-      end
-    elseif was == 'pending' or was == 'cancelled' then
-      fill()
-      op.state, op.finished_ms = next, now
-      redis.call('HSET', opsk, n, cjson.encode(op))
-      redis.call('ZREM', p .. ':due:' .. op.route, member)
-      redis.call('HINCRBY', p .. ':job:' .. id, was, -1)
-      redis.call('HINCRBY', p .. ':job:' .. id, next, 1)
-      if was == 'pending' then left(p, id, op, -1) end
-    end
-    if redis.call('EXISTS', p .. ':job:' .. id) == 1 then
-      local took = settle(p, id, now)
-      if took >= 0 then finished[#finished + 1] = took end
-    end
-  end
-end
-return finished
-"#;
-
-/// Cancels a range of a job's operations: those still pending (claimed or not) are dropped. ARGV: the key prefix,
-/// id, now, the first and the last index of the range; a range keeps each call short for a job of any size.
-/// Returns how many were dropped.
-const CANCEL: &str = r#"
-local p, id, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local jobk, opsk = p .. ':job:' .. id, p .. ':ops:' .. id
-if redis.call('EXISTS', jobk) == 0 then return 0 end
-redis.call('HSET', jobk, 'cancel_requested', '1')
-local dropped = 0
-for n = tonumber(ARGV[4]), tonumber(ARGV[5]) do
-  local raw = redis.call('HGET', opsk, tostring(n))
-  if raw then
-    local op = cjson.decode(raw)
-    if op.state == 'pending' then
-      op.state, op.finished_ms = 'cancelled', now
-      redis.call('HSET', opsk, tostring(n), cjson.encode(op))
-      redis.call('ZREM', p .. ':due:' .. op.route, id .. ':' .. n)
-      left(p, id, op, -1)
-      dropped = dropped + 1
-    end
-  end
-end
-if dropped > 0 then
-  redis.call('HINCRBY', jobk, 'pending', 0 - dropped)
-  redis.call('HINCRBY', jobk, 'cancelled', dropped)
-end
-return dropped
-"#;
-
-/// Settles a job's state after a cancel (ARGV: the key prefix, id, now).
-const SETTLE_JOB: &str = r#"
-if redis.call('EXISTS', ARGV[1] .. ':job:' .. ARGV[2]) == 1 then settle(ARGV[1], ARGV[2], tonumber(ARGV[3])) end
-return 0
-"#;
-
 /// The jobs store shared by every replica, in Redis.
 #[derive(Clone)]
 pub struct SharedStore {
@@ -241,12 +86,14 @@ pub struct SharedStore {
     scripts: Arc<Scripts>,
 }
 
+/// The Lua scripts, each in `shared/` with what it takes and returns, after the helpers of `shared/settle.lua`.
 struct Scripts {
     claim: redis::Script,
     release: redis::Script,
     reap: redis::Script,
     record: redis::Script,
     cancel: redis::Script,
+    /// Settles a job after a cancel.
     settle: redis::Script,
 }
 
@@ -258,14 +105,14 @@ impl SharedStore {
             .set_response_timeout(Some(TIMEOUT))
             .set_number_of_retries(1);
         let connection = ConnectionManager::new_lazy_with_config(client, manager_config)?;
-        let script = |lua: &str| redis::Script::new(&format!("{SETTLE}\n{lua}"));
+        let script = |lua: &str| redis::Script::new(&format!("{}\n{lua}", include_str!("shared/settle.lua")));
         let scripts = Scripts {
-            claim: script(CLAIM),
-            release: script(RELEASE),
-            reap: script(REAP),
-            record: script(RECORD),
-            cancel: script(CANCEL),
-            settle: script(SETTLE_JOB),
+            claim: script(include_str!("shared/claim.lua")),
+            release: script(include_str!("shared/release.lua")),
+            reap: script(include_str!("shared/reap.lua")),
+            record: script(include_str!("shared/record.lua")),
+            cancel: script(include_str!("shared/cancel.lua")),
+            settle: script(include_str!("shared/settle_job.lua")),
         };
         Ok(SharedStore {
             connection,
@@ -280,13 +127,20 @@ impl SharedStore {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    /// Any failure marks the store unhealthy; only a write that succeeds marks it healthy again.
-    pub fn mark(&self, write: bool, ok: bool) {
-        if !ok {
-            self.healthy.store(false, Ordering::Relaxed);
-        } else if write {
-            self.healthy.store(true, Ordering::Relaxed);
+    /// `call`, marking the store's health by its result: any failure marks it unhealthy; only a write that
+    /// succeeds marks it healthy again.
+    pub(super) async fn marked<T>(
+        &self,
+        access: Access,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let result = call.await;
+        match (&result, access) {
+            (Err(_), _) => self.healthy.store(false, Ordering::Relaxed),
+            (Ok(_), Access::Write) => self.healthy.store(true, Ordering::Relaxed),
+            (Ok(_), Access::Read) => {}
         }
+        result
     }
 
     fn key(&self, name: &str) -> String {
@@ -313,33 +167,40 @@ impl SharedStore {
         Ok(invocation.invoke_async(&mut self.conn()).await?)
     }
 
-    pub async fn create(&self, job: NewJob) -> Result<Created, StoreError> {
+    /// Reserves the job's Idempotency-Key, if it has one, for a while first (it expires if this process dies
+    /// before the job is written, and is kept for good with the job); a create retried meanwhile waits for the
+    /// first job to appear, and finds it.
+    async fn reserve_idempotency_key(&self, job: &NewJob) -> Result<Option<Created>, StoreError> {
+        let Some(key) = &job.idempotency_key else { return Ok(None) };
         let mut conn = self.conn();
-        if let Some(key) = &job.idempotency_key {
-            // The key is reserved for a while first (it expires if this process dies before the job is written,
-            // and is kept for good with the job); a create retried meanwhile waits for the first job to appear.
-            let idem = self.key(&format!("idem:{}:{key}", job.app));
-            let reserved: Option<String> = redis::cmd("SET")
-                .arg(&idem)
-                .arg(&job.id)
-                .arg("NX")
-                .arg("PX")
-                .arg(IDEMPOTENCY_RESERVATION.as_millis() as u64)
-                .query_async(&mut conn)
-                .await?;
-            if reserved.is_none() {
-                let first: String = conn.get(&idem).await?;
-                for _ in 0..IDEMPOTENCY_POLLS {
-                    if let Some(record) = self.job(&job.app, &first).await? {
-                        let sha: Option<String> =
-                            conn.hget(self.key(&format!("job:{first}")), "request_sha256").await?;
-                        return Ok(Created::Existing { job: record, same_request: sha == job.request_sha256 });
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                return Err(StoreError::new("a create with this Idempotency-Key is still being stored".into()));
-            }
+        let idem = self.key(&format!("idem:{}:{key}", job.app));
+        let reserved: Option<String> = redis::cmd("SET")
+            .arg(&idem)
+            .arg(&job.id)
+            .arg("NX")
+            .arg("PX")
+            .arg(IDEMPOTENCY_RESERVATION.as_millis() as u64)
+            .query_async(&mut conn)
+            .await?;
+        if reserved.is_some() {
+            return Ok(None);
         }
+        let first: String = conn.get(&idem).await?;
+        for _ in 0..IDEMPOTENCY_POLLS {
+            if let Some(record) = self.job(&job.app, &first).await? {
+                let sha: Option<String> = conn.hget(self.key(&format!("job:{first}")), "request_sha256").await?;
+                return Ok(Some(Created::Existing { job: record, same_request: sha == job.request_sha256 }));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(StoreError::new("a create with this Idempotency-Key is still being stored".into()))
+    }
+
+    pub async fn create(&self, job: NewJob) -> Result<Created, StoreError> {
+        if let Some(existing) = self.reserve_idempotency_key(&job).await? {
+            return Ok(existing);
+        }
+        let mut conn = self.conn();
         let seq: i64 = conn.incr(self.key("seq"), 1).await?;
         let total = job.operations.len() as i64;
         let jobk = self.key(&format!("job:{}", job.id));
@@ -519,7 +380,7 @@ impl SharedStore {
     }
 
     /// Claims up to `limit` operations due at `now_ms` for this replica, each leased for `jobs.lease`.
-    pub async fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<Due>, StoreError> {
+    pub async fn claim(&self, now_ms: i64, limit: usize) -> Result<Vec<Due>, StoreError> {
         let mut keys = self.due_keys();
         keys.push(self.key("leases"));
         let args = [now_ms.to_string(), limit.to_string(), self.lease.as_millis().to_string()];
@@ -680,7 +541,7 @@ impl SharedStore {
         let leased: i64 = conn.zcard(self.key("leases")).await?;
         let oldest: Vec<(String, f64)> = conn.zrange_withscores(self.key("open"), 0, 0).await?;
         Ok(Totals {
-            jobs: states.into_iter().collect(),
+            jobs: states.into_iter().filter_map(|(state, n)| Some((JobState::parse(&state)?, n))).collect(),
             pending: due + leased,
             oldest_ms: oldest.first().map(|(_, ms)| *ms as i64),
         })
@@ -688,7 +549,8 @@ impl SharedStore {
 
     pub async fn expire(&self, before_ms: i64) -> Result<usize, StoreError> {
         let mut conn = self.conn();
-        let ids: Vec<String> = conn.zrangebyscore(self.key("finished"), "-inf", before_ms).await?;
+        // Finished before `before_ms`, not at it (an exclusive bound, as with SQLite).
+        let ids: Vec<String> = conn.zrangebyscore(self.key("finished"), "-inf", format!("({before_ms}")).await?;
         for id in &ids {
             let jobk = self.key(&format!("job:{id}"));
             let fields: HashMap<String, String> = conn.hgetall(&jobk).await?;

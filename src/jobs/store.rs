@@ -6,28 +6,22 @@
 //! SQLite calls block, so each runs on tokio's blocking pool (which also keeps paused test time from jumping while
 //! one runs); one connection, behind a mutex, serialises them.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
+use super::records::{
+    Counts, Created, Due, JobRecord, JobState, LaneUse, NewJob, Next, OpRecord, OpState, Outcome, Remaining,
+    StoreError, Totals, UserUse, method_of,
+};
 use crate::routes::Route;
-
-/// Why the store could not do what was asked: the disk is full or read-only, the file is damaged, …
-#[derive(Debug, thiserror::Error)]
-#[error("jobs store: {0}")]
-pub struct StoreError(String);
-
-impl StoreError {
-    pub fn new(message: String) -> StoreError {
-        StoreError(message)
-    }
-}
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> StoreError {
-        StoreError(e.to_string())
+        StoreError::new(e.to_string())
     }
 }
 
@@ -78,182 +72,6 @@ CREATE TABLE IF NOT EXISTS lanes (
 ) WITHOUT ROWID;
 ";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JobState {
-    /// Nothing attempted yet.
-    Queued,
-    Running,
-    /// Every operation succeeded.
-    Done,
-    /// Every operation finished, at least one failed.
-    Failed,
-    /// Cancelled: what had not been sent was dropped.
-    Cancelled,
-}
-
-impl JobState {
-    pub const ALL: [JobState; 5] =
-        [JobState::Queued, JobState::Running, JobState::Done, JobState::Failed, JobState::Cancelled];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobState::Queued => "queued",
-            JobState::Running => "running",
-            JobState::Done => "done",
-            JobState::Failed => "failed",
-            JobState::Cancelled => "cancelled",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<JobState> {
-        JobState::ALL.into_iter().find(|state| state.as_str() == s)
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OpState {
-    Pending,
-    Succeeded,
-    Failed,
-    Cancelled,
-}
-
-impl OpState {
-    pub const ALL: [OpState; 4] = [OpState::Pending, OpState::Succeeded, OpState::Failed, OpState::Cancelled];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OpState::Pending => "pending",
-            OpState::Succeeded => "succeeded",
-            OpState::Failed => "failed",
-            OpState::Cancelled => "cancelled",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<OpState> {
-        OpState::ALL.into_iter().find(|state| state.as_str() == s)
-    }
-}
-
-/// A job to store: its operations already validated.
-pub struct NewJob {
-    pub id: String,
-    pub app: String,
-    pub caller: Option<String>,
-    pub idempotency_key: Option<String>,
-    /// What the create request said, to tell a retried create from a different one under the same key.
-    pub request_sha256: Option<String>,
-    pub operations: Vec<NewOperation>,
-    pub now_ms: i64,
-}
-
-/// One operation as Easemob will receive it: the canonical path and query under `/{org}/{app}`, and the body.
-#[derive(Debug)]
-pub struct NewOperation {
-    pub route: &'static str,
-    pub path: String,
-    pub body: Option<Vec<u8>>,
-    /// The user whose per-user limit it counts against (`delete_conversation`), lower-cased.
-    pub user: Option<String>,
-}
-
-#[derive(Debug)]
-pub enum Created {
-    New(JobRecord),
-    /// The idempotency key was used before: that job, and whether the request was the same.
-    Existing {
-        job: JobRecord,
-        same_request: bool,
-    },
-}
-
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct JobRecord {
-    #[serde(skip)]
-    pub seq: i64,
-    pub id: String,
-    pub app: String,
-    pub state: JobState,
-    pub created_ms: i64,
-    pub finished_ms: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub caller: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub idempotency_key: Option<String>,
-    pub counts: Counts,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Counts {
-    pub total: i64,
-    pub pending: i64,
-    pub succeeded: i64,
-    pub failed: i64,
-    pub cancelled: i64,
-}
-
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct OpRecord {
-    pub index: i64,
-    pub route: String,
-    /// With `path` and `body`, the operation as it can be submitted again.
-    pub method: &'static str,
-    pub path: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub body: Option<serde_json::Value>,
-    pub state: OpState,
-    pub attempts: u32,
-    /// Easemob's (or the gateway's) status of the last attempt.
-    pub status: Option<u16>,
-    pub error: Option<String>,
-    pub error_description: Option<String>,
-    pub finished_ms: Option<i64>,
-}
-
-/// An operation that may run now.
-#[derive(Clone, Debug)]
-pub struct Due {
-    pub job: i64,
-    pub job_id: String,
-    pub app: String,
-    pub caller: Option<String>,
-    pub n: i64,
-    pub route: String,
-    pub path: String,
-    pub body: Option<Vec<u8>>,
-    pub user: Option<String>,
-    pub attempts: u32,
-}
-
-impl Due {
-    pub fn key(&self) -> (i64, i64) {
-        (self.job, self.n)
-    }
-}
-
-/// What became of one attempt at an operation.
-#[derive(Clone, Debug)]
-pub struct Outcome {
-    pub job: i64,
-    pub job_id: String,
-    pub n: i64,
-    pub attempts: u32,
-    pub status: Option<u16>,
-    pub error: Option<String>,
-    pub error_description: Option<String>,
-    pub next: Next,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Next {
-    /// Final: succeeded or failed.
-    Done(OpState),
-    /// Try again at this time.
-    RetryAt(i64),
-}
-
 #[derive(Clone, Copy)]
 enum Access {
     Read,
@@ -266,6 +84,9 @@ pub struct LocalStore {
     conn: Arc<Mutex<Connection>>,
     /// The last write succeeded: what readiness reports.
     healthy: Arc<AtomicBool>,
+    /// Operations claimed (by job `seq` and index) and not yet recorded or released. Kept in memory: a claim dies
+    /// with the process, and the next one finds the operation due again.
+    claimed: Arc<Mutex<HashSet<(i64, i64)>>>,
 }
 
 impl LocalStore {
@@ -275,11 +96,15 @@ impl LocalStore {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError(format!("{} does not support WAL (journal_mode is {mode})", path.display())));
+            return Err(StoreError::new(format!("{} does not support WAL (journal_mode is {mode})", path.display())));
         }
         conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
         conn.execute_batch(SCHEMA)?;
-        Ok(LocalStore { conn: Arc::new(Mutex::new(conn)), healthy: Arc::new(AtomicBool::new(true)) })
+        Ok(LocalStore {
+            conn: Arc::new(Mutex::new(conn)),
+            healthy: Arc::new(AtomicBool::new(true)),
+            claimed: Arc::default(),
+        })
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -296,7 +121,7 @@ impl LocalStore {
         let conn = Arc::clone(&self.conn);
         let result = tokio::task::spawn_blocking(move || f(&mut conn.lock().expect("store lock")))
             .await
-            .map_err(|e| StoreError(format!("store task: {e}")))
+            .map_err(|e| StoreError::new(format!("store task: {e}")))
             .and_then(|result| result);
         match (&result, access) {
             (Err(_), _) => self.healthy.store(false, Ordering::Relaxed),
@@ -447,11 +272,14 @@ impl LocalStore {
         .await
     }
 
-    /// Up to `limit` operations due at `now_ms`, in order: the earliest due first, then by job and index.
-    /// Up to `limit` operations of each route due at `now_ms`, each route's in order (the earliest due first, then
-    /// by job and index): one route's long job never holds back the other routes, which have quotas of their own.
-    pub async fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<Due>, StoreError> {
+    /// Claims up to `limit` operations of each route due at `now_ms` and not claimed already, each route's in
+    /// order (the earliest due first, then by job and index).
+    pub async fn claim(&self, now_ms: i64, limit: usize) -> Result<Vec<Due>, StoreError> {
+        let claimed = Arc::clone(&self.claimed);
         self.run(Access::Read, move |conn| {
+            let mut claimed = claimed.lock().expect("claims lock");
+            // Enough rows that `limit` of them are not claimed yet, whatever is.
+            let rows = (limit + claimed.len()) as i64;
             let mut select = conn.prepare_cached(
                 "SELECT o.job, j.id, j.app, j.caller, o.n, o.route, o.path, o.body, o.user, o.attempts
                  FROM operations o JOIN jobs j ON j.seq = o.job
@@ -460,7 +288,7 @@ impl LocalStore {
             )?;
             let mut due = Vec::new();
             for route in Route::ALL {
-                let rows = select.query_map(params![route.name(), now_ms, limit as i64], |row| {
+                let found = select.query_map(params![route.name(), now_ms, rows], |row| {
                     Ok(Due {
                         job: row.get(0)?,
                         job_id: row.get(1)?,
@@ -474,8 +302,13 @@ impl LocalStore {
                         attempts: row.get(9)?,
                     })
                 })?;
-                for row in rows {
-                    due.push(row?);
+                let mut taken = 0;
+                for row in found {
+                    let row = row?;
+                    if taken < limit && claimed.insert(row.key()) {
+                        taken += 1;
+                        due.push(row);
+                    }
                 }
             }
             Ok(due)
@@ -544,15 +377,30 @@ impl LocalStore {
         .await
     }
 
-    /// Holds back every pending operation of `user` (in `app`) until `until_ms`: their per-user window is full.
-    pub async fn postpone_user(&self, user: &str, until_ms: i64) -> Result<(), StoreError> {
-        let user = user.to_owned();
-        self.run(Access::Write, move |conn| {
-            conn.execute(
-                "UPDATE operations SET not_before_ms = MAX(not_before_ms, ?2) WHERE user = ?1 AND state = 'pending'",
-                params![user, until_ms],
-            )?;
-            Ok(())
+    /// Gives back a claimed operation, due again at `until_ms` if it is still pending.
+    pub async fn release(&self, due: &Due, until_ms: i64) -> Result<(), StoreError> {
+        let (job, n) = due.key();
+        let result = self
+            .run(Access::Write, move |conn| {
+                conn.prepare_cached(
+                    "UPDATE operations SET not_before_ms = ?3 WHERE job = ?1 AND n = ?2 AND state = 'pending'",
+                )?
+                .execute(params![job, n, until_ms])?;
+                Ok(())
+            })
+            .await;
+        self.claimed.lock().expect("claims lock").remove(&(job, n));
+        result
+    }
+
+    /// Whether the job was cancelled.
+    pub async fn is_cancelled(&self, job_id: &str) -> Result<bool, StoreError> {
+        let id = job_id.to_owned();
+        self.run(Access::Read, move |conn| {
+            let flag: Option<bool> = conn
+                .query_row("SELECT cancel_requested = 1 FROM jobs WHERE id = ?1", [id], |row| row.get(0))
+                .optional()?;
+            Ok(flag.unwrap_or(false))
         })
         .await
     }
@@ -561,60 +409,64 @@ impl LocalStore {
     /// each job finished here took, from acceptance (ms). An operation cancelled while in flight gets its outcome
     /// all the same (it was sent).
     pub async fn record(&self, outcomes: Vec<Outcome>, now_ms: i64) -> Result<Vec<i64>, StoreError> {
-        self.run(Access::Write, move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let mut finished = Vec::new();
-            for o in &outcomes {
-                let Some(was) = tx
-                    .query_row("SELECT state FROM operations WHERE job = ?1 AND n = ?2", params![o.job, o.n], |row| {
-                        row.get::<_, String>(0)
-                    })
-                    .optional()?
-                    .and_then(|s| OpState::parse(&s))
-                else {
-                    continue; // the job expired meanwhile
-                };
-                match o.next {
-                    Next::RetryAt(at) => {
-                        tx.execute(
-                            "UPDATE operations SET attempts = ?3, not_before_ms = ?4, status = ?5, error = ?6,
+        let keys: Vec<(i64, i64)> = outcomes.iter().map(|o| (o.job, o.n)).collect();
+        let recorded = self
+            .run(Access::Write, move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let mut finished = Vec::new();
+                for o in &outcomes {
+                    let Some(was) = tx
+                        .query_row(
+                            "SELECT state FROM operations WHERE job = ?1 AND n = ?2",
+                            params![o.job, o.n],
+                            |row| row.get::<_, String>(0),
+                        )
+                        .optional()?
+                        .and_then(|s| OpState::parse(&s))
+                    else {
+                        continue; // the job expired meanwhile
+                    };
+                    match o.next {
+                        Next::RetryAt(at) => {
+                            tx.execute(
+                                "UPDATE operations SET attempts = ?3, not_before_ms = ?4, status = ?5, error = ?6,
                                  error_description = ?7
                              WHERE job = ?1 AND n = ?2 AND state = 'pending'",
-                            params![o.job, o.n, o.attempts, at, o.status, o.error, o.error_description],
-                        )?;
-                    }
-                    Next::Done(state) => {
-                        let from = match was {
-                            OpState::Pending => "pending",
-                            OpState::Cancelled => "cancelled",
-                            OpState::Succeeded | OpState::Failed => continue, // recorded before
-                        };
-                        tx.execute(
-                            "UPDATE operations SET state = ?3, attempts = ?4, status = ?5, error = ?6,
+                                params![o.job, o.n, o.attempts, at, o.status, o.error, o.error_description],
+                            )?;
+                        }
+                        Next::Done(state) => {
+                            let from = match was {
+                                OpState::Pending => "pending",
+                                OpState::Cancelled => "cancelled",
+                                OpState::Succeeded | OpState::Failed => continue, // recorded before
+                            };
+                            tx.execute(
+                                "UPDATE operations SET state = ?3, attempts = ?4, status = ?5, error = ?6,
                                  error_description = ?7, finished_ms = ?8
                              WHERE job = ?1 AND n = ?2",
-                            params![
-                                o.job,
-                                o.n,
-                                state.as_str(),
-                                o.attempts,
-                                o.status,
-                                o.error,
-                                o.error_description,
-                                now_ms
-                            ],
-                        )?;
-                        let to = state.as_str();
-                        tx.execute(
-                            &format!("UPDATE jobs SET {from} = {from} - 1, {to} = {to} + 1 WHERE seq = ?1"),
-                            [o.job],
-                        )?;
+                                params![
+                                    o.job,
+                                    o.n,
+                                    state.as_str(),
+                                    o.attempts,
+                                    o.status,
+                                    o.error,
+                                    o.error_description,
+                                    now_ms
+                                ],
+                            )?;
+                            let to = state.as_str();
+                            tx.execute(
+                                &format!("UPDATE jobs SET {from} = {from} - 1, {to} = {to} + 1 WHERE seq = ?1"),
+                                [o.job],
+                            )?;
+                        }
                     }
-                }
-                let open: bool =
-                    tx.query_row("SELECT finished_ms IS NULL FROM jobs WHERE seq = ?1", [o.job], |row| row.get(0))?;
-                tx.execute(
-                    "UPDATE jobs SET
+                    let open: bool =
+                        tx.query_row("SELECT finished_ms IS NULL FROM jobs WHERE seq = ?1", [o.job], |row| row.get(0))?;
+                    tx.execute(
+                        "UPDATE jobs SET
                          state = CASE
                              WHEN pending > 0 THEN 'running'
                              WHEN cancel_requested = 1 THEN 'cancelled'
@@ -622,20 +474,27 @@ impl LocalStore {
                              ELSE 'done' END,
                          finished_ms = CASE WHEN pending = 0 THEN COALESCE(finished_ms, ?2) ELSE NULL END
                      WHERE seq = ?1",
-                    params![o.job, now_ms],
-                )?;
-                if open {
-                    let took: Option<i64> =
-                        tx.query_row("SELECT finished_ms - created_ms FROM jobs WHERE seq = ?1", [o.job], |row| {
-                            row.get(0)
-                        })?;
-                    finished.extend(took);
+                        params![o.job, now_ms],
+                    )?;
+                    if open {
+                        let took: Option<i64> =
+                            tx.query_row("SELECT finished_ms - created_ms FROM jobs WHERE seq = ?1", [o.job], |row| {
+                                row.get(0)
+                            })?;
+                        finished.extend(took);
+                    }
                 }
+                tx.commit()?;
+                Ok(finished)
+            })
+            .await;
+        if recorded.is_ok() {
+            let mut claimed = self.claimed.lock().expect("claims lock");
+            for key in &keys {
+                claimed.remove(key);
             }
-            tx.commit()?;
-            Ok(finished)
-        })
-        .await
+        }
+        recorded
     }
 
     /// Pending operations of a job by route, and by user (for the estimate).
@@ -666,7 +525,10 @@ impl LocalStore {
             let mut by_state = conn.prepare_cached("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
             let jobs = by_state
                 .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))?
-                .collect::<Result<Vec<_>, _>>()?;
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .filter_map(|(state, n)| Some((JobState::parse(&state)?, n)))
+                .collect();
             let (pending, oldest_ms) = conn.query_row(
                 "SELECT COUNT(*), MIN(j.created_ms) FROM operations o JOIN jobs j ON j.seq = o.job
                  WHERE o.state = 'pending'",
@@ -684,42 +546,6 @@ impl LocalStore {
             Ok(conn.execute("DELETE FROM jobs WHERE finished_ms IS NOT NULL AND finished_ms < ?1", [before_ms])?)
         })
         .await
-    }
-}
-
-/// A job's pending operations by route, and by user (their per-user limit's key) among them.
-pub struct Remaining {
-    pub by_route: Vec<(String, i64)>,
-    pub by_user: Vec<(String, i64)>,
-}
-
-/// A lane jobs may have sent on until `until_ms`: no call of theirs went on it later.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LaneUse {
-    pub app: String,
-    pub route: String,
-    pub until_ms: i64,
-}
-
-/// A call a job made for a user (their key, `app/user`), at `at_ms`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UserUse {
-    pub user: String,
-    pub at_ms: i64,
-}
-
-pub struct Totals {
-    pub jobs: Vec<(String, i64)>,
-    pub pending: i64,
-    /// When the job of the oldest pending operation was accepted.
-    pub oldest_ms: Option<i64>,
-}
-
-/// The method of a stored operation's route, for submitting it again.
-pub fn method_of(route: &str) -> &'static str {
-    match Route::named(route).map(Route::method) {
-        Some(http::Method::POST) => "POST",
-        _ => "DELETE",
     }
 }
 
@@ -749,6 +575,7 @@ fn job_record(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jobs::records::NewOperation;
 
     #[test]
     fn the_job_states_are_the_ones_the_metrics_export_from_the_start() {
@@ -796,7 +623,7 @@ mod tests {
         let store = LocalStore::open(&path).unwrap();
         let Created::New(record) = store.create(job("j1", None, 3)).await.unwrap() else { panic!("new") };
         assert_eq!((record.state, record.counts.pending), (JobState::Queued, 3));
-        let due = store.due(1_000, 10).await.unwrap();
+        let due = store.claim(1_000, 10).await.unwrap();
         assert_eq!(due.len(), 3);
         store.record(vec![done(record.seq, 0, OpState::Succeeded)], 2_000).await.unwrap();
         drop(store);
@@ -810,7 +637,7 @@ mod tests {
         let finished = store.job("o#a", "j1").await.unwrap().unwrap();
         assert_eq!((finished.state, finished.finished_ms), (JobState::Failed, Some(3_000)));
         assert_eq!(finished.counts, Counts { total: 3, pending: 0, succeeded: 2, failed: 1, cancelled: 0 });
-        assert!(store.due(10_000, 10).await.unwrap().is_empty());
+        assert!(store.claim(10_000, 10).await.unwrap().is_empty());
         assert_eq!(store.expire(3_001).await.unwrap(), 1);
         assert!(store.job("o#a", "j1").await.unwrap().is_none());
     }
@@ -883,8 +710,12 @@ mod tests {
         let mut new = job("j1", None, 0);
         new.operations = vec![op(Some("o#a/ann")), op(Some("o#a/bob"))];
         let Created::New(record) = store.create(new).await.unwrap() else { panic!("new") };
-        store.postpone_user("o#a/ann", 5_000).await.unwrap();
-        let due: Vec<i64> = store.due(1_000, 10).await.unwrap().iter().map(|d| d.n).collect();
+        // Ann's window is full: her operation is given back until it frees; Bob's is given back due now.
+        for due in store.claim(1_000, 10).await.unwrap() {
+            let until_ms = if due.user.as_deref() == Some("o#a/ann") { 5_000 } else { 1_000 };
+            store.release(&due, until_ms).await.unwrap();
+        }
+        let due: Vec<i64> = store.claim(1_000, 10).await.unwrap().iter().map(|d| d.n).collect();
         assert_eq!(due, [1]);
         let retry = Outcome {
             job: record.seq,
@@ -899,7 +730,7 @@ mod tests {
         store.record(vec![retry], 1_500).await.unwrap();
         assert_eq!(store.next_due(1_500).await.unwrap(), Some(5_000));
         assert_eq!(store.next_due(6_000).await.unwrap(), Some(7_000), "what is due already is not next");
-        let due: Vec<(i64, u32)> = store.due(7_000, 10).await.unwrap().iter().map(|d| (d.n, d.attempts)).collect();
+        let due: Vec<(i64, u32)> = store.claim(7_000, 10).await.unwrap().iter().map(|d| (d.n, d.attempts)).collect();
         assert_eq!(due, [(0, 0), (1, 1)]);
         assert_eq!(store.job("o#a", "j1").await.unwrap().unwrap().state, JobState::Running);
     }
