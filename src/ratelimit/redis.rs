@@ -237,7 +237,7 @@ impl SharedQuota {
     /// Which quota calls take now, for requests that wait at most `max_wait`.
     pub fn phase(&self, max_wait: Duration) -> Phase {
         let settle = PROBE_INTERVAL + self.timeout + max_wait;
-        self.standing.lock().expect("standing lock").phase(Instant::now(), settle, guarded(super::MINUTE))
+        self.standing.lock().expect("standing lock").phase(Instant::now(), settle, guarded(super::decision::MINUTE))
     }
 
     /// Whether to ask Redis now: always while it answers, once per probe interval while it does not.
