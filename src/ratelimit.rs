@@ -481,6 +481,25 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_reload_that_changes_only_the_app_cap_keeps_what_the_routes_counted() {
+        let config = RateLimitConfig {
+            route: limit(10, 10),
+            app: Some(limit(100, 100)),
+            max_wait: Duration::ZERO,
+            ..RateLimitConfig::default()
+        };
+        let before = quota(config.clone());
+        assert_eq!(burst(&before, 3, clear), 3);
+        let after = before.reloaded(&RateLimitConfig { app: None, ..config }, &[AppKey::new("o", "a")]);
+        assert_eq!(
+            burst(&after, 12, clear),
+            7,
+            "the route's limit is unchanged: its burst goes on, not fresh nor spent"
+        );
+        assert_eq!(after.policy(A, Route::ClearUserMessages), "\"clear_user_messages\";q=10;w=1", "no cap named");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_reload_that_changes_a_limit_starts_it_spent_and_keeps_the_users_calls() {
         let config = RateLimitConfig { route: limit(10, 10), max_wait: Duration::ZERO, ..RateLimitConfig::default() };
         let before = quota(config.clone());
