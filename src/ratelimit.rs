@@ -46,8 +46,9 @@ use self::lane::{Lane, RECOVERY_STEP};
 use self::local::{Limits, Now};
 use self::redis::SharedQuota;
 
+use self::headers::Fields;
 pub use self::headers::{
-    Admitted, Fields, RATELIMIT, RATELIMIT_POLICY, RateLimitHeaders, Refused, easemob_retry_after, retry_after_secs,
+    Admitted, RATELIMIT, RATELIMIT_POLICY, RateLimitHeaders, Refused, easemob_retry_after, retry_after_secs,
 };
 pub use ::redis::RedisError;
 
