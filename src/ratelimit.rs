@@ -1,181 +1,71 @@
 //! The quota: Easemob's published limits enforced before a request costs anything upstream, counted per window
 //! exactly as Easemob counts them.
 //!
-//! Each (AppKey, route) is a [`Lane`] paced by `governor` (`ratelimit/pace.rs`: no one-second window ever holds
-//! more than the route's quota), with an optional AppKey-wide cap paced the same way, and for
+//! Each (AppKey, route) is a lane (`ratelimit/lane.rs`) paced by `governor` (`ratelimit/pace.rs`: no one-second
+//! window ever holds more than the route's quota), with an optional AppKey-wide cap paced the same way, and for
 //! `delete_conversation` a per-user window (`ratelimit/window.rs`: at most 5 calls for one user in any 60 s,
 //! 5 at once if they come together). A request over quota waits for its slot up to `max_wait`, in arrival order
 //! (a fair async mutex per lane, so no thread is held and a caller that hangs up leaves the queue), or is refused
 //! at once with `Retry-After` and a `RateLimit` field naming the limit that refused it. When Easemob still answers
 //! 429, the lane pauses for Easemob's `Retry-After` and halves its rate, then recovers slowly.
-//! With `backend = "redis"`, `ratelimit/redis.rs` makes all replicas draw from one quota with the same rules.
-//! A replica's share (every limit divided by `rate_limit.replicas`) is its whole quota on the local backend, and
-//! its fallback while Redis is unavailable, entered and left so that no window is overspent (`Phase`).
-//! `ratelimit/layer.rs` puts it in the stack.
+//!
+//! The files, one concern each: `ratelimit/local.rs` holds the in-process limits and the one path that decides a
+//! call at once or waits; `ratelimit/backend.rs` the backend, local or Redis (`ratelimit/redis.rs`, which makes
+//! all replicas draw from one quota with the same rules) with this replica's share (every limit divided by
+//! `rate_limit.replicas`) as its fallback, entered and left so that no window is overspent (`Phase`);
+//! `ratelimit/jobs_share.rs` the jobs' share; `ratelimit/headers.rs` renders a decision's numbers as the
+//! `RateLimit` fields; `ratelimit/layer.rs` puts it in the stack. This file is the set in force, as callers see it.
 
-use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+mod backend;
+mod decision;
+mod headers;
+mod jobs_share;
+mod lane;
 pub mod layer;
+mod local;
 mod pace;
 mod redis;
 mod window;
 
-use bytes::Bytes;
-use http::HeaderValue;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::config::{AppKey, Limit, RateLimitBackend, RateLimitConfig};
+use crate::config::{AppKey, RateLimitBackend, RateLimitConfig};
 use crate::metrics::Metrics;
 use crate::routes::Route;
 use crate::routes::validate::Call;
 
-use self::pace::{Pace, guarded};
-use self::redis::{Gate, Phase, Reservation, SharedQuota};
+use self::backend::{Ask, Backend, Shared};
+pub use self::decision::{AppIndex, MINUTE, Refusal, Scope};
+use self::jobs_share::JobsShare;
+use self::lane::{Lane, RECOVERY_STEP};
+use self::local::{Limits, Now};
+use self::redis::SharedQuota;
 
-use self::window::{Place, WindowLog};
+use self::headers::Fields;
+pub use self::headers::{
+    Admitted, RATELIMIT, RATELIMIT_POLICY, RateLimitHeaders, Refused, easemob_retry_after, retry_after_secs,
+};
 pub use ::redis::RedisError;
 
-/// The IETF draft's rate-limit fields (draft-ietf-httpapi-ratelimit-headers), on every answer of a limited route.
-pub const RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
-pub const RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
-
-/// Easemob's windows: the route and AppKey limits count calls per second, the per-user limit per minute
-/// (`window::MINUTE`, where the Redis backend can name it too).
-const SECOND: Duration = Duration::from_secs(1);
-pub use window::MINUTE;
-
-/// A lane never slows below this share of its configured rate, however many 429s Easemob sends.
-const MIN_ADAPTIVE_FACTOR: f64 = 0.1;
-/// Several 429s within this window count as one signal: one halving, not a collapse.
-const DECREASE_COOLDOWN: Duration = Duration::from_secs(1);
-/// After this long without a 429, the rate climbs back by a tenth of the configured rate per step.
-const RECOVERY_QUIET: Duration = Duration::from_secs(5);
-const RECOVERY_STEP: Duration = Duration::from_secs(2);
-
-/// A request the quota admitted: the `RateLimit` fields for its answer.
-#[derive(Debug)]
-pub struct Admitted {
-    pub headers: RateLimitHeaders,
-}
-
-/// A request the quota refused: it cost nothing and goes nowhere.
-#[derive(Debug)]
-pub struct Refused {
-    pub retry_after: Duration,
-    pub headers: RateLimitHeaders,
-}
-
-/// The current IETF draft's fields (draft-ietf-httpapi-ratelimit-headers): structured-field lists.
-#[derive(Clone, Debug)]
-pub struct RateLimitHeaders {
-    pub policy: HeaderValue,
-    pub limit: HeaderValue,
-}
-
-impl RateLimitHeaders {
-    pub fn insert_into(self, headers: &mut http::HeaderMap) {
-        headers.insert(RATELIMIT_POLICY, self.policy);
-        headers.insert(RATELIMIT, self.limit);
-    }
-}
-
-/// Easemob's `Retry-After` in seconds (Easemob does not document one, but honour it if it comes), at most
-/// `at_most`.
-pub fn easemob_retry_after(headers: &http::HeaderMap, at_most: Duration) -> Option<Duration> {
-    let secs: u64 = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
-    Some(Duration::from_secs(secs).min(at_most))
-}
-
-/// Whole seconds for `Retry-After`, never 0 (which would invite an immediate retry storm).
-pub fn retry_after_secs(d: Duration) -> u64 {
-    d.as_secs_f64().ceil().max(1.0) as u64
-}
-
-/// The limit that decided: a refusal names it, with the time to its next free slot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scope {
-    Route,
-    App,
-    User,
-}
-
-impl Scope {
-    /// The name the `RateLimit-Policy` field gives this limit.
-    fn name(self, route: Route) -> &'static str {
-        match self {
-            Scope::Route => route.name(),
-            Scope::App => "app",
-            Scope::User => "user",
-        }
-    }
-}
-
-/// Why a request was not admitted: the limit, and how long until it has room.
-pub type Refusal = (Scope, Duration);
-
-/// An app's position in the configuration: the index of its lanes, its cap and its users' windows here.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AppIndex(pub usize);
-
-/// One (AppKey, route) pair.
-struct Lane {
-    app: AppKey,
-    route: Route,
-    configured: Limit,
-    pace: RwLock<Arc<Pace>>,
-    adaptive: Mutex<Adaptive>,
-    /// Waiters line up here, in arrival order.
-    queue: tokio::sync::Mutex<()>,
-    waiting: AtomicUsize,
-    policy: HeaderValue,
-    /// `rate_limit_wait_seconds` for this lane, looked up once.
-    wait: prometheus::Histogram,
-    /// The `RateLimit` field of a refusal by this lane that may retry in a second: a flood's usual answer, built
-    /// once.
-    refused_for_a_second: HeaderValue,
-    /// The `RateLimit` field of an admission, by the calls it leaves at once (up to the burst, or
-    /// [`PREBUILT_ADMISSIONS`]): built once, as every admitted call carries one.
-    admitted: Box<[HeaderValue]>,
-    /// The jobs' share of the lane (`jobs.quota_share`), when it is less than the whole.
-    jobs: Option<Pace>,
-}
-
-#[derive(Debug)]
-struct Adaptive {
-    factor: f64,
-    last_decrease: Option<Instant>,
-    last_throttle: Option<Instant>,
-    /// Easemob's `Retry-After`: nothing leaves this lane before it.
-    paused_until: Option<Instant>,
-}
-
-/// Every lane's state is shared (`Arc`), so that a reload can carry what it has counted into the set that
-/// replaces this one.
+/// The quota in force. A reload builds another, carrying over what this one has counted.
 pub struct QuotaSet {
     /// The AppKeys in config order: an [`AppIndex`] indexes them.
     keys: Vec<AppKey>,
-    lanes: Vec<Arc<Lane>>,
-    /// Per app, its optional cap across routes.
-    apps: Vec<Option<Arc<Pace>>>,
-    /// Per app, `delete_conversation`'s per-user windows.
-    users: Vec<Arc<WindowLog>>,
-    user_limit: NonZeroU32,
+    /// The limits that pace the calls: this replica's share on the local backend; with Redis, the whole quota's,
+    /// whose rates the Redis gates take (and which adapt to Easemob's 429s).
+    limits: Limits,
+    /// Per lane (indexed as `limits.lanes`), the `RateLimit` fields its answers carry.
+    fields: Vec<Fields>,
+    jobs: JobsShare,
+    backend: Backend,
     max_wait: Duration,
-    /// Per app, the jobs' share of its cap (when both exist and the share is less than the whole).
-    app_jobs: Vec<Option<Arc<Pace>>>,
     adaptive: bool,
     metrics: Metrics,
-    shared: Option<Shared>,
-}
-
-/// The Redis backend, and the local quota at this replica's share used while Redis is unavailable.
-struct Shared {
-    quota: Arc<SharedQuota>,
-    fallback: Arc<QuotaSet>,
 }
 
 /// The user a call counts against (`delete_conversation`'s owner; IDs compare case-insensitively).
@@ -184,41 +74,6 @@ fn user_of(call: &Call) -> Option<String> {
         Call::DeleteConversation { owner, .. } => Some(owner.as_str().to_ascii_lowercase()),
         _ => None,
     }
-}
-
-/// `factor` of `limit`'s rate, at least one call.
-fn scaled(limit: Limit, factor: f64) -> NonZeroU32 {
-    NonZeroU32::new((limit.rate.get() as f64 * factor).round() as u32).unwrap_or(NonZeroU32::MIN)
-}
-
-/// The jobs' share of `limit`, paced like the limit itself; none when they may use all of it.
-fn jobs_pace(limit: Limit, share: f64) -> Option<Pace> {
-    (share < 1.0).then(|| Pace::new(scaled(limit, share), NonZeroU32::MIN, SECOND))
-}
-
-/// The `RateLimit` field of a refusal: nothing left under the limit `name`, retry in `secs`.
-fn refusal_field(name: &str, secs: u64) -> HeaderValue {
-    header(format!("\"{name}\";r=0;t={secs}"))
-}
-
-/// Admissions whose `RateLimit` field is built in advance, per lane: far above Easemob's bursts.
-const PREBUILT_ADMISSIONS: u32 = 1024;
-
-/// The `RateLimit` field of an admission that leaves `left` calls at once (none: the next in a second at most).
-fn admission_field(route: Route, left: u32) -> HeaderValue {
-    // Pushed, not formatted: with a burst above the prebuilt ones, this runs per admission.
-    let mut field = String::with_capacity(40);
-    field.push('"');
-    field.push_str(route.name());
-    field.push_str("\";r=");
-    field.push_str(itoa::Buffer::new().format(left));
-    field.push_str(if left == 0 { ";t=1" } else { ";t=0" });
-    header(field)
-}
-
-fn header(value: String) -> HeaderValue {
-    // From `Bytes`, the value is checked but not copied again.
-    HeaderValue::from_maybe_shared(Bytes::from(value)).expect("ASCII structured field")
 }
 
 impl QuotaSet {
@@ -237,7 +92,7 @@ impl QuotaSet {
     /// alerts work before the first event: at start-up, and when a reload puts the set in force (not before: a
     /// reload may yet be rejected).
     pub fn report(&self) {
-        for lane in &self.lanes {
+        for lane in &self.limits.lanes {
             let labels = [lane.app.as_str(), lane.route.name()];
             self.metrics.rate_limit_rate.with_label_values(&labels).set(i64::from(lane.current().rate()));
             self.metrics.upstream_throttled.with_label_values(&labels);
@@ -250,7 +105,10 @@ impl QuotaSet {
     /// keep their calls. So a reload never hands out a fresh burst. The Redis connection is kept too (its
     /// settings need a restart).
     pub fn reloaded(&self, config: &RateLimitConfig, apps: &[AppKey]) -> Arc<QuotaSet> {
-        let redis = self.shared.as_ref().map(|shared| Arc::clone(&shared.quota));
+        let redis = match &self.backend {
+            Backend::Local => None,
+            Backend::Redis(shared) => Some(Arc::clone(&shared.quota)),
+        };
         QuotaSet::assemble(config, apps, self.metrics.clone(), redis, Some(self))
     }
 
@@ -261,123 +119,36 @@ impl QuotaSet {
         redis: Option<Arc<SharedQuota>>,
         previous: Option<&QuotaSet>,
     ) -> Arc<QuotaSet> {
+        let keys = previous.map(|p| p.keys.as_slice());
         // This replica's share of every limit: what it enforces on its own, always with the local backend and while
         // Redis is unavailable with the Redis one, so that the replicas together keep to Easemob's limits.
         let mine = config.per_replica();
-        let shared = redis.map(|quota| {
-            let previous = previous.and_then(|p| p.shared.as_ref()).map(|shared| &*shared.fallback);
-            Shared { quota, fallback: QuotaSet::build(&mine, apps, metrics.clone(), None, false, previous) }
-        });
-        let main = match shared {
-            None => mine,
-            // With Redis, each replica's jobs keep to their part of the jobs' share, so that together they keep to it.
-            Some(_) => {
-                let mut main = config.clone();
-                if main.jobs_share < 1.0 {
-                    main.jobs_share /= f64::from(config.replicas.get());
+        let (config, backend) = match redis {
+            None => (mine, Backend::Local),
+            Some(quota) => {
+                let before = previous.zip(keys).and_then(|(p, keys)| match &p.backend {
+                    Backend::Redis(shared) => Some((keys, &shared.fallback)),
+                    Backend::Local => None,
+                });
+                let fallback = Limits::new(&mine, apps, &metrics, before);
+                // With Redis, each replica's jobs keep to their part of the jobs' share, so that together they keep
+                // to it.
+                let mut whole = config.clone();
+                if whole.jobs_share < 1.0 {
+                    whole.jobs_share /= f64::from(config.replicas.get());
                 }
-                main
+                (whole, Backend::Redis(Shared { quota, fallback }))
             }
         };
-        QuotaSet::build(&main, apps, metrics, shared, true, previous)
-    }
-
-    /// `main`: the set in force, whose rates adapt to Easemob's 429s and show in `rate_limit_rate` (not the
-    /// Redis fallback).
-    fn build(
-        config: &RateLimitConfig,
-        apps: &[AppKey],
-        metrics: Metrics,
-        shared: Option<Shared>,
-        main: bool,
-        previous: Option<&QuotaSet>,
-    ) -> Arc<QuotaSet> {
-        // What the previous set counted for the same AppKey, if it had it.
-        let before = |app: &AppKey| previous.and_then(|p| Some((p, p.keys.iter().position(|k| k == app)?)));
-        let mut lanes = Vec::with_capacity(apps.len() * Route::ALL.len());
-        for app in apps {
-            for route in Route::ALL {
-                let limit = config.route_limit(route.name());
-                let mut policy = format!("\"{}\";q={};w=1", route.name(), limit.rate);
-                if let Some(cap) = config.app {
-                    policy.push_str(&format!(", \"app\";q={};w=1", cap.rate));
-                }
-                if route == Route::DeleteConversation {
-                    policy.push_str(&format!(", \"user\";q={};w=60", config.user_conversation_per_minute));
-                }
-                let jobs = jobs_pace(limit, config.jobs_share);
-                let kept = before(app).map(|(p, i)| &p.lanes[i * Route::ALL.len() + route.index()]);
-                if let Some(lane) = kept.filter(|lane| {
-                    lane.configured == limit
-                        && lane.policy == policy.as_str()
-                        && lane.jobs.as_ref().map(Pace::rate) == jobs.as_ref().map(Pace::rate)
-                }) {
-                    lanes.push(Arc::clone(lane));
-                    continue;
-                }
-                let pace = match kept {
-                    Some(_) => Pace::spent(limit.rate, limit.burst, SECOND),
-                    None => Pace::new(limit.rate, limit.burst, SECOND),
-                };
-                lanes.push(Arc::new(Lane {
-                    app: app.clone(),
-                    route,
-                    configured: limit,
-                    pace: RwLock::new(Arc::new(pace)),
-                    adaptive: Mutex::new(Adaptive {
-                        factor: 1.0,
-                        last_decrease: None,
-                        last_throttle: None,
-                        paused_until: None,
-                    }),
-                    queue: tokio::sync::Mutex::new(()),
-                    waiting: AtomicUsize::new(0),
-                    policy: header(policy),
-                    wait: metrics.rate_limit_wait.with_label_values(&[app.as_str(), route.name()]),
-                    refused_for_a_second: refusal_field(route.name(), 1),
-                    admitted: (0..=limit.burst.get().min(PREBUILT_ADMISSIONS))
-                        .map(|left| admission_field(route, left))
-                        .collect(),
-                    jobs,
-                }));
-            }
-        }
-        // An app's cap and the jobs' share of it: kept when unchanged, otherwise new, its burst spent if the app
-        // was already being served.
-        let paced = |app: &AppKey, limit: Option<Limit>, of: fn(&QuotaSet) -> &Vec<Option<Arc<Pace>>>| {
-            let limit = limit?;
-            match before(app) {
-                None => Some(Arc::new(Pace::new(limit.rate, limit.burst, SECOND))),
-                Some((p, i)) => match &of(p)[i] {
-                    Some(pace) if pace.rate() == limit.rate.get() && pace.burst() == limit.burst => {
-                        Some(Arc::clone(pace))
-                    }
-                    _ => Some(Arc::new(Pace::spent(limit.rate, limit.burst, SECOND))),
-                },
-            }
-        };
-        let jobs_cap = config.app.and_then(|cap| {
-            (config.jobs_share < 1.0).then(|| Limit { rate: scaled(cap, config.jobs_share), burst: NonZeroU32::MIN })
-        });
-        let user_limit = config.user_conversation_per_minute;
         let set = Arc::new(QuotaSet {
-            lanes,
-            apps: apps.iter().map(|app| paced(app, config.app, |p| &p.apps)).collect(),
-            users: apps
-                .iter()
-                .map(|app| match before(app) {
-                    Some((p, i)) if p.user_limit == user_limit => Arc::clone(&p.users[i]),
-                    Some((p, i)) => Arc::new(p.users[i].with_limit(user_limit)),
-                    None => Arc::new(WindowLog::new(user_limit, MINUTE)),
-                })
-                .collect(),
-            user_limit,
-            max_wait: config.max_wait,
-            app_jobs: apps.iter().map(|app| paced(app, jobs_cap, |p| &p.app_jobs)).collect(),
+            limits: Limits::new(&config, apps, &metrics, keys.zip(previous.map(|p| &p.limits))),
+            fields: apps.iter().flat_map(|_| Route::ALL.map(|route| Fields::new(&config, route))).collect(),
+            jobs: JobsShare::new(&config, apps, keys.zip(previous.map(|p| &p.jobs))),
             keys: apps.to_vec(),
-            adaptive: config.adaptive && main,
+            backend,
+            max_wait: config.max_wait,
+            adaptive: config.adaptive,
             metrics,
-            shared,
         });
         // The set's own task: it ends with the set (a reload replaces it once its requests are done).
         tokio::spawn(QuotaSet::housekeeping(Arc::downgrade(&set)));
@@ -385,263 +156,71 @@ impl QuotaSet {
     }
 
     /// The `RateLimit-Policy` value of a lane.
-    pub fn policy(&self, app: AppIndex, route: Route) -> HeaderValue {
-        self.lane(app, route).policy.clone()
+    pub fn policy(&self, app: AppIndex, route: Route) -> http::HeaderValue {
+        self.fields[app.lane(route)].policy()
     }
 
     fn lane(&self, app: AppIndex, route: Route) -> &Lane {
-        &self.lanes[app.0 * Route::ALL.len() + route.index()]
+        self.limits.lane(app, route)
     }
 
     /// Decides `call` for app number `app` at once when no wait is involved: admitted now, or refused because its
     /// slot lies beyond `max_wait`. `None` when it has to wait, or the quota is shared through Redis: then
     /// [`QuotaSet::acquire`]. The common case stays synchronous: no future, no allocation.
     pub fn try_acquire(&self, app: AppIndex, call: &Call) -> Option<Result<Admitted, Refused>> {
-        if self.shared.is_some() {
+        if let Backend::Redis(_) = self.backend {
             return None;
         }
-        let lane = self.lane(app, call.route());
-        let decided = self.decide_now(app, lane, user_of(call).as_deref(), Instant::now() + self.max_wait)?;
-        Some(self.answer(lane, decided, Duration::ZERO))
+        let route = call.route();
+        let user = user_of(call);
+        match self.limits.decide(app, route, user.as_deref(), Instant::now() + self.max_wait) {
+            Now::Decided(decided) => Some(self.answer(app, route, decided, Duration::ZERO)),
+            Now::Waits(_) => None,
+        }
     }
 
     /// Admits `call` for app number `app`, waiting up to `max_wait` in arrival order, or refuses it.
     pub async fn acquire(&self, app: AppIndex, call: &Call) -> Result<Admitted, Refused> {
-        let lane = self.lane(app, call.route());
+        let route = call.route();
         let started = Instant::now();
         let user = user_of(call);
-        let result = match &self.shared {
-            Some(shared) => self.shared(shared, app, lane, user.as_deref(), self.max_wait).await,
-            None => self.local(app, lane, user.as_deref(), started + self.max_wait).await,
-        };
-        self.answer(lane, result, started.elapsed())
+        let decided = self.decide(app, route, user.as_deref(), self.max_wait).await;
+        self.answer(app, route, decided, started.elapsed())
     }
 
-    /// The fields of a decision's answer.
-    fn answer(&self, lane: &Lane, result: Result<u32, Refusal>, waited: Duration) -> Result<Admitted, Refused> {
-        match result {
-            Ok(remaining) => {
-                lane.wait.observe(waited.as_secs_f64());
-                Ok(Admitted { headers: lane.admitted(remaining) })
-            }
-            Err((scope, retry_after)) => {
-                let limit = match (scope, retry_after_secs(retry_after)) {
-                    (Scope::Route, 1) => lane.refused_for_a_second.clone(),
-                    (scope, secs) => refusal_field(scope.name(lane.route), secs),
-                };
-                Err(Refused { retry_after, headers: RateLimitHeaders { policy: lane.policy.clone(), limit } })
-            }
-        }
-    }
-
-    /// The in-process decision when it needs no waiting (`None` when it does): the scarcest limit first, and its
-    /// place given back if the route refuses, so a user over their limit costs no route quota and a call the
-    /// route refuses no place in the user's window.
-    fn decide_now(
+    /// The backend's decision for a call that may wait `max_wait`: `Ok(calls left at once)`, or the limit that
+    /// refused and when it has room.
+    async fn decide(
         &self,
-        app: AppIndex,
-        lane: &Lane,
-        user: Option<&str>,
-        deadline: Instant,
-    ) -> Option<Result<u32, Refusal>> {
-        let place = match user {
-            Some(user) => match self.users[app.0].reserve(user) {
-                Ok(place) => Some(place),
-                Err(wait) if Instant::now() + wait > deadline => return Some(Err((Scope::User, wait))),
-                Err(_) => return None,
-            },
-            None => None,
-        };
-        let decided = self.lane_now(app, lane, deadline)?;
-        if let (Ok(_), Some(place)) = (&decided, place) {
-            place.sent();
-        }
-        Some(decided)
-    }
-
-    /// The lane's decision when it needs no waiting: a slot now (nobody queued ahead, every gate has room), or a
-    /// refusal because the slot is known to lie beyond `deadline` (rather than make the caller wait to be
-    /// refused). Behind a queue, the head's own wait is unknown (governor cannot peek without taking a slot):
-    /// a whole interval is counted for it.
-    fn lane_now(&self, app: AppIndex, lane: &Lane, deadline: Instant) -> Option<Result<u32, Refusal>> {
-        let interval = lane.current().interval();
-        let ahead = lane.waiting.load(Ordering::Acquire) as u32;
-        let pause = lane.pause_left();
-        let (scope, first) = match (ahead, pause) {
-            (0, None) => match (Gates { lane, app: self.apps[app.0].as_deref() }).check() {
-                Ok(remaining) => return Some(Ok(remaining)),
-                Err(refusal) => refusal,
-            },
-            _ => (Scope::Route, interval),
-        };
-        let estimate = pause.unwrap_or_default() + first + interval * ahead;
-        (Instant::now() + estimate > deadline).then_some(Err((scope, estimate)))
-    }
-
-    /// The in-process decision: `Ok(calls left at once)`, or the limit that refused and when it has room. Each
-    /// step first decides what it can at once, as [`QuotaSet::decide_now`] does, then waits.
-    async fn local(&self, app: AppIndex, lane: &Lane, user: Option<&str>, deadline: Instant) -> Result<u32, Refusal> {
-        let place = match user {
-            Some(user) => Some(self.user_place(app, user, deadline).await?),
-            None => None,
-        };
-        let remaining = self.lane_slot(app, lane, deadline).await?;
-        if let Some(place) = place {
-            place.sent();
-        }
-        Ok(remaining)
-    }
-
-    /// A place in the user's 60-second window, waiting for one only if it frees before `deadline`.
-    async fn user_place(&self, app: AppIndex, user: &str, deadline: Instant) -> Result<Place<'_>, Refusal> {
-        loop {
-            match self.users[app.0].reserve(user) {
-                Ok(place) => return Ok(place),
-                Err(wait) if Instant::now() + wait > deadline => return Err((Scope::User, wait)),
-                Err(wait) => tokio::time::sleep(wait).await,
-            }
-        }
-    }
-
-    /// A slot in the lane (and the AppKey cap), in arrival order, or a refusal as soon as the slot is known to lie
-    /// beyond `deadline`.
-    async fn lane_slot(&self, app: AppIndex, lane: &Lane, deadline: Instant) -> Result<u32, Refusal> {
-        if let Some(decided) = self.lane_now(app, lane, deadline) {
-            return decided;
-        }
-        let gates = Gates { lane, app: self.apps[app.0].as_deref() };
-        let interval = lane.current().interval();
-        let _waiter = Waiter::enter(&lane.waiting);
-        let ahead = lane.waiting.load(Ordering::Acquire).saturating_sub(1) as u32;
-        let Ok(_turn) = tokio::time::timeout_at(deadline, lane.queue.lock()).await else {
-            return Err((Scope::Route, interval * (ahead + 1)));
-        };
-        loop {
-            if let Some(pause) = lane.pause_left() {
-                if Instant::now() + pause > deadline {
-                    return Err((Scope::Route, pause));
-                }
-                tokio::time::sleep(pause).await;
-                continue;
-            }
-            match gates.check() {
-                Ok(remaining) => return Ok(remaining),
-                Err((scope, wait)) if Instant::now() + wait > deadline => return Err((scope, wait)),
-                Err((_, wait)) => tokio::time::sleep(wait).await,
-            }
-        }
-    }
-
-    /// The shared decision: one reservation across every gate in Redis, or this replica's share while Redis is
-    /// unavailable, or both while the replicas return to Redis (see [`Phase`]).
-    async fn shared(
-        &self,
-        shared: &Shared,
-        app: AppIndex,
-        lane: &Lane,
-        user: Option<&str>,
-        max_wait: Duration,
-    ) -> Result<u32, Refusal> {
-        let deadline = Instant::now() + max_wait;
-        if let Some(pause) = lane.pause_left() {
-            if pause > max_wait {
-                return Err((Scope::Route, pause));
-            }
-            tokio::time::sleep(pause).await;
-        }
-        let phase = shared.quota.phase(self.max_wait);
-        // Returning: other replicas may still send what only their share granted, so keep to this one's as well.
-        // Fallback: this replica's share is the quota (and a probe below may find Redis back).
-        let mine = match phase {
-            Phase::Shared | Phase::UsersReturning => None,
-            Phase::Returning | Phase::Fallback { .. } => {
-                Some(self.own_share(shared, app, lane.route, user, phase, deadline).await?)
-            }
-        };
-        // For a minute after the return, a user's window in Redis misses what the shares admitted: keep to this
-        // replica's share of it as well (the place is given back if Redis refuses the call).
-        let place = match (phase, user) {
-            (Phase::UsersReturning, Some(user)) => Some(shared.fallback.user_place(app, user, deadline).await?),
-            _ => None,
-        };
-        if shared.quota.should_try() {
-            let (emission, tolerance) = lane.current().gcra();
-            let mut gates = vec![(
-                Scope::Route,
-                Gate::Pace { key: shared.quota.key(lane.app.as_str(), lane.route.name()), emission, tolerance },
-            )];
-            if let Some(cap) = &self.apps[app.0] {
-                let (emission, tolerance) = cap.gcra();
-                gates.push((
-                    Scope::App,
-                    Gate::Pace { key: shared.quota.key(lane.app.as_str(), "app"), emission, tolerance },
-                ));
-            }
-            if let Some(user) = user {
-                gates.push((
-                    Scope::User,
-                    Gate::Window {
-                        key: shared.quota.key(lane.app.as_str(), &format!("user:{user}")),
-                        window: guarded(MINUTE),
-                        limit: self.user_limit,
-                    },
-                ));
-            }
-            let (scopes, gates): (Vec<Scope>, Vec<Gate>) = gates.into_iter().unzip();
-            match shared.quota.reserve(&gates, deadline.saturating_duration_since(Instant::now())).await {
-                Ok(Reservation::Admitted { wait, remaining, release }) => {
-                    tokio::time::sleep(wait).await;
-                    release.disarm();
-                    if let Some(place) = place {
-                        place.sent();
-                    }
-                    return Ok(remaining);
-                }
-                Ok(Reservation::Refused { retry_after, gate }) => return Err((scopes[gate], retry_after)),
-                Err(_) => {} // logged once on the transition; this replica's share applies meanwhile
-            }
-        }
-        drop(place);
-        match (phase, mine) {
-            (Phase::Fallback { .. }, Some(remaining)) => Ok(remaining),
-            // Redis failed just now: a slot in the share from the loss on.
-            _ => self.own_share(shared, app, lane.route, user, shared.quota.phase(self.max_wait), deadline).await,
-        }
-    }
-
-    /// A slot in this replica's share of the quota (the Redis fallback set) by `deadline`. After a loss, none
-    /// before every call Redis granted can have gone out (they may lie `max_wait` ahead, for any replica), and one
-    /// interval more, so the share never adds to a window the shared quota already filled; for a user, none before
-    /// their window in Redis (which may be full) has passed.
-    async fn own_share(
-        &self,
-        shared: &Shared,
         app: AppIndex,
         route: Route,
         user: Option<&str>,
-        phase: Phase,
-        deadline: Instant,
+        max_wait: Duration,
     ) -> Result<u32, Refusal> {
-        let fallback = &shared.fallback;
-        let lane = fallback.lane(app, route);
-        if let Phase::Fallback { since } = phase {
-            let interval =
-                fallback.apps[app.0].as_ref().map_or(lane.interval(), |cap| cap.interval().max(lane.interval()));
-            let (scope, after) = match user {
-                Some(_) => (Scope::User, guarded(MINUTE)),
-                None => (Scope::Route, interval),
-            };
-            let (opens, now) = (since + self.max_wait + after, Instant::now());
-            if opens > deadline {
-                return Err((scope, opens.saturating_duration_since(now)));
+        match &self.backend {
+            Backend::Local => self.limits.admit(app, route, user, Instant::now() + max_wait).await,
+            Backend::Redis(shared) => {
+                let ask = Ask { app, route, user, max_wait, granted_ahead: self.max_wait };
+                shared.decide(&self.limits, ask).await
             }
-            tokio::time::sleep_until(opens).await;
         }
-        match deadline > Instant::now() {
-            true => fallback.local(app, lane, user, deadline).await,
-            false => {
-                fallback.decide_now(app, lane, user, Instant::now()).unwrap_or(Err((Scope::Route, lane.interval())))
+    }
+
+    /// A decision's answer: its `RateLimit` fields, and its wait in `rate_limit_wait_seconds`.
+    fn answer(
+        &self,
+        app: AppIndex,
+        route: Route,
+        decided: Result<u32, Refusal>,
+        waited: Duration,
+    ) -> Result<Admitted, Refused> {
+        let fields = &self.fields[app.lane(route)];
+        match decided {
+            Ok(remaining) => {
+                self.lane(app, route).wait.observe(waited.as_secs_f64());
+                Ok(Admitted { headers: fields.admitted(remaining) })
             }
+            Err(refusal) => Err(fields.refused(refusal)),
         }
     }
 
@@ -649,27 +228,21 @@ impl QuotaSet {
     /// jobs' share has room, and every limit has room now. Otherwise the limit that is full, and when to try again.
     /// Never waits.
     pub async fn background(&self, app: AppIndex, call: &Call) -> Result<RateLimitHeaders, Refusal> {
-        let lane = self.lane(app, call.route());
+        let route = call.route();
+        let lane = self.lane(app, route);
         if lane.waiting.load(Ordering::Acquire) > 0 {
             return Err((Scope::Route, lane.interval()));
         }
         if let Some(pause) = lane.pause_left() {
             return Err((Scope::Route, pause));
         }
-        if let Some(jobs) = &lane.jobs {
-            jobs.check().map_err(|wait| (Scope::Route, wait))?;
-        }
-        if let Some(jobs) = &self.app_jobs[app.0] {
-            jobs.check().map_err(|wait| (Scope::App, wait))?;
-        }
+        self.jobs.check(app, route)?;
         let user = user_of(call);
-        let decided = match &self.shared {
-            Some(shared) => self.shared(shared, app, lane, user.as_deref(), Duration::ZERO).await,
-            None => self
-                .decide_now(app, lane, user.as_deref(), Instant::now())
-                .unwrap_or(Err((Scope::Route, lane.interval()))),
+        let decided = match &self.backend {
+            Backend::Local => self.limits.at_once(app, route, user.as_deref()),
+            Backend::Redis(_) => self.decide(app, route, user.as_deref(), Duration::ZERO).await,
         };
-        decided.map(|remaining| lane.admitted(remaining))
+        decided.map(|remaining| self.fields[app.lane(route)].admitted(remaining))
     }
 
     /// How long app number `app`'s pending job calls need (per route, and per user among them), counted on the
@@ -679,11 +252,12 @@ impl QuotaSet {
     pub async fn jobs_time(&self, app: AppIndex, routes: &[(Route, u32)], users: &[(&str, u32)]) -> Duration {
         let lanes = routes.iter().map(|(route, calls)| {
             let lane = self.lane(app, *route);
-            let spacing = lane.jobs.as_ref().map_or(lane.interval(), |jobs| jobs.interval().max(lane.interval()));
+            let spacing = self.jobs.interval(app, *route).map_or(lane.interval(), |jobs| jobs.max(lane.interval()));
             lane.pause_left().unwrap_or_default() + spacing * *calls
         });
         let all: u32 = routes.iter().map(|(_, calls)| calls).sum();
-        let cap = self.apps[app.0].iter().chain(&self.app_jobs[app.0]).map(|cap| cap.interval() * all);
+        let caps = self.limits.apps[app.0].as_deref().into_iter().chain(self.jobs.cap(app));
+        let cap = caps.map(|cap| cap.interval() * all);
         let windows = self.users_time(app, users).await;
         lanes.chain(cap).chain(windows).max().unwrap_or_default()
     }
@@ -691,39 +265,22 @@ impl QuotaSet {
     /// For each user, how long until their `calls` have all gone through their window: in Redis with the shared
     /// quota, here otherwise (and while Redis does not answer).
     async fn users_time(&self, app: AppIndex, users: &[(&str, u32)]) -> Vec<Duration> {
-        if let Some(shared) = &self.shared
+        if let Backend::Redis(shared) = &self.backend
             && !users.is_empty()
+            && let Some(times) = shared.users_time(self.keys[app.0].as_str(), users, &self.limits).await
         {
-            let app_key = self.keys[app.0].as_str();
-            let keys: Vec<String> =
-                users.iter().map(|(user, _)| shared.quota.key(app_key, &format!("user:{user}"))).collect();
-            if let Ok(windows) = shared.quota.window_calls(&keys, self.user_limit.get()).await {
-                let limit = self.user_limit.get() as usize;
-                let calls = users.iter().map(|(_, calls)| *calls as usize);
-                return windows
-                    .into_iter()
-                    .zip(calls)
-                    .map(|(t, n)| window::time_for(t, n, guarded(MINUTE), limit))
-                    .collect();
-            }
+            return times;
         }
-        users.iter().map(|(user, calls)| self.users[app.0].time_for(user, *calls as usize)).collect()
+        users.iter().map(|(user, calls)| self.limits.users[app.0].time_for(user, *calls as usize)).collect()
     }
 
     /// Resumes app number `app`'s lanes after a restart: each route in `used` as if its last calls went the time
     /// given ago (the AppKey cap, the jobs' share and the Redis fallback too, the cap by its latest route), so
     /// that calls made before the restart keep their place in Easemob's window.
     pub fn resume(&self, app: AppIndex, used: &[(Route, Duration)]) {
-        for (route, ago) in used {
-            let lane = self.lane(app, *route);
-            lane.current().resume(*ago);
-            lane.jobs.iter().for_each(|jobs| jobs.resume(*ago));
-        }
-        if let Some(latest) = used.iter().map(|(_, ago)| *ago).min() {
-            let caps = self.apps[app.0].iter().chain(&self.app_jobs[app.0]);
-            caps.for_each(|cap| cap.resume(latest));
-        }
-        if let Some(shared) = &self.shared {
+        self.limits.resume(app, used);
+        self.jobs.resume(app, used);
+        if let Backend::Redis(shared) = &self.backend {
             shared.fallback.resume(app, used);
         }
     }
@@ -732,126 +289,52 @@ impl QuotaSet {
     /// the time given ago, so that a user whose window was full before the restart is not given it again.
     pub fn resume_users(&self, app: AppIndex, sent: &[(&str, Duration)]) {
         for (user, ago) in sent {
-            self.users[app.0].resume(user, *ago);
+            self.limits.users[app.0].resume(user, *ago);
         }
     }
 
     /// Easemob answered 429 on this lane: pause for its `Retry-After`, and (if adaptive) halve the lane's rate.
     pub fn upstream_throttled(&self, app: AppIndex, route: Route, retry_after: Option<Duration>) {
         let lane = self.lane(app, route);
-        self.metrics.upstream_throttled.with_label_values(&[lane.app.as_str(), route.name()]).inc();
-        let now = Instant::now();
-        let mut adaptive = lane.adaptive.lock().expect("adaptive lock");
-        adaptive.last_throttle = Some(now);
-        if let Some(wait) = retry_after {
-            adaptive.paused_until = Some(adaptive.paused_until.map_or(now + wait, |p| p.max(now + wait)));
-        }
-        let cooling = adaptive.last_decrease.is_some_and(|t| now.duration_since(t) < DECREASE_COOLDOWN);
-        if self.adaptive && !cooling && adaptive.factor > MIN_ADAPTIVE_FACTOR {
-            adaptive.factor = (adaptive.factor / 2.0).max(MIN_ADAPTIVE_FACTOR);
-            adaptive.last_decrease = Some(now);
-            let rate = lane.set_factor(adaptive.factor);
-            self.metrics.rate_limit_rate.with_label_values(&[lane.app.as_str(), route.name()]).set(rate as i64);
+        let labels = [lane.app.as_str(), route.name()];
+        self.metrics.upstream_throttled.with_label_values(&labels).inc();
+        if let Some(rate) = lane.throttled(retry_after, self.adaptive) {
+            self.metrics.rate_limit_rate.with_label_values(&labels).set(i64::from(rate));
             warn!(app = %lane.app, route = route.name(), rate, ?retry_after, "easemob answered 429: lowering this route's rate");
         }
     }
 
-    /// Recovers throttled lanes step by step, and forgets idle per-user windows so memory stays bounded.
+    /// Recovers throttled lanes step by step, and forgets idle per-user windows (the Redis fallback's too) so
+    /// memory stays bounded.
     async fn housekeeping(set: Weak<QuotaSet>) {
         let mut tick = tokio::time::interval(RECOVERY_STEP);
         loop {
             tick.tick().await;
             let Some(set) = set.upgrade() else { return };
-            let now = Instant::now();
-            for lane in &set.lanes {
-                let mut adaptive = lane.adaptive.lock().expect("adaptive lock");
-                let quiet = adaptive.last_throttle.is_none_or(|t| now.duration_since(t) >= RECOVERY_QUIET);
-                if adaptive.factor < 1.0 && quiet {
-                    adaptive.factor = (adaptive.factor + 0.1).min(1.0);
-                    let rate = lane.set_factor(adaptive.factor);
-                    set.metrics
-                        .rate_limit_rate
-                        .with_label_values(&[lane.app.as_str(), lane.route.name()])
-                        .set(rate as i64);
+            for lane in &set.limits.lanes {
+                if let Some(rate) = lane.recover() {
+                    let labels = [lane.app.as_str(), lane.route.name()];
+                    set.metrics.rate_limit_rate.with_label_values(&labels).set(i64::from(rate));
                     info!(app = %lane.app, route = lane.route.name(), rate, "route rate recovering");
                 }
             }
-            set.users.iter().for_each(|users| users.evict_idle());
+            let fallback = match &set.backend {
+                Backend::Local => None,
+                Backend::Redis(shared) => Some(&shared.fallback),
+            };
+            let windows = set.limits.users.iter().chain(fallback.into_iter().flat_map(|f| &f.users));
+            windows.for_each(|users| users.evict_idle());
         }
-    }
-}
-
-impl Lane {
-    /// The fields of an admission that leaves `remaining` calls at once.
-    fn admitted(&self, remaining: u32) -> RateLimitHeaders {
-        let limit = match self.admitted.get(remaining as usize) {
-            Some(field) => field.clone(),
-            None => admission_field(self.route, remaining),
-        };
-        RateLimitHeaders { policy: self.policy.clone(), limit }
-    }
-
-    fn current(&self) -> Arc<Pace> {
-        Arc::clone(&self.pace.read().expect("pace lock"))
-    }
-
-    /// Replaces the pace at `factor` of the configured rate, its burst spent; returns the new rate.
-    fn set_factor(&self, factor: f64) -> u32 {
-        let pace = Pace::spent(scaled(self.configured, factor), self.configured.burst, SECOND);
-        let rate = pace.rate();
-        *self.pace.write().expect("pace lock") = Arc::new(pace);
-        rate
-    }
-
-    fn interval(&self) -> Duration {
-        self.current().interval()
-    }
-
-    fn pause_left(&self) -> Option<Duration> {
-        let paused = self.adaptive.lock().expect("adaptive lock").paused_until?;
-        let left = paused.saturating_duration_since(Instant::now());
-        (!left.is_zero()).then_some(left)
-    }
-}
-
-/// The per-second limits one request must pass: its lane and the AppKey cap.
-struct Gates<'a> {
-    lane: &'a Lane,
-    app: Option<&'a Pace>,
-}
-
-impl Gates<'_> {
-    /// Takes a slot from the lane, then from the AppKey cap, at the same moment, so each counts the call when it
-    /// leaves. `governor` cannot give a slot back: when the cap refuses, the lane's slot is lost (the cap is then
-    /// the scarcer limit anyway), which can waste quota but never overspend it.
-    fn check(&self) -> Result<u32, Refusal> {
-        let remaining = self.lane.current().check().map_err(|wait| (Scope::Route, wait))?;
-        if let Some(app) = self.app {
-            app.check().map_err(|wait| (Scope::App, wait))?;
-        }
-        Ok(remaining)
-    }
-}
-
-/// Counts a request in its lane's queue for exactly as long as it waits, even if the caller hangs up.
-struct Waiter<'a>(&'a AtomicUsize);
-
-impl<'a> Waiter<'a> {
-    fn enter(count: &'a AtomicUsize) -> Self {
-        count.fetch_add(1, Ordering::AcqRel);
-        Waiter(count)
-    }
-}
-
-impl Drop for Waiter<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::num::NonZeroU32;
+    use std::sync::Mutex;
+
     use super::*;
+    use crate::config::Limit;
     use crate::routes::validate::Call;
 
     /// The only app of these tests.
@@ -999,6 +482,25 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_reload_that_changes_only_the_app_cap_keeps_what_the_routes_counted() {
+        let config = RateLimitConfig {
+            route: limit(10, 10),
+            app: Some(limit(100, 100)),
+            max_wait: Duration::ZERO,
+            ..RateLimitConfig::default()
+        };
+        let before = quota(config.clone());
+        assert_eq!(burst(&before, 3, clear), 3);
+        let after = before.reloaded(&RateLimitConfig { app: None, ..config }, &[AppKey::new("o", "a")]);
+        assert_eq!(
+            burst(&after, 12, clear),
+            7,
+            "the route's limit is unchanged: its burst goes on, not fresh nor spent"
+        );
+        assert_eq!(after.policy(A, Route::ClearUserMessages), "\"clear_user_messages\";q=10;w=1", "no cap named");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_reload_that_changes_a_limit_starts_it_spent_and_keeps_the_users_calls() {
         let config = RateLimitConfig { route: limit(10, 10), max_wait: Duration::ZERO, ..RateLimitConfig::default() };
         let before = quota(config.clone());
@@ -1023,7 +525,7 @@ mod tests {
         let config = RateLimitConfig::default();
         let after = before.reloaded(&config, &[AppKey::new("o", "b"), AppKey::new("o", "a")]);
         assert_eq!(after.keys, [AppKey::new("o", "b"), AppKey::new("o", "a")]);
-        assert!(Arc::ptr_eq(&after.lanes[Route::ALL.len()], &before.lanes[0]), "o#a's lanes, now second");
+        assert!(Arc::ptr_eq(&after.limits.lanes[Route::ALL.len()], &before.limits.lanes[0]), "o#a's lanes, now second");
         drop(before);
         tokio::time::sleep(RECOVERY_STEP * 2).await;
         assert!(weak.upgrade().is_none(), "nothing holds the replaced set: its housekeeping ended");

@@ -10,12 +10,15 @@
 //! (plus [`guarded`]'s margin).
 
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
 use governor::clock::Clock;
 use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
+
+use crate::config::Limit;
 
 /// How late a waiting call may be admitted without losing its slot: one governor cell.
 const LATENESS: Duration = Duration::from_millis(2);
@@ -24,6 +27,11 @@ const LATENESS: Duration = Duration::from_millis(2);
 /// arrive than the one before it, so every window is counted this much longer than Easemob's own (0.5 %).
 pub fn guarded(window: Duration) -> Duration {
     window + window / 200
+}
+
+/// `factor` of `limit`'s rate, at least one call.
+pub fn scaled(limit: Limit, factor: f64) -> NonZeroU32 {
+    NonZeroU32::new((limit.rate.get() as f64 * factor).round() as u32).unwrap_or(NonZeroU32::MIN)
 }
 
 /// `governor`'s clock, following tokio's: the same time as the rest of the gateway, and paused in tests.
@@ -77,6 +85,17 @@ impl Pace {
         let burst_cells = NonZeroU32::new(burst.get() * pace.cells.get()).expect("non-zero");
         let _ = pace.limiter.check_n(burst_cells);
         pace
+    }
+
+    /// The pace of a limit a reload asks for, given what the previous set had (`before`: `None` if it did not
+    /// serve the app): kept when unchanged, otherwise new, its burst spent if the app was already being served.
+    pub fn carried(before: Option<&Option<Arc<Pace>>>, limit: Option<Limit>, window: Duration) -> Option<Arc<Pace>> {
+        let limit = limit?;
+        Some(match before {
+            None => Arc::new(Pace::new(limit.rate, limit.burst, window)),
+            Some(Some(pace)) if pace.rate() == limit.rate.get() && pace.burst() == limit.burst => Arc::clone(pace),
+            Some(_) => Arc::new(Pace::spent(limit.rate, limit.burst, window)),
+        })
     }
 
     /// Takes what calls made `ago` by a process before this one would still hold: as if the whole burst had gone

@@ -19,7 +19,6 @@ use crate::config::RedisConfig;
 use crate::metrics::Metrics;
 
 use super::pace::guarded;
-use super::window::MINUTE;
 
 /// While in fallback, Redis is tried again at most this often, so requests do not each pay its timeout.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
@@ -238,7 +237,7 @@ impl SharedQuota {
     /// Which quota calls take now, for requests that wait at most `max_wait`.
     pub fn phase(&self, max_wait: Duration) -> Phase {
         let settle = PROBE_INTERVAL + self.timeout + max_wait;
-        self.standing.lock().expect("standing lock").phase(Instant::now(), settle, guarded(MINUTE))
+        self.standing.lock().expect("standing lock").phase(Instant::now(), settle, guarded(super::decision::MINUTE))
     }
 
     /// Whether to ask Redis now: always while it answers, once per probe interval while it does not.

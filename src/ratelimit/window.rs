@@ -11,9 +11,6 @@ use tokio::time::Instant;
 
 use super::pace::guarded;
 
-/// Easemob's per-user window (`delete_conversation`'s owner): calls are counted per minute.
-pub const MINUTE: Duration = Duration::from_secs(60);
-
 pub struct WindowLog {
     limit: usize,
     /// Easemob's window plus the arrival margin.
