@@ -144,9 +144,8 @@ impl Jobs {
         let routes: Vec<(Route, u32)> =
             remaining.by_route.iter().filter_map(|(route, n)| Some((Route::named(route)?, calls(n)))).collect();
         // The store keys a user by app (`user_key`); the app's windows by the user alone.
-        let prefix = user_key(app, "");
         let users: Vec<(&str, u32)> =
-            remaining.by_user.iter().filter_map(|(user, n)| Some((user.strip_prefix(&prefix)?, calls(n)))).collect();
+            remaining.by_user.iter().filter_map(|(key, n)| Some((user_in_app(app, key)?, calls(n)))).collect();
         Ok(app.quota.jobs_time(app.index, &routes, &users).await)
     }
 }
@@ -197,6 +196,11 @@ impl Clock {
 
     pub fn now_ms(&self) -> i64 {
         self.wall_ms + self.at.elapsed().as_millis() as i64
+    }
+
+    /// How long ago a wall-clock time was (zero for one still ahead).
+    pub fn since(&self, ms: i64) -> Duration {
+        Duration::from_millis((self.now_ms() - ms).max(0) as u64)
     }
 
     /// The tokio instant of a wall-clock time.
@@ -301,6 +305,11 @@ pub fn operation(app: &App, call: &Call) -> NewOperation {
 /// A user's key across apps: their per-user limit is the app's.
 fn user_key(app: &App, user: &str) -> String {
     format!("{}/{}", app.key, user.to_ascii_lowercase())
+}
+
+/// The user a stored key (`user_key`) names, if it is one of `app`'s: the key of the app's own windows.
+pub fn user_in_app<'a>(app: &App, key: &'a str) -> Option<&'a str> {
+    key.strip_prefix(app.key.as_str())?.strip_prefix('/')
 }
 
 /// The stored operation as a call again (it was validated when accepted, so this only fails if the rules changed).

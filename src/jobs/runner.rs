@@ -384,10 +384,7 @@ where
             let lanes: Vec<(Route, Duration)> = used
                 .iter()
                 .filter(|lane| lane.app == app.key.as_str())
-                .filter_map(|lane| {
-                    let ago = Duration::from_millis((now_ms - lane.until_ms).max(0) as u64);
-                    Some((Route::named(&lane.route)?, ago))
-                })
+                .filter_map(|lane| Some((Route::named(&lane.route)?, self.clock.since(lane.until_ms))))
                 .collect();
             app.quota.resume(app.index, &lanes);
         }
@@ -397,8 +394,7 @@ where
     /// recorded them), so that a user whose window the process before filled is not given it again. Calls whose
     /// outcome died with that process are not among them: they run again (at least once, as documented).
     async fn resume_users(&self) {
-        let now_ms = self.clock.now_ms();
-        let sent = match self.jobs.store().users_sent(now_ms - MINUTE.as_millis() as i64).await {
+        let sent = match self.jobs.store().users_sent(self.clock.now_ms() - MINUTE.as_millis() as i64).await {
             Ok(sent) => sent,
             Err(e) => {
                 warn!(error = %e, "reading the calls jobs made for each user failed; their windows start empty");
@@ -406,13 +402,9 @@ where
             }
         };
         for app in self.current.apps.iter() {
-            let prefix = format!("{}/", app.key);
             let users: Vec<(&str, Duration)> = sent
                 .iter()
-                .filter_map(|used| {
-                    let user = used.user.strip_prefix(&prefix)?;
-                    Some((user, Duration::from_millis((now_ms - used.at_ms).max(0) as u64)))
-                })
+                .filter_map(|used| Some((super::user_in_app(app, &used.user)?, self.clock.since(used.at_ms))))
                 .collect();
             app.quota.resume_users(app.index, &users);
         }
