@@ -232,11 +232,6 @@ impl Metrics {
     }
 
     /// The text exposition format, for `GET /metrics`.
-    /// Every family's current values (for the status page).
-    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
-        self.registry.gather()
-    }
-
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
