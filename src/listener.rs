@@ -61,7 +61,7 @@ impl Listeners {
 /// without leaving its thread (nginx's worker model). Quota, tokens, metrics and limits are shared.
 pub struct DataPlane {
     workers: Vec<JoinHandle<()>>,
-    stop: Stopping,
+    stop: Stopper,
     /// Closes once every worker's accept loop has ended.
     accept_loops_ended: mpsc::Receiver<()>,
     /// Lets the workers stop driving whatever connections are left, once the grace is over.
@@ -77,7 +77,7 @@ impl DataPlane {
         live: &watch::Sender<Arc<Shared>>,
         metrics: &Metrics,
     ) -> DataPlane {
-        let (stop, stopped) = Stopping::new();
+        let (stop, signal) = Stopper::new();
         let (release, released) = watch::channel(false);
         // Each worker holds a sender; the channel closes once every accept loop has ended.
         let (accepting, accept_loops_ended) = mpsc::channel::<()>(1);
@@ -106,7 +106,7 @@ impl DataPlane {
                     forward: Forward::new(upstream.clone(), metrics),
                     live: live.subscribe(),
                     http: http.clone(),
-                    stopped: stopped.clone(),
+                    signal: signal.clone(),
                     connections: connections.clone(),
                     released: released.clone(),
                     accepting: accepting.clone(),
@@ -161,7 +161,7 @@ struct DataWorker {
     /// The stack's innermost service; its connections to Easemob are this thread's own (`upstream.rs`).
     forward: Forward,
     http: http1::Builder,
-    stopped: Stopped,
+    signal: StopSignal,
     connections: Connections,
     /// Set once draining is over: the worker then stops driving whatever connections are left.
     released: watch::Receiver<bool>,
@@ -171,14 +171,14 @@ struct DataWorker {
 
 impl DataWorker {
     async fn run(self) {
-        let DataWorker { listener, live, forward, http, stopped, connections, mut released, accepting } = self;
+        let DataWorker { listener, live, forward, http, signal, connections, mut released, accepting } = self;
         // Built per connection: the access layer knows its peer (for server.allow_from) without a per-request
         // extension.
         let make_service = move |peer: SocketAddr| {
             let forward = forward.clone();
             PerConnection::new(live.clone(), move |shared: &Arc<Shared>| data_plane(shared, &forward, peer.ip()))
         };
-        accept_loop(listener, http, make_service, stopped, connections).await;
+        accept_loop(listener, http, make_service, signal, connections).await;
         drop(accepting);
         // This thread's connections are still draining: keep driving them until the grace is over.
         let _ = released.wait_for(|released| *released).await;
@@ -188,12 +188,12 @@ impl DataWorker {
 /// The admin endpoints' listener, on the calling runtime, with limits of its own.
 pub struct AdminPlane {
     accepting: tokio::task::JoinHandle<()>,
-    stop: Stopping,
+    stop: Stopper,
 }
 
 impl AdminPlane {
     pub fn start(listener: TcpListener, admin: AdminService) -> AdminPlane {
-        let (stop, stopped) = Stopping::new();
+        let (stop, signal) = Stopper::new();
         // Not the data plane's limits: probes must be answered while idle connections pile up, which a short
         // header timeout and a small cap of its own ensure.
         let mut http = http1::Builder::new();
@@ -206,7 +206,7 @@ impl AdminPlane {
             })
         };
         let connections = Connections { limit: Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS)), open: None };
-        let accepting = tokio::spawn(accept_loop(listener, http, make_service, stopped, connections));
+        let accepting = tokio::spawn(accept_loop(listener, http, make_service, signal, connections));
         AdminPlane { accepting, stop }
     }
 
@@ -220,23 +220,23 @@ impl AdminPlane {
 }
 
 /// A listener's stop signal, and the connections it has to drain.
-struct Stopping {
+struct Stopper {
     stop: watch::Sender<bool>,
     graceful: Arc<GracefulShutdown>,
 }
 
 /// What an accept loop watches: when to stop, and where its connections are registered for the drain.
 #[derive(Clone)]
-struct Stopped {
+struct StopSignal {
     stop: watch::Receiver<bool>,
     graceful: Arc<GracefulShutdown>,
 }
 
-impl Stopping {
-    fn new() -> (Stopping, Stopped) {
-        let (stop, stopped) = watch::channel(false);
+impl Stopper {
+    fn new() -> (Stopper, StopSignal) {
+        let (stop, stopping) = watch::channel(false);
         let graceful = Arc::new(GracefulShutdown::new());
-        (Stopping { stop, graceful: Arc::clone(&graceful) }, Stopped { stop: stopped, graceful })
+        (Stopper { stop, graceful: Arc::clone(&graceful) }, StopSignal { stop: stopping, graceful })
     }
 
     /// Tells the accept loops to stop; the connections to drain, once every loop has ended and let go of them.
@@ -250,7 +250,7 @@ async fn accept_loop<S, B>(
     listener: TcpListener,
     http: http1::Builder,
     make_service: impl Fn(SocketAddr) -> S + Send + 'static,
-    stopped: Stopped,
+    signal: StopSignal,
     connections: Connections,
 ) where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
@@ -260,7 +260,7 @@ async fn accept_loop<S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let Stopped { mut stop, graceful } = stopped;
+    let StopSignal { mut stop, graceful } = signal;
     loop {
         // At the connection limit, stop accepting: newcomers wait in the kernel's backlog, not in our memory.
         let permit = tokio::select! {
