@@ -86,37 +86,36 @@ impl DataPlane {
             open: Some(metrics.open_connections.clone()),
         };
         let http = data_http(config);
-        let workers = (0..config.worker_threads())
-            .map(|index| {
-                // Built here so that a worker that cannot start stops the gateway rather than leaving it
-                // short-handed.
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("a runtime for a data-plane worker");
-                let listener = listener
-                    .try_clone()
-                    .and_then(|listener| {
-                        let _in_runtime = runtime.enter();
-                        TcpListener::from_std(listener)
-                    })
-                    .expect("the data listener registered with a worker's runtime");
-                let worker = DataWorker {
-                    listener,
-                    forward: Forward::new(upstream.clone(), metrics),
-                    live: live.subscribe(),
-                    http: http.clone(),
-                    signal: signal.clone(),
-                    connections: connections.clone(),
-                    released: released.clone(),
-                    accepting: accepting.clone(),
-                };
-                std::thread::Builder::new()
-                    .name(format!("data-worker-{index}"))
-                    .spawn(move || runtime.block_on(worker.run()))
-                    .expect("a data-plane worker thread")
-            })
-            .collect::<Vec<_>>();
+        let mut workers = Vec::new();
+        for index in 0..config.worker_threads() {
+            // Built here so that a worker that cannot start stops the gateway rather than leaving it short-handed.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for a data-plane worker");
+            let listener = listener
+                .try_clone()
+                .and_then(|listener| {
+                    let _in_runtime = runtime.enter();
+                    TcpListener::from_std(listener)
+                })
+                .expect("the data listener registered with a worker's runtime");
+            let worker = DataWorker {
+                listener,
+                forward: Forward::new(upstream.clone(), metrics),
+                live: live.subscribe(),
+                http: http.clone(),
+                signal: signal.clone(),
+                connections: connections.clone(),
+                released: released.clone(),
+                accepting: accepting.clone(),
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("data-worker-{index}"))
+                .spawn(move || runtime.block_on(worker.run()))
+                .expect("a data-plane worker thread");
+            workers.push(thread);
+        }
         info!(workers = workers.len(), "data plane running");
         DataPlane { workers, stop, accept_loops_ended, release }
     }
