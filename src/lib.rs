@@ -22,7 +22,12 @@
 //! - `error`     the gateway's own errors and the one place that turns them into Easemob-shaped answers
 //! - `config`    typed configuration (TOML + `EASEMOB_GW__…` env), read strictly; a file per section, checking itself
 //! - `metrics`   the Prometheus registry and every metric family
-//! - `server`    listeners, data-plane workers, graceful shutdown; `admin` the admin endpoints
+//! - `server`    the gateway's life: start-up, serving, shutdown, as one short sequence
+//! - `bootstrap` a checked config into what every stack shares (`Shared`), one way for start-up and for reloads
+//! - `reload`    whole-config reload: on SIGHUP or a changed file, checked in full, then swapped in
+//! - `listener`  the listeners, the data plane's worker threads, connection limits and the graceful drain
+//! - `connection` one connection's stack as hyper's service: rebuilt after a reload, waited for when not ready
+//! - `admin`     the admin endpoints: health, readiness, metrics
 //! - `logging`   the tracing subscriber (text or JSON)
 //! - `sim`       the Easemob simulator used by `demo`, the tests and the benchmarks
 //! - `demo`      the gateway in front of the simulator, with ready-to-paste curl lines
@@ -33,13 +38,16 @@ pub mod access;
 pub mod admin;
 pub mod apps;
 pub mod audit;
+pub mod bootstrap;
 pub mod client;
 pub mod config;
+pub mod connection;
 pub mod demo;
 pub mod error;
 pub mod exchange;
 pub mod head;
 pub mod jobs;
+pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod observe;
