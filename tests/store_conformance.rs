@@ -127,6 +127,7 @@ async fn create(store: &Store, new: (NewJob, Vec<NewOperation>)) -> JobRecord {
 fn outcome(due: &Due, next: Next) -> Outcome {
     Outcome {
         job: due.job,
+        app: due.app.clone(),
         job_id: due.job_id.clone(),
         n: due.n,
         attempts: due.attempts + 1,
@@ -228,8 +229,8 @@ async fn a_cancel_drops_what_is_pending_and_an_operation_in_flight_still_counts(
     let in_flight = b.store.claim(1_000, 2).await.unwrap().into_iter().find(|due| due.job_id == "j1").unwrap();
     let cancelled = b.store.cancel("o#a", "j1", 2_000).await.unwrap().unwrap();
     assert_eq!((cancelled.state, cancelled.counts.cancelled, cancelled.counts.pending), (JobState::Cancelled, 3, 0));
-    assert!(b.store.is_cancelled("j1").await.unwrap());
-    assert!(!b.store.is_cancelled(&other.id).await.unwrap());
+    assert!(b.store.is_cancelled("o#a", "j1").await.unwrap());
+    assert!(!b.store.is_cancelled("o#a", &other.id).await.unwrap());
     assert!(b.store.claim(10_000, 10).await.unwrap().iter().all(|due| due.job_id != "j1"));
 
     b.store.record(vec![outcome(&in_flight, Next::Done(OpState::Succeeded))], 2_500).await.unwrap();
@@ -319,8 +320,8 @@ async fn jobs_and_operations_are_read_in_pages(b: &mut Backend) {
 }
 
 async fn staged_operations_are_seen_by_no_one_until_the_job_is_created(b: &mut Backend) {
-    b.store.stage("j1", 0, clears(2)).await.unwrap();
-    b.store.stage("j1", 2, vec![op("delete_conversation", Some("ann"))]).await.unwrap();
+    b.store.stage("o#a", "j1", 0, clears(2)).await.unwrap();
+    b.store.stage("o#a", "j1", 2, vec![op("delete_conversation", Some("ann"))]).await.unwrap();
     assert!(b.store.claim(1_000, 10).await.unwrap().is_empty());
     assert!(b.store.job("o#a", "j1").await.unwrap().is_none());
     assert!(b.store.list("o#a", None, None, 10).await.unwrap().is_empty());
@@ -334,11 +335,11 @@ async fn staged_operations_are_seen_by_no_one_until_the_job_is_created(b: &mut B
 
 async fn a_job_that_is_not_created_leaves_nothing_behind(b: &mut Backend) {
     // Refused after some of its operations were staged.
-    b.store.stage("j1", 0, clears(2)).await.unwrap();
-    b.store.discard("j1").await.unwrap();
+    b.store.stage("o#a", "j1", 0, clears(2)).await.unwrap();
+    b.store.discard("o#a", "j1").await.unwrap();
     assert_eq!(b.kept_for_good("j1").await, 0);
     // Its reader died while staging.
-    b.store.stage("j2", 0, clears(2)).await.unwrap();
+    b.store.stage("o#a", "j2", 0, clears(2)).await.unwrap();
     b.crash().await;
     assert_eq!(b.kept_for_good("j2").await, 0);
     assert!(b.store.claim(1_000, 10).await.unwrap().is_empty());

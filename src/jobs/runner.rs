@@ -308,6 +308,7 @@ where
         let attempts = op.due.attempts + 1;
         let if_it_panics = Outcome {
             job: op.due.job,
+            app: op.due.app.clone(),
             job_id: op.due.job_id.clone(),
             n: op.due.n,
             attempts,
@@ -357,7 +358,7 @@ where
         {
             return *cancelled;
         }
-        let cancelled = self.jobs.store().is_cancelled(&due.job_id).await.unwrap_or(false);
+        let cancelled = self.jobs.store().is_cancelled(&due.app, &due.job_id).await.unwrap_or(false);
         self.cancels.retain(|_, (checked, _)| now < *checked + CANCEL_CHECK);
         self.cancels.insert(due.job_id.clone(), (now, cancelled));
         cancelled
@@ -455,6 +456,7 @@ where
     fn prepare(&self, due: Due, now: Instant) -> Result<Held, Outcome> {
         let fail = |error: &str, description: String| Outcome {
             job: due.job,
+            app: due.app.clone(),
             job_id: due.job_id.clone(),
             n: due.n,
             attempts: due.attempts,
@@ -552,7 +554,7 @@ mod tests {
         async fn submit(&self, operations: Vec<OperationRequest>) -> JobRecord {
             let ops: Vec<NewOperation> =
                 operations.iter().flat_map(|op| super::super::operations(&self.app, op, 0).unwrap()).collect();
-            let staging = self.jobs.staging();
+            let staging = self.jobs.staging(&self.app);
             staging.stage(0, ops).await.unwrap();
             match staging.submit(&self.app, None, None, None).await.unwrap() {
                 Created::New(job) => job,
