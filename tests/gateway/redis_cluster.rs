@@ -1,0 +1,151 @@
+//! A real Redis Cluster on 127.0.0.1 for the tests: three masters, each with one replica, on ports the OS chose
+//! (`redis-server --cluster-enabled yes`, then `redis-cli --cluster create`), and a master killed with `kill -9`.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use crate::support::eventually;
+
+/// Masters, each with one replica.
+const MASTERS: usize = 3;
+/// How long a node may be silent before the others call it failed and its replica takes over: short for a quick
+/// test, long enough that a busy machine's pauses do not look like failures.
+const NODE_TIMEOUT_MS: &str = "3000";
+
+pub struct RedisCluster {
+    nodes: Vec<Node>,
+    _dir: tempfile::TempDir,
+}
+
+struct Node {
+    port: u16,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `redis-cli -p <port> <args>`'s answer, empty if it could not get one.
+async fn cli(port: u16, args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("redis-cli is installed (tests/run installs it)");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+impl RedisCluster {
+    /// Six nodes made one cluster, waited on until every slot is served and every replica is in sync.
+    pub async fn start() -> RedisCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes = Vec::new();
+        for _ in 0..2 * MASTERS {
+            let (port, bus) = (free_port(), free_port());
+            let child = Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--cluster-port", &bus.to_string()])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", NODE_TIMEOUT_MS])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf"), "--dir", dir.path().to_str().unwrap()])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("redis-server is installed (tests/run installs it)");
+            nodes.push(Node { port, child: Some(child) });
+        }
+        for node in &nodes {
+            eventually(Duration::from_secs(20), "a cluster node to answer", || async {
+                cli(node.port, &["PING"]).await.starts_with("PONG")
+            })
+            .await;
+        }
+        let addresses: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .unwrap();
+        assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stdout));
+        let cluster = RedisCluster { nodes, _dir: dir };
+        cluster.wait_settled().await;
+        cluster
+    }
+
+    /// A seed node's URL: the gateway finds the others from it.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.nodes[0].port)
+    }
+
+    /// Waits until every live node sees every slot served and every replica is in sync with its master.
+    async fn wait_settled(&self) {
+        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            eventually(Duration::from_secs(60), "the cluster to serve every slot, replicas in sync", || async {
+                let info = cli(node.port, &["CLUSTER", "INFO"]).await;
+                let replication = cli(node.port, &["INFO", "replication"]).await;
+                info.contains("cluster_state:ok")
+                    && (replication.contains("master_link_status:up")
+                        || replication.contains("role:master") && !replication.contains("connected_slaves:0"))
+            })
+            .await;
+        }
+    }
+
+    /// The port of the master serving `key`'s slot, as a live node sees it.
+    pub async fn master_of(&self, key: &str) -> u16 {
+        let live = self.nodes.iter().find(|n| n.child.is_some()).unwrap().port;
+        let slot: u16 = cli(live, &["CLUSTER", "KEYSLOT", key]).await.trim().parse().unwrap();
+        let nodes = cli(live, &["CLUSTER", "NODES"]).await;
+        nodes
+            .lines()
+            .map(|line| line.split(' ').collect::<Vec<_>>())
+            .filter(|f| f.len() > 8 && f[2].contains("master") && !f[2].contains("fail"))
+            .find(|f| f[8..].iter().any(|range| serves(range, slot)))
+            .map(|f| f[1].split(['@', ':']).nth(1).unwrap().parse().unwrap())
+            .unwrap_or_else(|| panic!("no master serves slot {slot}:\n{nodes}"))
+    }
+
+    /// Kills the master of `key`'s slot with SIGKILL (`kill -9`): no goodbye to its replica or clients.
+    pub async fn kill_master_of(&mut self, key: &str) -> u16 {
+        let port = self.master_of(key).await;
+        let node = self.nodes.iter_mut().find(|n| n.port == port).unwrap();
+        node.child.take().unwrap().kill().await.unwrap();
+        port
+    }
+
+    /// Waits until `key`'s slot is served again, by a master other than `killed`.
+    pub async fn wait_failed_over(&self, key: &str, killed: u16) {
+        eventually(Duration::from_secs(60), "a replica to take over the killed master's slots", || async {
+            self.master_of_live(key).await.is_some_and(|port| port != killed)
+        })
+        .await;
+    }
+
+    async fn master_of_live(&self, key: &str) -> Option<u16> {
+        let live = self.nodes.iter().find(|n| n.child.is_some())?.port;
+        let info = cli(live, &["CLUSTER", "INFO"]).await;
+        match info.contains("cluster_state:ok") {
+            true => Some(self.master_of(key).await),
+            false => None,
+        }
+    }
+}
+
+/// Whether a `CLUSTER NODES` slot field (`5461-10922`, or one slot) holds `slot`.
+fn serves(range: &str, slot: u16) -> bool {
+    let mut ends = range.split('-').map(|n| n.parse::<u16>());
+    match (ends.next(), ends.next()) {
+        (Some(Ok(start)), Some(Ok(end))) => (start..=end).contains(&slot),
+        (Some(Ok(only)), None) => only == slot,
+        _ => false,
+    }
+}
