@@ -30,8 +30,12 @@ const LEASE: Duration = Duration::from_millis(200);
 
 enum Keeper {
     Sqlite(tempfile::TempDir),
-    /// The store's Redis: the redis-server the backend started, or a cluster its test holds.
-    Redis(Option<Box<support::Redis>>, RedisConfig),
+    /// The store's Redis: the redis-server the backend started (kept running while it lives), or a cluster its
+    /// test holds.
+    Redis {
+        _server: Option<Box<support::Redis>>,
+        config: RedisConfig,
+    },
 }
 
 struct Backend {
@@ -62,7 +66,7 @@ impl Backend {
     fn on_redis(server: Option<Box<support::Redis>>, config: RedisConfig) -> Backend {
         let config = RedisConfig { timeout: Duration::from_secs(5), ..config };
         let store = shared(&config);
-        Backend { keeper: Keeper::Redis(server, config), store }
+        Backend { keeper: Keeper::Redis { _server: server, config }, store }
     }
 
     /// The process holding the store dies at once, and another takes its place: whatever the first held and did
@@ -70,7 +74,7 @@ impl Backend {
     async fn crash(&mut self) {
         self.store = match &self.keeper {
             Keeper::Sqlite(dir) => Arc::new(LocalStore::open(&dir.path().join("jobs.db")).unwrap()),
-            Keeper::Redis(_, config) => {
+            Keeper::Redis { config, .. } => {
                 tokio::time::sleep(LEASE * 2).await;
                 shared(config)
             }
@@ -87,7 +91,7 @@ impl Backend {
                 db.query_row("SELECT COUNT(*) FROM staged WHERE job_id = ?1", [job_id], |row| row.get::<_, i64>(0))
                     .unwrap() as usize
             }
-            Keeper::Redis(_, config) => {
+            Keeper::Redis { config, .. } => {
                 let patience = Patience {
                     connect: config.timeout,
                     response: config.timeout,

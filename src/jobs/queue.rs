@@ -36,15 +36,9 @@ pub type Store = Arc<dyn JobStore>;
 pub trait JobStore: Send + Sync {
     fn is_healthy(&self) -> bool;
 
-    /// Adds operations `from..` to `app`'s job `job_id` that `create` will make; until then no other call sees
-    /// them.
-    fn stage<'a>(
-        &'a self,
-        app: &'a str,
-        job_id: &'a str,
-        from: usize,
-        operations: Vec<NewOperation>,
-    ) -> Pending<'a, ()>;
+    /// Adds operations `from..` (`ops`) to `app`'s job `job_id` that `create` will make; until then no other
+    /// call sees them.
+    fn stage<'a>(&'a self, app: &'a str, job_id: &'a str, from: usize, ops: Vec<NewOperation>) -> Pending<'a, ()>;
 
     /// Drops what was staged for `app`'s job that will not be created.
     fn discard<'a>(&'a self, app: &'a str, job_id: &'a str) -> Pending<'a, ()>;
@@ -90,7 +84,9 @@ pub trait JobStore: Send + Sync {
     fn is_cancelled<'a>(&'a self, app: &'a str, job_id: &'a str) -> Pending<'a, bool>;
 
     /// Claims up to `limit` operations of each route due at `now_ms` and held by no one: each route's earliest
-    /// due first, so that one route's long job never holds back the others (they have quotas of their own).
+    /// due first, so that one route's long job never holds back the others (they have quotas of their own). With
+    /// several apps, Redis keeps each app's queues apart (in its own cluster slot) and takes the apps in turn,
+    /// earliest first within each; SQLite takes the earliest of all.
     fn claim(&self, now_ms: i64, limit: usize) -> Pending<'_, Vec<Due>>;
 
     /// When the next pending operation falls due after `now_ms`, if one does.
@@ -136,14 +132,8 @@ impl JobStore for LocalStore {
         LocalStore::is_healthy(self)
     }
 
-    fn stage<'a>(
-        &'a self,
-        _app: &'a str,
-        job_id: &'a str,
-        from: usize,
-        operations: Vec<NewOperation>,
-    ) -> Pending<'a, ()> {
-        Box::pin(self.stage(job_id, from, operations))
+    fn stage<'a>(&'a self, _app: &'a str, job_id: &'a str, from: usize, ops: Vec<NewOperation>) -> Pending<'a, ()> {
+        Box::pin(self.stage(job_id, from, ops))
     }
 
     fn discard<'a>(&'a self, _app: &'a str, job_id: &'a str) -> Pending<'a, ()> {
@@ -237,14 +227,8 @@ impl JobStore for SharedStore {
         SharedStore::is_healthy(self)
     }
 
-    fn stage<'a>(
-        &'a self,
-        app: &'a str,
-        job_id: &'a str,
-        from: usize,
-        operations: Vec<NewOperation>,
-    ) -> Pending<'a, ()> {
-        Box::pin(self.marked(Access::Write, self.stage(app, job_id, from, operations)))
+    fn stage<'a>(&'a self, app: &'a str, job_id: &'a str, from: usize, ops: Vec<NewOperation>) -> Pending<'a, ()> {
+        Box::pin(self.marked(Access::Write, self.stage(app, job_id, from, ops)))
     }
 
     fn discard<'a>(&'a self, app: &'a str, job_id: &'a str) -> Pending<'a, ()> {

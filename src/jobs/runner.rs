@@ -222,7 +222,7 @@ where
                     }
                     match self.prepare(due, now) {
                         Ok(op) => self.queue.push_back(op),
-                        Err(outcome) => self.unrecorded.push(outcome),
+                        Err(outcome) => self.unrecorded.push(*outcome),
                     }
                 }
             }
@@ -453,17 +453,19 @@ where
     }
 
     /// The app and the call of a stored operation; an operation that can no longer run fails at once.
-    fn prepare(&self, due: Due, now: Instant) -> Result<Held, Outcome> {
-        let fail = |error: &str, description: String| Outcome {
-            job: due.job,
-            app: due.app.clone(),
-            job_id: due.job_id.clone(),
-            n: due.n,
-            attempts: due.attempts,
-            status: None,
-            error: Some(error.to_owned()),
-            error_description: Some(description),
-            next: Next::Done(OpState::Failed),
+    fn prepare(&self, due: Due, now: Instant) -> Result<Held, Box<Outcome>> {
+        let fail = |error: &str, description: String| {
+            Box::new(Outcome {
+                job: due.job,
+                app: due.app.clone(),
+                job_id: due.job_id.clone(),
+                n: due.n,
+                attempts: due.attempts,
+                status: None,
+                error: Some(error.to_owned()),
+                error_description: Some(description),
+                next: Next::Done(OpState::Failed),
+            })
         };
         let Some(app) = self.current.apps.iter().find(|app| app.key.as_str() == due.app).cloned() else {
             return Err(fail("app_not_configured", format!("{} is no longer configured here", due.app)));

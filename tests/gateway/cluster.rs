@@ -20,24 +20,6 @@ fn on_cluster(cluster: &RedisCluster, quota: &str) -> GatewayOptions {
     GatewayOptions { extra, ..Default::default() }
 }
 
-/// `calls` calls to each gateway, all at once; returns how many were admitted and how long it took.
-async fn burst(gateways: &[Gateway], calls: usize) -> (usize, Duration) {
-    let started = std::time::Instant::now();
-    let sent: Vec<_> = gateways
-        .iter()
-        .flat_map(|gw| std::iter::repeat_n(clear_url(gw, "dave"), calls))
-        .map(|url| tokio::spawn(async move { send(Method::POST, &url, &[], "").await.status }))
-        .collect();
-    let mut admitted = 0;
-    for call in sent {
-        match call.await.unwrap() {
-            200 => admitted += 1,
-            status => assert_eq!(status, 429, "only admitted or refused"),
-        }
-    }
-    (admitted, started.elapsed())
-}
-
 #[tokio::test]
 async fn two_gateways_share_one_quota_through_a_redis_cluster() {
     let (sim, cluster) = (Sim::start().await, RedisCluster::start().await);
@@ -46,7 +28,7 @@ async fn two_gateways_share_one_quota_through_a_redis_cluster() {
         Gateway::ready_with(&sim, on_cluster(&cluster, quota)).await,
         Gateway::ready_with(&sim, on_cluster(&cluster, quota)).await,
     ];
-    let (admitted, took) = burst(&gateways, 6).await;
+    let (admitted, took) = burst_all(&gateways, 6).await;
     // One quota of 6 at once (plus a refill a second), not 6 per gateway.
     let bound = 6 + took.as_secs() as usize + 1;
     assert!((6..=bound).contains(&admitted), "{admitted} of 12 admitted in {took:?}");
@@ -121,12 +103,7 @@ async fn a_job_runs_to_its_end_while_its_apps_master_is_killed_and_a_replica_tak
     }
     assert_eq!(job["state"], "done", "{}", job["counts"]);
     assert_eq!(job["counts"]["succeeded"], OPERATIONS, "each operation recorded once: {}", job["counts"]);
-    let received = sim.received().await;
-    let sent: Vec<u64> = users
-        .iter()
-        .map(|u| received.get(&format!("POST /{ORG}/{APP}/rest/message/roaming/user/{u}/delete/all")))
-        .map(|count| count.and_then(|c| c.as_u64()).unwrap_or(0))
-        .collect();
+    let sent = sim.clears_received(&users).await;
     assert!(sent.iter().all(|n| *n >= 1), "every operation reached Easemob: {sent:?}");
     // At least once: what was in flight, or claimed in a write the replica had not yet received, may go again.
     let again: u64 = sent.iter().map(|n| n - 1).sum();

@@ -29,24 +29,6 @@ async fn replicas(sim: &Sim, redis: &Redis) -> Vec<Gateway> {
     gateways
 }
 
-/// `per_replica` calls to each replica, all at once; returns how many were admitted and how long it took.
-async fn burst_all(gateways: &[Gateway], per_replica: usize) -> (usize, Duration) {
-    let started = std::time::Instant::now();
-    let calls: Vec<_> = gateways
-        .iter()
-        .flat_map(|gw| std::iter::repeat_n(clear_url(gw, "dave"), per_replica))
-        .map(|url| tokio::spawn(async move { send(Method::POST, &url, &[], "").await.status }))
-        .collect();
-    let mut admitted = 0;
-    for call in calls {
-        match call.await.unwrap() {
-            200 => admitted += 1,
-            status => assert_eq!(status, 429, "only admitted or refused"),
-        }
-    }
-    (admitted, started.elapsed())
-}
-
 /// Waits until every replica's `rate_limit_backend_fallback` gauge reads `value`.
 async fn all_in_fallback(gateways: &[Gateway], value: u8) {
     let line = format!("easemob_gateway_rate_limit_backend_fallback {value}");
@@ -205,12 +187,7 @@ async fn replicas_share_a_job_through_redis_and_finish_a_killed_replicas_work() 
     let job = finished(&gateways[1], Duration::from_secs(60), &location).await;
     assert_eq!(job["state"], "done", "{}", job["counts"]);
     assert_eq!(job["counts"]["succeeded"], OPERATIONS, "each operation recorded once: {}", job["counts"]);
-    let received = sim.received().await;
-    let sent: Vec<u64> = users
-        .iter()
-        .map(|u| received.get(&format!("POST /{ORG}/{APP}/rest/message/roaming/user/{u}/delete/all")))
-        .map(|count| count.and_then(|c| c.as_u64()).unwrap_or(0))
-        .collect();
+    let sent = sim.clears_received(&users).await;
     assert!(sent.iter().all(|n| *n >= 1), "every operation reached Easemob");
     let again: u64 = sent.iter().map(|n| n - 1).sum();
     assert!(again <= 32, "only what the killed replica had in flight may go twice: {again}");

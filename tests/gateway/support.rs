@@ -96,6 +96,16 @@ impl Sim {
         send(Method::GET, &format!("{}/_sim/received", self.url), &[], "").await.json().as_object().unwrap().clone()
     }
 
+    /// How many times each of `users`' `clear_user_messages` in the demo app reached the simulator.
+    pub async fn clears_received(&self, users: &[String]) -> Vec<u64> {
+        let received = self.received().await;
+        users
+            .iter()
+            .map(|u| received.get(&format!("POST /{ORG}/{APP}/rest/message/roaming/user/{u}/delete/all")))
+            .map(|count| count.and_then(|c| c.as_u64()).unwrap_or(0))
+            .collect()
+    }
+
     pub async fn faults(&self, faults: Value) {
         let a = send(Method::PUT, &format!("{}/_sim/faults", self.url), &[], &faults.to_string()).await;
         assert_eq!(a.status, 200, "{}", a.text());
@@ -390,6 +400,24 @@ pub async fn burst(url: &str, n: usize) -> Vec<Answer> {
 /// `clear_user_messages` for `user`: the simplest of the six routes, the tests' usual call.
 pub fn clear_url(gw: &Gateway, user: &str) -> String {
     gw.url(&format!("/rest/message/roaming/user/{user}/delete/all"))
+}
+
+/// `per_replica` calls to each replica, all at once; returns how many were admitted and how long it took.
+pub async fn burst_all(gateways: &[Gateway], per_replica: usize) -> (usize, Duration) {
+    let started = std::time::Instant::now();
+    let calls: Vec<_> = gateways
+        .iter()
+        .flat_map(|gw| std::iter::repeat_n(clear_url(gw, "dave"), per_replica))
+        .map(|url| tokio::spawn(async move { send(Method::POST, &url, &[], "").await.status }))
+        .collect();
+    let mut admitted = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            200 => admitted += 1,
+            status => assert_eq!(status, 429, "only admitted or refused"),
+        }
+    }
+    (admitted, started.elapsed())
 }
 
 pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
