@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use http::Method;
 
-use crate::redis_cluster::RedisCluster;
+use crate::redis_cluster::{RedisCluster, Tls};
 use crate::support::*;
 
 /// A gateway whose quota (`quota` goes into `[rate_limit]`) is shared through `cluster`.
@@ -20,14 +20,26 @@ fn on_cluster(cluster: &RedisCluster, quota: &str) -> GatewayOptions {
     GatewayOptions { extra, ..Default::default() }
 }
 
+/// On a cluster as managed services run one, TLS only with a password (read from a file, never shown).
 #[tokio::test]
-async fn two_gateways_share_one_quota_through_a_redis_cluster() {
-    let (sim, cluster) = (Sim::start().await, RedisCluster::start().await);
+async fn two_gateways_share_one_quota_through_a_redis_cluster_with_tls_and_a_password() {
+    const PASSWORD: &str = "cluster-pw-7e1d";
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let (cert, key, password) = (dir.path().join("cert.pem"), dir.path().join("key.pem"), dir.path().join("password"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    std::fs::write(&password, format!("{PASSWORD}\n")).unwrap();
+    let tls = Tls { cert: cert.clone(), key, password: PASSWORD.to_owned() };
+    let (sim, cluster) = (Sim::start().await, RedisCluster::start_tls(tls).await);
+    assert!(cluster.url().starts_with("rediss://"));
     let quota = "replicas = 2\nmax_wait = \"0s\"\nroute = { rate = 1, burst = 6 }";
-    let gateways = [
-        Gateway::ready_with(&sim, on_cluster(&cluster, quota)).await,
-        Gateway::ready_with(&sim, on_cluster(&cluster, quota)).await,
-    ];
+    let options = || {
+        let mut options = on_cluster(&cluster, quota);
+        options.extra += &format!("password_file = \"{}\"\nca_file = \"{}\"\n", password.display(), cert.display());
+        options
+    };
+    let gateways = [Gateway::ready_with(&sim, options()).await, Gateway::ready_with(&sim, options()).await];
     let (admitted, took) = burst_all(&gateways, 6).await;
     // One quota of 6 at once (plus a refill a second), not 6 per gateway.
     let bound = 6 + took.as_secs() as usize + 1;
@@ -35,6 +47,7 @@ async fn two_gateways_share_one_quota_through_a_redis_cluster() {
     assert_eq!(sim.business_requests().await as usize, admitted);
     for gw in &gateways {
         assert!(gw.metrics().await.contains("easemob_gateway_rate_limit_backend_fallback 0"), "on the cluster");
+        assert!(!gw.log().contains(PASSWORD), "no password in the log");
     }
 }
 
