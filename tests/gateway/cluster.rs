@@ -24,12 +24,7 @@ fn on_cluster(cluster: &RedisCluster, quota: &str) -> GatewayOptions {
 #[tokio::test]
 async fn two_gateways_share_one_quota_through_a_redis_cluster_with_tls_and_a_password() {
     const PASSWORD: &str = "cluster-pw-7e1d";
-    let dir = tempfile::tempdir().unwrap();
-    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
-    let (cert, key, password) = (dir.path().join("cert.pem"), dir.path().join("key.pem"), dir.path().join("password"));
-    std::fs::write(&cert, certified.cert.pem()).unwrap();
-    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
-    std::fs::write(&password, format!("{PASSWORD}\n")).unwrap();
+    let RedisSecrets { dir: _dir, cert, key, password } = RedisSecrets::new(PASSWORD);
     let tls = Tls { cert: cert.clone(), key, password: PASSWORD.to_owned() };
     let (sim, cluster) = (Sim::start().await, RedisCluster::start_tls(tls).await);
     assert!(cluster.url().starts_with("rediss://"));

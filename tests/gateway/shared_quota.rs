@@ -255,12 +255,7 @@ async fn the_jobs_api_works_the_same_with_jobs_in_redis() {
 #[tokio::test]
 async fn a_managed_redis_with_tls_and_a_password_is_used_and_the_password_never_shown() {
     const PASSWORD: &str = "redis-pw-s3cret-9f2c";
-    let dir = tempfile::tempdir().unwrap();
-    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
-    let (cert, key, password) = (dir.path().join("cert.pem"), dir.path().join("key.pem"), dir.path().join("password"));
-    std::fs::write(&cert, certified.cert.pem()).unwrap();
-    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
-    std::fs::write(&password, format!("{PASSWORD}\n")).unwrap();
+    let RedisSecrets { dir, cert, key, password } = RedisSecrets::new(PASSWORD);
     let (sim, redis) = (Sim::start().await, Redis::start_tls(cert.clone(), key, PASSWORD).await);
     assert!(redis.url().starts_with("rediss://"));
     let settings = |password: &std::path::Path| {

@@ -226,6 +226,28 @@ impl Redis {
     }
 }
 
+/// What a client of a managed Redis holds, in files: a self-signed certificate for 127.0.0.1 (the CA to trust),
+/// its key (for the server), and a password.
+pub struct RedisSecrets {
+    pub dir: tempfile::TempDir,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub password: PathBuf,
+}
+
+impl RedisSecrets {
+    pub fn new(password: &str) -> RedisSecrets {
+        let dir = tempfile::tempdir().unwrap();
+        let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert, certified.cert.pem()).unwrap();
+        std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+        let password_file = dir.path().join("password");
+        std::fs::write(&password_file, format!("{password}\n")).unwrap();
+        RedisSecrets { dir, cert, key, password: password_file }
+    }
+}
+
 /// A gateway process with a config written for the test.
 pub struct Gateway {
     _child: Child,
