@@ -111,3 +111,23 @@ impl ConnectionLike for Connection {
 pub fn app_keys(prefix: &str, app: &str) -> String {
     format!("{prefix}:{{{app}}}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hash tag Redis Cluster places a key by: what lies between its first `{` and the next `}`.
+    fn hash_tag(key: &str) -> &str {
+        let open = key.find('{').expect("a tag") + 1;
+        &key[open..open + key[open..].find('}').expect("a closed tag")]
+    }
+
+    #[test]
+    fn an_apps_keys_share_one_hash_tag_and_other_apps_have_their_own() {
+        let quota = format!("{}:delete_conversation", app_keys("easemob-gateway", "org#a"));
+        let job = format!("{}:jobs:ops:4f2a", app_keys("easemob-gateway", "org#a"));
+        assert_eq!(hash_tag(&quota), "org#a");
+        assert_eq!(hash_tag(&job), hash_tag(&quota), "one slot for an app's quota and its jobs");
+        assert_ne!(hash_tag(&app_keys("easemob-gateway", "org#b")), hash_tag(&quota), "apps spread over slots");
+    }
+}
