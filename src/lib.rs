@@ -55,6 +55,7 @@ pub mod server;
 pub mod shed;
 pub mod sim;
 pub mod stack;
+pub mod status;
 #[cfg(test)]
 mod testing;
 pub mod token;

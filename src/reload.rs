@@ -21,6 +21,7 @@ use crate::apps::digest_parts;
 use crate::config::{Config, SecretPolicy};
 use crate::logging::LogLevel;
 use crate::stack::Shared;
+use crate::status::StatusBoard;
 use crate::upstream::Upstream;
 
 /// Watches for reasons to reload, and reloads.
@@ -35,6 +36,8 @@ pub struct Reloader {
     /// Every worker's upstream shares its timeout with this one.
     pub upstream: Upstream,
     pub log: Option<LogLevel>,
+    /// Where the status page reads the last reload's outcome.
+    pub status: Arc<StatusBoard>,
 }
 
 /// Why a reload changed nothing: every problem, one per line.
@@ -93,6 +96,7 @@ impl Reloader {
                 metrics.config_reloads.with_label_values(&["applied"]).inc();
                 metrics.config_last_reload_successful.set(1);
                 metrics.config_restart_required.set(i64::from(!restart.is_empty()));
+                self.status.reloaded(true, &[], restart);
                 if !restart.is_empty() {
                     warn!(settings = restart.join(", "), "config reloaded; these settings take effect after a restart");
                 }
@@ -100,6 +104,7 @@ impl Reloader {
             Err(rejected) => {
                 metrics.config_reloads.with_label_values(&["rejected"]).inc();
                 metrics.config_last_reload_successful.set(0);
+                self.status.reloaded(false, &rejected.problems, &[]);
                 for problem in &rejected.problems {
                     warn!(problem = %problem, "config not reloaded; the running config stays in force");
                 }

@@ -41,6 +41,7 @@ use crate::ratelimit::{QuotaSet, RedisError};
 use crate::reload::Reloader;
 use crate::retry::SafeRetry;
 use crate::stack::{Shared, data_plane, job_plane};
+use crate::status::StatusBoard;
 use crate::trace::export::{Export, ExportSetupError};
 use crate::upstream::forward::Forward;
 use crate::upstream::{Upstream, UpstreamSetupError};
@@ -220,7 +221,9 @@ impl Server {
         drop((data, accepting));
         info!(workers = workers.len(), "data plane running");
 
-        let admin_service = AdminService { live: live.subscribe(), draining: Arc::clone(&draining) };
+        let status = StatusBoard::start(live.subscribe());
+        let admin_service =
+            AdminService { live: live.subscribe(), draining: Arc::clone(&draining), status: Arc::clone(&status) };
         // The admin listener's own limits, not the data plane's: probes must be answered while idle connections
         // pile up, which a short header timeout and a small cap of its own ensure.
         let mut admin_http = http1::Builder::new();
@@ -232,7 +235,7 @@ impl Server {
                 let admin = admin_service.clone();
                 hyper::service::service_fn(move |req| {
                     let admin = admin.clone();
-                    async move { Ok::<_, Infallible>(admin.handle(req)) }
+                    async move { Ok::<_, Infallible>(admin.handle(req).await) }
                 })
             },
             Arc::clone(&admin_graceful),
@@ -257,7 +260,7 @@ impl Server {
             });
             (follow, tokio::spawn(Runner::new(jobs, plane, shared.metrics.clone()).run()))
         });
-        let reload = Reloader { path, policy, current: config.clone(), live, upstream: upstream.clone(), log };
+        let reload = Reloader { path, policy, current: config.clone(), live, upstream: upstream.clone(), log, status };
         let reload = tokio::spawn(reload.run());
         shutdown.await;
         reload.abort();

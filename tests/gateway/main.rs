@@ -17,6 +17,7 @@ mod routes;
 mod seeds;
 mod shared_quota;
 mod sim_limits;
+mod status;
 mod support;
 mod tls;
 mod token;
