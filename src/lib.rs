@@ -20,6 +20,7 @@
 //! - `trace`     W3C trace context and the sampler; `trace/export.rs` exports a sampled request's spans over OTLP
 //! - `redact`    the secrets held, scrubbed from every answer Easemob gives before anything shows it
 //! - `error`     the gateway's own errors and the one place that turns them into Easemob-shaped answers
+//! - `redis_conn` the connection to the shared Redis, one server or a Redis Cluster, and the app's key hash tag
 //! - `config`    typed configuration (TOML + `EASEMOB_GW__…` env), read strictly; a file per section, checking itself
 //! - `metrics`   the Prometheus registry and every metric family
 //! - `server`    the gateway's life: start-up, serving, shutdown, as one short sequence

@@ -601,6 +601,7 @@ mod tests {
     fn done(job: i64, n: i64, state: OpState) -> Outcome {
         Outcome {
             job,
+            app: "o#a".to_owned(),
             job_id: String::new(),
             n,
             attempts: 1,
@@ -714,6 +715,7 @@ mod tests {
         assert_eq!(due, [1]);
         let retry = Outcome {
             job: record.seq,
+            app: "o#a".to_owned(),
             job_id: "j1".to_owned(),
             n: 1,
             attempts: 1,

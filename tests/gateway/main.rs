@@ -2,6 +2,7 @@
 
 mod access;
 mod cli;
+mod cluster;
 mod demo;
 mod forwarding;
 mod jobs;
@@ -9,6 +10,7 @@ mod lifecycle;
 mod ops;
 mod otlp;
 mod quota;
+mod redis_cluster;
 mod reload;
 mod resilience;
 mod routes;
