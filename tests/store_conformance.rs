@@ -251,6 +251,25 @@ async fn each_route_is_claimed_up_to_the_limit_of_its_own(b: &mut Backend) {
     assert_eq!(indexes(&b.store.claim(1_000, 2).await.unwrap()), [2, 3], "the next ones, in order");
 }
 
+async fn the_apps_take_turns_at_a_routes_claims(b: &mut Backend) {
+    let (mut first, mut second) = (job("j1", None, clears(3)), job("j2", None, clears(3)));
+    second.0.app = "o#b".to_owned();
+    first.0.now_ms = 500; // the older job: the earliest due of all
+    create(&b.store, first).await;
+    create(&b.store, second).await;
+    let apps: Vec<String> = {
+        let mut apps = Vec::new();
+        for _ in 0..4 {
+            let claimed = b.store.claim(1_000, 1).await.unwrap();
+            assert_eq!(claimed.len(), 1, "one route, a limit of 1: {claimed:?}");
+            apps.push(claimed[0].app.clone());
+        }
+        apps
+    };
+    assert_ne!(apps[0], apps[1], "neither app's job holds back the other's: {apps:?}");
+    assert_eq!((&apps[0], &apps[1]), (&apps[2], &apps[3]), "in turn: {apps:?}");
+}
+
 async fn a_cancel_drops_what_is_pending_and_an_operation_in_flight_still_counts(b: &mut Backend) {
     let other = create(&b.store, job("j0", None, clears(1))).await;
     create(&b.store, job("j1", None, clears(3))).await;
@@ -407,6 +426,7 @@ conformance!(
     an_idempotency_key_returns_the_first_job,
     a_release_gives_back_that_operation_alone,
     each_route_is_claimed_up_to_the_limit_of_its_own,
+    the_apps_take_turns_at_a_routes_claims,
     a_cancel_drops_what_is_pending_and_an_operation_in_flight_still_counts,
     what_a_crashed_holder_claimed_is_due_again,
     a_release_and_a_retry_outlive_a_crash,

@@ -83,10 +83,9 @@ pub trait JobStore: Send + Sync {
     /// Whether `app`'s job was cancelled, by this process or another.
     fn is_cancelled<'a>(&'a self, app: &'a str, job_id: &'a str) -> Pending<'a, bool>;
 
-    /// Claims up to `limit` operations of each route due at `now_ms` and held by no one: each route's earliest
-    /// due first, so that one route's long job never holds back the others (they have quotas of their own). With
-    /// several apps, Redis keeps each app's queues apart (in its own cluster slot) and takes the apps in turn,
-    /// earliest first within each; SQLite takes the earliest of all.
+    /// Claims up to `limit` operations of each route due at `now_ms` and held by no one, so that one route's long
+    /// job never holds back the others (they have quotas of their own). The apps take turns at being first (one
+    /// app's long job never holds back another's), and within an app each route's earliest due comes first.
     fn claim(&self, now_ms: i64, limit: usize) -> Pending<'_, Vec<Due>>;
 
     /// When the next pending operation falls due after `now_ms`, if one does.

@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
@@ -43,6 +43,8 @@ pub struct LocalStore {
     /// Operations claimed (by job `seq` and index) and not yet recorded or released. Kept in memory: a claim dies
     /// with the process, and the next one finds the operation due again.
     claimed: Arc<Mutex<HashSet<(i64, i64)>>>,
+    /// Which app the next claim starts with: they take turns.
+    turn: Arc<AtomicUsize>,
 }
 
 impl LocalStore {
@@ -62,6 +64,7 @@ impl LocalStore {
             conn: Arc::new(Mutex::new(conn)),
             healthy: Arc::new(AtomicBool::new(true)),
             claimed: Arc::default(),
+            turn: Arc::default(),
         })
     }
 
@@ -266,38 +269,48 @@ impl LocalStore {
     /// order (the earliest due first, then by job and index).
     pub async fn claim(&self, now_ms: i64, limit: usize) -> Result<Vec<Due>, StoreError> {
         let claimed = Arc::clone(&self.claimed);
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
         self.run(Access::Read, move |conn| {
             let mut claimed = claimed.lock().expect("claims lock");
+            let mut apps: Vec<String> = conn
+                .prepare_cached("SELECT DISTINCT app FROM jobs WHERE state IN ('queued', 'running') ORDER BY app")?
+                .query_map([], |row| row.get(0))?
+                .collect::<Result<_, _>>()?;
+            // The apps take turns at being first, so that one app's long job never holds back another's.
+            let first = turn % apps.len().max(1);
+            apps.rotate_left(first);
             // Enough rows that `limit` of them are not claimed yet, whatever is.
             let rows = (limit + claimed.len()) as i64;
             let mut select = conn.prepare_cached(
                 "SELECT o.job, j.id, j.app, j.caller, o.n, o.route, o.path, o.body, o.user, o.attempts
                  FROM operations o JOIN jobs j ON j.seq = o.job
-                 WHERE o.state = 'pending' AND o.route = ?1 AND o.not_before_ms <= ?2
+                 WHERE o.state = 'pending' AND o.route = ?1 AND o.not_before_ms <= ?2 AND j.app = ?4
                  ORDER BY o.not_before_ms, o.job, o.n LIMIT ?3",
             )?;
             let mut due = Vec::new();
             for route in Route::ALL {
-                let found = select.query_map(params![route.name(), now_ms, rows], |row| {
-                    Ok(Due {
-                        job: row.get(0)?,
-                        job_id: row.get(1)?,
-                        app: row.get(2)?,
-                        caller: row.get(3)?,
-                        n: row.get(4)?,
-                        route: row.get(5)?,
-                        path: row.get(6)?,
-                        body: row.get(7)?,
-                        user: row.get(8)?,
-                        attempts: row.get(9)?,
-                    })
-                })?;
                 let mut taken = 0;
-                for row in found {
-                    let row = row?;
-                    if taken < limit && claimed.insert(row.key()) {
-                        taken += 1;
-                        due.push(row);
+                for app in &apps {
+                    let found = select.query_map(params![route.name(), now_ms, rows, app], |row| {
+                        Ok(Due {
+                            job: row.get(0)?,
+                            job_id: row.get(1)?,
+                            app: row.get(2)?,
+                            caller: row.get(3)?,
+                            n: row.get(4)?,
+                            route: row.get(5)?,
+                            path: row.get(6)?,
+                            body: row.get(7)?,
+                            user: row.get(8)?,
+                            attempts: row.get(9)?,
+                        })
+                    })?;
+                    for row in found {
+                        let row = row?;
+                        if taken < limit && claimed.insert(row.key()) {
+                            taken += 1;
+                            due.push(row);
+                        }
                     }
                 }
             }
