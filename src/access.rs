@@ -207,7 +207,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_layer_refuses_before_the_inner_service_and_names_the_caller_after() {
-        use crate::error::ErrorKind;
+        use crate::exchange::ErrorKind;
         use crate::exchange::Marks;
         let forbidden = through(access(&["10.0.0.0/8"], &[]), "192.0.2.1", &[]).await;
         assert_eq!((forbidden.status().as_u16(), forbidden.rejection()), (403, Some(ErrorKind::Forbidden)));

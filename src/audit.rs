@@ -229,7 +229,7 @@ where
     type Response = Answer;
     type Error = GatewayError;
     /// Without an audit trail, the inner future itself: nothing to box.
-    type Future = Either<S::Future, Waiting>;
+    type Future = Either<S::Future, Waiting<GatewayError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
         self.inner.poll_ready(cx)

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Response, StatusCode, header};
 
-use crate::exchange::{Answer, Labels, Marks, Stamped};
+use crate::exchange::{Answer, ErrorKind, Labels, Marks, Stamped};
 use crate::ratelimit::{RATELIMIT, RATELIMIT_POLICY, RateLimitHeaders, retry_after_secs};
 use crate::routes::validate::{MAX_MSG_IDS, ValidationError};
 
@@ -78,74 +78,29 @@ pub enum GatewayError {
     JobsDisabled,
 }
 
-/// Which error a gateway-made answer stands for: the mark it carries to the layers above the rescue (observe),
-/// one byte where the error itself would be a hundred.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ErrorKind {
-    UnknownRoute,
-    MethodNotAllowed,
-    UnknownApp,
-    Invalid,
-    BodyTooLarge,
-    HeadTooLarge,
-    BodyUnreadable,
-    BodyTimeout,
-    RateLimited,
-    Forbidden,
-    Unauthenticated,
-    Overloaded,
-    NoToken,
-    UpstreamUnreachable,
-    UpstreamTimeout,
-    UpstreamFailed,
-    Internal,
-    JobNotFound,
-    InvalidJob,
-    TooManyOperations,
-    OperationTooLarge,
-    IdempotencyConflict,
-    JobsUnavailable,
-    JobsDisabled,
-}
-
-impl ErrorKind {
-    /// A short, stable name: the `reason` label of metrics and log lines, so cardinality stays bounded.
-    pub fn label(self) -> &'static str {
-        match self {
-            ErrorKind::UnknownRoute => "unknown_route",
-            ErrorKind::MethodNotAllowed => "method_not_allowed",
-            ErrorKind::UnknownApp => "unknown_app",
-            ErrorKind::Invalid => "invalid",
-            ErrorKind::BodyTooLarge => "body_too_large",
-            ErrorKind::HeadTooLarge => "head_too_large",
-            ErrorKind::BodyUnreadable => "body_unreadable",
-            ErrorKind::BodyTimeout => "body_timeout",
-            ErrorKind::RateLimited => "rate_limited",
-            ErrorKind::Forbidden => "forbidden",
-            ErrorKind::Unauthenticated => "unauthenticated",
-            ErrorKind::Overloaded => "overloaded",
-            ErrorKind::NoToken => "no_token",
-            ErrorKind::UpstreamUnreachable => "upstream_unreachable",
-            ErrorKind::UpstreamTimeout => "upstream_timeout",
-            ErrorKind::UpstreamFailed => "upstream_failed",
-            ErrorKind::Internal => "internal",
-            ErrorKind::JobNotFound => "job_not_found",
-            ErrorKind::InvalidJob => "invalid_job",
-            ErrorKind::TooManyOperations => "too_many_operations",
-            ErrorKind::OperationTooLarge => "operation_too_large",
-            ErrorKind::IdempotencyConflict => "idempotency_conflict",
-            ErrorKind::JobsUnavailable => "jobs_unavailable",
-            ErrorKind::JobsDisabled => "jobs_disabled",
-        }
-    }
-}
-
 /// What the layers above validation fail with: the error, and who it is about as far as the request named its
 /// app and route (validation fills them in), for the answer's log line, metrics and `RateLimit-Policy`.
 #[derive(Debug)]
 pub struct Failure {
     pub error: GatewayError,
     pub labels: Labels,
+}
+
+impl Failure {
+    /// A handler's answer or failure, labelled with `labels` (a lane's answer stating its policy).
+    #[expect(
+        clippy::result_large_err,
+        reason = "the answer beside it is larger still, so the result is no larger; a box would allocate per refusal"
+    )]
+    pub fn labelled(result: Result<Answer, GatewayError>, labels: Labels) -> Result<Answer, Failure> {
+        match result {
+            Ok(mut answer) => {
+                labels.apply(&mut answer);
+                Ok(answer)
+            }
+            Err(error) => Err(Failure { error, labels }),
+        }
+    }
 }
 
 impl From<GatewayError> for Failure {
@@ -196,10 +151,7 @@ impl GatewayError {
                 format!("easemob-gateway serves only the six one-way deletion routes; {hint}"),
             ),
             GatewayError::MethodNotAllowed { allow } => Shape {
-                headers: [
-                    Some((header::ALLOW, HeaderValue::from_str(allow.as_str()).expect("a method is a value"))),
-                    None,
-                ],
+                headers: [Some((header::ALLOW, HeaderValue::from_str(allow.as_str()).expect("a method"))), None],
                 ..rejected(S::METHOD_NOT_ALLOWED, "method_not_allowed", format!("this route accepts only {allow}"))
             },
             GatewayError::UnknownApp => rejected(
@@ -233,17 +185,16 @@ impl GatewayError {
             GatewayError::Unauthenticated => {
                 rejected(S::UNAUTHORIZED, "gateway_key_required", "send a known key in one X-Gateway-Key header")
             }
-            GatewayError::Overloaded => Shape {
-                retry_after: Some(Duration::from_secs(1)),
-                ..unavailable("the gateway is at its limit of requests in flight; retry shortly")
-            },
-            GatewayError::NoToken { retry_after } => Shape {
-                retry_after: Some(retry_after),
-                ..unavailable(format!(
+            GatewayError::Overloaded => {
+                unavailable("the gateway is at its limit of requests in flight; retry shortly", Duration::from_secs(1))
+            }
+            GatewayError::NoToken { retry_after } => unavailable(
+                format!(
                     "the gateway holds no valid Easemob app token yet; retry after {}s",
                     retry_after_secs(retry_after)
-                ))
-            },
+                ),
+                retry_after,
+            ),
             GatewayError::UpstreamUnreachable { .. } => {
                 upstream(S::BAD_GATEWAY, "upstream_unreachable", "Easemob could not be reached")
             }
@@ -279,10 +230,10 @@ impl GatewayError {
                 "idempotency_key_reused",
                 "this Idempotency-Key was used for a different job request",
             ),
-            GatewayError::JobsUnavailable => Shape {
-                retry_after: Some(Duration::from_secs(5)),
-                ..unavailable("the jobs store cannot keep new work right now; nothing was accepted")
-            },
+            GatewayError::JobsUnavailable => unavailable(
+                "the jobs store cannot keep new work right now; nothing was accepted",
+                Duration::from_secs(5),
+            ),
             GatewayError::JobsDisabled => rejected(
                 S::NOT_FOUND,
                 "jobs_disabled",
@@ -335,9 +286,12 @@ fn rejected(status: StatusCode, error: &'static str, description: impl Into<Cow<
     Shape { status, error, description, origin: REJECTED, retry_after: None, headers: [None, None] }
 }
 
-/// A 503 the caller may retry later.
-fn unavailable(description: impl Into<Cow<'static, str>>) -> Shape {
-    rejected(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", description)
+/// A 503 the caller may retry after `retry_after`.
+fn unavailable(description: impl Into<Cow<'static, str>>, retry_after: Duration) -> Shape {
+    Shape {
+        retry_after: Some(retry_after),
+        ..rejected(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", description)
+    }
 }
 
 /// An answer the gateway could not get from Easemob.

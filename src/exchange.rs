@@ -13,7 +13,6 @@ use http::{HeaderValue, Response};
 use http_body_util::Full;
 
 use crate::apps::{App, Lane};
-use crate::error::{ErrorKind, GatewayError};
 use crate::ratelimit::{RATELIMIT_POLICY, RateLimitHeaders};
 use crate::routes::Route;
 use crate::routes::validate::Call;
@@ -64,8 +63,9 @@ impl http_body::Body for Stamped {
 }
 
 /// An answer a layer has to wait for (a quota slot, a token fetch, a body, Easemob): the one boxed future shape.
-/// Below validation a layer fails with a [`GatewayError`]; above it, with a [`Failure`](crate::error::Failure).
-pub type Waiting<E = GatewayError> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Answer, E>> + Send>>;
+/// Below validation a layer fails with a [`GatewayError`](crate::error::GatewayError); above it, with a
+/// [`Failure`](crate::error::Failure).
+pub type Waiting<E> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Answer, E>> + Send>>;
 
 /// One attempt at a validated call: the request as validation fixed it, immutable and shared by every attempt
 /// (reached through `Deref`: `exchange.app`, `exchange.call`), and what the layer that sends this attempt decided
@@ -126,7 +126,9 @@ pub struct Validated {
 
 /// The end of the time Easemob has for a request: fixed once, by its first send (waiting for a token or a quota
 /// slot does not eat into Easemob's time, as `upstream.timeout` promises), and the same for every later attempt,
-/// so a retry or a replay never stretches the caller's wait. Nothing carries it back up or down again.
+/// so a retry or a replay never stretches the caller's wait. Nothing carries it back up or down again. Not tower's
+/// `Timeout` layer: its clock starts where it sits, so above the token and the quota it would count their waits as
+/// Easemob's time, and below the retry it would give each attempt a time of its own.
 #[derive(Default)]
 pub struct Deadline(std::sync::OnceLock<tokio::time::Instant>);
 
@@ -242,6 +244,68 @@ impl std::fmt::Debug for Labels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let app = self.app.as_ref().map(|app| app.key.as_str());
         f.debug_struct("Labels").field("app", &app).field("route", &self.route).finish_non_exhaustive()
+    }
+}
+
+/// Which error a gateway-made answer stands for: the mark it carries to the layers above the rescue (observe),
+/// one byte where the error itself would be a hundred.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    UnknownRoute,
+    MethodNotAllowed,
+    UnknownApp,
+    Invalid,
+    BodyTooLarge,
+    HeadTooLarge,
+    BodyUnreadable,
+    BodyTimeout,
+    RateLimited,
+    Forbidden,
+    Unauthenticated,
+    Overloaded,
+    NoToken,
+    UpstreamUnreachable,
+    UpstreamTimeout,
+    UpstreamFailed,
+    Internal,
+    JobNotFound,
+    InvalidJob,
+    TooManyOperations,
+    OperationTooLarge,
+    IdempotencyConflict,
+    JobsUnavailable,
+    JobsDisabled,
+}
+
+impl ErrorKind {
+    /// A short, stable name: the `reason` label of metrics and log lines, so cardinality stays bounded.
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::UnknownRoute => "unknown_route",
+            ErrorKind::MethodNotAllowed => "method_not_allowed",
+            ErrorKind::UnknownApp => "unknown_app",
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::BodyTooLarge => "body_too_large",
+            ErrorKind::HeadTooLarge => "head_too_large",
+            ErrorKind::BodyUnreadable => "body_unreadable",
+            ErrorKind::BodyTimeout => "body_timeout",
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::Forbidden => "forbidden",
+            ErrorKind::Unauthenticated => "unauthenticated",
+            ErrorKind::Overloaded => "overloaded",
+            ErrorKind::NoToken => "no_token",
+            ErrorKind::UpstreamUnreachable => "upstream_unreachable",
+            ErrorKind::UpstreamTimeout => "upstream_timeout",
+            ErrorKind::UpstreamFailed => "upstream_failed",
+            ErrorKind::Internal => "internal",
+            ErrorKind::JobNotFound => "job_not_found",
+            ErrorKind::InvalidJob => "invalid_job",
+            ErrorKind::TooManyOperations => "too_many_operations",
+            ErrorKind::OperationTooLarge => "operation_too_large",
+            ErrorKind::IdempotencyConflict => "idempotency_conflict",
+            ErrorKind::JobsUnavailable => "jobs_unavailable",
+            ErrorKind::JobsDisabled => "jobs_disabled",
+        }
     }
 }
 

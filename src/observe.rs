@@ -14,7 +14,8 @@ use http::{HeaderValue, Request, StatusCode};
 use tower::{Layer, Service};
 use tracing::info;
 
-use crate::error::{ErrorKind, GatewayError};
+use crate::error::GatewayError;
+use crate::exchange::ErrorKind;
 use crate::exchange::{Answer, Marks, Stamp};
 use crate::metrics::{Metrics, NONE};
 use crate::request_id::X_REQUEST_ID;

@@ -98,7 +98,8 @@ mod tests {
     use tower::{ServiceExt, service_fn};
 
     use super::*;
-    use crate::error::{ErrorKind, GATEWAY_HEADER, GatewayError};
+    use crate::error::{GATEWAY_HEADER, GatewayError};
+    use crate::exchange::ErrorKind;
     use crate::exchange::{Labels, Marks};
     use crate::ratelimit::{RATELIMIT_POLICY, RateLimitHeaders};
     use crate::routes::Route;

@@ -76,7 +76,9 @@ where
                 Err(e) => Err(e.into()),
             },
             Some(Resolved { app, endpoint: Endpoint::Token }) => {
-                token(&self.apps, app, request.method(), request.headers())
+                let mut labels = traced(request.headers());
+                let answered = token(&self.apps, app, request.method(), &mut labels);
+                Failure::labelled(answered, labels)
             }
             None => Err(Failure {
                 error: GatewayError::UnknownRoute { hint: "no route has this path" },
@@ -87,20 +89,19 @@ where
     }
 }
 
-/// The SDK drop-in's answer: the placeholder for the app named, to a `POST`.
-fn token(apps: &Apps, named: Option<(&str, &str)>, method: &Method, headers: &HeaderMap) -> Result<Answer, Failure> {
-    let mut labels = traced(headers);
+/// The SDK drop-in's answer: the placeholder for the app named, to a `POST`; `labels` name the app once found.
+fn token(
+    apps: &Apps,
+    named: Option<(&str, &str)>,
+    method: &Method,
+    labels: &mut Labels,
+) -> Result<Answer, GatewayError> {
     if method != Method::POST {
-        return Err(Failure { error: GatewayError::MethodNotAllowed { allow: Method::POST }, labels });
+        return Err(GatewayError::MethodNotAllowed { allow: Method::POST });
     }
-    let app = match find(apps, named) {
-        Ok(app) => app,
-        Err(error) => return Err(Failure { error, labels }),
-    };
-    let mut answer = placeholder::answer(app);
+    let app = find(apps, named)?;
     labels.app = Some(Arc::clone(app));
-    labels.apply(&mut answer);
-    Ok(answer)
+    Ok(placeholder::answer(app))
 }
 
 /// The labels of a request that named no operation: its trace id alone, for its log line.
@@ -118,7 +119,7 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
-    use crate::error::ErrorKind;
+    use crate::exchange::ErrorKind;
     use crate::exchange::Marks;
     use crate::rescue::RescueLayer;
     use crate::routes::Route;
@@ -150,7 +151,7 @@ mod tests {
         (answer, calls.load(Ordering::SeqCst))
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn each_path_goes_to_its_handler_and_others_are_refused_here() {
         let (answer, calls) = send(Method::POST, "/o/a/rest/message/roaming/user/Dave/delete/all").await;
         assert_eq!((answer.status(), calls), (StatusCode::OK, 1), "the Easemob stack");
@@ -162,7 +163,7 @@ mod tests {
         assert_eq!((answer.status().as_u16(), answer.rejection(), calls), (404, Some(ErrorKind::JobsDisabled), 0));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn the_sdk_token_request_gets_a_placeholder_and_never_the_real_token() {
         let (answer, calls) = send(Method::POST, "/o/a/token").await;
         assert_eq!((answer.status(), calls), (StatusCode::OK, 0));

@@ -126,7 +126,7 @@ mod tests {
         }
         let shed = service.clone().oneshot(request()).await.unwrap();
         assert_eq!(shed.status(), 503);
-        assert_eq!(shed.rejection(), Some(crate::error::ErrorKind::Overloaded));
+        assert_eq!(shed.rejection(), Some(crate::exchange::ErrorKind::Overloaded));
         assert_eq!(shed.headers()["retry-after"], "1");
         release.send(()).unwrap();
         assert_eq!(holding.await.unwrap().unwrap().status(), 200);

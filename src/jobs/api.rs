@@ -85,13 +85,7 @@ impl JobsApi {
         let api = self.clone();
         Box::pin(async move {
             let labels = Labels { app: Some(Arc::clone(&target.app)), ..Labels::default() };
-            match api.serve(&target, request).await {
-                Ok(mut answer) => {
-                    labels.apply(&mut answer);
-                    Ok(answer)
-                }
-                Err(error) => Err(Failure { error, labels }),
-            }
+            Failure::labelled(api.serve(&target, request).await, labels)
         })
     }
 

@@ -49,7 +49,7 @@ where
 {
     type Response = Answer;
     type Error = GatewayError;
-    type Future = Either<S::Future, Waiting>;
+    type Future = Either<S::Future, Waiting<GatewayError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
         self.inner.poll_ready(cx)

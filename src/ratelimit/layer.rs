@@ -52,7 +52,7 @@ where
     type Response = Answer;
     type Error = GatewayError;
     /// Decided at once (the common case): a named future, no box. Waiting for a slot: boxed.
-    type Future = Either<Slotted<S::Future>, Waiting>;
+    type Future = Either<Slotted<S::Future>, Waiting<GatewayError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
         self.inner.poll_ready(cx)
@@ -175,7 +175,7 @@ mod tests {
 
     use super::*;
     use crate::config::RateLimitConfig;
-    use crate::error::ErrorKind;
+    use crate::exchange::ErrorKind;
     use crate::exchange::{AttemptKind, Marks};
     use crate::ratelimit::tests::{A, clear, limit, refusing};
     use crate::testing::{self, ScriptedFetch};

@@ -92,7 +92,7 @@ where
     type Error = Failure;
     /// Decided from the request line (five routes of six, and every refusal there): a named future, no box.
     /// With a body to read first (`delete_conversation`): boxed.
-    type Future = Labelled<Either<Either<S::Future, Ready<Result<Answer, GatewayError>>>, Waiting>>;
+    type Future = Labelled<Either<Either<S::Future, Ready<Result<Answer, GatewayError>>>, Waiting<GatewayError>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
         self.inner.poll_ready(cx).map_err(Failure::from)
@@ -127,7 +127,7 @@ where
                     let owner = located.owner(parts.uri.path());
                     let exchange = call(&parts, located.route, owner, &body, &app, started, asked)?;
                     inner.oneshot(exchange).await
-                }) as Waiting)
+                }) as Waiting<GatewayError>)
             }
         };
         Labelled { answer, labels: Some(labels) }
@@ -238,14 +238,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = std::task::ready!(this.answer.poll(cx));
-        let labels = this.labels.take().expect("polled after completion");
-        Poll::Ready(match result {
-            Ok(mut answer) => {
-                labels.apply(&mut answer);
-                Ok(answer)
-            }
-            Err(error) => Err(Failure { error, labels }),
-        })
+        Poll::Ready(Failure::labelled(result, this.labels.take().expect("polled after completion")))
     }
 }
 
@@ -330,7 +323,7 @@ mod tests {
     use tower::util::MapRequestLayer;
 
     use super::*;
-    use crate::error::ErrorKind;
+    use crate::exchange::ErrorKind;
     use crate::exchange::Marks;
     use crate::ratelimit::RATELIMIT_POLICY;
     use crate::rescue::RescueLayer;

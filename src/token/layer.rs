@@ -54,7 +54,7 @@ where
     type Response = Answer;
     type Error = GatewayError;
     /// With a token at hand (the common case) a named future, no box; waiting for a fetch, boxed.
-    type Future = Either<Attempt<S>, Waiting>;
+    type Future = Either<Attempt<S>, Waiting<GatewayError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
         self.inner.poll_ready(cx)
@@ -87,7 +87,7 @@ pin_project_lite::pin_project! {
     #[project = AttemptProj]
     pub enum Attempt<S> where S: Service<Exchange> {
         First { #[pin] answer: S::Future, replay: Option<Replay<S>> },
-        Replaying { answer: Waiting },
+        Replaying { answer: Waiting<GatewayError> },
     }
 }
 
@@ -130,7 +130,10 @@ where
 {
     /// The first result, or the replay to wait for instead: when Easemob refused (401) a token that is still the
     /// current one (it died early, as Easemob warns it can), it is replaced once and the call replayed.
-    fn after(self, result: Result<Answer, GatewayError>) -> Result<Result<Answer, GatewayError>, Waiting> {
+    fn after(
+        self,
+        result: Result<Answer, GatewayError>,
+    ) -> Result<Result<Answer, GatewayError>, Waiting<GatewayError>> {
         let Replay { mut inner, exchange, token, replays } = self;
         // The gateway's own failure: Easemob said nothing of the token.
         let Ok(answer) = result else { return Ok(result) };
@@ -179,7 +182,7 @@ mod tests {
     use http::HeaderValue;
 
     use super::*;
-    use crate::error::ErrorKind;
+    use crate::exchange::ErrorKind;
     use crate::exchange::Marks;
     use crate::ratelimit::RateLimitHeaders;
     use crate::testing::{self, ScriptedFetch, refused};

@@ -39,7 +39,7 @@ impl Forward {
 impl Service<Exchange> for Forward {
     type Response = Answer;
     type Error = GatewayError;
-    type Future = Waiting;
+    type Future = Waiting<GatewayError>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
         // The pool is the readiness here, and it waits inside the call (bounded by the deadline).
