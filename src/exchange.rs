@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
-use std::time::Instant;
 
 use bytes::Bytes;
 use http::uri::PathAndQuery;
@@ -102,8 +101,6 @@ pub enum AttemptKind {
 pub struct Validated {
     pub app: Arc<App>,
     pub call: Call,
-    /// When the request arrived (for the envelope's `duration`).
-    pub started: Instant,
     pub request_id: Option<HeaderValue>,
     /// The request's path and query as the caller sent them: what Easemob gets, shared, when it already is the
     /// canonical form (`Upstream::uri`). `None` for a job's operations.

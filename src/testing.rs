@@ -104,7 +104,6 @@ pub fn exchange(app: &Arc<App>, call: Call) -> Exchange {
     Exchange::new(Validated {
         app: Arc::clone(app),
         call,
-        started: std::time::Instant::now(),
         request_id: None,
         received: None,
         caller: None,

@@ -44,7 +44,6 @@ where
         Validated {
             app,
             call,
-            started: std::time::Instant::now(),
             request_id: HeaderValue::try_from(format!("job-{}.{}", due.job_id, due.n)).ok(),
             received: None,
             caller: due.caller.as_deref().map(Arc::from),

@@ -99,7 +99,6 @@ where
     }
 
     fn call(&mut self, routed: Routed<B>) -> Self::Future {
-        let started = Instant::now();
         let Routed { request, located } = routed;
         let (parts, body) = request.into_parts();
         let mut asked = Asked {
@@ -108,7 +107,7 @@ where
             respond_async: self.respond_async && prefers_async(&parts.headers),
         };
         if let Some(export) = &self.export {
-            asked.spans = export.record(&mut asked.trace, &parts.headers, started);
+            asked.spans = export.record(&mut asked.trace, &parts.headers, Instant::now());
         }
         let mut labels = Labels {
             trace_id: NonZeroU128::new(asked.trace.trace_id),
@@ -116,7 +115,7 @@ where
             route: Some(located.route),
             ..Labels::default()
         };
-        let answer = match edge(&parts, &located, &self.apps, started, &asked, &mut labels) {
+        let answer = match edge(&parts, &located, &self.apps, &asked, &mut labels) {
             Err(e) => Either::Left(Either::Right(ready(Err(e)))),
             Ok(Some(exchange)) => Either::Left(Either::Left(self.inner.call(exchange))),
             Ok(None) => {
@@ -125,7 +124,7 @@ where
                 Either::Right(Box::pin(async move {
                     let body = read_body(body, timeout, MAX_BODY_BYTES).await?;
                     let owner = located.owner(parts.uri.path());
-                    let exchange = call(&parts, located.route, owner, &body, &app, started, asked)?;
+                    let exchange = call(&parts, located.route, owner, &body, &app, asked)?;
                     inner.oneshot(exchange).await
                 }) as Waiting<GatewayError>)
             }
@@ -140,7 +139,6 @@ fn edge(
     parts: &Parts,
     located: &Located,
     apps: &Apps,
-    started: Instant,
     asked: &Asked,
     labels: &mut Labels,
 ) -> Result<Option<Exchange>, GatewayError> {
@@ -154,7 +152,7 @@ fn edge(
     match route {
         Route::DeleteConversation => Ok(None),
         // The five roaming routes take no body: whatever was sent is ignored, never forwarded.
-        _ => Ok(Some(call(parts, route, located.owner(path), b"", app, started, asked.clone())?)),
+        _ => Ok(Some(call(parts, route, located.owner(path), b"", app, asked.clone())?)),
     }
 }
 
@@ -186,7 +184,6 @@ fn call(
     owner: &str,
     body: &[u8],
     app: &Arc<App>,
-    started: Instant,
     asked: Asked,
 ) -> Result<Exchange, ValidationError> {
     let call = Call::parse(route, owner, parts.uri.query(), body, unix_millis() as i64)?;
@@ -194,7 +191,6 @@ fn call(
     Ok(Exchange::new(Validated {
         app: Arc::clone(app),
         call,
-        started,
         request_id: parts.headers.get(X_REQUEST_ID).cloned(),
         received: parts.uri.path_and_query().cloned(),
         caller,
