@@ -4,7 +4,7 @@ reporting answers, unexpected failures, the gateway's RSS and open file descript
 
     bench/soak.py [--minutes 10] [--workers 8] [--interval 10]
 
-Everything runs on 127.0.0.1 with ports chosen by the OS. Uses the release binary (built when missing).
+Everything runs on 127.0.0.1 with ports chosen by the OS. Uses the `dist` binary (fat LTO; built when missing).
 Exit status 1 if any request got no definite answer (a connection error, a timeout, or a 5xx other than the
 injected ones), else 0.
 """
@@ -21,7 +21,7 @@ import time
 from collections import Counter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "easemob-gateway")
+BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "dist", "easemob-gateway")
 ORG, APP, GROUP = "1122161011178276", "demo", "172839405612345"
 
 
@@ -77,7 +77,7 @@ def main():
     parser.add_argument("--interval", type=float, default=10)
     args = parser.parse_args()
     if not os.path.exists(BIN):
-        subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+        subprocess.run(["cargo", "build", "--profile", "dist", "--quiet"], cwd=ROOT, check=True)
 
     work = tempfile.mkdtemp(prefix="easemob-soak-")
     logs = open(os.path.join(work, "logs.txt"), "w")

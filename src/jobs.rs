@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::sync::{Notify, Semaphore, SemaphorePermit};
+use tracing::warn;
 
 use crate::apps::App;
 use crate::config::JobsConfig;
@@ -54,6 +55,50 @@ struct JobsInner {
     /// Turns to read a job request ([`INTAKES_AT_ONCE`]).
     intakes: Semaphore,
     parser: intake::Parser,
+}
+
+/// A job being read: its operations are staged under its id as they come. Dropped before it is submitted (the
+/// request refused, or its client gone), what it staged is discarded.
+pub struct Staging {
+    jobs: Jobs,
+    id: String,
+    created: bool,
+}
+
+impl Staging {
+    /// Stages operations `from..` of the job.
+    pub async fn stage(&self, from: usize, operations: Vec<NewOperation>) -> Result<(), StoreError> {
+        self.jobs.store().stage(&self.id, from, operations).await
+    }
+
+    /// Creates the job of what was staged (or finds the one its idempotency key made), and tells the scheduler.
+    pub async fn submit(
+        mut self,
+        app: &App,
+        caller: Option<&str>,
+        idempotency_key: Option<&str>,
+        request_sha256: Option<String>,
+    ) -> Result<Created, StoreError> {
+        let created = self.jobs.create(self.id.clone(), app, caller, idempotency_key, request_sha256).await;
+        self.created = created.is_ok();
+        created
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if self.created {
+            return;
+        }
+        let (store, id) = (self.jobs.store().clone(), std::mem::take(&mut self.id));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = store.discard(&id).await {
+                    warn!(job = %id, error = %e, "could not discard the operations of a job that was not created");
+                }
+            });
+        }
+    }
 }
 
 impl Jobs {
@@ -89,27 +134,44 @@ impl Jobs {
         self.0.store.is_healthy()
     }
 
-    /// Stores a job (or finds the one its idempotency key made) and tells the scheduler.
-    pub async fn submit(
+    /// Creates the job `id` of the operations staged under it (or finds the one its idempotency key made), and
+    /// tells the scheduler.
+    async fn create(
         &self,
+        id: String,
         app: &App,
         caller: Option<&str>,
         idempotency_key: Option<&str>,
         request_sha256: Option<String>,
-        operations: Vec<NewOperation>,
     ) -> Result<Created, StoreError> {
         let job = NewJob {
-            id: uuid::Uuid::new_v4().simple().to_string(),
+            id,
             app: app.key.as_str().to_owned(),
             caller: caller.map(str::to_owned),
             idempotency_key: idempotency_key.map(str::to_owned),
             request_sha256,
-            operations,
             now_ms: self.0.clock.now_ms(),
         };
         let created = self.0.store.create(job).await?;
         self.0.wake.notify_one();
         Ok(created)
+    }
+
+    /// Stores one call as a job of its own.
+    pub async fn submit_one(
+        &self,
+        app: &App,
+        caller: Option<&str>,
+        operation: NewOperation,
+    ) -> Result<Created, StoreError> {
+        let staging = self.staging();
+        staging.stage(0, vec![operation]).await?;
+        staging.submit(app, caller, None, None).await
+    }
+
+    /// A new job, to stage its operations under as they are read.
+    pub fn staging(&self) -> Staging {
+        Staging { jobs: self.clone(), id: uuid::Uuid::new_v4().simple().to_string(), created: false }
     }
 
     /// Cancels a job; `None` if `app` has no such job.

@@ -57,6 +57,30 @@ impl Backend {
         };
         self.store.reap().await.unwrap();
     }
+
+    /// What the store keeps for good of a job's staged operations: SQLite's rows of them, or Redis keys of the job
+    /// that will not expire.
+    async fn kept_for_good(&self, job_id: &str) -> usize {
+        match &self.keeper {
+            Keeper::Sqlite(dir) => {
+                let db = rusqlite::Connection::open(dir.path().join("jobs.db")).unwrap();
+                db.query_row("SELECT COUNT(*) FROM staged WHERE job_id = ?1", [job_id], |row| row.get::<_, i64>(0))
+                    .unwrap() as usize
+            }
+            Keeper::Redis(server) => {
+                let mut conn =
+                    ::redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+                let keys: Vec<String> =
+                    ::redis::cmd("KEYS").arg(format!("*:{job_id}*")).query_async(&mut conn).await.unwrap();
+                let mut kept = 0;
+                for key in keys {
+                    let ttl: i64 = ::redis::cmd("PTTL").arg(&key).query_async(&mut conn).await.unwrap();
+                    kept += usize::from(ttl == -1);
+                }
+                kept
+            }
+        }
+    }
 }
 
 fn shared(redis: &support::Redis) -> Store {
@@ -76,20 +100,25 @@ fn clears(n: usize) -> Vec<NewOperation> {
     (0..n).map(|_| op("clear_user_messages", None)).collect()
 }
 
-fn job(id: &str, key: Option<&str>, operations: Vec<NewOperation>) -> NewJob {
-    NewJob {
+/// A job and its operations, to stage and create as the jobs API does.
+fn job(id: &str, key: Option<&str>, operations: Vec<NewOperation>) -> (NewJob, Vec<NewOperation>) {
+    let new = NewJob {
         id: id.to_owned(),
         app: "o#a".to_owned(),
         caller: Some("ops".to_owned()),
         idempotency_key: key.map(str::to_owned),
         request_sha256: Some("h".to_owned()),
-        operations,
         now_ms: 1_000,
-    }
+    };
+    (new, operations)
 }
 
-async fn create(store: &Store, new: NewJob) -> JobRecord {
-    match store.create(new).await.unwrap() {
+async fn submit(store: &Store, (new, operations): (NewJob, Vec<NewOperation>)) -> Created {
+    store.create_with(new, operations).await.unwrap()
+}
+
+async fn create(store: &Store, new: (NewJob, Vec<NewOperation>)) -> JobRecord {
+    match submit(store, new).await {
         Created::New(job) => job,
         Created::Existing { .. } => panic!("a new job"),
     }
@@ -152,14 +181,13 @@ async fn a_job_runs_to_its_end_and_an_outcome_counts_once(b: &mut Backend) {
 
 async fn an_idempotency_key_returns_the_first_job(b: &mut Backend) {
     let first = create(&b.store, job("j1", Some("k"), clears(1))).await;
-    let Created::Existing { job: again, same_request } = b.store.create(job("j2", Some("k"), clears(1))).await.unwrap()
-    else {
+    let Created::Existing { job: again, same_request } = submit(&b.store, job("j2", Some("k"), clears(1))).await else {
         panic!("the first job")
     };
     assert_eq!((again.id.as_str(), same_request), (first.id.as_str(), true));
     let mut different = job("j3", Some("k"), clears(1));
-    different.request_sha256 = Some("other".to_owned());
-    assert!(matches!(b.store.create(different).await.unwrap(), Created::Existing { same_request: false, .. }));
+    different.0.request_sha256 = Some("other".to_owned());
+    assert!(matches!(submit(&b.store, different).await, Created::Existing { same_request: false, .. }));
     assert!(b.store.job("o#a", "j2").await.unwrap().is_none());
 }
 
@@ -290,6 +318,37 @@ async fn jobs_and_operations_are_read_in_pages(b: &mut Backend) {
     assert!(b.store.operations(&j1, 0, 10, Some(OpState::Succeeded)).await.unwrap().is_empty());
 }
 
+async fn staged_operations_are_seen_by_no_one_until_the_job_is_created(b: &mut Backend) {
+    b.store.stage("j1", 0, clears(2)).await.unwrap();
+    b.store.stage("j1", 2, vec![op("delete_conversation", Some("ann"))]).await.unwrap();
+    assert!(b.store.claim(1_000, 10).await.unwrap().is_empty());
+    assert!(b.store.job("o#a", "j1").await.unwrap().is_none());
+    assert!(b.store.list("o#a", None, None, 10).await.unwrap().is_empty());
+    assert_eq!(b.store.totals().await.unwrap().pending, 0);
+
+    let Created::New(created) = b.store.create(job("j1", None, vec![]).0).await.unwrap() else { panic!("a new job") };
+    assert_eq!((created.counts.total, created.counts.pending), (3, 3));
+    assert_eq!(indexes(&b.store.claim(1_000, 10).await.unwrap()), [0, 1, 2]);
+    assert_eq!(b.store.remaining(&created).await.unwrap().by_user, [("o#a/ann".to_owned(), 1)]);
+}
+
+async fn a_job_that_is_not_created_leaves_nothing_behind(b: &mut Backend) {
+    // Refused after some of its operations were staged.
+    b.store.stage("j1", 0, clears(2)).await.unwrap();
+    b.store.discard("j1").await.unwrap();
+    assert_eq!(b.kept_for_good("j1").await, 0);
+    // Its reader died while staging.
+    b.store.stage("j2", 0, clears(2)).await.unwrap();
+    b.crash().await;
+    assert_eq!(b.kept_for_good("j2").await, 0);
+    assert!(b.store.claim(1_000, 10).await.unwrap().is_empty());
+    // A create retried under its Idempotency-Key finds the first job, and drops what it staged itself.
+    create(&b.store, job("j3", Some("k"), clears(1))).await;
+    assert!(matches!(submit(&b.store, job("j4", Some("k"), clears(2))).await, Created::Existing { .. }));
+    assert_eq!(b.kept_for_good("j4").await, 0);
+    assert_eq!(indexes(&b.store.claim(1_000, 10).await.unwrap()), [0]);
+}
+
 /// Each test above, once on each store.
 macro_rules! conformance {
     ($($test:ident),* $(,)?) => {
@@ -319,4 +378,6 @@ conformance!(
     a_lanes_use_only_moves_forward_and_outlives_a_crash,
     what_remains_is_counted_by_route_and_by_user,
     jobs_and_operations_are_read_in_pages,
+    staged_operations_are_seen_by_no_one_until_the_job_is_created,
+    a_job_that_is_not_created_leaves_nothing_behind,
 );

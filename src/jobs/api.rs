@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::TryFutureExt;
 use http::{HeaderValue, Method, Request, StatusCode, header};
 use tower::BoxError;
 use tracing::warn;
@@ -136,11 +137,14 @@ impl JobsApi {
             body_read_timeout: self.body_read_timeout,
         };
         let now_ms = jobs.clock().now_ms();
-        let Intake { operations, sha256 } =
-            intake::read(jobs.parser(), body, &limits, Arc::clone(app), now_ms, idempotency_key.is_some()).await?;
+        let staging = jobs.staging();
+        let stage = |from, batch| staging.stage(from, batch).map_err(unavailable(app));
+        let Intake { sha256, .. } =
+            intake::read(jobs.parser(), body, &limits, Arc::clone(app), now_ms, idempotency_key.is_some(), stage)
+                .await?;
         let Caller(caller) = parts.extensions.get::<Caller>().cloned().unwrap_or_default();
-        let created = jobs
-            .submit(app, caller.as_deref(), idempotency_key.as_deref(), sha256, operations)
+        let created = staging
+            .submit(app, caller.as_deref(), idempotency_key.as_deref(), sha256)
             .await
             .map_err(unavailable(app))?;
         let (status, job) = match created {

@@ -67,7 +67,7 @@ where
 async fn accept(jobs: Jobs, exchange: Exchange) -> Result<Answer, GatewayError> {
     let app = &exchange.app;
     let operation = super::operation(app, &exchange.call);
-    let created = jobs.submit(app, exchange.caller.as_deref(), None, None, vec![operation]).await;
+    let created = jobs.submit_one(app, exchange.caller.as_deref(), operation).await;
     let job = match created {
         Ok(Created::New(job) | Created::Existing { job, .. }) => job,
         Err(e) => {

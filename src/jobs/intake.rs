@@ -1,10 +1,12 @@
-//! A job request read as it arrives: the body goes chunk by chunk to a parser on a blocking thread, which takes
+//! A job request read as it arrives: the body goes chunk by chunk to a parser on a thread of its own, which takes
 //! the operations one at a time, validates each into the calls the store will keep, counts them, and stops the
-//! moment the job is over `jobs.max_operations`. Neither the whole body nor a generic JSON tree of it is ever held:
-//! what a request costs is the operations it is allowed to have, and one operation's text at a time.
+//! moment the job is over `jobs.max_operations`. The valid ones go on to be staged in the store in batches as they
+//! come. Neither the whole body, nor a generic JSON tree of it, nor the list of its operations is ever held: what a
+//! request costs is a batch of operations and one operation's text at a time, whatever its size.
 
 use std::cell::Cell;
 use std::fmt;
+use std::future::Future;
 use std::io::{self, Read};
 use std::ops::ControlFlow;
 use std::rc::Rc;
@@ -22,7 +24,6 @@ use tower::BoxError;
 use super::OperationRequest;
 use super::records::NewOperation;
 use crate::apps::App;
-use crate::config::JobsConfig;
 use crate::error::GatewayError;
 use crate::routes::layer::read_chunks;
 
@@ -33,10 +34,13 @@ pub const MAX_OPERATION_BYTES: usize = 1024 * 1024;
 const CHUNKS_AHEAD: usize = 8;
 /// Bad operations named in one refusal; the count says how many more.
 const MAX_REPORTED: usize = 20;
+/// Operations staged in the store at once: a few hundred KB, and few enough writes for the largest job.
+const BATCH: usize = 1000;
 
-/// What the request asked for, validated.
+/// What the request asked for, validated, its operations staged.
 pub struct Intake {
-    pub operations: Vec<NewOperation>,
+    /// How many operations were staged.
+    pub operations: usize,
     /// SHA-256 of the request body in hex, when asked for (an `Idempotency-Key` compares requests by it).
     pub sha256: Option<String>,
 }
@@ -49,7 +53,7 @@ pub struct Limits {
     pub body_read_timeout: Duration,
 }
 
-/// The thread job requests are parsed on, one at a time: one thread, so the memory one request's operations took
+/// The thread job requests are parsed on, one at a time: one thread, so the memory one request's batches took
 /// (which the allocator keeps for the thread that took it) is what the next request reuses, instead of each landing
 /// on another of tokio's blocking threads.
 pub struct Parser(std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>);
@@ -74,28 +78,44 @@ impl Parser {
 }
 
 /// Reads and validates a job request for `app`: at most `limits.max_body_bytes` within `limits.body_read_timeout`,
-/// refused (413) as soon as it passes `limits.max_operations`. A failure to read the body wins over what the parser
-/// made of the part it saw.
-pub async fn read<B>(
+/// refused (413) as soon as it passes `limits.max_operations`. Its valid operations are handed to `stage` in order,
+/// a batch at a time, as they are read; when the request is refused, some may have been staged already. A failure
+/// to read the body wins over a failure to stage, which wins over what the parser made of the part it saw.
+pub async fn read<B, S, Staged>(
     parser: &Parser,
     body: B,
     limits: &Limits,
     app: Arc<App>,
     now_ms: i64,
     digest: bool,
+    mut stage: S,
 ) -> Result<Intake, GatewayError>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
+    S: FnMut(usize, Vec<NewOperation>) -> Staged,
+    Staged: Future<Output = Result<(), GatewayError>>,
 {
     let (sender, received) = mpsc::channel::<Bytes>(CHUNKS_AHEAD);
+    let (batches_out, mut batches) = mpsc::channel::<Vec<NewOperation>>(1);
     let max_operations = limits.max_operations;
-    // As many operations as the declared length can hold, at most the cap: reserved at once, so the list never
-    // moves (doubling would leave each smaller copy behind); pages not yet written are not resident.
-    let room = body.size_hint().upper().map_or(usize::MAX, |n| n as usize / JobsConfig::MIN_OPERATION_BYTES + 1);
-    let operations = Vec::with_capacity(max_operations.min(room));
-    let parsed = parser.run(move || parse(Chunks::new(received, digest), &app, now_ms, max_operations, operations));
-    tokio::pin!(parsed);
+    let parsed = parser.run(move || parse(Chunks::new(received, digest), &app, now_ms, max_operations, batches_out));
+    // Staging ends when the parser drops its sender.
+    let staging = async move {
+        let mut staged = 0;
+        while let Some(batch) = batches.recv().await {
+            let n = batch.len();
+            stage(staged, batch).await?;
+            staged += n;
+        }
+        Ok::<(), GatewayError>(())
+    };
+    // A failure to stage is the answer at once, whatever the parser is doing.
+    let stored = async {
+        let ((), intake) = tokio::try_join!(staging, async { parsed.await.ok_or(GatewayError::Internal)? })?;
+        Ok(intake)
+    };
+    tokio::pin!(stored);
     // The sender goes with the reading: once it ends (the body's end, or a failure), the parser sees the end.
     let reading = read_chunks(body, limits.body_read_timeout, limits.max_body_bytes, move |chunk| {
         let sender = sender.clone();
@@ -107,10 +127,10 @@ where
         biased;
         read = &mut reading => {
             read?;
-            parsed.await.ok_or(GatewayError::Internal)?
+            stored.await
         }
         // The parser ended before the body did: it has its answer (a refusal), and the rest is not read.
-        parsed = &mut parsed => parsed.ok_or(GatewayError::Internal)?,
+        stored = &mut stored => stored,
     }
 }
 
@@ -120,9 +140,9 @@ fn parse(
     app: &App,
     now_ms: i64,
     max_operations: usize,
-    operations: Vec<NewOperation>,
+    batches: mpsc::Sender<Vec<NewOperation>>,
 ) -> Result<Intake, GatewayError> {
-    let mut taken = Taken::new(app, now_ms, max_operations, Rc::clone(&chunks.left), operations);
+    let mut taken = Taken::new(app, now_ms, max_operations, Rc::clone(&chunks.left), batches);
     let mut json = serde_json::Deserializer::from_reader(&mut chunks);
     let parsed = Job(&mut taken).deserialize(&mut json).and_then(|()| json.end());
     if let Some(got) = taken.too_many {
@@ -140,11 +160,12 @@ fn parse(
     if taken.bad > 0 {
         return Err(invalid("illegal_argument", report(&taken.reported, taken.bad)));
     }
-    if taken.operations.is_empty() {
+    if taken.counted == 0 {
         return Err(invalid("illegal_argument", "a job needs at least one operation".to_owned()));
     }
+    taken.send()?;
     let sha256 = chunks.digest.map(|digest| hex::encode(digest.finalize()));
-    Ok(Intake { operations: taken.operations, sha256 })
+    Ok(Intake { operations: taken.counted, sha256 })
 }
 
 fn invalid(error: &'static str, description: String) -> GatewayError {
@@ -162,7 +183,9 @@ struct Taken<'a> {
     seen: usize,
     /// Operations they come to (each batch of 50 message IDs counted).
     counted: usize,
-    operations: Vec<NewOperation>,
+    /// Valid operations not yet sent to be staged, and where they go.
+    batch: Vec<NewOperation>,
+    batches: mpsc::Sender<Vec<NewOperation>>,
     /// Bad operations: how many, and the first few by index.
     bad: usize,
     reported: Vec<(usize, String)>,
@@ -176,7 +199,7 @@ impl<'a> Taken<'a> {
         now_ms: i64,
         max_operations: usize,
         left: Rc<Cell<usize>>,
-        operations: Vec<NewOperation>,
+        batches: mpsc::Sender<Vec<NewOperation>>,
     ) -> Taken<'a> {
         left.set(MAX_OPERATION_BYTES);
         Taken {
@@ -186,7 +209,8 @@ impl<'a> Taken<'a> {
             left,
             seen: 0,
             counted: 0,
-            operations,
+            batch: Vec::with_capacity(BATCH),
+            batches,
             bad: 0,
             reported: Vec::new(),
             too_many: None,
@@ -205,12 +229,17 @@ impl<'a> Taken<'a> {
                 self.counted += batch.len();
                 // Once one is bad nothing will be accepted: the rest are only checked.
                 if self.bad == 0 && self.counted <= self.max_operations {
-                    self.operations.extend(batch);
+                    self.batch.extend(batch);
+                    if self.batch.len() >= BATCH && self.send().is_err() {
+                        // Nothing more is read; the staging's failure is the answer.
+                        self.left.set(0);
+                        return Err("the store stopped taking operations".to_owned());
+                    }
                 }
             }
             Err(problem) => {
                 self.bad += 1;
-                self.operations = Vec::new();
+                self.batch = Vec::new();
                 if self.reported.len() < MAX_REPORTED {
                     self.reported.push((index, problem));
                 }
@@ -218,12 +247,22 @@ impl<'a> Taken<'a> {
         }
         if self.counted.max(self.seen) > self.max_operations {
             self.too_many = Some(self.counted.max(self.seen));
-            self.operations = Vec::new();
+            self.batch = Vec::new();
             // Nothing more is read: after a visitor's error serde_json still looks for the array's end.
             self.left.set(0);
             return Err("too many operations".to_owned());
         }
         Ok(())
+    }
+
+    /// Sends the operations taken since the last batch to be staged. If staging has stopped, the parse stops too
+    /// (the staging's failure is the answer).
+    fn send(&mut self) -> Result<(), GatewayError> {
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.batches.blocking_send(batch).map_err(|_| GatewayError::Internal)
     }
 }
 
@@ -376,14 +415,48 @@ mod tests {
         ops.join(",")
     }
 
-    async fn read_stalled(text: String) -> Result<Intake, GatewayError> {
+    /// Reads `body` under a cap of `max_operations`, staging with `stage`: answered within two minutes, far longer
+    /// than a parse takes (a stalled body would wait an hour).
+    async fn read_within<B, S, Staged>(body: B, max_operations: usize, stage: S) -> Result<Intake, GatewayError>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+        S: FnMut(usize, Vec<NewOperation>) -> Staged,
+        Staged: Future<Output = Result<(), GatewayError>>,
+    {
         let app = testing::app(&ScriptedFetch::granting(3600), &testing::quota(Default::default()));
-        let limits =
-            Limits { max_operations: 5, max_body_bytes: 4 << 20, body_read_timeout: Duration::from_secs(3600) };
-        // Far longer than a parse takes; the body itself would stall for an hour.
-        tokio::time::timeout(Duration::from_secs(120), read(&Parser::start(), stalled(text), &limits, app, 0, false))
-            .await
-            .expect("answered before the body ends")
+        let limits = Limits { max_operations, max_body_bytes: 4 << 20, body_read_timeout: Duration::from_secs(3600) };
+        let parser = Parser::start();
+        let read = read(&parser, body, &limits, app, 0, true, stage);
+        tokio::time::timeout(Duration::from_secs(120), read).await.expect("answered before the body ends")
+    }
+
+    async fn read_stalled(text: String) -> Result<Intake, GatewayError> {
+        read_within(stalled(text), 5, |_, _| async { Ok(()) }).await
+    }
+
+    #[tokio::test]
+    async fn operations_are_staged_in_order_a_batch_at_a_time() {
+        let body = http_body_util::Full::new(Bytes::from(format!(r#"{{"operations": [{}]}}"#, clears(0..2500))));
+        let batches = std::sync::Mutex::new(Vec::new());
+        let stage = |from, batch: Vec<NewOperation>| {
+            batches.lock().unwrap().push((from, batch.len(), batch[0].path.clone()));
+            async { Ok(()) }
+        };
+        let intake = read_within(body, 5000, stage).await.unwrap();
+        assert_eq!(intake.operations, 2500);
+        assert!(intake.sha256.is_some());
+        let batches = batches.into_inner().unwrap();
+        let sizes: Vec<(usize, usize)> = batches.iter().map(|(from, n, _)| (*from, *n)).collect();
+        assert_eq!(sizes, [(0, BATCH), (BATCH, BATCH), (2 * BATCH, 500)]);
+        assert!(batches[1].2.contains(&format!("/u{BATCH}/")), "{}", batches[1].2);
+    }
+
+    #[tokio::test]
+    async fn a_failure_to_stage_stops_the_read_and_is_the_answer() {
+        let body = stalled(format!(r#"{{"operations": [{},"#, clears(0..1500)));
+        let refused = read_within(body, 5000, |_, _| async { Err(GatewayError::JobsUnavailable) }).await;
+        assert!(matches!(refused, Err(GatewayError::JobsUnavailable)), "{:?}", refused.err());
     }
 
     #[tokio::test]

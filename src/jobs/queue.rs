@@ -2,6 +2,11 @@
 //! and the shared one (`jobs/shared.rs`, Redis, every replica). `tests/store_conformance.rs` runs the same tests
 //! against each, so a difference in behaviour is a failing test.
 //!
+//! The life of a job: its operations are `stage`d as they are read, in batches no one else sees, and `create`
+//! makes the job of them at once (or `discard` drops them when the request is refused). A process that dies
+//! before `create` leaves nothing behind: SQLite drops what was staged when the file is next opened, Redis lets it
+//! expire.
+//!
 //! The life of an operation: `create` stores it pending, due at once. `claim` hands it to one scheduler, which
 //! holds it until it `record`s its outcome (final, or a retry due later) or `release`s it (due again later,
 //! without an outcome). While it is held no other `claim` returns it. A claim lasts while its holder does: when a
@@ -14,8 +19,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use super::records::{
-    Created, Due, JobRecord, JobState, LaneUse, NewJob, OpRecord, OpState, Outcome, Remaining, StoreError, Totals,
-    UserUse,
+    Created, Due, JobRecord, JobState, LaneUse, NewJob, NewOperation, OpRecord, OpState, Outcome, Remaining,
+    StoreError, Totals, UserUse,
 };
 use super::shared::{Access, SharedStore};
 use super::store::LocalStore;
@@ -31,8 +36,23 @@ pub type Store = Arc<dyn JobStore>;
 pub trait JobStore: Send + Sync {
     fn is_healthy(&self) -> bool;
 
-    /// Stores a job and its operations at once, or finds the job its idempotency key already made.
+    /// Adds operations `from..` to the job `job_id` that `create` will make; until then no other call sees them.
+    fn stage<'a>(&'a self, job_id: &'a str, from: usize, operations: Vec<NewOperation>) -> Pending<'a, ()>;
+
+    /// Drops what was staged for a job that will not be created.
+    fn discard<'a>(&'a self, job_id: &'a str) -> Pending<'a, ()>;
+
+    /// Makes a job of the operations staged under its id, all at once, or finds the job its idempotency key
+    /// already made (and drops what was staged).
     fn create(&self, job: NewJob) -> Pending<'_, Created>;
+
+    /// Stages `operations` and creates the job of them: for a job whose operations are already in hand.
+    fn create_with(&self, job: NewJob, operations: Vec<NewOperation>) -> Pending<'_, Created> {
+        Box::pin(async move {
+            self.stage(&job.id, 0, operations).await?;
+            self.create(job).await
+        })
+    }
 
     /// `app`'s job `id`, if there is one.
     fn job<'a>(&'a self, app: &'a str, id: &'a str) -> Pending<'a, Option<JobRecord>>;
@@ -107,6 +127,14 @@ pub trait JobStore: Send + Sync {
 impl JobStore for LocalStore {
     fn is_healthy(&self) -> bool {
         LocalStore::is_healthy(self)
+    }
+
+    fn stage<'a>(&'a self, job_id: &'a str, from: usize, operations: Vec<NewOperation>) -> Pending<'a, ()> {
+        Box::pin(self.stage(job_id, from, operations))
+    }
+
+    fn discard<'a>(&'a self, job_id: &'a str) -> Pending<'a, ()> {
+        Box::pin(self.discard(job_id))
     }
 
     fn create(&self, job: NewJob) -> Pending<'_, Created> {
@@ -194,6 +222,14 @@ impl JobStore for LocalStore {
 impl JobStore for SharedStore {
     fn is_healthy(&self) -> bool {
         SharedStore::is_healthy(self)
+    }
+
+    fn stage<'a>(&'a self, job_id: &'a str, from: usize, operations: Vec<NewOperation>) -> Pending<'a, ()> {
+        Box::pin(self.marked(Access::Write, self.stage(job_id, from, operations)))
+    }
+
+    fn discard<'a>(&'a self, job_id: &'a str) -> Pending<'a, ()> {
+        Box::pin(self.marked(Access::Write, self.discard(job_id)))
     }
 
     fn create(&self, job: NewJob) -> Pending<'_, Created> {

@@ -73,7 +73,7 @@ impl OpState {
     }
 }
 
-/// A job to store: its operations already validated.
+/// A job to create from the operations staged under its id (validated as they were read).
 pub struct NewJob {
     pub id: String,
     pub app: String,
@@ -81,7 +81,6 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
     /// What the create request said, to tell a retried create from a different one under the same key.
     pub request_sha256: Option<String>,
-    pub operations: Vec<NewOperation>,
     pub now_ms: i64,
 }
 

@@ -552,7 +552,9 @@ mod tests {
         async fn submit(&self, operations: Vec<OperationRequest>) -> JobRecord {
             let ops: Vec<NewOperation> =
                 operations.iter().flat_map(|op| super::super::operations(&self.app, op, 0).unwrap()).collect();
-            match self.jobs.submit(&self.app, None, None, None, ops).await.unwrap() {
+            let staging = self.jobs.staging();
+            staging.stage(0, ops).await.unwrap();
+            match staging.submit(&self.app, None, None, None).await.unwrap() {
                 Created::New(job) => job,
                 Created::Existing { .. } => panic!("a new job"),
             }

@@ -20,8 +20,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 
 use super::records::{
-    Counts, Created, Due, JobRecord, JobState, LaneUse, NewJob, Next, OpRecord, OpState, Outcome, Remaining,
-    StoreError, Totals, UserUse, method_of,
+    Counts, Created, Due, JobRecord, JobState, LaneUse, NewJob, NewOperation, Next, OpRecord, OpState, Outcome,
+    Remaining, StoreError, Totals, UserUse, method_of,
 };
 use crate::config::RedisConfig;
 use crate::routes::Route;
@@ -36,6 +36,9 @@ const IDEMPOTENCY_RESERVATION: Duration = Duration::from_secs(60);
 const IDEMPOTENCY_POLLS: usize = 30;
 /// Operations one cancel script goes through, so that no single call holds Redis (which the quota shares) long.
 const CANCEL_CHUNK: usize = 5000;
+/// How long the operations of a job still being read are kept if it is never created: far longer than reading one
+/// takes (`server.body_read_timeout` bounds each read).
+const STAGED_FOR_MS: i64 = 60 * 60 * 1000;
 
 impl From<redis::RedisError> for StoreError {
     fn from(e: redis::RedisError) -> StoreError {
@@ -72,6 +75,24 @@ struct Op {
     error_description: Option<String>,
     #[serde(default)]
     finished_ms: Option<i64>,
+}
+
+impl Op {
+    /// An operation as it is first stored: pending, never tried.
+    fn pending(op: &NewOperation) -> Op {
+        Op {
+            route: op.route.to_owned(),
+            path: op.path.clone(),
+            body: op.body.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()),
+            user: op.user.clone(),
+            state: "pending".to_owned(),
+            attempts: 0,
+            status: None,
+            error: None,
+            error_description: None,
+            finished_ms: None,
+        }
+    }
 }
 
 /// The jobs store shared by every replica, in Redis.
@@ -196,18 +217,67 @@ impl SharedStore {
         Err(StoreError::new("a create with this Idempotency-Key is still being stored".into()))
     }
 
+    /// Adds operations `from..` to job `job_id`, which no one sees until `create` makes it: they go under keys of
+    /// the job's own, which expire unless `create` keeps them (a process that dies while reading a job leaves
+    /// nothing for good).
+    pub async fn stage(&self, job_id: &str, from: usize, operations: Vec<NewOperation>) -> Result<(), StoreError> {
+        if operations.is_empty() {
+            return Ok(());
+        }
+        let (opsk, leftk, routesk) =
+            (self.key(&format!("ops:{job_id}")), self.left_key(job_id), self.staged_routes(job_id));
+        let mut fields = Vec::with_capacity(operations.len());
+        let mut left: HashMap<String, i64> = HashMap::new();
+        let mut due: HashMap<&str, Vec<(i64, String)>> = HashMap::new();
+        for (n, op) in (from..).zip(&operations) {
+            *left.entry(format!("route:{}", op.route)).or_default() += 1;
+            if let Some(user) = &op.user {
+                *left.entry(format!("user:{user}")).or_default() += 1;
+            }
+            fields.push((n.to_string(), serde_json::to_string(&Op::pending(op)).expect("an operation serializes")));
+            due.entry(op.route).or_default().push((0, format!("{job_id}:{n}")));
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic().hset_multiple(&opsk, &fields).ignore();
+        for (field, count) in left {
+            pipe.hincr(&leftk, field, count).ignore();
+        }
+        for (route, members) in due {
+            let staged = self.staged_due(job_id, route);
+            pipe.zadd_multiple(&staged, &members).ignore().pexpire(&staged, STAGED_FOR_MS).ignore();
+            pipe.sadd(&routesk, route).ignore();
+        }
+        for key in [&opsk, &leftk, &routesk] {
+            pipe.pexpire(key, STAGED_FOR_MS).ignore();
+        }
+        Ok(pipe.query_async(&mut self.conn()).await?)
+    }
+
+    /// Drops what was staged for a job that will not be created.
+    pub async fn discard(&self, job_id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let routes: Vec<String> = conn.smembers(self.staged_routes(job_id)).await?;
+        let mut keys = vec![self.key(&format!("ops:{job_id}")), self.left_key(job_id), self.staged_routes(job_id)];
+        keys.extend(routes.iter().map(|route| self.staged_due(job_id, route)));
+        Ok(conn.del(keys).await?)
+    }
+
+    /// Makes a job of the operations staged under its id, at once (one MULTI), or finds the job its idempotency
+    /// key already made (and drops what was staged).
     pub async fn create(&self, job: NewJob) -> Result<Created, StoreError> {
         if let Some(existing) = self.reserve_idempotency_key(&job).await? {
+            self.discard(&job.id).await?;
             return Ok(existing);
         }
         let mut conn = self.conn();
         let seq: i64 = conn.incr(self.key("seq"), 1).await?;
-        let total = job.operations.len() as i64;
-        let jobk = self.key(&format!("job:{}", job.id));
+        let opsk = self.key(&format!("ops:{}", job.id));
+        let total: i64 = conn.hlen(&opsk).await?;
+        let routes: Vec<String> = conn.smembers(self.staged_routes(&job.id)).await?;
         let mut pipe = redis::pipe();
         pipe.atomic();
         pipe.hset_multiple(
-            &jobk,
+            self.key(&format!("job:{}", job.id)),
             &[
                 ("seq", seq.to_string()),
                 ("id", job.id.clone()),
@@ -227,38 +297,12 @@ impl SharedStore {
             ],
         )
         .ignore();
-        let mut left: HashMap<String, i64> = HashMap::new();
-        for (chunk_at, chunk) in job.operations.chunks(CHUNK).enumerate() {
-            let mut fields = Vec::with_capacity(chunk.len());
-            let mut members: HashMap<&str, Vec<(i64, String)>> = HashMap::new();
-            for (i, op) in chunk.iter().enumerate() {
-                let n = chunk_at * CHUNK + i;
-                *left.entry(format!("route:{}", op.route)).or_default() += 1;
-                if let Some(user) = &op.user {
-                    *left.entry(format!("user:{user}")).or_default() += 1;
-                }
-                let stored = Op {
-                    route: op.route.to_owned(),
-                    path: op.path.clone(),
-                    body: op.body.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()),
-                    user: op.user.clone(),
-                    state: "pending".to_owned(),
-                    attempts: 0,
-                    status: None,
-                    error: None,
-                    error_description: None,
-                    finished_ms: None,
-                };
-                fields.push((n.to_string(), serde_json::to_string(&stored).expect("an operation serializes")));
-                members.entry(op.route).or_default().push((0, format!("{}:{n}", job.id)));
-            }
-            pipe.hset_multiple(self.key(&format!("ops:{}", job.id)), &fields).ignore();
-            for (route, members) in members.drain() {
-                pipe.zadd_multiple(self.key(&format!("due:{route}")), &members).ignore();
-            }
+        // The staged operations join their routes' queues, due at once, and their keys are kept.
+        for route in &routes {
+            let (due, staged) = (self.key(&format!("due:{route}")), self.staged_due(&job.id, route));
+            pipe.zunionstore(&due, &[&due, &staged]).ignore().del(&staged).ignore();
         }
-        let left: Vec<(String, i64)> = left.into_iter().collect();
-        pipe.hset_multiple(self.key(&format!("left:{}", job.id)), &left).ignore();
+        pipe.persist(&opsk).ignore().persist(self.left_key(&job.id)).ignore().del(self.staged_routes(&job.id)).ignore();
         pipe.zadd(self.key(&format!("jobs:{}", job.app)), &job.id, seq).ignore();
         pipe.zadd(self.key("open"), &job.id, job.now_ms).ignore();
         pipe.hincr(self.key("states"), "queued", 1).ignore();
@@ -274,6 +318,20 @@ impl SharedStore {
         }
         let record = self.job(&job.app, &job.id).await?.ok_or_else(|| StoreError::new("a job just stored".into()))?;
         Ok(Created::New(record))
+    }
+
+    fn left_key(&self, job_id: &str) -> String {
+        self.key(&format!("left:{job_id}"))
+    }
+
+    /// The routes a job being read has operations on.
+    fn staged_routes(&self, job_id: &str) -> String {
+        self.key(&format!("staged:{job_id}"))
+    }
+
+    /// A job's operations on `route` while it is read: its own queue, merged into the route's at `create`.
+    fn staged_due(&self, job_id: &str, route: &str) -> String {
+        self.key(&format!("staged:{job_id}:{route}"))
     }
 
     pub async fn job(&self, app: &str, id: &str) -> Result<Option<JobRecord>, StoreError> {
@@ -516,7 +574,7 @@ impl SharedStore {
     }
 
     pub async fn remaining(&self, job: &JobRecord) -> Result<Remaining, StoreError> {
-        let left: HashMap<String, i64> = self.conn().hgetall(self.key(&format!("left:{}", job.id))).await?;
+        let left: HashMap<String, i64> = self.conn().hgetall(self.left_key(&job.id)).await?;
         let by_route = left
             .iter()
             .filter_map(|(k, n)| Some((k.strip_prefix("route:")?.to_owned(), *n)))
@@ -563,7 +621,7 @@ impl SharedStore {
                     pipe.del(self.key(&format!("idem:{}:{key}", job.app))).ignore();
                 }
             }
-            pipe.del(&[jobk, self.key(&format!("ops:{id}")), self.key(&format!("left:{id}"))]).ignore();
+            pipe.del(&[jobk, self.key(&format!("ops:{id}")), self.left_key(id)]).ignore();
             pipe.zrem(self.key("finished"), id).ignore();
             let _: () = pipe.query_async(&mut conn).await?;
         }

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::records::{
-    Counts, Created, Due, JobRecord, JobState, LaneUse, NewJob, Next, OpRecord, OpState, Outcome, Remaining,
-    StoreError, Totals, UserUse, method_of,
+    Counts, Created, Due, JobRecord, JobState, LaneUse, NewJob, NewOperation, Next, OpRecord, OpState, Outcome,
+    Remaining, StoreError, Totals, UserUse, method_of,
 };
 use crate::routes::Route;
 
@@ -64,6 +64,15 @@ CREATE TABLE IF NOT EXISTS operations (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS operations_due_by_route ON operations(route, not_before_ms, job, n) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS operations_by_user ON operations(user) WHERE state = 'pending' AND user IS NOT NULL;
+CREATE TABLE IF NOT EXISTS staged (
+    job_id TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    route TEXT NOT NULL,
+    path TEXT NOT NULL,
+    body BLOB,
+    user TEXT,
+    PRIMARY KEY (job_id, n)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS lanes (
     app TEXT NOT NULL,
     route TEXT NOT NULL,
@@ -100,6 +109,8 @@ impl LocalStore {
         }
         conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
         conn.execute_batch(SCHEMA)?;
+        // One process keeps the file: what an earlier one staged and never created died with it.
+        conn.execute("DELETE FROM staged", [])?;
         Ok(LocalStore {
             conn: Arc::new(Mutex::new(conn)),
             healthy: Arc::new(AtomicBool::new(true)),
@@ -131,37 +142,69 @@ impl LocalStore {
         result
     }
 
-    /// Stores a job and its operations in one transaction, or finds the job its idempotency key already made.
+    /// Adds operations `from..` to job `job_id`, which no one sees until `create` makes it.
+    pub async fn stage(&self, job_id: &str, from: usize, operations: Vec<NewOperation>) -> Result<(), StoreError> {
+        let job_id = job_id.to_owned();
+        self.run(Access::Write, move |conn| {
+            let tx = conn.transaction()?;
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO staged (job_id, n, route, path, body, user) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?;
+                for (n, op) in (from..).zip(&operations) {
+                    insert.execute(params![job_id, n as i64, op.route, op.path, op.body, op.user])?;
+                }
+            }
+            Ok(tx.commit()?)
+        })
+        .await
+    }
+
+    /// Drops what was staged for a job that will not be created.
+    pub async fn discard(&self, job_id: &str) -> Result<(), StoreError> {
+        let job_id = job_id.to_owned();
+        self.run(Access::Write, move |conn| {
+            conn.execute("DELETE FROM staged WHERE job_id = ?1", [job_id])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Makes a job of the operations staged under its id, in one transaction, or finds the job its idempotency key
+    /// already made (and drops what was staged).
     pub async fn create(&self, job: NewJob) -> Result<Created, StoreError> {
         self.run(Access::Write, move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             if let Some(key) = &job.idempotency_key {
                 let existing = tx
                     .query_row(
-                        &format!("SELECT {JOB_COLUMNS}, request_sha256 FROM jobs WHERE app = ?1 AND idempotency_key = ?2"),
+                        &format!(
+                            "SELECT {JOB_COLUMNS}, request_sha256 FROM jobs WHERE app = ?1 AND idempotency_key = ?2"
+                        ),
                         params![job.app, key],
                         |row| Ok((job_record(row)?, row.get::<_, Option<String>>(13)?)),
                     )
                     .optional()?;
                 if let Some((record, sha)) = existing {
+                    tx.execute("DELETE FROM staged WHERE job_id = ?1", [&job.id])?;
+                    tx.commit()?;
                     return Ok(Created::Existing { job: record, same_request: sha == job.request_sha256 });
                 }
             }
-            let total = job.operations.len() as i64;
+            let total: i64 =
+                tx.query_row("SELECT COUNT(*) FROM staged WHERE job_id = ?1", [&job.id], |row| row.get(0))?;
             tx.execute(
                 "INSERT INTO jobs (id, app, state, created_ms, caller, idempotency_key, request_sha256, total, pending)
                  VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?7)",
                 params![job.id, job.app, job.now_ms, job.caller, job.idempotency_key, job.request_sha256, total],
             )?;
             let seq = tx.last_insert_rowid();
-            {
-                let mut insert = tx.prepare_cached(
-                    "INSERT INTO operations (job, n, route, path, body, user, state) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending')",
-                )?;
-                for (n, op) in job.operations.iter().enumerate() {
-                    insert.execute(params![seq, n as i64, op.route, op.path, op.body, op.user])?;
-                }
-            }
+            tx.execute(
+                "INSERT INTO operations (job, n, route, path, body, user, state)
+                 SELECT ?1, n, route, path, body, user, 'pending' FROM staged WHERE job_id = ?2",
+                params![seq, job.id],
+            )?;
+            tx.execute("DELETE FROM staged WHERE job_id = ?1", [&job.id])?;
             let record = tx.query_row(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE seq = ?1"), [seq], job_record)?;
             tx.commit()?;
             Ok(Created::New(record))
@@ -575,7 +618,6 @@ fn job_record(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::records::NewOperation;
 
     #[test]
     fn the_job_states_are_the_ones_the_metrics_export_from_the_start() {
@@ -591,16 +633,22 @@ mod tests {
         }
     }
 
-    fn job(id: &str, key: Option<&str>, ops: usize) -> NewJob {
-        NewJob {
+    /// A job of `ops` operations, as the jobs API makes it: staged, then created.
+    fn job(id: &str, key: Option<&str>, ops: usize) -> (NewJob, Vec<NewOperation>) {
+        let new = NewJob {
             id: id.to_owned(),
             app: "o#a".to_owned(),
             caller: None,
             idempotency_key: key.map(str::to_owned),
             request_sha256: Some("h".to_owned()),
-            operations: (0..ops).map(|_| op(None)).collect(),
             now_ms: 1_000,
-        }
+        };
+        (new, (0..ops).map(|_| op(None)).collect())
+    }
+
+    async fn create(store: &LocalStore, (new, ops): (NewJob, Vec<NewOperation>)) -> Result<Created, StoreError> {
+        store.stage(&new.id, 0, ops).await?;
+        store.create(new).await
     }
 
     fn done(job: i64, n: i64, state: OpState) -> Outcome {
@@ -621,7 +669,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("jobs.db");
         let store = LocalStore::open(&path).unwrap();
-        let Created::New(record) = store.create(job("j1", None, 3)).await.unwrap() else { panic!("new") };
+        let Created::New(record) = create(&store, job("j1", None, 3)).await.unwrap() else { panic!("new") };
         assert_eq!((record.state, record.counts.pending), (JobState::Queued, 3));
         let due = store.claim(1_000, 10).await.unwrap();
         assert_eq!(due.len(), 3);
@@ -646,22 +694,22 @@ mod tests {
     async fn an_idempotency_key_returns_the_first_job() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(&dir.path().join("jobs.db")).unwrap();
-        assert!(matches!(store.create(job("j1", Some("k"), 1)).await.unwrap(), Created::New(_)));
-        let Created::Existing { job: first, same_request } = store.create(job("j2", Some("k"), 1)).await.unwrap()
+        assert!(matches!(create(&store, job("j1", Some("k"), 1)).await.unwrap(), Created::New(_)));
+        let Created::Existing { job: first, same_request } = create(&store, job("j2", Some("k"), 1)).await.unwrap()
         else {
             panic!("existing")
         };
         assert_eq!((first.id.as_str(), same_request), ("j1", true));
         let mut different = job("j3", Some("k"), 1);
-        different.request_sha256 = Some("other".to_owned());
-        assert!(matches!(store.create(different).await.unwrap(), Created::Existing { same_request: false, .. }));
+        different.0.request_sha256 = Some("other".to_owned());
+        assert!(matches!(create(&store, different).await.unwrap(), Created::Existing { same_request: false, .. }));
     }
 
     #[tokio::test]
     async fn cancel_drops_what_is_pending_and_an_operation_in_flight_still_records_its_outcome() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(&dir.path().join("jobs.db")).unwrap();
-        let Created::New(record) = store.create(job("j1", None, 3)).await.unwrap() else { panic!("new") };
+        let Created::New(record) = create(&store, job("j1", None, 3)).await.unwrap() else { panic!("new") };
         let cancelled = store.cancel("o#a", "j1", 2_000).await.unwrap().unwrap();
         assert_eq!((cancelled.state, cancelled.counts.cancelled), (JobState::Cancelled, 3));
         // Operation 0 was in flight: its outcome arrives after the cancel.
@@ -678,13 +726,13 @@ mod tests {
         let store = LocalStore::open(&dir.path().join("jobs.db")).unwrap();
         let pages: i64 = store.conn.lock().unwrap().query_row("PRAGMA page_count", [], |row| row.get(0)).unwrap();
         store.conn.lock().unwrap().query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(())).unwrap();
-        let full = store.create(job("j1", None, 5_000)).await.unwrap_err();
+        let full = create(&store, job("j1", None, 5_000)).await.unwrap_err();
         assert!(full.to_string().contains("full"), "{full}");
         assert!(!store.is_healthy());
         assert!(store.job("o#a", "j1").await.unwrap().is_none(), "nothing half-stored");
         assert!(!store.is_healthy(), "a read does not make a full store healthy");
         store.conn.lock().unwrap().query_row("PRAGMA max_page_count = 1000000", [], |_| Ok(())).unwrap();
-        assert!(matches!(store.create(job("j2", None, 1)).await.unwrap(), Created::New(_)));
+        assert!(matches!(create(&store, job("j2", None, 1)).await.unwrap(), Created::New(_)));
         assert!(store.is_healthy());
     }
 
@@ -708,8 +756,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(&dir.path().join("jobs.db")).unwrap();
         let mut new = job("j1", None, 0);
-        new.operations = vec![op(Some("o#a/ann")), op(Some("o#a/bob"))];
-        let Created::New(record) = store.create(new).await.unwrap() else { panic!("new") };
+        new.1 = vec![op(Some("o#a/ann")), op(Some("o#a/bob"))];
+        let Created::New(record) = create(&store, new).await.unwrap() else { panic!("new") };
         // Ann's window is full: her operation is given back until it frees; Bob's is given back due now.
         for due in store.claim(1_000, 10).await.unwrap() {
             let until_ms = if due.user.as_deref() == Some("o#a/ann") { 5_000 } else { 1_000 };

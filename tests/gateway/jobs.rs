@@ -453,3 +453,37 @@ async fn a_job_request_of_max_body_bytes_is_read_and_one_byte_more_is_refused() 
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("larger than 2048 bytes"), "{answer}");
 }
+
+/// Operations are staged in the store as they are read (no request holds its whole list), so a request refused
+/// part-way, or abandoned by its client, must leave none of them behind.
+#[tokio::test]
+async fn a_job_request_refused_or_abandoned_part_way_leaves_nothing_in_the_store() {
+    let sim = Sim::start().await;
+    let options = GatewayOptions { jobs: Some("max_operations = 3000".into()), ..Default::default() };
+    let gw = Gateway::ready_with(&sim, options).await;
+    let mut operations: Vec<Value> = (0..2500).map(|i| clear_op(&format!("u{i}"))).collect();
+    operations.push(json!({"method": "DELETE", "path": "/rest/message/roaming/user/ann/delete/all"}));
+    create(&gw, &json!({ "operations": operations }), &[]).await.assert_error(400, "illegal_argument");
+
+    let valid: Vec<String> = (0..1500).map(|i| clear_op(&format!("u{i}")).to_string()).collect();
+    let started = format!(
+        "POST /{ORG}/{APP}/_gateway/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 800000\r\n\r\n{{\"operations\": [{},",
+        valid.join(",")
+    );
+    let mut client = tokio::net::TcpStream::connect(gw.data.trim_start_matches("http://")).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut client, started.as_bytes()).await.unwrap();
+    eventually(Duration::from_secs(30), "the abandoned request staged its first batch", || async { staged(&gw) > 0 })
+        .await;
+    drop(client);
+
+    eventually(Duration::from_secs(30), "nothing staged is left", || async { staged(&gw) == 0 }).await;
+    let listed = send(Method::GET, &gw.url("/_gateway/jobs"), &[], "").await;
+    assert_eq!(listed.json()["jobs"], json!([]), "{}", listed.text());
+    assert_eq!(sim.business_requests().await, 0);
+}
+
+/// Operations staged in the gateway's SQLite store and not (yet) made a job.
+fn staged(gw: &Gateway) -> i64 {
+    let db = rusqlite::Connection::open(gw.dir.path().join("jobs.db")).unwrap();
+    db.query_row("SELECT COUNT(*) FROM staged", [], |row| row.get(0)).unwrap()
+}
