@@ -121,11 +121,16 @@ pub struct Resolved<'a> {
 /// Resolves a request path, with or without the `/{org}/{app}` prefix. `None` means no such route.
 pub fn resolve(path: &str) -> Option<Resolved<'_>> {
     let rest = path.strip_prefix('/')?;
-    if let Some(jobs) = jobs(rest) {
+    // Past the longest operation's length only a jobs API path can resolve.
+    let Some((split, count)) = segments(rest) else { return jobs(rest) };
+    let segments = &split[..count];
+    // The jobs API's first, so that no path under `_gateway/` is taken for an operation: looked for only behind
+    // the one segment that starts it, which no Easemob path has.
+    if (segments[0] == "_gateway" || segments.get(2) == Some(&"_gateway"))
+        && let Some(jobs) = jobs(rest)
+    {
         return Some(jobs);
     }
-    let (split, count) = segments(rest)?;
-    let segments = &split[..count];
     if let [org, app, tail @ ..] = segments
         && let Some(endpoint) = endpoint(tail)
     {
@@ -302,6 +307,7 @@ mod tests {
         assert_eq!(jobs("/o/a/_gateway/jobs/x"), Some((app, JobsPath::Job("x"))));
         assert_eq!(jobs("/o/a/_gateway/jobs/x/cancel"), Some((app, JobsPath::Cancel("x"))));
         assert_eq!(jobs("/o/a/_gateway/jobs/x/y"), Some((app, JobsPath::Unknown)));
+        assert_eq!(jobs("/o/a/_gateway/jobs/1/2/3/4/5/6/7/8"), Some((app, JobsPath::Unknown)), "however long");
         assert_eq!(jobs("/o/a/_gateway/jobsx"), Some((None, JobsPath::Elsewhere)));
         assert_eq!(jobs("/_gateway/x"), Some((None, JobsPath::Elsewhere)));
         let easemob_shaped = "/_gateway/jobs/users/u/user_channel";
