@@ -21,7 +21,7 @@ import time
 from collections import Counter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "dist", "easemob-gateway")
+BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), os.environ.get("BENCH_PROFILE", "dist"), "easemob-gateway")
 ORG, APP, GROUP = "1122161011178276", "demo", "172839405612345"
 
 
@@ -77,7 +77,7 @@ def main():
     parser.add_argument("--interval", type=float, default=10)
     args = parser.parse_args()
     if not os.path.exists(BIN):
-        subprocess.run(["cargo", "build", "--profile", "dist", "--quiet"], cwd=ROOT, check=True)
+        subprocess.run(["cargo", "build", "--profile", os.environ.get("BENCH_PROFILE", "dist"), "--quiet"], cwd=ROOT, check=True)
 
     work = tempfile.mkdtemp(prefix="easemob-soak-")
     logs = open(os.path.join(work, "logs.txt"), "w")

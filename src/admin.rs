@@ -1,4 +1,5 @@
-//! The admin listener's endpoints: `/healthz`, `/readyz`, `/metrics`, `/openapi.yaml`. Never the data plane.
+//! The admin listener's endpoints: `/healthz`, `/readyz`, `/metrics`, `/openapi.yaml`, and the status page (`/`,
+//! `/status.json`, `/status/jobs/…`). Never the data plane.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,6 +14,7 @@ use crate::error::json_response;
 use crate::exchange::Stamped;
 use crate::jobs::Jobs;
 use crate::stack::Shared;
+use crate::status::{self, StatusBoard};
 
 /// The data plane's contract, served on the admin listener (and kept true by tests/schemathesis).
 const OPENAPI: &str = include_str!("../docs/openapi.yaml");
@@ -23,21 +25,40 @@ pub const ADMIN_MAX_CONNECTIONS: usize = 32;
 /// probe times out after 1 s by default; a probe or a scraper sends its request at once.
 pub const ADMIN_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// `/healthz`, `/readyz`, `/metrics`, `/openapi.yaml`: the admin listener, never the data plane.
+/// `/healthz`, `/readyz`, `/metrics`, `/openapi.yaml` and the status page: the admin listener, never the data
+/// plane.
 #[derive(Clone)]
 pub struct AdminService {
     /// The config in force.
     pub live: watch::Receiver<Arc<Shared>>,
     /// Set once shutdown has begun: `/readyz` turns 503.
     pub draining: Arc<AtomicBool>,
+    pub status: Arc<StatusBoard>,
 }
 
 impl AdminService {
-    pub fn handle<B>(&self, request: Request<B>) -> Response<Full<Bytes>> {
+    pub async fn handle<B>(&self, request: Request<B>) -> Response<Full<Bytes>> {
         if request.method() != Method::GET {
             return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
         }
         match request.uri().path() {
+            "/" => Response::builder()
+                .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
+                .body(Full::new(Bytes::from_static(status::PAGE.as_bytes())))
+                .expect("static response parts are valid"),
+            "/status.json" => {
+                let live = Arc::clone(&self.live.borrow());
+                let draining = self.draining.load(Ordering::SeqCst);
+                let body = self.status.json(&live, self.is_ready(&live, draining), draining).await;
+                json(StatusCode::OK, &body)
+            }
+            path if path.starts_with("/status/jobs/") => {
+                let live = Arc::clone(&self.live.borrow());
+                match status::job(&live, path).await {
+                    Some(job) => json(StatusCode::OK, &job),
+                    None => text(StatusCode::NOT_FOUND, "no such job (or jobs are off)\n"),
+                }
+            }
             "/healthz" => text(StatusCode::OK, "ok\n"),
             "/readyz" => self.readiness(),
             "/openapi.yaml" => Response::builder()
@@ -53,7 +74,9 @@ impl AdminService {
                     .body(Full::new(Bytes::from(live.metrics.render())))
                     .expect("static response parts are valid")
             }
-            _ => text(StatusCode::NOT_FOUND, "not found: /healthz, /readyz, /metrics, /openapi.yaml\n"),
+            _ => {
+                text(StatusCode::NOT_FOUND, "not found: /, /status.json, /healthz, /readyz, /metrics, /openapi.yaml\n")
+            }
         }
     }
 
@@ -69,9 +92,7 @@ impl AdminService {
             .map(|app| (app.key.to_string(), serde_json::to_value(app.token.status()).expect("status serializes")))
             .collect();
         let store = jobs_store(&live);
-        let store_counts = live.jobs.as_ref().is_some_and(|jobs| jobs.config().ready_requires_store);
-        let store_blocks = store_counts && store == Some(false);
-        let ready = !draining && !store_blocks && live.apps.iter().all(|app| app.token.is_ready());
+        let ready = self.is_ready(&live, draining);
         let mut body = serde_json::json!({ "ready": ready, "draining": draining, "apps": apps });
         if let Some(writes) = store {
             body["jobs_store"] = if writes { "ok" } else { "failing" }.into();
@@ -79,6 +100,24 @@ impl AdminService {
         let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
         json_response(status, body.to_string().into_bytes(), "local").map(Stamped::into_full)
     }
+}
+
+impl AdminService {
+    /// Not draining, every app holds a usable token, and the jobs store writes if readiness requires it.
+    fn is_ready(&self, live: &Shared, draining: bool) -> bool {
+        let store_counts = live.jobs.as_ref().is_some_and(|jobs| jobs.config().ready_requires_store);
+        let store_blocks = store_counts && jobs_store(live) == Some(false);
+        !draining && !store_blocks && live.apps.iter().all(|app| app.token.is_ready())
+    }
+}
+
+fn json(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("static response parts are valid")
 }
 
 /// Whether the jobs store writes, when jobs are on.

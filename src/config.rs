@@ -359,6 +359,22 @@ mod tests {
     }
 
     #[test]
+    fn a_redis_cluster_is_a_flag_beside_the_url_and_has_only_database_0() {
+        let toml = format!("{MINIMAL}\n[rate_limit]\nbackend = \"redis\"\n[rate_limit.redis]\ncluster = true\n");
+        let mut c = Config::load(write(&toml).path()).unwrap();
+        assert!(c.rate_limit.redis.cluster);
+        let problems = |c: &Config| c.problems(SecretPolicy::InlineAllowed);
+        for url in ["redis://10.0.0.1:6379", "rediss://cfg.example:6379/0"] {
+            c.rate_limit.redis.url = url.to_owned();
+            assert!(problems(&c).iter().all(|p| !p.contains("rate_limit")), "{url}: {:?}", problems(&c));
+        }
+        c.rate_limit.redis.url = "redis://10.0.0.1:6379/2".to_owned();
+        assert!(problems(&c).iter().any(|p| p.contains("only database 0")), "{:?}", problems(&c));
+        c.rate_limit.redis.cluster = false;
+        assert!(problems(&c).iter().all(|p| !p.contains("rate_limit")), "{:?}", problems(&c));
+    }
+
+    #[test]
     fn every_problem_names_its_key_and_durations_print_as_written() {
         let toml = MINIMAL.replace("[upstream]", "[upstream]\ntimeout = \"10 parsecs\"\nconnect_timeout = \"1500ms\"")
             + "\n[server]\nlisten_addr = \"x\"\nmax_in_flight = \"lots\"\n";

@@ -61,6 +61,8 @@ struct JobsInner {
 /// request refused, or its client gone), what it staged is discarded.
 pub struct Staging {
     jobs: Jobs,
+    /// The AppKey the job is for: a shared store keeps an app's jobs under keys of its own.
+    app: String,
     id: String,
     created: bool,
 }
@@ -68,7 +70,7 @@ pub struct Staging {
 impl Staging {
     /// Stages operations `from..` of the job.
     pub async fn stage(&self, from: usize, operations: Vec<NewOperation>) -> Result<(), StoreError> {
-        self.jobs.store().stage(&self.id, from, operations).await
+        self.jobs.store().stage(&self.app, &self.id, from, operations).await
     }
 
     /// Creates the job of what was staged (or finds the one its idempotency key made), and tells the scheduler.
@@ -90,10 +92,10 @@ impl Drop for Staging {
         if self.created {
             return;
         }
-        let (store, id) = (self.jobs.store().clone(), std::mem::take(&mut self.id));
+        let (store, app, id) = (self.jobs.store().clone(), std::mem::take(&mut self.app), std::mem::take(&mut self.id));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                if let Err(e) = store.discard(&id).await {
+                if let Err(e) = store.discard(&app, &id).await {
                     warn!(job = %id, error = %e, "could not discard the operations of a job that was not created");
                 }
             });
@@ -164,14 +166,15 @@ impl Jobs {
         caller: Option<&str>,
         operation: NewOperation,
     ) -> Result<Created, StoreError> {
-        let staging = self.staging();
+        let staging = self.staging(app);
         staging.stage(0, vec![operation]).await?;
         staging.submit(app, caller, None, None).await
     }
 
-    /// A new job, to stage its operations under as they are read.
-    pub fn staging(&self) -> Staging {
-        Staging { jobs: self.clone(), id: uuid::Uuid::new_v4().simple().to_string(), created: false }
+    /// A new job of `app`, to stage its operations under as they are read.
+    pub fn staging(&self, app: &App) -> Staging {
+        let (app, id) = (app.key.as_str().to_owned(), uuid::Uuid::new_v4().simple().to_string());
+        Staging { jobs: self.clone(), app, id, created: false }
     }
 
     /// Cancels a job; `None` if `app` has no such job.

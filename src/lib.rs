@@ -24,9 +24,15 @@
 //! - `trace`     W3C trace context and the sampler; `trace/export.rs` exports a sampled request's spans over OTLP
 //! - `redact`    the secrets held, scrubbed from every answer Easemob gives before anything shows it
 //! - `error`     the gateway's own errors, and how one is answered in Easemob's envelope (the rescue layer's)
+//! - `redis_conn` the connection to the shared Redis, one server or a Redis Cluster, and the app's key hash tag
 //! - `config`    typed configuration (TOML + `EASEMOB_GW__…` env), read strictly; a file per section, checking itself
 //! - `metrics`   the Prometheus registry and every metric family
-//! - `server`    listeners, data-plane workers, graceful shutdown; `admin` the admin endpoints
+//! - `server`    the gateway's life: start-up, serving, shutdown, as one short sequence
+//! - `bootstrap` a checked config into what every stack shares (`Shared`), one way for start-up and for reloads
+//! - `reload`    whole-config reload: on SIGHUP or a changed file, checked in full, then swapped in
+//! - `listener`  the listeners, the data plane's worker threads, connection limits and the graceful drain
+//! - `connection` one connection's stack as hyper's service: rebuilt after a reload, waited for when not ready
+//! - `admin`     the admin endpoints: health, readiness, metrics
 //! - `logging`   the tracing subscriber (text or JSON)
 //! - `sim`       the Easemob simulator used by `demo`, the tests and the benchmarks
 //! - `demo`      the gateway in front of the simulator, with ready-to-paste curl lines
@@ -37,13 +43,16 @@ pub mod access;
 pub mod admin;
 pub mod apps;
 pub mod audit;
+pub mod bootstrap;
 pub mod client;
 pub mod config;
+pub mod connection;
 pub mod demo;
 pub mod error;
 pub mod exchange;
 pub mod head;
 pub mod jobs;
+pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod observe;
@@ -60,6 +69,7 @@ pub mod server;
 pub mod shed;
 pub mod sim;
 pub mod stack;
+pub mod status;
 #[cfg(test)]
 mod testing;
 pub mod token;

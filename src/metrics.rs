@@ -58,154 +58,170 @@ pub const JOB_OUTCOMES: [&str; 3] = ["succeeded", "failed", "retried"];
 /// A job's time from acceptance to completion: seconds to days.
 const JOB_BUCKETS: &[f64] = &[1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4.0 * 3600.0, 86400.0, 4.0 * 86400.0];
 
+/// Registers families under the gateway's prefix, and keeps their names.
+struct Families {
+    registry: Registry,
+    names: Vec<String>,
+}
+
+impl Families {
+    /// A registry holding `build_info`, which no one updates.
+    fn new() -> Families {
+        let registry = Registry::new_custom(Some(PREFIX.to_owned()), None).expect("valid prefix");
+        let mut families = Families { registry, names: Vec::new() };
+        let build_info = families.gauges("build_info", "Always 1; labelled with the version.", &["version"]);
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        families
+    }
+
+    fn register<M: prometheus::core::Collector + Clone + 'static>(&mut self, metric: M) -> M {
+        self.names.extend(metric.desc().iter().map(|desc| format!("{PREFIX}_{}", desc.fq_name)));
+        self.registry.register(Box::new(metric.clone())).expect("unique metric");
+        metric
+    }
+
+    fn counter(&mut self, name: &str, help: &str) -> IntCounter {
+        self.register(IntCounter::new(name, help).expect("valid counter"))
+    }
+
+    fn counters(&mut self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.register(IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter"))
+    }
+
+    fn gauge(&mut self, name: &str, help: &str) -> IntGauge {
+        self.register(IntGauge::new(name, help).expect("valid gauge"))
+    }
+
+    fn gauges(&mut self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        self.register(IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge"))
+    }
+
+    fn histogram(&mut self, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+        let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        self.register(Histogram::with_opts(opts).expect("valid histogram"))
+    }
+
+    /// Latency histograms, in [`LATENCY_BUCKETS`].
+    fn latencies(&mut self, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+        let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+        self.register(HistogramVec::new(opts, labels).expect("valid histogram"))
+    }
+}
+
 impl Metrics {
     pub fn new() -> Metrics {
-        let registry = Registry::new_custom(Some(PREFIX.to_owned()), None).expect("valid prefix");
-        let families = std::cell::RefCell::new(Vec::new());
-        let register = |metric: Box<dyn prometheus::core::Collector>| {
-            families.borrow_mut().extend(metric.desc().iter().map(|desc| format!("{PREFIX}_{}", desc.fq_name)));
-            registry.register(metric).expect("unique metric")
-        };
-        let counter = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).expect("valid counter");
-            register(Box::new(c.clone()));
-            c
-        };
-        let counters = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter");
-            register(Box::new(c.clone()));
-            c
-        };
-        let gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).expect("valid gauge");
-            register(Box::new(g.clone()));
-            g
-        };
-        let gauges = |name: &str, help: &str, labels: &[&str]| {
-            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge");
-            register(Box::new(g.clone()));
-            g
-        };
-        let histograms = |name: &str, help: &str, labels: &[&str]| {
-            let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
-            let h = HistogramVec::new(opts, labels).expect("valid histogram");
-            register(Box::new(h.clone()));
-            h
-        };
+        let mut f = Families::new();
         let (app_route, app_route_code) = (&["app", "route"][..], &["app", "route", "code"][..]);
-        gauges("build_info", "Always 1; labelled with the version.", &["version"])
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
         Metrics {
-            requests: counters("requests_total", "Answers to callers, gateway-made ones included.", app_route_code),
-            request_duration: histograms("request_duration_seconds", "Time from request to answer.", app_route),
-            upstream_requests: counters(
-                "upstream_requests_total",
-                "Calls to Easemob business routes, by answer status (or error kind).",
-                app_route_code,
-            ),
-            upstream_duration: histograms("upstream_duration_seconds", "Duration of calls to Easemob.", app_route),
-            upstream_retries: counters(
-                "upstream_retries_total",
-                "Calls retried once after a connect failure or Easemob's 502/503, within the retry budget.",
-                app_route,
-            ),
-            upstream_throttled: counters(
-                "upstream_throttled_total",
-                "Easemob's own 429 answers: another consumer shares the AppKey.",
-                app_route,
-            ),
-            rejected: counters(
+            // Callers' requests and the gateway's own answers.
+            requests: f.counters("requests_total", "Answers to callers, gateway-made ones included.", app_route_code),
+            request_duration: f.latencies("request_duration_seconds", "Time from request to answer.", app_route),
+            rejected: f.counters(
                 "rejected_total",
                 "Requests answered by the gateway itself, by reason.",
                 &["app", "route", "reason"],
             ),
-            rate_limit_wait: histograms(
+            in_flight: f.gauge("in_flight_requests", "Requests being handled now."),
+            open_connections: f.gauge("open_connections", "Data-plane client connections open now."),
+            // Calls to Easemob.
+            upstream_requests: f.counters(
+                "upstream_requests_total",
+                "Calls to Easemob business routes, by answer status (or error kind).",
+                app_route_code,
+            ),
+            upstream_duration: f.latencies("upstream_duration_seconds", "Duration of calls to Easemob.", app_route),
+            upstream_retries: f.counters(
+                "upstream_retries_total",
+                "Calls retried once after a connect failure or Easemob's 502/503, within the retry budget.",
+                app_route,
+            ),
+            upstream_throttled: f.counters(
+                "upstream_throttled_total",
+                "Easemob's own 429 answers: another consumer shares the AppKey.",
+                app_route,
+            ),
+            // The quota.
+            rate_limit_wait: f.latencies(
                 "rate_limit_wait_seconds",
                 "Time admitted requests waited for their quota slot.",
                 app_route,
             ),
-            rate_limit_rate: gauges(
+            rate_limit_rate: f.gauges(
                 "rate_limit_rate",
                 "Calls per second the gateway currently lets through (lowered after Easemob 429s).",
                 app_route,
             ),
-            rate_limit_backend_fallback: gauge(
+            rate_limit_backend_fallback: f.gauge(
                 "rate_limit_backend_fallback",
                 "1 while Redis is unavailable and this replica enforces its local share of the quota.",
             ),
-            token_fetches: counters("token_fetches_total", "App Token fetches by result.", &["app", "result"]),
-            token_expires_at: gauges(
+            // The App Tokens.
+            token_fetches: f.counters("token_fetches_total", "App Token fetches by result.", &["app", "result"]),
+            token_expires_at: f.gauges(
                 "token_expires_at_seconds",
                 "Unix time the current token expires (0: never).",
                 &["app"],
             ),
-            token_replays: counters(
+            token_replays: f.counters(
                 "token_replays_total",
                 "Requests replayed once with a fresh token after Easemob answered 401.",
                 &["app"],
             ),
-            audit_write_errors: counter("audit_write_errors_total", "Audit events that could not be written."),
-            in_flight: gauge("in_flight_requests", "Requests being handled now."),
-            open_connections: gauge("open_connections", "Data-plane client connections open now."),
-            jobs: {
-                let g = gauges("jobs", "Deletion jobs in the store, by state.", &["state"]);
-                for state in JOB_STATES {
-                    g.with_label_values(&[state]);
-                }
-                g
-            },
-            job_operations: counters(
+            // Deletion jobs.
+            jobs: f.gauges("jobs", "Deletion jobs in the store, by state.", &["state"]),
+            job_operations: f.counters(
                 "job_operations_total",
                 "Attempts at job operations by outcome: succeeded, failed (final), retried.",
                 &["app", "route", "outcome"],
             ),
-            job_operations_pending: gauge("job_operations_pending", "Job operations not yet finished: the queue."),
-            job_oldest_pending: gauge(
+            job_operations_pending: f.gauge("job_operations_pending", "Job operations not yet finished: the queue."),
+            job_oldest_pending: f.gauge(
                 "job_oldest_pending_seconds",
                 "Age of the job holding the oldest unfinished operation (0: none pending).",
             ),
-            jobs_store_failing: gauge(
+            jobs_store_failing: f.gauge(
                 "jobs_store_failing",
                 "1 while the deletion jobs' store cannot be written (SQLite or Redis); read when scraped.",
             ),
-            job_duration: {
-                let opts = HistogramOpts::new("job_duration_seconds", "Time from a job's acceptance to its end.")
-                    .buckets(JOB_BUCKETS.to_vec());
-                let h = Histogram::with_opts(opts).expect("valid histogram");
-                register(Box::new(h.clone()));
-                h
-            },
-            config_reloads: {
-                let c = counters("config_reloads_total", "Config reloads by result: applied, rejected.", &["result"]);
-                c.with_label_values(&["applied"]);
-                c.with_label_values(&["rejected"]);
-                c
-            },
-            config_last_reload_successful: {
-                let g = gauge("config_last_reload_successful", "0 while the last reload was rejected, else 1.");
-                g.set(1);
-                g
-            },
-            config_restart_required: gauge(
+            job_duration: f.histogram("job_duration_seconds", "Time from a job's acceptance to its end.", JOB_BUCKETS),
+            // The gateway itself: config reloads, the audit trail, span export.
+            config_reloads: f.counters(
+                "config_reloads_total",
+                "Config reloads by result: applied, rejected.",
+                &["result"],
+            ),
+            config_last_reload_successful: f
+                .gauge("config_last_reload_successful", "0 while the last reload was rejected, else 1."),
+            config_restart_required: f.gauge(
                 "config_restart_required",
                 "1 while the config file changes settings that take effect only after a restart.",
             ),
-            spans_exported: counter("spans_exported_total", "Spans the OTLP collector accepted."),
-            spans_dropped: {
-                let c = counters(
-                    "spans_dropped_total",
-                    "Spans not exported, by reason: queue_full (more than the export queue holds), export_failed.",
-                    &["reason"],
-                );
-                for reason in ["queue_full", "export_failed"] {
-                    c.with_label_values(&[reason]);
-                }
-                c
-            },
-            registry,
-            families: families.take().into(),
+            audit_write_errors: f.counter("audit_write_errors_total", "Audit events that could not be written."),
+            spans_exported: f.counter("spans_exported_total", "Spans the OTLP collector accepted."),
+            spans_dropped: f.counters(
+                "spans_dropped_total",
+                "Spans not exported, by reason: queue_full (more than the export queue holds), export_failed.",
+                &["reason"],
+            ),
+            registry: f.registry,
+            families: f.names.into(),
         }
+        .with_start_series()
+    }
+
+    /// With the series exported before their first event, so that a dashboard or an alert sees them from the start.
+    fn with_start_series(self) -> Metrics {
+        for state in JOB_STATES {
+            self.jobs.with_label_values(&[state]);
+        }
+        for result in ["applied", "rejected"] {
+            self.config_reloads.with_label_values(&[result]);
+        }
+        self.config_last_reload_successful.set(1);
+        for reason in ["queue_full", "export_failed"] {
+            self.spans_dropped.with_label_values(&[reason]);
+        }
+        self
     }
 
     /// Every metric family's name, as exported (with or without series yet).

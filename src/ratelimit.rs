@@ -29,6 +29,7 @@ pub mod layer;
 mod local;
 mod pace;
 mod redis;
+mod status;
 mod window;
 
 use tokio::time::Instant;
@@ -50,6 +51,7 @@ use self::headers::Fields;
 pub use self::headers::{
     Admitted, RATELIMIT, RATELIMIT_POLICY, RateLimitHeaders, Refused, easemob_retry_after, retry_after_secs,
 };
+pub use self::status::{LaneStatus, QuotaStatus};
 pub use ::redis::RedisError;
 
 /// The quota in force. A reload builds another, carrying over what this one has counted.
@@ -86,6 +88,20 @@ impl QuotaSet {
         let set = QuotaSet::assemble(config, apps, metrics, redis, None);
         set.report();
         Ok(set)
+    }
+
+    /// What `app`'s share of the quota holds now (for the status page).
+    pub fn status(&self, app: AppIndex) -> QuotaStatus {
+        let (backend, users_in_window) = match &self.backend {
+            Backend::Local => ("local", Some(self.limits.users[app.0].active())),
+            Backend::Redis(_) => ("redis", None),
+        };
+        QuotaStatus {
+            backend,
+            lanes: status::lanes(&self.limits, app),
+            users_in_window,
+            user_limit_per_minute: self.limits.user_limit.get(),
+        }
     }
 
     /// Shows this set's rates in `rate_limit_rate`, and creates its lanes' other series at 0 so that rate() and

@@ -9,18 +9,17 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::access::Access;
-use crate::apps::Apps;
 use crate::apps::digest_parts;
+use crate::bootstrap;
 use crate::config::{Config, SecretPolicy};
 use crate::logging::LogLevel;
 use crate::stack::Shared;
+use crate::status::StatusBoard;
 use crate::upstream::Upstream;
 
 /// Watches for reasons to reload, and reloads.
@@ -35,6 +34,8 @@ pub struct Reloader {
     /// Every worker's upstream shares its timeout with this one.
     pub upstream: Upstream,
     pub log: Option<LogLevel>,
+    /// Where the status page reads the last reload's outcome.
+    pub status: Arc<StatusBoard>,
 }
 
 /// Why a reload changed nothing: every problem, one per line.
@@ -93,6 +94,7 @@ impl Reloader {
                 metrics.config_reloads.with_label_values(&["applied"]).inc();
                 metrics.config_last_reload_successful.set(1);
                 metrics.config_restart_required.set(i64::from(!restart.is_empty()));
+                self.status.reloaded(true, &[], restart);
                 if !restart.is_empty() {
                     warn!(settings = restart.join(", "), "config reloaded; these settings take effect after a restart");
                 }
@@ -100,6 +102,7 @@ impl Reloader {
             Err(rejected) => {
                 metrics.config_reloads.with_label_values(&["rejected"]).inc();
                 metrics.config_last_reload_successful.set(0);
+                self.status.reloaded(false, &rejected.problems, &[]);
                 for problem in &rejected.problems {
                     warn!(problem = %problem, "config not reloaded; the running config stays in force");
                 }
@@ -121,20 +124,15 @@ impl Reloader {
             return Err(problems(found, false));
         }
         let previous = Arc::clone(&self.live.borrow());
-        let keys: Vec<_> = config.apps.iter().map(|app| app.app_key()).collect();
-        let quota = previous.quota.reloaded(&config.rate_limit, &keys);
-        // A new token source's first fetch answers within the upstream timeout; a moment more for its task to run.
-        let verify_within = config.upstream.timeout + Duration::from_secs(1);
-        let metrics = &previous.metrics;
-        let apps = Apps::assemble(&config, &quota, &self.upstream, metrics, Some(&previous.apps), Some(verify_within))
-            .await
-            .map_err(|found| problems(found, true))?;
+        let shared =
+            bootstrap::reconfigure(&config, &previous, &self.upstream).await.map_err(|found| problems(found, true))?;
 
         // Checked in full: from here on nothing fails.
-        let kept = apps.iter().filter(|app| previous.apps.iter().any(|p| Arc::ptr_eq(&p.token, &app.token))).count();
+        let (apps, was) = (&shared.apps, &previous.apps);
+        let kept = apps.iter().filter(|app| was.iter().any(|p| Arc::ptr_eq(&p.token, &app.token))).count();
         let (added, removed) = (
-            apps.iter().filter(|app| previous.apps.iter().all(|p| p.key != app.key)).count(),
-            previous.apps.iter().filter(|p| apps.iter().all(|app| app.key != p.key)).count(),
+            apps.iter().filter(|app| was.iter().all(|p| p.key != app.key)).count(),
+            was.iter().filter(|p| apps.iter().all(|app| app.key != p.key)).count(),
         );
         self.upstream.set_timeout(config.upstream.timeout);
         if config.log.level != self.current.log.level
@@ -146,13 +144,6 @@ impl Reloader {
                 Err(e) => warn!(error = %e, "log.level could not be applied"),
             }
         }
-        let shared = Shared {
-            apps,
-            access: Arc::new(Access::new(&config)),
-            quota,
-            body_read_timeout: config.server.body_read_timeout,
-            ..Shared::clone(&previous)
-        };
         shared.quota.report();
         self.live.send_replace(Arc::new(shared));
         info!(apps = config.apps.len(), added, removed, tokens_kept = kept, "config reloaded");

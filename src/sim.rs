@@ -10,9 +10,10 @@
 //! It parses requests on its own, not with the gateway's route table, so the two can disagree and tests notice.
 //! This file is its model of Easemob (tokens, the six operations, faults, stats); `sim/transport.rs` serves it
 //! over HTTP(S), `sim/control.rs` is the `/_sim/` API, `sim/state.rs` the users and conversations, `sim/limits.rs`
-//! Easemob's limits.
+//! Easemob's limits, `sim/deletion.rs` the routes' own checks and what each deletion does.
 
 mod control;
+mod deletion;
 pub mod limits;
 pub mod state;
 pub mod transport;
@@ -29,8 +30,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
+use deletion::Deletion;
 use limits::Limits;
-use state::{App, ConvKey, Kind, TokenCheck};
+use state::{App, TokenCheck};
 
 /// Marks an answer to be cut off mid-body (the `reset_count` fault), which the transport carries out.
 #[derive(Clone, Copy)]
@@ -331,24 +333,14 @@ impl Simulator {
         roaming_disabled: bool,
         started: Instant,
     ) -> Response<Full<Bytes>> {
-        let bad_request = || error(StatusCode::BAD_REQUEST, "Bad Request", "Bad Request", started);
         let mut world = self.world();
         let World { apps, limits, stats, .. } = &mut *world;
         let Some(app) = find_app(apps, org, app_name) else {
             let text = format!("Could not find application for {org}/{app_name}");
             return error(StatusCode::NOT_FOUND, "organization_application_not_found", &text, started);
         };
-        let bearer = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-        match bearer.and_then(|v| v.strip_prefix("Bearer ")).map(|t| app.check_token(t)) {
-            Some(TokenCheck::Valid) => {}
-            None | Some(TokenCheck::Expired) => {
-                let text = "Unable to authenticate due to expired access token";
-                return error(StatusCode::UNAUTHORIZED, "unauthorized", text, started);
-            }
-            Some(TokenCheck::Unknown) => {
-                let text = "Unable to authenticate due to corrupt access token";
-                return error(StatusCode::UNAUTHORIZED, "auth_bad_access_token", text, started);
-            }
+        if let Err(refused) = authenticate(app, parts) {
+            return refused.answer(started);
         }
         let Some(route) = route else {
             return error(StatusCode::NOT_FOUND, "service_resource_not_found", "Service resource not found", started);
@@ -366,67 +358,16 @@ impl Simulator {
         let query: HashMap<String, String> =
             form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes()).into_owned().collect();
         let deletion = if route == "delete_conversation" {
-            let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
-                let text = "Request body is invalid. Please check body is correct.";
-                return error(StatusCode::BAD_REQUEST, "invalid_request_body", text, started);
-            };
-            // Easemob's order: a wrongly typed field is an invalid body; then missing or empty fields.
-            let field = |name: &str| fields.get(name).filter(|v| !v.is_null());
-            let wrongly_typed = field("channel").is_some_and(|v| !v.is_string())
-                || field("type").is_some_and(|v| !v.is_string())
-                || field("delete_roam").is_some_and(|v| !v.is_boolean());
-            if wrongly_typed {
-                let text = "Request body is invalid. Please check body is correct.";
-                return error(StatusCode::BAD_REQUEST, "invalid_request_body", text, started);
-            }
-            let channel = field("channel").and_then(Value::as_str).filter(|s| !s.is_empty());
-            let kind = field("type").and_then(Value::as_str).filter(|s| !s.is_empty());
-            let delete_roam = field("delete_roam").and_then(Value::as_bool);
-            let (Some(channel), Some(kind), Some(delete_roam)) = (channel, kind, delete_roam) else {
-                let text = match (channel, kind) {
-                    (None, _) => "field channel cannot be null or empty",
-                    (_, None) => "field type cannot be null or empty",
-                    _ => "field delete_roam cannot be null",
-                };
-                return error(StatusCode::BAD_REQUEST, "illegal_argument", text, started);
-            };
-            let kind = match kind {
-                "chat" => Kind::Chat,
-                "groupchat" => Kind::Groupchat,
-                // Not documented by Easemob; the gateway refuses it before it gets here.
-                _ => return error(StatusCode::BAD_REQUEST, "illegal_argument", "field type is invalid", started),
-            };
-            Deletion::Conversation((kind, channel.to_owned()), delete_roam)
+            Deletion::of_conversation(body)
+        } else if roaming_disabled || !app.roaming_enabled {
+            let text = "this appKey not open message roaming";
+            return error(StatusCode::BAD_REQUEST, "service open exception", text, started);
         } else {
-            if roaming_disabled || !app.roaming_enabled {
-                let text = "this appKey not open message roaming";
-                return error(StatusCode::BAD_REQUEST, "service open exception", text, started);
-            }
-            if query.get("isNotify").is_some_and(|v| v != "true" && v != "false") {
-                return bad_request();
-            }
-            let peer = query.get("userId").filter(|v| !v.is_empty()).map(|p| (Kind::Chat, p.clone()));
-            let group = query.get("groupId").filter(|v| !v.is_empty()).map(|g| (Kind::Groupchat, g.clone()));
-            let ids: Option<Vec<&str>> =
-                query.get("msgIdList").filter(|v| !v.is_empty()).map(|v| v.split(',').collect());
-            let del_time: Option<i64> = query.get("delTime").and_then(|v| v.parse().ok());
-            match route {
-                "delete_chat_messages" | "delete_group_messages" => {
-                    let conversation = if route == "delete_chat_messages" { peer } else { group };
-                    let (Some(conversation), Some(ids)) = (conversation, ids) else { return bad_request() };
-                    if ids.len() > 50 {
-                        let text = "delete msg list limit can not greater than 50";
-                        return error(StatusCode::BAD_REQUEST, "param exception", text, started);
-                    }
-                    Deletion::Messages(conversation, ids)
-                }
-                "clear_chat_messages_before" | "clear_group_messages_before" => {
-                    let conversation = if route == "clear_chat_messages_before" { peer } else { group };
-                    let (Some(conversation), Some(del_time)) = (conversation, del_time) else { return bad_request() };
-                    Deletion::Before(conversation, del_time)
-                }
-                _ => Deletion::User,
-            }
+            Deletion::of_messages(route, &query)
+        };
+        let deletion = match deletion {
+            Ok(deletion) => deletion,
+            Err(refused) => return refused.answer(started),
         };
         // Checked last, so only a call that would be carried out takes a slot: what Easemob presumably counts,
         // and never more than a gateway that forwards only valid calls counts itself.
@@ -435,30 +376,34 @@ impl Simulator {
             *stats.over_limit_by_route.entry(route).or_default() += 1;
             return forced(StatusCode::TOO_MANY_REQUESTS.as_u16(), None, started);
         }
-        match deletion {
-            Deletion::Messages(conversation, ids) => app.delete_messages(&owner, conversation, &ids),
-            Deletion::Before(conversation, del_time) => app.delete_before(&owner, conversation, del_time),
-            Deletion::User => app.clear_user(&owner),
-            Deletion::Conversation(conversation, delete_roam) => {
-                app.delete_conversation(&owner, conversation, delete_roam);
-                let uri = format!("http://{}{}", header_host(parts), parts.uri.path());
-                return ok(json!({
-                    "path": "/users/user_channel", "uri": uri, "timestamp": now_ms(), "organization": app.org,
-                    "application": app.uuid, "entities": [], "action": "delete", "data": { "result": "ok" },
-                    "duration": started.elapsed().as_millis() as u64, "applicationName": app.name,
-                }));
-            }
-        }
-        ok(json!({ "requestStatusCode": "ok", "timestamp": now_ms() }))
+        deletion.carry_out(app, &owner, parts, started)
     }
 }
 
-/// A checked deletion, applied only once the call is admitted under the limits.
-enum Deletion<'q> {
-    Messages(ConvKey, Vec<&'q str>),
-    Before(ConvKey, i64),
-    User,
-    Conversation(ConvKey, bool),
+/// A call Easemob refuses: its status, error type and description.
+struct Refused(StatusCode, &'static str, &'static str);
+
+impl Refused {
+    fn answer(self, started: Instant) -> Response<Full<Bytes>> {
+        let Refused(status, error_type, description) = self;
+        error(status, error_type, description, started)
+    }
+}
+
+/// Easemob's check of the bearer token: refused when missing, expired or unknown.
+fn authenticate(app: &App, parts: &http::request::Parts) -> Result<(), Refused> {
+    let bearer = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match bearer.and_then(|v| v.strip_prefix("Bearer ")).map(|t| app.check_token(t)) {
+        Some(TokenCheck::Valid) => Ok(()),
+        None | Some(TokenCheck::Expired) => {
+            let text = "Unable to authenticate due to expired access token";
+            Err(Refused(StatusCode::UNAUTHORIZED, "unauthorized", text))
+        }
+        Some(TokenCheck::Unknown) => {
+            let text = "Unable to authenticate due to corrupt access token";
+            Err(Refused(StatusCode::UNAUTHORIZED, "auth_bad_access_token", text))
+        }
+    }
 }
 
 /// The route a business request names, by Easemob's method and path shape (`None`: no such route).

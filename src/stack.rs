@@ -39,7 +39,8 @@ use crate::token::layer::TokenLayer;
 use crate::trace::export::Export;
 use crate::upstream::forward::Forward;
 
-/// What every connection's stack shares, process-wide: built at start-up, and again by each reload (`reload.rs`).
+/// What every connection's stack shares, process-wide: put together by `bootstrap.rs`, at start-up and again by each
+/// reload.
 #[derive(Clone)]
 pub struct Shared {
     pub apps: Apps,

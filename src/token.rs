@@ -116,6 +116,23 @@ pub struct TokenStatus {
     pub expires_in_seconds: Option<u64>,
 }
 
+/// What the admin status page shows of an app's token: its life, never the token itself.
+#[derive(Debug, serde::Serialize)]
+pub struct TokenDetail {
+    /// `valid`, `failing` or `fetching`, as `/readyz` says.
+    pub state: &'static str,
+    /// Seconds since the token in use was fetched.
+    pub age_seconds: Option<u64>,
+    /// Seconds until it stops being used; `None` when there is none or it never expires.
+    pub expires_in_seconds: Option<u64>,
+    /// Seconds until the next refresh is due (0: due now, or a fetch is in flight).
+    pub refresh_in_seconds: Option<u64>,
+    /// Tokens fetched since start-up (or since the app's credentials changed).
+    pub generation: u64,
+    /// `ok`, or why the last fetch failed (Easemob's text already redacted).
+    pub last_fetch: String,
+}
+
 #[derive(Debug, Default)]
 struct State {
     token: Option<Arc<Token>>,
@@ -133,6 +150,20 @@ struct State {
 }
 
 impl State {
+    /// `valid`, `failing` or `fetching`.
+    fn label(&self, now: Instant) -> &'static str {
+        match self.usable(now) {
+            Some(_) => "valid",
+            None if self.failed_until.is_some() => "failing",
+            None => "fetching",
+        }
+    }
+
+    /// Seconds until the usable token stops being used; `None` when there is none or it never expires.
+    fn expires_in(&self, now: Instant) -> Option<u64> {
+        self.usable(now)?.usable_until.map(|u| u.saturating_duration_since(now).as_secs())
+    }
+
     /// The current token, if it may still be used at `now`.
     fn usable(&self, now: Instant) -> Option<&Arc<Token>> {
         self.token.as_ref().filter(|t| t.usable(now))
@@ -287,13 +318,21 @@ impl TokenSource {
     pub fn status(&self) -> TokenStatus {
         let state = self.state.borrow();
         let now = Instant::now();
-        match state.usable(now) {
-            Some(token) => TokenStatus {
-                state: "valid",
-                expires_in_seconds: token.usable_until.map(|u| u.saturating_duration_since(now).as_secs()),
-            },
-            None if state.failed_until.is_some() => TokenStatus { state: "failing", expires_in_seconds: None },
-            None => TokenStatus { state: "fetching", expires_in_seconds: None },
+        TokenStatus { state: state.label(now), expires_in_seconds: state.expires_in(now) }
+    }
+
+    /// The token's life for the status page.
+    pub fn detail(&self) -> TokenDetail {
+        let state = self.state.borrow();
+        let now = Instant::now();
+        let token = state.token.as_deref();
+        TokenDetail {
+            state: state.label(now),
+            age_seconds: token.map(|t| now.saturating_duration_since(t.fetched_at).as_secs()),
+            expires_in_seconds: state.expires_in(now),
+            refresh_in_seconds: token.map(|t| t.refresh_at.saturating_duration_since(now).as_secs()),
+            generation: state.generation,
+            last_fetch: state.last_error.clone().unwrap_or_else(|| "ok".to_owned()),
         }
     }
 

@@ -1,12 +1,17 @@
 //! The job queue's contract (`src/jobs/queue.rs`), one suite run against each store: the SQLite file of one
-//! process, and a real redis-server on 127.0.0.1 (a free port) shared by replicas. A behaviour that differs
-//! between them fails here. A crash is the holder of the store gone without a word: with SQLite the next process
+//! process, a real redis-server on 127.0.0.1 (a free port) shared by replicas, and a real Redis Cluster of three
+//! masters with a replica each (one cluster for the whole suite, each test under a key prefix of its own). A
+//! behaviour that differs between them fails here. A crash is the holder of the store gone without a word: with SQLite the next process
 //! opens the same file; with Redis another replica takes over what the first held once its lease has passed.
 
 // The end-to-end tests' harness, for its redis-server; the rest of it is not used here.
 #[path = "gateway/support.rs"]
 #[allow(dead_code, unused_imports)]
 mod support;
+// The cluster's harness; killing a master is the end-to-end tests' concern.
+#[path = "gateway/redis_cluster.rs"]
+#[allow(dead_code)]
+mod redis_cluster;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,13 +23,19 @@ use easemob_gateway::jobs::records::{
 };
 use easemob_gateway::jobs::shared::SharedStore;
 use easemob_gateway::jobs::store::LocalStore;
+use easemob_gateway::redis_conn::{self, Patience};
 
 /// The lease of a Redis claim here: short, so that a take-over after a crash is quick to test.
 const LEASE: Duration = Duration::from_millis(200);
 
 enum Keeper {
     Sqlite(tempfile::TempDir),
-    Redis(Box<support::Redis>),
+    /// The store's Redis: the redis-server the backend started (kept running while it lives), or a cluster its
+    /// test holds.
+    Redis {
+        _server: Option<Box<support::Redis>>,
+        config: RedisConfig,
+    },
 }
 
 struct Backend {
@@ -41,8 +52,21 @@ impl Backend {
 
     async fn redis() -> Backend {
         let redis = support::Redis::start().await;
-        let store = shared(&redis);
-        Backend { keeper: Keeper::Redis(Box::new(redis)), store }
+        let config = RedisConfig { url: redis.url(), ..RedisConfig::default() };
+        Backend::on_redis(Some(Box::new(redis)), config)
+    }
+
+    /// On a cluster the caller holds, under `key_prefix`.
+    fn cluster(cluster: &redis_cluster::RedisCluster, key_prefix: &str) -> Backend {
+        let config =
+            RedisConfig { url: cluster.url(), cluster: true, key_prefix: key_prefix.to_owned(), ..Default::default() };
+        Backend::on_redis(None, config)
+    }
+
+    fn on_redis(server: Option<Box<support::Redis>>, config: RedisConfig) -> Backend {
+        let config = RedisConfig { timeout: Duration::from_secs(5), ..config };
+        let store = shared(&config);
+        Backend { keeper: Keeper::Redis { _server: server, config }, store }
     }
 
     /// The process holding the store dies at once, and another takes its place: whatever the first held and did
@@ -50,9 +74,9 @@ impl Backend {
     async fn crash(&mut self) {
         self.store = match &self.keeper {
             Keeper::Sqlite(dir) => Arc::new(LocalStore::open(&dir.path().join("jobs.db")).unwrap()),
-            Keeper::Redis(redis) => {
+            Keeper::Redis { config, .. } => {
                 tokio::time::sleep(LEASE * 2).await;
-                shared(redis)
+                shared(config)
             }
         };
         self.store.reap().await.unwrap();
@@ -67,11 +91,16 @@ impl Backend {
                 db.query_row("SELECT COUNT(*) FROM staged WHERE job_id = ?1", [job_id], |row| row.get::<_, i64>(0))
                     .unwrap() as usize
             }
-            Keeper::Redis(server) => {
-                let mut conn =
-                    ::redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
-                let keys: Vec<String> =
-                    ::redis::cmd("KEYS").arg(format!("*:{job_id}*")).query_async(&mut conn).await.unwrap();
+            Keeper::Redis { config, .. } => {
+                let patience = Patience {
+                    connect: config.timeout,
+                    response: config.timeout,
+                    retries: 1,
+                    max_delay: config.timeout,
+                };
+                let mut conn = redis_conn::connect(config, patience).unwrap();
+                let pattern = format!("{}:*:{job_id}*", config.key_prefix);
+                let keys: Vec<String> = ::redis::cmd("KEYS").arg(pattern).query_async(&mut conn).await.unwrap();
                 let mut kept = 0;
                 for key in keys {
                     let ttl: i64 = ::redis::cmd("PTTL").arg(&key).query_async(&mut conn).await.unwrap();
@@ -83,9 +112,8 @@ impl Backend {
     }
 }
 
-fn shared(redis: &support::Redis) -> Store {
-    let config = RedisConfig { url: redis.url(), timeout: Duration::from_secs(5), ..RedisConfig::default() };
-    Arc::new(SharedStore::new(&config, LEASE).unwrap())
+fn shared(config: &RedisConfig) -> Store {
+    Arc::new(SharedStore::new(config, LEASE).unwrap())
 }
 
 fn op(route: &'static str, user: Option<&str>) -> NewOperation {
@@ -127,6 +155,7 @@ async fn create(store: &Store, new: (NewJob, Vec<NewOperation>)) -> JobRecord {
 fn outcome(due: &Due, next: Next) -> Outcome {
     Outcome {
         job: due.job,
+        app: due.app.clone(),
         job_id: due.job_id.clone(),
         n: due.n,
         attempts: due.attempts + 1,
@@ -228,8 +257,8 @@ async fn a_cancel_drops_what_is_pending_and_an_operation_in_flight_still_counts(
     let in_flight = b.store.claim(1_000, 2).await.unwrap().into_iter().find(|due| due.job_id == "j1").unwrap();
     let cancelled = b.store.cancel("o#a", "j1", 2_000).await.unwrap().unwrap();
     assert_eq!((cancelled.state, cancelled.counts.cancelled, cancelled.counts.pending), (JobState::Cancelled, 3, 0));
-    assert!(b.store.is_cancelled("j1").await.unwrap());
-    assert!(!b.store.is_cancelled(&other.id).await.unwrap());
+    assert!(b.store.is_cancelled("o#a", "j1").await.unwrap());
+    assert!(!b.store.is_cancelled("o#a", &other.id).await.unwrap());
     assert!(b.store.claim(10_000, 10).await.unwrap().iter().all(|due| due.job_id != "j1"));
 
     b.store.record(vec![outcome(&in_flight, Next::Done(OpState::Succeeded))], 2_500).await.unwrap();
@@ -319,8 +348,8 @@ async fn jobs_and_operations_are_read_in_pages(b: &mut Backend) {
 }
 
 async fn staged_operations_are_seen_by_no_one_until_the_job_is_created(b: &mut Backend) {
-    b.store.stage("j1", 0, clears(2)).await.unwrap();
-    b.store.stage("j1", 2, vec![op("delete_conversation", Some("ann"))]).await.unwrap();
+    b.store.stage("o#a", "j1", 0, clears(2)).await.unwrap();
+    b.store.stage("o#a", "j1", 2, vec![op("delete_conversation", Some("ann"))]).await.unwrap();
     assert!(b.store.claim(1_000, 10).await.unwrap().is_empty());
     assert!(b.store.job("o#a", "j1").await.unwrap().is_none());
     assert!(b.store.list("o#a", None, None, 10).await.unwrap().is_empty());
@@ -334,11 +363,11 @@ async fn staged_operations_are_seen_by_no_one_until_the_job_is_created(b: &mut B
 
 async fn a_job_that_is_not_created_leaves_nothing_behind(b: &mut Backend) {
     // Refused after some of its operations were staged.
-    b.store.stage("j1", 0, clears(2)).await.unwrap();
-    b.store.discard("j1").await.unwrap();
+    b.store.stage("o#a", "j1", 0, clears(2)).await.unwrap();
+    b.store.discard("o#a", "j1").await.unwrap();
     assert_eq!(b.kept_for_good("j1").await, 0);
     // Its reader died while staging.
-    b.store.stage("j2", 0, clears(2)).await.unwrap();
+    b.store.stage("o#a", "j2", 0, clears(2)).await.unwrap();
     b.crash().await;
     assert_eq!(b.kept_for_good("j2").await, 0);
     assert!(b.store.claim(1_000, 10).await.unwrap().is_empty());
@@ -363,6 +392,12 @@ macro_rules! conformance {
             async fn $test() {
                 super::$test(&mut super::Backend::redis().await).await;
             })*
+        }
+        /// One cluster (six redis-servers) for the suite, so the tests run one after another on it.
+        #[tokio::test]
+        async fn on_a_redis_cluster() {
+            let cluster = redis_cluster::RedisCluster::start().await;
+            $($test(&mut Backend::cluster(&cluster, stringify!($test))).await;)*
         }
     };
 }

@@ -140,8 +140,11 @@ pub enum RateLimitBackend {
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `redis://host:port[/db]`, or `rediss://…` for TLS (a managed Redis); never with a password in it.
+    /// `redis://host:port[/db]`, or `rediss://…` for TLS (a managed Redis); never with a password in it. In a
+    /// cluster, one node (or the service's configuration endpoint) the others are found from.
     pub url: String,
+    /// The URL leads to a Redis Cluster (cluster mode enabled): keys are spread across its shards by AppKey.
+    pub cluster: bool,
     /// The ACL user, when the Redis has users (Redis 6+); absent: the default user.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
@@ -198,6 +201,10 @@ impl RedisConfig {
         if let Err(e) = self.password() {
             problems.push(e);
         }
+        let database = authority_rest(&self.url).trim_matches('/');
+        if self.cluster && !matches!(database, "" | "0") {
+            problems.push("rate_limit.redis.url: a Redis Cluster has only database 0".to_owned());
+        }
         match &self.ca_file {
             Some(_) if !tls => problems.push("rate_limit.redis.ca_file is for rediss:// (TLS) URLs".to_owned()),
             Some(path) if std::fs::metadata(path).is_err() => {
@@ -209,10 +216,17 @@ impl RedisConfig {
     }
 }
 
+/// What follows the URL's host and port: the database, if any.
+fn authority_rest(url: &str) -> &str {
+    let rest = url.split("://").nth(1).unwrap_or_default();
+    rest.find('/').map_or("", |at| &rest[at..])
+}
+
 impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: "redis://127.0.0.1:6379".to_owned(),
+            cluster: false,
             username: None,
             password_env: None,
             password_file: None,

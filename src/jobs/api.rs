@@ -137,7 +137,7 @@ impl JobsApi {
             body_read_timeout: self.body_read_timeout,
         };
         let now_ms = jobs.clock().now_ms();
-        let staging = jobs.staging();
+        let staging = jobs.staging(app);
         let stage = |from, batch| staging.stage(from, batch).map_err(unavailable(app));
         let Intake { sha256, .. } =
             intake::read(jobs.parser(), body, &limits, Arc::clone(app), now_ms, idempotency_key.is_some(), stage)

@@ -72,6 +72,7 @@ where
     counted.with_label_values(&[labels.0.key.as_str(), labels.1.name(), outcome]).inc();
     Outcome {
         job: due.job,
+        app: due.app,
         job_id: due.job_id,
         n: due.n,
         attempts,

@@ -36,11 +36,12 @@ pub type Store = Arc<dyn JobStore>;
 pub trait JobStore: Send + Sync {
     fn is_healthy(&self) -> bool;
 
-    /// Adds operations `from..` to the job `job_id` that `create` will make; until then no other call sees them.
-    fn stage<'a>(&'a self, job_id: &'a str, from: usize, operations: Vec<NewOperation>) -> Pending<'a, ()>;
+    /// Adds operations `from..` (`ops`) to `app`'s job `job_id` that `create` will make; until then no other
+    /// call sees them.
+    fn stage<'a>(&'a self, app: &'a str, job_id: &'a str, from: usize, ops: Vec<NewOperation>) -> Pending<'a, ()>;
 
-    /// Drops what was staged for a job that will not be created.
-    fn discard<'a>(&'a self, job_id: &'a str) -> Pending<'a, ()>;
+    /// Drops what was staged for `app`'s job that will not be created.
+    fn discard<'a>(&'a self, app: &'a str, job_id: &'a str) -> Pending<'a, ()>;
 
     /// Makes a job of the operations staged under its id, all at once, or finds the job its idempotency key
     /// already made (and drops what was staged).
@@ -49,7 +50,7 @@ pub trait JobStore: Send + Sync {
     /// Stages `operations` and creates the job of them: for a job whose operations are already in hand.
     fn create_with(&self, job: NewJob, operations: Vec<NewOperation>) -> Pending<'_, Created> {
         Box::pin(async move {
-            self.stage(&job.id, 0, operations).await?;
+            self.stage(&job.app, &job.id, 0, operations).await?;
             self.create(job).await
         })
     }
@@ -79,11 +80,13 @@ pub trait JobStore: Send + Sync {
     /// finished job keeps its state.
     fn cancel<'a>(&'a self, app: &'a str, id: &'a str, now_ms: i64) -> Pending<'a, Option<JobRecord>>;
 
-    /// Whether the job was cancelled, by this process or another.
-    fn is_cancelled<'a>(&'a self, job_id: &'a str) -> Pending<'a, bool>;
+    /// Whether `app`'s job was cancelled, by this process or another.
+    fn is_cancelled<'a>(&'a self, app: &'a str, job_id: &'a str) -> Pending<'a, bool>;
 
     /// Claims up to `limit` operations of each route due at `now_ms` and held by no one: each route's earliest
-    /// due first, so that one route's long job never holds back the others (they have quotas of their own).
+    /// due first, so that one route's long job never holds back the others (they have quotas of their own). With
+    /// several apps, Redis keeps each app's queues apart (in its own cluster slot) and takes the apps in turn,
+    /// earliest first within each; SQLite takes the earliest of all.
     fn claim(&self, now_ms: i64, limit: usize) -> Pending<'_, Vec<Due>>;
 
     /// When the next pending operation falls due after `now_ms`, if one does.
@@ -129,11 +132,11 @@ impl JobStore for LocalStore {
         LocalStore::is_healthy(self)
     }
 
-    fn stage<'a>(&'a self, job_id: &'a str, from: usize, operations: Vec<NewOperation>) -> Pending<'a, ()> {
-        Box::pin(self.stage(job_id, from, operations))
+    fn stage<'a>(&'a self, _app: &'a str, job_id: &'a str, from: usize, ops: Vec<NewOperation>) -> Pending<'a, ()> {
+        Box::pin(self.stage(job_id, from, ops))
     }
 
-    fn discard<'a>(&'a self, job_id: &'a str) -> Pending<'a, ()> {
+    fn discard<'a>(&'a self, _app: &'a str, job_id: &'a str) -> Pending<'a, ()> {
         Box::pin(self.discard(job_id))
     }
 
@@ -169,7 +172,7 @@ impl JobStore for LocalStore {
         Box::pin(self.cancel(app, id, now_ms))
     }
 
-    fn is_cancelled<'a>(&'a self, job_id: &'a str) -> Pending<'a, bool> {
+    fn is_cancelled<'a>(&'a self, _app: &'a str, job_id: &'a str) -> Pending<'a, bool> {
         Box::pin(self.is_cancelled(job_id))
     }
 
@@ -224,12 +227,12 @@ impl JobStore for SharedStore {
         SharedStore::is_healthy(self)
     }
 
-    fn stage<'a>(&'a self, job_id: &'a str, from: usize, operations: Vec<NewOperation>) -> Pending<'a, ()> {
-        Box::pin(self.marked(Access::Write, self.stage(job_id, from, operations)))
+    fn stage<'a>(&'a self, app: &'a str, job_id: &'a str, from: usize, ops: Vec<NewOperation>) -> Pending<'a, ()> {
+        Box::pin(self.marked(Access::Write, self.stage(app, job_id, from, ops)))
     }
 
-    fn discard<'a>(&'a self, job_id: &'a str) -> Pending<'a, ()> {
-        Box::pin(self.marked(Access::Write, self.discard(job_id)))
+    fn discard<'a>(&'a self, app: &'a str, job_id: &'a str) -> Pending<'a, ()> {
+        Box::pin(self.marked(Access::Write, self.discard(app, job_id)))
     }
 
     fn create(&self, job: NewJob) -> Pending<'_, Created> {
@@ -264,8 +267,8 @@ impl JobStore for SharedStore {
         Box::pin(self.marked(Access::Write, self.cancel(app, id, now_ms)))
     }
 
-    fn is_cancelled<'a>(&'a self, job_id: &'a str) -> Pending<'a, bool> {
-        Box::pin(self.marked(Access::Read, self.is_cancelled(job_id)))
+    fn is_cancelled<'a>(&'a self, app: &'a str, job_id: &'a str) -> Pending<'a, bool> {
+        Box::pin(self.marked(Access::Read, self.is_cancelled(app, job_id)))
     }
 
     fn claim(&self, now_ms: i64, limit: usize) -> Pending<'_, Vec<Due>> {

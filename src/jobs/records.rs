@@ -172,6 +172,8 @@ impl Due {
 #[derive(Clone, Debug)]
 pub struct Outcome {
     pub job: i64,
+    /// The job's AppKey: a shared store keeps an app's jobs under keys of its own.
+    pub app: String,
     pub job_id: String,
     pub n: i64,
     pub attempts: u32,

@@ -222,7 +222,7 @@ where
                     }
                     match self.prepare(due, now) {
                         Ok(op) => self.queue.push_back(op),
-                        Err(outcome) => self.unrecorded.push(outcome),
+                        Err(outcome) => self.unrecorded.push(*outcome),
                     }
                 }
             }
@@ -308,6 +308,7 @@ where
         let attempts = op.due.attempts + 1;
         let if_it_panics = Outcome {
             job: op.due.job,
+            app: op.due.app.clone(),
             job_id: op.due.job_id.clone(),
             n: op.due.n,
             attempts,
@@ -357,7 +358,7 @@ where
         {
             return *cancelled;
         }
-        let cancelled = self.jobs.store().is_cancelled(&due.job_id).await.unwrap_or(false);
+        let cancelled = self.jobs.store().is_cancelled(&due.app, &due.job_id).await.unwrap_or(false);
         self.cancels.retain(|_, (checked, _)| now < *checked + CANCEL_CHECK);
         self.cancels.insert(due.job_id.clone(), (now, cancelled));
         cancelled
@@ -452,16 +453,19 @@ where
     }
 
     /// The app and the call of a stored operation; an operation that can no longer run fails at once.
-    fn prepare(&self, due: Due, now: Instant) -> Result<Held, Outcome> {
-        let fail = |error: &str, description: String| Outcome {
-            job: due.job,
-            job_id: due.job_id.clone(),
-            n: due.n,
-            attempts: due.attempts,
-            status: None,
-            error: Some(error.to_owned()),
-            error_description: Some(description),
-            next: Next::Done(OpState::Failed),
+    fn prepare(&self, due: Due, now: Instant) -> Result<Held, Box<Outcome>> {
+        let fail = |error: &str, description: String| {
+            Box::new(Outcome {
+                job: due.job,
+                app: due.app.clone(),
+                job_id: due.job_id.clone(),
+                n: due.n,
+                attempts: due.attempts,
+                status: None,
+                error: Some(error.to_owned()),
+                error_description: Some(description),
+                next: Next::Done(OpState::Failed),
+            })
         };
         let Some(app) = self.current.apps.iter().find(|app| app.key.as_str() == due.app).cloned() else {
             return Err(fail("app_not_configured", format!("{} is no longer configured here", due.app)));
@@ -552,7 +556,7 @@ mod tests {
         async fn submit(&self, operations: Vec<OperationRequest>) -> JobRecord {
             let ops: Vec<NewOperation> =
                 operations.iter().flat_map(|op| super::super::operations(&self.app, op, 0).unwrap()).collect();
-            let staging = self.jobs.staging();
+            let staging = self.jobs.staging(&self.app);
             staging.stage(0, ops).await.unwrap();
             match staging.submit(&self.app, None, None, None).await.unwrap() {
                 Created::New(job) => job,

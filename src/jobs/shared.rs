@@ -1,30 +1,35 @@
-//! The jobs' shared store, in Redis: with `rate_limit.backend = "redis"` every replica works one queue.
+//! The jobs' shared store, in Redis (one server or a cluster): with `rate_limit.backend = "redis"` every replica
+//! works one queue.
 //!
-//! An operation due to run sits in its route's sorted set (`due:<route>`, by when it is due). A replica *claims* it atomically,
-//! moving it to `leases` with a deadline (`jobs.lease`), so no two replicas hold it at once; its outcome removes
-//! the lease. A replica that dies holding operations loses them to any other once their leases expire (every
-//! replica sweeps expired leases back to `due`); the scheduler gives back what it could not send well before its
-//! lease ends, so an operation is never sent by two replicas at once. Jobs and operations are hashes (one JSON
-//! document per operation), every change of state is one Lua script, and every key shares one hash tag
-//! (`{<key_prefix>:jobs}`), as a script in a Redis Cluster requires. Durability is Redis's: run it with AOF
-//! (`appendonly yes`; `appendfsync always` for no loss at all if Redis itself dies).
+//! Each app keeps its jobs under its own keys, `<key_prefix>:{<app>}:jobs:…`: the hash tag of its quota, so that
+//! one app's keys share a Redis Cluster slot (every change of state is one Lua script, which a cluster runs only
+//! on keys of one slot) and apps spread over the shards. An operation due to run sits in its app's sorted set of
+//! its route (`due:<route>`, by when it is due). A replica *claims* it atomically, moving it to the app's `leases`
+//! with a deadline (`jobs.lease`), so no two replicas hold it at once; its outcome removes the lease. A replica
+//! that dies holding operations loses them to any other once their leases expire (every replica sweeps expired
+//! leases back to `due`); the scheduler gives back what it could not send well before its lease ends, so an
+//! operation is never sent by two replicas at once. Jobs and operations are hashes (one JSON document per
+//! operation). Two keys are not an app's: the set of apps that have jobs (`<key_prefix>:jobs:apps`, which the
+//! claims go through) and the counter that numbers jobs (`<key_prefix>:jobs:seq`). Durability is Redis's: run it
+//! with AOF (`appendonly yes`; `appendfsync always` for no loss at all if Redis itself dies).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redis::AsyncCommands;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 
 use super::records::{
-    Counts, Created, Due, JobRecord, JobState, LaneUse, NewJob, NewOperation, Next, OpRecord, OpState, Outcome,
-    Remaining, StoreError, Totals, UserUse, method_of,
+    Counts, Created, JobRecord, JobState, NewJob, NewOperation, OpRecord, OpState, Remaining, StoreError, UserUse,
+    method_of,
 };
 use crate::config::RedisConfig;
-use crate::routes::Route;
+use crate::redis_conn::{Connection, Patience};
+
+mod work;
 
 /// Redis calls of the jobs store may carry a whole job (100,000 operations): a generous timeout of their own.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -98,10 +103,12 @@ impl Op {
 /// The jobs store shared by every replica, in Redis.
 #[derive(Clone)]
 pub struct SharedStore {
-    connection: ConnectionManager,
-    /// `{<key_prefix>:jobs}`: every key starts with it.
+    connection: Connection,
+    /// `rate_limit.redis.key_prefix`: every key starts with it.
     prefix: String,
     lease: Duration,
+    /// Which app the next claim starts with: they take turns.
+    turn: Arc<AtomicUsize>,
     /// The last call failed, or no write has succeeded since: what readiness reports.
     healthy: Arc<AtomicBool>,
     scripts: Arc<Scripts>,
@@ -120,12 +127,9 @@ struct Scripts {
 
 impl SharedStore {
     pub fn new(config: &RedisConfig, lease: Duration) -> Result<SharedStore, StoreError> {
-        let client = crate::redis_conn::client(config)?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.timeout.max(Duration::from_secs(1))))
-            .set_response_timeout(Some(TIMEOUT))
-            .set_number_of_retries(1);
-        let connection = ConnectionManager::new_lazy_with_config(client, manager_config)?;
+        let connect = config.timeout.max(Duration::from_secs(1));
+        let patience = Patience { connect, response: TIMEOUT, retries: 1, max_delay: connect };
+        let connection = crate::redis_conn::connect(config, patience)?;
         let script = |lua: &str| redis::Script::new(&format!("{}\n{lua}", include_str!("shared/settle.lua")));
         let scripts = Scripts {
             claim: script(include_str!("shared/claim.lua")),
@@ -137,8 +141,9 @@ impl SharedStore {
         };
         Ok(SharedStore {
             connection,
-            prefix: format!("{{{}:jobs}}", config.key_prefix),
+            prefix: config.key_prefix.clone(),
             lease,
+            turn: Arc::new(AtomicUsize::new(0)),
             healthy: Arc::new(AtomicBool::new(true)),
             scripts: Arc::new(scripts),
         })
@@ -164,11 +169,34 @@ impl SharedStore {
         result
     }
 
-    fn key(&self, name: &str) -> String {
-        format!("{}:{name}", self.prefix)
+    /// What every key of `app`'s jobs starts with, in the slot of its quota: the scripts build keys on it.
+    fn app_prefix(&self, app: &str) -> String {
+        format!("{}:jobs", crate::redis_conn::app_keys(&self.prefix, app))
     }
 
-    fn conn(&self) -> ConnectionManager {
+    fn key(&self, app: &str, name: &str) -> String {
+        format!("{}:{name}", self.app_prefix(app))
+    }
+
+    /// A key of no app: `apps` or `seq`.
+    fn global(&self, name: &str) -> String {
+        format!("{}:jobs:{name}", self.prefix)
+    }
+
+    /// The apps that have had jobs, whose queues the claims go through.
+    async fn apps(&self) -> Result<Vec<String>, StoreError> {
+        let mut apps: Vec<String> = self.conn().smembers(self.global("apps")).await?;
+        apps.sort();
+        Ok(apps)
+    }
+
+    /// Adds `app` to the apps that have jobs, before anything of it is written: from then on the claims, sweeps
+    /// and counts go through its keys.
+    async fn register(&self, app: &str) -> Result<(), StoreError> {
+        Ok(self.conn().sadd(self.global("apps"), app).await?)
+    }
+
+    fn conn(&self) -> Connection {
         self.connection.clone()
     }
 
@@ -194,7 +222,7 @@ impl SharedStore {
     async fn reserve_idempotency_key(&self, job: &NewJob) -> Result<Option<Created>, StoreError> {
         let Some(key) = &job.idempotency_key else { return Ok(None) };
         let mut conn = self.conn();
-        let idem = self.key(&format!("idem:{}:{key}", job.app));
+        let idem = self.idempotency_key(&job.app, key);
         let reserved: Option<String> = redis::cmd("SET")
             .arg(&idem)
             .arg(&job.id)
@@ -209,7 +237,8 @@ impl SharedStore {
         let first: String = conn.get(&idem).await?;
         for _ in 0..IDEMPOTENCY_POLLS {
             if let Some(record) = self.job(&job.app, &first).await? {
-                let sha: Option<String> = conn.hget(self.key(&format!("job:{first}")), "request_sha256").await?;
+                let sha: Option<String> =
+                    conn.hget(self.key(&job.app, &format!("job:{first}")), "request_sha256").await?;
                 return Ok(Some(Created::Existing { job: record, same_request: sha == job.request_sha256 }));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -220,12 +249,18 @@ impl SharedStore {
     /// Adds operations `from..` to job `job_id`, which no one sees until `create` makes it: they go under keys of
     /// the job's own, which expire unless `create` keeps them (a process that dies while reading a job leaves
     /// nothing for good).
-    pub async fn stage(&self, job_id: &str, from: usize, operations: Vec<NewOperation>) -> Result<(), StoreError> {
+    pub async fn stage(
+        &self,
+        app: &str,
+        job_id: &str,
+        from: usize,
+        operations: Vec<NewOperation>,
+    ) -> Result<(), StoreError> {
         if operations.is_empty() {
             return Ok(());
         }
         let (opsk, leftk, routesk) =
-            (self.key(&format!("ops:{job_id}")), self.left_key(job_id), self.staged_routes(job_id));
+            (self.key(app, &format!("ops:{job_id}")), self.left_key(app, job_id), self.staged_routes(app, job_id));
         let mut fields = Vec::with_capacity(operations.len());
         let mut left: HashMap<String, i64> = HashMap::new();
         let mut due: HashMap<&str, Vec<(i64, String)>> = HashMap::new();
@@ -243,7 +278,7 @@ impl SharedStore {
             pipe.hincr(&leftk, field, count).ignore();
         }
         for (route, members) in due {
-            let staged = self.staged_due(job_id, route);
+            let staged = self.staged_due(app, job_id, route);
             pipe.zadd_multiple(&staged, &members).ignore().pexpire(&staged, STAGED_FOR_MS).ignore();
             pipe.sadd(&routesk, route).ignore();
         }
@@ -254,11 +289,12 @@ impl SharedStore {
     }
 
     /// Drops what was staged for a job that will not be created.
-    pub async fn discard(&self, job_id: &str) -> Result<(), StoreError> {
+    pub async fn discard(&self, app: &str, job_id: &str) -> Result<(), StoreError> {
         let mut conn = self.conn();
-        let routes: Vec<String> = conn.smembers(self.staged_routes(job_id)).await?;
-        let mut keys = vec![self.key(&format!("ops:{job_id}")), self.left_key(job_id), self.staged_routes(job_id)];
-        keys.extend(routes.iter().map(|route| self.staged_due(job_id, route)));
+        let routes: Vec<String> = conn.smembers(self.staged_routes(app, job_id)).await?;
+        let mut keys =
+            vec![self.key(app, &format!("ops:{job_id}")), self.left_key(app, job_id), self.staged_routes(app, job_id)];
+        keys.extend(routes.iter().map(|route| self.staged_due(app, job_id, route)));
         Ok(conn.del(keys).await?)
     }
 
@@ -266,18 +302,19 @@ impl SharedStore {
     /// key already made (and drops what was staged).
     pub async fn create(&self, job: NewJob) -> Result<Created, StoreError> {
         if let Some(existing) = self.reserve_idempotency_key(&job).await? {
-            self.discard(&job.id).await?;
+            self.discard(&job.app, &job.id).await?;
             return Ok(existing);
         }
-        let mut conn = self.conn();
-        let seq: i64 = conn.incr(self.key("seq"), 1).await?;
-        let opsk = self.key(&format!("ops:{}", job.id));
+        let (app, mut conn) = (job.app.as_str(), self.conn());
+        self.register(app).await?;
+        let seq: i64 = conn.incr(self.global("seq"), 1).await?;
+        let opsk = self.key(app, &format!("ops:{}", job.id));
         let total: i64 = conn.hlen(&opsk).await?;
-        let routes: Vec<String> = conn.smembers(self.staged_routes(&job.id)).await?;
+        let routes: Vec<String> = conn.smembers(self.staged_routes(app, &job.id)).await?;
         let mut pipe = redis::pipe();
         pipe.atomic();
         pipe.hset_multiple(
-            self.key(&format!("job:{}", job.id)),
+            self.key(app, &format!("job:{}", job.id)),
             &[
                 ("seq", seq.to_string()),
                 ("id", job.id.clone()),
@@ -299,43 +336,48 @@ impl SharedStore {
         .ignore();
         // The staged operations join their routes' queues, due at once, and their keys are kept.
         for route in &routes {
-            let (due, staged) = (self.key(&format!("due:{route}")), self.staged_due(&job.id, route));
+            let (due, staged) = (self.key(app, &format!("due:{route}")), self.staged_due(app, &job.id, route));
             pipe.zunionstore(&due, &[&due, &staged]).ignore().del(&staged).ignore();
         }
-        pipe.persist(&opsk).ignore().persist(self.left_key(&job.id)).ignore().del(self.staged_routes(&job.id)).ignore();
-        pipe.zadd(self.key(&format!("jobs:{}", job.app)), &job.id, seq).ignore();
-        pipe.zadd(self.key("open"), &job.id, job.now_ms).ignore();
-        pipe.hincr(self.key("states"), "queued", 1).ignore();
+        let (leftk, routesk) = (self.left_key(app, &job.id), self.staged_routes(app, &job.id));
+        pipe.persist(&opsk).ignore().persist(leftk).ignore().del(routesk).ignore();
+        pipe.zadd(self.key(app, "all"), &job.id, seq).ignore();
+        pipe.zadd(self.key(app, "open"), &job.id, job.now_ms).ignore();
+        pipe.hincr(self.key(app, "states"), "queued", 1).ignore();
         if let Some(key) = &job.idempotency_key {
-            pipe.persist(self.key(&format!("idem:{}:{key}", job.app))).ignore();
+            pipe.persist(self.idempotency_key(app, key)).ignore();
         }
         let stored: Result<(), _> = pipe.query_async(&mut conn).await;
         if let Err(e) = stored {
             if let Some(key) = &job.idempotency_key {
-                let _: Result<(), _> = conn.del(self.key(&format!("idem:{}:{key}", job.app))).await;
+                let _: Result<(), _> = conn.del(self.idempotency_key(app, key)).await;
             }
             return Err(e.into());
         }
-        let record = self.job(&job.app, &job.id).await?.ok_or_else(|| StoreError::new("a job just stored".into()))?;
+        let record = self.job(app, &job.id).await?.ok_or_else(|| StoreError::new("a job just stored".into()))?;
         Ok(Created::New(record))
     }
 
-    fn left_key(&self, job_id: &str) -> String {
-        self.key(&format!("left:{job_id}"))
+    fn left_key(&self, app: &str, job_id: &str) -> String {
+        self.key(app, &format!("left:{job_id}"))
+    }
+
+    fn idempotency_key(&self, app: &str, key: &str) -> String {
+        self.key(app, &format!("idem:{key}"))
     }
 
     /// The routes a job being read has operations on.
-    fn staged_routes(&self, job_id: &str) -> String {
-        self.key(&format!("staged:{job_id}"))
+    fn staged_routes(&self, app: &str, job_id: &str) -> String {
+        self.key(app, &format!("staged:{job_id}"))
     }
 
     /// A job's operations on `route` while it is read: its own queue, merged into the route's at `create`.
-    fn staged_due(&self, job_id: &str, route: &str) -> String {
-        self.key(&format!("staged:{job_id}:{route}"))
+    fn staged_due(&self, app: &str, job_id: &str, route: &str) -> String {
+        self.key(app, &format!("staged:{job_id}:{route}"))
     }
 
     pub async fn job(&self, app: &str, id: &str) -> Result<Option<JobRecord>, StoreError> {
-        let fields: HashMap<String, String> = self.conn().hgetall(self.key(&format!("job:{id}"))).await?;
+        let fields: HashMap<String, String> = self.conn().hgetall(self.key(app, &format!("job:{id}"))).await?;
         Ok(record(&fields).filter(|job| job.app == app))
     }
 
@@ -346,7 +388,7 @@ impl SharedStore {
         limit: u32,
         state: Option<OpState>,
     ) -> Result<Vec<OpRecord>, StoreError> {
-        let opsk = self.key(&format!("ops:{}", job.id));
+        let opsk = self.key(&job.app, &format!("ops:{}", job.id));
         let mut out = Vec::new();
         let mut n = from;
         while out.len() < limit as usize && n < job.counts.total {
@@ -386,7 +428,7 @@ impl SharedStore {
         before: Option<i64>,
         limit: u32,
     ) -> Result<Vec<JobRecord>, StoreError> {
-        let index = self.key(&format!("jobs:{app}"));
+        let index = self.key(app, "all");
         let mut out = Vec::new();
         let mut max = before.map_or("+inf".to_owned(), |b| format!("({b}"));
         loop {
@@ -420,125 +462,21 @@ impl SharedStore {
         if job.finished_ms.is_some() {
             return Ok(Some(job)); // nothing left to drop; a finished job keeps its state
         }
-        let args = |from: i64, to: i64| {
-            [self.prefix.clone(), id.to_owned(), now_ms.to_string(), from.to_string(), to.to_string()]
-        };
+        let p = self.app_prefix(app);
+        let args =
+            |from: i64, to: i64| [p.clone(), id.to_owned(), now_ms.to_string(), from.to_string(), to.to_string()];
         for from in (0..job.counts.total).step_by(CANCEL_CHUNK) {
             let to = (from + CANCEL_CHUNK as i64).min(job.counts.total) - 1;
-            let _: i64 = self.script(&self.scripts.cancel, &self.routing(), &args(from, to)).await?;
+            let _: i64 = self.script(&self.scripts.cancel, &self.routing(app), &args(from, to)).await?;
         }
-        let settle = [self.prefix.clone(), id.to_owned(), now_ms.to_string()];
-        let _: i64 = self.script(&self.scripts.settle, &self.routing(), &settle).await?;
+        let settle = [p.clone(), id.to_owned(), now_ms.to_string()];
+        let _: i64 = self.script(&self.scripts.settle, &self.routing(app), &settle).await?;
         self.job(app, id).await
     }
 
-    /// The key every script names for Redis Cluster's routing: all the jobs' keys share its hash tag.
-    fn routing(&self) -> [String; 1] {
-        [self.key("seq")]
-    }
-
-    /// Claims up to `limit` operations due at `now_ms` for this replica, each leased for `jobs.lease`.
-    pub async fn claim(&self, now_ms: i64, limit: usize) -> Result<Vec<Due>, StoreError> {
-        let mut keys = self.due_keys();
-        keys.push(self.key("leases"));
-        let args = [now_ms.to_string(), limit.to_string(), self.lease.as_millis().to_string()];
-        let claimed: Vec<String> = self.script(&self.scripts.claim, &keys, &args).await?;
-        let claimed: Vec<(&str, i64)> = claimed
-            .iter()
-            .filter_map(|member| member.rsplit_once(':').and_then(|(id, n)| Some((id, n.parse().ok()?))))
-            .collect();
-        if claimed.is_empty() {
-            return Ok(Vec::new());
-        }
-        // Two round trips for the whole claim: the jobs it touches, then its operations.
-        let ids: Vec<&str> =
-            claimed.iter().map(|(id, _)| *id).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-        let mut jobs_read = redis::pipe();
-        for id in &ids {
-            jobs_read.cmd("HMGET").arg(self.key(&format!("job:{id}"))).arg("seq").arg("app").arg("caller");
-        }
-        let fields: Vec<JobFields> = jobs_read.query_async(&mut self.conn()).await?;
-        let jobs: HashMap<&str, JobFields> = ids.into_iter().zip(fields).collect();
-        let mut ops_read = redis::pipe();
-        for (id, n) in &claimed {
-            ops_read.hget(self.key(&format!("ops:{id}")), n);
-        }
-        let ops: Vec<Option<String>> = ops_read.query_async(&mut self.conn()).await?;
-        let mut out = Vec::with_capacity(claimed.len());
-        for ((id, n), op) in claimed.into_iter().zip(ops) {
-            let (Some((Some(seq), Some(app), caller)), Some(op)) =
-                (jobs.get(id), op.and_then(|raw| serde_json::from_str::<Op>(&raw).ok()))
-            else {
-                continue; // the job expired meanwhile
-            };
-            out.push(Due {
-                job: *seq,
-                job_id: id.to_owned(),
-                app: app.clone(),
-                caller: caller.clone().filter(|c| !c.is_empty()),
-                n,
-                route: op.route,
-                path: op.path,
-                body: op.body.map(String::into_bytes),
-                user: op.user,
-                attempts: op.attempts,
-            });
-        }
-        Ok(out)
-    }
-
-    pub async fn next_due(&self, now_ms: i64) -> Result<Option<i64>, StoreError> {
-        let mut firsts = redis::pipe();
-        for key in self.due_keys() {
-            firsts.zrangebyscore_limit_withscores(key, format!("({now_ms}"), "+inf", 0, 1);
-        }
-        let firsts: Vec<Vec<(String, f64)>> = firsts.query_async(&mut self.conn()).await?;
-        Ok(firsts.iter().filter_map(|first| first.first()).map(|(_, at)| *at as i64).min())
-    }
-
-    /// Each route's set of operations due to run.
-    fn due_keys(&self) -> Vec<String> {
-        Route::ALL.iter().map(|route| self.key(&format!("due:{}", route.name()))).collect()
-    }
-
-    /// Gives a claimed operation back, due again at `until_ms`.
-    pub async fn release(&self, due: &Due, until_ms: i64) -> Result<(), StoreError> {
-        let member = format!("{}:{}", due.job_id, due.n);
-        let _: i64 = self
-            .script(&self.scripts.release, &self.routing(), &[self.prefix.clone(), member, until_ms.to_string()])
-            .await?;
-        Ok(())
-    }
-
-    /// Puts the operations of expired leases (a replica died holding them) back in the queue.
-    pub async fn reap(&self) -> Result<usize, StoreError> {
-        let n: i64 = self.script(&self.scripts.reap, &self.routing(), std::slice::from_ref(&self.prefix)).await?;
-        Ok(n as usize)
-    }
-
-    /// Records, before any of its calls go, that jobs may send on `app`'s `route` until `until_ms` (never
-    /// moved back, whichever replica writes).
-    pub async fn use_lane(&self, app: &str, route: &str, until_ms: i64) -> Result<(), StoreError> {
-        let _: i64 = redis::cmd("ZADD")
-            .arg(self.key("lanes"))
-            .arg("GT")
-            .arg(until_ms)
-            .arg(format!("{app} {route}"))
-            .query_async(&mut self.conn())
-            .await?;
-        Ok(())
-    }
-
-    /// The lanes jobs have used on any replica, each with the end of its last record.
-    pub async fn lanes_used(&self) -> Result<Vec<LaneUse>, StoreError> {
-        let lanes: Vec<(String, f64)> = self.conn().zrange_withscores(self.key("lanes"), 0, -1).await?;
-        Ok(lanes
-            .into_iter()
-            .filter_map(|(member, until)| {
-                let (app, route) = member.rsplit_once(' ')?;
-                Some(LaneUse { app: app.to_owned(), route: route.to_owned(), until_ms: until as i64 })
-            })
-            .collect())
+    /// The key a script on `app`'s jobs names for Redis Cluster's routing: all of them share its hash tag.
+    fn routing(&self, app: &str) -> [String; 1] {
+        [self.key(app, "states")]
     }
 
     /// Users' windows live in Redis with this store (it comes with the shared quota): they survive a restart there,
@@ -547,34 +485,14 @@ impl SharedStore {
         Ok(Vec::new())
     }
 
-    pub async fn is_cancelled(&self, job_id: &str) -> Result<bool, StoreError> {
-        let flag: Option<String> = self.conn().hget(self.key(&format!("job:{job_id}")), "cancel_requested").await?;
+    pub async fn is_cancelled(&self, app: &str, job_id: &str) -> Result<bool, StoreError> {
+        let flag: Option<String> =
+            self.conn().hget(self.key(app, &format!("job:{job_id}")), "cancel_requested").await?;
         Ok(flag.as_deref() == Some("1"))
     }
 
-    pub async fn record(&self, outcomes: Vec<Outcome>, now_ms: i64) -> Result<Vec<i64>, StoreError> {
-        let mut args = vec![self.prefix.clone(), now_ms.to_string()];
-        for o in outcomes {
-            let (next, at) = match o.next {
-                Next::Done(state) => (state.as_str().to_owned(), String::new()),
-                Next::RetryAt(at) => ("retry".to_owned(), at.to_string()),
-            };
-            args.extend([
-                o.job_id,
-                o.n.to_string(),
-                next,
-                o.attempts.to_string(),
-                o.status.map(|s| s.to_string()).unwrap_or_default(),
-                o.error.unwrap_or_default(),
-                o.error_description.unwrap_or_default(),
-                at,
-            ]);
-        }
-        self.script(&self.scripts.record, &self.routing(), &args).await
-    }
-
     pub async fn remaining(&self, job: &JobRecord) -> Result<Remaining, StoreError> {
-        let left: HashMap<String, i64> = self.conn().hgetall(self.left_key(&job.id)).await?;
+        let left: HashMap<String, i64> = self.conn().hgetall(self.left_key(&job.app, &job.id)).await?;
         let by_route = left
             .iter()
             .filter_map(|(k, n)| Some((k.strip_prefix("route:")?.to_owned(), *n)))
@@ -586,46 +504,6 @@ impl SharedStore {
             .filter(|(_, n)| *n > 0)
             .collect();
         Ok(Remaining { by_route, by_user })
-    }
-
-    pub async fn totals(&self) -> Result<Totals, StoreError> {
-        let mut conn = self.conn();
-        let states: HashMap<String, i64> = conn.hgetall(self.key("states")).await?;
-        let mut sizes = redis::pipe();
-        for key in self.due_keys() {
-            sizes.zcard(key);
-        }
-        let due: i64 = sizes.query_async::<Vec<i64>>(&mut conn).await?.iter().sum();
-        let leased: i64 = conn.zcard(self.key("leases")).await?;
-        let oldest: Vec<(String, f64)> = conn.zrange_withscores(self.key("open"), 0, 0).await?;
-        Ok(Totals {
-            jobs: states.into_iter().filter_map(|(state, n)| Some((JobState::parse(&state)?, n))).collect(),
-            pending: due + leased,
-            oldest_ms: oldest.first().map(|(_, ms)| *ms as i64),
-        })
-    }
-
-    pub async fn expire(&self, before_ms: i64) -> Result<usize, StoreError> {
-        let mut conn = self.conn();
-        // Finished before `before_ms`, not at it (an exclusive bound, as with SQLite).
-        let ids: Vec<String> = conn.zrangebyscore(self.key("finished"), "-inf", format!("({before_ms}")).await?;
-        for id in &ids {
-            let jobk = self.key(&format!("job:{id}"));
-            let fields: HashMap<String, String> = conn.hgetall(&jobk).await?;
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            if let Some(job) = record(&fields) {
-                pipe.zrem(self.key(&format!("jobs:{}", job.app)), id).ignore();
-                pipe.hincr(self.key("states"), job.state.as_str(), -1).ignore();
-                if let Some(key) = &job.idempotency_key {
-                    pipe.del(self.key(&format!("idem:{}:{key}", job.app))).ignore();
-                }
-            }
-            pipe.del(&[jobk, self.key(&format!("ops:{id}")), self.left_key(id)]).ignore();
-            pipe.zrem(self.key("finished"), id).ignore();
-            let _: () = pipe.query_async(&mut conn).await?;
-        }
-        Ok(ids.len())
     }
 }
 

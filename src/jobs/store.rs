@@ -25,61 +25,8 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    app TEXT NOT NULL,
-    state TEXT NOT NULL,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    created_ms INTEGER NOT NULL,
-    finished_ms INTEGER,
-    caller TEXT,
-    idempotency_key TEXT,
-    request_sha256 TEXT,
-    total INTEGER NOT NULL,
-    pending INTEGER NOT NULL,
-    succeeded INTEGER NOT NULL DEFAULT 0,
-    failed INTEGER NOT NULL DEFAULT 0,
-    cancelled INTEGER NOT NULL DEFAULT 0
-);
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs(app, idempotency_key) WHERE idempotency_key IS NOT NULL;
-CREATE INDEX IF NOT EXISTS jobs_by_app ON jobs(app, seq);
-CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_ms) WHERE finished_ms IS NOT NULL;
-CREATE TABLE IF NOT EXISTS operations (
-    job INTEGER NOT NULL REFERENCES jobs(seq) ON DELETE CASCADE,
-    n INTEGER NOT NULL,
-    route TEXT NOT NULL,
-    path TEXT NOT NULL,
-    body BLOB,
-    user TEXT,
-    state TEXT NOT NULL,
-    not_before_ms INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    status INTEGER,
-    error TEXT,
-    error_description TEXT,
-    finished_ms INTEGER,
-    PRIMARY KEY (job, n)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS operations_due_by_route ON operations(route, not_before_ms, job, n) WHERE state = 'pending';
-CREATE INDEX IF NOT EXISTS operations_by_user ON operations(user) WHERE state = 'pending' AND user IS NOT NULL;
-CREATE TABLE IF NOT EXISTS staged (
-    job_id TEXT NOT NULL,
-    n INTEGER NOT NULL,
-    route TEXT NOT NULL,
-    path TEXT NOT NULL,
-    body BLOB,
-    user TEXT,
-    PRIMARY KEY (job_id, n)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS lanes (
-    app TEXT NOT NULL,
-    route TEXT NOT NULL,
-    until_ms INTEGER NOT NULL,
-    PRIMARY KEY (app, route)
-) WITHOUT ROWID;
-";
+/// The tables, created when the file is first opened.
+const SCHEMA: &str = include_str!("store.sql");
 
 #[derive(Clone, Copy)]
 enum Access {
@@ -654,6 +601,7 @@ mod tests {
     fn done(job: i64, n: i64, state: OpState) -> Outcome {
         Outcome {
             job,
+            app: "o#a".to_owned(),
             job_id: String::new(),
             n,
             attempts: 1,
@@ -767,6 +715,7 @@ mod tests {
         assert_eq!(due, [1]);
         let retry = Outcome {
             job: record.seq,
+            app: "o#a".to_owned(),
             job_id: "j1".to_owned(),
             n: 1,
             attempts: 1,

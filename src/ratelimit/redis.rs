@@ -11,12 +11,12 @@ use std::num::NonZeroU32;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::config::RedisConfig;
 use crate::metrics::Metrics;
+use crate::redis_conn::{Connection, Patience};
 
 use super::pace::guarded;
 
@@ -136,7 +136,7 @@ pub enum SharedError {
 }
 
 pub struct SharedQuota {
-    connection: ConnectionManager,
+    connection: Connection,
     reserve: redis::Script,
     release: redis::Script,
     prefix: String,
@@ -208,13 +208,9 @@ impl Standing {
 
 impl SharedQuota {
     pub fn new(config: &RedisConfig, metrics: Metrics) -> Result<SharedQuota, redis::RedisError> {
-        let client = crate::redis_conn::client(config)?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.timeout))
-            .set_response_timeout(Some(config.timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(PROBE_INTERVAL);
-        let connection = ConnectionManager::new_lazy_with_config(client, manager_config)?;
+        let patience =
+            Patience { connect: config.timeout, response: config.timeout, retries: 1, max_delay: PROBE_INTERVAL };
+        let connection = crate::redis_conn::connect(config, patience)?;
         metrics.rate_limit_backend_fallback.set(0);
         Ok(SharedQuota {
             connection,
@@ -228,10 +224,9 @@ impl SharedQuota {
         })
     }
 
-    /// `{prefix}:{org#app}:{name}`: the braces keep one app's keys in one Redis Cluster slot, as a multi-key
-    /// script requires.
+    /// `{prefix}:{org#app}:{name}`, in the app's slot with its jobs ([`crate::redis_conn::app_keys`]).
     pub fn key(&self, app: &str, name: &str) -> String {
-        format!("{}:{{{app}}}:{name}", self.prefix)
+        format!("{}:{name}", crate::redis_conn::app_keys(&self.prefix, app))
     }
 
     /// Which quota calls take now, for requests that wait at most `max_wait`.
@@ -346,7 +341,7 @@ impl SharedQuota {
 pub struct Release {
     keys: Vec<String>,
     args: Vec<String>,
-    connection: ConnectionManager,
+    connection: Connection,
     script: redis::Script,
     armed: bool,
 }

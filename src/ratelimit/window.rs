@@ -68,6 +68,13 @@ impl WindowLog {
         }
     }
 
+    /// How many keys have a call in the window now.
+    pub fn active(&self) -> usize {
+        let now = Instant::now();
+        let keys = self.keys.lock().expect("window lock");
+        keys.values().filter(|times| times.iter().any(|t| now.saturating_duration_since(*t) < self.window)).count()
+    }
+
     /// Forgets keys with no call left in the window, so memory follows the active users, not all users ever seen.
     pub fn evict_idle(&self) {
         let now = Instant::now();

@@ -2,6 +2,7 @@
 
 mod access;
 mod cli;
+mod cluster;
 mod demo;
 mod forwarding;
 mod jobs;
@@ -9,12 +10,14 @@ mod lifecycle;
 mod ops;
 mod otlp;
 mod quota;
+mod redis_cluster;
 mod reload;
 mod resilience;
 mod routes;
 mod seeds;
 mod shared_quota;
 mod sim_limits;
+mod status;
 mod support;
 mod tls;
 mod token;

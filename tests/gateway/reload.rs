@@ -121,6 +121,10 @@ async fn reloads_under_load_change_a_quota_add_an_app_and_refuse_a_broken_file_w
     let problem = problem.lines().next().unwrap().trim_start_matches("error: ");
     assert!(problem.contains("rate"), "{problem}");
     assert!(gw.log().contains(problem), "the log says what check-config says: {problem}");
+    let status = send(Method::GET, &format!("{}/status.json", gw.admin), &[], "").await.json();
+    let last = &status["reloads"]["last"];
+    assert_eq!(last["applied"], false, "{status}");
+    assert!(last["problems"].to_string().contains(problem), "the status page says why: {last}");
     assert_eq!(send(Method::POST, &other, &[], "").await.status, 200, "the running config stays in force");
     let answer = send(Method::POST, &clear_url(&gw, "erin"), &[], "").await;
     assert_eq!(answer.header("ratelimit-policy"), Some("\"clear_user_messages\";q=90;w=1"));
@@ -164,6 +168,12 @@ async fn settings_that_need_a_restart_are_reported_not_ignored() {
     reload(&gw, &config, "applied", 1).await;
     assert_eq!(metric(&gw.metrics().await, "easemob_gateway_config_restart_required"), 1);
     assert!(gw.log().contains("server.shutdown_grace"), "{}", gw.log());
+    // The status page names them too.
+    let status = send(Method::GET, &format!("{}/status.json", gw.admin), &[], "").await.json();
+    let reloads = &status["reloads"];
+    assert_eq!((reloads["applied"].as_u64(), reloads["restart_required"].as_bool()), (Some(1), Some(true)));
+    assert_eq!(reloads["last"]["applied"], true);
+    assert_eq!(reloads["last"]["waiting_for_restart"], serde_json::json!(["server.shutdown_grace"]));
 }
 
 #[tokio::test]

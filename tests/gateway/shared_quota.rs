@@ -29,24 +29,6 @@ async fn replicas(sim: &Sim, redis: &Redis) -> Vec<Gateway> {
     gateways
 }
 
-/// `per_replica` calls to each replica, all at once; returns how many were admitted and how long it took.
-async fn burst_all(gateways: &[Gateway], per_replica: usize) -> (usize, Duration) {
-    let started = std::time::Instant::now();
-    let calls: Vec<_> = gateways
-        .iter()
-        .flat_map(|gw| std::iter::repeat_n(clear_url(gw, "dave"), per_replica))
-        .map(|url| tokio::spawn(async move { send(Method::POST, &url, &[], "").await.status }))
-        .collect();
-    let mut admitted = 0;
-    for call in calls {
-        match call.await.unwrap() {
-            200 => admitted += 1,
-            status => assert_eq!(status, 429, "only admitted or refused"),
-        }
-    }
-    (admitted, started.elapsed())
-}
-
 /// Waits until every replica's `rate_limit_backend_fallback` gauge reads `value`.
 async fn all_in_fallback(gateways: &[Gateway], value: u8) {
     let line = format!("easemob_gateway_rate_limit_backend_fallback {value}");
@@ -205,12 +187,7 @@ async fn replicas_share_a_job_through_redis_and_finish_a_killed_replicas_work() 
     let job = finished(&gateways[1], Duration::from_secs(60), &location).await;
     assert_eq!(job["state"], "done", "{}", job["counts"]);
     assert_eq!(job["counts"]["succeeded"], OPERATIONS, "each operation recorded once: {}", job["counts"]);
-    let received = sim.received().await;
-    let sent: Vec<u64> = users
-        .iter()
-        .map(|u| received.get(&format!("POST /{ORG}/{APP}/rest/message/roaming/user/{u}/delete/all")))
-        .map(|count| count.and_then(|c| c.as_u64()).unwrap_or(0))
-        .collect();
+    let sent = sim.clears_received(&users).await;
     assert!(sent.iter().all(|n| *n >= 1), "every operation reached Easemob");
     let again: u64 = sent.iter().map(|n| n - 1).sum();
     assert!(again <= 32, "only what the killed replica had in flight may go twice: {again}");
@@ -278,12 +255,7 @@ async fn the_jobs_api_works_the_same_with_jobs_in_redis() {
 #[tokio::test]
 async fn a_managed_redis_with_tls_and_a_password_is_used_and_the_password_never_shown() {
     const PASSWORD: &str = "redis-pw-s3cret-9f2c";
-    let dir = tempfile::tempdir().unwrap();
-    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
-    let (cert, key, password) = (dir.path().join("cert.pem"), dir.path().join("key.pem"), dir.path().join("password"));
-    std::fs::write(&cert, certified.cert.pem()).unwrap();
-    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
-    std::fs::write(&password, format!("{PASSWORD}\n")).unwrap();
+    let RedisSecrets { dir, cert, key, password } = RedisSecrets::new(PASSWORD);
     let (sim, redis) = (Sim::start().await, Redis::start_tls(cert.clone(), key, PASSWORD).await);
     assert!(redis.url().starts_with("rediss://"));
     let settings = |password: &std::path::Path| {

@@ -96,6 +96,16 @@ impl Sim {
         send(Method::GET, &format!("{}/_sim/received", self.url), &[], "").await.json().as_object().unwrap().clone()
     }
 
+    /// How many times each of `users`' `clear_user_messages` in the demo app reached the simulator.
+    pub async fn clears_received(&self, users: &[String]) -> Vec<u64> {
+        let received = self.received().await;
+        users
+            .iter()
+            .map(|u| received.get(&format!("POST /{ORG}/{APP}/rest/message/roaming/user/{u}/delete/all")))
+            .map(|count| count.and_then(|c| c.as_u64()).unwrap_or(0))
+            .collect()
+    }
+
     pub async fn faults(&self, faults: Value) {
         let a = send(Method::PUT, &format!("{}/_sim/faults", self.url), &[], &faults.to_string()).await;
         assert_eq!(a.status, 200, "{}", a.text());
@@ -213,6 +223,28 @@ impl Redis {
         if let Some(mut child) = self.child.take() {
             child.kill().await.unwrap();
         }
+    }
+}
+
+/// What a client of a managed Redis holds, in files: a self-signed certificate for 127.0.0.1 (the CA to trust),
+/// its key (for the server), and a password.
+pub struct RedisSecrets {
+    pub dir: tempfile::TempDir,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub password: PathBuf,
+}
+
+impl RedisSecrets {
+    pub fn new(password: &str) -> RedisSecrets {
+        let dir = tempfile::tempdir().unwrap();
+        let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert, certified.cert.pem()).unwrap();
+        std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+        let password_file = dir.path().join("password");
+        std::fs::write(&password_file, format!("{password}\n")).unwrap();
+        RedisSecrets { dir, cert, key, password: password_file }
     }
 }
 
@@ -390,6 +422,24 @@ pub async fn burst(url: &str, n: usize) -> Vec<Answer> {
 /// `clear_user_messages` for `user`: the simplest of the six routes, the tests' usual call.
 pub fn clear_url(gw: &Gateway, user: &str) -> String {
     gw.url(&format!("/rest/message/roaming/user/{user}/delete/all"))
+}
+
+/// `per_replica` calls to each replica, all at once; returns how many were admitted and how long it took.
+pub async fn burst_all(gateways: &[Gateway], per_replica: usize) -> (usize, Duration) {
+    let started = std::time::Instant::now();
+    let calls: Vec<_> = gateways
+        .iter()
+        .flat_map(|gw| std::iter::repeat_n(clear_url(gw, "dave"), per_replica))
+        .map(|url| tokio::spawn(async move { send(Method::POST, &url, &[], "").await.status }))
+        .collect();
+    let mut admitted = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            200 => admitted += 1,
+            status => assert_eq!(status, 429, "only admitted or refused"),
+        }
+    }
+    (admitted, started.elapsed())
 }
 
 pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
