@@ -12,7 +12,8 @@
 //! - `routes`    the route table and the one resolver of every path; `routes/layer.rs` validates
 //!   (`routes/validate.rs`) into a typed `Call`
 //! - `audit`     the audit trail: one JSON line per deletion sent to Easemob, written before the answer
-//! - `token`     the App Token: background fetch and refresh, single flight; injection and the 401 replay; the SDK's placeholder
+//! - `token`     the App Token: background fetch and refresh, single flight; injection and the 401 replay;
+//!   the SDK's placeholder
 //! - `retry`     the one safe retry, under its budget
 //! - `ratelimit` the quota: governor-paced lanes, per-user windows, Redis; a slot per call sent
 //! - `upstream`  the hyper client towards Easemob, and the innermost service that forwards a call
