@@ -1,7 +1,6 @@
 //! Who may call the data plane: source networks (`server.allow_from`) and, optionally, per-caller keys
 //! (`[[callers]]`, stored as SHA-256 digests) whose name goes into the audit trail.
 
-use std::convert::Infallible;
 use std::future::{Ready, ready};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -16,7 +15,7 @@ use tower::{Layer, Service};
 use tracing::debug;
 
 use crate::config::Config;
-use crate::error::GatewayError;
+use crate::error::{Failure, GatewayError};
 use crate::exchange::Answer;
 
 const X_GATEWAY_KEY: HeaderName = HeaderName::from_static("x-gateway-key");
@@ -108,13 +107,13 @@ pub struct AccessControl<S> {
 
 impl<S, B> Service<Request<B>> for AccessControl<S>
 where
-    S: Service<Request<B>, Response = Answer, Error = Infallible>,
+    S: Service<Request<B>, Response = Answer, Error = Failure>,
 {
     type Response = Answer;
-    type Error = Infallible;
-    type Future = Either<Ready<Result<Answer, Infallible>>, S::Future>;
+    type Error = Failure;
+    type Future = Either<Ready<Result<Answer, Failure>>, S::Future>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
         self.inner.poll_ready(cx)
     }
 
@@ -128,7 +127,7 @@ where
                     Denied::Network => GatewayError::Forbidden,
                     Denied::Key => GatewayError::Unauthenticated,
                 };
-                return Either::Left(ready(Ok(refusal.into_response(std::time::Instant::now()))));
+                return Either::Left(ready(Err(refusal.into())));
             }
         };
         // Most callers name nobody: no extension (and no allocation) for them.
@@ -157,6 +156,7 @@ pub fn hash_key(key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rescue::RescueLayer;
 
     fn access(allow: &[&str], keys: &[(&str, &str)]) -> Access {
         Access {
@@ -195,24 +195,25 @@ mod tests {
             if let Some(caller) = caller {
                 answer.headers_mut().insert("caller", caller.parse().unwrap());
             }
-            Ok::<_, Infallible>(answer)
+            Ok::<_, Failure>(answer)
         });
         let mut request = Request::new(());
         for (name, value) in headers {
             request.headers_mut().insert(HeaderName::from_bytes(name.as_bytes()).unwrap(), value.parse().unwrap());
         }
         let layer = AccessLayer::new(Arc::new(access), peer.parse().unwrap());
-        tower::ServiceExt::oneshot(layer.layer(inner), request).await.unwrap()
+        tower::ServiceExt::oneshot(RescueLayer.layer(layer.layer(inner)), request).await.unwrap()
     }
 
     #[tokio::test]
     async fn the_layer_refuses_before_the_inner_service_and_names_the_caller_after() {
+        use crate::exchange::ErrorKind;
         use crate::exchange::Marks;
         let forbidden = through(access(&["10.0.0.0/8"], &[]), "192.0.2.1", &[]).await;
-        assert_eq!((forbidden.status().as_u16(), forbidden.rejection()), (403, Some("forbidden")));
+        assert_eq!((forbidden.status().as_u16(), forbidden.rejection()), (403, Some(ErrorKind::Forbidden)));
         let keys = || access(&[], &[("billing", "k-billing")]);
         let unknown = through(keys(), "127.0.0.1", &[("x-gateway-key", "nope")]).await;
-        assert_eq!((unknown.status().as_u16(), unknown.rejection()), (401, Some("unauthenticated")));
+        assert_eq!((unknown.status().as_u16(), unknown.rejection()), (401, Some(ErrorKind::Unauthenticated)));
         let known = through(keys(), "127.0.0.1", &[("x-gateway-key", "k-billing"), ("x-caller", "spoof")]).await;
         assert_eq!(known.headers()["caller"], "billing", "a key's name is authoritative");
         for presented in [["k-billing", "nope"], ["nope", "k-billing"], ["k-billing", "k-billing"]] {
@@ -222,7 +223,9 @@ mod tests {
             }
             let layer = AccessLayer::new(Arc::new(keys()), "127.0.0.1".parse().unwrap());
             let answer = tower::ServiceExt::oneshot(
-                layer.layer(tower::service_fn(|_: Request<()>| async { Ok::<_, Infallible>(Answer::default()) })),
+                RescueLayer.layer(
+                    layer.layer(tower::service_fn(|_: Request<()>| async { Ok::<_, Failure>(Answer::default()) })),
+                ),
                 request,
             )
             .await

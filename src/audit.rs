@@ -4,7 +4,6 @@
 //! proven later and every call Easemob received has its line. Only validated fields are written: never a token, a
 //! secret or a raw request.
 
-use std::convert::Infallible;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
@@ -19,7 +18,8 @@ use tower::{Layer, Service};
 use tracing::error;
 
 use crate::config::{AuditConfig, is_plain_label};
-use crate::exchange::{Answer, AttemptKind, Exchange, Marks, Waiting};
+use crate::error::GatewayError;
+use crate::exchange::{Answer, AttemptKind, Exchange, Waiting};
 use crate::metrics::Metrics;
 use crate::routes::validate::{Call, ConversationType};
 
@@ -107,7 +107,7 @@ impl Event {
                 None => "unknown",
             },
             attempt,
-            attempt_kind: sent.kind,
+            attempt_kind: sent.kind(),
             job_attempt: sent.job_attempt,
         };
         match call {
@@ -223,15 +223,15 @@ pub struct Audited<S> {
 
 impl<S> Service<Exchange> for Audited<S>
 where
-    S: Service<Exchange, Response = Answer, Error = Infallible> + Send,
+    S: Service<Exchange, Response = Answer, Error = GatewayError> + Send,
     S::Future: Send + 'static,
 {
     type Response = Answer;
-    type Error = Infallible;
+    type Error = GatewayError;
     /// Without an audit trail, the inner future itself: nothing to box.
-    type Future = Either<S::Future, Waiting>;
+    type Future = Either<S::Future, Waiting<GatewayError>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
         self.inner.poll_ready(cx)
     }
 
@@ -242,19 +242,19 @@ where
         let sent = exchange.clone();
         let answer = self.inner.call(exchange);
         Either::Right(Box::pin(async move {
-            let answer = answer.await?;
+            let result = answer.await;
             // Easemob's status; none when its answer was lost (the deletion may have happened).
-            let upstream_status = match answer.rejection() {
-                _ if answer.is_from_easemob() => Some(Some(answer.status().as_u16())),
-                Some("upstream_timeout" | "upstream_failed") => Some(None),
-                _ => None,
+            let upstream_status = match &result {
+                Ok(answer) => Some(Some(answer.status().as_u16())),
+                Err(GatewayError::UpstreamTimeout | GatewayError::UpstreamFailed) => Some(None),
+                Err(_) => None,
             };
             if let Some(upstream_status) = upstream_status {
                 let caller = audit.caller(sent.caller.as_deref());
                 let attempt = sent.audited.fetch_add(1, Ordering::Relaxed) + 1;
                 audit.record(Event::new(&sent, caller, attempt, upstream_status)).await;
             }
-            Ok(answer)
+            result
         }))
     }
 }
@@ -264,7 +264,6 @@ mod tests {
     use tower::{Layer, ServiceExt};
 
     use super::*;
-    use crate::error::GatewayError;
     use crate::testing::{self, ScriptedFetch};
 
     #[tokio::test]
@@ -275,15 +274,14 @@ mod tests {
         let audit = Audit::open(&config, Metrics::new()).unwrap();
         let app = testing::app(&ScriptedFetch::granting(3600), &testing::quota(Default::default()));
         let (inner, _) = testing::upstream(|n, _| match n {
-            0 => testing::easemob(200),
-            1 => GatewayError::UpstreamTimeout.into_response(std::time::Instant::now()),
-            2 => GatewayError::UpstreamUnreachable.into_response(std::time::Instant::now()),
-            _ => GatewayError::NoToken { retry_after: std::time::Duration::from_secs(1) }
-                .into_response(std::time::Instant::now()),
+            0 => Ok(testing::easemob(200)),
+            1 => Err(GatewayError::UpstreamTimeout),
+            2 => Err(GatewayError::UpstreamUnreachable { unused_slot: None }),
+            _ => Err(GatewayError::NoToken { retry_after: std::time::Duration::from_secs(1) }),
         });
         let service = AuditLayer::new(audit).layer(inner);
         for _ in 0..4 {
-            service.clone().oneshot(testing::exchange(&app, testing::clear("dave"))).await.unwrap();
+            let _ = service.clone().oneshot(testing::exchange(&app, testing::clear("dave"))).await;
         }
         let lines: Vec<serde_json::Value> =
             std::fs::read_to_string(&file).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect();

@@ -1,5 +1,6 @@
-//! The one enum of errors the gateway answers itself, and the one place that turns them into HTTP answers
-//! shaped like Easemob's error envelope.
+//! The gateway's own errors: what every layer below the edge fails with (a [`GatewayError`], carrying what the
+//! layers above decide on), and the one place that turns one into an HTTP answer shaped like Easemob's error
+//! envelope. Only the rescue layer (`rescue.rs`) and the panic guard call it.
 
 use std::borrow::Cow;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -7,9 +8,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Response, StatusCode, header};
 
-use crate::exchange::{Answer, Marks, Stamped};
-use crate::ratelimit::{RATELIMIT, RATELIMIT_POLICY, retry_after_secs};
-use crate::routes::validate::ValidationError;
+use crate::exchange::{Answer, ErrorKind, Labels, Marks, Stamped};
+use crate::ratelimit::{RATELIMIT, RATELIMIT_POLICY, RateLimitHeaders, retry_after_secs};
+use crate::routes::validate::{MAX_MSG_IDS, ValidationError};
 
 /// Marks every response the gateway makes itself, so callers can tell them from Easemob's.
 pub const GATEWAY_HEADER: &str = "x-easemob-gateway";
@@ -35,9 +36,9 @@ pub enum GatewayError {
     BodyUnreadable,
     #[error("request body not received in time")]
     BodyTimeout,
+    /// `limit` holds the `RateLimit-Policy` and `RateLimit` fields naming the limit that refused.
     #[error("over quota")]
-    /// `policy` and `limit` are the `RateLimit-Policy` and `RateLimit` fields naming the limit that refused.
-    RateLimited { retry_after: Duration, policy: HeaderValue, limit: HeaderValue },
+    RateLimited { retry_after: Duration, limit: RateLimitHeaders },
     #[error("caller not allowed")]
     Forbidden,
     #[error("gateway key missing or unknown")]
@@ -46,10 +47,14 @@ pub enum GatewayError {
     Overloaded,
     #[error("no valid app token")]
     NoToken { retry_after: Duration },
+    /// Nothing was sent. `unused_slot` is the quota slot taken for the call (set by the quota layer on the way up):
+    /// the retry sends with it rather than taking another.
     #[error("upstream unreachable")]
-    UpstreamUnreachable,
+    UpstreamUnreachable { unused_slot: Option<RateLimitHeaders> },
+    /// No whole answer in time: the deletion may have been carried out.
     #[error("upstream timed out")]
     UpstreamTimeout,
+    /// The answer was cut off or unreadable: the deletion may have been carried out.
     #[error("upstream answer unusable")]
     UpstreamFailed,
     #[error("internal error")]
@@ -73,179 +78,175 @@ pub enum GatewayError {
     JobsDisabled,
 }
 
+/// What the layers above validation fail with: the error, and who it is about as far as the request named its
+/// app and route (validation fills them in), for the answer's log line, metrics and `RateLimit-Policy`.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: GatewayError,
+    pub labels: Labels,
+}
+
+impl Failure {
+    /// A handler's answer or failure, labelled with `labels` (a lane's answer stating its policy).
+    #[expect(
+        clippy::result_large_err,
+        reason = "the answer beside it is larger still, so the result is no larger; a box would allocate per refusal"
+    )]
+    pub fn labelled(result: Result<Answer, GatewayError>, labels: Labels) -> Result<Answer, Failure> {
+        match result {
+            Ok(mut answer) => {
+                labels.apply(&mut answer);
+                Ok(answer)
+            }
+            Err(error) => Err(Failure { error, labels }),
+        }
+    }
+}
+
+impl From<GatewayError> for Failure {
+    fn from(error: GatewayError) -> Failure {
+        Failure { error, labels: Labels::default() }
+    }
+}
+
 impl GatewayError {
-    /// A short, stable name: the `reason` label of metrics and log lines, so cardinality stays bounded.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            GatewayError::UnknownRoute { .. } => "unknown_route",
-            GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
-            GatewayError::UnknownApp => "unknown_app",
-            GatewayError::Invalid(_) => "invalid",
-            GatewayError::BodyTooLarge { .. } => "body_too_large",
-            GatewayError::HeadTooLarge { .. } => "head_too_large",
-            GatewayError::BodyUnreadable => "body_unreadable",
-            GatewayError::BodyTimeout => "body_timeout",
-            GatewayError::RateLimited { .. } => "rate_limited",
-            GatewayError::Forbidden => "forbidden",
-            GatewayError::Unauthenticated => "unauthenticated",
-            GatewayError::Overloaded => "overloaded",
-            GatewayError::NoToken { .. } => "no_token",
-            GatewayError::UpstreamUnreachable => "upstream_unreachable",
-            GatewayError::UpstreamTimeout => "upstream_timeout",
-            GatewayError::UpstreamFailed => "upstream_failed",
-            GatewayError::Internal => "internal",
-            GatewayError::JobNotFound => "job_not_found",
-            GatewayError::InvalidJob { .. } => "invalid_job",
-            GatewayError::TooManyOperations { .. } => "too_many_operations",
-            GatewayError::OperationTooLarge { .. } => "operation_too_large",
-            GatewayError::IdempotencyConflict => "idempotency_conflict",
-            GatewayError::JobsUnavailable => "jobs_unavailable",
-            GatewayError::JobsDisabled => "jobs_disabled",
+            GatewayError::UnknownRoute { .. } => ErrorKind::UnknownRoute,
+            GatewayError::MethodNotAllowed { .. } => ErrorKind::MethodNotAllowed,
+            GatewayError::UnknownApp => ErrorKind::UnknownApp,
+            GatewayError::Invalid(_) => ErrorKind::Invalid,
+            GatewayError::BodyTooLarge { .. } => ErrorKind::BodyTooLarge,
+            GatewayError::HeadTooLarge { .. } => ErrorKind::HeadTooLarge,
+            GatewayError::BodyUnreadable => ErrorKind::BodyUnreadable,
+            GatewayError::BodyTimeout => ErrorKind::BodyTimeout,
+            GatewayError::RateLimited { .. } => ErrorKind::RateLimited,
+            GatewayError::Forbidden => ErrorKind::Forbidden,
+            GatewayError::Unauthenticated => ErrorKind::Unauthenticated,
+            GatewayError::Overloaded => ErrorKind::Overloaded,
+            GatewayError::NoToken { .. } => ErrorKind::NoToken,
+            GatewayError::UpstreamUnreachable { .. } => ErrorKind::UpstreamUnreachable,
+            GatewayError::UpstreamTimeout => ErrorKind::UpstreamTimeout,
+            GatewayError::UpstreamFailed => ErrorKind::UpstreamFailed,
+            GatewayError::Internal => ErrorKind::Internal,
+            GatewayError::JobNotFound => ErrorKind::JobNotFound,
+            GatewayError::InvalidJob { .. } => ErrorKind::InvalidJob,
+            GatewayError::TooManyOperations { .. } => ErrorKind::TooManyOperations,
+            GatewayError::OperationTooLarge { .. } => ErrorKind::OperationTooLarge,
+            GatewayError::IdempotencyConflict => ErrorKind::IdempotencyConflict,
+            GatewayError::JobsUnavailable => ErrorKind::JobsUnavailable,
+            GatewayError::JobsDisabled => ErrorKind::JobsDisabled,
         }
     }
 
-    /// The answer for the caller. `started` is when the request arrived (for the envelope's `duration`). One
-    /// match decides everything about it: status, Easemob's error type and text, the origin the marker header
-    /// states, `Retry-After`, and any header of its own.
-    pub fn into_response(self, started: Instant) -> Answer {
-        let kind = self.kind();
-        let Shape { status, error, description, origin, retry_after, headers } = match self {
+    /// Everything the answer to this error says, decided in one match: status, Easemob's error type and text, the
+    /// origin the marker header states, `Retry-After`, and any header of its own. Also what a job's operation
+    /// records when it fails this way.
+    pub fn shape(self) -> Shape {
+        use StatusCode as S;
+        match self {
             GatewayError::UnknownRoute { hint } => rejected(
-                StatusCode::NOT_FOUND,
+                S::NOT_FOUND,
                 "service_resource_not_found",
-                format!("easemob-gateway serves only the six one-way deletion routes; {hint}").into(),
+                format!("easemob-gateway serves only the six one-way deletion routes; {hint}"),
             ),
             GatewayError::MethodNotAllowed { allow } => Shape {
-                headers: [
-                    Some((header::ALLOW, HeaderValue::from_str(allow.as_str()).expect("a method is a header value"))),
-                    None,
-                ],
-                ..rejected(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "method_not_allowed",
-                    format!("this route accepts only {allow}").into(),
-                )
+                headers: [Some((header::ALLOW, HeaderValue::from_str(allow.as_str()).expect("a method"))), None],
+                ..rejected(S::METHOD_NOT_ALLOWED, "method_not_allowed", format!("this route accepts only {allow}"))
             },
             GatewayError::UnknownApp => rejected(
-                StatusCode::NOT_FOUND,
+                S::NOT_FOUND,
                 "organization_application_not_found",
-                "this gateway has no configured app for this org_name/app_name".into(),
+                "this gateway has no configured app for this org_name/app_name",
             ),
-            GatewayError::Invalid(e) => rejected(StatusCode::BAD_REQUEST, e.error, e.description.into()),
-            GatewayError::BodyTooLarge { limit } => rejected(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request_entity_too_large",
-                format!("request body is larger than {limit} bytes").into(),
-            ),
-            GatewayError::HeadTooLarge { limit } => rejected(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "request_header_fields_too_large",
-                format!("the request line and headers are larger than {limit} bytes").into(),
-            ),
-            GatewayError::BodyUnreadable => rejected(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_body",
-                "the request body could not be read to its end".into(),
-            ),
-            GatewayError::BodyTimeout => rejected(
-                StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
-                "the request body did not arrive in time".into(),
-            ),
-            GatewayError::RateLimited { retry_after, policy, limit } => Shape {
-                retry_after: Some(retry_after),
-                headers: [Some((RATELIMIT_POLICY, policy)), Some((RATELIMIT, limit))],
-                ..rejected(StatusCode::TOO_MANY_REQUESTS, "reach_limit", "This request has reached api limit".into())
-            },
-            GatewayError::Forbidden => rejected(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "this address may not call the gateway (server.allow_from)".into(),
-            ),
-            GatewayError::Unauthenticated => rejected(
-                StatusCode::UNAUTHORIZED,
-                "gateway_key_required",
-                "send a known key in one X-Gateway-Key header".into(),
-            ),
-            GatewayError::Overloaded => Shape {
-                retry_after: Some(Duration::from_secs(1)),
-                ..rejected(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "service_unavailable",
-                    "the gateway is at its limit of requests in flight; retry shortly".into(),
-                )
-            },
-            GatewayError::NoToken { retry_after } => Shape {
-                retry_after: Some(retry_after),
-                ..rejected(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "service_unavailable",
-                    format!(
-                        "the gateway holds no valid Easemob app token yet; retry after {}s",
-                        retry_after_secs(retry_after)
-                    )
-                    .into(),
-                )
-            },
-            GatewayError::UpstreamUnreachable => Shape {
-                origin: UPSTREAM_ERROR,
-                ..rejected(StatusCode::BAD_GATEWAY, "upstream_unreachable", "Easemob could not be reached".into())
-            },
-            GatewayError::UpstreamTimeout => Shape {
-                origin: UPSTREAM_ERROR,
-                ..rejected(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", "Easemob did not answer in time".into())
-            },
-            GatewayError::UpstreamFailed => Shape {
-                origin: UPSTREAM_ERROR,
-                ..rejected(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_failed",
-                    "Easemob's answer was cut off or unreadable".into(),
-                )
-            },
-            GatewayError::Internal => rejected(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal_error",
-                "the gateway failed to handle this request".into(),
-            ),
-            GatewayError::JobNotFound => rejected(
-                StatusCode::NOT_FOUND,
-                "job_not_found",
-                "this app has no job with this id (finished jobs expire after jobs.retention)".into(),
-            ),
-            GatewayError::InvalidJob { error, description } => {
-                rejected(StatusCode::BAD_REQUEST, error, description.into())
+            GatewayError::Invalid(e) => rejected(S::BAD_REQUEST, e.error, e.description),
+            GatewayError::BodyTooLarge { limit } => {
+                rejected(S::PAYLOAD_TOO_LARGE, TOO_LARGE, format!("request body is larger than {limit} bytes"))
             }
+            GatewayError::HeadTooLarge { limit } => rejected(
+                S::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request_header_fields_too_large",
+                format!("the request line and headers are larger than {limit} bytes"),
+            ),
+            GatewayError::BodyUnreadable => {
+                rejected(S::BAD_REQUEST, "invalid_request_body", "the request body could not be read to its end")
+            }
+            GatewayError::BodyTimeout => {
+                rejected(S::REQUEST_TIMEOUT, "request_timeout", "the request body did not arrive in time")
+            }
+            GatewayError::RateLimited { retry_after, limit } => Shape {
+                retry_after: Some(retry_after),
+                headers: [Some((RATELIMIT_POLICY, limit.policy)), Some((RATELIMIT, limit.limit))],
+                ..rejected(S::TOO_MANY_REQUESTS, "reach_limit", "This request has reached api limit")
+            },
+            GatewayError::Forbidden => {
+                rejected(S::FORBIDDEN, "forbidden", "this address may not call the gateway (server.allow_from)")
+            }
+            GatewayError::Unauthenticated => {
+                rejected(S::UNAUTHORIZED, "gateway_key_required", "send a known key in one X-Gateway-Key header")
+            }
+            GatewayError::Overloaded => {
+                unavailable("the gateway is at its limit of requests in flight; retry shortly", Duration::from_secs(1))
+            }
+            GatewayError::NoToken { retry_after } => unavailable(
+                format!(
+                    "the gateway holds no valid Easemob app token yet; retry after {}s",
+                    retry_after_secs(retry_after)
+                ),
+                retry_after,
+            ),
+            GatewayError::UpstreamUnreachable { .. } => {
+                upstream(S::BAD_GATEWAY, "upstream_unreachable", "Easemob could not be reached")
+            }
+            GatewayError::UpstreamTimeout => {
+                upstream(S::GATEWAY_TIMEOUT, "upstream_timeout", "Easemob did not answer in time")
+            }
+            GatewayError::UpstreamFailed => {
+                upstream(S::BAD_GATEWAY, "upstream_failed", "Easemob's answer was cut off or unreadable")
+            }
+            GatewayError::Internal => {
+                rejected(S::INTERNAL_SERVER_ERROR, "internal_error", "the gateway failed to handle this request")
+            }
+            GatewayError::JobNotFound => rejected(
+                S::NOT_FOUND,
+                "job_not_found",
+                "this app has no job with this id (finished jobs expire after jobs.retention)",
+            ),
+            GatewayError::InvalidJob { error, description } => rejected(S::BAD_REQUEST, error, description),
             GatewayError::TooManyOperations { max, got } => rejected(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request_entity_too_large",
-                format!("a job holds at most {max} operations (jobs.max_operations), counting each batch of 50 message IDs; this one has at least {got}").into(),
+                S::PAYLOAD_TOO_LARGE,
+                TOO_LARGE,
+                format!(
+                    "a job holds at most {max} operations (jobs.max_operations), counting each batch of {MAX_MSG_IDS} message IDs; this one has at least {got}"
+                ),
             ),
             GatewayError::OperationTooLarge { index, limit } => rejected(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request_entity_too_large",
-                format!("operations[{index}] is over {limit} bytes, more than any operation takes").into(),
+                S::PAYLOAD_TOO_LARGE,
+                TOO_LARGE,
+                format!("operations[{index}] is over {limit} bytes, more than any operation takes"),
             ),
             GatewayError::IdempotencyConflict => rejected(
-                StatusCode::UNPROCESSABLE_ENTITY,
+                S::UNPROCESSABLE_ENTITY,
                 "idempotency_key_reused",
-                "this Idempotency-Key was used for a different job request".into(),
+                "this Idempotency-Key was used for a different job request",
             ),
-            GatewayError::JobsUnavailable => Shape {
-                retry_after: Some(Duration::from_secs(5)),
-                ..rejected(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "service_unavailable",
-                    "the jobs store cannot keep new work right now; nothing was accepted".into(),
-                )
-            },
+            GatewayError::JobsUnavailable => unavailable(
+                "the jobs store cannot keep new work right now; nothing was accepted",
+                Duration::from_secs(5),
+            ),
             GatewayError::JobsDisabled => rejected(
-                StatusCode::NOT_FOUND,
+                S::NOT_FOUND,
                 "jobs_disabled",
-                "deletion jobs are disabled on this gateway; its configuration enables them with jobs.enabled = true"
-                    .into(),
+                "deletion jobs are disabled on this gateway; its configuration enables them with jobs.enabled = true",
             ),
-        };
+        }
+    }
+
+    /// The answer for the caller, in Easemob's error envelope. `started` is when the request arrived (for the
+    /// envelope's `duration`).
+    pub fn into_response(self, started: Instant) -> Answer {
+        let kind = self.kind();
+        let Shape { status, error, description, origin, retry_after, headers } = self.shape();
         let mut response = envelope(status, error, &description, started, origin);
         let response_headers = response.headers_mut();
         if let Some(wait) = retry_after {
@@ -263,23 +264,39 @@ impl GatewayError {
 /// Easemob.
 const REJECTED: &str = "rejected";
 const UPSTREAM_ERROR: &str = "upstream-error";
+/// Easemob's `error` for a request too large.
+const TOO_LARGE: &str = "request_entity_too_large";
 
 /// Everything one gateway-made answer says, decided together.
-struct Shape {
-    status: StatusCode,
+pub struct Shape {
+    pub status: StatusCode,
     /// Easemob's `error` type.
-    error: &'static str,
-    description: Cow<'static, str>,
+    pub error: &'static str,
+    pub description: Cow<'static, str>,
     /// The `x-easemob-gateway` value.
     origin: &'static str,
-    retry_after: Option<Duration>,
+    pub retry_after: Option<Duration>,
     /// Headers of its own (`Allow`, the rate-limit fields).
     headers: [Option<(HeaderName, HeaderValue)>; 2],
 }
 
 /// A refusal with no header of its own.
-fn rejected(status: StatusCode, error: &'static str, description: Cow<'static, str>) -> Shape {
+fn rejected(status: StatusCode, error: &'static str, description: impl Into<Cow<'static, str>>) -> Shape {
+    let description = description.into();
     Shape { status, error, description, origin: REJECTED, retry_after: None, headers: [None, None] }
+}
+
+/// A 503 the caller may retry after `retry_after`.
+fn unavailable(description: impl Into<Cow<'static, str>>, retry_after: Duration) -> Shape {
+    Shape {
+        retry_after: Some(retry_after),
+        ..rejected(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", description)
+    }
+}
+
+/// An answer the gateway could not get from Easemob.
+fn upstream(status: StatusCode, error: &'static str, description: &'static str) -> Shape {
+    Shape { origin: UPSTREAM_ERROR, ..rejected(status, error, description) }
 }
 
 /// The `Retry-After` value: the few usual ones (a flood's refusals say 1 or 2) without formatting or allocating.

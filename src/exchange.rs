@@ -1,10 +1,10 @@
-//! What the layers below validation pass down and hand back: a validated [`Exchange`] on its way to Easemob, the
-//! [`Answer`] every layer returns, and the [`Stamp`] an answer carries up the stack (who made it, why, for which
-//! app and route), so that outer layers observe the final answer instead of sharing mutable state.
+//! What the layers pass down and hand back: a validated [`Exchange`] on its way to Easemob, the [`Answer`] every
+//! layer returns, and the [`Stamp`] an answer carries up the stack (who made it, why, for which app and route), so
+//! that outer layers observe the final answer instead of sharing mutable state. Failures go up as errors
+//! (`error.rs`) until the rescue layer renders them.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
-use std::time::Instant;
 
 use bytes::Bytes;
 use http::uri::PathAndQuery;
@@ -12,6 +12,7 @@ use http::{HeaderValue, Response};
 use http_body_util::Full;
 
 use crate::apps::{App, Lane};
+use crate::ratelimit::{RATELIMIT_POLICY, RateLimitHeaders};
 use crate::routes::Route;
 use crate::routes::validate::Call;
 use crate::token::Token;
@@ -61,23 +62,24 @@ impl http_body::Body for Stamped {
 }
 
 /// An answer a layer has to wait for (a quota slot, a token fetch, a body, Easemob): the one boxed future shape.
-pub type Waiting =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Answer, std::convert::Infallible>> + Send>>;
+/// Below validation a layer fails with a [`GatewayError`](crate::error::GatewayError); above it, with a
+/// [`Failure`](crate::error::Failure).
+pub type Waiting<E> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Answer, E>> + Send>>;
 
-/// A validated call and what travels with it. Cheap to clone (the token layer and the retry keep a copy): what
-/// validation fixed is shared, and reached through `Deref` (`exchange.app`, `exchange.call`).
+/// One attempt at a validated call: the request as validation fixed it, immutable and shared by every attempt
+/// (reached through `Deref`: `exchange.app`, `exchange.call`), and what the layer that sends this attempt decided
+/// for it. Cheap to clone (the token layer and the retry keep a copy); a layer that sends again makes a new one.
 #[derive(Clone)]
 pub struct Exchange {
-    pub validated: Arc<Validated>,
-    /// Set by the token layer.
-    pub token: Option<Arc<Token>>,
-    /// The end of the time Easemob has for this request, replay and retry included: set by the first send.
-    pub deadline: Option<tokio::time::Instant>,
-    /// A quota slot the previous attempt took but never used (its connection failed): the retry's. Boxed: it is
-    /// rare, and every layer's future that keeps an exchange would otherwise carry its room.
-    pub slot: Option<Box<UnusedSlot>>,
-    /// Why this attempt is sent: set by whoever sends it again (the retry, the token replay), for its audit event.
-    pub kind: AttemptKind,
+    validated: Arc<Validated>,
+    /// The token it is sent with: the token layer's.
+    token: Option<Arc<Token>>,
+    /// A quota slot taken for this call that nothing used (the retry's, after a failed connection; the
+    /// scheduler's, for a job): sent under it rather than a new one. Boxed: it is rare, and every layer's future
+    /// that keeps an exchange would otherwise carry its room.
+    slot: Option<Box<RateLimitHeaders>>,
+    /// Why this attempt is sent, for its audit event.
+    kind: AttemptKind,
 }
 
 /// Why an attempt at a call is sent, as its audit event says.
@@ -99,8 +101,6 @@ pub enum AttemptKind {
 pub struct Validated {
     pub app: Arc<App>,
     pub call: Call,
-    /// When the request arrived (for the envelope's `duration`).
-    pub started: Instant,
     pub request_id: Option<HeaderValue>,
     /// The request's path and query as the caller sent them: what Easemob gets, shared, when it already is the
     /// canonical form (`Upstream::uri`). `None` for a job's operations.
@@ -117,11 +117,66 @@ pub struct Validated {
     pub job_attempt: Option<u32>,
     /// How many of its attempts reached Easemob so far: each audit event takes the next number.
     pub audited: AtomicU32,
+    /// The end of the time Easemob has for this request, retry and replay included.
+    pub deadline: Deadline,
+}
+
+/// The end of the time Easemob has for a request: fixed once, by its first send (waiting for a token or a quota
+/// slot does not eat into Easemob's time, as `upstream.timeout` promises), and the same for every later attempt,
+/// so a retry or a replay never stretches the caller's wait. Nothing carries it back up or down again. Not tower's
+/// `Timeout` layer: its clock starts where it sits, so above the token and the quota it would count their waits as
+/// Easemob's time, and below the retry it would give each attempt a time of its own.
+#[derive(Default)]
+pub struct Deadline(std::sync::OnceLock<tokio::time::Instant>);
+
+impl Deadline {
+    /// The deadline, fixed `timeout` from now by the first attempt to ask.
+    pub fn start(&self, timeout: std::time::Duration) -> tokio::time::Instant {
+        *self.0.get_or_init(|| tokio::time::Instant::now() + timeout)
+    }
+
+    /// The deadline, once the first attempt was sent.
+    pub fn get(&self) -> Option<tokio::time::Instant> {
+        self.0.get().copied()
+    }
 }
 
 impl Exchange {
+    /// A request's first attempt.
     pub fn new(validated: Validated) -> Exchange {
-        Exchange { validated: Arc::new(validated), token: None, deadline: None, slot: None, kind: AttemptKind::First }
+        Exchange { validated: Arc::new(validated), token: None, slot: None, kind: AttemptKind::First }
+    }
+
+    /// A scheduler's attempt at a job's operation, under the slot it took for it.
+    pub fn job(validated: Validated, slot: RateLimitHeaders) -> Exchange {
+        Exchange { slot: Some(Box::new(slot)), kind: AttemptKind::Job, ..Exchange::new(validated) }
+    }
+
+    /// This attempt, sent with `token`.
+    pub fn with_token(self, token: Arc<Token>) -> Exchange {
+        Exchange { token: Some(token), ..self }
+    }
+
+    /// Another attempt at the same request, for `kind`, under the slot the last one left unused if any.
+    pub fn again(&self, kind: AttemptKind, unused_slot: Option<RateLimitHeaders>) -> Exchange {
+        Exchange {
+            validated: Arc::clone(&self.validated),
+            token: self.token.clone(),
+            slot: unused_slot.map(Box::new),
+            kind,
+        }
+    }
+
+    pub fn token(&self) -> Option<&Token> {
+        self.token.as_deref()
+    }
+
+    pub fn slot(&self) -> Option<&RateLimitHeaders> {
+        self.slot.as_deref()
+    }
+
+    pub fn kind(&self) -> AttemptKind {
+        self.kind
     }
 
     pub fn route(&self) -> Route {
@@ -146,19 +201,10 @@ impl std::ops::Deref for Exchange {
 pub struct Stamp {
     /// Easemob gave this answer (passed through, hop-by-hop headers aside).
     pub from_easemob: bool,
-    /// The gateway made it: why, as a stable label (`GatewayError::kind`).
-    pub rejection: Option<&'static str>,
-    /// The deadline of the exchange with Easemob it answers, which a replay or retry keeps.
-    pub deadline: Option<tokio::time::Instant>,
+    /// The gateway made it, for this error (set by the one place that renders errors).
+    pub rejection: Option<ErrorKind>,
     /// Who it is about, as far as the request named its app and route.
     pub labels: Labels,
-}
-
-/// A quota slot taken for a call that never reached Easemob: with its `RateLimit-Policy` and `RateLimit` fields.
-#[derive(Clone, Debug)]
-pub struct UnusedSlot {
-    pub policy: HeaderValue,
-    pub limit: HeaderValue,
 }
 
 /// Who an answer is about, for its log line and metrics: the app and route, as far as the request named them.
@@ -178,6 +224,86 @@ impl Labels {
     pub fn lane(&self) -> Option<&Lane> {
         Some(self.app.as_deref()?.lane(self.route?))
     }
+
+    /// Labels `answer`, and states its lane's `RateLimit-Policy` unless the answer names a limit of its own.
+    pub fn apply(self, answer: &mut Answer) {
+        if let Some(lane) = self.lane() {
+            let headers = answer.headers_mut();
+            if !headers.contains_key(RATELIMIT_POLICY) {
+                headers.insert(RATELIMIT_POLICY, lane.policy.clone());
+            }
+        }
+        answer.stamp_mut().labels = self;
+    }
+}
+
+impl std::fmt::Debug for Labels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let app = self.app.as_ref().map(|app| app.key.as_str());
+        f.debug_struct("Labels").field("app", &app).field("route", &self.route).finish_non_exhaustive()
+    }
+}
+
+/// Which error a gateway-made answer stands for: the mark it carries to the layers above the rescue (observe),
+/// one byte where the error itself would be a hundred.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    UnknownRoute,
+    MethodNotAllowed,
+    UnknownApp,
+    Invalid,
+    BodyTooLarge,
+    HeadTooLarge,
+    BodyUnreadable,
+    BodyTimeout,
+    RateLimited,
+    Forbidden,
+    Unauthenticated,
+    Overloaded,
+    NoToken,
+    UpstreamUnreachable,
+    UpstreamTimeout,
+    UpstreamFailed,
+    Internal,
+    JobNotFound,
+    InvalidJob,
+    TooManyOperations,
+    OperationTooLarge,
+    IdempotencyConflict,
+    JobsUnavailable,
+    JobsDisabled,
+}
+
+impl ErrorKind {
+    /// A short, stable name: the `reason` label of metrics and log lines, so cardinality stays bounded.
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::UnknownRoute => "unknown_route",
+            ErrorKind::MethodNotAllowed => "method_not_allowed",
+            ErrorKind::UnknownApp => "unknown_app",
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::BodyTooLarge => "body_too_large",
+            ErrorKind::HeadTooLarge => "head_too_large",
+            ErrorKind::BodyUnreadable => "body_unreadable",
+            ErrorKind::BodyTimeout => "body_timeout",
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::Forbidden => "forbidden",
+            ErrorKind::Unauthenticated => "unauthenticated",
+            ErrorKind::Overloaded => "overloaded",
+            ErrorKind::NoToken => "no_token",
+            ErrorKind::UpstreamUnreachable => "upstream_unreachable",
+            ErrorKind::UpstreamTimeout => "upstream_timeout",
+            ErrorKind::UpstreamFailed => "upstream_failed",
+            ErrorKind::Internal => "internal",
+            ErrorKind::JobNotFound => "job_not_found",
+            ErrorKind::InvalidJob => "invalid_job",
+            ErrorKind::TooManyOperations => "too_many_operations",
+            ErrorKind::OperationTooLarge => "operation_too_large",
+            ErrorKind::IdempotencyConflict => "idempotency_conflict",
+            ErrorKind::JobsUnavailable => "jobs_unavailable",
+            ErrorKind::JobsDisabled => "jobs_disabled",
+        }
+    }
 }
 
 /// An answer's [`Stamp`], read and written by the layers it passes.
@@ -189,12 +315,8 @@ pub trait Marks {
         self.stamp().from_easemob
     }
 
-    fn rejection(&self) -> Option<&'static str> {
+    fn rejection(&self) -> Option<ErrorKind> {
         self.stamp().rejection
-    }
-
-    fn deadline(&self) -> Option<tokio::time::Instant> {
-        self.stamp().deadline
     }
 }
 

@@ -5,7 +5,6 @@
 //! whole even past that bound, while the same head in small pieces is refused, with a bare 431. So the data plane
 //! gives hyper's buffer twice the cap, as a bound on memory only, and this layer measures the parsed head itself.
 
-use std::convert::Infallible;
 use std::future::{Ready, ready};
 use std::task::{Context, Poll};
 
@@ -13,7 +12,7 @@ use futures_util::future::Either;
 use http::Request;
 use tower::{Layer, Service};
 
-use crate::error::GatewayError;
+use crate::error::{Failure, GatewayError};
 use crate::exchange::Answer;
 
 /// The request line and headers of one request: far above what the six routes need, far below a memory risk.
@@ -97,20 +96,20 @@ pub struct HeadLimit<S> {
 
 impl<S, B> Service<Request<B>> for HeadLimit<S>
 where
-    S: Service<Request<B>, Response = Answer, Error = Infallible>,
+    S: Service<Request<B>, Response = Answer, Error = Failure>,
 {
     type Response = Answer;
-    type Error = Infallible;
-    type Future = Either<Ready<Result<Answer, Infallible>>, S::Future>;
+    type Error = Failure;
+    type Future = Either<Ready<Result<Answer, Failure>>, S::Future>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         if request.extensions().get::<OverCap>().is_some() {
             let refusal = GatewayError::HeadTooLarge { limit: MAX_HEAD_BYTES };
-            return Either::Left(ready(Ok(refusal.into_response(std::time::Instant::now()))));
+            return Either::Left(ready(Err(refusal.into())));
         }
         Either::Right(self.inner.call(request))
     }

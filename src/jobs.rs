@@ -29,14 +29,12 @@ use tracing::warn;
 
 use crate::apps::App;
 use crate::config::JobsConfig;
-use crate::routes::validate::{Call, ValidationError};
+use crate::routes::validate::{Call, MAX_MSG_IDS, ValidationError};
 use crate::routes::{Endpoint, Route, resolve};
 
 pub use self::queue::{JobStore, Store};
 use self::records::{Created, JobRecord, NewJob, NewOperation, StoreError};
 
-/// Easemob refuses a `msgIdList` longer than this; a job splits longer ones into batches of this size.
-pub const MSG_IDS_PER_CALL: usize = 50;
 /// Job requests read at once: each holds up to `jobs.max_operations` operations until they are stored (about 50 MB
 /// for 100,000 of the widest), so this bounds what they hold together; the next waits its turn, its body unread. A
 /// slow sender holds up the next for at most `server.body_read_timeout`.
@@ -301,7 +299,9 @@ pub fn operations(app: &App, op: &OperationRequest, now_ms: i64) -> Result<Vec<N
         None => (op.path.as_str(), None),
     };
     let bad = |description: String| ValidationError { error: "illegal_argument", description };
-    let resolved = resolve(path).ok_or_else(|| bad(format!("{path:?} is not one of the six deletion routes")))?;
+    let resolved = resolve(path)
+        .filter(|resolved| !matches!(resolved.endpoint, Endpoint::Jobs(_)))
+        .ok_or_else(|| bad(format!("{path:?} is not one of the six deletion routes")))?;
     if let Some((org, name)) = resolved.app
         && !(org.eq_ignore_ascii_case(&app.org) && name.eq_ignore_ascii_case(&app.app))
     {
@@ -325,7 +325,8 @@ pub fn operations(app: &App, op: &OperationRequest, now_ms: i64) -> Result<Vec<N
         .collect()
 }
 
-/// The query as it is, or one query per batch of [`MSG_IDS_PER_CALL`] message IDs when its `msgIdList` is longer.
+/// The query as it is, or one query per batch of [`MAX_MSG_IDS`] message IDs (Easemob's cap on one call) when its
+/// `msgIdList` is longer.
 fn batches(route: Route, query: Option<&str>) -> Vec<Option<String>> {
     let whole = vec![query.map(str::to_owned)];
     if !matches!(route, Route::DeleteChatMessages | Route::DeleteGroupMessages) {
@@ -337,10 +338,10 @@ fn batches(route: Route, query: Option<&str>) -> Vec<Option<String>> {
         Some((_, list)) => list.split(',').collect(),
         None => return whole,
     };
-    if ids.len() <= MSG_IDS_PER_CALL {
+    if ids.len() <= MAX_MSG_IDS {
         return whole;
     }
-    ids.chunks(MSG_IDS_PER_CALL)
+    ids.chunks(MAX_MSG_IDS)
         .map(|chunk| {
             let mut batch = form_urlencoded::Serializer::new(String::new());
             for (key, value) in &pairs {

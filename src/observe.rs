@@ -15,6 +15,7 @@ use tower::{Layer, Service};
 use tracing::info;
 
 use crate::error::GatewayError;
+use crate::exchange::ErrorKind;
 use crate::exchange::{Answer, Marks, Stamp};
 use crate::metrics::{Metrics, NONE};
 use crate::request_id::X_REQUEST_ID;
@@ -119,8 +120,8 @@ impl Drop for IfItPanics<'_> {
         if std::thread::panicking()
             && let Some(seen) = self.0.take()
         {
-            let answer = GatewayError::Internal.into_response(seen.started);
-            seen.record(answer.status(), answer.stamp());
+            let stamp = Stamp { rejection: Some(ErrorKind::Internal), ..Stamp::default() };
+            seen.record(GatewayError::Internal.shape().status, &stamp);
         }
     }
 }
@@ -132,13 +133,13 @@ impl Seen {
         let lane = labels.lane();
         let app = labels.app.as_deref().map_or(NONE, |app| app.key.as_str());
         let route = labels.route.map_or(NONE, |route| route.name());
-        let reason = stamp.rejection;
+        let reason = stamp.rejection.map(ErrorKind::label);
         // A lane's common series are resolved once (see `Metrics::lane`); anything else is looked up by label.
         let metrics = &self.metrics;
-        if let Some(reason) = reason {
-            match (lane, reason) {
-                (Some(lane), "rate_limited") => lane.metrics.rate_limited.inc(),
-                _ => metrics.rejected.with_label_values(&[app, route, reason]).inc(),
+        if let Some(kind) = stamp.rejection {
+            match (lane, kind) {
+                (Some(lane), ErrorKind::RateLimited) => lane.metrics.rate_limited.inc(),
+                _ => metrics.rejected.with_label_values(&[app, route, kind.label()]).inc(),
             }
         }
         let counted = lane.and_then(|lane| match status {
@@ -197,7 +198,6 @@ mod tests {
     use tower::{ServiceExt, service_fn};
 
     use super::*;
-    use crate::error::GatewayError;
     use crate::exchange::{Answer, Labels};
     use crate::routes::Route;
     use crate::testing::{self, ScriptedFetch};

@@ -3,7 +3,6 @@
 //! outage from being doubled. Never on a timeout or a cut-off answer (the deletion may have happened), never on
 //! a 4xx.
 
-use std::convert::Infallible;
 use std::future::{Ready, ready};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +12,8 @@ use prometheus::IntCounterVec;
 use tower::retry::Policy;
 use tower::retry::budget::{Budget, TpsBudget};
 
-use crate::exchange::{Answer, AttemptKind, Exchange, Marks, UnusedSlot};
+use crate::error::GatewayError;
+use crate::exchange::{Answer, AttemptKind, Exchange};
 use crate::metrics::Metrics;
 
 /// A retry needs at least this much of the request's deadline left to be worth sending.
@@ -48,43 +48,41 @@ impl Clone for SafeRetry {
     }
 }
 
-impl Policy<Exchange, Answer, Infallible> for SafeRetry {
+impl Policy<Exchange, Answer, GatewayError> for SafeRetry {
     type Future = Ready<()>;
 
-    fn retry(&mut self, exchange: &mut Exchange, result: &mut Result<Answer, Infallible>) -> Option<Ready<()>> {
-        let answer = match result {
-            Ok(answer) => answer,
-            Err(never) => match *never {},
-        };
+    fn retry(&mut self, exchange: &mut Exchange, result: &mut Result<Answer, GatewayError>) -> Option<Ready<()>> {
         if self.retried {
-            if answer.rejection() == Some("rate_limited")
+            if let Err(GatewayError::RateLimited { .. }) = result
                 && let Some(previous) = self.previous.take()
             {
-                *answer = previous;
+                *result = Ok(previous);
             }
             return None;
         }
-        // Nothing was carried out only behind a 502 or 503: the usual answer is decided on its status alone.
-        if !matches!(answer.status(), StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE) {
+        // Nothing was carried out: the connection could not be made, or Easemob's front answered 502 or 503.
+        let nothing_done = match result {
+            Ok(answer) => matches!(answer.status(), StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE),
+            Err(e) => matches!(e, GatewayError::UpstreamUnreachable { .. }),
+        };
+        if !nothing_done {
             return None;
         }
-        let nothing_done = match answer.rejection() {
-            Some(reason) => reason == "upstream_unreachable",
-            None => answer.is_from_easemob(),
-        };
-        let deadline = answer.deadline()?;
-        let time_left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if !nothing_done || time_left < MIN_RETRY_TIME || !self.budget.withdraw() {
+        let time_left = exchange.deadline.get()?.saturating_duration_since(tokio::time::Instant::now());
+        if time_left < MIN_RETRY_TIME || !self.budget.withdraw() {
             return None;
         }
         self.retried = true;
         self.retries.with_label_values(&[exchange.app.key.as_str(), exchange.route().name()]).inc();
-        exchange.deadline = Some(deadline);
-        exchange.kind = AttemptKind::Retry;
-        exchange.slot = answer.extensions_mut().remove::<UnusedSlot>().map(Box::new);
-        if answer.is_from_easemob() {
-            self.previous = Some(std::mem::take(answer));
-        }
+        let unused_slot = match result {
+            Ok(answer) => {
+                self.previous = Some(std::mem::take(answer));
+                None
+            }
+            Err(GatewayError::UpstreamUnreachable { unused_slot }) => unused_slot.take(),
+            Err(_) => None,
+        };
+        *exchange = exchange.again(AttemptKind::Retry, unused_slot);
         Some(ready(()))
     }
 
@@ -106,59 +104,57 @@ mod tests {
     use tower::{Layer, ServiceExt};
 
     use super::*;
-    use crate::error::GatewayError;
+    use crate::exchange::Marks;
+    use crate::ratelimit::RateLimitHeaders;
     use crate::testing::{self, ScriptedFetch};
 
-    /// An answer to one exchange, with the deadline it ran under.
-    fn answered(mut answer: Answer) -> Answer {
-        answer.stamp_mut().deadline = Some(tokio::time::Instant::now() + Duration::from_secs(10));
-        answer
+    type Result = std::result::Result<Answer, GatewayError>;
+
+    fn slot() -> RateLimitHeaders {
+        RateLimitHeaders { policy: HeaderValue::from_static("p"), limit: HeaderValue::from_static("l") }
     }
 
-    fn failed(e: GatewayError) -> Answer {
-        answered(e.into_response(std::time::Instant::now()))
+    fn unreachable_with_a_slot() -> Result {
+        Err(GatewayError::UpstreamUnreachable { unused_slot: Some(slot()) })
     }
 
-    fn unreachable_with_a_slot() -> Answer {
-        let mut answer = failed(GatewayError::UpstreamUnreachable);
-        let slot = UnusedSlot { policy: HeaderValue::from_static("p"), limit: HeaderValue::from_static("l") };
-        answer.extensions_mut().insert(slot);
-        answer
+    fn easemob(status: u16) -> Result {
+        Ok(testing::easemob(status))
     }
 
-    async fn attempts(policy: &SafeRetry, first: fn() -> Answer, then: fn() -> Answer) -> (Answer, usize) {
+    async fn attempts(policy: &SafeRetry, first: fn() -> Result, then: fn() -> Result) -> (Result, usize) {
         let app = testing::app(&ScriptedFetch::granting(3600), &testing::quota(Default::default()));
         let (easemob, calls) = testing::upstream(move |n, exchange| {
             if n > 0 {
-                assert!(exchange.deadline.is_some(), "the retry keeps the first attempt's deadline");
+                assert_eq!(exchange.kind(), AttemptKind::Retry);
+                let first_failed_to_connect = matches!(first(), Err(GatewayError::UpstreamUnreachable { .. }));
+                assert_eq!(exchange.slot().is_some(), first_failed_to_connect, "the slot nothing used, if any");
             }
             if n == 0 { first() } else { then() }
         });
         let answer =
             RetryLayer::new(policy.clone()).layer(easemob).oneshot(testing::exchange(&app, testing::clear("u")));
-        (answer.await.unwrap(), calls.load(Ordering::SeqCst))
+        (answer.await, calls.load(Ordering::SeqCst))
     }
 
     #[tokio::test]
     async fn a_failed_connection_is_retried_once_with_the_slot_it_never_used() {
         let policy = SafeRetry::new(&Metrics::new());
-        let (answer, calls) = attempts(&policy, unreachable_with_a_slot, || answered(testing::easemob(200))).await;
-        assert_eq!((answer.status().as_u16(), calls), (200, 2));
+        let (answer, calls) = attempts(&policy, unreachable_with_a_slot, || easemob(200)).await;
+        assert_eq!((answer.unwrap().status().as_u16(), calls), (200, 2));
         let (answer, calls) = attempts(&policy, unreachable_with_a_slot, unreachable_with_a_slot).await;
-        assert_eq!((answer.rejection(), calls), (Some("upstream_unreachable"), 2), "once only");
+        assert!(matches!(answer, Err(GatewayError::UpstreamUnreachable { .. })), "once only");
+        assert_eq!(calls, 2, "once only");
     }
 
     #[tokio::test]
     async fn easemobs_502_and_503_are_retried_and_stand_if_the_retry_gets_no_slot() {
         let policy = SafeRetry::new(&Metrics::new());
-        let (answer, calls) =
-            attempts(&policy, || answered(testing::easemob(503)), || answered(testing::easemob(200))).await;
-        assert_eq!((answer.status().as_u16(), calls), (200, 2));
-        let no_slot = || {
-            let (policy, limit) = (HeaderValue::from_static("p"), HeaderValue::from_static("l"));
-            failed(GatewayError::RateLimited { retry_after: Duration::from_secs(1), policy, limit })
-        };
-        let (answer, calls) = attempts(&policy, || answered(testing::easemob(502)), no_slot).await;
+        let (answer, calls) = attempts(&policy, || easemob(503), || easemob(200)).await;
+        assert_eq!((answer.unwrap().status().as_u16(), calls), (200, 2));
+        let no_slot = || Err(GatewayError::RateLimited { retry_after: Duration::from_secs(1), limit: slot() });
+        let (answer, calls) = attempts(&policy, || easemob(502), no_slot).await;
+        let answer = answer.unwrap();
         assert_eq!((answer.status().as_u16(), calls), (502, 2));
         assert!(answer.is_from_easemob(), "Easemob's own answer, not the quota's 429");
     }
@@ -166,16 +162,15 @@ mod tests {
     #[tokio::test]
     async fn what_may_have_been_carried_out_is_never_retried() {
         let policy = SafeRetry::new(&Metrics::new());
-        let ok = || answered(testing::easemob(200));
         for first in [
-            (|| failed(GatewayError::UpstreamTimeout)) as fn() -> Answer,
-            || failed(GatewayError::UpstreamFailed),
-            || answered(testing::easemob(500)),
-            || answered(testing::easemob(400)),
-            || answered(testing::easemob(429)),
+            (|| Err(GatewayError::UpstreamTimeout)) as fn() -> Result,
+            || Err(GatewayError::UpstreamFailed),
+            || easemob(500),
+            || easemob(400),
+            || easemob(429),
         ] {
-            let (answer, calls) = attempts(&policy, first, ok).await;
-            assert_eq!(calls, 1, "{}", answer.status());
+            let (answer, calls) = attempts(&policy, first, || easemob(200)).await;
+            assert_eq!(calls, 1, "{:?}", answer.map(|a| a.status()));
         }
     }
 

@@ -1,11 +1,13 @@
-//! The route table: the six Easemob operations the gateway serves, their methods and path shapes.
-//! `routes/validate.rs` turns a matched request into a typed [`Call`]; `routes/layer.rs` is the stack's layer that
-//! does it for every request.
+//! The route table and the one resolver of every path the data plane serves: the six Easemob operations (their
+//! methods and path shapes), the SDK token endpoint and the jobs API. `routes/validate.rs` turns a matched request
+//! into a typed [`Call`](validate::Call); `routes/layer.rs` is the stack's layer that does it for every request.
 
 pub mod layer;
 pub mod validate;
 
-use http::Method;
+use std::ops::Range;
+
+use http::{Method, Request};
 
 /// One of the six operations, named as in config keys, metric labels and logs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -90,6 +92,23 @@ pub enum Endpoint<'a> {
     Operation { route: Route, owner: &'a str },
     /// `POST /{org}/{app}/token`, answered locally so that unmodified server SDKs work.
     Token,
+    /// A path under `…/_gateway/`: the jobs API's (no Easemob path starts with `_`, so none can collide).
+    Jobs(JobsPath<'a>),
+}
+
+/// A path of the jobs API, after `…/_gateway/jobs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobsPath<'a> {
+    /// `…/jobs`: create or list.
+    Collection,
+    /// `…/jobs/{id}`: read one.
+    Job(&'a str),
+    /// `…/jobs/{id}/cancel`.
+    Cancel(&'a str),
+    /// Under `…/jobs/`, but no route of the jobs API.
+    Unknown,
+    /// Under `…/_gateway/`, but not the jobs API.
+    Elsewhere,
 }
 
 /// A path resolved against the route table: `app` is the `/{org}/{app}` prefix when the caller gave one.
@@ -101,14 +120,59 @@ pub struct Resolved<'a> {
 
 /// Resolves a request path, with or without the `/{org}/{app}` prefix. `None` means no such route.
 pub fn resolve(path: &str) -> Option<Resolved<'_>> {
-    let (split, count) = segments(path.strip_prefix('/')?)?;
+    let rest = path.strip_prefix('/')?;
+    // Past the longest operation's length only a jobs API path can resolve.
+    let Some((split, count)) = segments(rest) else { return jobs(rest) };
     let segments = &split[..count];
+    // The jobs API's first, so that no path under `_gateway/` is taken for an operation: looked for only behind
+    // the one segment that starts it, which no Easemob path has.
+    if (segments[0] == "_gateway" || segments.get(2) == Some(&"_gateway"))
+        && let Some(jobs) = jobs(rest)
+    {
+        return Some(jobs);
+    }
     if let [org, app, tail @ ..] = segments
         && let Some(endpoint) = endpoint(tail)
     {
         return Some(Resolved { app: Some((org, app)), endpoint });
     }
     endpoint(segments).map(|endpoint| Resolved { app: None, endpoint })
+}
+
+/// A request for one of the six operations, as the router hands it to validation: the path is resolved once.
+pub struct Routed<B> {
+    pub request: Request<B>,
+    pub located: Located,
+}
+
+/// Where the resolver found an operation in a path: its route, and its owner and app segments as byte ranges of
+/// the path, so that they travel with the request they were read from without being copied.
+#[derive(Clone, Debug)]
+pub struct Located {
+    pub route: Route,
+    owner: Range<usize>,
+    app: Option<(Range<usize>, Range<usize>)>,
+}
+
+impl Located {
+    /// The operation `route` on `owner`, for the app named `app`, all found in `path`.
+    pub fn new(path: &str, route: Route, owner: &str, app: Option<(&str, &str)>) -> Located {
+        let at = |part: &str| {
+            let start = part.as_ptr() as usize - path.as_ptr() as usize;
+            start..start + part.len()
+        };
+        Located { route, owner: at(owner), app: app.map(|(org, app)| (at(org), at(app))) }
+    }
+
+    /// The raw (still percent-encoded) owner segment of `path`, the path this was found in.
+    pub fn owner<'a>(&self, path: &'a str) -> &'a str {
+        &path[self.owner.clone()]
+    }
+
+    /// The `/{org}/{app}` prefix of `path`, the path this was found in, when the caller gave one.
+    pub fn app<'a>(&self, path: &'a str) -> Option<(&'a str, &'a str)> {
+        self.app.as_ref().map(|(org, app)| (&path[org.clone()], &path[app.clone()]))
+    }
 }
 
 const MAX_SEGMENTS: usize = 9;
@@ -128,6 +192,30 @@ fn segments(rest: &str) -> Option<([&str; MAX_SEGMENTS], usize)> {
     Some((split, count))
 }
 
+/// A path under `_gateway/` or `{org}/{app}/_gateway/` (`rest` is the path after its first '/').
+fn jobs(rest: &str) -> Option<Resolved<'_>> {
+    let (app, under) = match rest.strip_prefix("_gateway/") {
+        Some(under) => (None, under),
+        None => {
+            let mut parts = rest.splitn(3, '/');
+            let (org, app, tail) = (parts.next()?, parts.next()?, parts.next()?);
+            (Some((org, app)), tail.strip_prefix("_gateway/")?)
+        }
+    };
+    let path = match under.strip_prefix("jobs") {
+        Some("") => JobsPath::Collection,
+        Some(after) => match after.strip_prefix('/').map(|ids| ids.split('/').collect::<Vec<_>>()).as_deref() {
+            Some([id]) => JobsPath::Job(id),
+            Some([id, "cancel"]) => JobsPath::Cancel(id),
+            Some(_) => JobsPath::Unknown,
+            None => JobsPath::Elsewhere,
+        },
+        None => JobsPath::Elsewhere,
+    };
+    let app = if path == JobsPath::Elsewhere { None } else { app };
+    Some(Resolved { app, endpoint: Endpoint::Jobs(path) })
+}
+
 fn endpoint<'a>(segments: &[&'a str]) -> Option<Endpoint<'a>> {
     if segments == ["token"] {
         return Some(Endpoint::Token);
@@ -143,8 +231,12 @@ mod tests {
 
     fn op(path: &str) -> Option<Matched<'_>> {
         match resolve(path)? {
-            Resolved { app, endpoint: Endpoint::Operation { route, owner } } => Some((app, route, owner)),
-            Resolved { endpoint: Endpoint::Token, .. } => None,
+            Resolved { app, endpoint: Endpoint::Operation { route, owner } } => {
+                let located = Located::new(path, route, owner, app);
+                assert_eq!((located.owner(path), located.app(path)), (owner, app), "located where it was found");
+                Some((app, route, owner))
+            }
+            Resolved { endpoint: Endpoint::Token | Endpoint::Jobs(_), .. } => None,
         }
     }
 
@@ -202,6 +294,27 @@ mod tests {
     fn empty_and_encoded_owner_segments_resolve_for_validation_to_reject() {
         assert_eq!(op("/o/a/users//user_channel"), Some((Some(("o", "a")), Route::DeleteConversation, "")));
         assert_eq!(op("/o/a/users/..%2Fx/user_channel").map(|r| r.2), Some("..%2Fx"));
+    }
+
+    #[test]
+    fn jobs_api_paths_resolve_before_any_other() {
+        let jobs = |path| match resolve(path) {
+            Some(Resolved { app, endpoint: Endpoint::Jobs(path) }) => Some((app, path)),
+            _ => None,
+        };
+        let app = Some(("o", "a"));
+        assert_eq!(jobs("/_gateway/jobs"), Some((None, JobsPath::Collection)));
+        assert_eq!(jobs("/o/a/_gateway/jobs/x"), Some((app, JobsPath::Job("x"))));
+        assert_eq!(jobs("/o/a/_gateway/jobs/x/cancel"), Some((app, JobsPath::Cancel("x"))));
+        assert_eq!(jobs("/o/a/_gateway/jobs/x/y"), Some((app, JobsPath::Unknown)));
+        assert_eq!(jobs("/o/a/_gateway/jobs/1/2/3/4/5/6/7/8"), Some((app, JobsPath::Unknown)), "however long");
+        assert_eq!(jobs("/o/a/_gateway/jobsx"), Some((None, JobsPath::Elsewhere)));
+        assert_eq!(jobs("/_gateway/x"), Some((None, JobsPath::Elsewhere)));
+        let easemob_shaped = "/_gateway/jobs/users/u/user_channel";
+        assert_eq!(jobs(easemob_shaped), Some((None, JobsPath::Unknown)), "no Easemob path starts with _");
+        for path in ["/o/a/rest/message/roaming/user/u/delete/all", "/o/_gateway/jobs", "/", "/o/a/_gatewayx"] {
+            assert_eq!(jobs(path), None, "{path}");
+        }
     }
 
     #[test]

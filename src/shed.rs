@@ -1,9 +1,13 @@
 //! Load shedding: at most `server.max_in_flight` requests are handled at once, and past that a newcomer is
 //! answered 503 at once rather than queued without bound; a fast refusal lets callers back off while we recover.
-//! Readiness is the in-flight permit: `poll_ready` takes one if there is one, never waits for one (tower's
-//! concurrency limit would queue for it, holding a place that a connection between requests may never use).
+//! Readiness is the in-flight permit: `poll_ready` takes one if there is one, never waits for one.
+//!
+//! Not tower's `LoadShed` over `ConcurrencyLimit`, though together they shed the same requests: the concurrency
+//! limit's `poll_ready` registers a waiter on the semaphore when it finds no permit, so a connection that sheds
+//! one request keeps a place in the queue for a request it may never send (and is woken, and takes a permit, when
+//! one frees), and load shed fails with a boxed `Overloaded` that the rescue layer would have to downcast back
+//! into a type. This layer is the one `try_acquire` those two would make, and a typed refusal.
 
-use std::convert::Infallible;
 use std::future::{Ready, ready};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -12,7 +16,7 @@ use futures_util::future::Either;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service};
 
-use crate::error::GatewayError;
+use crate::error::{Failure, GatewayError};
 use crate::exchange::Answer;
 
 #[derive(Clone)]
@@ -51,13 +55,13 @@ impl<S: Clone> Clone for Shed<S> {
 
 impl<S, R> Service<R> for Shed<S>
 where
-    S: Service<R, Response = Answer, Error = Infallible>,
+    S: Service<R, Response = Answer, Error = Failure>,
 {
     type Response = Answer;
-    type Error = Infallible;
-    type Future = Either<Held<S::Future>, Ready<Result<Answer, Infallible>>>;
+    type Error = Failure;
+    type Future = Either<Held<S::Future>, Ready<Result<Answer, Failure>>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
         if self.permit.is_none() {
             self.permit = Arc::clone(&self.in_flight).try_acquire_owned().ok();
         }
@@ -71,7 +75,7 @@ where
     fn call(&mut self, request: R) -> Self::Future {
         match self.permit.take() {
             Some(permit) => Either::Left(Held { answer: self.inner.call(request), _permit: permit }),
-            None => Either::Right(ready(Ok(GatewayError::Overloaded.into_response(std::time::Instant::now())))),
+            None => Either::Right(ready(Err(GatewayError::Overloaded.into()))),
         }
     }
 }
@@ -97,6 +101,8 @@ impl<F: std::future::Future> std::future::Future for Held<F> {
 mod tests {
     use super::*;
     use crate::exchange::Marks;
+    use crate::rescue::RescueLayer;
+    use crate::testing::request;
     use tower::ServiceExt;
 
     #[tokio::test]
@@ -104,26 +110,26 @@ mod tests {
         let in_flight = Arc::new(Semaphore::new(1));
         let (release, released) = tokio::sync::oneshot::channel::<()>();
         let released = Arc::new(tokio::sync::Mutex::new(Some(released)));
-        let slow = tower::service_fn(move |_: ()| {
+        let slow = tower::service_fn(move |_: http::Request<()>| {
             let released = Arc::clone(&released);
             async move {
                 if let Some(wait) = released.lock().await.take() {
                     let _ = wait.await;
                 }
-                Ok::<_, Infallible>(Answer::default())
+                Ok::<_, Failure>(Answer::default())
             }
         });
-        let service = ShedLayer::new(Arc::clone(&in_flight)).layer(slow);
-        let holding = tokio::spawn(service.clone().oneshot(()));
+        let service = RescueLayer.layer(ShedLayer::new(Arc::clone(&in_flight)).layer(slow));
+        let holding = tokio::spawn(service.clone().oneshot(request()));
         while in_flight.available_permits() > 0 {
             tokio::task::yield_now().await;
         }
-        let shed = service.clone().oneshot(()).await.unwrap();
+        let shed = service.clone().oneshot(request()).await.unwrap();
         assert_eq!(shed.status(), 503);
-        assert_eq!(shed.rejection(), Some("overloaded"));
+        assert_eq!(shed.rejection(), Some(crate::exchange::ErrorKind::Overloaded));
         assert_eq!(shed.headers()["retry-after"], "1");
         release.send(()).unwrap();
         assert_eq!(holding.await.unwrap().unwrap().status(), 200);
-        assert_eq!(service.oneshot(()).await.unwrap().status(), 200, "the permit came back");
+        assert_eq!(service.oneshot(request()).await.unwrap().status(), 200, "the permit came back");
     }
 }

@@ -1,7 +1,6 @@
 //! Test doubles for the layers' unit tests, so each layer is tested alone with `oneshot`, no sockets, and paused
 //! time where it matters: a scripted token endpoint, an app built around it, exchanges and answers.
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,6 +10,7 @@ use tokio::time::Instant;
 
 use crate::apps::App;
 use crate::config::{AppKey, RateLimitConfig, TokenConfig};
+use crate::error::GatewayError;
 use crate::exchange::{Answer, Exchange, Marks, Validated};
 use crate::metrics::Metrics;
 use crate::ratelimit::{AppIndex, QuotaSet};
@@ -104,7 +104,6 @@ pub fn exchange(app: &Arc<App>, call: Call) -> Exchange {
     Exchange::new(Validated {
         app: Arc::clone(app),
         call,
-        started: std::time::Instant::now(),
         request_id: None,
         received: None,
         caller: None,
@@ -113,7 +112,21 @@ pub fn exchange(app: &Arc<App>, call: Call) -> Exchange {
         spans: None,
         job_attempt: None,
         audited: Default::default(),
+        deadline: Default::default(),
     })
+}
+
+/// The error a layer failed with; a test that expected one fails on an answer.
+pub fn failed(result: Result<Answer, GatewayError>) -> GatewayError {
+    match result {
+        Ok(answer) => panic!("answered {} where a failure was expected", answer.status()),
+        Err(e) => e,
+    }
+}
+
+/// A request with nothing in it, for layers that look at none of it.
+pub fn request() -> http::Request<()> {
+    http::Request::new(())
 }
 
 /// An answer as Easemob's would come up the stack.
@@ -129,23 +142,24 @@ pub fn easemob_with_body(status: u16, body: bytes::Bytes) -> Answer {
     answer
 }
 
-/// A service answering from a script (called with the call's number, from 0) and counting its calls.
+/// A service answering (or failing) from a script (called with the call's number, from 0) and counting its calls.
+/// Each call starts its request's deadline, as the forwarding does.
 pub fn upstream<F>(
     mut script: F,
 ) -> (
-    impl tower::Service<Exchange, Response = Answer, Error = Infallible, Future: Send> + Clone + Send + 'static,
+    impl tower::Service<Exchange, Response = Answer, Error = GatewayError, Future: Send> + Clone + Send + 'static,
     Arc<AtomicUsize>,
 )
 where
-    F: FnMut(usize, &Exchange) -> Answer + Send + 'static,
+    F: FnMut(usize, &Exchange) -> Result<Answer, GatewayError> + Send + 'static,
 {
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&calls);
     let script = Arc::new(Mutex::new(move |n: usize, e: &Exchange| script(n, e)));
     let service = tower::service_fn(move |exchange: Exchange| {
         let n = counted.fetch_add(1, Ordering::SeqCst);
-        let answer = (script.lock().unwrap())(n, &exchange);
-        std::future::ready(Ok::<_, Infallible>(answer))
+        exchange.deadline.start(Duration::from_secs(10));
+        std::future::ready((script.lock().unwrap())(n, &exchange))
     });
     (service, calls)
 }

@@ -1,7 +1,7 @@
 //! The App Token, one [`TokenSource`] per app: fetched by a background task at start-up and refreshed once a
 //! configured fraction of its lifetime has passed, never by the request path; one fetch in flight per app
 //! whatever the concurrency; invalidated (compare-before-replace) when Easemob answers 401. `token/layer.rs` puts
-//! it on every call.
+//! it on every call; `token/placeholder.rs` answers SDKs that ask for one themselves.
 
 use std::fmt;
 use std::future::Future;
@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::upstream::{Upstream, UpstreamError};
 
 pub mod layer;
+pub mod placeholder;
 
 /// A token is no longer used this long before Easemob says it expires (at most a tenth of its lifetime),
 /// so a request never leaves with a token that dies on the way.

@@ -1,5 +1,6 @@
-//! The jobs API, on the data plane under the same access rules, at `/{org}/{app}/_gateway/jobs` (or
-//! `/_gateway/jobs` when one app is configured): no Easemob path starts with `_`, so none can collide.
+//! The jobs API, on the data plane under the same access rules and load shedding (the router sends it every path
+//! under `…/_gateway/`), at `/{org}/{app}/_gateway/jobs` (or `/_gateway/jobs` when one app is configured): no
+//! Easemob path starts with `_`, so none can collide.
 //!
 //! - `POST …/jobs` `{"operations": [{"method", "path", "body"}…]}` creates a job, all or nothing (`Idempotency-Key`
 //!   makes a retried create return the first job);
@@ -7,16 +8,13 @@
 //! - `GET …/jobs/{id}?from=&limit=&operations=` reads one, with a page of its operations;
 //! - `POST …/jobs/{id}/cancel` cancels what has not been sent.
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::TryFutureExt;
-use futures_util::future::Either;
 use http::{HeaderValue, Method, Request, StatusCode, header};
-use tower::{BoxError, Layer, Service};
+use tower::BoxError;
 use tracing::warn;
 
 use super::Jobs;
@@ -25,123 +23,90 @@ use super::records::{Created, JobState, OpState, StoreError};
 use crate::access::Caller;
 use crate::apps::{App, Apps};
 use crate::config::is_plain_label;
-use crate::error::{GatewayError, json_response};
-use crate::exchange::{Answer, Marks, Waiting};
+use crate::error::{Failure, GatewayError, json_response};
+use crate::exchange::{Answer, Labels, Waiting};
+use crate::routes::JobsPath;
 use crate::routes::layer::{find, refuse_declared_over};
 
 const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
 
+/// The jobs API: the router's handler for every path under `…/_gateway/`.
 #[derive(Clone)]
-pub struct JobsApiLayer {
+pub struct JobsApi {
     apps: Apps,
     jobs: Option<Jobs>,
     body_read_timeout: Duration,
 }
 
-impl JobsApiLayer {
-    pub fn new(apps: Apps, jobs: Option<Jobs>, body_read_timeout: Duration) -> JobsApiLayer {
-        JobsApiLayer { apps, jobs, body_read_timeout }
-    }
+/// What a jobs API request asks for, once its path is resolved and its app found.
+pub struct Target {
+    jobs: Jobs,
+    app: Arc<App>,
+    path: JobsRoute,
 }
 
-impl<S> Layer<S> for JobsApiLayer {
-    type Service = JobsApi<S>;
-
-    fn layer(&self, inner: S) -> JobsApi<S> {
-        JobsApi { inner, api: self.clone() }
-    }
+/// A jobs API path, owned: it outlives the request line it was read from.
+enum JobsRoute {
+    Collection,
+    Job(String),
+    Cancel(String),
+    Unknown,
 }
 
-#[derive(Clone)]
-pub struct JobsApi<S> {
-    inner: S,
-    api: JobsApiLayer,
-}
-
-impl<S, B> Service<Request<B>> for JobsApi<S>
-where
-    S: Service<Request<B>, Response = Answer, Error = Infallible>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    type Response = Answer;
-    type Error = Infallible;
-    type Future = Either<S::Future, Waiting>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
+impl JobsApi {
+    pub fn new(apps: Apps, jobs: Option<Jobs>, body_read_timeout: Duration) -> JobsApi {
+        JobsApi { apps, jobs, body_read_timeout }
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        if !is_jobs_path(request.uri().path()) {
-            return Either::Left(self.inner.call(request));
-        }
-        let api = self.api.clone();
-        Either::Right(Box::pin(async move {
-            // With jobs off, their paths say so (and how to turn them on) rather than being unknown routes.
-            Ok(match &api.jobs {
-                Some(jobs) => api.handle(jobs, request).await,
-                None => GatewayError::JobsDisabled.into_response(Instant::now()),
-            })
-        }))
-    }
-}
-
-/// `/_gateway/…` or `/{org}/{app}/_gateway/…`: cheap enough to ask of every request.
-fn is_jobs_path(path: &str) -> bool {
-    path.starts_with("/_gateway/") || path.splitn(4, '/').nth(3).is_some_and(|rest| rest.starts_with("_gateway/"))
-}
-
-impl JobsApiLayer {
-    /// The answer to a jobs API request, labelled with its app once the path named a configured one, so that its
-    /// log line and metrics (refusals included) count under that app.
-    async fn handle<B>(&self, jobs: &Jobs, request: Request<B>) -> Answer
-    where
-        B: http_body::Body<Data = Bytes>,
-        B::Error: Into<BoxError>,
-    {
-        let started = Instant::now();
-        let path = request.uri().path().to_owned();
-        let segments: Vec<&str> = path[1..].split('/').collect();
-        let (named, rest) = match segments.as_slice() {
-            ["_gateway", "jobs", rest @ ..] => (None, rest),
-            [org, app, "_gateway", "jobs", rest @ ..] => (Some((*org, *app)), rest),
-            _ => {
-                let hint = "the jobs API is at /{org_name}/{app_name}/_gateway/jobs";
-                return GatewayError::UnknownRoute { hint }.into_response(started);
+    /// What a request for `path`, naming the app `named`, asks for.
+    pub fn target(&self, named: Option<(&str, &str)>, path: JobsPath<'_>) -> Result<Target, GatewayError> {
+        // With jobs off, their paths say so (and how to turn them on) rather than being unknown routes.
+        let jobs = self.jobs.clone().ok_or(GatewayError::JobsDisabled)?;
+        let path = match path {
+            JobsPath::Collection => JobsRoute::Collection,
+            JobsPath::Job(id) => JobsRoute::Job(id.to_owned()),
+            JobsPath::Cancel(id) => JobsRoute::Cancel(id.to_owned()),
+            JobsPath::Unknown => JobsRoute::Unknown,
+            JobsPath::Elsewhere => {
+                return Err(GatewayError::UnknownRoute {
+                    hint: "the jobs API is at /{org_name}/{app_name}/_gateway/jobs",
+                });
             }
         };
-        let app = match find(&self.apps, named) {
-            Ok(app) => app,
-            Err(e) => return e.into_response(started),
-        };
-        let mut answer = self.serve(jobs, app, rest, request).await.unwrap_or_else(|e| e.into_response(started));
-        answer.stamp_mut().labels.app = Some(Arc::clone(app));
-        answer
+        Ok(Target { jobs, app: Arc::clone(find(&self.apps, named)?), path })
     }
 
-    async fn serve<B>(
-        &self,
-        jobs: &Jobs,
-        app: &Arc<App>,
-        rest: &[&str],
-        request: Request<B>,
-    ) -> Result<Answer, GatewayError>
+    /// The answer to a jobs API request, labelled with its app (refusals included), so that its log line and
+    /// metrics count under that app.
+    pub fn call<B>(&self, target: Target, request: Request<B>) -> Waiting<Failure>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let api = self.clone();
+        Box::pin(async move {
+            let labels = Labels { app: Some(Arc::clone(&target.app)), ..Labels::default() };
+            Failure::labelled(api.serve(&target, request).await, labels)
+        })
+    }
+
+    async fn serve<B>(&self, target: &Target, request: Request<B>) -> Result<Answer, GatewayError>
     where
         B: http_body::Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
+        let Target { jobs, app, path } = target;
         let query = Query::parse(request.uri().query())?;
-        match (request.method(), rest) {
-            (&Method::POST, []) => self.create(jobs, app, request).await,
-            (&Method::GET, []) => list(jobs, app, &query).await,
-            (&Method::GET, [id]) => show(jobs, app, id, &query).await,
-            (&Method::POST, [id, "cancel"]) => cancel(jobs, app, id).await,
-            (_, [] | [_]) => {
-                Err(GatewayError::MethodNotAllowed { allow: if rest.is_empty() { Method::POST } else { Method::GET } })
+        match (request.method(), path) {
+            (&Method::POST, JobsRoute::Collection) => self.create(jobs, app, request).await,
+            (&Method::GET, JobsRoute::Collection) => list(jobs, app, &query).await,
+            (&Method::GET, JobsRoute::Job(id)) => show(jobs, app, id, &query).await,
+            (&Method::POST, JobsRoute::Cancel(id)) => cancel(jobs, app, id).await,
+            (_, JobsRoute::Collection | JobsRoute::Cancel(_)) => {
+                Err(GatewayError::MethodNotAllowed { allow: Method::POST })
             }
-            (_, [_, "cancel"]) => Err(GatewayError::MethodNotAllowed { allow: Method::POST }),
-            _ => Err(GatewayError::UnknownRoute { hint: "no jobs API route has this path" }),
+            (_, JobsRoute::Job(_)) => Err(GatewayError::MethodNotAllowed { allow: Method::GET }),
+            (_, JobsRoute::Unknown) => Err(GatewayError::UnknownRoute { hint: "no jobs API route has this path" }),
         }
     }
 
@@ -304,19 +269,4 @@ pub fn located(status: StatusCode, app: &App, id: &str, view: &serde_json::Value
     let location = HeaderValue::try_from(super::location(app, id)).expect("a job location is a header value");
     answer.headers_mut().insert(header::LOCATION, location);
     answer
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn jobs_paths_are_told_apart_cheaply() {
-        for path in ["/_gateway/jobs", "/o/a/_gateway/jobs/x/cancel"] {
-            assert!(is_jobs_path(path), "{path}");
-        }
-        for path in ["/o/a/rest/message/roaming/user/u/delete/all", "/o/_gateway/jobs", "/", "/o/a/_gatewayx"] {
-            assert!(!is_jobs_path(path), "{path}");
-        }
-    }
 }

@@ -1,7 +1,6 @@
 //! One attempt at a job's operation: sent through the same stack as a direct call, with the slot the scheduler
 //! took for it, and what comes next: done, failed, or tried again after a backoff.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,8 +11,9 @@ use super::Clock;
 use super::records::{Due, Next, OpState, Outcome};
 use crate::apps::App;
 use crate::config::JobsConfig;
-use crate::exchange::{Answer, AttemptKind, Exchange, Marks, UnusedSlot, Validated};
-use crate::ratelimit::easemob_retry_after;
+use crate::error::{GatewayError, Shape};
+use crate::exchange::{Answer, Exchange, Stamped, Validated};
+use crate::ratelimit::{RateLimitHeaders, easemob_retry_after, retry_after_secs};
 use crate::routes::validate::Call;
 use crate::trace::TraceContext;
 
@@ -30,23 +30,20 @@ pub(super) struct Held {
 pub(super) async fn attempt<S>(
     send: S,
     op: Held,
-    slot: UnusedSlot,
+    slot: RateLimitHeaders,
     config: JobsConfig,
     clock: Clock,
     counted: prometheus::IntCounterVec,
 ) -> Outcome
 where
-    S: Service<Exchange, Response = Answer, Error = Infallible>,
+    S: Service<Exchange, Response = Answer, Error = GatewayError>,
 {
     let Held { due, app, call, .. } = op;
     let labels = (Arc::clone(&app), call.route());
-    let exchange = Exchange {
-        slot: Some(Box::new(slot)),
-        kind: AttemptKind::Job,
-        ..Exchange::new(Validated {
+    let exchange = Exchange::job(
+        Validated {
             app,
             call,
-            started: std::time::Instant::now(),
             request_id: HeaderValue::try_from(format!("job-{}.{}", due.job_id, due.n)).ok(),
             received: None,
             caller: due.caller.as_deref().map(Arc::from),
@@ -56,22 +53,16 @@ where
             spans: None,
             job_attempt: Some(due.attempts + 1),
             audited: Default::default(),
-        })
-    };
-    let Ok(answer) = send.oneshot(exchange).await;
+            deadline: Default::default(),
+        },
+        slot,
+    );
+    let Answered { status, error, error_description, retryable, retry_after } = answered(send.oneshot(exchange).await);
     let attempts = due.attempts + 1;
-    let status = answer.status();
-    let (error, error_description) = match status {
-        StatusCode::OK => (None, None),
-        _ => envelope(answer.body()),
-    };
     let next = match status {
         StatusCode::OK => Next::Done(OpState::Succeeded),
-        _ if !retryable(&answer) || attempts >= config.max_attempts => Next::Done(OpState::Failed),
-        _ => Next::RetryAt(
-            clock.now_ms()
-                + backoff(&config, attempts, easemob_retry_after(answer.headers(), MAX_RETRY_AFTER)).as_millis() as i64,
-        ),
+        _ if !retryable || attempts >= config.max_attempts => Next::Done(OpState::Failed),
+        _ => Next::RetryAt(clock.now_ms() + backoff(&config, attempts, retry_after).as_millis() as i64),
     };
     let outcome = match next {
         Next::Done(OpState::Succeeded) => "succeeded",
@@ -92,26 +83,69 @@ where
     }
 }
 
-/// Worth another attempt: Easemob's 429, 5xx and 401 (the token layer already replaced the token once), and the
-/// gateway's own answers when Easemob could not be reached or answer, no token was at hand, or the quota refused
-/// a replay.
-fn retryable(answer: &Answer) -> bool {
-    let status = answer.status();
-    if answer.is_from_easemob() {
-        return status == StatusCode::TOO_MANY_REQUESTS
-            || status == StatusCode::UNAUTHORIZED
-            || status.is_server_error();
-    }
-    matches!(
-        answer.rejection(),
-        Some(
-            "upstream_unreachable" | "upstream_timeout" | "upstream_failed" | "no_token" | "rate_limited" | "internal"
-        )
-    )
+/// What an attempt came to, as its outcome records it and the scheduler decides on it.
+struct Answered {
+    status: StatusCode,
+    /// Easemob's (or the gateway's) `error` and `error_description`, for an answer other than 200.
+    error: Option<String>,
+    error_description: Option<String>,
+    /// Worth another attempt.
+    retryable: bool,
+    /// Not before this.
+    retry_after: Option<Duration>,
 }
 
-/// Easemob's (or the gateway's) `error` and `error_description`, if the body is an error envelope.
-fn envelope(body: &crate::exchange::Stamped) -> (Option<String>, Option<String>) {
+/// Worth another attempt: Easemob's 429, 5xx and 401 (the token layer already replaced the token once), and the
+/// gateway's own failures when Easemob could not be reached or answer, no token was at hand, or the quota refused
+/// a replay.
+fn answered(result: Result<Answer, GatewayError>) -> Answered {
+    match result {
+        Ok(answer) => {
+            let status = answer.status();
+            let (error, error_description) = match status {
+                StatusCode::OK => (None, None),
+                _ => envelope(answer.body()),
+            };
+            Answered {
+                status,
+                error,
+                error_description,
+                retryable: status == StatusCode::TOO_MANY_REQUESTS
+                    || status == StatusCode::UNAUTHORIZED
+                    || status.is_server_error(),
+                retry_after: easemob_retry_after(answer.headers(), MAX_RETRY_AFTER),
+            }
+        }
+        Err(e) => {
+            let retryable = matches!(
+                e,
+                GatewayError::UpstreamUnreachable { .. }
+                    | GatewayError::UpstreamTimeout
+                    | GatewayError::UpstreamFailed
+                    | GatewayError::NoToken { .. }
+                    | GatewayError::RateLimited { .. }
+                    | GatewayError::Internal
+            );
+            let Shape { status, error, description, retry_after, .. } = e.shape();
+            Answered {
+                status,
+                error: Some(error.to_owned()),
+                error_description: Some(truncated(&description)),
+                retryable,
+                // In whole seconds, as its `Retry-After` would say.
+                retry_after: retry_after.map(|wait| Duration::from_secs(retry_after_secs(wait)).min(MAX_RETRY_AFTER)),
+            }
+        }
+    }
+}
+
+/// An error's description as an outcome keeps it.
+fn truncated(description: &str) -> String {
+    description.chars().take(500).collect()
+}
+
+/// Easemob's `error` and `error_description`, if the body is an error envelope.
+fn envelope(body: &Stamped) -> (Option<String>, Option<String>) {
     #[derive(serde::Deserialize)]
     struct Envelope {
         error: Option<String>,
@@ -122,7 +156,7 @@ fn envelope(body: &crate::exchange::Stamped) -> (Option<String>, Option<String>)
         .map(|collected| collected.to_bytes())
         .unwrap_or_default();
     match serde_json::from_slice::<Envelope>(&bytes) {
-        Ok(e) => (e.error, e.error_description.map(|d| d.chars().take(500).collect())),
+        Ok(e) => (e.error, e.error_description.as_deref().map(truncated)),
         Err(_) => (None, None),
     }
 }

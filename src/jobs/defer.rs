@@ -3,7 +3,6 @@
 //! 400 and nothing is stored; above the audit, the token and the quota, which the job's run goes through instead.
 //! Without the preference, or without a jobs store, calls pass through unchanged.
 
-use std::convert::Infallible;
 use std::task::{Context, Poll};
 
 use futures_util::future::Either;
@@ -46,13 +45,13 @@ pub struct Defer<S> {
 
 impl<S> Service<Exchange> for Defer<S>
 where
-    S: Service<Exchange, Response = Answer, Error = Infallible>,
+    S: Service<Exchange, Response = Answer, Error = GatewayError>,
 {
     type Response = Answer;
-    type Error = Infallible;
-    type Future = Either<S::Future, Waiting>;
+    type Error = GatewayError;
+    type Future = Either<S::Future, Waiting<GatewayError>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
         self.inner.poll_ready(cx)
     }
 
@@ -65,7 +64,7 @@ where
 }
 
 /// Stores the call as a job of one, durably, before answering.
-async fn accept(jobs: Jobs, exchange: Exchange) -> Result<Answer, Infallible> {
+async fn accept(jobs: Jobs, exchange: Exchange) -> Result<Answer, GatewayError> {
     let app = &exchange.app;
     let operation = super::operation(app, &exchange.call);
     let created = jobs.submit_one(app, exchange.caller.as_deref(), operation).await;
@@ -73,7 +72,7 @@ async fn accept(jobs: Jobs, exchange: Exchange) -> Result<Answer, Infallible> {
         Ok(Created::New(job) | Created::Existing { job, .. }) => job,
         Err(e) => {
             warn!(app = %app.key, error = %e, "a call sent with Prefer: respond-async could not be stored");
-            return Ok(GatewayError::JobsUnavailable.into_response(exchange.started));
+            return Err(GatewayError::JobsUnavailable);
         }
     };
     // The job is stored: it is accepted even if its estimate cannot be read just now.

@@ -14,7 +14,6 @@
 //!   the same time.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::convert::Infallible;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -28,9 +27,10 @@ use super::records::{Due, JobState, LaneUse, Next, OpState, Outcome};
 use super::{Clock, Jobs, call_of};
 use crate::apps::Apps;
 use crate::config::JobsConfig;
-use crate::exchange::{Answer, Exchange, UnusedSlot};
+use crate::error::GatewayError;
+use crate::exchange::{Answer, Exchange};
 use crate::metrics::Metrics;
-use crate::ratelimit::{MINUTE, Scope};
+use crate::ratelimit::{MINUTE, RateLimitHeaders, Scope};
 use crate::routes::Route;
 
 /// Operations fetched ahead of dispatch, at most.
@@ -93,7 +93,7 @@ pub struct Plane<S> {
 
 impl<S> Runner<S>
 where
-    S: Service<Exchange, Response = Answer, Error = Infallible> + Clone + Send + 'static,
+    S: Service<Exchange, Response = Answer, Error = GatewayError> + Clone + Send + 'static,
     S::Future: Send,
 {
     pub fn new(jobs: Jobs, mut plane: watch::Receiver<Plane<S>>, metrics: Metrics) -> Runner<S> {
@@ -285,7 +285,7 @@ where
         }
         match op.app.quota.background(op.app.index, &op.call).await {
             Ok(slot) => {
-                self.spawn(op, UnusedSlot { policy: slot.policy, limit: slot.limit });
+                self.spawn(op, slot);
                 None
             }
             Err((Scope::User, wait)) => {
@@ -304,7 +304,7 @@ where
     }
 
     /// Starts an attempt at `op` with the slot taken for it.
-    fn spawn(&mut self, op: Held, slot: UnusedSlot) {
+    fn spawn(&mut self, op: Held, slot: RateLimitHeaders) {
         let attempts = op.due.attempts + 1;
         let if_it_panics = Outcome {
             job: op.due.job,
@@ -531,7 +531,7 @@ mod tests {
         let log = Arc::clone(&sent);
         let (easemob, _) = testing::upstream(move |n, exchange| {
             log.lock().unwrap().push((Instant::now(), exchange.call.clone()));
-            script(n)
+            Ok(script(n))
         });
         let send = ServiceBuilder::new()
             .layer(TokenLayer::new(&Metrics::new()))

@@ -1,7 +1,6 @@
 //! The quota as a layer: every call that leaves for Easemob takes a slot first, or is refused with the limit
 //! that refused it.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,7 +12,7 @@ use tower::ServiceExt;
 
 use super::{AppIndex, QuotaSet, RateLimitHeaders, Refused, easemob_retry_after};
 use crate::error::GatewayError;
-use crate::exchange::{Answer, Exchange, Marks, UnusedSlot, Waiting};
+use crate::exchange::{Answer, Exchange, Waiting};
 use crate::routes::Route;
 use crate::trace::export::QuotaWait;
 
@@ -47,24 +46,24 @@ pub struct Quota<S> {
 
 impl<S> tower::Service<Exchange> for Quota<S>
 where
-    S: tower::Service<Exchange, Response = Answer, Error = Infallible> + Clone + Send + 'static,
+    S: tower::Service<Exchange, Response = Answer, Error = GatewayError> + Clone + Send + 'static,
     S::Future: Send,
 {
     type Response = Answer;
-    type Error = Infallible;
+    type Error = GatewayError;
     /// Decided at once (the common case): a named future, no box. Waiting for a slot: boxed.
-    type Future = Either<Slotted<S::Future>, Waiting>;
+    type Future = Either<Slotted<S::Future>, Waiting<GatewayError>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut exchange: Exchange) -> Self::Future {
+    fn call(&mut self, exchange: Exchange) -> Self::Future {
         let (app, route) = (exchange.app.index, exchange.route());
         let since = exchange.spans.is_some().then(Instant::now);
-        // A retry after a failed connection uses the slot nothing used.
-        let decided = match exchange.slot.take() {
-            Some(slot) => Some(Ok(RateLimitHeaders { policy: slot.policy, limit: slot.limit })),
+        // A retry after a failed connection uses the slot nothing used; a job's operation, the scheduler's.
+        let decided = match exchange.slot() {
+            Some(slot) => Some(Ok(slot.clone())),
             None => self.quota.try_acquire(app, &exchange.call).map(|decided| decided.map(|a| a.headers)),
         };
         let quota = Arc::clone(&self.quota);
@@ -78,7 +77,7 @@ where
             }
             Some(Err(refused)) => {
                 note(&exchange, since, QuotaWait::Refused);
-                Either::Left(Slotted::Refused { answer: Some(refusal(refused, exchange.started)) })
+                Either::Left(Slotted::Refused { error: Some(refusal(refused)) })
             }
             None => {
                 let inner = self.inner.clone();
@@ -87,12 +86,12 @@ where
                         Ok(admitted) => admitted.headers,
                         Err(refused) => {
                             note(&exchange, since, QuotaWait::Refused);
-                            return Ok(refusal(refused, exchange.started));
+                            return Err(refusal(refused));
                         }
                     };
                     note(&exchange, since, QuotaWait::Waited);
-                    let answer = inner.oneshot(exchange).await?;
-                    Ok(Sent { slot, quota, app, route }.settle(answer))
+                    let result = inner.oneshot(exchange).await;
+                    Sent { slot, quota, app, route }.settle(result)
                 }))
             }
         }
@@ -106,9 +105,8 @@ fn note(exchange: &Exchange, since: Option<Instant>, outcome: QuotaWait) {
     }
 }
 
-fn refusal(refused: Refused, started: std::time::Instant) -> Answer {
-    let RateLimitHeaders { policy, limit } = refused.headers;
-    GatewayError::RateLimited { retry_after: refused.retry_after, policy, limit }.into_response(started)
+fn refusal(refused: Refused) -> GatewayError {
+    GatewayError::RateLimited { retry_after: refused.retry_after, limit: refused.headers }
 }
 
 /// A call that left with a slot: what its answer needs on the way back.
@@ -121,18 +119,22 @@ pub struct Sent {
 
 impl Sent {
     /// Easemob's answer gets the slot's fields, and its 429 slows the lane; a slot nothing used (the connection
-    /// failed) goes back up for the retry.
-    fn settle(self, mut answer: Answer) -> Answer {
-        if answer.is_from_easemob() {
-            if answer.status() == http::StatusCode::TOO_MANY_REQUESTS {
-                self.quota.upstream_throttled(self.app, self.route, easemob_retry_after(answer.headers(), MAX_PAUSE));
+    /// failed) goes back up with the failure, for the retry.
+    fn settle(self, result: Result<Answer, GatewayError>) -> Result<Answer, GatewayError> {
+        match result {
+            Ok(mut answer) => {
+                if answer.status() == http::StatusCode::TOO_MANY_REQUESTS {
+                    let pause = easemob_retry_after(answer.headers(), MAX_PAUSE);
+                    self.quota.upstream_throttled(self.app, self.route, pause);
+                }
+                self.slot.insert_into(answer.headers_mut());
+                Ok(answer)
             }
-            self.slot.insert_into(answer.headers_mut());
-        } else if answer.rejection() == Some("upstream_unreachable") {
-            let RateLimitHeaders { policy, limit } = self.slot;
-            answer.extensions_mut().insert(UnusedSlot { policy, limit });
+            Err(GatewayError::UpstreamUnreachable { .. }) => {
+                Err(GatewayError::UpstreamUnreachable { unused_slot: Some(self.slot) })
+            }
+            Err(e) => Err(e),
         }
-        answer
     }
 }
 
@@ -140,23 +142,23 @@ pin_project_lite::pin_project! {
     /// A call decided without waiting.
     #[project = SlottedProj]
     pub enum Slotted<F> {
-        Refused { answer: Option<Answer> },
+        Refused { error: Option<GatewayError> },
         Sent { #[pin] answer: F, sent: Option<Sent> },
     }
 }
 
 impl<F> Future for Slotted<F>
 where
-    F: Future<Output = Result<Answer, Infallible>>,
+    F: Future<Output = Result<Answer, GatewayError>>,
 {
-    type Output = Result<Answer, Infallible>;
+    type Output = Result<Answer, GatewayError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            SlottedProj::Refused { answer } => Poll::Ready(Ok(answer.take().expect("polled after completion"))),
+            SlottedProj::Refused { error } => Poll::Ready(Err(error.take().expect("polled after completion"))),
             SlottedProj::Sent { answer, sent } => {
-                let Ok(answer) = std::task::ready!(answer.poll(cx));
-                Poll::Ready(Ok(sent.take().expect("polled after completion").settle(answer)))
+                let result = std::task::ready!(answer.poll(cx));
+                Poll::Ready(sent.take().expect("polled after completion").settle(result))
             }
         }
     }
@@ -173,6 +175,8 @@ mod tests {
 
     use super::*;
     use crate::config::RateLimitConfig;
+    use crate::exchange::ErrorKind;
+    use crate::exchange::{AttemptKind, Marks};
     use crate::ratelimit::tests::{A, clear, limit, refusing};
     use crate::testing::{self, ScriptedFetch};
 
@@ -180,12 +184,14 @@ mod tests {
     async fn a_call_without_a_slot_is_answered_429_and_never_sent() {
         let quota = refusing(RateLimitConfig { route: limit(1, 1), ..RateLimitConfig::default() });
         let app = testing::app(&ScriptedFetch::granting(3600), &quota);
-        let (easemob, calls) = testing::upstream(|_, _| testing::easemob(200));
+        let (easemob, calls) = testing::upstream(|_, _| Ok(testing::easemob(200)));
         let service = QuotaLayer::new(Arc::clone(&quota)).layer(easemob);
         let first = service.clone().oneshot(testing::exchange(&app, clear("u"))).await.unwrap();
         assert_eq!(first.headers()["ratelimit"], "\"clear_user_messages\";r=0;t=1", "the slot's fields");
-        let refused = service.clone().oneshot(testing::exchange(&app, clear("u"))).await.unwrap();
-        assert_eq!((refused.status().as_u16(), refused.rejection()), (429, Some("rate_limited")));
+        let refused = testing::failed(service.clone().oneshot(testing::exchange(&app, clear("u"))).await);
+        assert!(matches!(refused, GatewayError::RateLimited { .. }));
+        let refused = refused.into_response(std::time::Instant::now());
+        assert_eq!((refused.status().as_u16(), refused.rejection()), (429, Some(ErrorKind::RateLimited)));
         assert_eq!(refused.headers()["retry-after"], "2");
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
@@ -195,13 +201,15 @@ mod tests {
         let quota = refusing(RateLimitConfig { route: limit(1, 1), ..RateLimitConfig::default() });
         let app = testing::app(&ScriptedFetch::granting(3600), &quota);
         let (easemob, calls) = testing::upstream(|n, _| match n {
-            0 => GatewayError::UpstreamUnreachable.into_response(std::time::Instant::now()),
-            _ => testing::easemob(429),
+            0 => Err(GatewayError::UpstreamUnreachable { unused_slot: None }),
+            _ => Ok(testing::easemob(429)),
         });
         let service = QuotaLayer::new(Arc::clone(&quota)).layer(easemob);
-        let mut failed = service.clone().oneshot(testing::exchange(&app, clear("u"))).await.unwrap();
-        let slot = failed.extensions_mut().remove::<UnusedSlot>().expect("the slot comes back up");
-        let retry = Exchange { slot: Some(Box::new(slot)), ..testing::exchange(&app, clear("u")) };
+        let failed = testing::failed(service.clone().oneshot(testing::exchange(&app, clear("u"))).await);
+        let GatewayError::UpstreamUnreachable { unused_slot: Some(slot) } = failed else {
+            panic!("the slot comes back up: {failed:?}")
+        };
+        let retry = testing::exchange(&app, clear("u")).again(AttemptKind::Retry, Some(slot));
         let answer = service.clone().oneshot(retry).await.unwrap();
         assert_eq!((answer.status().as_u16(), calls.load(Ordering::SeqCst)), (429, 2), "sent without a new slot");
         assert!(answer.is_from_easemob());

@@ -1,9 +1,7 @@
-//! The edge of the typed world: resolves the route and the app, reads the body (`delete_conversation` only) and
-//! validates, so that everything below sees an [`Exchange`] holding a [`Call`] and nothing else. Answers the SDK
-//! drop-in token endpoint itself. Every answer leaves with the [`Labels`] it was resolved to, and every answer of
-//! a lane with that lane's `RateLimit-Policy`.
+//! The edge of the typed world: for a request the router resolved to one of the six operations, finds the app,
+//! reads the body (`delete_conversation` only) and validates, so that everything below sees an [`Exchange`]
+//! holding a [`Call`] and nothing else. Every answer and failure leaves with the [`Labels`] it was resolved to.
 
-use std::convert::Infallible;
 use std::future::{Future, Ready, ready};
 use std::num::NonZeroU128;
 use std::ops::ControlFlow;
@@ -15,17 +13,15 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures_util::future::Either;
 use http::request::Parts;
-use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use tower::{BoxError, Layer, Service, ServiceExt};
 
 use super::validate::{Call, ValidationError};
-use super::{Endpoint, Route, resolve};
+use super::{Located, Route, Routed};
 use crate::access::Caller;
 use crate::apps::{App, Apps, Unfound};
-use crate::error::{GatewayError, json_response, unix_millis};
-use crate::exchange::{Answer, Exchange, Labels, Marks, Validated, Waiting};
-use crate::ratelimit::RATELIMIT_POLICY;
+use crate::error::{Failure, GatewayError, unix_millis};
+use crate::exchange::{Answer, Exchange, Labels, Validated, Waiting};
 use crate::request_id::X_REQUEST_ID;
 use crate::trace::TraceContext;
 use crate::trace::export::{Export, Recording};
@@ -34,11 +30,6 @@ const PREFER: http::HeaderName = http::HeaderName::from_static("prefer");
 
 /// Easemob's `delete_conversation` body is three fields; anything this large is not one.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
-
-/// What the SDK drop-in hands out instead of a token: worthless upstream, and dropped if a caller sends it back.
-pub const PLACEHOLDER_TOKEN: &str = "EASEMOB-GATEWAY-PLACEHOLDER-NOT-A-TOKEN";
-/// SDKs cache the drop-in token for part of this; a week keeps them from asking often.
-const PLACEHOLDER_TTL_SECS: u64 = 7 * 24 * 3600;
 
 #[derive(Clone)]
 pub struct ValidateLayer {
@@ -90,25 +81,25 @@ pub struct Validate<S> {
     export: Option<Export>,
 }
 
-impl<S, B> Service<Request<B>> for Validate<S>
+impl<S, B> Service<Routed<B>> for Validate<S>
 where
-    S: Service<Exchange, Response = Answer, Error = Infallible> + Clone + Send + 'static,
+    S: Service<Exchange, Response = Answer, Error = GatewayError> + Clone + Send + 'static,
     S::Future: Send,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     type Response = Answer;
-    type Error = Infallible;
+    type Error = Failure;
     /// Decided from the request line (five routes of six, and every refusal there): a named future, no box.
     /// With a body to read first (`delete_conversation`): boxed.
-    type Future = Labelled<Either<Either<S::Future, Ready<Result<Answer, Infallible>>>, Waiting>>;
+    type Future = Labelled<Either<Either<S::Future, Ready<Result<Answer, GatewayError>>>, Waiting<GatewayError>>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
+        self.inner.poll_ready(cx).map_err(Failure::from)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        let started = Instant::now();
+    fn call(&mut self, routed: Routed<B>) -> Self::Future {
+        let Routed { request, located } = routed;
         let (parts, body) = request.into_parts();
         let mut asked = Asked {
             trace: TraceContext::from_headers(&parts.headers),
@@ -116,77 +107,52 @@ where
             respond_async: self.respond_async && prefers_async(&parts.headers),
         };
         if let Some(export) = &self.export {
-            asked.spans = export.record(&mut asked.trace, &parts.headers, started);
+            asked.spans = export.record(&mut asked.trace, &parts.headers, Instant::now());
         }
         let mut labels = Labels {
             trace_id: NonZeroU128::new(asked.trace.trace_id),
             spans: asked.spans.clone(),
+            route: Some(located.route),
             ..Labels::default()
         };
-        let answer = match edge(&parts, &self.apps, started, &asked, &mut labels) {
-            Err(e) => Either::Left(Either::Right(ready(Ok(e.into_response(started))))),
-            Ok(Edge::Answer(answer)) => Either::Left(Either::Right(ready(Ok(answer)))),
-            Ok(Edge::Call(exchange)) => Either::Left(Either::Left(self.inner.call(exchange))),
-            Ok(Edge::Body(route, owner)) => {
+        let answer = match edge(&parts, &located, &self.apps, &asked, &mut labels) {
+            Err(e) => Either::Left(Either::Right(ready(Err(e)))),
+            Ok(Some(exchange)) => Either::Left(Either::Left(self.inner.call(exchange))),
+            Ok(None) => {
                 let (inner, timeout) = (self.inner.clone(), self.body_read_timeout);
                 let app = labels.app.clone().expect("named before the body is read");
                 Either::Right(Box::pin(async move {
-                    let exchange = read_body(body, timeout, MAX_BODY_BYTES).await.and_then(|body| {
-                        call(&parts, route, &owner, &body, &app, started, asked).map_err(GatewayError::from)
-                    });
-                    match exchange {
-                        Ok(exchange) => inner.oneshot(exchange).await,
-                        Err(e) => Ok(e.into_response(started)),
-                    }
-                }) as Waiting)
+                    let body = read_body(body, timeout, MAX_BODY_BYTES).await?;
+                    let owner = located.owner(parts.uri.path());
+                    let exchange = call(&parts, located.route, owner, &body, &app, asked)?;
+                    inner.oneshot(exchange).await
+                }) as Waiting<GatewayError>)
             }
         };
         Labelled { answer, labels: Some(labels) }
     }
 }
 
-/// What a request comes to from its request line.
-enum Edge {
-    /// A valid call, for the layers below.
-    Call(Exchange),
-    /// A call whose body must be read before it can be validated; `owner` is its raw path segment, kept for then
-    /// (copied, rather than resolving the path again).
-    Body(Route, String),
-    /// Answered here (the SDK drop-in).
-    Answer(Answer),
-}
-
-/// Resolves the route and the app and validates what the request line says, filling in `labels` as the request
-/// names its app and route.
+/// Checks the method and finds the app, filling in `labels` as it does, and validates what the request line says:
+/// the call, or `None` when its body must be read first.
 fn edge(
     parts: &Parts,
+    located: &Located,
     apps: &Apps,
-    started: Instant,
     asked: &Asked,
     labels: &mut Labels,
-) -> Result<Edge, GatewayError> {
-    let resolved = resolve(parts.uri.path()).ok_or(GatewayError::UnknownRoute { hint: "no route has this path" })?;
-    let (route, owner) = match resolved.endpoint {
-        Endpoint::Operation { route, owner } => (route, owner),
-        Endpoint::Token => {
-            if parts.method != Method::POST {
-                return Err(GatewayError::MethodNotAllowed { allow: Method::POST });
-            }
-            let app = find(apps, resolved.app)?;
-            labels.app = Some(Arc::clone(app));
-            return Ok(Edge::Answer(placeholder_token(app)));
-        }
-    };
-    labels.route = Some(route);
+) -> Result<Option<Exchange>, GatewayError> {
+    let route = located.route;
     if parts.method != route.method() {
         return Err(GatewayError::MethodNotAllowed { allow: route.method() });
     }
-    let app = find(apps, resolved.app)?;
+    let path = parts.uri.path();
+    let app = find(apps, located.app(path))?;
     labels.app = Some(Arc::clone(app));
     match route {
-        Route::DeleteConversation => Ok(Edge::Body(route, owner.to_owned())),
+        Route::DeleteConversation => Ok(None),
         // The five roaming routes take no body: whatever was sent is ignored, never forwarded.
-        _ => Ok(Edge::Call(call(parts, route, owner, b"", app, started, asked.clone())?)),
+        _ => Ok(Some(call(parts, route, located.owner(path), b"", app, asked.clone())?)),
     }
 }
 
@@ -218,7 +184,6 @@ fn call(
     owner: &str,
     body: &[u8],
     app: &Arc<App>,
-    started: Instant,
     asked: Asked,
 ) -> Result<Exchange, ValidationError> {
     let call = Call::parse(route, owner, parts.uri.query(), body, unix_millis() as i64)?;
@@ -226,7 +191,6 @@ fn call(
     Ok(Exchange::new(Validated {
         app: Arc::clone(app),
         call,
-        started,
         request_id: parts.headers.get(X_REQUEST_ID).cloned(),
         received: parts.uri.path_and_query().cloned(),
         caller,
@@ -235,6 +199,7 @@ fn call(
         spans: asked.spans,
         job_attempt: None,
         audited: Default::default(),
+        deadline: Default::default(),
     }))
 }
 
@@ -251,7 +216,8 @@ fn prefers_async(headers: &http::HeaderMap) -> bool {
 }
 
 pin_project_lite::pin_project! {
-    /// Every answer leaves labelled with what the request was resolved to, and a lane's with its policy.
+    /// Every answer or failure leaves labelled with what the request was resolved to (a lane's answer with its
+    /// policy).
     pub struct Labelled<F> {
         #[pin]
         answer: F,
@@ -261,22 +227,14 @@ pin_project_lite::pin_project! {
 
 impl<F> Future for Labelled<F>
 where
-    F: Future<Output = Result<Answer, Infallible>>,
+    F: Future<Output = Result<Answer, GatewayError>>,
 {
-    type Output = Result<Answer, Infallible>;
+    type Output = Result<Answer, Failure>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let Ok(mut answer) = std::task::ready!(this.answer.poll(cx));
-        let labels = this.labels.take().expect("polled after completion");
-        if let Some(lane) = labels.lane() {
-            let headers = answer.headers_mut();
-            if !headers.contains_key(RATELIMIT_POLICY) {
-                headers.insert(RATELIMIT_POLICY, lane.policy.clone());
-            }
-        }
-        answer.stamp_mut().labels = labels;
-        Poll::Ready(Ok(answer))
+        let result = std::task::ready!(this.answer.poll(cx));
+        Poll::Ready(Failure::labelled(result, this.labels.take().expect("polled after completion")))
     }
 }
 
@@ -352,39 +310,46 @@ pub fn refuse_declared_over<B: http_body::Body>(body: &B, limit: usize) -> Resul
     }
 }
 
-/// The SDK drop-in: unmodified Easemob server SDKs ask for a token first; they get a placeholder, never the real one.
-fn placeholder_token(app: &App) -> Answer {
-    let application = app.token.application().unwrap_or_else(|| app.app.clone());
-    let body = serde_json::json!({
-        "access_token": PLACEHOLDER_TOKEN,
-        "expires_in": PLACEHOLDER_TTL_SECS,
-        "application": application,
-    });
-    json_response(StatusCode::OK, body.to_string().into_bytes(), "local")
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::Ordering;
 
+    use http::{Method, Request, StatusCode};
     use http_body_util::Full;
+    use tower::util::MapRequestLayer;
 
     use super::*;
+    use crate::exchange::ErrorKind;
     use crate::exchange::Marks;
+    use crate::ratelimit::RATELIMIT_POLICY;
+    use crate::rescue::RescueLayer;
+    use crate::routes::{Endpoint, Resolved, resolve};
     use crate::testing::{self, ScriptedFetch};
+
+    /// The request as the router hands it on, resolved to its operation.
+    fn routed<B>(request: Request<B>) -> Routed<B> {
+        let path = request.uri().path();
+        let Some(Resolved { app, endpoint: Endpoint::Operation { route, owner } }) = resolve(path) else {
+            panic!("{path} names no operation")
+        };
+        let located = Located::new(path, route, owner, app);
+        Routed { request, located }
+    }
 
     async fn validate(method: Method, path: &str, body: &str) -> (Answer, usize) {
         let app = testing::app(&ScriptedFetch::granting(3600), &testing::quota(Default::default()));
         let (inner, calls) = testing::upstream(|_, exchange| {
             assert_eq!(exchange.caller.as_deref(), Some("orders"));
             assert_eq!(exchange.request_id.as_ref().unwrap(), "r-1");
-            testing::easemob(200)
+            Ok(testing::easemob(200))
         });
         let mut request = Request::builder().method(method).uri(path).header(X_REQUEST_ID, "r-1");
         request.extensions_mut().unwrap().insert(Caller(Some("orders".into())));
         let request = request.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
         let layer = ValidateLayer::new(Apps::new(vec![app]), Duration::from_secs(1));
-        (layer.layer(inner).oneshot(request).await.unwrap(), calls.load(Ordering::SeqCst))
+        // Its failures as the rescue layer answers them.
+        let service = RescueLayer.layer(MapRequestLayer::new(routed).layer(layer.layer(inner)));
+        (service.oneshot(request).await.unwrap(), calls.load(Ordering::SeqCst))
     }
 
     fn labels(answer: &Answer) -> (Option<&str>, Option<Route>) {
@@ -403,7 +368,6 @@ mod tests {
     #[tokio::test]
     async fn what_easemob_would_refuse_never_goes_down() {
         let cases = [
-            (Method::GET, "/o/a/users/u/contacts", "", 404, "unknown_route", (None, None)),
             (
                 Method::GET,
                 "/o/a/users/u/user_channel",
@@ -439,7 +403,8 @@ mod tests {
         ];
         for (method, path, body, status, reason, named) in cases {
             let (answer, calls) = validate(method, path, body).await;
-            assert_eq!((answer.status().as_u16(), answer.rejection(), calls), (status, Some(reason), 0), "{path}");
+            let rejection = answer.rejection().map(ErrorKind::label);
+            assert_eq!((answer.status().as_u16(), rejection, calls), (status, Some(reason), 0), "{path}");
             assert_eq!(labels(&answer), named, "{path}");
             assert_eq!(
                 answer.headers().contains_key(RATELIMIT_POLICY),
@@ -449,15 +414,6 @@ mod tests {
         }
         let too_large = "x".repeat(MAX_BODY_BYTES + 1);
         let (answer, _) = validate(Method::DELETE, "/o/a/users/u/user_channel", &too_large).await;
-        assert_eq!(answer.rejection(), Some("body_too_large"));
-    }
-
-    #[tokio::test]
-    async fn the_sdk_token_request_gets_a_placeholder_and_never_the_real_token() {
-        let (answer, calls) = validate(Method::POST, "/o/a/token", "{}").await;
-        assert_eq!((answer.status(), calls), (StatusCode::OK, 0));
-        let body = answer.into_body().collect().await.unwrap().to_bytes();
-        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(json["access_token"], PLACEHOLDER_TOKEN);
+        assert_eq!(answer.rejection(), Some(ErrorKind::BodyTooLarge));
     }
 }

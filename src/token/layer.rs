@@ -1,7 +1,6 @@
 //! The token as a layer: every call leaves with the app's token, and a call Easemob refuses with 401 is replayed
 //! once with a fresh one.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,7 +13,7 @@ use prometheus::IntCounterVec;
 use tower::{Layer, Service, ServiceExt};
 
 use crate::error::GatewayError;
-use crate::exchange::{Answer, AttemptKind, Exchange, Marks, Waiting};
+use crate::exchange::{Answer, AttemptKind, Exchange, Waiting};
 use crate::metrics::Metrics;
 use crate::token::Token;
 use crate::trace::export::TokenWait;
@@ -49,36 +48,33 @@ pub struct Authorize<S> {
 
 impl<S> Service<Exchange> for Authorize<S>
 where
-    S: Service<Exchange, Response = Answer, Error = Infallible> + Clone + Send + 'static,
+    S: Service<Exchange, Response = Answer, Error = GatewayError> + Clone + Send + 'static,
     S::Future: Send,
 {
     type Response = Answer;
-    type Error = Infallible;
+    type Error = GatewayError;
     /// With a token at hand (the common case) a named future, no box; waiting for a fetch, boxed.
-    type Future = Either<Attempt<S>, Waiting>;
+    type Future = Either<Attempt<S>, Waiting<GatewayError>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut exchange: Exchange) -> Self::Future {
+    fn call(&mut self, exchange: Exchange) -> Self::Future {
         let replays = self.replays.clone();
         if let Some(token) = exchange.app.token.try_get() {
             if let Some(spans) = &exchange.spans {
                 spans.token(Instant::now(), TokenWait::Cached);
             }
-            exchange.token = Some(Arc::clone(&token));
+            let exchange = exchange.with_token(Arc::clone(&token));
             // The ready service takes this call; a replay readies a clone of it.
             let replay = Replay { inner: self.inner.clone(), exchange: exchange.clone(), token, replays };
             return Either::Left(Attempt::First { answer: self.inner.call(exchange), replay: Some(replay) });
         }
         let inner = self.inner.clone();
         Either::Right(Box::pin(async move {
-            let token = match wait_for_token(&exchange).await {
-                Ok(token) => token,
-                Err(no_token) => return Ok(no_token),
-            };
-            exchange.token = Some(Arc::clone(&token));
+            let token = wait_for_token(&exchange).await?;
+            let exchange = exchange.with_token(Arc::clone(&token));
             let mut first = inner.clone();
             let answer = first.ready().await?.call(exchange.clone());
             Attempt::First { answer, replay: Some(Replay { inner, exchange, token, replays }) }.await
@@ -91,25 +87,25 @@ pin_project_lite::pin_project! {
     #[project = AttemptProj]
     pub enum Attempt<S> where S: Service<Exchange> {
         First { #[pin] answer: S::Future, replay: Option<Replay<S>> },
-        Replaying { answer: Waiting },
+        Replaying { answer: Waiting<GatewayError> },
     }
 }
 
 impl<S> Future for Attempt<S>
 where
-    S: Service<Exchange, Response = Answer, Error = Infallible> + Send + 'static,
+    S: Service<Exchange, Response = Answer, Error = GatewayError> + Send + 'static,
     S::Future: Send,
 {
-    type Output = Result<Answer, Infallible>;
+    type Output = Result<Answer, GatewayError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             match self.as_mut().project() {
                 AttemptProj::First { answer, replay } => {
-                    let Ok(answer) = std::task::ready!(answer.poll(cx));
+                    let result = std::task::ready!(answer.poll(cx));
                     let replay = replay.take().expect("polled after completion");
-                    match replay.after(answer) {
-                        Ok(answer) => return Poll::Ready(Ok(answer)),
+                    match replay.after(result) {
+                        Ok(result) => return Poll::Ready(result),
                         Err(replaying) => self.set(Attempt::Replaying { answer: replaying }),
                     }
                 }
@@ -129,42 +125,39 @@ pub struct Replay<S> {
 
 impl<S> Replay<S>
 where
-    S: Service<Exchange, Response = Answer, Error = Infallible> + Send + 'static,
+    S: Service<Exchange, Response = Answer, Error = GatewayError> + Send + 'static,
     S::Future: Send,
 {
-    /// The first answer, or the replay to wait for instead: when Easemob refused a token that is still the
+    /// The first result, or the replay to wait for instead: when Easemob refused (401) a token that is still the
     /// current one (it died early, as Easemob warns it can), it is replaced once and the call replayed.
-    fn after(self, answer: Answer) -> Result<Answer, Waiting> {
-        let Replay { mut inner, mut exchange, token, replays } = self;
-        if !answer.is_from_easemob() {
-            return Ok(answer);
+    fn after(
+        self,
+        result: Result<Answer, GatewayError>,
+    ) -> Result<Result<Answer, GatewayError>, Waiting<GatewayError>> {
+        let Replay { mut inner, exchange, token, replays } = self;
+        // The gateway's own failure: Easemob said nothing of the token.
+        let Ok(answer) = result else { return Ok(result) };
+        if answer.status() != StatusCode::UNAUTHORIZED {
+            token.mark_proven();
+            return Ok(Ok(answer));
         }
-        let source = Arc::clone(&exchange.app.token);
-        if answer.status() != StatusCode::UNAUTHORIZED || !source.invalidate(token.generation()) {
-            if answer.status() != StatusCode::UNAUTHORIZED {
-                token.mark_proven();
-            }
-            return Ok(answer);
+        if !exchange.app.token.invalidate(token.generation()) {
+            return Ok(Ok(answer));
         }
         replays.with_label_values(&[exchange.app.key.as_str()]).inc();
         Err(Box::pin(async move {
-            let token = match wait_for_token(&exchange).await {
-                Ok(token) => token,
-                Err(no_token) => return Ok(no_token),
-            };
-            exchange.token = Some(Arc::clone(&token));
-            exchange.deadline = answer.deadline();
-            exchange.kind = AttemptKind::TokenReplay;
-            let replayed = inner.ready().await?.call(exchange).await?;
-            match replayed.rejection() {
+            let token = wait_for_token(&exchange).await?;
+            let replay = exchange.again(AttemptKind::TokenReplay, None).with_token(Arc::clone(&token));
+            match inner.ready().await?.call(replay).await {
                 // The quota had no slot for the replay in time: Easemob's own answer stands.
-                Some("rate_limited") => Ok(answer),
-                _ => {
-                    if replayed.is_from_easemob() && replayed.status() != StatusCode::UNAUTHORIZED {
+                Err(GatewayError::RateLimited { .. }) => Ok(answer),
+                Ok(replayed) => {
+                    if replayed.status() != StatusCode::UNAUTHORIZED {
                         token.mark_proven();
                     }
                     Ok(replayed)
                 }
+                Err(e) => Err(e),
             }
         }))
     }
@@ -172,13 +165,13 @@ where
 
 /// Waits for the app's token (the first one, or the replacement of one Easemob refused), noting the wait on the
 /// request's spans when they are recorded; without a valid token, the gateway's 503.
-async fn wait_for_token(exchange: &Exchange) -> Result<Arc<Token>, Answer> {
+async fn wait_for_token(exchange: &Exchange) -> Result<Arc<Token>, GatewayError> {
     let since = exchange.spans.is_some().then(Instant::now);
     let token = exchange.app.token.get().await;
     if let (Some(spans), Some(since)) = (&exchange.spans, since) {
         spans.token(since, if token.is_ok() { TokenWait::Fetched } else { TokenWait::Unavailable });
     }
-    token.map_err(|e| GatewayError::NoToken { retry_after: e.retry_after }.into_response(exchange.started))
+    token.map_err(|e| GatewayError::NoToken { retry_after: e.retry_after })
 }
 
 #[cfg(test)]
@@ -189,6 +182,9 @@ mod tests {
     use http::HeaderValue;
 
     use super::*;
+    use crate::exchange::ErrorKind;
+    use crate::exchange::Marks;
+    use crate::ratelimit::RateLimitHeaders;
     use crate::testing::{self, ScriptedFetch, refused};
     use crate::token::tests::settle;
 
@@ -197,14 +193,14 @@ mod tests {
         let fetch = ScriptedFetch::granting(3600);
         let app = testing::app(&fetch, &testing::quota(Default::default()));
         let (easemob, calls) = testing::upstream(|n, exchange| {
-            let token = exchange.token.as_ref().unwrap().generation();
-            testing::easemob(if n == 0 {
+            let token = exchange.token().unwrap().generation();
+            Ok(testing::easemob(if n == 0 {
                 assert_eq!(token, 1);
                 401
             } else {
                 assert_eq!(token, 2);
                 200
-            })
+            }))
         });
         let answer =
             TokenLayer::new(&Metrics::new()).layer(easemob).oneshot(testing::exchange(&app, testing::clear("u"))).await;
@@ -216,19 +212,17 @@ mod tests {
     async fn a_second_401_or_a_replay_the_quota_refuses_gives_the_caller_easemobs_401() {
         let fetch = ScriptedFetch::granting(3600);
         let app = testing::app(&fetch, &testing::quota(Default::default()));
-        let (easemob, calls) = testing::upstream(|_, _| testing::easemob(401));
+        let (easemob, calls) = testing::upstream(|_, _| Ok(testing::easemob(401)));
         let layer = TokenLayer::new(&Metrics::new());
         let answer = layer.layer(easemob).oneshot(testing::exchange(&app, testing::clear("u"))).await.unwrap();
         assert_eq!((answer.status(), calls.load(Ordering::SeqCst)), (StatusCode::UNAUTHORIZED, 2), "one replay only");
 
         let (quota_refuses, _) = testing::upstream(|n, _| match n {
-            0 => testing::easemob(401),
-            _ => GatewayError::RateLimited {
+            0 => Ok(testing::easemob(401)),
+            _ => Err(GatewayError::RateLimited {
                 retry_after: Duration::from_secs(1),
-                policy: HeaderValue::from_static("p"),
-                limit: HeaderValue::from_static("l"),
-            }
-            .into_response(std::time::Instant::now()),
+                limit: RateLimitHeaders { policy: HeaderValue::from_static("p"), limit: HeaderValue::from_static("l") },
+            }),
         });
         let answer = layer.layer(quota_refuses).oneshot(testing::exchange(&app, testing::clear("u"))).await.unwrap();
         assert_eq!(answer.status(), StatusCode::UNAUTHORIZED);
@@ -240,11 +234,12 @@ mod tests {
         let fetch = ScriptedFetch::new(Duration::ZERO, |_| Err(refused()));
         let app = testing::app(&fetch, &testing::quota(Default::default()));
         settle().await;
-        let (easemob, calls) = testing::upstream(|_, _| testing::easemob(200));
-        let answer =
+        let (easemob, calls) = testing::upstream(|_, _| Ok(testing::easemob(200)));
+        let failed =
             TokenLayer::new(&Metrics::new()).layer(easemob).oneshot(testing::exchange(&app, testing::clear("u"))).await;
-        let answer = answer.unwrap();
-        assert_eq!((answer.status(), answer.rejection()), (StatusCode::SERVICE_UNAVAILABLE, Some("no_token")));
+        let Err(GatewayError::NoToken { retry_after }) = failed else { panic!("{:?}", failed.map(|a| a.status())) };
+        let answer = GatewayError::NoToken { retry_after }.into_response(std::time::Instant::now());
+        assert_eq!((answer.status(), answer.rejection()), (StatusCode::SERVICE_UNAVAILABLE, Some(ErrorKind::NoToken)));
         assert!(answer.headers().contains_key("retry-after"));
         assert_eq!(calls.load(Ordering::SeqCst), 0);
     }

@@ -1,6 +1,5 @@
 //! The innermost service of the stack: one exchange with Easemob through the [`Upstream`] client.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -18,7 +17,7 @@ use crate::request_id::X_REQUEST_ID;
 use crate::trace::{TRACEPARENT, TRACESTATE, new_span_id};
 
 /// The innermost service: sends one exchange to Easemob and hands back its answer unchanged but for hop-by-hop
-/// headers, or the gateway's answer for the failure to get one. Every answer carries the deadline it ran under.
+/// headers, or fails with why it could not get one: whether anything was sent decides what the layers above do.
 #[derive(Clone)]
 pub struct Forward {
     /// Shared: the stack is cloned for every request, and this is the only layer with more than a pointer.
@@ -39,10 +38,10 @@ impl Forward {
 
 impl Service<Exchange> for Forward {
     type Response = Answer;
-    type Error = Infallible;
-    type Future = Waiting;
+    type Error = GatewayError;
+    type Future = Waiting<GatewayError>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
         // The pool is the readiness here, and it waits inside the call (bounded by the deadline).
         Poll::Ready(Ok(()))
     }
@@ -57,11 +56,11 @@ impl Service<Exchange> for Forward {
             let Ok(uri) =
                 upstream.uri(&app.org, &app.app, received, |url| exchange.call.write_upstream_path_and_query(url))
             else {
-                return Ok(GatewayError::Internal.into_response(exchange.started));
+                return Err(GatewayError::Internal);
             };
             let mut request = upstream.request(route.method(), uri, exchange.call.upstream_body().unwrap_or_default());
             let headers = request.headers_mut();
-            if let Some(token) = &exchange.token {
+            if let Some(token) = exchange.token() {
                 headers.insert(header::AUTHORIZATION, token.authorization().clone());
             }
             if let Some(id) = &exchange.request_id {
@@ -73,9 +72,7 @@ impl Service<Exchange> for Forward {
             if let Some(state) = &exchange.trace.state {
                 headers.insert(TRACESTATE, state.clone());
             }
-            // One deadline for the request's exchanges with Easemob, from the first send: a retry never stretches
-            // the caller's wait, and waiting for the token or the quota does not eat into Easemob's time.
-            let deadline = exchange.deadline.unwrap_or_else(|| tokio::time::Instant::now() + upstream.timeout());
+            let deadline = exchange.deadline.start(upstream.timeout());
             let sent = std::time::Instant::now();
             let result = upstream.send_until(request, deadline).await;
             let took = sent.elapsed();
@@ -94,22 +91,17 @@ impl Service<Exchange> for Forward {
                 None => lane.metrics.upstream_ok.inc(),
                 Some(code) => inner.upstream_requests.with_label_values(&[app.key.as_str(), route.name(), code]).inc(),
             }
-            let mut answer = match result {
-                Ok(response) => pass_through(response),
+            match result {
+                Ok(response) => Ok(pass_through(response)),
                 Err(e) => {
                     warn!(app = %app.key, route = route.name(), error = %e, "easemob call failed");
-                    match e {
-                        // Nothing was sent.
-                        UpstreamError::Connect(_) => GatewayError::UpstreamUnreachable,
-                        // The deletion may have been carried out.
+                    Err(match e {
+                        UpstreamError::Connect(_) => GatewayError::UpstreamUnreachable { unused_slot: None },
                         UpstreamError::Timeout(_) => GatewayError::UpstreamTimeout,
                         UpstreamError::Failed(_) => GatewayError::UpstreamFailed,
-                    }
-                    .into_response(exchange.started)
+                    })
                 }
-            };
-            answer.stamp_mut().deadline = Some(deadline);
-            Ok(answer)
+            }
         })
     }
 }
