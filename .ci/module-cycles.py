@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-# No import cycles between the crate's modules (issue 11).
+# No import cycles between the crate's files (issue 11), nor between its top-level modules (issue 21).
 # File-level "uses" graph of src/: an edge A -> B when A's non-test code names an item of module B
 # (crate::x::y, super::x, self::x, or `pub use child::...`). Module declarations (`mod x;`) are containment, not uses.
 import re,glob,sys
@@ -40,24 +40,33 @@ for m,f in files.items():
     graph[m]=deps
 if 'crate::testing' in graph: del graph['crate::testing']
 for k in graph: graph[k]-= {'crate::testing'}
-idx={};low={};st=[];on=set();res=[];c=[0]
+def cycles(graph):
+    """The strongly connected components of more than one node (Tarjan)."""
+    idx={};low={};st=[];on=set();res=[];c=[0]
+    def sc(v):
+        idx[v]=low[v]=c[0];c[0]+=1;st.append(v);on.add(v)
+        for w in graph.get(v,()):
+            if w not in graph: continue
+            if w not in idx: sc(w);low[v]=min(low[v],low[w])
+            elif w in on: low[v]=min(low[v],idx[w])
+        if low[v]==idx[v]:
+            comp=[]
+            while True:
+                w=st.pop();on.discard(w);comp.append(w)
+                if w==v:break
+            res.append(comp)
+    for v in graph:
+        if v not in idx: sc(v)
+    return [c for c in res if len(c)>1]
 sys.setrecursionlimit(10000)
-def sc(v):
-    idx[v]=low[v]=c[0];c[0]+=1;st.append(v);on.add(v)
-    for w in graph.get(v,()):
-        if w not in graph: continue
-        if w not in idx: sc(w);low[v]=min(low[v],low[w])
-        elif w in on: low[v]=min(low[v],idx[w])
-    if low[v]==idx[v]:
-        comp=[]
-        while True:
-            w=st.pop();on.discard(w);comp.append(w)
-            if w==v:break
-        res.append(comp)
-for v in graph:
-    if v not in idx: sc(v)
-cyc=[c for c in res if len(c)>1]
-for comp in cyc: print('import cycle between modules:',', '.join(sorted(comp)))
+# The same graph with each file counted as the top-level module that holds it (crate::ratelimit::lane as
+# crate::ratelimit): layers above the core may use it, the core may not use them back (issue 21).
+top=lambda m:'::'.join(m.split('::')[:2])
+tops={}
+for k,deps in graph.items():
+    tops.setdefault(top(k),set()).update(top(d) for d in deps if top(d)!=top(k))
+found=[('import cycle between files:',c) for c in cycles(graph)]+[('import cycle between top-level modules:',c) for c in cycles(tops)]
+for what,comp in found: print(what,', '.join(sorted(comp)))
 if '-v' in sys.argv:
     for k in sorted(graph): print(k,'->',sorted(x.replace('crate::','') for x in graph[k]))
-sys.exit(1 if cyc else 0)
+sys.exit(1 if found else 0)

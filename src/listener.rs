@@ -21,10 +21,10 @@ use crate::bootstrap::StartError;
 use crate::config::ServerConfig;
 use crate::connection::PerConnection;
 use crate::head::READ_BUFFER_BYTES;
+use crate::layers::forward::Forward;
 use crate::metrics::Metrics;
 use crate::stack::{Shared, data_plane};
 use crate::upstream::Upstream;
-use crate::upstream::forward::Forward;
 
 /// Both listening sockets, bound before anything else starts.
 pub struct Listeners {

@@ -14,7 +14,7 @@
 //! all replicas draw from one quota with the same rules) with this replica's share (every limit divided by
 //! `rate_limit.replicas`) as its fallback, entered and left so that no window is overspent (`Phase`);
 //! `ratelimit/jobs_share.rs` the jobs' share; `ratelimit/headers.rs` renders a decision's numbers as the
-//! `RateLimit` fields; `ratelimit/layer.rs` puts it in the stack. This file is the set in force, as callers see it.
+//! `RateLimit` fields; `layers/quota.rs` puts it in the stack. This file is the set in force, as callers see it.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -25,7 +25,6 @@ mod decision;
 mod headers;
 mod jobs_share;
 mod lane;
-pub mod layer;
 mod local;
 mod pace;
 mod redis;
@@ -345,7 +344,7 @@ impl QuotaSet {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::num::NonZeroU32;
     use std::sync::Mutex;
 
@@ -354,13 +353,13 @@ mod tests {
     use crate::routes::validate::Call;
 
     /// The only app of these tests.
-    pub(super) const A: AppIndex = AppIndex(0);
+    pub(crate) const A: AppIndex = AppIndex(0);
 
-    pub(super) fn limit(rate: u32, burst: u32) -> Limit {
+    pub(crate) fn limit(rate: u32, burst: u32) -> Limit {
         Limit { rate: NonZeroU32::new(rate).unwrap(), burst: NonZeroU32::new(burst).unwrap() }
     }
 
-    pub(super) fn clear(user: &str) -> Call {
+    pub(crate) fn clear(user: &str) -> Call {
         Call::parse(Route::ClearUserMessages, user, None, b"", 0).unwrap()
     }
 
@@ -373,7 +372,7 @@ mod tests {
         QuotaSet::new(&config, &[AppKey::new("o", "a")], Metrics::new()).unwrap()
     }
 
-    pub(super) fn refusing(config: RateLimitConfig) -> Arc<QuotaSet> {
+    pub(crate) fn refusing(config: RateLimitConfig) -> Arc<QuotaSet> {
         quota(RateLimitConfig { max_wait: Duration::ZERO, ..config })
     }
 

@@ -16,9 +16,9 @@ use crate::apps::Apps;
 use crate::error::{Failure, GatewayError};
 use crate::exchange::{Answer, Labels, Waiting};
 use crate::jobs::api::JobsApi;
-use crate::routes::layer::find;
+use crate::layers::placeholder;
+use crate::layers::validate::find;
 use crate::routes::{Endpoint, Located, Resolved, Routed, resolve};
-use crate::token::placeholder;
 use crate::trace::TraceContext;
 
 #[derive(Clone)]

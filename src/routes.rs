@@ -1,8 +1,7 @@
 //! The route table and the one resolver of every path the data plane serves: the six Easemob operations (their
 //! methods and path shapes), the SDK token endpoint and the jobs API. `routes/validate.rs` turns a matched request
-//! into a typed [`Call`](validate::Call); `routes/layer.rs` is the stack's layer that does it for every request.
+//! into a typed [`Call`](validate::Call); `layers/validate.rs` is the stack's layer that does it for every request.
 
-pub mod layer;
 pub mod validate;
 
 use std::ops::Range;

@@ -18,13 +18,13 @@ use crate::bootstrap::{self, StartError};
 use crate::config::{Config, SecretPolicy, format_duration};
 use crate::jobs::Jobs;
 use crate::jobs::runner::{Plane, Runner};
+use crate::layers::forward::Forward;
 use crate::listener::{AdminPlane, DataPlane, Listeners};
 use crate::logging::LogLevel;
 use crate::reload::Reloader;
 use crate::stack::{Shared, job_plane};
 use crate::status::StatusBoard;
 use crate::upstream::Upstream;
-use crate::upstream::forward::Forward;
 
 /// A gateway whose listeners are bound and whose token fetches have started.
 pub struct Server {

@@ -25,19 +25,19 @@ use crate::head::{HeadLimitLayer, MeasureHeadLayer};
 use crate::jobs::Jobs;
 use crate::jobs::api::JobsApi;
 use crate::jobs::defer::DeferLayer;
+use crate::layers::forward::Forward;
+use crate::layers::quota::QuotaLayer;
+use crate::layers::token::TokenLayer;
+use crate::layers::validate::ValidateLayer;
 use crate::metrics::Metrics;
 use crate::observe::ObserveLayer;
 use crate::ratelimit::QuotaSet;
-use crate::ratelimit::layer::QuotaLayer;
 use crate::request_id::RequestIdLayer;
 use crate::rescue::RescueLayer;
 use crate::retry::SafeRetry;
 use crate::router::RouterLayer;
-use crate::routes::layer::ValidateLayer;
 use crate::shed::ShedLayer;
-use crate::token::layer::TokenLayer;
 use crate::trace::export::Export;
-use crate::upstream::forward::Forward;
 
 /// What every connection's stack shares, process-wide: put together by `bootstrap.rs`, at start-up and again by each
 /// reload.
@@ -113,7 +113,7 @@ pub fn data_plane(
         .layer(DeferLayer::new(shared.jobs.clone()))
         // The token outside the quota: a call that cannot get a token costs no slot. Its 401 replay goes through
         // the retry and the quota below, as a call of its own.
-        .layer(TokenLayer::new(&shared.metrics))
+        .layer(TokenLayer::new(&shared.metrics, shared.apps.iter()))
         // One safe retry under its budget and the request's deadline; it pays for its own slot below, unless the
         // attempt it repeats failed to connect and hands back the slot it never used.
         .layer(RetryLayer::new(shared.retry.clone()))
@@ -134,7 +134,7 @@ pub fn job_plane(
 ) -> impl Service<Exchange, Response = Answer, Error = GatewayError, Future: Send + 'static> + Clone + Send + 'static + use<>
 {
     ServiceBuilder::new()
-        .layer(TokenLayer::new(&shared.metrics))
+        .layer(TokenLayer::new(&shared.metrics, shared.apps.iter()))
         .layer(QuotaLayer::new(Arc::clone(&shared.quota)))
         .layer(AuditLayer::new(shared.audit.clone()))
         .service(forward.clone())

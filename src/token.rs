@@ -1,7 +1,7 @@
 //! The App Token, one [`TokenSource`] per app: fetched by a background task at start-up and refreshed once a
 //! configured fraction of its lifetime has passed, never by the request path; one fetch in flight per app
-//! whatever the concurrency; invalidated (compare-before-replace) when Easemob answers 401. `token/layer.rs` puts
-//! it on every call; `token/placeholder.rs` answers SDKs that ask for one themselves.
+//! whatever the concurrency; invalidated (compare-before-replace) when Easemob answers 401. `layers/token.rs` puts
+//! it on every call; `layers/placeholder.rs` answers SDKs that ask for one themselves.
 
 use std::fmt;
 use std::future::Future;
@@ -21,9 +21,6 @@ use tracing::{info, warn};
 use crate::config::{AppKey, TokenConfig};
 use crate::metrics::Metrics;
 use crate::upstream::{Upstream, UpstreamError};
-
-pub mod layer;
-pub mod placeholder;
 
 /// A token is no longer used this long before Easemob says it expires (at most a tenth of its lifetime),
 /// so a request never leaves with a token that dies on the way.
@@ -494,7 +491,7 @@ impl Fetch for EasemobFetch {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::testing::{self, ScriptedFetch, grant, refused};
 
@@ -503,7 +500,7 @@ mod tests {
     }
 
     /// Lets the source's background task run what is due now.
-    pub(super) async fn settle() {
+    pub(crate) async fn settle() {
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }

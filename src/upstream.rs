@@ -36,8 +36,6 @@ fn origin(base_url: &BaseUrl) -> (Authority, String, bool) {
     (parts.authority.expect("checked: a host"), prefix, tls)
 }
 
-pub mod forward;
-
 const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
 const USER_AGENT: HeaderValue = HeaderValue::from_static(crate::USER_AGENT);
 

@@ -25,8 +25,8 @@ use crate::apps::{App, Apps};
 use crate::config::is_plain_label;
 use crate::error::{Failure, GatewayError, json_response};
 use crate::exchange::{Answer, Labels, Waiting};
+use crate::layers::validate::{find, refuse_declared_over};
 use crate::routes::JobsPath;
-use crate::routes::layer::{find, refuse_declared_over};
 
 const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
 

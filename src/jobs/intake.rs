@@ -25,7 +25,7 @@ use super::OperationRequest;
 use super::records::NewOperation;
 use crate::apps::App;
 use crate::error::GatewayError;
-use crate::routes::layer::read_chunks;
+use crate::layers::validate::read_chunks;
 
 /// One operation's text, with the spaces around it, is at most this long: far more than any operation needs (a
 /// `msgIdList` of 10,000 IDs is about 200 KB), and what bounds the text the parser holds at once.

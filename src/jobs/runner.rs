@@ -491,11 +491,11 @@ mod tests {
     use crate::jobs::records::{Created, JobRecord, JobState, NewOperation};
     use crate::jobs::store::LocalStore;
     use crate::jobs::{Clock, OperationRequest};
+    use crate::layers::quota::QuotaLayer;
+    use crate::layers::token::TokenLayer;
     use crate::metrics::Metrics;
-    use crate::ratelimit::layer::QuotaLayer;
     use crate::routes::validate::Call;
     use crate::testing::{self, ScriptedFetch};
-    use crate::token::layer::TokenLayer;
 
     type Sent = Arc<Mutex<Vec<(Instant, Call)>>>;
 
@@ -534,7 +534,7 @@ mod tests {
             Ok(script(n))
         });
         let send = ServiceBuilder::new()
-            .layer(TokenLayer::new(&Metrics::new()))
+            .layer(TokenLayer::new(&Metrics::new(), [&app]))
             .layer(QuotaLayer::new(Arc::clone(&quota)))
             .service(easemob);
         let jobs = Jobs::new(store, jobs_config, clock);

@@ -9,12 +9,12 @@ use prometheus::IntCounterVec;
 use tower::Service;
 use tracing::warn;
 
-use super::{Upstream, UpstreamError};
 use crate::error::{GATEWAY_HEADER, GatewayError};
 use crate::exchange::{Answer, Exchange, Marks, Stamped, Waiting};
 use crate::metrics::Metrics;
 use crate::request_id::X_REQUEST_ID;
 use crate::trace::{TRACEPARENT, TRACESTATE, new_span_id};
+use crate::upstream::{Upstream, UpstreamError};
 
 /// The innermost service: sends one exchange to Easemob and hands back its answer unchanged but for hop-by-hop
 /// headers, or fails with why it could not get one: whether anything was sent decides what the layers above do.

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use futures_util::future::Either;
 use tower::ServiceExt;
 
-use super::{AppIndex, QuotaSet, RateLimitHeaders, Refused, easemob_retry_after};
 use crate::error::GatewayError;
 use crate::exchange::{Answer, Exchange, Waiting};
+use crate::ratelimit::{AppIndex, QuotaSet, RateLimitHeaders, Refused, easemob_retry_after};
 use crate::routes::Route;
 use crate::trace::export::QuotaWait;
 
@@ -174,9 +174,10 @@ mod tests {
     use tower::Layer;
 
     use super::*;
-    use crate::config::RateLimitConfig;
+    use crate::config::{AppKey, RateLimitConfig};
     use crate::exchange::ErrorKind;
     use crate::exchange::{AttemptKind, Marks};
+    use crate::metrics::Metrics;
     use crate::ratelimit::tests::{A, clear, limit, refusing};
     use crate::testing::{self, ScriptedFetch};
 
@@ -198,7 +199,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_slot_nothing_used_goes_with_the_retry_and_easemobs_429_slows_the_lane() {
-        let quota = refusing(RateLimitConfig { route: limit(1, 1), ..RateLimitConfig::default() });
+        let config = RateLimitConfig { route: limit(1, 1), max_wait: Duration::ZERO, ..RateLimitConfig::default() };
+        let metrics = Metrics::new();
+        let quota = QuotaSet::new(&config, &[AppKey::new("o", "a")], metrics.clone()).unwrap();
         let app = testing::app(&ScriptedFetch::granting(3600), &quota);
         let (easemob, calls) = testing::upstream(|n, _| match n {
             0 => Err(GatewayError::UpstreamUnreachable { unused_slot: None }),
@@ -213,8 +216,9 @@ mod tests {
         let answer = service.clone().oneshot(retry).await.unwrap();
         assert_eq!((answer.status().as_u16(), calls.load(Ordering::SeqCst)), (429, 2), "sent without a new slot");
         assert!(answer.is_from_easemob());
-        let rate = quota.lane(A, Route::ClearUserMessages).current().rate();
+        let lanes = quota.status(A).lanes;
+        let rate = lanes.iter().find(|lane| lane.route == "clear_user_messages").unwrap().rate_now;
         assert_eq!(rate, 1, "halved, but never below one call");
-        assert_eq!(quota.metrics.upstream_throttled.with_label_values(&["o#a", "clear_user_messages"]).get(), 1);
+        assert_eq!(metrics.upstream_throttled.with_label_values(&["o#a", "clear_user_messages"]).get(), 1);
     }
 }

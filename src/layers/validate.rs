@@ -16,13 +16,13 @@ use http::request::Parts;
 use http_body_util::BodyExt;
 use tower::{BoxError, Layer, Service, ServiceExt};
 
-use super::validate::{Call, ValidationError};
-use super::{Located, Route, Routed};
 use crate::access::Caller;
 use crate::apps::{App, Apps, Unfound};
 use crate::error::{Failure, GatewayError, unix_millis};
 use crate::exchange::{Answer, Exchange, Labels, Validated, Waiting};
 use crate::request_id::X_REQUEST_ID;
+use crate::routes::validate::{Call, ValidationError};
+use crate::routes::{Located, Route, Routed};
 use crate::trace::TraceContext;
 use crate::trace::export::{Export, Recording};
 

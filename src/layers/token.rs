@@ -12,10 +12,11 @@ use http::StatusCode;
 use prometheus::IntCounterVec;
 use tower::{Layer, Service, ServiceExt};
 
+use crate::apps::App;
 use crate::error::GatewayError;
 use crate::exchange::{Answer, AttemptKind, Exchange, Waiting};
 use crate::metrics::Metrics;
-use crate::token::Token;
+use crate::token::{Token, TokenSource};
 use crate::trace::export::TokenWait;
 
 /// Puts the app's token on every call, and when Easemob refuses it (401) replaces it once and replays the call;
@@ -23,12 +24,16 @@ use crate::trace::export::TokenWait;
 /// replay pays for its own (Easemob counts it).
 #[derive(Clone)]
 pub struct TokenLayer {
+    /// Each app's token source, by its index: handed over when the stack is built, not read off each request.
+    tokens: Arc<[Arc<TokenSource>]>,
     replays: IntCounterVec,
 }
 
 impl TokenLayer {
-    pub fn new(metrics: &Metrics) -> TokenLayer {
-        TokenLayer { replays: metrics.token_replays.clone() }
+    /// For `apps`, in their config order (their [`App::index`]).
+    pub fn new<'a>(metrics: &Metrics, apps: impl IntoIterator<Item = &'a Arc<App>>) -> TokenLayer {
+        let tokens = apps.into_iter().map(|app| Arc::clone(&app.token)).collect();
+        TokenLayer { tokens, replays: metrics.token_replays.clone() }
     }
 }
 
@@ -36,13 +41,14 @@ impl<S> Layer<S> for TokenLayer {
     type Service = Authorize<S>;
 
     fn layer(&self, inner: S) -> Authorize<S> {
-        Authorize { inner, replays: self.replays.clone() }
+        Authorize { inner, tokens: Arc::clone(&self.tokens), replays: self.replays.clone() }
     }
 }
 
 #[derive(Clone)]
 pub struct Authorize<S> {
     inner: S,
+    tokens: Arc<[Arc<TokenSource>]>,
     replays: IntCounterVec,
 }
 
@@ -62,22 +68,23 @@ where
 
     fn call(&mut self, exchange: Exchange) -> Self::Future {
         let replays = self.replays.clone();
-        if let Some(token) = exchange.app.token.try_get() {
+        let source = Arc::clone(&self.tokens[exchange.app.index.0]);
+        if let Some(token) = source.try_get() {
             if let Some(spans) = &exchange.spans {
                 spans.token(Instant::now(), TokenWait::Cached);
             }
             let exchange = exchange.with_token(Arc::clone(&token));
             // The ready service takes this call; a replay readies a clone of it.
-            let replay = Replay { inner: self.inner.clone(), exchange: exchange.clone(), token, replays };
+            let replay = Replay { inner: self.inner.clone(), exchange: exchange.clone(), source, token, replays };
             return Either::Left(Attempt::First { answer: self.inner.call(exchange), replay: Some(replay) });
         }
         let inner = self.inner.clone();
         Either::Right(Box::pin(async move {
-            let token = wait_for_token(&exchange).await?;
+            let token = wait_for_token(&source, &exchange).await?;
             let exchange = exchange.with_token(Arc::clone(&token));
             let mut first = inner.clone();
             let answer = first.ready().await?.call(exchange.clone());
-            Attempt::First { answer, replay: Some(Replay { inner, exchange, token, replays }) }.await
+            Attempt::First { answer, replay: Some(Replay { inner, exchange, source, token, replays }) }.await
         }))
     }
 }
@@ -115,10 +122,11 @@ where
     }
 }
 
-/// What a replay needs: the service, the call, and the token Easemob may refuse.
+/// What a replay needs: the service, the call, the app's token source, and the token Easemob may refuse.
 pub struct Replay<S> {
     inner: S,
     exchange: Exchange,
+    source: Arc<TokenSource>,
     token: Arc<Token>,
     replays: IntCounterVec,
 }
@@ -134,19 +142,19 @@ where
         self,
         result: Result<Answer, GatewayError>,
     ) -> Result<Result<Answer, GatewayError>, Waiting<GatewayError>> {
-        let Replay { mut inner, exchange, token, replays } = self;
+        let Replay { mut inner, exchange, source, token, replays } = self;
         // The gateway's own failure: Easemob said nothing of the token.
         let Ok(answer) = result else { return Ok(result) };
         if answer.status() != StatusCode::UNAUTHORIZED {
             token.mark_proven();
             return Ok(Ok(answer));
         }
-        if !exchange.app.token.invalidate(token.generation()) {
+        if !source.invalidate(token.generation()) {
             return Ok(Ok(answer));
         }
         replays.with_label_values(&[exchange.app.key.as_str()]).inc();
         Err(Box::pin(async move {
-            let token = wait_for_token(&exchange).await?;
+            let token = wait_for_token(&source, &exchange).await?;
             let replay = exchange.again(AttemptKind::TokenReplay, None).with_token(Arc::clone(&token));
             match inner.ready().await?.call(replay).await {
                 // The quota had no slot for the replay in time: Easemob's own answer stands.
@@ -165,9 +173,9 @@ where
 
 /// Waits for the app's token (the first one, or the replacement of one Easemob refused), noting the wait on the
 /// request's spans when they are recorded; without a valid token, the gateway's 503.
-async fn wait_for_token(exchange: &Exchange) -> Result<Arc<Token>, GatewayError> {
+async fn wait_for_token(source: &TokenSource, exchange: &Exchange) -> Result<Arc<Token>, GatewayError> {
     let since = exchange.spans.is_some().then(Instant::now);
-    let token = exchange.app.token.get().await;
+    let token = source.get().await;
     if let (Some(spans), Some(since)) = (&exchange.spans, since) {
         spans.token(since, if token.is_ok() { TokenWait::Fetched } else { TokenWait::Unavailable });
     }
@@ -202,8 +210,10 @@ mod tests {
                 200
             }))
         });
-        let answer =
-            TokenLayer::new(&Metrics::new()).layer(easemob).oneshot(testing::exchange(&app, testing::clear("u"))).await;
+        let answer = TokenLayer::new(&Metrics::new(), [&app])
+            .layer(easemob)
+            .oneshot(testing::exchange(&app, testing::clear("u")))
+            .await;
         assert_eq!(answer.unwrap().status(), 200);
         assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
@@ -213,7 +223,7 @@ mod tests {
         let fetch = ScriptedFetch::granting(3600);
         let app = testing::app(&fetch, &testing::quota(Default::default()));
         let (easemob, calls) = testing::upstream(|_, _| Ok(testing::easemob(401)));
-        let layer = TokenLayer::new(&Metrics::new());
+        let layer = TokenLayer::new(&Metrics::new(), [&app]);
         let answer = layer.layer(easemob).oneshot(testing::exchange(&app, testing::clear("u"))).await.unwrap();
         assert_eq!((answer.status(), calls.load(Ordering::SeqCst)), (StatusCode::UNAUTHORIZED, 2), "one replay only");
 
@@ -235,8 +245,10 @@ mod tests {
         let app = testing::app(&fetch, &testing::quota(Default::default()));
         settle().await;
         let (easemob, calls) = testing::upstream(|_, _| Ok(testing::easemob(200)));
-        let failed =
-            TokenLayer::new(&Metrics::new()).layer(easemob).oneshot(testing::exchange(&app, testing::clear("u"))).await;
+        let failed = TokenLayer::new(&Metrics::new(), [&app])
+            .layer(easemob)
+            .oneshot(testing::exchange(&app, testing::clear("u")))
+            .await;
         let Err(GatewayError::NoToken { retry_after }) = failed else { panic!("{:?}", failed.map(|a| a.status())) };
         let answer = GatewayError::NoToken { retry_after }.into_response(std::time::Instant::now());
         assert_eq!((answer.status(), answer.rejection()), (StatusCode::SERVICE_UNAVAILABLE, Some(ErrorKind::NoToken)));
