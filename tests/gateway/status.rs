@@ -12,8 +12,8 @@ use tokio::process::{Child, Command};
 
 use crate::support::*;
 
-/// Where the screenshot is kept (and what docs/operations.md shows a copy of).
-const SCREENSHOT: &str = "target/status-page.png";
+/// Where the screenshot is kept, in cargo's target directory (docs/operations.md shows a copy of it).
+const SCREENSHOT: &str = concat!(env!("CARGO_TARGET_TMPDIR"), "/status-page.png");
 
 /// A headless chromium session, through a chromedriver of its own on a port the OS chose.
 struct Browser {
