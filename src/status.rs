@@ -28,12 +28,17 @@ const SAMPLES: usize = 300;
 const BAR: usize = 5;
 /// Jobs shown per app and state.
 const JOBS_SHOWN: u32 = 20;
+/// How long the jobs shown are reused: an estimate reads the job's pending operations, so a page left open (it
+/// asks every 2 s) reads the store at most this often.
+const JOBS_FRESH: Duration = Duration::from_secs(10);
 
 /// What the status page remembers between requests: the counters' recent history and the last reload.
 pub struct StatusBoard {
     started: SystemTime,
     history: Mutex<VecDeque<Sample>>,
     last_reload: Mutex<Option<ReloadRecord>>,
+    /// Per app, its jobs as last read, and when.
+    jobs: tokio::sync::Mutex<HashMap<String, (tokio::time::Instant, Value)>>,
 }
 
 /// The counters at one moment, by (app, route) and (app, route, reason).
@@ -59,6 +64,7 @@ impl StatusBoard {
             started: SystemTime::now(),
             history: Mutex::new(VecDeque::with_capacity(SAMPLES + 1)),
             last_reload: Mutex::new(None),
+            jobs: tokio::sync::Mutex::default(),
         });
         let sampling = Arc::downgrade(&board);
         tokio::spawn(async move {
@@ -105,7 +111,7 @@ impl StatusBoard {
                 "users_in_window": quota.users_in_window,
                 "user_limit_per_minute": quota.user_limit_per_minute,
                 "routes": routes,
-                "jobs": jobs(live, app).await,
+                "jobs": self.jobs(live, app).await,
             }));
         }
         json!({
@@ -121,6 +127,20 @@ impl StatusBoard {
             },
             "apps": apps,
         })
+    }
+
+    /// `app`'s jobs in progress, read again once they are [`JOBS_FRESH`] old (one reader at a time).
+    async fn jobs(&self, live: &Shared, app: &crate::apps::App) -> Value {
+        let mut cache = self.jobs.lock().await;
+        let now = tokio::time::Instant::now();
+        match cache.get(app.key.as_str()) {
+            Some((read, jobs)) if now.duration_since(*read) < JOBS_FRESH => jobs.clone(),
+            _ => {
+                let jobs = jobs(live, app).await;
+                cache.insert(app.key.as_str().to_owned(), (now, jobs.clone()));
+                jobs
+            }
+        }
     }
 
     /// One lane: its limits and pace, and what the samples say of it.
@@ -233,7 +253,12 @@ mod tests {
     use crate::ratelimit::LaneStatus;
 
     fn board() -> StatusBoard {
-        StatusBoard { started: SystemTime::now(), history: Mutex::default(), last_reload: Mutex::new(None) }
+        StatusBoard {
+            started: SystemTime::now(),
+            history: Mutex::default(),
+            last_reload: Mutex::new(None),
+            jobs: tokio::sync::Mutex::default(),
+        }
     }
 
     fn lane() -> LaneStatus {
