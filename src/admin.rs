@@ -49,7 +49,7 @@ impl AdminService {
             "/status.json" => {
                 let live = Arc::clone(&self.live.borrow());
                 let draining = self.draining.load(Ordering::SeqCst);
-                let body = self.status.json(&live, self.is_ready(&live, draining), draining).await;
+                let body = self.status.json(&live, is_ready(&live, draining), draining).await;
                 json(StatusCode::OK, &body)
             }
             path if path.starts_with("/status/jobs/") => {
@@ -92,7 +92,7 @@ impl AdminService {
             .map(|app| (app.key.to_string(), serde_json::to_value(app.token.status()).expect("status serializes")))
             .collect();
         let store = jobs_store(&live);
-        let ready = self.is_ready(&live, draining);
+        let ready = is_ready(&live, draining);
         let mut body = serde_json::json!({ "ready": ready, "draining": draining, "apps": apps });
         if let Some(writes) = store {
             body["jobs_store"] = if writes { "ok" } else { "failing" }.into();
@@ -102,13 +102,11 @@ impl AdminService {
     }
 }
 
-impl AdminService {
-    /// Not draining, every app holds a usable token, and the jobs store writes if readiness requires it.
-    fn is_ready(&self, live: &Shared, draining: bool) -> bool {
-        let store_counts = live.jobs.as_ref().is_some_and(|jobs| jobs.config().ready_requires_store);
-        let store_blocks = store_counts && jobs_store(live) == Some(false);
-        !draining && !store_blocks && live.apps.iter().all(|app| app.token.is_ready())
-    }
+/// Not draining, every app holds a usable token, and the jobs store writes if readiness requires it.
+fn is_ready(live: &Shared, draining: bool) -> bool {
+    let store_counts = live.jobs.as_ref().is_some_and(|jobs| jobs.config().ready_requires_store);
+    let store_blocks = store_counts && jobs_store(live) == Some(false);
+    !draining && !store_blocks && live.apps.iter().all(|app| app.token.is_ready())
 }
 
 fn json(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {

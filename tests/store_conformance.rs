@@ -142,7 +142,8 @@ fn job(id: &str, key: Option<&str>, operations: Vec<NewOperation>) -> (NewJob, V
 }
 
 async fn submit(store: &Store, (new, operations): (NewJob, Vec<NewOperation>)) -> Created {
-    store.create_with(new, operations).await.unwrap()
+    store.stage(&new.app, &new.id, 0, operations).await.unwrap();
+    store.create(new).await.unwrap()
 }
 
 async fn create(store: &Store, new: (NewJob, Vec<NewOperation>)) -> JobRecord {

@@ -47,14 +47,6 @@ pub trait JobStore: Send + Sync {
     /// already made (and drops what was staged).
     fn create(&self, job: NewJob) -> Pending<'_, Created>;
 
-    /// Stages `operations` and creates the job of them: for a job whose operations are already in hand.
-    fn create_with(&self, job: NewJob, operations: Vec<NewOperation>) -> Pending<'_, Created> {
-        Box::pin(async move {
-            self.stage(&job.app, &job.id, 0, operations).await?;
-            self.create(job).await
-        })
-    }
-
     /// `app`'s job `id`, if there is one.
     fn job<'a>(&'a self, app: &'a str, id: &'a str) -> Pending<'a, Option<JobRecord>>;
 

@@ -287,34 +287,20 @@ impl LocalStore {
                  WHERE o.state = 'pending' AND o.route = ?1 AND o.not_before_ms <= ?2 AND j.app = ?4
                  ORDER BY o.not_before_ms, o.job, o.n LIMIT ?3",
             )?;
-            let mut due = Vec::new();
+            let mut claims = Vec::new();
             for route in Route::ALL {
                 let mut taken = 0;
                 for app in &apps {
-                    let found = select.query_map(params![route.name(), now_ms, rows, app], |row| {
-                        Ok(Due {
-                            job: row.get(0)?,
-                            job_id: row.get(1)?,
-                            app: row.get(2)?,
-                            caller: row.get(3)?,
-                            n: row.get(4)?,
-                            route: row.get(5)?,
-                            path: row.get(6)?,
-                            body: row.get(7)?,
-                            user: row.get(8)?,
-                            attempts: row.get(9)?,
-                        })
-                    })?;
-                    for row in found {
+                    for row in select.query_map(params![route.name(), now_ms, rows, app], due)? {
                         let row = row?;
                         if taken < limit && claimed.insert(row.key()) {
                             taken += 1;
-                            due.push(row);
+                            claims.push(row);
                         }
                     }
                 }
             }
-            Ok(due)
+            Ok(claims)
         })
         .await
     }
@@ -554,6 +540,22 @@ impl LocalStore {
 
 const JOB_COLUMNS: &str = "seq, id, app, state, created_ms, finished_ms, caller, idempotency_key, total, pending, \
                            succeeded, failed, cancelled";
+
+/// A claimed operation, from the claim's row.
+fn due(row: &Row<'_>) -> rusqlite::Result<Due> {
+    Ok(Due {
+        job: row.get(0)?,
+        job_id: row.get(1)?,
+        app: row.get(2)?,
+        caller: row.get(3)?,
+        n: row.get(4)?,
+        route: row.get(5)?,
+        path: row.get(6)?,
+        body: row.get(7)?,
+        user: row.get(8)?,
+        attempts: row.get(9)?,
+    })
+}
 
 fn job_record(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
     Ok(JobRecord {
