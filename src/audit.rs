@@ -3,19 +3,28 @@
 //! when Easemob's answer was lost), appended to a file before the answer goes back, so that a user's erasure can be
 //! proven later and every call Easemob received has its line. Only validated fields are written: never a token, a
 //! secret or a raw request.
+//!
+//! The lines form a hash chain (`audit/chain.rs`): each carries its sequence number and the SHA-256 of the line
+//! before it, so that an edited, deleted, reordered or truncated line shows (`audit verify`, `audit/verify.rs`).
+//! Its head leaves the machine every `audit.anchor_interval`, in a log line and a metric, since whoever can rewrite
+//! the file can rebuild the chain too.
+
+mod chain;
+pub mod verify;
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use futures_util::future::Either;
 use serde::Serialize;
 use tower::{Layer, Service};
-use tracing::error;
+use tracing::{error, info, warn};
+
+pub use self::chain::Head;
 
 use crate::config::{AuditConfig, is_plain_label};
 use crate::error::GatewayError;
@@ -27,15 +36,25 @@ use crate::routes::validate::{Call, ConversationType};
 #[derive(Debug, thiserror::Error)]
 #[error("audit.file {}: {source}", path.display())]
 pub struct AuditOpenError {
-    path: std::path::PathBuf,
+    path: PathBuf,
     source: std::io::Error,
 }
 
 pub struct Audit {
-    file: Mutex<File>,
+    path: PathBuf,
+    writer: Mutex<Writer>,
     fsync: bool,
+    /// This replica's name, and as the JSON string every line carries.
+    replica: String,
+    replica_json: String,
     default_caller: String,
     metrics: Metrics,
+}
+
+/// The file and the chain's head, changed together under one lock: lines go to the file in `seq` order.
+struct Writer {
+    file: File,
+    head: Head,
 }
 
 /// One attempt at a deletion, as written to the audit file.
@@ -85,7 +104,7 @@ impl Event {
     pub fn new(sent: &Exchange, caller: &str, attempt: u32, upstream_status: Option<u16>) -> Event {
         let call = &sent.call;
         let mut event = Event {
-            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            time: now(),
             request_id: sent.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("").to_owned(),
             trace_id: sent.trace.trace_id_hex().as_str().to_owned(),
             caller: caller.to_owned(),
@@ -139,16 +158,71 @@ impl Event {
 }
 
 impl Audit {
-    /// Opens (creating if needed) the audit file for appending; `None` when no file is configured.
+    /// Opens (creating if needed) the audit file for appending, and goes on with its chain: from its last line,
+    /// or from the head saved beside it when the file is new (rotated while the gateway was stopped). A line a
+    /// crash cut short is recorded as such first. `None` when no file is configured.
     pub fn open(config: &AuditConfig, metrics: Metrics) -> Result<Option<Arc<Audit>>, AuditOpenError> {
         let Some(path) = &config.file else { return Ok(None) };
-        let file = open_append(path).map_err(|source| AuditOpenError { path: path.clone(), source })?;
-        Ok(Some(Arc::new(Audit {
-            file: Mutex::new(file),
+        let failed = |source| AuditOpenError { path: path.clone(), source };
+        let replica = config.replica();
+        let mut audit = Audit {
+            path: path.clone(),
+            writer: Mutex::new(Writer { file: open_append(path).map_err(failed)?, head: Head::GENESIS }),
             fsync: config.fsync,
+            replica_json: serde_json::to_string(&replica).expect("a string serializes"),
+            replica,
             default_caller: config.default_caller.clone().unwrap_or_else(|| "unknown".to_owned()),
             metrics,
-        })))
+        };
+        audit.resume().map_err(failed)?;
+        Ok(Some(Arc::new(audit)))
+    }
+
+    /// Finds where the chain goes on, and records a torn last line.
+    fn resume(&mut self) -> std::io::Result<()> {
+        let writer = self.writer.get_mut().expect("not shared yet");
+        let tail = chain::read_tail(&mut writer.file)?;
+        let saved = chain::read_head_file(&self.path).map(|(head, _)| head);
+        writer.head = match &tail.last {
+            // The last line vouches for the file; a line written before the chain began starts it at 1.
+            Some(line) => match serde_json::from_slice::<chain::Link>(line) {
+                Ok(link) => Head::of(link.seq, line),
+                Err(_) => Head::of(0, line),
+            },
+            None => saved.unwrap_or(Head::GENESIS),
+        };
+        if let Some(saved) = saved.filter(|saved| saved.seq > writer.head.seq && tail.last.is_some()) {
+            warn!(
+                file = %self.path.display(), ends_at = writer.head.seq, saved_head = saved.seq,
+                "the audit file ends before the head saved beside it: events were lost (a crash without \
+                 audit.fsync, or the file was replaced); the chain goes on from the file, `audit verify` shows the gap"
+            );
+        }
+        if let Some(torn) = tail.torn {
+            // The chain goes on from the torn bytes themselves, so that they cannot be dropped unnoticed either.
+            writer.file.write_all(b"\n")?;
+            let torn_head = Head::of(writer.head.seq, &torn);
+            let event = serde_json::json!({ "time": now(), "event": "torn", "torn_bytes": torn.len() });
+            let line = self.line(&torn_head, &serde_json::to_vec(&event).map_err(std::io::Error::other)?);
+            let writer = self.writer.get_mut().expect("not shared yet");
+            writer.file.write_all(&line)?;
+            writer.head = Head::of(torn_head.seq + 1, &line[..line.len() - 1]);
+            warn!(file = %self.path.display(), bytes = torn.len(), "the audit file's last line was cut short by a crash; recorded as torn");
+        }
+        Ok(())
+    }
+
+    /// The line (with its newline) of the event after `head`, of `event`'s JSON object.
+    fn line(&self, head: &Head, event: &[u8]) -> Vec<u8> {
+        let mut line = chain::prefix(head, &self.replica_json);
+        line.extend_from_slice(&event[1..]);
+        line.push(b'\n');
+        line
+    }
+
+    /// This replica's name, as its audit events give it.
+    pub fn replica(&self) -> &str {
+        &self.replica
     }
 
     /// The caller to record: `X-Caller` when it is 1–64 plain characters, else the configured default.
@@ -156,40 +230,99 @@ impl Audit {
         header.filter(|v| is_plain_label(v, 64)).unwrap_or(&self.default_caller)
     }
 
-    /// Appends one event. Runs on the blocking pool, so a slow disk never stalls the request threads; the caller
-    /// gets its answer only after this returns.
-    pub async fn record(self: &Arc<Self>, event: Event) {
+    /// Appends one event and returns its sequence number (`None`: it could not be written). Runs on the blocking
+    /// pool, so a slow disk never stalls the request threads; the caller gets its answer only after this returns.
+    pub async fn record(self: &Arc<Self>, event: Event) -> Option<u64> {
         let audit = Arc::clone(self);
         let written = tokio::task::spawn_blocking(move || audit.write(&event)).await;
-        if let Err(e) | Ok(Err(e)) = written.map_err(std::io::Error::other) {
-            self.metrics.audit_write_errors.inc();
-            error!(error = %e, "audit event could not be written");
+        match written.map_err(std::io::Error::other) {
+            Ok(Ok(seq)) => Some(seq),
+            Err(e) | Ok(Err(e)) => {
+                self.metrics.audit_write_errors.inc();
+                error!(error = %e, "audit event could not be written");
+                None
+            }
         }
     }
 
-    fn write(&self, event: &Event) -> std::io::Result<()> {
-        let mut line = serde_json::to_vec(event).map_err(std::io::Error::other)?;
-        line.push(b'\n');
-        let mut file = self.file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        // One write of the whole line to an O_APPEND file: lines from concurrent requests never interleave.
-        file.write_all(&line)?;
+    fn write(&self, event: &Event) -> std::io::Result<u64> {
+        let event = serde_json::to_vec(event).map_err(std::io::Error::other)?;
+        let mut writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let line = self.line(&writer.head, &event);
+        // One write of the whole line to an O_APPEND file; the lock keeps lines in `seq` order.
+        writer.file.write_all(&line)?;
         if self.fsync {
-            file.sync_data()?;
+            writer.file.sync_data()?;
         }
-        Ok(())
+        // A line that failed to be written is not in the chain: the next one links to the last that was.
+        writer.head = Head::of(writer.head.seq + 1, &line[..line.len() - 1]);
+        self.metrics.audit_events.inc();
+        Ok(writer.head.seq)
     }
 
-    /// Forces everything written so far to disk: at shutdown.
+    /// The chain's head now.
+    pub fn head(&self) -> Head {
+        self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).head
+    }
+
+    /// Sends the head where a rewrite of the file cannot reach it: a log line, the metric, and the head file
+    /// beside the audit file (for the next file after a rotation).
+    pub fn anchor(&self) {
+        let head = self.head();
+        info!(replica = %self.replica, seq = head.seq, head = %head, "audit chain anchor");
+        self.metrics.anchor(&self.replica, head.seq, &head.to_string());
+        let saved = chain::HeadFile { head: head.to_string(), replica: self.replica.clone(), time: now() };
+        if let Err(e) = chain::write_head_file(&self.path, &saved) {
+            error!(error = %e, file = %chain::head_path(&self.path).display(), "audit chain head could not be saved");
+        }
+    }
+
+    /// Anchors the chain every `interval`, for as long as the process lives.
+    pub fn spawn_anchors(self: &Arc<Self>, interval: Duration) {
+        let audit = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(interval);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let Some(audit) = audit.upgrade() else { return };
+                tokio::task::spawn_blocking(move || audit.anchor()).await.ok();
+            }
+        });
+    }
+
+    /// Opens the file at its path again, so that a file renamed away (rotated) is followed by a new one, which
+    /// goes on from the same chain. On SIGHUP.
+    pub fn reopen(&self) {
+        match open_append(&self.path) {
+            Ok(file) => {
+                let mut writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                writer.file = file;
+            }
+            Err(e) => {
+                error!(error = %e, file = %self.path.display(), "audit file could not be reopened; still writing to the old one")
+            }
+        }
+    }
+
+    /// Forces everything written so far to disk, and anchors the chain: at shutdown.
     pub fn sync(&self) {
-        let file = self.file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Err(e) = file.sync_all() {
+        let file = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Err(e) = file.file.sync_all() {
             error!(error = %e, "audit file could not be synced");
         }
+        drop(file);
+        self.anchor();
     }
 }
 
+/// Now, as the audit trail writes times.
+fn now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
 fn open_append(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
+    OpenOptions::new().create(true).read(true).append(true).open(path)
 }
 
 /// Writes the audit event of every attempt sent to Easemob, before its answer goes up: with Easemob's status for
@@ -251,8 +384,10 @@ where
             };
             if let Some(upstream_status) = upstream_status {
                 let caller = audit.caller(sent.caller.as_deref());
-                let attempt = sent.audited.fetch_add(1, Ordering::Relaxed) + 1;
-                audit.record(Event::new(&sent, caller, attempt, upstream_status)).await;
+                let attempt = sent.audited.next_attempt();
+                if let Some(seq) = audit.record(Event::new(&sent, caller, attempt, upstream_status)).await {
+                    sent.audited.written(seq);
+                }
             }
             result
         }))
@@ -270,7 +405,12 @@ mod tests {
     async fn one_event_per_attempt_that_reached_easemob_and_none_for_one_that_did_not() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("audit.jsonl");
-        let config = AuditConfig { file: Some(file.clone()), fsync: false, default_caller: Some("svc".into()) };
+        let config = AuditConfig {
+            file: Some(file.clone()),
+            fsync: false,
+            default_caller: Some("svc".into()),
+            ..Default::default()
+        };
         let audit = Audit::open(&config, Metrics::new()).unwrap();
         let app = testing::app(&ScriptedFetch::granting(3600), &testing::quota(Default::default()));
         let (inner, _) = testing::upstream(|n, _| match n {

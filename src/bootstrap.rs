@@ -60,8 +60,9 @@ impl Lasting {
     /// Opens what the process keeps whatever the config becomes.
     fn open(config: &Config, metrics: Metrics) -> Result<Lasting, StartError> {
         let audit = Audit::open(&config.audit, metrics.clone())?;
-        if audit.is_none() {
-            warn!("audit.file is not set: deletions are not recorded in an audit trail");
+        match &audit {
+            Some(audit) => audit.spawn_anchors(config.audit.anchor_interval),
+            None => warn!("audit.file is not set: deletions are not recorded in an audit trail"),
         }
         let jobs = open_jobs_store(config)?.map(|store| Jobs::new(store, config.jobs.clone(), Clock::new()));
         Ok(Lasting {

@@ -149,6 +149,7 @@ impl Config {
         problems.extend(callers::problems(&self.callers));
         problems.extend(self.rate_limit.problems());
         problems.extend(self.jobs.problems(self.rate_limit.backend, &self.upstream));
+        problems.extend(self.audit.problems());
         problems.extend(self.log.problems());
         problems.extend(self.trace.problems());
         problems

@@ -115,10 +115,35 @@ pub struct Validated {
     pub spans: Option<Arc<Recording>>,
     /// For a job's operation: which of the scheduler's attempts at it this is (1, 2, …).
     pub job_attempt: Option<u32>,
-    /// How many of its attempts reached Easemob so far: each audit event takes the next number.
-    pub audited: AtomicU32,
+    /// The audit events of its attempts that reached Easemob.
+    pub audited: AuditMarks,
     /// The end of the time Easemob has for this request, retry and replay included.
     pub deadline: Deadline,
+}
+
+/// The audit events of a request's attempts that reached Easemob, in the order sent: their count numbers the next
+/// one, and their sequence numbers in the audit chain go into a job's receipt.
+#[derive(Default)]
+pub struct AuditMarks {
+    attempts: AtomicU32,
+    seqs: std::sync::Mutex<Vec<u64>>,
+}
+
+impl AuditMarks {
+    /// The number of the attempt being audited (1, 2, …).
+    pub fn next_attempt(&self) -> u32 {
+        self.attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
+    }
+
+    /// Its event was written with this sequence number.
+    pub fn written(&self, seq: u64) {
+        self.seqs.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(seq);
+    }
+
+    /// The sequence numbers of the events written so far.
+    pub fn seqs(&self) -> Vec<u64> {
+        self.seqs.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
 }
 
 /// The end of the time Easemob has for a request: fixed once, by its first send (waiting for a token or a quota

@@ -62,6 +62,7 @@ pub mod logging;
 pub mod metrics;
 pub mod observe;
 pub mod ratelimit;
+pub mod receipt;
 pub mod redact;
 pub mod redis_conn;
 pub mod reload;

@@ -9,7 +9,7 @@ use easemob_gateway::client::{Client, Failure};
 use easemob_gateway::config::{Config, LogConfig, SecretPolicy};
 use easemob_gateway::server::{Server, shutdown_signal};
 use easemob_gateway::sim::{self, Simulator, state};
-use easemob_gateway::{demo, logging};
+use easemob_gateway::{audit, demo, logging};
 
 /// jemalloc: glibc's malloc and free were a fifth of the instructions per forwarded request (hyper takes a fresh
 /// 8 KiB read buffer per request on each side); jemalloc cuts instructions per request by 7% and keeps RSS with
@@ -86,6 +86,11 @@ enum Command {
         #[command(subcommand)]
         command: JobsCommand,
     },
+    /// Check the audit trail's hash chain.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Print a shell completion script: `easemob-gateway completions bash > /etc/bash_completion.d/easemob-gateway`.
     Completions {
         /// The shell to complete in.
@@ -152,6 +157,25 @@ enum JobsCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the chain across audit files (oldest first; rotated files before the live one): exit 0 if intact, 1
+    /// if broken (the first broken link is printed by file and line) or an anchor or receipt does not match, 2 if
+    /// a file cannot be read.
+    Verify {
+        /// The audit files, oldest first. Each replica's files form a chain of their own.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// A chain head copied elsewhere (the anchor log line's or metric's `head`, SEQ:HASH) that the files must
+        /// hold; may be given more than once.
+        #[arg(long, value_name = "SEQ:HASH")]
+        anchor: Vec<easemob_gateway::audit::Head>,
+        /// A job receipt (JSON or CSV) whose checksum and every attempt must match the audit events.
+        #[arg(long, value_name = "FILE")]
+        receipt: Option<PathBuf>,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The gateway's data plane runs on worker threads of its own (see `Server::serve`); the main runtime only
@@ -180,6 +204,23 @@ fn main() -> ExitCode {
                         eprintln!("error: {e}");
                     }
                     ExitCode::from(failure.exit_code())
+                }
+            };
+        }
+        Command::Audit { command: AuditCommand::Verify { files, anchor, receipt } } => {
+            let request = audit::verify::Request { files, anchors: anchor, receipt };
+            return match audit::verify::verify(&request) {
+                Ok(summary) => {
+                    print!("{summary}");
+                    ExitCode::SUCCESS
+                }
+                Err(Ok(broken)) => {
+                    println!("broken: {broken}");
+                    ExitCode::from(1)
+                }
+                Err(Err(unreadable)) => {
+                    eprintln!("error: {unreadable}");
+                    ExitCode::from(2)
                 }
             };
         }

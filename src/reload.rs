@@ -70,7 +70,11 @@ impl Reloader {
             };
             let now = inputs(&path, &self.current);
             if hangup {
-                info!(config = %path.display(), "SIGHUP received: reloading the config");
+                info!(config = %path.display(), "SIGHUP received: reopening the audit file, reloading the config");
+                // After logrotate renamed it away: the chain goes on in a new file.
+                if let Some(audit) = &self.live.borrow().audit {
+                    audit.reopen();
+                }
             } else if now == seen {
                 continue;
             } else {

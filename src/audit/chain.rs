@@ -1,0 +1,178 @@
+//! The audit trail's hash chain, as the writer makes it and `audit verify` checks it.
+//!
+//! The canonical form of an event is its line exactly as written, without the newline: UTF-8 JSON with no
+//! whitespace, beginning `{"seq":<n>,"prev":"<64 hex digits>","replica":"<name>",`. `seq` counts the replica's
+//! events from 1; `prev` is the SHA-256 of the previous line's canonical form (64 zeros before the first event),
+//! so each line vouches for every one before it, across files: a new file starts from the last hash of the one
+//! before it. The chain's head (the last `seq` and the hash of its line) is what an anchor copies elsewhere, as
+//! `SEQ:HASH`.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use sha2::{Digest, Sha256};
+
+/// The last event of a chain: its sequence number and the SHA-256 of its line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Head {
+    pub seq: u64,
+    pub hash: [u8; 32],
+}
+
+impl Head {
+    /// Before the first event.
+    pub const GENESIS: Head = Head { seq: 0, hash: [0; 32] };
+
+    /// The head after `line` (its canonical form), the event numbered `seq`.
+    pub fn of(seq: u64, line: &[u8]) -> Head {
+        Head { seq, hash: Sha256::digest(line).into() }
+    }
+}
+
+impl fmt::Display for Head {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.seq, hex::encode(self.hash))
+    }
+}
+
+impl FromStr for Head {
+    type Err = String;
+
+    /// `SEQ:HASH`, as the anchor log line, the metric and the head file give it.
+    fn from_str(s: &str) -> Result<Head, String> {
+        let bad = || format!("{s:?} is not SEQ:HASH (a sequence number, a colon and 64 hex digits)");
+        let (seq, hash) = s.split_once(':').ok_or_else(bad)?;
+        let seq = seq.parse().map_err(|_| bad())?;
+        let hash = hex::decode(hash).ok().and_then(|h| <[u8; 32]>::try_from(h).ok()).ok_or_else(bad)?;
+        Ok(Head { seq, hash })
+    }
+}
+
+/// The fields of a chained line that the chain itself reads.
+#[derive(serde::Deserialize)]
+pub struct Link {
+    pub seq: u64,
+    pub prev: String,
+    pub replica: String,
+    /// For a `torn` event (the record of a line a crash cut short): the length in bytes of the line that was cut short.
+    #[serde(default)]
+    pub torn_bytes: Option<usize>,
+}
+
+/// The start of the line of the event after `head`, up to the event's own fields: `{"seq":…,"prev":"…","replica":…,`.
+pub fn prefix(head: &Head, replica_json: &str) -> Vec<u8> {
+    let mut line = Vec::with_capacity(512);
+    line.extend_from_slice(b"{\"seq\":");
+    line.extend_from_slice(itoa::Buffer::new().format(head.seq + 1).as_bytes());
+    line.extend_from_slice(b",\"prev\":\"");
+    let mut hex = [0; 64];
+    hex::encode_to_slice(head.hash, &mut hex).expect("64 hex digits for 32 bytes");
+    line.extend_from_slice(&hex);
+    line.extend_from_slice(b"\",\"replica\":");
+    line.extend_from_slice(replica_json.as_bytes());
+    line.push(b',');
+    line
+}
+
+/// The end of an existing audit file, where the chain goes on.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Tail {
+    /// Its last complete line.
+    pub last: Option<Vec<u8>>,
+    /// Bytes after the last newline: a line a crash cut short.
+    pub torn: Option<Vec<u8>>,
+}
+
+/// Lines are far shorter than this: the last complete one is always within it.
+const TAIL_WINDOW: u64 = 256 * 1024;
+
+/// Reads the end of `file`.
+pub fn read_tail(file: &mut File) -> std::io::Result<Tail> {
+    let len = file.seek(SeekFrom::End(0))?;
+    let start = len.saturating_sub(TAIL_WINDOW);
+    file.seek(SeekFrom::Start(start))?;
+    let mut bytes = Vec::with_capacity((len - start) as usize);
+    file.read_to_end(&mut bytes)?;
+    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let torn = (complete < bytes.len()).then(|| bytes[complete..].to_vec());
+    let lines = &bytes[..complete.saturating_sub(1)];
+    let last = (complete > 0).then(|| {
+        let from = lines.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        lines[from..].to_vec()
+    });
+    // A window that starts mid-line holds no whole line unless a newline precedes it.
+    let last = last.filter(|_| start == 0 || bytes[..complete.saturating_sub(1)].contains(&b'\n'));
+    Ok(Tail { last, torn })
+}
+
+/// Where the chain's head is kept beside `file` (at each anchor and at shutdown), for the next file after a
+/// rotation made while the gateway was stopped.
+pub fn head_path(file: &Path) -> PathBuf {
+    let mut path = file.as_os_str().to_owned();
+    path.push(".head");
+    PathBuf::from(path)
+}
+
+/// The head file's content.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct HeadFile {
+    pub head: String,
+    pub replica: String,
+    pub time: String,
+}
+
+/// Reads a head file, if there is one that makes sense.
+pub fn read_head_file(file: &Path) -> Option<(Head, String)> {
+    let text = std::fs::read_to_string(head_path(file)).ok()?;
+    let saved: HeadFile = serde_json::from_str(&text).ok()?;
+    Some((saved.head.parse().ok()?, saved.replica))
+}
+
+/// Replaces the head file at once (written aside, then renamed over it): never half written.
+pub fn write_head_file(file: &Path, saved: &HeadFile) -> std::io::Result<()> {
+    let path = head_path(file);
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(".tmp");
+    std::fs::write(&aside, serde_json::to_vec(saved).map_err(std::io::Error::other)?)?;
+    std::fs::rename(&aside, &path)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn a_head_reads_back_from_its_text() {
+        let head = Head::of(42, b"{\"seq\":42}");
+        assert_eq!(head.to_string().parse::<Head>(), Ok(head));
+        assert!("42".parse::<Head>().is_err());
+        assert!("x:00".parse::<Head>().is_err());
+        assert!(format!("1:{}", "0".repeat(63)).parse::<Head>().is_err());
+    }
+
+    #[test]
+    fn the_tail_is_the_last_complete_line_and_what_follows_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let tail = |content: &[u8]| {
+            std::fs::write(&path, content).unwrap();
+            read_tail(&mut File::open(&path).unwrap()).unwrap()
+        };
+        assert_eq!(tail(b""), Tail::default());
+        assert_eq!(tail(b"a\nb\n"), Tail { last: Some(b"b".to_vec()), torn: None });
+        assert_eq!(tail(b"a\n"), Tail { last: Some(b"a".to_vec()), torn: None });
+        assert_eq!(tail(b"a\nb\n{\"se"), Tail { last: Some(b"b".to_vec()), torn: Some(b"{\"se".to_vec()) });
+        assert_eq!(tail(b"{\"se"), Tail { last: None, torn: Some(b"{\"se".to_vec()) });
+        // Longer than the window: the last line is still whole.
+        let mut long = vec![b'x'; TAIL_WINDOW as usize];
+        long.extend_from_slice(b"\nlast\n");
+        let mut file = File::create(&path).unwrap();
+        file.write_all(&long).unwrap();
+        assert_eq!(read_tail(&mut File::open(&path).unwrap()).unwrap().last, Some(b"last".to_vec()));
+    }
+}
