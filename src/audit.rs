@@ -203,7 +203,7 @@ impl Audit {
             writer.file.write_all(b"\n")?;
             let torn_head = Head::of(writer.head.seq, &torn);
             let event = serde_json::json!({ "time": now(), "event": "torn", "torn_bytes": torn.len() });
-            let line = self.line(&torn_head, &serde_json::to_vec(&event).map_err(std::io::Error::other)?);
+            let line = self.line(&torn_head, &event)?;
             let writer = self.writer.get_mut().expect("not shared yet");
             writer.file.write_all(&line)?;
             writer.head = Head::of(torn_head.seq + 1, &line[..line.len() - 1]);
@@ -212,12 +212,14 @@ impl Audit {
         Ok(())
     }
 
-    /// The line (with its newline) of the event after `head`, of `event`'s JSON object.
-    fn line(&self, head: &Head, event: &[u8]) -> Vec<u8> {
+    /// The line (with its newline) of the event after `head`: the chain's fields, then the event's own.
+    fn line(&self, head: &Head, event: &impl Serialize) -> std::io::Result<Vec<u8>> {
         let mut line = chain::prefix(head, &self.replica_json);
-        line.extend_from_slice(&event[1..]);
+        let fields = line.len();
+        serde_json::to_writer(&mut line, event).map_err(std::io::Error::other)?;
+        line.remove(fields); // the event's own `{`: its fields follow the chain's
         line.push(b'\n');
-        line
+        Ok(line)
     }
 
     /// This replica's name, as its audit events give it.
@@ -246,9 +248,8 @@ impl Audit {
     }
 
     fn write(&self, event: &Event) -> std::io::Result<u64> {
-        let event = serde_json::to_vec(event).map_err(std::io::Error::other)?;
         let mut writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let line = self.line(&writer.head, &event);
+        let line = self.line(&writer.head, event)?;
         // One write of the whole line to an O_APPEND file; the lock keeps lines in `seq` order.
         writer.file.write_all(&line)?;
         if self.fsync {
