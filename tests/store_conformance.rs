@@ -19,7 +19,7 @@ use std::time::Duration;
 use easemob_gateway::config::RedisConfig;
 use easemob_gateway::jobs::Store;
 use easemob_gateway::jobs::records::{
-    Counts, Created, Due, JobRecord, JobState, LaneUse, NewJob, NewOperation, Next, OpState, Outcome,
+    AttemptNote, Counts, Created, Due, JobRecord, JobState, LaneUse, NewJob, NewOperation, Next, OpState, Outcome,
 };
 use easemob_gateway::jobs::shared::SharedStore;
 use easemob_gateway::jobs::store::LocalStore;
@@ -136,6 +136,7 @@ fn job(id: &str, key: Option<&str>, operations: Vec<NewOperation>) -> (NewJob, V
         caller: Some("ops".to_owned()),
         idempotency_key: key.map(str::to_owned),
         request_sha256: Some("h".to_owned()),
+        peer: Some("127.0.0.1:50312".to_owned()),
         now_ms: 1_000,
     };
     (new, operations)
@@ -164,6 +165,7 @@ fn outcome(due: &Due, next: Next) -> Outcome {
         error: None,
         error_description: None,
         next,
+        note: AttemptNote::default(),
     }
 }
 

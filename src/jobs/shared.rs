@@ -414,6 +414,7 @@ impl SharedStore {
                     error: op.error,
                     error_description: op.error_description,
                     finished_ms: op.finished_ms,
+                    history: Vec::new(),
                 });
             }
             n = upto;
@@ -519,6 +520,7 @@ fn record(fields: &HashMap<String, String>) -> Option<JobRecord> {
         finished_ms: number("finished_ms"),
         caller: text("caller"),
         idempotency_key: text("idempotency_key"),
+        peer: None,
         counts: Counts {
             total: number("total")?,
             pending: number("pending")?,
