@@ -152,6 +152,8 @@ impl Jobs {
             caller: caller.map(str::to_owned),
             idempotency_key: idempotency_key.map(str::to_owned),
             request_sha256,
+            // TODO(receipts): the client's address, from the request that created the job.
+            peer: None,
             now_ms: self.0.clock.now_ms(),
         };
         let created = self.0.store.create(job).await?;

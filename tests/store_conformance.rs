@@ -19,7 +19,8 @@ use std::time::Duration;
 use easemob_gateway::config::RedisConfig;
 use easemob_gateway::jobs::Store;
 use easemob_gateway::jobs::records::{
-    Counts, Created, Due, JobRecord, JobState, LaneUse, NewJob, NewOperation, Next, OpState, Outcome,
+    AttemptNote, Counts, Created, Due, JobRecord, JobState, LaneUse, NewJob, NewOperation, Next, OpRecord, OpState,
+    Outcome,
 };
 use easemob_gateway::jobs::shared::SharedStore;
 use easemob_gateway::jobs::store::LocalStore;
@@ -136,6 +137,7 @@ fn job(id: &str, key: Option<&str>, operations: Vec<NewOperation>) -> (NewJob, V
         caller: Some("ops".to_owned()),
         idempotency_key: key.map(str::to_owned),
         request_sha256: Some("h".to_owned()),
+        peer: Some("127.0.0.1:50312".to_owned()),
         now_ms: 1_000,
     };
     (new, operations)
@@ -164,7 +166,25 @@ fn outcome(due: &Due, next: Next) -> Outcome {
         error: None,
         error_description: None,
         next,
+        note: AttemptNote::default(),
     }
+}
+
+/// An attempt that reached Easemob, sent by `replica` at `at_ms`, with two audit events.
+fn answered(at_ms: i64, status: u16, replica: &str, audit_seqs: [u64; 2]) -> AttemptNote {
+    AttemptNote {
+        at_ms,
+        status: Some(status),
+        easemob_request_id: Some(format!("req-{at_ms}")),
+        easemob_timestamp: Some(1_765_000_000_000 + at_ms),
+        replica: replica.to_owned(),
+        audit_seqs: audit_seqs.to_vec(),
+    }
+}
+
+/// `outcome` with the note of its attempt.
+fn noted(due: &Due, next: Next, note: AttemptNote) -> Outcome {
+    Outcome { note, ..outcome(due, next) }
 }
 
 /// The indexes of what a claim returned, in order.
@@ -207,6 +227,65 @@ async fn a_job_runs_to_its_end_and_an_outcome_counts_once(b: &mut Backend) {
     assert_eq!(b.store.expire(6_000).await.unwrap(), 0, "finished at 6 s, not before");
     assert_eq!(b.store.expire(6_001).await.unwrap(), 1);
     assert!(b.store.job("o#a", "j1").await.unwrap().is_none());
+}
+
+async fn an_operations_history_keeps_each_attempt_it_recorded_once(b: &mut Backend) {
+    let created = create(&b.store, job("j1", None, clears(1))).await;
+    let given_back = b.store.claim(1_000, 10).await.unwrap();
+    b.store.release(&given_back[0], 1_000).await.unwrap();
+    let history = |ops: Vec<OpRecord>| ops.into_iter().map(|op| op.history).collect::<Vec<_>>();
+    assert_eq!(history(b.store.operations(&created, 0, 10, None).await.unwrap()), [[]], "a release is no attempt");
+
+    let first = b.store.claim(1_000, 10).await.unwrap();
+    let a = answered(1_000, 503, "r1", [11, 12]);
+    b.store.record(vec![noted(&first[0], Next::RetryAt(5_000), a.clone())], 2_000).await.unwrap();
+    let second = b.store.claim(5_000, 10).await.unwrap();
+    let b_note = answered(5_000, 200, "r2", [40, 41]);
+    b.store.record(vec![noted(&second[0], Next::Done(OpState::Succeeded), b_note.clone())], 6_000).await.unwrap();
+    let replay = noted(&second[0], Next::Done(OpState::Succeeded), answered(7_000, 200, "r3", [50, 51]));
+    b.store.record(vec![replay], 7_000).await.unwrap();
+
+    let ops = b.store.operations(&created, 0, 10, None).await.unwrap();
+    assert!(serde_json::to_value(&ops[0]).unwrap().get("history").is_none(), "the listing does not show it");
+    assert_eq!(history(ops), [[a, b_note]], "a replayed outcome adds nothing");
+}
+
+async fn an_operation_cancelled_in_flight_keeps_its_attempts(b: &mut Backend) {
+    create(&b.store, job("j1", None, clears(2))).await;
+    let claimed = b.store.claim(1_000, 10).await.unwrap();
+    let (first, other) = (&claimed[0], &claimed[1]);
+    // Easemob was not reached: the gateway's own status, no request id, no audit events (an empty list the cancel
+    // and the outcome below write again: on Redis, cjson would make it `{}` and the operation unreadable).
+    let unreached = AttemptNote { at_ms: 1_000, status: Some(504), replica: "r1".to_owned(), ..Default::default() };
+    b.store.record(vec![noted(first, Next::RetryAt(3_000), unreached.clone())], 1_500).await.unwrap();
+    b.store.release(other, 10_000).await.unwrap();
+    let in_flight = b.store.claim(3_000, 10).await.unwrap();
+    assert_eq!(indexes(&in_flight), [first.n]);
+    b.store.cancel("o#a", "j1", 3_500).await.unwrap();
+    let sent = answered(3_000, 200, "r2", [7, 8]);
+    b.store.record(vec![noted(&in_flight[0], Next::Done(OpState::Succeeded), sent.clone())], 4_000).await.unwrap();
+
+    let cancelled = b.store.job("o#a", "j1").await.unwrap().unwrap();
+    assert_eq!((cancelled.counts.succeeded, cancelled.counts.cancelled), (1, 1));
+    let ops = b.store.operations(&cancelled, 0, 10, None).await.unwrap();
+    let op = |n: i64| ops.iter().find(|op| op.index == n).unwrap();
+    assert_eq!((op(first.n).state, &op(first.n).history), (OpState::Succeeded, &vec![unreached, sent]));
+    assert_eq!((op(other.n).state, op(other.n).history.len()), (OpState::Cancelled, 0), "never attempted");
+}
+
+async fn a_jobs_peer_is_kept_with_it(b: &mut Backend) {
+    let peer = Some("127.0.0.1:50312");
+    let created = create(&b.store, job("j1", None, clears(1))).await;
+    assert_eq!(created.peer.as_deref(), peer);
+    assert_eq!(b.store.job("o#a", "j1").await.unwrap().unwrap().peer.as_deref(), peer);
+    let listed = b.store.list("o#a", None, None, 10).await.unwrap();
+    assert_eq!(listed.iter().map(|job| job.peer.as_deref()).collect::<Vec<_>>(), [peer]);
+    assert_eq!(b.store.cancel("o#a", "j1", 2_000).await.unwrap().unwrap().peer.as_deref(), peer);
+
+    let mut unknown = job("j2", None, clears(1));
+    unknown.0.peer = None;
+    create(&b.store, unknown).await;
+    assert_eq!(b.store.job("o#a", "j2").await.unwrap().unwrap().peer, None);
 }
 
 async fn an_idempotency_key_returns_the_first_job(b: &mut Backend) {
@@ -424,6 +503,9 @@ macro_rules! conformance {
 
 conformance!(
     a_job_runs_to_its_end_and_an_outcome_counts_once,
+    an_operations_history_keeps_each_attempt_it_recorded_once,
+    an_operation_cancelled_in_flight_keeps_its_attempts,
+    a_jobs_peer_is_kept_with_it,
     an_idempotency_key_returns_the_first_job,
     a_release_gives_back_that_operation_alone,
     each_route_is_claimed_up_to_the_limit_of_its_own,

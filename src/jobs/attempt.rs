@@ -8,7 +8,7 @@ use http::{HeaderValue, StatusCode};
 use tower::{Service, ServiceExt};
 
 use super::Clock;
-use super::records::{Due, Next, OpState, Outcome};
+use super::records::{AttemptNote, Due, Next, OpState, Outcome};
 use crate::apps::App;
 use crate::config::JobsConfig;
 use crate::error::{GatewayError, Shape};
@@ -80,6 +80,8 @@ where
         error,
         error_description,
         next,
+        // TODO(receipts): the attempt's note: when it went, Easemob's request id and timestamp, the audit seqs.
+        note: AttemptNote::default(),
     }
 }
 

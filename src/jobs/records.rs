@@ -81,6 +81,8 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
     /// What the create request said, to tell a retried create from a different one under the same key.
     pub request_sha256: Option<String>,
+    /// The address of the client that created it, e.g. "127.0.0.1:50312".
+    pub peer: Option<String>,
     pub now_ms: i64,
 }
 
@@ -117,6 +119,9 @@ pub struct JobRecord {
     pub caller: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// The address of the client that created it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
     pub counts: Counts,
 }
 
@@ -145,6 +150,29 @@ pub struct OpRecord {
     pub error: Option<String>,
     pub error_description: Option<String>,
     pub finished_ms: Option<i64>,
+    /// Its attempts, oldest first: the receipt lists them, the listing of operations does not.
+    #[serde(skip)]
+    pub history: Vec<AttemptNote>,
+}
+
+/// One attempt at an operation, as its receipt lists it: when it went, what came back, and where its audit events are.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AttemptNote {
+    /// When it was sent (ms since the Unix epoch).
+    pub at_ms: i64,
+    /// Easemob's status, or the gateway's own when Easemob was not reached or its answer was lost.
+    pub status: Option<u16>,
+    /// Easemob's request id, when its answer carried one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub easemob_request_id: Option<String>,
+    /// The `timestamp` of Easemob's answer (ms), when it carried one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub easemob_timestamp: Option<i64>,
+    /// The replica that sent it: the one whose audit chain holds its events.
+    pub replica: String,
+    /// Its events' sequence numbers in that replica's audit chain (empty: audit is off, or it never reached Easemob).
+    #[serde(default)]
+    pub audit_seqs: Vec<u64>,
 }
 
 /// An operation that may run now.
@@ -181,6 +209,8 @@ pub struct Outcome {
     pub error: Option<String>,
     pub error_description: Option<String>,
     pub next: Next,
+    /// The attempt this is the outcome of, for the operation's history.
+    pub note: AttemptNote,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

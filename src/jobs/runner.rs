@@ -23,7 +23,7 @@ use tower::Service;
 use tracing::{info, warn};
 
 use super::attempt::{Held, attempt, backoff};
-use super::records::{Due, JobState, LaneUse, Next, OpState, Outcome};
+use super::records::{AttemptNote, Due, JobState, LaneUse, Next, OpState, Outcome};
 use super::{Clock, Jobs, call_of};
 use crate::apps::Apps;
 use crate::config::JobsConfig;
@@ -316,6 +316,8 @@ where
             error: Some("internal_error".to_owned()),
             error_description: Some("the attempt failed inside the gateway; see its log".to_owned()),
             next: Next::RetryAt(self.clock.now_ms() + backoff(&self.config, attempts, None).as_millis() as i64),
+            // TODO(receipts): the note of an attempt that panicked (when it went, this replica).
+            note: AttemptNote::default(),
         };
         let (send, counted) = (self.current.send.clone(), self.metrics.job_operations.clone());
         let task = self.in_flight.spawn(attempt(send, op, slot, self.config.clone(), self.clock, counted));
@@ -465,6 +467,8 @@ where
                 error: Some(error.to_owned()),
                 error_description: Some(description),
                 next: Next::Done(OpState::Failed),
+                // TODO(receipts): nothing was sent: whether a failure found before sending gets a note at all.
+                note: AttemptNote::default(),
             })
         };
         let Some(app) = self.current.apps.iter().find(|app| app.key.as_str() == due.app).cloned() else {

@@ -23,8 +23,8 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
 use super::records::{
-    Counts, Created, JobRecord, JobState, NewJob, NewOperation, OpRecord, OpState, Remaining, StoreError, UserUse,
-    method_of,
+    AttemptNote, Counts, Created, JobRecord, JobState, NewJob, NewOperation, OpRecord, OpState, Remaining, StoreError,
+    UserUse, method_of,
 };
 use crate::config::RedisConfig;
 use crate::redis_conn::{Connection, Patience};
@@ -80,6 +80,9 @@ struct Op {
     error_description: Option<String>,
     #[serde(default)]
     finished_ms: Option<i64>,
+    /// Absent until the first attempt is recorded: cjson would write an empty one as `{}`, which is no array.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    history: Vec<AttemptNote>,
 }
 
 impl Op {
@@ -96,6 +99,7 @@ impl Op {
             error: None,
             error_description: None,
             finished_ms: None,
+            history: Vec::new(),
         }
     }
 }
@@ -325,6 +329,7 @@ impl SharedStore {
                 ("caller", job.caller.clone().unwrap_or_default()),
                 ("idempotency_key", job.idempotency_key.clone().unwrap_or_default()),
                 ("request_sha256", job.request_sha256.clone().unwrap_or_default()),
+                ("peer", job.peer.clone().unwrap_or_default()),
                 ("total", total.to_string()),
                 ("pending", total.to_string()),
                 ("succeeded", "0".to_owned()),
@@ -414,6 +419,7 @@ impl SharedStore {
                     error: op.error,
                     error_description: op.error_description,
                     finished_ms: op.finished_ms,
+                    history: op.history,
                 });
             }
             n = upto;
@@ -519,6 +525,7 @@ fn record(fields: &HashMap<String, String>) -> Option<JobRecord> {
         finished_ms: number("finished_ms"),
         caller: text("caller"),
         idempotency_key: text("idempotency_key"),
+        peer: text("peer"),
         counts: Counts {
             total: number("total")?,
             pending: number("pending")?,

@@ -28,6 +28,10 @@ impl From<rusqlite::Error> for StoreError {
 /// The tables, created when the file is first opened.
 const SCHEMA: &str = include_str!("store.sql");
 
+/// Columns added to `SCHEMA` since the first version, which a file made before them gets when it is opened
+/// (`CREATE TABLE IF NOT EXISTS` leaves a table that exists as it was): table, column, type.
+const ADDED_COLUMNS: [(&str, &str, &str); 2] = [("jobs", "peer", "TEXT"), ("operations", "history", "TEXT")];
+
 #[derive(Clone, Copy)]
 enum Access {
     Read,
@@ -50,7 +54,7 @@ pub struct LocalStore {
 impl LocalStore {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<LocalStore, StoreError> {
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
@@ -58,6 +62,7 @@ impl LocalStore {
         }
         conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
         conn.execute_batch(SCHEMA)?;
+        add_missing_columns(&mut conn)?;
         // One process keeps the file: what an earlier one staged and never created died with it.
         conn.execute("DELETE FROM staged", [])?;
         Ok(LocalStore {
@@ -132,7 +137,7 @@ impl LocalStore {
                             "SELECT {JOB_COLUMNS}, request_sha256 FROM jobs WHERE app = ?1 AND idempotency_key = ?2"
                         ),
                         params![job.app, key],
-                        |row| Ok((job_record(row)?, row.get::<_, Option<String>>(13)?)),
+                        |row| Ok((job_record(row)?, row.get::<_, Option<String>>(JOB_COLUMN_COUNT)?)),
                     )
                     .optional()?;
                 if let Some((record, sha)) = existing {
@@ -144,9 +149,19 @@ impl LocalStore {
             let total: i64 =
                 tx.query_row("SELECT COUNT(*) FROM staged WHERE job_id = ?1", [&job.id], |row| row.get(0))?;
             tx.execute(
-                "INSERT INTO jobs (id, app, state, created_ms, caller, idempotency_key, request_sha256, total, pending)
-                 VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?7)",
-                params![job.id, job.app, job.now_ms, job.caller, job.idempotency_key, job.request_sha256, total],
+                "INSERT INTO jobs (id, app, state, created_ms, caller, idempotency_key, request_sha256, total, pending,
+                     peer)
+                 VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?7, ?8)",
+                params![
+                    job.id,
+                    job.app,
+                    job.now_ms,
+                    job.caller,
+                    job.idempotency_key,
+                    job.request_sha256,
+                    total,
+                    job.peer
+                ],
             )?;
             let seq = tx.last_insert_rowid();
             tx.execute(
@@ -187,7 +202,7 @@ impl LocalStore {
         let job = job.seq;
         self.run(Access::Read, move |conn| {
             let mut select = conn.prepare_cached(
-                "SELECT n, route, path, body, state, attempts, status, error, error_description, finished_ms
+                "SELECT n, route, path, body, state, attempts, status, error, error_description, finished_ms, history
                  FROM operations WHERE job = ?1 AND n >= ?2 AND (?3 IS NULL OR state = ?3) ORDER BY n LIMIT ?4",
             )?;
             let rows = select.query_map(params![job, from, state.map(OpState::as_str), limit], |row| {
@@ -205,6 +220,11 @@ impl LocalStore {
                     error: row.get(7)?,
                     error_description: row.get(8)?,
                     finished_ms: row.get(9)?,
+                    // A damaged history costs the receipt its attempts, not the listing its operation.
+                    history: row
+                        .get::<_, Option<String>>(10)?
+                        .and_then(|history| serde_json::from_str(&history).ok())
+                        .unwrap_or_default(),
                 })
             })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -404,6 +424,7 @@ impl LocalStore {
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 let mut finished = Vec::new();
                 for o in &outcomes {
+                    let note = serde_json::to_string(&o.note).expect("a note serializes");
                     let Some(was) = tx
                         .query_row(
                             "SELECT state FROM operations WHERE job = ?1 AND n = ?2",
@@ -419,9 +440,10 @@ impl LocalStore {
                         Next::RetryAt(at) => {
                             tx.execute(
                                 "UPDATE operations SET attempts = ?3, not_before_ms = ?4, status = ?5, error = ?6,
-                                 error_description = ?7
+                                 error_description = ?7,
+                                 history = json_insert(coalesce(history, '[]'), '$[#]', json(?8))
                              WHERE job = ?1 AND n = ?2 AND state = 'pending'",
-                                params![o.job, o.n, o.attempts, at, o.status, o.error, o.error_description],
+                                params![o.job, o.n, o.attempts, at, o.status, o.error, o.error_description, note],
                             )?;
                         }
                         Next::Done(state) => {
@@ -432,7 +454,8 @@ impl LocalStore {
                             };
                             tx.execute(
                                 "UPDATE operations SET state = ?3, attempts = ?4, status = ?5, error = ?6,
-                                 error_description = ?7, finished_ms = ?8
+                                 error_description = ?7, finished_ms = ?8,
+                                 history = json_insert(coalesce(history, '[]'), '$[#]', json(?9))
                              WHERE job = ?1 AND n = ?2",
                                 params![
                                     o.job,
@@ -442,7 +465,8 @@ impl LocalStore {
                                     o.status,
                                     o.error,
                                     o.error_description,
-                                    now_ms
+                                    now_ms,
+                                    note
                                 ],
                             )?;
                             let to = state.as_str();
@@ -539,7 +563,25 @@ impl LocalStore {
 }
 
 const JOB_COLUMNS: &str = "seq, id, app, state, created_ms, finished_ms, caller, idempotency_key, total, pending, \
-                           succeeded, failed, cancelled";
+                           succeeded, failed, cancelled, peer";
+/// How many columns `JOB_COLUMNS` names: the index of one selected after them.
+const JOB_COLUMN_COUNT: usize = 14;
+
+/// Adds the columns of `ADDED_COLUMNS` that the file's tables lack (it was made by an earlier version).
+fn add_missing_columns(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    for (table, column, kind) in ADDED_COLUMNS {
+        let present: bool = tx.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+            params![table, column],
+            |row| row.get(0),
+        )?;
+        if !present {
+            tx.execute(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"), [])?;
+        }
+    }
+    Ok(tx.commit()?)
+}
 
 /// A claimed operation, from the claim's row.
 fn due(row: &Row<'_>) -> rusqlite::Result<Due> {
@@ -567,6 +609,7 @@ fn job_record(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
         finished_ms: row.get(5)?,
         caller: row.get(6)?,
         idempotency_key: row.get(7)?,
+        peer: row.get(13)?,
         counts: Counts {
             total: row.get(8)?,
             pending: row.get(9)?,
@@ -580,6 +623,7 @@ fn job_record(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jobs::records::AttemptNote;
 
     #[test]
     fn the_job_states_are_the_ones_the_metrics_export_from_the_start() {
@@ -603,6 +647,7 @@ mod tests {
             caller: None,
             idempotency_key: key.map(str::to_owned),
             request_sha256: Some("h".to_owned()),
+            peer: None,
             now_ms: 1_000,
         };
         (new, (0..ops).map(|_| op(None)).collect())
@@ -624,6 +669,7 @@ mod tests {
             error: None,
             error_description: None,
             next: Next::Done(state),
+            note: AttemptNote::default(),
         }
     }
 
@@ -738,6 +784,7 @@ mod tests {
             error: Some("service_unavailable".to_owned()),
             error_description: None,
             next: Next::RetryAt(7_000),
+            note: AttemptNote::default(),
         };
         store.record(vec![retry], 1_500).await.unwrap();
         assert_eq!(store.next_due(1_500).await.unwrap(), Some(5_000));
@@ -745,5 +792,58 @@ mod tests {
         let due: Vec<(i64, u32)> = store.claim(7_000, 10).await.unwrap().iter().map(|d| (d.n, d.attempts)).collect();
         assert_eq!(due, [(0, 0), (1, 1)]);
         assert_eq!(store.job("o#a", "j1").await.unwrap().unwrap().state, JobState::Running);
+    }
+
+    /// The tables of jobs and operations as the version before attempt histories made them.
+    const SCHEMA_BEFORE_HISTORIES: &str = "
+        CREATE TABLE jobs (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, app TEXT NOT NULL, state TEXT NOT NULL,
+            cancel_requested INTEGER NOT NULL DEFAULT 0, created_ms INTEGER NOT NULL, finished_ms INTEGER,
+            caller TEXT, idempotency_key TEXT, request_sha256 TEXT, total INTEGER NOT NULL, pending INTEGER NOT NULL,
+            succeeded INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0,
+            cancelled INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE TABLE operations (
+            job INTEGER NOT NULL REFERENCES jobs(seq) ON DELETE CASCADE, n INTEGER NOT NULL, route TEXT NOT NULL,
+            path TEXT NOT NULL, body BLOB, user TEXT, state TEXT NOT NULL, not_before_ms INTEGER NOT NULL DEFAULT 0,
+            attempts INTEGER NOT NULL DEFAULT 0, status INTEGER, error TEXT, error_description TEXT,
+            finished_ms INTEGER, PRIMARY KEY (job, n)
+        ) WITHOUT ROWID;";
+
+    #[tokio::test]
+    async fn a_file_made_before_attempt_histories_gets_them_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.db");
+        {
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(SCHEMA_BEFORE_HISTORIES).unwrap();
+            old.execute_batch(
+                "INSERT INTO jobs (id, app, state, created_ms, caller, total, pending)
+                     VALUES ('j1', 'o#a', 'queued', 1000, 'ops', 1, 1);
+                 INSERT INTO operations (job, n, route, path, state)
+                     VALUES (1, 0, 'clear_user_messages', '/rest/message/roaming/user/u/delete/all', 'pending');",
+            )
+            .unwrap();
+        }
+        let store = LocalStore::open(&path).unwrap();
+        let job = store.job("o#a", "j1").await.unwrap().unwrap();
+        assert_eq!((job.state, job.caller.as_deref(), job.peer.as_deref()), (JobState::Queued, Some("ops"), None));
+        assert!(store.operations(&job, 0, 10, None).await.unwrap()[0].history.is_empty());
+
+        let note = |at_ms| AttemptNote { at_ms, status: Some(503), replica: "r1".to_owned(), ..Default::default() };
+        let due = store.claim(1_000, 10).await.unwrap();
+        let retry =
+            Outcome { next: Next::RetryAt(2_000), note: note(1_000), ..done(job.seq, due[0].n, OpState::Pending) };
+        store.record(vec![retry], 1_000).await.unwrap();
+        drop(store);
+        // Opened again: the columns are there already.
+        let store = LocalStore::open(&path).unwrap();
+        let due = store.claim(2_000, 10).await.unwrap();
+        let last = Outcome { note: note(2_000), ..done(job.seq, due[0].n, OpState::Succeeded) };
+        store.record(vec![last], 2_000).await.unwrap();
+        let done_job = store.job("o#a", "j1").await.unwrap().unwrap();
+        assert_eq!(done_job.state, JobState::Done);
+        let history = &store.operations(&done_job, 0, 10, None).await.unwrap()[0].history;
+        assert_eq!(history, &[note(1_000), note(2_000)]);
     }
 }

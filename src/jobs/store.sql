@@ -1,4 +1,5 @@
--- The jobs' embedded store (src/jobs/store.rs): created on first open, kept as it is after.
+-- The jobs' embedded store (src/jobs/store.rs): created on first open, kept as it is after (a column added since
+-- the first version is also added to an older file when it is opened: `ADDED_COLUMNS` in store.rs).
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
@@ -14,7 +15,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     pending INTEGER NOT NULL,
     succeeded INTEGER NOT NULL DEFAULT 0,
     failed INTEGER NOT NULL DEFAULT 0,
-    cancelled INTEGER NOT NULL DEFAULT 0
+    cancelled INTEGER NOT NULL DEFAULT 0,
+    -- The address of the client that created the job.
+    peer TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs(app, idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_by_app ON jobs(app, seq);
@@ -33,6 +36,8 @@ CREATE TABLE IF NOT EXISTS operations (
     error TEXT,
     error_description TEXT,
     finished_ms INTEGER,
+    -- Its attempts, oldest first: a JSON array of notes (`AttemptNote`), NULL before the first.
+    history TEXT,
     PRIMARY KEY (job, n)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS operations_due_by_route ON operations(route, not_before_ms, job, n) WHERE state = 'pending';

@@ -167,6 +167,7 @@ impl SharedStore {
                 o.error.unwrap_or_default(),
                 o.error_description.unwrap_or_default(),
                 at,
+                serde_json::to_string(&o.note).expect("a note serializes"),
             ]);
         }
         let mut finished = Vec::new();
