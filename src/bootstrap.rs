@@ -64,7 +64,8 @@ impl Lasting {
             Some(audit) => audit.spawn_anchors(config.audit.anchor_interval),
             None => warn!("audit.file is not set: deletions are not recorded in an audit trail"),
         }
-        let jobs = open_jobs_store(config)?.map(|store| Jobs::new(store, config.jobs.clone(), Clock::new()));
+        let jobs = open_jobs_store(config)?
+            .map(|store| Jobs::new(store, config.jobs.clone(), Clock::new(), &config.audit.replica()));
         Ok(Lasting {
             in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
             retry: SafeRetry::new(&metrics),

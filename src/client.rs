@@ -3,7 +3,7 @@
 //! A job that ends with failed operations makes the command exit 2 and print them on standard output as JSON
 //! lines, ready to be submitted again; a cancelled job makes it exit 3 ([`Failure::exit_code`]).
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Duration;
 
@@ -84,6 +84,19 @@ impl Client {
         body: Option<Vec<u8>>,
         extra: &[(&str, &str)],
     ) -> Result<(StatusCode, Value), String> {
+        let (status, body) = self.send_raw(method, url, body, extra).await?;
+        let value = serde_json::from_slice(&body).unwrap_or_else(|_| json!({ "body": String::from_utf8_lossy(&body) }));
+        Ok((status, value))
+    }
+
+    /// `send`, with the answer's body as it came.
+    async fn send_raw(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<Vec<u8>>,
+        extra: &[(&str, &str)],
+    ) -> Result<(StatusCode, Bytes), String> {
         let mut request = Request::builder().method(method).uri(url);
         if let Some(key) = &self.key {
             request = request.header("x-gateway-key", key);
@@ -99,8 +112,7 @@ impl Client {
         let response = self.http.request(request).await.map_err(|e| self.unreachable(url, &e))?;
         let status = response.status();
         let body = response.into_body().collect().await.map_err(|e| format!("{url}: {e}"))?.to_bytes();
-        let value = serde_json::from_slice(&body).unwrap_or_else(|_| json!({ "body": String::from_utf8_lossy(&body) }));
-        Ok((status, value))
+        Ok((status, body))
     }
 
     /// A request that got no answer, said so that the person at the terminal knows what to check: the deepest
@@ -285,6 +297,18 @@ impl Client {
             );
         }
         Ok(())
+    }
+
+    /// Prints a job's receipt, byte for byte as the gateway wrote it (its checksum covers them): JSON, or CSV.
+    pub async fn receipt(&self, id: &str, csv: bool) -> Result<(), String> {
+        let url = format!("{}/receipt{}", self.job_url(id), if csv { "?format=csv" } else { "" });
+        let (status, body) = self.send_raw(Method::GET, &url, None, &[]).await?;
+        if status != StatusCode::OK {
+            let value =
+                serde_json::from_slice(&body).unwrap_or_else(|_| json!({ "body": String::from_utf8_lossy(&body) }));
+            return Err(Client::refused(status, &value));
+        }
+        std::io::stdout().write_all(&body).map_err(|e| format!("writing the receipt: {e}"))
     }
 
     /// Cancels a job, and says what that dropped: a job cancelled or finished before is left as it was.

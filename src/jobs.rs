@@ -14,12 +14,14 @@ mod attempt;
 pub mod defer;
 pub mod intake;
 pub mod queue;
+mod receipt;
 pub mod records;
 pub mod runner;
 pub mod shared;
 pub mod store;
 
 use std::collections::HashSet;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,6 +50,8 @@ struct JobsInner {
     store: Store,
     config: JobsConfig,
     clock: Clock,
+    /// This replica's name, in its attempts' notes: whose audit chain holds their events.
+    replica: Arc<str>,
     /// New work or a cancellation: the scheduler looks again.
     wake: Notify,
     /// Jobs cancelled since start-up (by `seq`): what the scheduler already holds of them is dropped.
@@ -64,6 +68,8 @@ pub struct Staging {
     /// The AppKey the job is for: a shared store keeps an app's jobs under keys of its own.
     app: String,
     id: String,
+    /// The address of the client creating it, for its receipt when it names no caller.
+    peer: Option<IpAddr>,
     created: bool,
 }
 
@@ -81,7 +87,7 @@ impl Staging {
         idempotency_key: Option<&str>,
         request_sha256: Option<String>,
     ) -> Result<Created, StoreError> {
-        let created = self.jobs.create(self.id.clone(), app, caller, idempotency_key, request_sha256).await;
+        let created = self.jobs.create(self.id.clone(), app, caller, self.peer, idempotency_key, request_sha256).await;
         self.created = created.is_ok();
         created
     }
@@ -104,10 +110,11 @@ impl Drop for Staging {
 }
 
 impl Jobs {
-    pub fn new(store: Store, config: JobsConfig, clock: Clock) -> Jobs {
+    pub fn new(store: Store, config: JobsConfig, clock: Clock, replica: &str) -> Jobs {
         let (wake, cancelled, intakes) = (Notify::new(), Mutex::new(HashSet::new()), Semaphore::new(INTAKES_AT_ONCE));
         let parser = intake::Parser::start();
-        Jobs(Arc::new(JobsInner { store, config, clock, wake, cancelled, intakes, parser }))
+        let replica = Arc::from(replica);
+        Jobs(Arc::new(JobsInner { store, config, clock, replica, wake, cancelled, intakes, parser }))
     }
 
     /// Where job requests are parsed.
@@ -132,6 +139,10 @@ impl Jobs {
         self.0.clock
     }
 
+    pub fn replica(&self) -> &Arc<str> {
+        &self.0.replica
+    }
+
     pub fn is_ready(&self) -> bool {
         self.0.store.is_healthy()
     }
@@ -143,6 +154,7 @@ impl Jobs {
         id: String,
         app: &App,
         caller: Option<&str>,
+        peer: Option<IpAddr>,
         idempotency_key: Option<&str>,
         request_sha256: Option<String>,
     ) -> Result<Created, StoreError> {
@@ -152,8 +164,7 @@ impl Jobs {
             caller: caller.map(str::to_owned),
             idempotency_key: idempotency_key.map(str::to_owned),
             request_sha256,
-            // TODO(receipts): the client's address, from the request that created the job.
-            peer: None,
+            peer: peer.map(|peer| peer.to_canonical().to_string()),
             now_ms: self.0.clock.now_ms(),
         };
         let created = self.0.store.create(job).await?;
@@ -166,17 +177,18 @@ impl Jobs {
         &self,
         app: &App,
         caller: Option<&str>,
+        peer: Option<IpAddr>,
         operation: NewOperation,
     ) -> Result<Created, StoreError> {
-        let staging = self.staging(app);
+        let staging = self.staging(app, peer);
         staging.stage(0, vec![operation]).await?;
         staging.submit(app, caller, None, None).await
     }
 
-    /// A new job of `app`, to stage its operations under as they are read.
-    pub fn staging(&self, app: &App) -> Staging {
+    /// A new job of `app`, created from `peer`, to stage its operations under as they are read.
+    pub fn staging(&self, app: &App, peer: Option<IpAddr>) -> Staging {
         let (app, id) = (app.key.as_str().to_owned(), uuid::Uuid::new_v4().simple().to_string());
-        Staging { jobs: self.clone(), app, id, created: false }
+        Staging { jobs: self.clone(), app, id, peer, created: false }
     }
 
     /// Cancels a job; `None` if `app` has no such job.

@@ -155,6 +155,15 @@ enum JobsCommand {
         /// The job's id, or its URL.
         job: String,
     },
+    /// Print a job's receipt: each operation's parameters, final state, attempts, Easemob's answers and the audit
+    /// events that record them, with the receipt's own SHA-256 (`audit verify --receipt` checks it).
+    Receipt {
+        /// The job's id, or its URL.
+        job: String,
+        /// As CSV (one row per attempt) for a spreadsheet, instead of JSON.
+        #[arg(long)]
+        csv: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -300,6 +309,7 @@ async fn jobs(gateway: &str, app: Option<&str>, key: Option<String>, command: Jo
         JobsCommand::Show { job, failed } => client.show(&job, failed).await,
         JobsCommand::List { state } => Ok(client.list(state.as_deref()).await?),
         JobsCommand::Cancel { job } => Ok(client.cancel(&job).await?),
+        JobsCommand::Receipt { job, csv } => Ok(client.receipt(&job, csv).await?),
     }
 }
 

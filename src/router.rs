@@ -140,7 +140,7 @@ mod tests {
             assert_eq!(routed.located.owner(routed.request.uri().path()), "Dave");
             std::future::ready(Ok::<_, Failure>(testing::easemob(200)))
         });
-        let jobs = JobsApi::new(apps.clone(), None, Duration::from_secs(1));
+        let jobs = JobsApi::new(apps.clone(), None, Duration::from_secs(1), None);
         (RescueLayer.layer(RouterLayer::new(apps, jobs).layer(easemob)), calls)
     }
 

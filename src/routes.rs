@@ -104,6 +104,8 @@ pub enum JobsPath<'a> {
     Job(&'a str),
     /// `…/jobs/{id}/cancel`.
     Cancel(&'a str),
+    /// `…/jobs/{id}/receipt`.
+    Receipt(&'a str),
     /// Under `…/jobs/`, but no route of the jobs API.
     Unknown,
     /// Under `…/_gateway/`, but not the jobs API.
@@ -206,6 +208,7 @@ fn jobs(rest: &str) -> Option<Resolved<'_>> {
         Some(after) => match after.strip_prefix('/').map(|ids| ids.split('/').collect::<Vec<_>>()).as_deref() {
             Some([id]) => JobsPath::Job(id),
             Some([id, "cancel"]) => JobsPath::Cancel(id),
+            Some([id, "receipt"]) => JobsPath::Receipt(id),
             Some(_) => JobsPath::Unknown,
             None => JobsPath::Elsewhere,
         },
@@ -305,6 +308,7 @@ mod tests {
         assert_eq!(jobs("/_gateway/jobs"), Some((None, JobsPath::Collection)));
         assert_eq!(jobs("/o/a/_gateway/jobs/x"), Some((app, JobsPath::Job("x"))));
         assert_eq!(jobs("/o/a/_gateway/jobs/x/cancel"), Some((app, JobsPath::Cancel("x"))));
+        assert_eq!(jobs("/o/a/_gateway/jobs/x/receipt"), Some((app, JobsPath::Receipt("x"))));
         assert_eq!(jobs("/o/a/_gateway/jobs/x/y"), Some((app, JobsPath::Unknown)));
         assert_eq!(jobs("/o/a/_gateway/jobs/1/2/3/4/5/6/7/8"), Some((app, JobsPath::Unknown)), "however long");
         assert_eq!(jobs("/o/a/_gateway/jobsx"), Some((None, JobsPath::Elsewhere)));

@@ -100,7 +100,7 @@ pub fn data_plane(
         // beside it; any other path is refused.
         .layer(RouterLayer::new(
             shared.apps.clone(),
-            JobsApi::new(shared.apps.clone(), shared.jobs.clone(), shared.body_read_timeout),
+            JobsApi::new(shared.apps.clone(), shared.jobs.clone(), shared.body_read_timeout, Some(peer)),
         ))
         // Validate once: from here down a request is a typed Call; nothing below sees the raw path, query or body.
         // A sampled request's spans start here, where its route is known (they are finished by the observe layer).
@@ -110,7 +110,7 @@ pub fn data_plane(
                 .export(shared.export.clone()),
         )
         // A valid call sent with `Prefer: respond-async` is stored as a job here, and runs through `job_plane`.
-        .layer(DeferLayer::new(shared.jobs.clone()))
+        .layer(DeferLayer::new(shared.jobs.clone(), Some(peer)))
         // The token outside the quota: a call that cannot get a token costs no slot. Its 401 replay goes through
         // the retry and the quota below, as a call of its own.
         .layer(TokenLayer::new(&shared.metrics, shared.apps.iter()))

@@ -166,7 +166,7 @@ fn outcome(due: &Due, next: Next) -> Outcome {
         error: None,
         error_description: None,
         next,
-        note: AttemptNote::default(),
+        note: None,
     }
 }
 
@@ -184,7 +184,7 @@ fn answered(at_ms: i64, status: u16, replica: &str, audit_seqs: [u64; 2]) -> Att
 
 /// `outcome` with the note of its attempt.
 fn noted(due: &Due, next: Next, note: AttemptNote) -> Outcome {
-    Outcome { note, ..outcome(due, next) }
+    Outcome { note: Some(note), ..outcome(due, next) }
 }
 
 /// The indexes of what a claim returned, in order.
@@ -248,6 +248,13 @@ async fn an_operations_history_keeps_each_attempt_it_recorded_once(b: &mut Backe
     let ops = b.store.operations(&created, 0, 10, None).await.unwrap();
     assert!(serde_json::to_value(&ops[0]).unwrap().get("history").is_none(), "the listing does not show it");
     assert_eq!(history(ops), [[a, b_note]], "a replayed outcome adds nothing");
+
+    // An operation that fails before it can be sent (its app gone) records no attempt.
+    let created = create(&b.store, job("j2", None, clears(1))).await;
+    let unsendable = b.store.claim(8_000, 10).await.unwrap();
+    b.store.record(vec![outcome(&unsendable[0], Next::Done(OpState::Failed))], 8_000).await.unwrap();
+    let ops = b.store.operations(&created, 0, 10, None).await.unwrap();
+    assert_eq!((ops[0].state, history(ops)), (OpState::Failed, vec![vec![]]));
 }
 
 async fn an_operation_cancelled_in_flight_keeps_its_attempts(b: &mut Backend) {

@@ -196,6 +196,8 @@ pub fn verify(request: &Request) -> Result<Summary, Result<Broken, Unreadable>> 
     // rewrite).
     let mut anchors: Vec<Head> = request.anchors.clone();
     anchors.extend(request.files.iter().filter_map(|path| chain::read_head_file(path)).map(|(head, _)| head));
+    // Before the first event, every chain holds it.
+    anchors.retain(|anchor| *anchor != Head::GENESIS);
     // The chains' heads at the anchors' seqs.
     let mut at_anchors: Vec<(String, Head)> = Vec::new();
     for path in &request.files {

@@ -6,8 +6,10 @@
 //!   makes a retried create return the first job);
 //! - `GET …/jobs?state=&before=&limit=` lists the app's jobs, newest first;
 //! - `GET …/jobs/{id}?from=&limit=&operations=` reads one, with a page of its operations;
-//! - `POST …/jobs/{id}/cancel` cancels what has not been sent.
+//! - `POST …/jobs/{id}/cancel` cancels what has not been sent;
+//! - `GET …/jobs/{id}/receipt?format=json|csv` its receipt (`jobs/receipt.rs`).
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +28,7 @@ use crate::config::is_plain_label;
 use crate::error::{Failure, GatewayError, json_response};
 use crate::exchange::{Answer, Labels, Waiting};
 use crate::layers::validate::{find, refuse_declared_over};
+use crate::receipt::Format;
 use crate::routes::JobsPath;
 
 const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
@@ -36,6 +39,8 @@ pub struct JobsApi {
     apps: Apps,
     jobs: Option<Jobs>,
     body_read_timeout: Duration,
+    /// The connection's client, for the receipts of the jobs it makes.
+    peer: Option<IpAddr>,
 }
 
 /// What a jobs API request asks for, once its path is resolved and its app found.
@@ -50,12 +55,13 @@ enum JobsRoute {
     Collection,
     Job(String),
     Cancel(String),
+    Receipt(String),
     Unknown,
 }
 
 impl JobsApi {
-    pub fn new(apps: Apps, jobs: Option<Jobs>, body_read_timeout: Duration) -> JobsApi {
-        JobsApi { apps, jobs, body_read_timeout }
+    pub fn new(apps: Apps, jobs: Option<Jobs>, body_read_timeout: Duration, peer: Option<IpAddr>) -> JobsApi {
+        JobsApi { apps, jobs, body_read_timeout, peer }
     }
 
     /// What a request for `path`, naming the app `named`, asks for.
@@ -66,6 +72,7 @@ impl JobsApi {
             JobsPath::Collection => JobsRoute::Collection,
             JobsPath::Job(id) => JobsRoute::Job(id.to_owned()),
             JobsPath::Cancel(id) => JobsRoute::Cancel(id.to_owned()),
+            JobsPath::Receipt(id) => JobsRoute::Receipt(id.to_owned()),
             JobsPath::Unknown => JobsRoute::Unknown,
             JobsPath::Elsewhere => {
                 return Err(GatewayError::UnknownRoute {
@@ -102,10 +109,13 @@ impl JobsApi {
             (&Method::GET, JobsRoute::Collection) => list(jobs, app, &query).await,
             (&Method::GET, JobsRoute::Job(id)) => show(jobs, app, id, &query).await,
             (&Method::POST, JobsRoute::Cancel(id)) => cancel(jobs, app, id).await,
+            (&Method::GET, JobsRoute::Receipt(id)) => receipt(jobs, app, id, &query).await,
             (_, JobsRoute::Collection | JobsRoute::Cancel(_)) => {
                 Err(GatewayError::MethodNotAllowed { allow: Method::POST })
             }
-            (_, JobsRoute::Job(_)) => Err(GatewayError::MethodNotAllowed { allow: Method::GET }),
+            (_, JobsRoute::Job(_) | JobsRoute::Receipt(_)) => {
+                Err(GatewayError::MethodNotAllowed { allow: Method::GET })
+            }
             (_, JobsRoute::Unknown) => Err(GatewayError::UnknownRoute { hint: "no jobs API route has this path" }),
         }
     }
@@ -137,7 +147,7 @@ impl JobsApi {
             body_read_timeout: self.body_read_timeout,
         };
         let now_ms = jobs.clock().now_ms();
-        let staging = jobs.staging(app);
+        let staging = jobs.staging(app, self.peer);
         let stage = |from, batch| staging.stage(from, batch).map_err(unavailable(app));
         let Intake { sha256, .. } =
             intake::read(jobs.parser(), body, &limits, Arc::clone(app), now_ms, idempotency_key.is_some(), stage)
@@ -207,11 +217,27 @@ async fn cancel(jobs: &Jobs, app: &App, id: &str) -> Result<Answer, GatewayError
     Ok(json(StatusCode::OK, &jobs.describe(app, &job).await.map_err(unavailable(app))?))
 }
 
+async fn receipt(jobs: &Jobs, app: &App, id: &str, query: &Query) -> Result<Answer, GatewayError> {
+    let format = match query.get("format") {
+        None | Some("json") => Format::Json,
+        Some("csv") => Format::Csv,
+        Some(_) => return Err(invalid("illegal_argument", "format must be json or csv")),
+    };
+    let job =
+        jobs.store().job(app.key.as_str(), id).await.map_err(unavailable(app))?.ok_or(GatewayError::JobNotFound)?;
+    let body = super::receipt::write(jobs, &job, format).await.map_err(unavailable(app))?;
+    let mut answer = json_response(StatusCode::OK, body, "local");
+    if format == Format::Csv {
+        answer.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/csv;charset=UTF-8"));
+    }
+    Ok(answer)
+}
+
 /// The list and read parameters; anything else is refused by name.
 struct Query(Vec<(String, String)>);
 
 impl Query {
-    const KNOWN: [&str; 5] = ["from", "limit", "operations", "state", "before"];
+    const KNOWN: [&str; 6] = ["from", "limit", "operations", "state", "before", "format"];
 
     fn parse(query: Option<&str>) -> Result<Query, GatewayError> {
         let pairs: Vec<(String, String)> =

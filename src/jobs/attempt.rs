@@ -11,9 +11,11 @@ use super::Clock;
 use super::records::{AttemptNote, Due, Next, OpState, Outcome};
 use crate::apps::App;
 use crate::config::JobsConfig;
+use crate::config::is_plain_label;
 use crate::error::{GatewayError, Shape};
 use crate::exchange::{Answer, Exchange, Stamped, Validated};
 use crate::ratelimit::{RateLimitHeaders, easemob_retry_after, retry_after_secs};
+use crate::request_id::X_REQUEST_ID;
 use crate::routes::validate::Call;
 use crate::trace::TraceContext;
 
@@ -33,6 +35,7 @@ pub(super) async fn attempt<S>(
     slot: RateLimitHeaders,
     config: JobsConfig,
     clock: Clock,
+    replica: Arc<str>,
     counted: prometheus::IntCounterVec,
 ) -> Outcome
 where
@@ -57,7 +60,17 @@ where
         },
         slot,
     );
-    let Answered { status, error, error_description, retryable, retry_after } = answered(send.oneshot(exchange).await);
+    let (sent, at_ms) = (exchange.clone(), clock.now_ms());
+    let Answered { status, error, error_description, retryable, retry_after, easemob } =
+        answered(send.oneshot(exchange).await);
+    let note = AttemptNote {
+        at_ms,
+        status: Some(status.as_u16()),
+        easemob_request_id: easemob.request_id,
+        easemob_timestamp: easemob.timestamp,
+        replica: replica.to_string(),
+        audit_seqs: sent.audited.seqs(),
+    };
     let attempts = due.attempts + 1;
     let next = match status {
         StatusCode::OK => Next::Done(OpState::Succeeded),
@@ -80,8 +93,7 @@ where
         error,
         error_description,
         next,
-        // TODO(receipts): the attempt's note: when it went, Easemob's request id and timestamp, the audit seqs.
-        note: AttemptNote::default(),
+        note: Some(note),
     }
 }
 
@@ -95,6 +107,17 @@ struct Answered {
     retryable: bool,
     /// Not before this.
     retry_after: Option<Duration>,
+    /// What Easemob's answer said of itself, when it answered.
+    easemob: Stamp,
+}
+
+/// Easemob's own marks on an answer, for the operation's receipt.
+#[derive(Default)]
+struct Stamp {
+    /// `X-Request-Id`, should Easemob send one (its documented answers carry none).
+    request_id: Option<String>,
+    /// The `timestamp` in the body, success or error envelope (ms).
+    timestamp: Option<i64>,
 }
 
 /// Worth another attempt: Easemob's 429, 5xx and 401 (the token layer already replaced the token once), and the
@@ -104,9 +127,15 @@ fn answered(result: Result<Answer, GatewayError>) -> Answered {
     match result {
         Ok(answer) => {
             let status = answer.status();
+            let envelope = envelope(answer.body());
             let (error, error_description) = match status {
                 StatusCode::OK => (None, None),
-                _ => envelope(answer.body()),
+                _ => (envelope.error, envelope.error_description.as_deref().map(truncated)),
+            };
+            let request_id = answer.headers().get(X_REQUEST_ID).and_then(|v| v.to_str().ok());
+            let easemob = Stamp {
+                request_id: request_id.filter(|id| is_plain_label(id, 128)).map(str::to_owned),
+                timestamp: envelope.timestamp,
             };
             Answered {
                 status,
@@ -116,6 +145,7 @@ fn answered(result: Result<Answer, GatewayError>) -> Answered {
                     || status == StatusCode::UNAUTHORIZED
                     || status.is_server_error(),
                 retry_after: easemob_retry_after(answer.headers(), MAX_RETRY_AFTER),
+                easemob,
             }
         }
         Err(e) => {
@@ -136,6 +166,7 @@ fn answered(result: Result<Answer, GatewayError>) -> Answered {
                 retryable,
                 // In whole seconds, as its `Retry-After` would say.
                 retry_after: retry_after.map(|wait| Duration::from_secs(retry_after_secs(wait)).min(MAX_RETRY_AFTER)),
+                easemob: Stamp::default(),
             }
         }
     }
@@ -146,21 +177,20 @@ fn truncated(description: &str) -> String {
     description.chars().take(500).collect()
 }
 
-/// Easemob's `error` and `error_description`, if the body is an error envelope.
-fn envelope(body: &Stamped) -> (Option<String>, Option<String>) {
-    #[derive(serde::Deserialize)]
-    struct Envelope {
-        error: Option<String>,
-        error_description: Option<String>,
-    }
+/// What an answer's body says: Easemob's `error`, `error_description` and `timestamp`, as far as it is JSON.
+#[derive(Default, serde::Deserialize)]
+struct Envelope {
+    error: Option<String>,
+    error_description: Option<String>,
+    timestamp: Option<i64>,
+}
+
+fn envelope(body: &Stamped) -> Envelope {
     let bytes = futures_util::FutureExt::now_or_never(http_body_util::BodyExt::collect(body.clone()))
         .and_then(Result::ok)
         .map(|collected| collected.to_bytes())
         .unwrap_or_default();
-    match serde_json::from_slice::<Envelope>(&bytes) {
-        Ok(e) => (e.error, e.error_description.as_deref().map(truncated)),
-        Err(_) => (None, None),
-    }
+    serde_json::from_slice(&bytes).unwrap_or_default()
 }
 
 /// The longest wait Easemob's `Retry-After` may put before an operation's next attempt.

@@ -3,6 +3,7 @@
 //! 400 and nothing is stored; above the audit, the token and the quota, which the job's run goes through instead.
 //! Without the preference, or without a jobs store, calls pass through unchanged.
 
+use std::net::IpAddr;
 use std::task::{Context, Poll};
 
 use futures_util::future::Either;
@@ -21,11 +22,13 @@ const PREFERENCE_APPLIED: http::HeaderName = http::HeaderName::from_static("pref
 #[derive(Clone)]
 pub struct DeferLayer {
     jobs: Option<Jobs>,
+    /// The connection's client, for the receipts of the jobs it makes.
+    peer: Option<IpAddr>,
 }
 
 impl DeferLayer {
-    pub fn new(jobs: Option<Jobs>) -> DeferLayer {
-        DeferLayer { jobs }
+    pub fn new(jobs: Option<Jobs>, peer: Option<IpAddr>) -> DeferLayer {
+        DeferLayer { jobs, peer }
     }
 }
 
@@ -33,7 +36,7 @@ impl<S> Layer<S> for DeferLayer {
     type Service = Defer<S>;
 
     fn layer(&self, inner: S) -> Defer<S> {
-        Defer { inner, jobs: self.jobs.clone() }
+        Defer { inner, jobs: self.jobs.clone(), peer: self.peer }
     }
 }
 
@@ -41,6 +44,7 @@ impl<S> Layer<S> for DeferLayer {
 pub struct Defer<S> {
     inner: S,
     jobs: Option<Jobs>,
+    peer: Option<IpAddr>,
 }
 
 impl<S> Service<Exchange> for Defer<S>
@@ -57,17 +61,17 @@ where
 
     fn call(&mut self, exchange: Exchange) -> Self::Future {
         match &self.jobs {
-            Some(jobs) if exchange.respond_async => Either::Right(Box::pin(accept(jobs.clone(), exchange))),
+            Some(jobs) if exchange.respond_async => Either::Right(Box::pin(accept(jobs.clone(), exchange, self.peer))),
             _ => Either::Left(self.inner.call(exchange)),
         }
     }
 }
 
 /// Stores the call as a job of one, durably, before answering.
-async fn accept(jobs: Jobs, exchange: Exchange) -> Result<Answer, GatewayError> {
+async fn accept(jobs: Jobs, exchange: Exchange, peer: Option<IpAddr>) -> Result<Answer, GatewayError> {
     let app = &exchange.app;
     let operation = super::operation(app, &exchange.call);
-    let created = jobs.submit_one(app, exchange.caller.as_deref(), operation).await;
+    let created = jobs.submit_one(app, exchange.caller.as_deref(), peer, operation).await;
     let job = match created {
         Ok(Created::New(job) | Created::Existing { job, .. }) => job,
         Err(e) => {

@@ -209,8 +209,9 @@ pub struct Outcome {
     pub error: Option<String>,
     pub error_description: Option<String>,
     pub next: Next,
-    /// The attempt this is the outcome of, for the operation's history.
-    pub note: AttemptNote,
+    /// The attempt this is the outcome of, for the operation's history; none when nothing was attempted (the
+    /// operation failed before it could be sent).
+    pub note: Option<AttemptNote>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

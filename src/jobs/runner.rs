@@ -316,11 +316,16 @@ where
             error: Some("internal_error".to_owned()),
             error_description: Some("the attempt failed inside the gateway; see its log".to_owned()),
             next: Next::RetryAt(self.clock.now_ms() + backoff(&self.config, attempts, None).as_millis() as i64),
-            // TODO(receipts): the note of an attempt that panicked (when it went, this replica).
-            note: AttemptNote::default(),
+            // It may have been sent: when, and by whom (its audit events, if any, say the rest).
+            note: Some(AttemptNote {
+                at_ms: self.clock.now_ms(),
+                replica: self.jobs.replica().to_string(),
+                ..Default::default()
+            }),
         };
         let (send, counted) = (self.current.send.clone(), self.metrics.job_operations.clone());
-        let task = self.in_flight.spawn(attempt(send, op, slot, self.config.clone(), self.clock, counted));
+        let replica = std::sync::Arc::clone(self.jobs.replica());
+        let task = self.in_flight.spawn(attempt(send, op, slot, self.config.clone(), self.clock, replica, counted));
         self.panicked.insert(task.id(), if_it_panics);
     }
 
@@ -467,8 +472,8 @@ where
                 error: Some(error.to_owned()),
                 error_description: Some(description),
                 next: Next::Done(OpState::Failed),
-                // TODO(receipts): nothing was sent: whether a failure found before sending gets a note at all.
-                note: AttemptNote::default(),
+                // Nothing was sent: no attempt to note.
+                note: None,
             })
         };
         let Some(app) = self.current.apps.iter().find(|app| app.key.as_str() == due.app).cloned() else {
@@ -541,7 +546,7 @@ mod tests {
             .layer(TokenLayer::new(&Metrics::new(), [&app]))
             .layer(QuotaLayer::new(Arc::clone(&quota)))
             .service(easemob);
-        let jobs = Jobs::new(store, jobs_config, clock);
+        let jobs = Jobs::new(store, jobs_config, clock, "r1");
         let (_, plane) = watch::channel(Plane { apps: Apps::new(vec![Arc::clone(&app)]), send });
         let runner = tokio::spawn(Runner::new(jobs.clone(), plane, Metrics::new()).run());
         Harness { jobs, app, sent, runner, dir }
@@ -560,7 +565,7 @@ mod tests {
         async fn submit(&self, operations: Vec<OperationRequest>) -> JobRecord {
             let ops: Vec<NewOperation> =
                 operations.iter().flat_map(|op| super::super::operations(&self.app, op, 0).unwrap()).collect();
-            let staging = self.jobs.staging(&self.app);
+            let staging = self.jobs.staging(&self.app, None);
             staging.stage(0, ops).await.unwrap();
             match staging.submit(&self.app, None, None, None).await.unwrap() {
                 Created::New(job) => job,

@@ -424,7 +424,7 @@ impl LocalStore {
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 let mut finished = Vec::new();
                 for o in &outcomes {
-                    let note = serde_json::to_string(&o.note).expect("a note serializes");
+                    let note = o.note.as_ref().map(|note| serde_json::to_string(note).expect("a note serializes"));
                     let Some(was) = tx
                         .query_row(
                             "SELECT state FROM operations WHERE job = ?1 AND n = ?2",
@@ -441,7 +441,7 @@ impl LocalStore {
                             tx.execute(
                                 "UPDATE operations SET attempts = ?3, not_before_ms = ?4, status = ?5, error = ?6,
                                  error_description = ?7,
-                                 history = json_insert(coalesce(history, '[]'), '$[#]', json(?8))
+                                 history = iif(?8 IS NULL, history, json_insert(coalesce(history, '[]'), '$[#]', json(?8)))
                              WHERE job = ?1 AND n = ?2 AND state = 'pending'",
                                 params![o.job, o.n, o.attempts, at, o.status, o.error, o.error_description, note],
                             )?;
@@ -455,7 +455,7 @@ impl LocalStore {
                             tx.execute(
                                 "UPDATE operations SET state = ?3, attempts = ?4, status = ?5, error = ?6,
                                  error_description = ?7, finished_ms = ?8,
-                                 history = json_insert(coalesce(history, '[]'), '$[#]', json(?9))
+                                 history = iif(?9 IS NULL, history, json_insert(coalesce(history, '[]'), '$[#]', json(?9)))
                              WHERE job = ?1 AND n = ?2",
                                 params![
                                     o.job,
@@ -669,7 +669,7 @@ mod tests {
             error: None,
             error_description: None,
             next: Next::Done(state),
-            note: AttemptNote::default(),
+            note: None,
         }
     }
 
@@ -784,7 +784,7 @@ mod tests {
             error: Some("service_unavailable".to_owned()),
             error_description: None,
             next: Next::RetryAt(7_000),
-            note: AttemptNote::default(),
+            note: None,
         };
         store.record(vec![retry], 1_500).await.unwrap();
         assert_eq!(store.next_due(1_500).await.unwrap(), Some(5_000));
@@ -832,14 +832,17 @@ mod tests {
 
         let note = |at_ms| AttemptNote { at_ms, status: Some(503), replica: "r1".to_owned(), ..Default::default() };
         let due = store.claim(1_000, 10).await.unwrap();
-        let retry =
-            Outcome { next: Next::RetryAt(2_000), note: note(1_000), ..done(job.seq, due[0].n, OpState::Pending) };
+        let retry = Outcome {
+            next: Next::RetryAt(2_000),
+            note: Some(note(1_000)),
+            ..done(job.seq, due[0].n, OpState::Pending)
+        };
         store.record(vec![retry], 1_000).await.unwrap();
         drop(store);
         // Opened again: the columns are there already.
         let store = LocalStore::open(&path).unwrap();
         let due = store.claim(2_000, 10).await.unwrap();
-        let last = Outcome { note: note(2_000), ..done(job.seq, due[0].n, OpState::Succeeded) };
+        let last = Outcome { note: Some(note(2_000)), ..done(job.seq, due[0].n, OpState::Succeeded) };
         store.record(vec![last], 2_000).await.unwrap();
         let done_job = store.job("o#a", "j1").await.unwrap().unwrap();
         assert_eq!(done_job.state, JobState::Done);

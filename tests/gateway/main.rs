@@ -10,6 +10,7 @@ mod lifecycle;
 mod ops;
 mod otlp;
 mod quota;
+mod receipts;
 mod redis_cluster;
 mod reload;
 mod resilience;

@@ -1,15 +1,16 @@
 -- Records outcomes. ARGV: the key prefix, now, then per outcome: id, n, next (`retry` or a final state),
--- attempts, status, error, description, due-again time, the attempt's note (JSON). Returns the durations of the
--- jobs finished here.
+-- attempts, status, error, description, due-again time, the attempt's note (JSON; empty: nothing was attempted).
+-- Returns the durations of the jobs finished here.
 local p, now = ARGV[1], tonumber(ARGV[2])
 local finished = {}
 local i = 3
 while i <= #ARGV do
   local id, n, next, attempts = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
-  local status, err, desc, at, note = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], cjson.decode(ARGV[i + 8])
+  local status, err, desc, at, note = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], nil
+  if ARGV[i + 8] ~= '' then note = cjson.decode(ARGV[i + 8]) end
   i = i + 9
   -- cjson writes an empty table as `{}`, which is no array: an empty `audit_seqs` is left out (it reads as empty).
-  if type(note.audit_seqs) == 'table' and #note.audit_seqs == 0 then note.audit_seqs = nil end
+  if note and type(note.audit_seqs) == 'table' and #note.audit_seqs == 0 then note.audit_seqs = nil end
   local member, opsk = id .. ':' .. n, p .. ':ops:' .. id
   redis.call('ZREM', p .. ':leases', member)
   local raw = redis.call('HGET', opsk, n)
@@ -22,8 +23,10 @@ while i <= #ARGV do
       if err ~= '' then op.error = err else op.error = cjson.null end
       if desc ~= '' then op.error_description = desc else op.error_description = cjson.null end
       -- Created with its first note, so never empty (which cjson would write as `{}`).
-      if type(op.history) ~= 'table' then op.history = {} end
-      op.history[#op.history + 1] = note
+      if note then
+        if type(op.history) ~= 'table' then op.history = {} end
+        op.history[#op.history + 1] = note
+      end
     end
     if next == 'retry' then
       if was == 'pending' then

@@ -167,7 +167,7 @@ impl SharedStore {
                 o.error.unwrap_or_default(),
                 o.error_description.unwrap_or_default(),
                 at,
-                serde_json::to_string(&o.note).expect("a note serializes"),
+                o.note.map(|note| serde_json::to_string(&note).expect("a note serializes")).unwrap_or_default(),
             ]);
         }
         let mut finished = Vec::new();
