@@ -196,6 +196,7 @@ pub(crate) mod fixtures {
         (redis.username, redis.password_env) = (Some("u".to_owned()), Some("P".to_owned()));
         (redis.password_file, redis.ca_file) = (Some(PathBuf::from("p")), Some(PathBuf::from("c")));
         (c.audit.file, c.audit.default_caller) = (Some(PathBuf::from("a")), Some("x".to_owned()));
+        c.audit.replica = Some("gw-0".to_owned());
         c.jobs.store = Some(PathBuf::from("jobs.db"));
         c.trace.otlp_endpoint = Some("http://127.0.0.1:4318/v1/traces".to_owned());
         c.callers = vec![CallerConfig { name: "n".to_owned(), key_sha256: "0".repeat(64) }];

@@ -267,11 +267,16 @@ pub fn verify(request: &Request) -> Result<Summary, Result<Broken, Unreadable>> 
             }
         }
     }
+    let earliest = summary.chains.values().map(|span| span.first).min();
     for anchor in anchors {
+        let found = at_anchors.iter().find(|(_, head)| head.seq == anchor.seq).map(|(_, head)| *head);
         match at_anchors.iter().find(|(_, head)| *head == anchor) {
             Some((replica, _)) => summary.anchors.push(format!("anchor {anchor}: held by replica {replica}'s chain")),
+            // From before the files given (a head saved before the last rotation, say): nothing to check it with.
+            None if found.is_none() && earliest.is_some_and(|first| anchor.seq < first) => {
+                summary.anchors.push(format!("anchor {anchor}: before the first file given, not checked"))
+            }
             None => {
-                let found = at_anchors.iter().find(|(_, head)| head.seq == anchor.seq).map(|(_, head)| *head);
                 let file = request.files.last().cloned().unwrap_or_default();
                 return Err(Ok(Broken { file, line: 0, what: Break::Anchor { anchor, found } }));
             }
@@ -498,6 +503,8 @@ mod tests {
         let audit = write(&file, 7, 8);
         let summary = check(&[&rotated(2), &rotated(1), &file], &[audit.head()]).unwrap();
         assert_eq!((summary.chains["gw-0"].first, summary.chains["gw-0"].last), (1, 8));
+        let alone = check(&[&file], &[Head { seq: 3, hash: [1; 32] }]).unwrap();
+        assert!(alone.anchors[0].ends_with("before the first file given, not checked"), "{:?}", alone.anchors);
         let broken = check(&[&rotated(2), &file], &[]).unwrap_err();
         assert_eq!((broken.file, broken.line, broken.what), (file.clone(), 1, Break::Missing { from: 4, to: 6 }));
         // A file cut short at its end: only an anchor (or the head file) shows it.

@@ -187,8 +187,10 @@ async fn every_documented_family_is_exported_from_the_start() {
     let metrics = gw.metrics().await;
     let page = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md")).unwrap();
     let table = page.split("\n## Metrics\n").nth(1).unwrap().split("\n## ").next().unwrap();
+    // A family documented as existing only with the audit trail on has nothing to say without it.
     let documented: Vec<&str> = table
         .lines()
+        .filter(|row| !row.contains("(with `audit.file` set)"))
         .filter_map(|row| row.strip_prefix("| `")?.split('`').next())
         .filter(|name| name.starts_with("easemob_gateway_"))
         .collect();

@@ -151,7 +151,8 @@ async fn through_redis_a_burst_of_a_routes_quota_is_served_in_full() {
 }
 
 /// Jobs in Redis: three replicas work one queue at the shared quota; one killed mid-job has its claimed operations
-/// taken over by the others once their leases expire.
+/// taken over by the others once their leases expire. Each replica keeps its own audit chain, and the job's receipt
+/// names the replica whose chain holds each attempt: `audit verify` finds them all in the three files.
 #[tokio::test]
 async fn replicas_share_a_job_through_redis_and_finish_a_killed_replicas_work() {
     const OPERATIONS: usize = 600;
@@ -159,8 +160,11 @@ async fn replicas_share_a_job_through_redis_and_finish_a_killed_replicas_work() 
     let users: Vec<String> = (0..OPERATIONS).map(|i| format!("user{i}")).collect();
     sim.add_users(&users).await;
     let mut gateways = Vec::new();
-    for _ in 0..REPLICAS {
+    let audit_dir = tempfile::tempdir().unwrap();
+    let audit_file = |i: usize| audit_dir.path().join(format!("audit-{i}.jsonl"));
+    for i in 0..REPLICAS {
         let mut options = on_redis(&redis, "replicas = 3", "timeout = \"200ms\"");
+        options.extra += &format!("[audit]\nfile = \"{}\"\nreplica = \"replica-{i}\"\n", audit_file(i).display());
         options.shared_jobs = Some("lease = \"13s\"".into());
         gateways.push(Gateway::ready_with(&sim, options).await);
     }
@@ -202,6 +206,31 @@ async fn replicas_share_a_job_through_redis_and_finish_a_killed_replicas_work() 
             "every replica left worked on the job"
         );
     }
+
+    let receipt = send(Method::GET, &format!("{}{location}/receipt", gateways[0].data), &[], "").await.text();
+    let document: serde_json::Value = serde_json::from_str(&receipt).unwrap();
+    let replicas: std::collections::BTreeSet<&str> = document["receipt"]["operations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|op| op["attempts"].as_array().unwrap())
+        .map(|attempt| attempt["replica"].as_str().unwrap())
+        .collect();
+    assert!(replicas.len() >= 2, "the receipt names each replica that sent an attempt: {replicas:?}");
+    let saved = audit_dir.path().join("receipt.json");
+    std::fs::write(&saved, &receipt).unwrap();
+    let files: Vec<String> = (0..REPLICAS).map(|i| audit_file(i).display().to_string()).collect();
+    let mut args: Vec<&str> = files.iter().map(String::as_str).collect();
+    args.extend(["--receipt", saved.to_str().unwrap()]);
+    let (code, out) = crate::receipts::verify(&args);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("audit events found and matching") && out.contains("intact: replica replica-1"), "{out}");
+    // Without the files of a replica named in it, the receipt is not borne out.
+    let named = replicas.iter().next().unwrap().trim_start_matches("replica-").parse::<usize>().unwrap();
+    let others: Vec<&str> = (0..REPLICAS).filter(|i| *i != named).map(|i| files[i].as_str()).collect();
+    let (code, out) = crate::receipts::verify(&[others.as_slice(), &["--receipt", saved.to_str().unwrap()]].concat());
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("is not in the audit files given"), "{out}");
 }
 
 /// The jobs API on the Redis store: idempotency, cancel, listing by state and reading operations by state.
