@@ -240,7 +240,7 @@ impl Audit {
         match written.map_err(std::io::Error::other) {
             Ok(Ok(seq)) => Some(seq),
             Err(e) | Ok(Err(e)) => {
-                self.metrics.audit_write_errors.inc();
+                self.metrics.audit.write_errors.inc();
                 error!(error = %e, "audit event could not be written");
                 None
             }
@@ -257,7 +257,7 @@ impl Audit {
         }
         // A line that failed to be written is not in the chain: the next one links to the last that was.
         writer.head = Head::of(writer.head.seq + 1, &line[..line.len() - 1]);
-        self.metrics.audit_events.inc();
+        self.metrics.audit.events.inc();
         Ok(writer.head.seq)
     }
 
@@ -271,7 +271,7 @@ impl Audit {
     pub fn anchor(&self) {
         let head = self.head();
         info!(replica = %self.replica, seq = head.seq, head = %head, "audit chain anchor");
-        self.metrics.anchor(&self.replica, head.seq, &head.to_string());
+        self.metrics.audit.anchor(&self.replica, head.seq, &head.to_string());
         let saved = chain::HeadFile { head: head.to_string(), replica: self.replica.clone(), time: now() };
         if let Err(e) = chain::write_head_file(&self.path, &saved) {
             error!(error = %e, file = %chain::head_path(&self.path).display(), "audit chain head could not be saved");

@@ -23,7 +23,9 @@
 //! - `router`    each path to its handler: the Easemob stack, the SDK token placeholder, the jobs API (`jobs/api.rs`)
 //! - `layers`    the Easemob stack's layers over the core: `validate` (a typed `Call`), `token` (injection, the 401
 //!   replay), `quota` (a slot per call sent), `forward` (the innermost service), and the SDK's token `placeholder`
-//! - `audit`     the audit trail: one JSON line per deletion sent to Easemob, written before the answer
+//! - `audit`     the audit trail: one JSON line per deletion sent to Easemob, written before the answer, each the
+//!   next link of a hash chain that `audit verify` checks
+//! - `receipt`   a job's receipt as a document (JSON or CSV with its SHA-256), written and read back
 //! - `retry`     the one safe retry, under its budget
 //! - `exchange`  what the layers pass: the validated `Exchange`, shared by its attempts, and the `Answer` with the
 //!   marks it carries up

@@ -32,10 +32,7 @@ pub struct Metrics {
     pub rate_limit_rate: IntGaugeVec,
     pub upstream_throttled: IntCounterVec,
     pub rate_limit_backend_fallback: IntGauge,
-    pub audit_write_errors: IntCounter,
-    pub audit_events: IntCounter,
-    pub audit_anchor_seq: IntGauge,
-    audit_anchor: IntGaugeVec,
+    pub audit: AuditMetrics,
     pub upstream_retries: IntCounterVec,
     pub open_connections: IntGauge,
     pub jobs: IntGaugeVec,
@@ -108,6 +105,41 @@ impl Families {
     fn latencies(&mut self, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
         let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
         self.register(HistogramVec::new(opts, labels).expect("valid histogram"))
+    }
+}
+
+/// The audit trail's families: its writes and the anchors of its chain.
+#[derive(Clone, Debug)]
+pub struct AuditMetrics {
+    pub write_errors: IntCounter,
+    pub events: IntCounter,
+    anchor_seq: IntGauge,
+    anchor: IntGaugeVec,
+}
+
+impl AuditMetrics {
+    fn new(f: &mut Families) -> AuditMetrics {
+        AuditMetrics {
+            write_errors: f.counter("audit_write_errors_total", "Audit events that could not be written."),
+            events: f.counter("audit_events_total", "Audit events written."),
+            anchor_seq: f.gauge(
+                "audit_anchor_seq",
+                "The audit chain's sequence number at its last anchor (every audit.anchor_interval).",
+            ),
+            anchor: f.gauges(
+                "audit_anchor_info",
+                "Always 1; labelled with the audit chain's head at its last anchor, as SEQ:HASH for `audit verify --anchor`.",
+                &["replica", "head"],
+            ),
+        }
+    }
+
+    /// Exports the chain's head at an anchor (`seq`, and `head` as `SEQ:HASH`), in place of the last one: Prometheus
+    /// keeps each.
+    pub fn anchor(&self, replica: &str, seq: u64, head: &str) {
+        self.anchor.reset();
+        self.anchor.with_label_values(&[replica, head]).set(1);
+        self.anchor_seq.set(seq as i64);
     }
 }
 
@@ -199,17 +231,7 @@ impl Metrics {
                 "config_restart_required",
                 "1 while the config file changes settings that take effect only after a restart.",
             ),
-            audit_write_errors: f.counter("audit_write_errors_total", "Audit events that could not be written."),
-            audit_events: f.counter("audit_events_total", "Audit events written."),
-            audit_anchor_seq: f.gauge(
-                "audit_anchor_seq",
-                "The audit chain's sequence number at its last anchor (every audit.anchor_interval).",
-            ),
-            audit_anchor: f.gauges(
-                "audit_anchor_info",
-                "Always 1; labelled with the audit chain's head at its last anchor, as SEQ:HASH for `audit verify --anchor`.",
-                &["replica", "head"],
-            ),
+            audit: AuditMetrics::new(&mut f),
             spans_exported: f.counter("spans_exported_total", "Spans the OTLP collector accepted."),
             spans_dropped: f.counters(
                 "spans_dropped_total",
@@ -258,14 +280,6 @@ impl Metrics {
             rate_limited: self.rejected.with_label_values(&[app, route.name(), "rate_limited"]),
             upstream_ok: self.upstream_requests.with_label_values(&[app, route.name(), "200"]),
         }
-    }
-
-    /// Exports the audit chain's head at an anchor (`seq`, and `head` as `SEQ:HASH`), in place of the last one:
-    /// Prometheus keeps each.
-    pub fn anchor(&self, replica: &str, seq: u64, head: &str) {
-        self.audit_anchor.reset();
-        self.audit_anchor.with_label_values(&[replica, head]).set(1);
-        self.audit_anchor_seq.set(seq as i64);
     }
 
     /// The text exposition format, for `GET /metrics`.

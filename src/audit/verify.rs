@@ -180,13 +180,7 @@ pub fn verify(request: &Request) -> Result<Summary, Result<Broken, Unreadable>> 
     let mut summary = Summary::default();
     let mut chains: HashMap<String, Chain> = HashMap::new();
     let receipt = match &request.receipt {
-        Some(path) => {
-            let bytes = std::fs::read(path).map_err(|source| Err(Unreadable { path: path.clone(), source }))?;
-            let lines = receipt::lines(&bytes).map_err(|why| {
-                Ok(Broken { file: path.clone(), line: 0, what: Break::Receipt { line: "the file".into(), why } })
-            })?;
-            Some((path, lines))
-        }
+        Some(path) => Some((path, read_receipt(path)?)),
         None => None,
     };
     // Only the events a receipt names are kept.
@@ -267,8 +261,26 @@ pub fn verify(request: &Request) -> Result<Summary, Result<Broken, Unreadable>> 
             }
         }
     }
+    let last_file = request.files.last().cloned().unwrap_or_default();
+    check_anchors(&mut summary, &anchors, &at_anchors).map_err(|what| Ok(Broken { file: last_file, line: 0, what }))?;
+    if let Some((path, lines)) = receipt {
+        summary.receipt = Some(check_receipt(path, &lines, &seen).map_err(Ok)?);
+    }
+    Ok(summary)
+}
+
+/// A receipt's attempts, once its checksum holds.
+fn read_receipt(path: &PathBuf) -> Result<Vec<ReceiptLine>, Result<Broken, Unreadable>> {
+    let bytes = std::fs::read(path).map_err(|source| Err(Unreadable { path: path.clone(), source }))?;
+    receipt::lines(&bytes).map_err(|why| {
+        Ok(Broken { file: path.clone(), line: 0, what: Break::Receipt { line: "the file".into(), why } })
+    })
+}
+
+/// Checks that a chain holds each anchor: `at_anchors` are the chains' heads at the anchors' seqs.
+fn check_anchors(summary: &mut Summary, anchors: &[Head], at_anchors: &[(String, Head)]) -> Result<(), Break> {
     let earliest = summary.chains.values().map(|span| span.first).min();
-    for anchor in anchors {
+    for &anchor in anchors {
         let found = at_anchors.iter().find(|(_, head)| head.seq == anchor.seq).map(|(_, head)| *head);
         match at_anchors.iter().find(|(_, head)| *head == anchor) {
             Some((replica, _)) => summary.anchors.push(format!("anchor {anchor}: held by replica {replica}'s chain")),
@@ -276,16 +288,10 @@ pub fn verify(request: &Request) -> Result<Summary, Result<Broken, Unreadable>> 
             None if found.is_none() && earliest.is_some_and(|first| anchor.seq < first) => {
                 summary.anchors.push(format!("anchor {anchor}: before the first file given, not checked"))
             }
-            None => {
-                let file = request.files.last().cloned().unwrap_or_default();
-                return Err(Ok(Broken { file, line: 0, what: Break::Anchor { anchor, found } }));
-            }
+            None => return Err(Break::Anchor { anchor, found }),
         }
     }
-    if let Some((path, lines)) = receipt {
-        summary.receipt = Some(check_receipt(path, &lines, &seen).map_err(Ok)?);
-    }
-    Ok(summary)
+    Ok(())
 }
 
 /// Adds an event to the summary.

@@ -11,11 +11,11 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::records::{
-    Counts, Created, Due, JobRecord, JobState, LaneUse, NewJob, NewOperation, Next, OpRecord, OpState, Outcome,
-    Remaining, StoreError, Totals, UserUse, method_of,
+    Created, Due, JobRecord, JobState, LaneUse, NewJob, NewOperation, Next, OpRecord, OpState, Outcome, Remaining,
+    StoreError, Totals, UserUse, method_of,
 };
 use crate::routes::Route;
 
@@ -27,6 +27,9 @@ impl From<rusqlite::Error> for StoreError {
 
 /// The tables, created when the file is first opened.
 const SCHEMA: &str = include_str!("store.sql");
+
+mod rows;
+use rows::{JOB_COLUMN_COUNT, JOB_COLUMNS, due, job_record};
 
 /// Columns added to `SCHEMA` since the first version, which a file made before them gets when it is opened
 /// (`CREATE TABLE IF NOT EXISTS` leaves a table that exists as it was): table, column, type.
@@ -562,11 +565,6 @@ impl LocalStore {
     }
 }
 
-const JOB_COLUMNS: &str = "seq, id, app, state, created_ms, finished_ms, caller, idempotency_key, total, pending, \
-                           succeeded, failed, cancelled, peer";
-/// How many columns `JOB_COLUMNS` names: the index of one selected after them.
-const JOB_COLUMN_COUNT: usize = 14;
-
 /// Adds the columns of `ADDED_COLUMNS` that the file's tables lack (it was made by an earlier version).
 fn add_missing_columns(conn: &mut Connection) -> Result<(), StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -583,47 +581,10 @@ fn add_missing_columns(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(tx.commit()?)
 }
 
-/// A claimed operation, from the claim's row.
-fn due(row: &Row<'_>) -> rusqlite::Result<Due> {
-    Ok(Due {
-        job: row.get(0)?,
-        job_id: row.get(1)?,
-        app: row.get(2)?,
-        caller: row.get(3)?,
-        n: row.get(4)?,
-        route: row.get(5)?,
-        path: row.get(6)?,
-        body: row.get(7)?,
-        user: row.get(8)?,
-        attempts: row.get(9)?,
-    })
-}
-
-fn job_record(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
-    Ok(JobRecord {
-        seq: row.get(0)?,
-        id: row.get(1)?,
-        app: row.get(2)?,
-        state: JobState::parse(&row.get::<_, String>(3)?).unwrap_or(JobState::Queued),
-        created_ms: row.get(4)?,
-        finished_ms: row.get(5)?,
-        caller: row.get(6)?,
-        idempotency_key: row.get(7)?,
-        peer: row.get(13)?,
-        counts: Counts {
-            total: row.get(8)?,
-            pending: row.get(9)?,
-            succeeded: row.get(10)?,
-            failed: row.get(11)?,
-            cancelled: row.get(12)?,
-        },
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::records::AttemptNote;
+    use crate::jobs::records::{AttemptNote, Counts};
 
     #[test]
     fn the_job_states_are_the_ones_the_metrics_export_from_the_start() {
