@@ -386,7 +386,9 @@ where
             if let Some(upstream_status) = upstream_status {
                 let caller = audit.caller(sent.caller.as_deref());
                 let attempt = sent.audited.next_attempt();
-                if let Some(seq) = audit.record(Event::new(&sent, caller, attempt, upstream_status)).await {
+                let seq = audit.record(Event::new(&sent, caller, attempt, upstream_status)).await;
+                // Only a job's receipt lists them.
+                if let Some(seq) = seq.filter(|_| sent.job_attempt.is_some()) {
                     sent.audited.written(seq);
                 }
             }

@@ -122,7 +122,7 @@ pub struct Validated {
 }
 
 /// The audit events of a request's attempts that reached Easemob, in the order sent: their count numbers the next
-/// one, and their sequence numbers in the audit chain go into a job's receipt.
+/// one, and, for a job's operation, their sequence numbers in the audit chain go into its receipt.
 #[derive(Default)]
 pub struct AuditMarks {
     attempts: AtomicU32,
