@@ -25,6 +25,7 @@ use tower::{Layer, Service};
 use tracing::{error, info, warn};
 
 pub use self::chain::Head;
+use self::chain::Repair;
 
 use crate::config::{AuditConfig, is_plain_label};
 use crate::error::GatewayError;
@@ -55,6 +56,8 @@ pub struct Audit {
 struct Writer {
     file: File,
     head: Head,
+    /// A write failed, perhaps part-way: the next one first ends and records what it left.
+    unended: bool,
 }
 
 /// One attempt at a deletion, as written to the audit file.
@@ -167,7 +170,11 @@ impl Audit {
         let replica = config.replica();
         let mut audit = Audit {
             path: path.clone(),
-            writer: Mutex::new(Writer { file: open_append(path).map_err(failed)?, head: Head::GENESIS }),
+            writer: Mutex::new(Writer {
+                file: open_append(path).map_err(failed)?,
+                head: Head::GENESIS,
+                unended: false,
+            }),
             fsync: config.fsync,
             replica_json: serde_json::to_string(&replica).expect("a string serializes"),
             replica,
@@ -178,37 +185,55 @@ impl Audit {
         Ok(Some(Arc::new(audit)))
     }
 
-    /// Finds where the chain goes on, and records a torn last line.
+    /// Finds where the chain goes on, and records what a crash did to the file: a line cut short, events lost.
     fn resume(&mut self) -> std::io::Result<()> {
-        let writer = self.writer.get_mut().expect("not shared yet");
-        let tail = chain::read_tail(&mut writer.file)?;
         let saved = chain::read_head_file(&self.path).map(|(head, _)| head);
-        writer.head = match &tail.last {
-            // The last line vouches for the file; a line written before the chain began starts it at 1.
-            Some(line) => match serde_json::from_slice::<chain::Link>(line) {
-                Ok(link) => Head::of(link.seq, line),
-                Err(_) => Head::of(0, line),
-            },
-            None => saved.unwrap_or(Head::GENESIS),
+        let writer = self.writer.get_mut().expect("not shared yet");
+        let (head, repairs) = chain::resume(&chain::read_tail(&mut writer.file)?, saved);
+        writer.head = head;
+        for repair in repairs {
+            self.repair(repair)?;
+        }
+        Ok(())
+    }
+
+    /// Records a repair of the file as an event of the chain, in one write.
+    fn repair(&mut self, repair: Repair) -> std::io::Result<()> {
+        let file = self.path.display().to_string();
+        let writer = self.writer.get_mut().expect("not shared yet");
+        let (mut bytes, line, head) = match &repair {
+            Repair::Torn { bytes: torn, unended } => {
+                warn!(
+                    file,
+                    bytes = torn.len(),
+                    "the audit file's last line was cut short by a crash; recorded as torn"
+                );
+                // The record links to the torn bytes themselves, so that they cannot be dropped unnoticed either.
+                let event = serde_json::json!({ "time": now(), "event": "torn", "torn_bytes": torn.len() });
+                let after = Head::of(writer.head.seq, torn);
+                let ending = if *unended { b"\n".to_vec() } else { Vec::new() };
+                (ending, self.line(&after, &event)?, after)
+            }
+            Repair::Lost { saved } if saved.seq > writer.head.seq => {
+                let (from, to) = (writer.head.seq + 1, saved.seq);
+                warn!(
+                    file,
+                    from,
+                    to,
+                    "the audit file ends before the head saved beside it: these events were lost (a crash without \
+                     audit.fsync, or the file was replaced); recorded as lost"
+                );
+                let event = serde_json::json!({ "time": now(), "event": "lost", "from": from, "to": to });
+                // Numbered after what was lost, so that no seq is ever used twice.
+                let after = Head { seq: saved.seq, hash: writer.head.hash };
+                (Vec::new(), self.line(&after, &event)?, after)
+            }
+            Repair::Lost { .. } => return Ok(()),
         };
-        if let Some(saved) = saved.filter(|saved| saved.seq > writer.head.seq && tail.last.is_some()) {
-            warn!(
-                file = %self.path.display(), ends_at = writer.head.seq, saved_head = saved.seq,
-                "the audit file ends before the head saved beside it: events were lost (a crash without \
-                 audit.fsync, or the file was replaced); the chain goes on from the file, `audit verify` shows the gap"
-            );
-        }
-        if let Some(torn) = tail.torn {
-            // The chain goes on from the torn bytes themselves, so that they cannot be dropped unnoticed either.
-            writer.file.write_all(b"\n")?;
-            let torn_head = Head::of(writer.head.seq, &torn);
-            let event = serde_json::json!({ "time": now(), "event": "torn", "torn_bytes": torn.len() });
-            let line = self.line(&torn_head, &event)?;
-            let writer = self.writer.get_mut().expect("not shared yet");
-            writer.file.write_all(&line)?;
-            writer.head = Head::of(torn_head.seq + 1, &line[..line.len() - 1]);
-            warn!(file = %self.path.display(), bytes = torn.len(), "the audit file's last line was cut short by a crash; recorded as torn");
-        }
+        bytes.extend_from_slice(&line);
+        let writer = self.writer.get_mut().expect("not shared yet");
+        writer.file.write_all(&bytes)?;
+        writer.head = Head::of(head.seq + 1, &line[..line.len() - 1]);
         Ok(())
     }
 
@@ -249,15 +274,39 @@ impl Audit {
 
     fn write(&self, event: &Event) -> std::io::Result<u64> {
         let mut writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if writer.unended {
+            // A write failed part-way: end what it left and record it as torn before going on.
+            let torn = chain::read_tail(&mut writer.file)?.torn;
+            let line = match &torn {
+                Some(torn) => {
+                    let event = serde_json::json!({ "time": now(), "event": "torn", "torn_bytes": torn.len() });
+                    let mut bytes = b"\n".to_vec();
+                    bytes.extend(self.line(&Head::of(writer.head.seq, torn), &event)?);
+                    Some(bytes)
+                }
+                None => None,
+            };
+            if let Some(bytes) = line {
+                writer.file.write_all(&bytes)?;
+                writer.head = Head::of(writer.head.seq + 1, &bytes[1..bytes.len() - 1]);
+            }
+            writer.unended = false;
+        }
         let line = self.line(&writer.head, event)?;
         // One write of the whole line to an O_APPEND file; the lock keeps lines in `seq` order.
-        writer.file.write_all(&line)?;
-        if self.fsync {
-            writer.file.sync_data()?;
+        if let Err(e) = writer.file.write_all(&line) {
+            writer.unended = true;
+            return Err(e);
         }
-        // A line that failed to be written is not in the chain: the next one links to the last that was.
+        // In the file, so in the chain, whether or not the disk then keeps it.
         writer.head = Head::of(writer.head.seq + 1, &line[..line.len() - 1]);
         self.metrics.audit.events.inc();
+        if self.fsync
+            && let Err(e) = writer.file.sync_data()
+        {
+            self.metrics.audit.write_errors.inc();
+            error!(error = %e, seq = writer.head.seq, "audit event written but not synced to disk");
+        }
         Ok(writer.head.seq)
     }
 
@@ -298,7 +347,8 @@ impl Audit {
         match open_append(&self.path) {
             Ok(file) => {
                 let mut writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                writer.file = file;
+                (writer.file, writer.unended) = (file, false);
+                info!(file = %self.path.display(), seq = writer.head.seq, "audit file reopened");
             }
             Err(e) => {
                 error!(error = %e, file = %self.path.display(), "audit file could not be reopened; still writing to the old one")

@@ -176,9 +176,10 @@ enum AuditCommand {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
         /// A chain head copied elsewhere (the anchor log line's or metric's `head`, SEQ:HASH) that the files must
-        /// hold; may be given more than once.
-        #[arg(long, value_name = "SEQ:HASH")]
-        anchor: Vec<easemob_gateway::audit::Head>,
+        /// hold; REPLICA@SEQ:HASH names the replica whose chain it is (needed with several replicas' files); may be
+        /// given more than once.
+        #[arg(long, value_name = "[REPLICA@]SEQ:HASH")]
+        anchor: Vec<audit::verify::Anchor>,
         /// A job receipt (JSON or CSV) whose checksum and every attempt must match the audit events.
         #[arg(long, value_name = "FILE")]
         receipt: Option<PathBuf>,
@@ -223,11 +224,11 @@ fn main() -> ExitCode {
                     print!("{summary}");
                     ExitCode::SUCCESS
                 }
-                Err(Ok(broken)) => {
+                Err(audit::verify::Failed::Broken(broken)) => {
                     println!("broken: {broken}");
                     ExitCode::from(1)
                 }
-                Err(Err(unreadable)) => {
+                Err(audit::verify::Failed::Unreadable(unreadable)) => {
                     eprintln!("error: {unreadable}");
                     ExitCode::from(2)
                 }

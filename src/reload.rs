@@ -72,8 +72,9 @@ impl Reloader {
             if hangup {
                 info!(config = %path.display(), "SIGHUP received: reopening the audit file, reloading the config");
                 // After logrotate renamed it away: the chain goes on in a new file.
-                if let Some(audit) = &self.live.borrow().audit {
-                    audit.reopen();
+                let audit = self.live.borrow().audit.clone();
+                if let Some(audit) = audit {
+                    let _ = tokio::task::spawn_blocking(move || audit.reopen()).await;
                 }
             } else if now == seen {
                 continue;

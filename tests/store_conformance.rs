@@ -173,6 +173,7 @@ fn outcome(due: &Due, next: Next) -> Outcome {
 /// An attempt that reached Easemob, sent by `replica` at `at_ms`, with two audit events.
 fn answered(at_ms: i64, status: u16, replica: &str, audit_seqs: [u64; 2]) -> AttemptNote {
     AttemptNote {
+        attempt: 1,
         at_ms,
         status: Some(status),
         easemob_request_id: Some(format!("req-{at_ms}")),
@@ -278,6 +279,30 @@ async fn an_operation_cancelled_in_flight_keeps_its_attempts(b: &mut Backend) {
     let op = |n: i64| ops.iter().find(|op| op.index == n).unwrap();
     assert_eq!((op(first.n).state, &op(first.n).history), (OpState::Succeeded, &vec![unreached, sent]));
     assert_eq!((op(other.n).state, op(other.n).history.len()), (OpState::Cancelled, 0), "never attempted");
+}
+
+async fn a_retry_recorded_twice_or_after_a_cancel_counts_its_attempt_once(b: &mut Backend) {
+    let created = create(&b.store, job("j1", None, clears(1))).await;
+    let first = b.store.claim(1_000, 10).await.unwrap();
+    let busy = answered(1_000, 503, "r1", [1, 2]);
+    // The first record's answer was lost, so the scheduler sends the same outcome again.
+    for _ in 0..2 {
+        b.store.record(vec![noted(&first[0], Next::RetryAt(2_000), busy.clone())], 1_500).await.unwrap();
+    }
+    let ops = b.store.operations(&created, 0, 10, None).await.unwrap();
+    assert_eq!((ops[0].attempts, &ops[0].history), (1, &vec![busy.clone()]), "once");
+
+    // Cancelled while its second attempt is in flight, which Easemob answers 503: the attempt is kept, and the
+    // operation stays cancelled, never due again.
+    let second = b.store.claim(2_000, 10).await.unwrap();
+    b.store.cancel("o#a", "j1", 2_500).await.unwrap();
+    let again = AttemptNote { attempt: 2, ..answered(2_000, 503, "r2", [3, 4]) };
+    b.store.record(vec![noted(&second[0], Next::RetryAt(9_000), again.clone())], 3_000).await.unwrap();
+    let job = b.store.job("o#a", "j1").await.unwrap().unwrap();
+    let ops = b.store.operations(&job, 0, 10, None).await.unwrap();
+    assert_eq!((ops[0].state, ops[0].attempts, &ops[0].history), (OpState::Cancelled, 2, &vec![busy, again]));
+    assert!(b.store.claim(10_000, 10).await.unwrap().is_empty());
+    assert_eq!(b.store.next_due(10_000).await.unwrap(), None);
 }
 
 async fn a_jobs_peer_is_kept_with_it(b: &mut Backend) {
@@ -512,6 +537,7 @@ conformance!(
     a_job_runs_to_its_end_and_an_outcome_counts_once,
     an_operations_history_keeps_each_attempt_it_recorded_once,
     an_operation_cancelled_in_flight_keeps_its_attempts,
+    a_retry_recorded_twice_or_after_a_cancel_counts_its_attempt_once,
     a_jobs_peer_is_kept_with_it,
     an_idempotency_key_returns_the_first_job,
     a_release_gives_back_that_operation_alone,

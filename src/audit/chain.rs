@@ -58,6 +58,14 @@ pub struct Link {
     pub seq: u64,
     pub prev: String,
     pub replica: String,
+    /// `torn` or `lost` for the records of what a crash did to the file; absent for a deletion.
+    #[serde(default)]
+    pub event: Option<String>,
+    /// For `lost`: the sequence numbers of the events the file no longer holds.
+    #[serde(default)]
+    pub from: Option<u64>,
+    #[serde(default)]
+    pub to: Option<u64>,
     /// For a `torn` event (the record of a line a crash cut short): the length in bytes of the line that was cut short.
     #[serde(default)]
     pub torn_bytes: Option<usize>,
@@ -81,32 +89,90 @@ pub fn prefix(head: &Head, replica_json: &str) -> Vec<u8> {
 /// The end of an existing audit file, where the chain goes on.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Tail {
-    /// Its last complete line.
-    pub last: Option<Vec<u8>>,
+    /// Its last two complete lines, oldest first (fewer in a shorter file).
+    pub lines: Vec<Vec<u8>>,
     /// Bytes after the last newline: a line a crash cut short.
     pub torn: Option<Vec<u8>>,
 }
 
-/// Lines are far shorter than this: the last complete one is always within it.
-const TAIL_WINDOW: u64 = 256 * 1024;
+/// Read from the end at first: lines are far shorter.
+const TAIL_WINDOW: u64 = 64 * 1024;
+/// Never further back than this (a file whose end is a long run without a newline, such as zeros a power loss left).
+const MAX_TAIL_WINDOW: u64 = 16 * 1024 * 1024;
 
-/// Reads the end of `file`.
+/// Reads the end of `file`, further back as far as it takes to find two whole lines.
 pub fn read_tail(file: &mut File) -> std::io::Result<Tail> {
     let len = file.seek(SeekFrom::End(0))?;
-    let start = len.saturating_sub(TAIL_WINDOW);
-    file.seek(SeekFrom::Start(start))?;
-    let mut bytes = Vec::with_capacity((len - start) as usize);
-    file.read_to_end(&mut bytes)?;
-    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    let torn = (complete < bytes.len()).then(|| bytes[complete..].to_vec());
-    let lines = &bytes[..complete.saturating_sub(1)];
-    let last = (complete > 0).then(|| {
-        let from = lines.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        lines[from..].to_vec()
-    });
-    // A window that starts mid-line holds no whole line unless a newline precedes it.
-    let last = last.filter(|_| start == 0 || bytes[..complete.saturating_sub(1)].contains(&b'\n'));
-    Ok(Tail { last, torn })
+    let mut window = TAIL_WINDOW;
+    loop {
+        let start = len.saturating_sub(window);
+        file.seek(SeekFrom::Start(start))?;
+        let mut bytes = Vec::with_capacity((len - start) as usize);
+        file.read_to_end(&mut bytes)?;
+        let newlines: Vec<usize> = bytes.iter().enumerate().filter(|(_, b)| **b == b'\n').map(|(i, _)| i).collect();
+        // A window that starts mid-line holds whole lines only after its first newline.
+        if start > 0 && newlines.len() < 3 && window < MAX_TAIL_WINDOW {
+            window *= 4;
+            continue;
+        }
+        let ends = &newlines[newlines.len().saturating_sub(2)..];
+        let mut lines = Vec::new();
+        for (i, end) in ends.iter().enumerate() {
+            let from = match (i, newlines.len() - ends.len()) {
+                (0, 0) => 0,
+                (0, before) => newlines[before - 1] + 1,
+                _ => ends[i - 1] + 1,
+            };
+            lines.push(bytes[from..*end].to_vec());
+        }
+        let complete = newlines.last().map_or(0, |i| i + 1);
+        let torn = (complete < bytes.len()).then(|| bytes[complete..].to_vec());
+        return Ok(Tail { lines, torn });
+    }
+}
+
+/// What a whole line says of the chain: a chained event's head, a line written before the chain began (seq 0), or
+/// nothing (bytes a crash left).
+pub fn head_of(line: &[u8]) -> Option<Head> {
+    match serde_json::from_slice::<Link>(line) {
+        Ok(link) => Some(Head::of(link.seq, line)),
+        Err(_) => serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(line)
+            .ok()
+            .filter(|fields| !fields.contains_key("seq"))
+            .map(|_| Head::of(0, line)),
+    }
+}
+
+/// What the writer records before its next event, so that the chain says what a crash did to the file.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Repair {
+    /// Bytes a crash cut short (`unended`: not yet followed by a newline): the record links to them.
+    Torn { bytes: Vec<u8>, unended: bool },
+    /// The head saved beside the file is ahead of it: the events after the file's last are lost.
+    Lost { saved: Head },
+}
+
+/// Where a file's chain goes on, and what to record first, from its tail and the head saved beside it.
+pub fn resume(tail: &Tail, saved: Option<Head>) -> (Head, Vec<Repair>) {
+    let fallback = saved.unwrap_or(Head::GENESIS);
+    let last = tail.lines.last();
+    let before_last = tail.lines.len().checked_sub(2).map(|i| &tail.lines[i]);
+    let (head, mut repairs) = match (&tail.torn, last.map(|line| (line, head_of(line)))) {
+        (Some(torn), Some((_, Some(head)))) => (head, vec![Repair::Torn { bytes: torn.clone(), unended: true }]),
+        (Some(torn), _) => (fallback, vec![Repair::Torn { bytes: torn.clone(), unended: true }]),
+        // A cut line ended, but its record never written (a crash in between).
+        (None, Some((line, None))) => {
+            let head = before_last.and_then(|line| head_of(line)).unwrap_or(fallback);
+            (head, vec![Repair::Torn { bytes: line.clone(), unended: false }])
+        }
+        (None, Some((_, Some(head)))) => (head, vec![]),
+        // A new file (rotated while the gateway was stopped): the saved head carries the chain into it.
+        (None, None) => return (fallback, vec![]),
+    };
+    if let Some(saved) = saved.filter(|saved| saved.seq > head.seq) {
+        repairs.push(Repair::Lost { saved });
+    }
+    (head, repairs)
 }
 
 /// Where the chain's head is kept beside `file` (at each anchor and at shutdown), for the next file after a
@@ -164,16 +230,22 @@ mod tests {
             std::fs::write(&path, content).unwrap();
             read_tail(&mut File::open(&path).unwrap()).unwrap()
         };
+        let lines = |lines: &[&[u8]]| lines.iter().map(|l| l.to_vec()).collect::<Vec<_>>();
         assert_eq!(tail(b""), Tail::default());
-        assert_eq!(tail(b"a\nb\n"), Tail { last: Some(b"b".to_vec()), torn: None });
-        assert_eq!(tail(b"a\n"), Tail { last: Some(b"a".to_vec()), torn: None });
-        assert_eq!(tail(b"a\nb\n{\"se"), Tail { last: Some(b"b".to_vec()), torn: Some(b"{\"se".to_vec()) });
-        assert_eq!(tail(b"{\"se"), Tail { last: None, torn: Some(b"{\"se".to_vec()) });
-        // Longer than the window: the last line is still whole.
+        assert_eq!(tail(b"a\nb\nc\n"), Tail { lines: lines(&[b"b", b"c"]), torn: None });
+        assert_eq!(tail(b"a\n"), Tail { lines: lines(&[b"a"]), torn: None });
+        assert_eq!(tail(b"a\nb\n{\"se"), Tail { lines: lines(&[b"a", b"b"]), torn: Some(b"{\"se".to_vec()) });
+        assert_eq!(tail(b"{\"se"), Tail { lines: vec![], torn: Some(b"{\"se".to_vec()) });
+        // Longer lines than the window, and an end with no newline longer than it: read further back.
         let mut long = vec![b'x'; TAIL_WINDOW as usize];
-        long.extend_from_slice(b"\nlast\n");
+        long.extend_from_slice(b"\nfirst\n");
+        long.extend(vec![b'y'; TAIL_WINDOW as usize * 2]);
+        long.extend_from_slice(b"\n");
+        long.extend(vec![0; TAIL_WINDOW as usize * 3]);
         let mut file = File::create(&path).unwrap();
         file.write_all(&long).unwrap();
-        assert_eq!(read_tail(&mut File::open(&path).unwrap()).unwrap().last, Some(b"last".to_vec()));
+        let read = read_tail(&mut File::open(&path).unwrap()).unwrap();
+        assert_eq!((read.lines[0].as_slice(), read.lines[1].len()), (&b"first"[..], TAIL_WINDOW as usize * 2));
+        assert_eq!(read.torn.map(|t| t.len()), Some(TAIL_WINDOW as usize * 3));
     }
 }

@@ -16,10 +16,38 @@ use crate::receipt::{self, ReceiptLine};
 pub struct Request {
     /// The audit files, oldest first.
     pub files: Vec<PathBuf>,
-    /// Heads copied elsewhere (`SEQ:HASH`), each of which some chain must hold.
-    pub anchors: Vec<Head>,
+    /// Heads copied elsewhere, each of which a chain must hold.
+    pub anchors: Vec<Anchor>,
     /// A job receipt (JSON or CSV) whose every attempt must be found in the chains.
     pub receipt: Option<PathBuf>,
+}
+
+/// A head copied elsewhere, `[REPLICA@]SEQ:HASH`: with several replicas' files, the replica says whose chain
+/// must hold it (the anchor metric's `replica` label, the log line's `replica` field).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Anchor {
+    pub replica: Option<String>,
+    pub head: Head,
+}
+
+impl std::str::FromStr for Anchor {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Anchor, String> {
+        match s.split_once('@') {
+            Some((replica, head)) => Ok(Anchor { replica: Some(replica.to_owned()), head: head.parse()? }),
+            None => Ok(Anchor { replica: None, head: s.parse()? }),
+        }
+    }
+}
+
+impl std::fmt::Display for Anchor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.replica {
+            Some(replica) => write!(f, "{replica}@{}", self.head),
+            None => write!(f, "{}", self.head),
+        }
+    }
 }
 
 /// Why the chain is not intact: where, and what was found there.
@@ -42,7 +70,9 @@ pub enum Break {
     /// Not an audit event, and not a line cut short that the gateway recorded as torn.
     NotAnEvent,
     /// An anchor the chains do not hold: the event at its `seq` differs, or the chain ends before it.
-    Anchor { anchor: Head, found: Option<Head> },
+    Anchor { anchor: Anchor, found: Option<Head> },
+    /// An anchor in a range the gateway recorded as lost after a crash: the events it vouched for are gone.
+    AnchorLost { anchor: Anchor, from: u64, to: u64 },
     /// A receipt's line that its audit events do not bear out.
     Receipt { line: String, why: String },
 }
@@ -66,6 +96,12 @@ impl std::fmt::Display for Broken {
                 to + 1
             ),
             Break::Missing { from, to } => write!(f, "{at}: seq {from}..={to} are missing here: lines were deleted"),
+            Break::OutOfOrder { seq, after } if self.line == 1 => write!(
+                f,
+                "{at}: the file starts at seq {seq}, but the one given before it ends at seq {after}: the files are \
+                 out of order, or the gateway resumed this file from a stale saved head (a rotation while it was \
+                 stopped after a crash)"
+            ),
             Break::OutOfOrder { seq, after } => {
                 write!(f, "{at}: seq {seq} comes after seq {after}: lines were reordered or repeated")
             }
@@ -78,7 +114,12 @@ impl std::fmt::Display for Broken {
                 f,
                 "anchor {anchor}: no chain given reaches seq {}: the files end before it (cut short, or a newer file \
                  is missing)",
-                anchor.seq
+                anchor.head.seq
+            ),
+            Break::AnchorLost { anchor, from, to } => write!(
+                f,
+                "anchor {anchor}: the gateway recorded seq {from}..={to} as lost after a crash (a power loss without \
+                 audit.fsync, or a replaced file): the files no longer hold the events the anchor vouched for"
             ),
             Break::Receipt { line, why } => write!(f, "receipt {at}, {line}: {why}"),
         }
@@ -98,6 +139,10 @@ pub struct Summary {
     pub unrecorded_torn: Option<String>,
     /// Lines written before the chain began (an older gateway's), not covered by it.
     pub unchained: u64,
+    /// Chains whose first line given follows lines not given (an older file left out): where, and its seq.
+    pub starts: Vec<String>,
+    /// Ranges the gateway recorded as lost after a crash: replica, from, to, and where.
+    pub lost: Vec<(String, u64, u64, String)>,
     pub anchors: Vec<String>,
     pub receipt: Option<String>,
 }
@@ -127,6 +172,12 @@ impl std::fmt::Display for Summary {
                 self.unchained
             )?;
         }
+        for start in &self.starts {
+            writeln!(f, "start: {start}: it follows lines not given, which are not checked")?;
+        }
+        for (replica, from, to, at) in &self.lost {
+            writeln!(f, "lost: replica {replica}: seq {from}..={to}, recorded at {at} after a crash")?;
+        }
         for at in &self.torn {
             writeln!(f, "torn: {at}: a line cut short by a crash, recorded by the gateway's next start")?;
         }
@@ -150,6 +201,27 @@ impl std::fmt::Display for Summary {
     }
 }
 
+/// Why `verify` has no summary to give.
+#[derive(Debug)]
+pub enum Failed {
+    /// The chain is broken, or an anchor or a receipt does not match: exit 1.
+    Broken(Box<Broken>),
+    /// A file could not be read: exit 2.
+    Unreadable(Unreadable),
+}
+
+impl From<Broken> for Failed {
+    fn from(broken: Broken) -> Failed {
+        Failed::Broken(Box::new(broken))
+    }
+}
+
+impl From<Unreadable> for Failed {
+    fn from(unreadable: Unreadable) -> Failed {
+        Failed::Unreadable(unreadable)
+    }
+}
+
 /// Why `verify` could not tell.
 #[derive(Debug, thiserror::Error)]
 #[error("{}: {source}", path.display())]
@@ -168,128 +240,184 @@ struct Seen {
 }
 
 /// One chain being followed.
+#[derive(Default)]
 struct Chain {
     head: Option<Head>,
-    /// The last line read, should the next one record it as torn.
-    pending_torn: Option<(PathBuf, usize, Vec<u8>)>,
+    /// A line a crash cut short, read just before its record: where it is, and its bytes.
+    pending_torn: Option<(String, Vec<u8>)>,
 }
 
-/// Checks the chain(s) of `request.files`; `Err(Ok(broken))` for a broken one, `Err(Err(e))` when a file could not
-/// be read.
-pub fn verify(request: &Request) -> Result<Summary, Result<Broken, Unreadable>> {
-    let mut summary = Summary::default();
-    let mut chains: HashMap<String, Chain> = HashMap::new();
+/// What the lines read so far in one file say.
+#[derive(Default)]
+struct InFile {
+    /// The last line written before the chain began, which the first chained line links to.
+    legacy: Option<Head>,
+    /// The last chained line: a replica first seen after it (renamed) goes on from it.
+    previous: Option<Head>,
+}
+
+/// The chains of the files given, followed line by line.
+struct Follower<'a> {
+    chains: HashMap<String, Chain>,
+    summary: Summary,
+    /// The seqs anchors name, and the chains' heads found there.
+    anchored: Vec<u64>,
+    at_anchors: Vec<(String, Head)>,
+    /// With a receipt: the prefix of its job's request ids, and their events.
+    wanted: Option<&'a str>,
+    seen: HashMap<(String, u64), Seen>,
+}
+
+impl Follower<'_> {
+    /// Follows one line (`at`, as `file:line`), with the line after it, which may record it as torn.
+    fn line(&mut self, at: String, line: &[u8], next: Option<&[u8]>, file: &mut InFile) -> Result<(), Break> {
+        let Ok(link) = serde_json::from_slice::<Link>(line) else {
+            if chain::head_of(line).is_some() {
+                // Written before the chain began: only before its first line.
+                if file.previous.is_some() {
+                    return Err(Break::NotAnEvent);
+                }
+                self.summary.unchained += 1;
+                file.legacy = Some(Head::of(0, line));
+                return Ok(());
+            }
+            return match next.and_then(|next| serde_json::from_slice::<Link>(next).ok()) {
+                Some(next) if next.torn_bytes == Some(line.len()) => {
+                    self.chains.entry(next.replica).or_default().pending_torn = Some((at, line.to_vec()));
+                    Ok(())
+                }
+                _ => Err(Break::NotAnEvent),
+            };
+        };
+        let chain = self.chains.entry(link.replica.clone()).or_default();
+        let before = chain.head.or(file.previous).or(file.legacy);
+        let (expected_prev, expected_seq) = match (chain.pending_torn.take(), before) {
+            (Some((torn_at, torn)), head) => {
+                self.summary.torn.push(torn_at);
+                (Some(Head::of(0, &torn).hash), head.map(|head| head.seq + 1))
+            }
+            (None, Some(head)) => (Some(head.hash), Some(head.seq + 1)),
+            (None, None) => {
+                if link.prev != hex::encode(Head::GENESIS.hash) {
+                    self.summary.starts.push(format!("{at}: replica {} at seq {}", link.replica, link.seq));
+                }
+                (None, None)
+            }
+        };
+        if let Some(expected) = expected_seq {
+            let lost = link.event.as_deref() == Some("lost")
+                && link.from == Some(expected)
+                && link.to.is_some_and(|to| to + 1 == link.seq);
+            if lost {
+                self.summary.lost.push((link.replica.clone(), expected, link.seq - 1, at.clone()));
+            } else if link.seq < expected {
+                return Err(Break::OutOfOrder { seq: link.seq, after: expected - 1 });
+            } else if link.seq > expected {
+                return Err(Break::Missing { from: expected, to: link.seq - 1 });
+            }
+        }
+        if expected_prev.is_some_and(|prev| hex::encode(prev) != link.prev) {
+            return Err(Break::Changed { seq: link.seq });
+        }
+        let head = Head::of(link.seq, line);
+        chain.head = Some(head);
+        file.previous = Some(head);
+        if self.anchored.contains(&link.seq) {
+            self.at_anchors.push((link.replica.clone(), head));
+        }
+        count(&mut self.summary, &link, line);
+        if let Some(prefix) = self.wanted {
+            keep(&mut self.seen, &link, line, prefix);
+        }
+        Ok(())
+    }
+}
+
+/// Checks the chain(s) of `request.files`.
+pub fn verify(request: &Request) -> Result<Summary, Failed> {
     let receipt = match &request.receipt {
         Some(path) => Some((path, read_receipt(path)?)),
         None => None,
     };
     // Only the events a receipt names are kept.
-    let wanted = receipt.as_ref().map(|(_, lines)| lines.first().map(|l| format!("job-{}.", l.job_id)));
-    let mut seen: HashMap<(String, u64), Seen> = HashMap::new();
+    let wanted = receipt.as_ref().and_then(|(_, lines)| lines.first()).map(|line| format!("job-{}.", line.job_id));
     // The head files beside the files are anchors too (on the same machine: they catch a file cut short, not a
-    // rewrite).
-    let mut anchors: Vec<Head> = request.anchors.clone();
-    anchors.extend(request.files.iter().filter_map(|path| chain::read_head_file(path)).map(|(head, _)| head));
-    // Before the first event, every chain holds it.
-    anchors.retain(|anchor| *anchor != Head::GENESIS);
-    // The chains' heads at the anchors' seqs.
-    let mut at_anchors: Vec<(String, Head)> = Vec::new();
+    // rewrite). Before the first event, every chain holds its head.
+    let mut anchors = request.anchors.clone();
+    let saved = request.files.iter().filter_map(|path| chain::read_head_file(path));
+    anchors.extend(saved.map(|(head, replica)| Anchor { replica: Some(replica), head }));
+    anchors.retain(|anchor| anchor.head != Head::GENESIS);
+    let mut follower = Follower {
+        chains: HashMap::new(),
+        summary: Summary::default(),
+        anchored: anchors.iter().map(|anchor| anchor.head.seq).collect(),
+        at_anchors: Vec::new(),
+        wanted: wanted.as_deref(),
+        seen: HashMap::new(),
+    };
     for path in &request.files {
-        let bytes = std::fs::read(path).map_err(|source| Err(Unreadable { path: path.clone(), source }))?;
+        let bytes = std::fs::read(path).map_err(|source| Unreadable { path: path.clone(), source })?;
+        let mut file = InFile::default();
         let mut lines = bytes.split(|&b| b == b'\n').enumerate().peekable();
         while let Some((index, line)) = lines.next() {
-            let number = index + 1;
-            if lines.peek().is_none() {
+            let at = format!("{}:{}", path.display(), index + 1);
+            let Some(&(_, next)) = lines.peek() else {
                 if !line.is_empty() {
-                    summary.unrecorded_torn = Some(format!("{}:{number}", path.display()));
+                    follower.summary.unrecorded_torn = Some(at);
                 }
                 break;
-            }
-            let broken = |what| Err(Ok(Broken { file: path.clone(), line: number, what }));
-            let Ok(link) = serde_json::from_slice::<Link>(line) else {
-                // A line a crash cut short (its record follows it), or one written before the chain began.
-                if serde_json::from_slice::<serde_json::Value>(line).is_ok_and(|v| v.get("seq").is_none()) {
-                    if chains.iter().any(|(replica, c)| !replica.is_empty() && c.head.is_some()) {
-                        return broken(Break::NotAnEvent);
-                    }
-                    summary.unchained += 1;
-                    chains.entry(String::new()).or_insert(Chain { head: None, pending_torn: None }).head =
-                        Some(Head::of(0, line));
-                    continue;
-                }
-                let next = lines.peek().and_then(|(_, next)| serde_json::from_slice::<Link>(next).ok());
-                match next {
-                    Some(next) if next.torn_bytes == Some(line.len()) => {
-                        let chain = chains.entry(next.replica).or_insert(Chain { head: None, pending_torn: None });
-                        chain.pending_torn = Some((path.clone(), number, line.to_vec()));
-                        continue;
-                    }
-                    _ => return broken(Break::NotAnEvent),
-                }
             };
-            // Lines before the chain began belong to the first replica's chain.
-            let legacy = chains.remove("").and_then(|c| c.head);
-            let chain = chains.entry(link.replica.clone()).or_insert(Chain { head: legacy, pending_torn: None });
-            let (expected_prev, expected_seq) = match (chain.pending_torn.take(), chain.head) {
-                (Some((file, line_no, torn)), head) => {
-                    summary.torn.push(format!("{}:{line_no}", file.display()));
-                    (Some(Head::of(0, &torn).hash), head.map(|h| h.seq + 1))
-                }
-                (None, Some(head)) => (Some(head.hash), Some(head.seq + 1)),
-                // The first line given: it may follow a file not given.
-                (None, None) => (None, None),
-            };
-            if let Some(expected) = expected_seq {
-                if link.seq < expected {
-                    return broken(Break::OutOfOrder { seq: link.seq, after: expected - 1 });
-                }
-                if link.seq > expected {
-                    return broken(Break::Missing { from: expected, to: link.seq - 1 });
-                }
-            }
-            if expected_prev.is_some_and(|prev| hex::encode(prev) != link.prev) {
-                return broken(Break::Changed { seq: link.seq });
-            }
-            let head = Head::of(link.seq, line);
-            chain.head = Some(head);
-            if anchors.iter().any(|anchor| anchor.seq == link.seq) {
-                at_anchors.push((link.replica.clone(), head));
-            }
-            count(&mut summary, &link, line);
-            if let Some(Some(prefix)) = &wanted {
-                keep(&mut seen, &link, line, prefix);
-            }
+            follower.line(at, line, Some(next), &mut file).map_err(|what| Broken {
+                file: path.clone(),
+                line: index + 1,
+                what,
+            })?;
         }
     }
+    let Follower { mut summary, at_anchors, seen, .. } = follower;
     let last_file = request.files.last().cloned().unwrap_or_default();
-    check_anchors(&mut summary, &anchors, &at_anchors).map_err(|what| Ok(Broken { file: last_file, line: 0, what }))?;
+    check_anchors(&mut summary, &anchors, &at_anchors).map_err(|what| Broken { file: last_file, line: 0, what })?;
     if let Some((path, lines)) = receipt {
-        summary.receipt = Some(check_receipt(path, &lines, &seen).map_err(Ok)?);
+        summary.receipt = Some(check_receipt(path, &lines, &seen)?);
     }
     Ok(summary)
 }
 
 /// A receipt's attempts, once its checksum holds.
-fn read_receipt(path: &PathBuf) -> Result<Vec<ReceiptLine>, Result<Broken, Unreadable>> {
-    let bytes = std::fs::read(path).map_err(|source| Err(Unreadable { path: path.clone(), source }))?;
-    receipt::lines(&bytes).map_err(|why| {
-        Ok(Broken { file: path.clone(), line: 0, what: Break::Receipt { line: "the file".into(), why } })
-    })
+fn read_receipt(path: &PathBuf) -> Result<Vec<ReceiptLine>, Failed> {
+    let bytes = std::fs::read(path).map_err(|source| Unreadable { path: path.clone(), source })?;
+    let lines = receipt::lines(&bytes).map_err(|why| Broken {
+        file: path.clone(),
+        line: 0,
+        what: Break::Receipt { line: "the file".into(), why },
+    })?;
+    Ok(lines)
 }
 
 /// Checks that a chain holds each anchor: `at_anchors` are the chains' heads at the anchors' seqs.
-fn check_anchors(summary: &mut Summary, anchors: &[Head], at_anchors: &[(String, Head)]) -> Result<(), Break> {
-    let earliest = summary.chains.values().map(|span| span.first).min();
-    for &anchor in anchors {
-        let found = at_anchors.iter().find(|(_, head)| head.seq == anchor.seq).map(|(_, head)| *head);
-        match at_anchors.iter().find(|(_, head)| *head == anchor) {
-            Some((replica, _)) => summary.anchors.push(format!("anchor {anchor}: held by replica {replica}'s chain")),
-            // From before the files given (a head saved before the last rotation, say): nothing to check it with.
-            None if found.is_none() && earliest.is_some_and(|first| anchor.seq < first) => {
-                summary.anchors.push(format!("anchor {anchor}: before the first file given, not checked"))
-            }
-            None => return Err(Break::Anchor { anchor, found }),
+fn check_anchors(summary: &mut Summary, anchors: &[Anchor], at_anchors: &[(String, Head)]) -> Result<(), Break> {
+    for anchor in anchors {
+        let ours = |replica: &String| anchor.replica.as_ref().is_none_or(|r| r == replica);
+        let mut heads = at_anchors.iter().filter(|(replica, head)| ours(replica) && head.seq == anchor.head.seq);
+        if let Some((replica, _)) = heads.clone().find(|(_, head)| *head == anchor.head) {
+            summary.anchors.push(format!("anchor {anchor}: held by replica {replica}'s chain"));
+            continue;
         }
+        let lost = summary
+            .lost
+            .iter()
+            .find(|(replica, from, to, _)| ours(replica) && (*from..=*to).contains(&anchor.head.seq));
+        if let Some((_, from, to, _)) = lost {
+            return Err(Break::AnchorLost { anchor: anchor.clone(), from: *from, to: *to });
+        }
+        let found = heads.next().map(|(_, head)| *head);
+        let earliest = summary.chains.iter().filter(|(replica, _)| ours(replica)).map(|(_, span)| span.first).min();
+        // From before the files given (a head saved before the last rotation, say): nothing to check it with.
+        if found.is_none() && earliest.is_some_and(|first| anchor.head.seq < first) {
+            summary.anchors.push(format!("anchor {anchor}: before the first file given, not checked"));
+            continue;
+        }
+        return Err(Break::Anchor { anchor: anchor.clone(), found });
     }
     Ok(())
 }
@@ -339,7 +467,7 @@ fn keep(seen: &mut HashMap<(String, u64), Seen>, link: &Link, line: &[u8], job_p
 }
 
 /// Finds every audited attempt of the receipt among the events, and checks it is what they say.
-fn check_receipt(path: &Path, lines: &[ReceiptLine], seen: &HashMap<(String, u64), Seen>) -> Result<String, Broken> {
+fn check_receipt(path: &Path, lines: &[ReceiptLine], seen: &HashMap<(String, u64), Seen>) -> Result<String, Failed> {
     let mut events = 0;
     let mut unaudited = 0;
     for line in lines {
@@ -355,7 +483,10 @@ fn check_receipt(path: &Path, lines: &[ReceiptLine], seen: &HashMap<(String, u64
         let request_id = format!("job-{}.{}", line.job_id, line.index);
         for (i, seq) in line.audit_seqs.iter().enumerate() {
             let Some(event) = seen.get(&(line.replica.clone(), *seq)) else {
-                return Err(broken(format!("replica {}'s seq {seq} is not in the audit files given", line.replica)));
+                return Err(Failed::from(broken(format!(
+                    "replica {}'s seq {seq} is not in the audit files given",
+                    line.replica
+                ))));
             };
             let mut wrong = String::new();
             if event.request_id != request_id {
@@ -372,7 +503,7 @@ fn check_receipt(path: &Path, lines: &[ReceiptLine], seen: &HashMap<(String, u64
                 let _ = write!(wrong, " status {:?} (not {:?})", event.upstream_status, line.status);
             }
             if !wrong.is_empty() {
-                return Err(broken(format!("replica {}'s seq {seq} says{wrong}", line.replica)));
+                return Err(Failed::from(broken(format!("replica {}'s seq {seq} says{wrong}", line.replica))));
             }
             events += 1;
         }
@@ -387,6 +518,7 @@ fn check_receipt(path: &Path, lines: &[ReceiptLine], seen: &HashMap<(String, u64
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
     use std::sync::Arc;
 
     use super::*;
@@ -421,8 +553,16 @@ mod tests {
     }
 
     fn open(file: &Path) -> Arc<Audit> {
-        let config = AuditConfig { file: Some(file.to_owned()), replica: Some("gw-0".into()), ..Default::default() };
+        open_as(file, "gw-0")
+    }
+
+    fn open_as(file: &Path, replica: &str) -> Arc<Audit> {
+        let config = AuditConfig { file: Some(file.to_owned()), replica: Some(replica.into()), ..Default::default() };
         Audit::open(&config, Metrics::new()).unwrap().unwrap()
+    }
+
+    fn anchor(head: Head) -> Anchor {
+        Anchor { replica: None, head }
     }
 
     /// Writes events `from..=to` to `file`.
@@ -434,13 +574,16 @@ mod tests {
         audit
     }
 
-    fn check(files: &[&Path], anchors: &[Head]) -> Result<Summary, Broken> {
+    fn check(files: &[&Path], anchors: &[Head]) -> Result<Summary, Box<Broken>> {
         let request = Request {
             files: files.iter().map(|f| f.to_path_buf()).collect(),
-            anchors: anchors.to_vec(),
+            anchors: anchors.iter().copied().map(anchor).collect(),
             receipt: None,
         };
-        verify(&request).map_err(|e| e.unwrap())
+        verify(&request).map_err(|failed| match failed {
+            Failed::Broken(broken) => broken,
+            Failed::Unreadable(e) => panic!("{e}"),
+        })
     }
 
     fn rewrite(file: &Path, change: impl FnOnce(&mut Vec<String>)) {
@@ -516,7 +659,7 @@ mod tests {
         // A file cut short at its end: only an anchor (or the head file) shows it.
         rewrite(&file, |l| drop(l.pop()));
         let broken = check(&[&rotated(2), &rotated(1), &file], &[audit.head()]).unwrap_err();
-        assert_eq!(broken.what, Break::Anchor { anchor: audit.head(), found: None });
+        assert_eq!(broken.what, Break::Anchor { anchor: anchor(audit.head()), found: None });
     }
 
     #[test]
@@ -532,7 +675,10 @@ mod tests {
             audit.write(&event(n)).unwrap();
         }
         let broken = check(&[&file], &[anchor]).unwrap_err();
-        assert_eq!(broken.what, Break::Anchor { anchor, found: Some(audit.head()) });
+        assert_eq!(
+            broken.what,
+            Break::Anchor { anchor: super::Anchor { replica: None, head: anchor }, found: Some(audit.head()) }
+        );
         assert!(check(&[&file], &[]).is_ok(), "without the anchor nothing shows: the chain is consistent");
     }
 
@@ -566,5 +712,90 @@ mod tests {
         assert_eq!((summary.unchained, summary.chains["gw-0"].first), (2, 1));
         rewrite(&file, |l| l[1] = l[1].replace("user2", "user9"));
         assert_eq!(check(&[&file], &[]).unwrap_err().what, Break::Changed { seq: 1 });
+    }
+
+    #[test]
+    fn events_lost_in_a_crash_are_recorded_as_lost_and_an_anchor_among_them_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("audit.jsonl");
+        let audit = write(&file, 1, 5);
+        let anchored = audit.head();
+        audit.sync(); // the head file says 5
+        drop(audit);
+        // A power loss without audit.fsync: the file lost its last two lines.
+        rewrite(&file, |l| l.truncate(3));
+        let audit = write(&file, 6, 6);
+        audit.anchor(); // as the first anchor after the restart does
+        let summary = check(&[&file], &[]).unwrap();
+        assert_eq!(summary.lost, vec![("gw-0".into(), 4, 5, format!("{}:4", file.display()))]);
+        assert_eq!((summary.chains["gw-0"].last, audit.head().seq), (7, 7), "no seq is used twice");
+        let broken = check(&[&file], &[anchored]).unwrap_err();
+        assert_eq!(broken.what, Break::AnchorLost { anchor: anchor(anchored), from: 4, to: 5 });
+    }
+
+    #[test]
+    fn a_cut_line_whose_record_a_second_crash_prevented_is_recorded_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("audit.jsonl");
+        drop(write(&file, 1, 3));
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes.extend_from_slice(b"{\"seq\":4,\"pr\n");
+        std::fs::write(&file, &bytes).unwrap();
+        let audit = write(&file, 5, 5);
+        let summary = check(&[&file], &[audit.head()]).unwrap();
+        assert_eq!((summary.torn.len(), summary.chains["gw-0"].last), (1, 5));
+    }
+
+    #[test]
+    fn a_write_that_failed_part_way_is_ended_and_recorded_before_the_next_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("audit.jsonl");
+        let audit = write(&file, 1, 2);
+        // What a write cut short by a full disk leaves, and the writer's note of it.
+        std::fs::OpenOptions::new().append(true).open(&file).unwrap().write_all(b"{\"seq\":3,\"prev").unwrap();
+        audit.writer.lock().unwrap().unended = true;
+        audit.write(&event(3)).unwrap();
+        let summary = check(&[&file], &[audit.head()]).unwrap();
+        assert_eq!((summary.torn, summary.chains["gw-0"].last), (vec![format!("{}:3", file.display())], 4));
+    }
+
+    #[test]
+    fn a_renamed_replica_goes_on_from_the_chain_before_it_in_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("audit.jsonl");
+        drop(write(&file, 1, 3));
+        let renamed = open_as(&file, "gw-1");
+        renamed.write(&event(4)).unwrap();
+        let summary = check(&[&file], &[]).unwrap();
+        assert_eq!((summary.chains["gw-0"].last, summary.chains["gw-1"].first), (3, 4));
+        rewrite(&file, |l| drop(l.remove(2)));
+        assert_eq!(check(&[&file], &[]).unwrap_err().what, Break::Missing { from: 3, to: 3 });
+    }
+
+    #[test]
+    fn each_replicas_files_start_their_own_chain_after_lines_written_before_it_and_anchors_name_their_replica() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = |n| serde_json::to_string(&event(n)).unwrap() + "\n";
+        let (a, b) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
+        for (path, replica) in [(&a, "gw-0"), (&b, "gw-1")] {
+            std::fs::write(path, old(1) + &old(2)).unwrap();
+            let audit = open_as(path, replica);
+            for n in 3..=4 {
+                audit.write(&event(n)).unwrap();
+            }
+        }
+        let summary = check(&[&a, &b], &[]).unwrap();
+        assert_eq!((summary.unchained, summary.chains.len()), (4, 2));
+        // An anchor of gw-1's chain, checked against gw-1's alone: gw-0's seq 2 says nothing of it.
+        let head_b = chain::head_of(std::fs::read_to_string(&b).unwrap().lines().nth(3).unwrap().as_bytes()).unwrap();
+        let request =
+            |anchor: Anchor| Request { files: vec![a.clone(), b.clone()], anchors: vec![anchor], receipt: None };
+        let named = Anchor { replica: Some("gw-1".into()), head: head_b };
+        assert!(verify(&request(named.clone())).is_ok());
+        assert!(verify(&request(Anchor { replica: Some("gw-0".into()), ..named })).is_err());
+        assert_eq!(
+            "gw-1@2:".to_owned() + &hex::encode(head_b.hash),
+            request(Anchor { replica: Some("gw-1".into()), head: head_b }).anchors[0].to_string()
+        );
     }
 }

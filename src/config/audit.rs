@@ -56,9 +56,10 @@ impl AuditConfig {
         {
             problems.push(format!("audit.replica {replica:?} must be 1 to 64 characters of A-Z a-z 0-9 - _ . :"));
         }
-        if self.anchor_interval < Duration::from_secs(1) || self.anchor_interval > Duration::from_secs(3600) {
+        // At most half the window of the alert that watches the anchor (EasemobGatewayAuditAnchorStalled, 10 minutes).
+        if self.anchor_interval < Duration::from_secs(1) || self.anchor_interval > Duration::from_secs(300) {
             problems
-                .push(format!("audit.anchor_interval {} must be from 1s to 1h", format_duration(self.anchor_interval)));
+                .push(format!("audit.anchor_interval {} must be from 1s to 5m", format_duration(self.anchor_interval)));
         }
         problems
     }

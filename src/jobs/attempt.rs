@@ -64,6 +64,7 @@ where
     let Answered { status, error, error_description, retryable, retry_after, easemob } =
         answered(send.oneshot(exchange).await);
     let note = AttemptNote {
+        attempt: due.attempts + 1,
         at_ms,
         status: Some(status.as_u16()),
         easemob_request_id: easemob.request_id,

@@ -46,7 +46,8 @@ pub async fn write(jobs: &Jobs, job: &JobRecord, format: Format) -> Result<Vec<u
 
 fn operation<'a>(op: &'a OpRecord, body: Option<&[u8]>, caller: &'a str, now_ms: i64) -> Operation<'a> {
     let attempts = op.history.iter().enumerate().map(|(i, note)| Attempt {
-        attempt: i as u32 + 1,
+        // Noted since the field exists; before it, the history's own order.
+        attempt: if note.attempt > 0 { note.attempt } else { i as u32 + 1 },
         at: time(note.at_ms),
         status: note.status,
         easemob_request_id: note.easemob_request_id.as_deref(),

@@ -81,7 +81,7 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
     /// What the create request said, to tell a retried create from a different one under the same key.
     pub request_sha256: Option<String>,
-    /// The address of the client that created it, e.g. "127.0.0.1:50312".
+    /// The address of the client that created it, e.g. "127.0.0.1".
     pub peer: Option<String>,
     pub now_ms: i64,
 }
@@ -158,6 +158,9 @@ pub struct OpRecord {
 /// One attempt at an operation, as its receipt lists it: when it went, what came back, and where its audit events are.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AttemptNote {
+    /// Which of the scheduler's attempts at the operation it is (1, 2, …), as its audit events' `job_attempt` says.
+    #[serde(default)]
+    pub attempt: u32,
     /// When it was sent (ms since the Unix epoch).
     pub at_ms: i64,
     /// Easemob's status, or the gateway's own when Easemob was not reached or its answer was lost.

@@ -318,6 +318,7 @@ where
             next: Next::RetryAt(self.clock.now_ms() + backoff(&self.config, attempts, None).as_millis() as i64),
             // It may have been sent: when, and by whom (its audit events, if any, say the rest).
             note: Some(AttemptNote {
+                attempt: attempts,
                 at_ms: self.clock.now_ms(),
                 replica: self.jobs.replica().to_string(),
                 ..Default::default()

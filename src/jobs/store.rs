@@ -445,7 +445,7 @@ impl LocalStore {
                                 "UPDATE operations SET attempts = ?3, not_before_ms = ?4, status = ?5, error = ?6,
                                  error_description = ?7,
                                  history = iif(?8 IS NULL, history, json_insert(coalesce(history, '[]'), '$[#]', json(?8)))
-                             WHERE job = ?1 AND n = ?2 AND state = 'pending'",
+                             WHERE job = ?1 AND n = ?2 AND state IN ('pending', 'cancelled') AND attempts < ?3",
                                 params![o.job, o.n, o.attempts, at, o.status, o.error, o.error_description, note],
                             )?;
                         }

@@ -130,3 +130,27 @@ async fn a_finished_jobs_receipt_is_borne_out_by_the_audit_chain_and_a_change_to
     assert!(out.contains(&format!("{}:3: seq 3 does not follow", audit.display())), "{out}");
     assert_eq!(verify(&[path(&dir.path().join("nothing"))]).0, Some(2));
 }
+
+#[tokio::test]
+async fn after_logrotate_renames_the_audit_file_sighup_starts_a_new_one_that_goes_on_with_the_chain() {
+    let sim = Sim::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let extra = format!("[audit]\nfile = \"{}\"\nreplica = \"gw-a\"\n", audit.display());
+    let gw = Gateway::ready_with(&sim, GatewayOptions { extra, ..Default::default() }).await;
+    let clear = gw.url("/rest/message/roaming/user/alice/delete/all");
+    assert_eq!(send(Method::POST, &clear, &[], "").await.status, 200);
+    let rotated = dir.path().join("audit.jsonl.1");
+    std::fs::rename(&audit, &rotated).unwrap();
+    gw.signal("HUP");
+    eventually(Duration::from_secs(10), "the audit file to be reopened", || async {
+        gw.log().contains("audit file reopened")
+    })
+    .await;
+    assert_eq!(send(Method::POST, &clear, &[], "").await.status, 200);
+    let new: Value = serde_json::from_str(std::fs::read_to_string(&audit).unwrap().lines().next().unwrap()).unwrap();
+    assert_eq!(new["seq"], 2, "the new file goes on from the renamed one");
+    let (code, out) = verify(&[path(&rotated), path(&audit)]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("intact: replica gw-a: 2 events, seq 1..=2"), "{out}");
+}

@@ -29,10 +29,12 @@ while i <= #ARGV do
       end
     end
     if next == 'retry' then
-      if was == 'pending' then
+      -- Once per attempt: the same outcome sent again (its first answer lost) changes nothing. An operation
+      -- cancelled while in flight keeps the attempt, but is not due again.
+      if (was == 'pending' or was == 'cancelled') and (tonumber(op.attempts) or 0) < attempts then
         fill()
         redis.call('HSET', opsk, n, cjson.encode(op))
-        redis.call('ZADD', p .. ':due:' .. op.route, at, member)
+        if was == 'pending' then redis.call('ZADD', p .. ':due:' .. op.route, at, member) end
       end
     elseif was == 'pending' or was == 'cancelled' then
       fill()
