@@ -28,21 +28,9 @@ pub(super) struct Held {
     pub(super) held_since: tokio::time::Instant,
 }
 
-/// Sends one operation with the slot taken for it, and says what comes next.
-pub(super) async fn attempt<S>(
-    send: S,
-    op: Held,
-    slot: RateLimitHeaders,
-    config: JobsConfig,
-    clock: Clock,
-    replica: Arc<str>,
-    counted: prometheus::IntCounterVec,
-) -> Outcome
-where
-    S: Service<Exchange, Response = Answer, Error = GatewayError>,
-{
+/// The attempt at an operation, under the slot taken for it: what the stack is sent.
+pub(super) fn exchange(op: Held, slot: RateLimitHeaders) -> (Due, Exchange) {
     let Held { due, app, call, .. } = op;
-    let labels = (Arc::clone(&app), call.route());
     let exchange = Exchange::job(
         Validated {
             app,
@@ -60,6 +48,23 @@ where
         },
         slot,
     );
+    (due, exchange)
+}
+
+/// Sends one operation's attempt, and says what comes next.
+pub(super) async fn attempt<S>(
+    send: S,
+    due: Due,
+    exchange: Exchange,
+    config: JobsConfig,
+    clock: Clock,
+    replica: Arc<str>,
+    counted: prometheus::IntCounterVec,
+) -> Outcome
+where
+    S: Service<Exchange, Response = Answer, Error = GatewayError>,
+{
+    let labels = (Arc::clone(&exchange.app), exchange.route());
     let (sent, at_ms) = (exchange.clone(), clock.now_ms());
     let Answered { status, error, error_description, retryable, retry_after, easemob } =
         answered(send.oneshot(exchange).await);

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tower::Service;
 use tracing::{info, warn};
 
-use super::attempt::{Held, attempt, backoff};
+use super::attempt::{self, Held, attempt, backoff};
 use super::records::{AttemptNote, Due, JobState, LaneUse, Next, OpState, Outcome};
 use super::{Clock, Jobs, call_of};
 use crate::apps::Apps;
@@ -73,7 +73,7 @@ pub struct Runner<S> {
     cancels: HashMap<String, (Instant, bool)>,
     in_flight: JoinSet<Outcome>,
     /// Each attempt in flight, with the outcome to record should it panic.
-    panicked: HashMap<tokio::task::Id, Outcome>,
+    panicked: HashMap<tokio::task::Id, (Outcome, Exchange)>,
     /// Outcomes not yet committed to the store.
     unrecorded: Vec<Outcome>,
     next_expiry: Instant,
@@ -305,18 +305,23 @@ where
 
     /// Starts an attempt at `op` with the slot taken for it.
     fn spawn(&mut self, op: Held, slot: RateLimitHeaders) {
-        let attempts = op.due.attempts + 1;
+        let (due, exchange) = attempt::exchange(op, slot);
+        let attempts = due.attempts + 1;
         let if_it_panics = Outcome {
-            job: op.due.job,
-            app: op.due.app.clone(),
-            job_id: op.due.job_id.clone(),
-            n: op.due.n,
+            job: due.job,
+            app: due.app.clone(),
+            job_id: due.job_id.clone(),
+            n: due.n,
             attempts,
             status: None,
             error: Some("internal_error".to_owned()),
             error_description: Some("the attempt failed inside the gateway; see its log".to_owned()),
-            next: Next::RetryAt(self.clock.now_ms() + backoff(&self.config, attempts, None).as_millis() as i64),
-            // It may have been sent: when, and by whom (its audit events, if any, say the rest).
+            // Like any failure: tried again, up to `jobs.max_attempts`.
+            next: match attempts >= self.config.max_attempts {
+                true => Next::Done(OpState::Failed),
+                false => Next::RetryAt(self.clock.now_ms() + backoff(&self.config, attempts, None).as_millis() as i64),
+            },
+            // It may have been sent: when, by whom, and its audit events (read once it has panicked).
             note: Some(AttemptNote {
                 attempt: attempts,
                 at_ms: self.clock.now_ms(),
@@ -326,8 +331,10 @@ where
         };
         let (send, counted) = (self.current.send.clone(), self.metrics.job_operations.clone());
         let replica = std::sync::Arc::clone(self.jobs.replica());
-        let task = self.in_flight.spawn(attempt(send, op, slot, self.config.clone(), self.clock, replica, counted));
-        self.panicked.insert(task.id(), if_it_panics);
+        let sent = exchange.clone();
+        let task =
+            self.in_flight.spawn(attempt(send, due, exchange, self.config.clone(), self.clock, replica, counted));
+        self.panicked.insert(task.id(), (if_it_panics, sent));
     }
 
     /// Waits until an attempt finishes (then takes every one finished), `wake_at`, or new work.
@@ -347,7 +354,10 @@ where
                 Ok(finished) => finished,
                 Err(e) => {
                     warn!(error = %e, "a job attempt panicked; the operation will be retried");
-                    let outcome = self.panicked.get(&e.id()).cloned().expect("every attempt is known");
+                    let (mut outcome, sent) = self.panicked.remove(&e.id()).expect("every attempt is known");
+                    if let Some(note) = &mut outcome.note {
+                        note.audit_seqs = sent.audited.seqs();
+                    }
                     (e.id(), outcome)
                 }
             };
@@ -523,15 +533,16 @@ mod tests {
         rate_limit: RateLimitConfig,
         script: impl FnMut(usize) -> Answer + Send + 'static,
     ) -> Harness {
-        launch(tempfile::tempdir().unwrap(), Clock::new(), jobs_config, rate_limit, script).await
+        launch(tempfile::tempdir().unwrap(), Clock::new(), jobs_config, rate_limit, None, script).await
     }
 
-    /// [`start`], over the store in `dir`, on `clock`.
+    /// [`start`], over the store in `dir`, on `clock`, with `audit` above the token layer as in the job plane.
     async fn launch(
         dir: tempfile::TempDir,
         clock: Clock,
         jobs_config: JobsConfig,
         rate_limit: RateLimitConfig,
+        audit: Option<Arc<crate::audit::Audit>>,
         mut script: impl FnMut(usize) -> Answer + Send + 'static,
     ) -> Harness {
         let store: Store = Arc::new(LocalStore::open(&dir.path().join("jobs.db")).unwrap());
@@ -546,6 +557,7 @@ mod tests {
         let send = ServiceBuilder::new()
             .layer(TokenLayer::new(&Metrics::new(), [&app]))
             .layer(QuotaLayer::new(Arc::clone(&quota)))
+            .layer(crate::audit::AuditLayer::new(audit))
             .service(easemob);
         let jobs = Jobs::new(store, jobs_config, clock, "r1");
         let (_, plane) = watch::channel(Plane { apps: Apps::new(vec![Arc::clone(&app)]), send });
@@ -560,7 +572,7 @@ mod tests {
             let _ = self.runner.await;
             let (config, clock) = (self.jobs.config().clone(), self.jobs.clock());
             drop(self.jobs);
-            launch(self.dir, clock, config, RateLimitConfig::default(), ok).await
+            launch(self.dir, clock, config, RateLimitConfig::default(), None, ok).await
         }
 
         async fn submit(&self, operations: Vec<OperationRequest>) -> JobRecord {
@@ -706,6 +718,39 @@ mod tests {
         assert_eq!((ops[0].attempts, ops[0].status), (1, Some(404)));
         assert_eq!(ops[0].error.as_deref(), Some("service_resource_not_found"));
         assert_eq!(ops[0].error_description.as_deref(), Some("service_resource_not_found happened"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_attempt_is_noted_with_its_audit_events_one_that_panicked_included() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("audit.jsonl");
+        let config = crate::config::AuditConfig { file: Some(file), replica: Some("r1".into()), ..Default::default() };
+        let audit = crate::audit::Audit::open(&config, Metrics::new()).unwrap();
+        // Easemob refuses the token (401, audited), the replay with a new one panics inside the gateway; the
+        // scheduler's next attempt succeeds.
+        let script = |n| match n {
+            0 => envelope(401, "unauthorized", None),
+            1 => panic!("a bug in the attempt"),
+            _ => testing::easemob(200),
+        };
+        let (jobs, clock) = (JobsConfig::default(), Clock::new());
+        let h = launch(dir, clock, jobs, RateLimitConfig::default(), audit, script).await;
+        let (done, _) = h.finished(&h.submit(vec![clear("ann")]).await.id).await;
+        assert_eq!(done.state, JobState::Done);
+        let ops = h.jobs.store().operations(&done, 0, 10, None).await.unwrap();
+        let noted: Vec<_> = ops[0].history.iter().map(|n| (n.attempt, n.status, n.audit_seqs.clone())).collect();
+        assert_eq!(noted, [(1, None, vec![1]), (2, Some(200), vec![2])]);
+        assert!(ops[0].history.iter().all(|n| n.replica == "r1"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_that_always_panics_stops_at_max_attempts_like_any_failure() {
+        let config = JobsConfig { max_attempts: 3, retry_max: Duration::from_secs(2), ..JobsConfig::default() };
+        let h = start(config, RateLimitConfig::default(), |_| panic!("a bug in the attempt")).await;
+        let (failed, _) = h.finished(&h.submit(vec![clear("ann")]).await.id).await;
+        assert_eq!(failed.state, JobState::Failed);
+        let ops = h.jobs.store().operations(&failed, 0, 10, None).await.unwrap();
+        assert_eq!((ops[0].attempts, ops[0].error.as_deref()), (3, Some("internal_error")));
     }
 
     #[tokio::test(start_paused = true)]
