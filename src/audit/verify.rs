@@ -356,22 +356,28 @@ pub fn verify(request: &Request) -> Result<Summary, Failed> {
         seen: HashMap::new(),
     };
     for path in &request.files {
-        let bytes = std::fs::read(path).map_err(|source| Unreadable { path: path.clone(), source })?;
+        let unreadable = |source| Unreadable { path: path.clone(), source };
+        // Read as a stream (a file may hold months of events), one line ahead: the next may record this one as torn.
+        let mut reader = std::io::BufReader::new(std::fs::File::open(path).map_err(unreadable)?);
         let mut file = InFile::default();
-        let mut lines = bytes.split(|&b| b == b'\n').enumerate().peekable();
-        while let Some((index, line)) = lines.next() {
-            let at = format!("{}:{}", path.display(), index + 1);
-            let Some(&(_, next)) = lines.peek() else {
+        let (mut line, mut next) = (Vec::new(), Vec::new());
+        let mut ended = read_line(&mut reader, &mut line).map_err(unreadable)?;
+        for number in 1.. {
+            let at = format!("{}:{number}", path.display());
+            if !ended {
                 if !line.is_empty() {
                     follower.summary.unrecorded_torn = Some(at);
                 }
                 break;
-            };
-            follower.line(at, line, Some(next), &mut file).map_err(|what| Broken {
+            }
+            let next_ended = read_line(&mut reader, &mut next).map_err(unreadable)?;
+            follower.line(at, &line, Some(&next), &mut file).map_err(|what| Broken {
                 file: path.clone(),
-                line: index + 1,
+                line: number,
                 what,
             })?;
+            std::mem::swap(&mut line, &mut next);
+            ended = next_ended;
         }
     }
     let Follower { mut summary, at_anchors, seen, .. } = follower;
@@ -381,6 +387,18 @@ pub fn verify(request: &Request) -> Result<Summary, Failed> {
         summary.receipt = Some(check_receipt(path, &lines, &seen)?);
     }
     Ok(summary)
+}
+
+/// Reads the next line into `line`, without its newline; whether it had one (the last of a file a crash cut short
+/// has none, and the end of the file is an empty line without one).
+fn read_line(reader: &mut impl std::io::BufRead, line: &mut Vec<u8>) -> std::io::Result<bool> {
+    line.clear();
+    reader.read_until(b'\n', line)?;
+    let ended = line.last() == Some(&b'\n');
+    if ended {
+        line.pop();
+    }
+    Ok(ended)
 }
 
 /// A receipt's attempts, once its checksum holds.
