@@ -168,7 +168,7 @@ impl Audit {
         let Some(path) = &config.file else { return Ok(None) };
         let failed = |source| AuditOpenError { path: path.clone(), source };
         let replica = config.replica();
-        let mut audit = Audit {
+        let audit = Audit {
             path: path.clone(),
             writer: Mutex::new(Writer {
                 file: open_append(path).map_err(failed)?,
@@ -186,27 +186,27 @@ impl Audit {
     }
 
     /// Finds where the chain goes on, and records what a crash did to the file: a line cut short, events lost.
-    fn resume(&mut self) -> std::io::Result<()> {
+    fn resume(&self) -> std::io::Result<()> {
         let saved = chain::read_head_file(&self.path).map(|(head, _)| head);
-        let writer = self.writer.get_mut().expect("not shared yet");
+        let mut writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let (head, repairs) = chain::resume(&chain::read_tail(&mut writer.file)?, saved);
         writer.head = head;
         for repair in repairs {
-            self.repair(repair)?;
+            self.repair(&mut writer, repair)?;
         }
         Ok(())
     }
 
     /// Records a repair of the file as an event of the chain, in one write.
-    fn repair(&mut self, repair: Repair) -> std::io::Result<()> {
+    fn repair(&self, writer: &mut Writer, repair: Repair) -> std::io::Result<()> {
         let file = self.path.display().to_string();
-        let writer = self.writer.get_mut().expect("not shared yet");
         let (mut bytes, line, head) = match &repair {
             Repair::Torn { bytes: torn, unended } => {
                 warn!(
                     file,
                     bytes = torn.len(),
-                    "the audit file's last line was cut short by a crash; recorded as torn"
+                    "the audit file's last line was cut short (a crash, or a write that failed part-way); recorded \
+                     as torn"
                 );
                 // The record links to the torn bytes themselves, so that they cannot be dropped unnoticed either.
                 let event = serde_json::json!({ "time": now(), "event": "torn", "torn_bytes": torn.len() });
@@ -231,7 +231,6 @@ impl Audit {
             Repair::Lost { .. } => return Ok(()),
         };
         bytes.extend_from_slice(&line);
-        let writer = self.writer.get_mut().expect("not shared yet");
         writer.file.write_all(&bytes)?;
         writer.head = Head::of(head.seq + 1, &line[..line.len() - 1]);
         Ok(())
@@ -245,11 +244,6 @@ impl Audit {
         line.remove(fields); // the event's own `{`: its fields follow the chain's
         line.push(b'\n');
         Ok(line)
-    }
-
-    /// This replica's name, as its audit events give it.
-    pub fn replica(&self) -> &str {
-        &self.replica
     }
 
     /// The caller to record: `X-Caller` when it is 1–64 plain characters, else the configured default.
@@ -276,19 +270,8 @@ impl Audit {
         let mut writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if writer.unended {
             // A write failed part-way: end what it left and record it as torn before going on.
-            let torn = chain::read_tail(&mut writer.file)?.torn;
-            let line = match &torn {
-                Some(torn) => {
-                    let event = serde_json::json!({ "time": now(), "event": "torn", "torn_bytes": torn.len() });
-                    let mut bytes = b"\n".to_vec();
-                    bytes.extend(self.line(&Head::of(writer.head.seq, torn), &event)?);
-                    Some(bytes)
-                }
-                None => None,
-            };
-            if let Some(bytes) = line {
-                writer.file.write_all(&bytes)?;
-                writer.head = Head::of(writer.head.seq + 1, &bytes[1..bytes.len() - 1]);
+            if let Some(torn) = chain::read_tail(&mut writer.file)?.torn {
+                self.repair(&mut writer, Repair::Torn { bytes: torn, unended: true })?;
             }
             writer.unended = false;
         }
