@@ -114,58 +114,50 @@ impl Writer {
                 bytes.extend_from_slice(&head);
                 bytes
             }
-            Format::Csv => writer.hashed(csv_row(CSV_HEADER.iter().map(|s| s.to_string()))),
+            Format::Csv => {
+                let mut header = csv_rows();
+                header.write_record(CSV_HEADER).expect("writing to memory");
+                writer.hashed(header.into_inner().expect("writing to memory"))
+            }
         };
         (writer, bytes)
     }
 
     /// A page of operations, of `job`.
     pub fn operations(&mut self, job: &Job<'_>, operations: &[Operation<'_>]) -> Vec<u8> {
-        let mut bytes = Vec::new();
-        for op in operations {
-            match self.format {
-                Format::Json => {
+        let bytes = match self.format {
+            Format::Json => {
+                let mut bytes = Vec::new();
+                for op in operations {
                     if self.operations > 0 {
                         bytes.push(b',');
                     }
                     serde_json::to_writer(&mut bytes, op).expect("a receipt serializes");
+                    self.operations += 1;
                 }
-                Format::Csv => {
-                    let row = |attempt: Option<&Attempt<'_>>| {
-                        let seqs =
-                            attempt.map(|a| a.audit_seqs.iter().map(u64::to_string).collect::<Vec<_>>().join(" "));
-                        let cells: [String; 18] = [
-                            job.id.to_owned(),
-                            job.app.to_owned(),
-                            job.state.to_owned(),
-                            op.index.to_string(),
-                            op.route.to_owned(),
-                            op.method.to_owned(),
-                            op.path.to_owned(),
-                            op.body.map(|b| b.to_string()).unwrap_or_default(),
-                            serde_json::Value::Object(op.params.clone()).to_string(),
-                            op.state.to_owned(),
-                            op.caller.to_owned(),
-                            attempt.map(|a| a.attempt.to_string()).unwrap_or_default(),
-                            attempt.map(|a| a.at.clone()).unwrap_or_default(),
-                            attempt.and_then(|a| a.status).map(|s| s.to_string()).unwrap_or_default(),
-                            attempt.and_then(|a| a.easemob_request_id).unwrap_or_default().to_owned(),
-                            attempt.and_then(|a| a.easemob_timestamp).map(|t| t.to_string()).unwrap_or_default(),
-                            attempt.map(|a| a.replica.to_owned()).unwrap_or_default(),
-                            seqs.unwrap_or_default(),
-                        ];
-                        csv_row(cells.into_iter())
-                    };
-                    if op.attempts.is_empty() {
-                        bytes.extend(row(None));
-                    }
-                    for attempt in &op.attempts {
-                        bytes.extend(row(Some(attempt)));
-                    }
-                }
+                bytes
             }
-            self.operations += 1;
-        }
+            Format::Csv => {
+                let mut rows = csv_rows();
+                for op in operations {
+                    let (index, params) = (op.index.to_string(), serde_json::to_string(&op.params).expect("JSON"));
+                    let body = op.body.map(|b| b.to_string()).unwrap_or_default();
+                    let the_op = [job.id, job.app, job.state, &index, op.route, op.method, op.path, &body, &params];
+                    let the_op = the_op.into_iter().chain([op.state, op.caller]);
+                    // One row per attempt; an operation never attempted has one of its own.
+                    let attempts: Vec<Option<&Attempt<'_>>> = match op.attempts.is_empty() {
+                        true => vec![None],
+                        false => op.attempts.iter().map(Some).collect(),
+                    };
+                    for attempt in attempts {
+                        let cells = attempt_cells(attempt);
+                        let row = the_op.clone().chain(cells.iter().map(String::as_str));
+                        rows.write_record(row).expect("writing to memory");
+                    }
+                }
+                rows.into_inner().expect("writing to memory")
+            }
+        };
         self.hashed(bytes)
     }
 
@@ -186,11 +178,23 @@ impl Writer {
     }
 }
 
-/// One CSV row (RFC 4180: a cell with a comma, a quote or a line break is quoted).
-fn csv_row(cells: impl Iterator<Item = String>) -> Vec<u8> {
-    let mut writer = csv::WriterBuilder::new().terminator(csv::Terminator::CRLF).from_writer(Vec::new());
-    writer.write_record(cells.collect::<Vec<_>>()).expect("writing to memory");
-    writer.into_inner().expect("writing to memory")
+/// CSV rows as RFC 4180 writes them (a cell with a comma, a quote or a line break is quoted; CRLF ends a row).
+fn csv_rows() -> csv::Writer<Vec<u8>> {
+    csv::WriterBuilder::new().terminator(csv::Terminator::CRLF).from_writer(Vec::new())
+}
+
+/// An attempt's cells of its row (empty for an operation never attempted).
+fn attempt_cells(attempt: Option<&Attempt<'_>>) -> [String; 7] {
+    let Some(a) = attempt else { return Default::default() };
+    [
+        a.attempt.to_string(),
+        a.at.clone(),
+        a.status.map(|s| s.to_string()).unwrap_or_default(),
+        a.easemob_request_id.unwrap_or_default().to_owned(),
+        a.easemob_timestamp.map(|t| t.to_string()).unwrap_or_default(),
+        a.replica.to_owned(),
+        a.audit_seqs.iter().map(u64::to_string).collect::<Vec<_>>().join(" "),
+    ]
 }
 
 /// One attempt of a receipt, as `audit verify --receipt` checks it.
